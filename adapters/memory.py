@@ -1,0 +1,218 @@
+"""In-memory fakes of every port, for fast unit tests of the core. They keep the ports' promises
+(transactions roll back, queries are scoped by owner, sealed secrets need the right context) but
+touch no disk, network or real cryptography."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import itertools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+
+import attrs
+
+from core.errors import Conflict, SecretUnreadable
+from core.model import (
+    API_KEY_SCHEME,
+    Agent,
+    AgentCredentials,
+    ApiKey,
+    AuditEvent,
+    ClientKey,
+    HostKey,
+    IssuedApiKey,
+    User,
+)
+from core.ports import CommandResult
+from core.validation import normalize_email
+
+
+class ManualClock:
+    """A clock that moves only when told to (each reading advances it by ``step``)."""
+
+    def __init__(self, start: datetime | None = None, step: timedelta = timedelta(seconds=1)) -> None:
+        self.current = start or datetime(2026, 1, 1, tzinfo=timezone.utc)
+        self.step = step
+
+    def now(self) -> datetime:
+        self.current += self.step
+        return self.current
+
+
+class CountingKeyHasher:
+    """Deterministic, well-formed API keys: ``mgmt_000000000001_<43 chars>``."""
+
+    def __init__(self) -> None:
+        self._counter = itertools.count(1)
+
+    def issue(self) -> IssuedApiKey:
+        n = next(self._counter)
+        prefix = f"{API_KEY_SCHEME}_{n:012x}"
+        plaintext = f"{prefix}_{hashlib.sha256(str(n).encode()).hexdigest()[:43]}"
+        return IssuedApiKey(plaintext=plaintext, prefix=prefix, digest=self._digest(plaintext))
+
+    def matches(self, plaintext: str, digest: str) -> bool:
+        return hmac.compare_digest(self._digest(plaintext), digest)
+
+    @staticmethod
+    def _digest(plaintext: str) -> str:
+        return "fake:" + hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+class ReversibleSecretBox:
+    """Not encryption: ``sealed(<context>)<reversed text>``, so tests can see binding to context."""
+
+    def seal(self, plaintext: str, *, context: str) -> str:
+        return f"sealed({context}){plaintext[::-1]}"
+
+    def unseal(self, sealed: str, *, context: str) -> str:
+        head = f"sealed({context})"
+        if not sealed.startswith(head):
+            raise SecretUnreadable("sealed for another context")
+        return sealed[len(head):][::-1]
+
+
+class FakeSshKeys:
+    """Accepts ``PRIVATE KEY`` texts; ``ENCRYPTED:<passphrase>`` inside one demands that passphrase."""
+
+    def inspect_private_key(self, text: str, passphrase: str | None) -> ClientKey:
+        if "PRIVATE KEY" not in text:
+            raise ValueError("is not an SSH private key")
+        if "ENCRYPTED:" in text:
+            wanted = text.split("ENCRYPTED:", 1)[1].split()[0]
+            if passphrase is None:
+                raise ValueError("passphrase required: the private key is encrypted")
+            if passphrase != wanted:
+                raise ValueError("passphrase does not decrypt the private key")
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        return ClientKey(public_key=f"ssh-ed25519 FAKE{digest[:16]}", fingerprint=f"SHA256:{digest[:43]}")
+
+    def parse_host_key(self, text: str) -> HostKey:
+        parts = text.split()
+        if len(parts) < 2 or not parts[0].startswith("ssh-"):
+            raise ValueError("is not an OpenSSH public key")
+        return HostKey(openssh=f"{parts[0]} {parts[1]}", fingerprint=f"SHA256:{parts[1][:43]}")
+
+
+@attrs.define
+class _State:
+    users: dict[int, User] = attrs.Factory(dict)
+    email_keys: dict[str, int] = attrs.Factory(dict)
+    keys: dict[int, ApiKey] = attrs.Factory(dict)
+    agents: dict[int, Agent] = attrs.Factory(dict)
+    events: dict[int, AuditEvent] = attrs.Factory(dict)
+    next_id: dict[str, int] = attrs.Factory(lambda: {"user": 1, "agent": 1, "event": 1})
+
+    def take_id(self, kind: str) -> int:
+        value = self.next_id[kind]
+        self.next_id[kind] = value + 1
+        return value
+
+
+class InMemoryStorage:
+    """Implements ``core.ports.Storage``; a transaction works on a copy that replaces the state on
+    commit, so an exception inside it leaves nothing behind."""
+
+    def __init__(self) -> None:
+        self.state = _State()
+        self.transactions = 0
+
+    @contextmanager
+    def transaction(self, *, write: bool = False) -> Iterator[InMemoryTransaction]:
+        working = copy.deepcopy(self.state)
+        yield InMemoryTransaction(working)
+        self.transactions += 1
+        if write:
+            self.state = working
+
+
+class InMemoryTransaction:
+    def __init__(self, state: _State) -> None:
+        self.s = state
+
+    def add_user(self, name: str, email: str | None, key: IssuedApiKey, at: datetime) -> User:
+        if email is not None and normalize_email(email) in self.s.email_keys:
+            raise Conflict("a user with this e-mail address already exists", code="email_taken")
+        user = User(id=self.s.take_id("user"), name=name, email=email, api_key_prefix=key.prefix, created_at=at)
+        self.s.users[user.id] = user
+        if email is not None:
+            self.s.email_keys[normalize_email(email)] = user.id
+        self.s.keys[user.id] = ApiKey(user_id=user.id, prefix=key.prefix, digest=key.digest, created_at=at)
+        return user
+
+    def count_users(self) -> int:
+        return len(self.s.users)
+
+    def get_user(self, user_id: int) -> User | None:
+        return self.s.users.get(user_id)
+
+    def find_user_by_email(self, email: str) -> User | None:
+        user_id = self.s.email_keys.get(normalize_email(email))
+        return None if user_id is None else self.s.users[user_id]
+
+    def list_users(self) -> list[User]:
+        return [u for _, u in sorted(self.s.users.items())]
+
+    def find_api_key(self, prefix: str) -> ApiKey | None:
+        return next((k for k in self.s.keys.values() if k.prefix == prefix), None)
+
+    def replace_api_key(self, user_id: int, key: IssuedApiKey, at: datetime) -> None:
+        self.s.keys[user_id] = ApiKey(user_id=user_id, prefix=key.prefix, digest=key.digest, created_at=at)
+        self.s.users[user_id] = attrs.evolve(self.s.users[user_id], api_key_prefix=key.prefix)
+
+    def add_agent(self, agent: Agent) -> Agent:
+        stored = attrs.evolve(agent, id=self.s.take_id("agent"))
+        self.s.agents[stored.id] = stored
+        return stored
+
+    def list_agents(self, owner_id: int) -> list[Agent]:
+        return [a for _, a in sorted(self.s.agents.items()) if a.owner_id == owner_id]
+
+    def get_agent(self, owner_id: int, agent_id: int) -> Agent | None:
+        agent = self.s.agents.get(agent_id)
+        return agent if agent is not None and agent.owner_id == owner_id else None
+
+    def agent_name_taken(self, owner_id: int, name: str, *, except_id: int = 0) -> bool:
+        return any(a.owner_id == owner_id and a.name == name and a.id != except_id for a in self.s.agents.values())
+
+    def update_agent(self, agent: Agent) -> None:
+        if self.get_agent(agent.owner_id, agent.id) is not None:
+            self.s.agents[agent.id] = agent
+
+    def delete_agent(self, owner_id: int, agent_id: int) -> bool:
+        if self.get_agent(owner_id, agent_id) is None:
+            return False
+        del self.s.agents[agent_id]
+        return True
+
+    def add_audit_event(self, event: AuditEvent) -> AuditEvent:
+        stored = attrs.evolve(event, id=self.s.take_id("event"))
+        self.s.events[stored.id] = stored
+        return stored
+
+    def list_audit_events(self, user_id: int, limit: int, before: int | None) -> list[AuditEvent]:
+        events = [
+            e for _, e in sorted(self.s.events.items(), reverse=True)
+            if e.user_id == user_id and (before is None or e.id < before)
+        ]
+        return events[:limit]
+
+
+class ScriptedShell:
+    """A remote shell that records every argv and answers from a script of results."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, tuple[str, ...]]] = []
+        self.forgotten: list[int] = []
+        self.results: dict[tuple[str, ...], CommandResult] = {}
+
+    async def run(self, target: AgentCredentials, argv: Sequence[str]) -> CommandResult:
+        command = tuple(argv)
+        self.calls.append((target.agent.id, command))
+        return self.results.get(command, CommandResult(command=command, exit_status=0, stdout="", stderr=""))
+
+    async def forget(self, agent_id: int) -> None:
+        self.forgotten.append(agent_id)

@@ -1,0 +1,119 @@
+"""Versioned schema migrations: a small runner instead of alembic (see docs/architecture.md).
+
+Each step is a function of a connection, applied in order inside one transaction that holds the
+database's write lock, so several workers starting at once migrate exactly once and a failed step
+leaves the database as it was. Steps are frozen: once released, a step never changes; a new
+schema change is a new step appended to ``STEPS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlalchemy as sa
+
+from adapters.sql.schema import UtcDateTime
+
+Step = Callable[[sa.Connection], None]
+
+_version_table = sa.Table(
+    "schema_version",
+    sa.MetaData(),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+
+def _v1_initial(conn: sa.Connection) -> None:
+    """Users, API keys, agents and audit events as first released."""
+    md = sa.MetaData()
+    sa.Table(
+        "users", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("name", sa.String(100), nullable=False),
+        sa.Column("email", sa.String(255), nullable=True),
+        sa.Column("email_key", sa.String(255), nullable=True, unique=True),
+        sa.Column("created_at", UtcDateTime, nullable=False),
+    )
+    sa.Table(
+        "api_keys", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"),
+                  nullable=False, unique=True),
+        sa.Column("prefix", sa.String(32), nullable=False, unique=True),
+        sa.Column("digest", sa.String(128), nullable=False),
+        sa.Column("created_at", UtcDateTime, nullable=False),
+    )
+    sa.Table(
+        "agents", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("owner_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("name", sa.String(100), nullable=False),
+        sa.Column("hostname", sa.String(255), nullable=False),
+        sa.Column("port", sa.Integer, nullable=False),
+        sa.Column("username", sa.String(64), nullable=False),
+        sa.Column("allow_unknown_hosts", sa.Boolean, nullable=False),
+        sa.Column("host_key", sa.Text, nullable=True),
+        sa.Column("host_key_fingerprint", sa.String(128), nullable=True),
+        sa.Column("libvirt_uri", sa.String(255), nullable=False),
+        sa.Column("public_key", sa.Text, nullable=False),
+        sa.Column("key_fingerprint", sa.String(128), nullable=False),
+        sa.Column("sealed_private_key", sa.Text, nullable=False),
+        sa.Column("sealed_passphrase", sa.Text, nullable=True),
+        sa.Column("created_at", UtcDateTime, nullable=False),
+        sa.Column("updated_at", UtcDateTime, nullable=False),
+        sa.UniqueConstraint("owner_id", "name", name="uq_agents_owner_name"),
+    )
+    sa.Table(
+        "audit_events", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("action", sa.String(64), nullable=False),
+        sa.Column("outcome", sa.String(64), nullable=False),
+        sa.Column("agent_id", sa.Integer, nullable=True),
+        sa.Column("vm", sa.String(255), nullable=True),
+        sa.Column("detail", sa.Text, nullable=True),
+        sa.Column("request_id", sa.String(64), nullable=False),
+        sa.Column("client_address", sa.String(64), nullable=False),
+        sa.Column("created_at", UtcDateTime, nullable=False),
+        sa.Index("ix_audit_events_user_id_id", "user_id", "id"),
+    )
+    md.create_all(conn)
+
+
+def _v2_agent_revision(conn: sa.Connection) -> None:
+    """Agents get a revision number, bumped when connection settings change, so pooled SSH
+    connections opened with older settings can be told apart and dropped."""
+    conn.execute(sa.text("ALTER TABLE agents ADD COLUMN revision INTEGER NOT NULL DEFAULT 1"))
+
+
+STEPS: tuple[Step, ...] = (_v1_initial, _v2_agent_revision)
+LATEST = len(STEPS)
+
+
+def current_version(conn: sa.Connection) -> int:
+    if not sa.inspect(conn).has_table("schema_version"):
+        return 0
+    version = conn.execute(sa.select(_version_table.c.version)).scalar()
+    return int(version or 0)
+
+
+def upgrade(conn: sa.Connection, target: int = LATEST) -> tuple[int, int]:
+    """Apply the missing steps up to ``target`` on a connection inside a write transaction.
+
+    Returns (version before, version after). Refuses a database newer than this code knows.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7252017)"))  # serialise migrators
+    _version_table.create(conn, checkfirst=True)
+    before = current_version(conn)
+    if before > LATEST:
+        raise RuntimeError(
+            f"the database is at schema version {before}, newer than this portal knows ({LATEST}); "
+            "upgrade the portal instead"
+        )
+    if conn.execute(sa.select(sa.func.count()).select_from(_version_table)).scalar() == 0:
+        conn.execute(_version_table.insert().values(version=0))
+    for number in range(before + 1, target + 1):
+        STEPS[number - 1](conn)
+        conn.execute(_version_table.update().values(version=number))
+    return before, max(before, target)

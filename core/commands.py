@@ -1,0 +1,97 @@
+"""What callers ask the portal to do: the request shapes of the use cases.
+
+The HTTP layer turns JSON into these with one cattrs converter (unknown fields rejected, types
+checked strictly) and the OpenAPI document is generated from them, so each shape is written once.
+Field metadata ``doc`` describes the field for the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from core.model import DEFAULT_LIBVIRT_URI, DEFAULT_SSH_PORT
+
+
+class _Unchanged:
+    """Marks a PATCH field the caller did not send (distinct from an explicit ``null``)."""
+
+    _instance: _Unchanged | None = None
+
+    def __new__(cls) -> _Unchanged:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNCHANGED: Any = _Unchanged()
+
+
+def is_set(value: object) -> bool:
+    return value is not UNCHANGED
+
+
+def doc(text: str, **schema: Any) -> dict[str, Any]:
+    return {"doc": text, "schema": schema}
+
+
+@attrs.frozen(kw_only=True)
+class NewUser:
+    name: str = attrs.field(metadata=doc("Display name, 1-100 characters.", minLength=1, maxLength=100))
+    email: str | None = attrs.field(
+        default=None, metadata=doc("Optional e-mail address, unique across users.", maxLength=255)
+    )
+
+
+@attrs.frozen(kw_only=True)
+class NewAgent:
+    name: str = attrs.field(metadata=doc("Name of the hypervisor, unique for its owner.", minLength=1, maxLength=100))
+    hostname: str = attrs.field(metadata=doc("DNS name or IP address of the SSH server.", maxLength=255))
+    username: str = attrs.field(metadata=doc("SSH user on the hypervisor.", maxLength=64))
+    private_key: str = attrs.field(
+        repr=False, metadata=doc("SSH private key, OpenSSH or PEM text (sealed at rest).")
+    )
+    port: int = attrs.field(default=DEFAULT_SSH_PORT, metadata=doc("SSH port.", minimum=1, maximum=65535))
+    private_key_passphrase: str | None = attrs.field(
+        default=None, repr=False, metadata=doc("Passphrase of an encrypted private key.")
+    )
+    allow_unknown_hosts: bool = attrs.field(
+        default=False,
+        metadata=doc("Trust the first host key seen and pin it (like OpenSSH accept-new)."),
+    )
+    host_key: str | None = attrs.field(
+        default=None, metadata=doc("Pinned SSH host public key, one OpenSSH line (ssh-ed25519 AAAA...).")
+    )
+    libvirt_uri: str | None = attrs.field(
+        default=None, metadata=doc(f"libvirt connection URI on the host (default {DEFAULT_LIBVIRT_URI}).")
+    )
+
+
+@attrs.frozen(kw_only=True)
+class AgentChanges:
+    """A partial update: fields left ``UNCHANGED`` keep their value; ``null`` clears optional ones."""
+
+    name: str = attrs.field(default=UNCHANGED, metadata=NewAgent.__attrs_attrs__.name.metadata)
+    hostname: str = attrs.field(default=UNCHANGED, metadata=NewAgent.__attrs_attrs__.hostname.metadata)
+    username: str = attrs.field(default=UNCHANGED, metadata=NewAgent.__attrs_attrs__.username.metadata)
+    private_key: str = attrs.field(
+        default=UNCHANGED, repr=False, metadata=NewAgent.__attrs_attrs__.private_key.metadata
+    )
+    port: int = attrs.field(default=UNCHANGED, metadata=NewAgent.__attrs_attrs__.port.metadata)
+    private_key_passphrase: str | None = attrs.field(
+        default=UNCHANGED, repr=False, metadata=NewAgent.__attrs_attrs__.private_key_passphrase.metadata
+    )
+    allow_unknown_hosts: bool = attrs.field(
+        default=UNCHANGED, metadata=NewAgent.__attrs_attrs__.allow_unknown_hosts.metadata
+    )
+    host_key: str | None = attrs.field(default=UNCHANGED, metadata=NewAgent.__attrs_attrs__.host_key.metadata)
+    libvirt_uri: str | None = attrs.field(
+        default=UNCHANGED, metadata=NewAgent.__attrs_attrs__.libvirt_uri.metadata
+    )

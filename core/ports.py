@@ -1,0 +1,113 @@
+"""Ports: what the core needs from the outside world, as ``typing.Protocol`` classes.
+
+Adapters implement them (``adapters/``); the composition root (``entrypoints/bootstrap.py``) picks
+which. Every storage query that touches an agent or an audit event is scoped by its owner, so
+isolation between users holds by construction, not by remembering to filter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from datetime import datetime
+from typing import Protocol
+
+import attrs
+
+from core.model import Agent, AgentCredentials, ApiKey, AuditEvent, ClientKey, HostKey, IssuedApiKey, User
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """The current time, timezone-aware UTC."""
+        ...
+
+
+class KeyHasher(Protocol):
+    """Issues API keys and checks them against stored digests."""
+
+    def issue(self) -> IssuedApiKey:
+        """A new random key (at least 256 bits), its public prefix and its digest."""
+        ...
+
+    def matches(self, plaintext: str, digest: str) -> bool:
+        """Whether ``plaintext`` hashes to ``digest``, compared in constant time."""
+        ...
+
+
+class SecretBox(Protocol):
+    """Authenticated encryption of secrets at rest with the server's key."""
+
+    def seal(self, plaintext: str, *, context: str) -> str:
+        """Encrypt ``plaintext``; ``context`` is bound to the ciphertext and needed to open it."""
+        ...
+
+    def unseal(self, sealed: str, *, context: str) -> str:
+        """Decrypt; raises ``core.errors.SecretUnreadable`` if tampered with, or key/context differ."""
+        ...
+
+
+class SshKeys(Protocol):
+    """Parses SSH key material supplied by users (never a file path)."""
+
+    def inspect_private_key(self, text: str, passphrase: str | None) -> ClientKey:
+        """Parse an OpenSSH or PEM private key; raise ``ValueError`` with a reason if unusable."""
+        ...
+
+    def parse_host_key(self, text: str) -> HostKey:
+        """Parse one OpenSSH public key line; raise ``ValueError`` with a reason if it is not one."""
+        ...
+
+
+@attrs.frozen
+class CommandResult:
+    """What a remote command did: the argv that ran, its exit status and output."""
+
+    command: tuple[str, ...]
+    exit_status: int
+    stdout: str
+    stderr: str
+
+
+class RemoteShell(Protocol):
+    """Runs argument vectors on an agent over SSH (implemented in the VM lifecycle work)."""
+
+    async def run(self, target: AgentCredentials, argv: Sequence[str]) -> CommandResult:
+        """Run ``argv`` on the agent; raise ``core.errors.RemoteError`` subclasses on failure."""
+        ...
+
+    async def forget(self, agent_id: int) -> None:
+        """Drop every pooled connection to ``agent_id``."""
+        ...
+
+
+class Transaction(Protocol):
+    """One database transaction: everything inside commits together or not at all."""
+
+    # users and keys
+    def add_user(self, name: str, email: str | None, key: IssuedApiKey, at: datetime) -> User: ...
+    def count_users(self) -> int: ...
+    def get_user(self, user_id: int) -> User | None: ...
+    def find_user_by_email(self, email: str) -> User | None: ...
+    def list_users(self) -> list[User]: ...
+    def find_api_key(self, prefix: str) -> ApiKey | None: ...
+    def replace_api_key(self, user_id: int, key: IssuedApiKey, at: datetime) -> None: ...
+
+    # agents, always scoped by owner
+    def add_agent(self, agent: Agent) -> Agent: ...
+    def list_agents(self, owner_id: int) -> list[Agent]: ...
+    def get_agent(self, owner_id: int, agent_id: int) -> Agent | None: ...
+    def agent_name_taken(self, owner_id: int, name: str, *, except_id: int = 0) -> bool: ...
+    def update_agent(self, agent: Agent) -> None: ...
+    def delete_agent(self, owner_id: int, agent_id: int) -> bool: ...
+
+    # audit, scoped by owner
+    def add_audit_event(self, event: AuditEvent) -> AuditEvent: ...
+    def list_audit_events(self, user_id: int, limit: int, before: int | None) -> list[AuditEvent]: ...
+
+
+class Storage(Protocol):
+    """Opens transactions. ``write=True`` takes the write lock up front, so read-check-write
+    sequences (the first-user sign-up, unique names) cannot interleave with another writer."""
+
+    def transaction(self, *, write: bool = False) -> AbstractContextManager[Transaction]: ...

@@ -1,0 +1,428 @@
+"""Use cases. Each public method is one thing an operator or script can do, callable from the HTTP
+API, the command line and the library facade alike.
+
+Every mutation and every credentials read writes an audit event in the same transaction as the
+change; a refused attempt is recorded too (outcome = the error's code) in a transaction of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import attrs
+
+from core import validation
+from core.commands import AgentChanges, NewAgent, NewUser, is_set
+from core.errors import (
+    Conflict,
+    FieldError,
+    NotFound,
+    PortalError,
+    SignupRefused,
+    Unauthenticated,
+    ValidationFailed,
+)
+from core.model import (
+    DEFAULT_LIBVIRT_URI,
+    Agent,
+    AgentCredentials,
+    AuditEvent,
+    Caller,
+    ClientKey,
+    HostKey,
+    Origin,
+    SignupPolicy,
+    User,
+    api_key_prefix,
+)
+from core.ports import Clock, KeyHasher, SecretBox, SshKeys, Storage, Transaction
+
+T = TypeVar("T")
+
+AUDIT_PAGE_MAX = 500
+AUDIT_PAGE_DEFAULT = 100
+
+
+@attrs.frozen
+class NewApiKey:
+    """A user together with the plaintext API key just issued to them (shown once)."""
+
+    user: User
+    api_key: str = attrs.field(repr=False)
+
+
+class Portal:
+    """The portal's use cases, wired to its ports by the composition root."""
+
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        hasher: KeyHasher,
+        secrets: SecretBox,
+        ssh_keys: SshKeys,
+        clock: Clock,
+        signup: SignupPolicy = SignupPolicy.FIRST,
+    ) -> None:
+        self.storage = storage
+        self.hasher = hasher
+        self.secrets = secrets
+        self.ssh_keys = ssh_keys
+        self.clock = clock
+        self.signup = signup
+
+    # ------------------------------------------------------------------ users and API keys
+
+    def sign_up(self, request: NewUser, origin: Origin) -> NewApiKey:
+        """Create a user through the unauthenticated door, as the sign-up policy allows."""
+        return self._create_user(request, origin, by_operator=False)
+
+    def create_user(self, request: NewUser, origin: Origin) -> NewApiKey:
+        """Create a user on behalf of the host's operator (command line); ignores the sign-up policy."""
+        return self._create_user(request, origin, by_operator=True)
+
+    def _create_user(self, request: NewUser, origin: Origin, *, by_operator: bool) -> NewApiKey:
+        errors = _collect(
+            ("name", validation.check_name(request.name)),
+            ("email", validation.check_email(request.email) if request.email is not None else None),
+        )
+        if errors:
+            raise ValidationFailed(errors)
+        key = self.hasher.issue()
+        now = self.clock.now()
+        with self.storage.transaction(write=True) as tx:
+            if not by_operator:
+                self._check_signup_allowed(tx)
+            if request.email is not None and tx.find_user_by_email(request.email) is not None:
+                raise Conflict("a user with this e-mail address already exists", code="email_taken")
+            user = tx.add_user(request.name, request.email, key, now)
+            tx.add_audit_event(
+                self._event(user.id, "user.create", origin.request_id, origin.client_address)
+            )
+        return NewApiKey(user, key.plaintext)
+
+    def _check_signup_allowed(self, tx: Transaction) -> None:
+        how = (
+            "ask the portal's operator to run `manage-playrservers users create --name NAME` "
+            "on the portal host, or to set MANAGEMENT_SIGNUP=open"
+        )
+        if self.signup is SignupPolicy.CLOSED:
+            raise SignupRefused(f"sign-up is closed on this portal; {how}")
+        if self.signup is SignupPolicy.FIRST and tx.count_users() > 0:
+            raise SignupRefused(f"sign-up is closed: this portal already has its first user; {how}")
+
+    def list_users(self) -> list[User]:
+        """Every user of the portal (for the host's operator, on the command line)."""
+        with self.storage.transaction() as tx:
+            return tx.list_users()
+
+    def find_user(self, *, user_id: int | None = None, email: str | None = None) -> User:
+        """A user by id or e-mail address (for the host's operator)."""
+        with self.storage.transaction() as tx:
+            if user_id is not None:
+                user = tx.get_user(user_id)
+            elif email is not None:
+                user = tx.find_user_by_email(email)
+            else:
+                user = None
+        if user is None:
+            raise NotFound("no such user", code="user_not_found")
+        return user
+
+    def authenticate(self, api_key: str) -> User:
+        """The user who owns ``api_key``; raises ``Unauthenticated`` for anything else."""
+        prefix = api_key_prefix(api_key)
+        if prefix is None:
+            raise Unauthenticated("the API key is malformed")
+        with self.storage.transaction() as tx:
+            stored = tx.find_api_key(prefix)
+            if stored is None or not self.hasher.matches(api_key, stored.digest):
+                raise Unauthenticated("the API key is not valid")
+            user = tx.get_user(stored.user_id)
+        if user is None:  # pragma: no cover - keys are deleted with their user
+            raise Unauthenticated("the API key is not valid")
+        return user
+
+    def rotate_api_key(self, caller: Caller) -> NewApiKey:
+        """Issue a new API key for the caller; the old one stops working at once."""
+        key = self.hasher.issue()
+        with self._audited(caller, "user.rotate_api_key") as audit:
+            tx = audit.tx
+            tx.replace_api_key(caller.user.id, key, self.clock.now())
+            user = tx.get_user(caller.user.id)
+        assert user is not None
+        return NewApiKey(user, key.plaintext)
+
+    # ------------------------------------------------------------------ agents
+
+    def register_agent(self, caller: Caller, request: NewAgent) -> Agent:
+        """Register a remote hypervisor: validate every field, parse the key, seal the secrets."""
+        with self._audited(caller, "agent.create") as audit:
+            tx = audit.tx
+            errors = _collect(
+                ("name", validation.check_name(request.name)),
+                ("hostname", validation.check_hostname(request.hostname)),
+                ("port", validation.check_port(request.port)),
+                ("username", validation.check_username(request.username)),
+                ("libvirt_uri", _maybe(validation.check_libvirt_uri, request.libvirt_uri)),
+            )
+            client_key, key_errors = self._inspect_key(request.private_key, request.private_key_passphrase)
+            host_key, host_errors = self._parse_host_key(request.host_key)
+            errors += key_errors + host_errors
+            if errors:
+                raise ValidationFailed(errors)
+            assert client_key is not None
+            if tx.agent_name_taken(caller.user.id, request.name):
+                raise Conflict("you already have an agent with this name", code="agent_name_taken")
+            now = self.clock.now()
+            agent = tx.add_agent(
+                Agent(
+                    id=0,
+                    owner_id=caller.user.id,
+                    name=request.name,
+                    hostname=request.hostname,
+                    port=request.port,
+                    username=request.username,
+                    allow_unknown_hosts=request.allow_unknown_hosts,
+                    host_key=host_key,
+                    libvirt_uri=request.libvirt_uri or DEFAULT_LIBVIRT_URI,
+                    client_key=client_key,
+                    sealed_private_key=self._seal(caller.user.id, "private_key", request.private_key),
+                    sealed_passphrase=_maybe(
+                        lambda p: self._seal(caller.user.id, "passphrase", p), request.private_key_passphrase
+                    ),
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            audit.agent_id = agent.id
+        return agent
+
+    def list_agents(self, caller: Caller) -> list[Agent]:
+        """The caller's agents, oldest first."""
+        with self.storage.transaction() as tx:
+            return tx.list_agents(caller.user.id)
+
+    def get_agent(self, caller: Caller, agent_id: int) -> Agent:
+        """One of the caller's agents; ``NotFound`` if it is not theirs (or does not exist)."""
+        with self.storage.transaction() as tx:
+            return _owned(tx, caller, agent_id)
+
+    def update_agent(self, caller: Caller, agent_id: int, changes: AgentChanges) -> Agent:
+        """Change some of an agent's fields, validated exactly as on registration."""
+        with self._audited(caller, "agent.update", agent_id=agent_id) as audit:
+            tx = audit.tx
+            agent = _owned(tx, caller, agent_id)
+            errors = _collect(
+                ("name", _if_set(validation.check_name, changes.name)),
+                ("hostname", _if_set(validation.check_hostname, changes.hostname)),
+                ("port", _if_set(validation.check_port, changes.port)),
+                ("username", _if_set(validation.check_username, changes.username)),
+                ("libvirt_uri", _if_set(validation.check_libvirt_uri, changes.libvirt_uri or None)),
+            )
+            key_changed = is_set(changes.private_key) or is_set(changes.private_key_passphrase)
+            client_key = agent.client_key
+            if key_changed:
+                # The pair (key, passphrase) must still open: a new key takes the passphrase sent
+                # with it (none if none was sent); a new passphrase alone must open the stored key.
+                credentials = self._unseal(agent)
+                key = changes.private_key if is_set(changes.private_key) else credentials.private_key
+                if is_set(changes.private_key_passphrase):
+                    passphrase = changes.private_key_passphrase
+                elif is_set(changes.private_key):
+                    passphrase = None
+                else:
+                    passphrase = credentials.private_key_passphrase
+                parsed, key_errors = self._inspect_key(key, passphrase)
+                errors += key_errors
+            host_key = agent.host_key
+            if is_set(changes.host_key):
+                host_key, host_errors = self._parse_host_key(changes.host_key)
+                errors += host_errors
+            if errors:
+                raise ValidationFailed(errors)
+            if is_set(changes.name) and tx.agent_name_taken(caller.user.id, changes.name, except_id=agent.id):
+                raise Conflict("you already have an agent with this name", code="agent_name_taken")
+            updates: dict[str, object] = {
+                field: getattr(changes, field)
+                for field in ("name", "hostname", "port", "username", "allow_unknown_hosts")
+                if is_set(getattr(changes, field))
+            }
+            if is_set(changes.libvirt_uri):
+                updates["libvirt_uri"] = changes.libvirt_uri or DEFAULT_LIBVIRT_URI
+            if is_set(changes.host_key):
+                updates["host_key"] = host_key
+            if key_changed:
+                assert parsed is not None
+                client_key = parsed
+                updates["client_key"] = client_key
+                updates["sealed_private_key"] = self._seal(caller.user.id, "private_key", key)
+                updates["sealed_passphrase"] = _maybe(
+                    lambda p: self._seal(caller.user.id, "passphrase", p), passphrase
+                )
+            connection_fields = {"hostname", "port", "username", "host_key", "client_key", "libvirt_uri",
+                                 "allow_unknown_hosts"}
+            revision = agent.revision
+            if any(getattr(agent, f) != v for f, v in updates.items() if f in connection_fields) or key_changed:
+                revision += 1
+            updated = attrs.evolve(agent, **updates, revision=revision, updated_at=self.clock.now())  # type: ignore[arg-type]
+            tx.update_agent(updated)
+        return updated
+
+    def delete_agent(self, caller: Caller, agent_id: int) -> None:
+        """Forget an agent and its sealed credentials; its audit history stays with its owner."""
+        with self._audited(caller, "agent.delete", agent_id=agent_id) as audit:
+            tx = audit.tx
+            if not tx.delete_agent(caller.user.id, agent_id):
+                raise _agent_not_found()
+
+    def read_credentials(self, caller: Caller, agent_id: int) -> AgentCredentials:
+        """An agent's key material in clear, for its owner; every read is audited."""
+        with self._audited(caller, "agent.read_credentials", agent_id=agent_id) as audit:
+            tx = audit.tx
+            agent = _owned(tx, caller, agent_id)
+            return self._unseal(agent)
+
+    def pin_host_key(self, agent: Agent, host_key: HostKey) -> Agent:
+        """Pin the host key first seen for an agent that trusts on first use (no-op if pinned)."""
+        with self.storage.transaction(write=True) as tx:
+            current = tx.get_agent(agent.owner_id, agent.id)
+            if current is None or current.host_key is not None:
+                return current or agent
+            pinned = attrs.evolve(current, host_key=host_key, updated_at=self.clock.now())
+            tx.update_agent(pinned)
+            return pinned
+
+    # ------------------------------------------------------------------ audit
+
+    def audit_events(self, caller: Caller, *, limit: int = AUDIT_PAGE_DEFAULT,
+                     before: int | None = None) -> list[AuditEvent]:
+        """The caller's audit events, newest first; ``before`` is the id the next page starts below."""
+        errors = _collect(
+            ("limit", None if 1 <= limit <= AUDIT_PAGE_MAX else f"must be between 1 and {AUDIT_PAGE_MAX}"),
+            ("before", None if before is None or before >= 1 else "must be a positive event id"),
+        )
+        if errors:
+            raise ValidationFailed(errors)
+        with self.storage.transaction() as tx:
+            return tx.list_audit_events(caller.user.id, limit, before)
+
+    # ------------------------------------------------------------------ helpers
+
+    @contextmanager
+    def _audited(self, caller: Caller, action: str, *, agent_id: int | None = None) -> Iterator[_Audit]:
+        """A write transaction that records ``action`` as done when it commits or, when a domain
+        error ends it, records the refusal (outcome = the error's code) in a transaction of its own."""
+        try:
+            with self.storage.transaction(write=True) as tx:
+                audit = _Audit(tx, agent_id)
+                yield audit
+                tx.add_audit_event(attrs.evolve(self._caller_event(caller, action), agent_id=audit.agent_id))
+        except PortalError as error:
+            with self.storage.transaction(write=True) as tx:
+                tx.add_audit_event(
+                    attrs.evolve(
+                        self._caller_event(caller, action),
+                        agent_id=agent_id,
+                        outcome=error.code,
+                        detail=error.detail[:500],
+                    )
+                )
+            raise
+
+    def _caller_event(self, caller: Caller, action: str) -> AuditEvent:
+        return self._event(caller.user.id, action, caller.request_id, caller.client_address)
+
+    def _event(self, user_id: int, action: str, request_id: str, client_address: str) -> AuditEvent:
+        return AuditEvent(
+            id=0,
+            user_id=user_id,
+            action=action,
+            outcome="ok",
+            agent_id=None,
+            vm=None,
+            detail=None,
+            request_id=request_id,
+            client_address=client_address,
+            created_at=self.clock.now(),
+        )
+
+    def _inspect_key(self, key: str, passphrase: str | None) -> tuple[ClientKey | None, list[FieldError]]:
+        problem = validation.check_secret_text(key)
+        if problem is None and passphrase is not None:
+            problem_pass = validation.check_secret_text(passphrase)
+            if problem_pass is not None:
+                return None, [FieldError("private_key_passphrase", problem_pass)]
+        if problem is not None:
+            return None, [FieldError("private_key", problem)]
+        try:
+            return self.ssh_keys.inspect_private_key(key, passphrase), []
+        except ValueError as error:
+            field = "private_key_passphrase" if "passphrase" in str(error) else "private_key"
+            return None, [FieldError(field, str(error))]
+
+    def _parse_host_key(self, text: str | None) -> tuple[HostKey | None, list[FieldError]]:
+        if text is None:
+            return None, []
+        problem = validation.check_secret_text(text)
+        if problem is not None:
+            return None, [FieldError("host_key", problem)]
+        try:
+            return self.ssh_keys.parse_host_key(text), []
+        except ValueError as error:
+            return None, [FieldError("host_key", str(error))]
+
+    def _seal(self, owner_id: int, what: str, plaintext: str) -> str:
+        return self.secrets.seal(plaintext, context=_seal_context(owner_id, what))
+
+    def _unseal(self, agent: Agent) -> AgentCredentials:
+        return AgentCredentials(
+            agent=agent,
+            private_key=self.secrets.unseal(
+                agent.sealed_private_key, context=_seal_context(agent.owner_id, "private_key")
+            ),
+            private_key_passphrase=_maybe(
+                lambda s: self.secrets.unseal(s, context=_seal_context(agent.owner_id, "passphrase")),
+                agent.sealed_passphrase,
+            ),
+        )
+
+
+@attrs.define
+class _Audit:
+    """The transaction of an audited use case, and the agent its event is about (which a
+    registration only learns after the insert)."""
+
+    tx: Transaction
+    agent_id: int | None
+
+
+def _seal_context(owner_id: int, what: str) -> str:
+    # Binding the owner into the ciphertext means a sealed key copied into another user's row in
+    # the database will not open.
+    return f"agent-credential/{what}/user:{owner_id}"
+
+
+def _owned(tx: Transaction, caller: Caller, agent_id: int) -> Agent:
+    agent = tx.get_agent(caller.user.id, agent_id)
+    if agent is None:
+        raise _agent_not_found()
+    return agent
+
+
+def _agent_not_found() -> NotFound:
+    return NotFound("no such agent", code="agent_not_found")
+
+
+def _collect(*checks: tuple[str, str | None]) -> list[FieldError]:
+    return [FieldError(field, message) for field, message in checks if message is not None]
+
+
+def _maybe(check: Callable[[str], T], value: str | None) -> T | None:
+    return None if value is None else check(value)
+
+
+def _if_set(check: Callable[[T], str | None], value: T) -> str | None:
+    return check(value) if is_set(value) and value is not None else None

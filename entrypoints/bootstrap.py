@@ -1,0 +1,84 @@
+"""The composition root: the one place that builds adapters and wires them into the core.
+
+The HTTP app, the command line and the library facade all get their ``Portal`` from here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+
+from adapters.clock import SystemClock
+from adapters.hashing import Sha256KeyHasher
+from adapters.sealing import AesGcmSecretBox, SecretKeyError, decode_key, load_or_create_key_file
+from adapters.sql.storage import SqlStorage
+from adapters.sshkeys import AsyncsshKeys
+from core.ports import Clock, KeyHasher, SecretBox, SshKeys, Storage
+from core.services import Portal
+from entrypoints.settings import ConfigError, Settings
+
+
+@attrs.define
+class Runtime:
+    """A wired portal and the resources to release when done with it."""
+
+    settings: Settings
+    portal: Portal
+    storage: Storage
+
+    def close(self) -> None:
+        dispose = getattr(self.storage, "dispose", None)
+        if dispose is not None:
+            dispose()
+
+
+def open_storage(settings: Settings, *, migrate: bool = True) -> SqlStorage:
+    """The SQL storage, migrated to the latest schema (safe from several processes at once).
+
+    A new SQLite file is created 0600 in a 0700 directory: it holds sealed keys and audit history
+    (SQLite gives its -wal and -shm files the database file's mode)."""
+    if settings.db_path is not None and not settings.db_path.exists():
+        settings.db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(settings.db_path, os.O_CREAT | os.O_WRONLY, 0o600))
+    storage = SqlStorage(settings.database_url, busy_timeout=settings.db_busy_timeout,
+                         pool_size=max(5, settings.workers))
+    if migrate:
+        storage.upgrade()
+    return storage
+
+
+def secret_box(settings: Settings) -> AesGcmSecretBox:
+    try:
+        if settings.secret_key is not None:
+            key = decode_key(settings.secret_key, source="MANAGEMENT_SECRET_KEY")
+        else:
+            key = load_or_create_key_file(settings.secret_key_file)
+    except SecretKeyError as error:
+        variable = "MANAGEMENT_SECRET_KEY" if settings.secret_key else "MANAGEMENT_SECRET_KEY_FILE"
+        raise ConfigError(variable, str(error)) from error
+    except OSError as error:
+        raise ConfigError("MANAGEMENT_SECRET_KEY_FILE", f"cannot use {settings.secret_key_file}: {error}") from error
+    return AesGcmSecretBox(key)
+
+
+def build_runtime(
+    settings: Settings,
+    *,
+    storage: Storage | None = None,
+    hasher: KeyHasher | None = None,
+    secrets: SecretBox | None = None,
+    ssh_keys: SshKeys | None = None,
+    clock: Clock | None = None,
+) -> Runtime:
+    """Wire the portal. Tests may pass fakes for any port; everything else gets the real adapter."""
+    storage = storage if storage is not None else open_storage(settings)
+    portal = Portal(
+        storage=storage,
+        hasher=hasher or Sha256KeyHasher(),
+        secrets=secrets or secret_box(settings),
+        ssh_keys=ssh_keys or AsyncsshKeys(),
+        clock=clock or SystemClock(),
+        signup=settings.signup,
+    )
+    return Runtime(settings=settings, portal=portal, storage=storage)

@@ -1,0 +1,47 @@
+"""The Falcon ASGI application: routes, middleware and error mapping around one ``Portal``."""
+
+from __future__ import annotations
+
+import falcon
+import falcon.asgi
+
+from entrypoints.bootstrap import Runtime
+from entrypoints.http import errors, openapi
+from entrypoints.http.middleware import Authentication, BodyLimit, FailureLimiter, RequestContext
+from entrypoints.http.resources import (
+    AgentResource,
+    AgentsResource,
+    CurrentUserResource,
+    HealthResource,
+    OpenApiResource,
+    UsersResource,
+)
+
+AGENT_ID = "{agent_id:int(min=1, max=2147483647)}"
+
+
+def create_app(runtime: Runtime) -> falcon.asgi.App:
+    settings = runtime.settings
+    portal = runtime.portal
+    app = falcon.asgi.App(
+        middleware=[
+            RequestContext(),
+            BodyLimit(settings.max_body_bytes),
+            Authentication(portal, FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window)),
+        ],
+    )
+    app.req_options.strip_url_path_trailing_slash = True
+    errors.register(app)
+
+    app.add_route("/health", HealthResource())
+    app.add_route("/openapi.json", OpenApiResource(openapi.document()))
+    app.add_route("/users", UsersResource(portal))
+    me = CurrentUserResource(portal)
+    app.add_route("/users/me", me)
+    app.add_route("/users/me/api-key/rotate", me, suffix="rotate")
+    app.add_route("/users/me/audit", me, suffix="audit")
+    app.add_route("/agents", AgentsResource(portal))
+    agent = AgentResource(portal)
+    app.add_route(f"/agents/{AGENT_ID}", agent)
+    app.add_route(f"/agents/{AGENT_ID}/credentials", agent, suffix="credentials")
+    return app

@@ -1,0 +1,134 @@
+"""Cross-cutting concerns of every request: request id, client address, body limit, authentication
+with a per-address limit on failures, and one structured access-log line per request."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+import falcon
+import falcon.asgi
+import structlog
+
+from core.errors import Unauthenticated
+from core.services import Portal
+from entrypoints.http.errors import Problem
+
+access_log = structlog.get_logger("manage_playrservers.access")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+BEARER_CHALLENGE = 'Bearer realm="manage-playrservers"'
+
+
+class RequestContext:
+    """Gives each request an id (the client's ``X-Request-Id`` if sane) and logs it when done."""
+
+    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        supplied = req.get_header("X-Request-Id") or ""
+        req.context.request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        req.context.client_address = req.remote_addr or "unknown"
+        req.context.started = time.perf_counter()
+        req.context.user = None
+        structlog.contextvars.bind_contextvars(request_id=req.context.request_id)
+        resp.set_header("X-Request-Id", req.context.request_id)
+
+    async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
+                               resource: object, req_succeeded: bool) -> None:
+        user = getattr(req.context, "user", None)
+        started = getattr(req.context, "started", time.perf_counter())
+        access_log.info(
+            "request",
+            method=req.method,
+            path=req.path,
+            status=int(resp.status_code),
+            code=getattr(resp.context, "error_code", None),
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            user_id=user.id if user is not None else None,
+            client=getattr(req.context, "client_address", None),
+        )
+        structlog.contextvars.clear_contextvars()
+
+
+class BodyLimit:
+    """Refuses a declared body over the limit before reading any of it (413). Bodies without a
+    declared length are bounded while they are read (``entrypoints.http.resources.read_json``)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+
+    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        req.context.max_body_bytes = self.max_bytes
+        length = req.content_length
+        if length is not None and length > self.max_bytes:
+            raise Problem(413, "body_too_large", f"the request body is {length} bytes; the limit is "
+                          f"{self.max_bytes} bytes", title="Request body too large")
+
+
+class FailureLimiter:
+    """At most ``limit`` failed authentications per client address in a sliding ``window`` of
+    seconds; past that the address gets 429 with ``Retry-After`` until the oldest failure ages out.
+    Kept per worker process (documented in docs/security.md)."""
+
+    def __init__(self, limit: int, window: float, max_addresses: int = 100_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_addresses = max_addresses
+        self._failures: dict[str, deque[float]] = {}
+
+    def retry_after(self, address: str, now: float) -> int | None:
+        failures = self._failures.get(address)
+        if failures is None:
+            return None
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        if not failures:
+            del self._failures[address]
+            return None
+        if len(failures) < self.limit:
+            return None
+        return max(1, int(failures[0] + self.window - now + 0.999))
+
+    def record_failure(self, address: str, now: float) -> None:
+        if address not in self._failures and len(self._failures) >= self.max_addresses:
+            self._failures.pop(next(iter(self._failures)))  # forget the oldest address
+        self._failures.setdefault(address, deque()).append(now)
+
+
+class Authentication:
+    """Resolves ``Authorization: Bearer <key>`` to a user on every route that needs one.
+
+    A resource opts out per method with ``public_methods = {"GET", ...}``.
+    """
+
+    def __init__(self, portal: Portal, limiter: FailureLimiter) -> None:
+        self.portal = portal
+        self.limiter = limiter
+
+    async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
+                               resource: Any, params: dict[str, Any]) -> None:
+        if resource is None or req.method in getattr(resource, "public_methods", ()):
+            return
+        address = req.context.client_address
+        now = time.monotonic()
+        wait = self.limiter.retry_after(address, now)
+        if wait is not None:
+            raise Problem(429, "too_many_auth_failures",
+                          f"too many failed authentications from {address}; retry in {wait} s",
+                          title="Too many failed authentications", headers={"Retry-After": str(wait)})
+        header = req.get_header("Authorization") or ""
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            self.limiter.record_failure(address, now)
+            raise Problem(401, "missing_api_key",
+                          "send your API key as 'Authorization: Bearer <key>'",
+                          title="Unauthorized", headers={"WWW-Authenticate": BEARER_CHALLENGE})
+        try:
+            req.context.user = await asyncio.to_thread(self.portal.authenticate, key.strip())
+        except Unauthenticated:
+            self.limiter.record_failure(address, now)
+            raise
+        structlog.contextvars.bind_contextvars(user_id=req.context.user.id)

@@ -1,0 +1,171 @@
+"""Falcon resources: parse the request, call one use case, answer with its view.
+
+Use cases are synchronous (storage is SQLAlchemy Core); they run in a worker thread so a database
+waiting on a lock never stalls the event loop that other requests share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import falcon
+import falcon.asgi
+
+from core.commands import AgentChanges, NewAgent, NewUser
+from core.errors import FieldError, ValidationFailed
+from core.model import Caller, Origin
+from core.services import AUDIT_PAGE_DEFAULT, Portal
+from entrypoints.http.errors import Problem
+from entrypoints.shapes import (
+    AgentView,
+    AuditEventView,
+    AuditPage,
+    CredentialsView,
+    Health,
+    UserView,
+    UserWithKeyView,
+    dump,
+    structure,
+)
+
+T = TypeVar("T")
+
+
+async def run(function: Callable[..., T], *args: Any) -> T:
+    return await asyncio.to_thread(function, *args)
+
+
+async def read_json(req: falcon.asgi.Request, command: type[T]) -> T:
+    """The request body as ``command``: 415 unless JSON, 413 past the limit, 400 if unparseable,
+    422 naming each invalid field."""
+    media_type = (req.content_type or "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise Problem(415, "unsupported_media_type",
+                      "send the body as JSON with 'Content-Type: application/json'",
+                      title="Unsupported media type")
+    limit: int = req.context.max_body_bytes
+    raw = await req.stream.read(limit + 1)
+    if len(raw) > limit:
+        raise Problem(413, "body_too_large", f"the request body is over the limit of {limit} bytes",
+                      title="Request body too large")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise Problem(400, "malformed_json", f"the request body is not valid JSON ({error})",
+                      title="Malformed JSON") from None
+    return structure(data, command)
+
+
+def caller(req: falcon.asgi.Request) -> Caller:
+    return Caller(user=req.context.user, request_id=req.context.request_id,
+                  client_address=req.context.client_address)
+
+
+def origin(req: falcon.asgi.Request) -> Origin:
+    return Origin(request_id=req.context.request_id, client_address=req.context.client_address)
+
+
+def answer(resp: falcon.asgi.Response, value: Any, status: int = 200) -> None:
+    resp.status = falcon.code_to_http_status(status)
+    resp.media = dump(value)
+
+
+class HealthResource:
+    public_methods = frozenset({"GET"})
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        answer(resp, Health(status="ok"))
+
+
+class OpenApiResource:
+    public_methods = frozenset({"GET"})
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.body = json.dumps(document)
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.content_type = falcon.MEDIA_JSON
+        resp.text = self.body
+
+
+class UsersResource:
+    public_methods = frozenset({"POST"})
+
+    def __init__(self, portal: Portal) -> None:
+        self.portal = portal
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        request = await read_json(req, NewUser)
+        created = await run(self.portal.sign_up, request, origin(req))
+        resp.set_header("Cache-Control", "no-store")
+        answer(resp, UserWithKeyView.with_key(created.user, created.api_key), 201)
+
+
+class CurrentUserResource:
+    def __init__(self, portal: Portal) -> None:
+        self.portal = portal
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        answer(resp, UserView.of(req.context.user))
+
+    async def on_post_rotate(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        rotated = await run(self.portal.rotate_api_key, caller(req))
+        resp.set_header("Cache-Control", "no-store")
+        answer(resp, UserWithKeyView.with_key(rotated.user, rotated.api_key))
+
+    async def on_get_audit(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        limit = _int_param(req, "limit", AUDIT_PAGE_DEFAULT)
+        before = _int_param(req, "before", None)
+        events = await run(lambda: self.portal.audit_events(caller(req), limit=limit, before=before))
+        next_before = events[-1].id if len(events) == limit else None
+        answer(resp, AuditPage(events=[AuditEventView.of(e) for e in events], next_before=next_before))
+
+
+class AgentsResource:
+    def __init__(self, portal: Portal) -> None:
+        self.portal = portal
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        agents = await run(self.portal.list_agents, caller(req))
+        answer(resp, [AgentView.of(a) for a in agents])
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        request = await read_json(req, NewAgent)
+        agent = await run(self.portal.register_agent, caller(req), request)
+        resp.location = f"/agents/{agent.id}"
+        answer(resp, AgentView.of(agent), 201)
+
+
+class AgentResource:
+    def __init__(self, portal: Portal) -> None:
+        self.portal = portal
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
+        answer(resp, AgentView.of(await run(self.portal.get_agent, caller(req), agent_id)))
+
+    async def on_patch(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
+        changes = await read_json(req, AgentChanges)
+        answer(resp, AgentView.of(await run(self.portal.update_agent, caller(req), agent_id, changes)))
+
+    async def on_delete(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
+        await run(self.portal.delete_agent, caller(req), agent_id)
+        resp.status = falcon.HTTP_204
+
+    async def on_get_credentials(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
+                                 agent_id: int) -> None:
+        credentials = await run(self.portal.read_credentials, caller(req), agent_id)
+        resp.set_header("Cache-Control", "no-store")
+        resp.set_header("Pragma", "no-cache")
+        answer(resp, CredentialsView.of_credentials(credentials))
+
+
+def _int_param(req: falcon.asgi.Request, name: str, default: Any) -> Any:
+    raw = req.get_param(name)
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise ValidationFailed([FieldError(name, "must be a positive integer")])
+    return int(raw)

@@ -1,0 +1,113 @@
+"""The library facade: drive the portal from a Python automation script, synchronously, in-process.
+
+It opens the same database with the same configuration as the server (the ``MANAGEMENT_*``
+variables) and calls the same use cases, so validation, isolation and audit are exactly those of
+the HTTP API. Errors are the core's (``core.errors``), each with its stable ``code``::
+
+    from entrypoints.library import connect
+
+    with connect() as portal:                      # reads MANAGEMENT_* like the server
+        me = portal.login("mgmt_…")                # act as the owner of this API key
+        agent = me.register_agent(name="hv1", hostname="192.0.2.15", username="qemu-admin",
+                                  private_key=open("id_ed25519").read())
+        for agent in me.agents():
+            print(agent.id, agent.name, agent.hostname)
+"""
+
+from __future__ import annotations
+
+import getpass
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from core.commands import AgentChanges, NewAgent, NewUser
+from core.model import Agent, AgentCredentials, AuditEvent, Caller, Origin, User
+from core.services import AUDIT_PAGE_DEFAULT, NewApiKey, Portal
+from entrypoints import bootstrap
+from entrypoints.settings import Settings
+from entrypoints.shapes import structure
+
+
+def connect(env: Mapping[str, str] | None = None, *, settings: Settings | None = None) -> PortalLibrary:
+    """Open the portal described by ``settings`` (default: the ``MANAGEMENT_*`` environment)."""
+    return PortalLibrary(settings or Settings.from_env(env))
+
+
+class PortalLibrary:
+    """An open portal. Use it as a context manager, or call ``close()`` when done."""
+
+    def __init__(self, settings: Settings, *, runtime: bootstrap.Runtime | None = None) -> None:
+        self._runtime = runtime or bootstrap.build_runtime(settings)
+        self.portal: Portal = self._runtime.portal
+
+    def __enter__(self) -> PortalLibrary:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._runtime.close()
+
+    def login(self, api_key: str) -> Session:
+        """Act as the owner of ``api_key``; raises ``core.errors.Unauthenticated`` if it is not valid."""
+        return Session(self.portal, self.portal.authenticate(api_key))
+
+    def login_as(self, user: User) -> Session:
+        """Act as ``user`` without their key: for the host's operator (e.g. to rotate a lost key)."""
+        return Session(self.portal, user)
+
+    def create_user(self, name: str, email: str | None = None) -> NewApiKey:
+        """Create a user as the host's operator (the sign-up policy does not apply here)."""
+        return self.portal.create_user(structure({"name": name, "email": email}, NewUser), _origin())
+
+
+class Session:
+    """What one user can do. Every call is checked, scoped and audited as an HTTP request would be."""
+
+    def __init__(self, portal: Portal, user: User) -> None:
+        self.portal = portal
+        self.user = user
+
+    def _caller(self) -> Caller:
+        origin = _origin()
+        return Caller(user=self.user, request_id=origin.request_id, client_address=origin.client_address)
+
+    def rotate_api_key(self) -> str:
+        """A new API key for this user (returned once); the old key stops working at once."""
+        rotated = self.portal.rotate_api_key(self._caller())
+        self.user = rotated.user
+        return rotated.api_key
+
+    def agents(self) -> list[Agent]:
+        return self.portal.list_agents(self._caller())
+
+    def agent(self, agent_id: int) -> Agent:
+        return self.portal.get_agent(self._caller(), agent_id)
+
+    def register_agent(self, **fields: Any) -> Agent:
+        """Register an agent; keyword arguments are the fields of ``POST /agents``."""
+        return self.portal.register_agent(self._caller(), structure(fields, NewAgent))
+
+    def update_agent(self, agent_id: int, **changes: Any) -> Agent:
+        """Change fields of an agent; keyword arguments are the fields of ``PATCH /agents/{id}``."""
+        return self.portal.update_agent(self._caller(), agent_id, structure(changes, AgentChanges))
+
+    def delete_agent(self, agent_id: int) -> None:
+        self.portal.delete_agent(self._caller(), agent_id)
+
+    def credentials(self, agent_id: int) -> AgentCredentials:
+        """The agent's private key and passphrase in clear (audited)."""
+        return self.portal.read_credentials(self._caller(), agent_id)
+
+    def audit_events(self, *, limit: int = AUDIT_PAGE_DEFAULT, before: int | None = None) -> list[AuditEvent]:
+        return self.portal.audit_events(self._caller(), limit=limit, before=before)
+
+
+def _origin() -> Origin:
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):
+        who = "unknown"
+    return Origin(request_id=f"lib-{uuid.uuid4().hex}", client_address=f"local:{who}"[:64])

@@ -1,0 +1,54 @@
+"""Structured logs with structlog: JSON lines in production, readable console lines on a terminal,
+and one processor that keeps secrets out of every log line."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+_SECRET_KEYS = re.compile(r"(api_key|private_key|passphrase|password|secret|authorization|token)", re.I)
+REDACTED = "[redacted]"
+_SECRET_TEXT = [
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S), REDACTED),
+    (re.compile(r"mgmt_[0-9a-f]{12}_[A-Za-z0-9_-]{20,}"), REDACTED),
+    (re.compile(r"(Bearer\s+)\S+", re.I), r"\g<1>" + REDACTED),
+]
+
+
+def redact_text(text: str) -> str:
+    for pattern, replacement in _SECRET_TEXT:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def drop_secrets(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Replace values of secret-named keys, and secret-looking text anywhere, with ``[redacted]``."""
+    for key, value in list(event.items()):
+        if _SECRET_KEYS.search(key) and key != "api_key_prefix":
+            event[key] = REDACTED
+        elif isinstance(value, str):
+            event[key] = redact_text(value)
+    return event
+
+
+def configure(log_format: str = "auto", level: str = "info") -> None:
+    use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    renderer: Any = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            drop_secrets,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,59 @@
+"""The production server: gunicorn with uvicorn's ASGI workers, configured from ``Settings``.
+
+The master process migrates the database and makes sure the secret key exists before it forks, so
+workers start on a ready database; each worker then builds its own app through the composition root.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from entrypoints.settings import Settings
+
+
+class PortalServer(BaseApplication):  # type: ignore[misc]
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        super().__init__()
+
+    def load_config(self) -> None:
+        options: dict[str, Any] = {
+            "bind": [f"[{self.settings.host}]:{self.settings.port}" if ":" in self.settings.host
+                     else f"{self.settings.host}:{self.settings.port}"],
+            "workers": self.settings.workers,
+            "worker_class": "uvicorn_worker.UvicornWorker",
+            "reload": self.settings.reload,
+            "timeout": 120,  # a worker silent this long is restarted; SSH commands time out well before
+            "graceful_timeout": 30,
+            "keepalive": 5,
+            "limit_request_line": 8190,
+            "limit_request_fields": 100,
+            "limit_request_field_size": 8190,
+            "proc_name": "manage-playrservers",
+            "accesslog": None,  # one structured access line per request comes from the app itself
+            "errorlog": "-",
+            "loglevel": self.settings.log_level,
+        }
+        # gunicorn >= 25.1 opens a control socket under $HOME by default; the portal does not use it,
+        # and under the hardened systemd unit (ProtectHome) it could not be created anyway.
+        options["control_socket_disable"] = True
+        for key, value in options.items():
+            if key in self.cfg.settings:
+                self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from entrypoints.asgi import build_app
+
+        return build_app(self.settings)
+
+
+def serve(settings: Settings) -> None:
+    from entrypoints import bootstrap, logs
+
+    logs.configure(settings.log_format, settings.log_level)
+    # Prepare once, in the master: schema up to date, secret key present (or configured and valid).
+    runtime = bootstrap.build_runtime(settings)
+    runtime.close()
+    PortalServer(settings).run()

@@ -1,0 +1,141 @@
+"""Configuration from ``MANAGEMENT_*`` environment variables, validated once at start-up.
+
+A bad value raises ``ConfigError`` naming the variable; the server and the command line print it
+and exit non-zero instead of starting half-configured.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import attrs
+
+from core.model import SignupPolicy
+
+T = TypeVar("T")
+
+DEFAULT_DB_PATH = "data/management.sqlite3"
+SECRET_KEY_FILENAME = "secret.key"
+
+
+class ConfigError(ValueError):
+    def __init__(self, variable: str, message: str) -> None:
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+
+
+@attrs.frozen
+class Settings:
+    database_url: str
+    db_path: Path | None  # the SQLite file, when the database is SQLite
+    host: str = "0.0.0.0"
+    port: int = 8000
+    workers: int = 1
+    reload: bool = False
+    secret_key: str | None = attrs.field(default=None, repr=False)
+    secret_key_file: Path = Path("data") / SECRET_KEY_FILENAME
+    signup: SignupPolicy = SignupPolicy.FIRST
+    log_format: str = "auto"  # json | console | auto (console on a terminal, JSON otherwise)
+    log_level: str = "info"
+    max_body_bytes: int = 1024 * 1024
+    auth_failure_limit: int = 20  # failed authentications per client address per window
+    auth_failure_window: float = 60.0
+    db_busy_timeout: float = 10.0
+    ssh_connect_timeout: float = 10.0
+    ssh_command_timeout: float = 60.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        url = env.get("MANAGEMENT_DATABASE_URL", "").strip()
+        db_path: Path | None = None
+        if url:
+            if "://" not in url:
+                raise ConfigError("MANAGEMENT_DATABASE_URL", "must be a SQLAlchemy URL such as "
+                                  "postgresql+psycopg://user:pass@host/db")
+            data_dir = Path(env.get("MANAGEMENT_DATA_DIR", "data"))
+            if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+                db_path = Path(url.removeprefix("sqlite:///"))
+                data_dir = db_path.parent
+        else:
+            raw_path = env.get("MANAGEMENT_DB_PATH", DEFAULT_DB_PATH).strip()
+            if not raw_path:
+                raise ConfigError("MANAGEMENT_DB_PATH", "must not be empty")
+            db_path = Path(raw_path)
+            url = f"sqlite:///{db_path}"
+            data_dir = db_path.parent
+        key_file = Path(env.get("MANAGEMENT_SECRET_KEY_FILE", "") or data_dir / SECRET_KEY_FILENAME)
+        return cls(
+            database_url=url,
+            db_path=db_path,
+            host=reader.text("MANAGEMENT_HOST", "0.0.0.0"),
+            port=reader.number("MANAGEMENT_PORT", 8000, int, 1, 65535),
+            workers=reader.number("MANAGEMENT_WORKERS", 1, int, 1, 64),
+            reload=reader.flag("MANAGEMENT_RELOAD", False),
+            secret_key=env.get("MANAGEMENT_SECRET_KEY") or None,
+            secret_key_file=key_file,
+            signup=reader.choice("MANAGEMENT_SIGNUP", SignupPolicy.FIRST, SignupPolicy),
+            log_format=reader.choice_text("MANAGEMENT_LOG_FORMAT", "auto", ("auto", "json", "console")),
+            log_level=reader.choice_text("MANAGEMENT_LOG_LEVEL", "info",
+                                         ("debug", "info", "warning", "error")),
+            max_body_bytes=reader.number("MANAGEMENT_MAX_BODY_BYTES", 1024 * 1024, int, 1024, 64 * 1024 * 1024),
+            auth_failure_limit=reader.number("MANAGEMENT_AUTH_FAILURE_LIMIT", 20, int, 1, 1_000_000),
+            auth_failure_window=reader.number("MANAGEMENT_AUTH_FAILURE_WINDOW", 60.0, float, 1, 86400),
+            db_busy_timeout=reader.number("MANAGEMENT_DB_BUSY_TIMEOUT", 10.0, float, 0.1, 600),
+            ssh_connect_timeout=reader.number("MANAGEMENT_SSH_CONNECT_TIMEOUT", 10.0, float, 0.1, 600),
+            ssh_command_timeout=reader.number("MANAGEMENT_SSH_COMMAND_TIMEOUT", 60.0, float, 0.1, 3600),
+        )
+
+
+@attrs.frozen
+class _Reader:
+    env: Mapping[str, str]
+
+    def text(self, name: str, default: str) -> str:
+        value = self.env.get(name, default).strip()
+        if not value:
+            raise ConfigError(name, "must not be empty")
+        return value
+
+    def number(self, name: str, default: T, kind: Callable[[str], T], low: float, high: float) -> T:
+        raw = self.env.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            value = kind(raw.strip())
+        except ValueError:
+            raise ConfigError(name, f"must be a number, got {raw!r}") from None
+        if not low <= value <= high:  # type: ignore[operator]
+            raise ConfigError(name, f"must be between {low:g} and {high:g}, got {raw!r}")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.env.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        value = raw.strip().lower()
+        if value in {"1", "true", "yes", "on"}:
+            return True
+        if value in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(name, f"must be true/false (or 1/0), got {raw!r}")
+
+    def choice(self, name: str, default: SignupPolicy, kind: type[SignupPolicy]) -> SignupPolicy:
+        raw = self.env.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return kind(raw.strip().lower())
+        except ValueError:
+            allowed = "|".join(p.value for p in kind)
+            raise ConfigError(name, f"must be one of {allowed}, got {raw!r}") from None
+
+    def choice_text(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.env.get(name, default).strip().lower() or default
+        if value not in allowed:
+            raise ConfigError(name, f"must be one of {'|'.join(allowed)}, got {value!r}")
+        return value

@@ -1,0 +1,591 @@
+#!/usr/bin/env bash
+# scripts/lab.sh - local test lab for playr: libvirtd (qemu:///system, TCG
+# guests) reachable through a private OpenSSH server on 127.0.0.1.
+#
+#   bash scripts/lab.sh up      # idempotent; prints KEY=value lines (stdout)
+#   bash scripts/lab.sh down    # remove lab guests, stop what `up` started
+#   bash scripts/lab.sh status  # what is running
+#
+# Progress goes to stderr; stdout of `up` is only the env lines, so
+#   eval "$(bash scripts/lab.sh up)"   works.  See docs/lab.md.
+set -euo pipefail
+
+STATE_DIR=${LAB_STATE_DIR:-/var/tmp/playr-lab}
+CACHE_DIR=${LAB_CACHE:-/var/cache/playr-lab}
+LAB_USER=${LAB_USER:-playrlab}
+LAB_GROUP=libvirt
+URI=qemu:///system
+BOOT_GUESTS=(lab-guest1 lab-guest2)
+DISK_GUEST=lab-disk
+ALL_GUESTS=("${BOOT_GUESTS[@]}" "$DISK_GUEST")
+GUEST_MEM_MIB=${LAB_GUEST_MEM_MIB:-128}
+GUEST_CMDLINE="console=ttyS0 quiet loglevel=3"
+PACKAGES=(openssh-server libvirt-daemon-system libvirt-clients qemu-system-x86
+          busybox-static qemu-utils cpio)
+
+SSHD_CONF=$STATE_DIR/sshd_config
+SSHD_PID=$STATE_DIR/sshd.pid
+SSHD_LOG=$STATE_DIR/sshd.log
+HOST_KEY=$STATE_DIR/ssh_host_ed25519_key
+CLIENT_KEY=$STATE_DIR/id_ed25519
+KNOWN_HOSTS=$STATE_DIR/known_hosts
+PORT_FILE=$STATE_DIR/ssh_port
+LIBVIRTD_CONF=$STATE_DIR/libvirtd.conf
+LIBVIRTD_PID=$STATE_DIR/libvirtd.pid
+VIRTLOGD_PID=$STATE_DIR/virtlogd.pid
+ENV_FILE=$STATE_DIR/lab.env
+KERNEL=$CACHE_DIR/vmlinuz
+INITRD=$CACHE_DIR/initrd.img
+
+log() { printf '[lab] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+need_root() { [[ $(id -u) -eq 0 ]] || die "must run as root"; }
+
+lock_state() {
+    mkdir -p "$STATE_DIR"
+    chmod 0755 "$STATE_DIR"
+    exec 9>"$STATE_DIR/.lock"
+    flock 9
+}
+
+vsh() { virsh -q -c "$URI" "$@"; }
+
+# pid_alive PIDFILE NAME -> prints pid if the file names a live process NAME
+pid_alive() {
+    local pid
+    [[ -s $1 ]] || return 1
+    pid=$(tr -dc '0-9' <"$1")
+    [[ -n $pid && -r /proc/$pid/comm ]] || return 1
+    [[ $(cat "/proc/$pid/comm") == "$2" ]] || return 1
+    printf '%s\n' "$pid"
+}
+
+# stop_pidfile PIDFILE NAME: TERM the process, wait up to 10 s, then KILL
+stop_pidfile() {
+    local pid i
+    if pid=$(pid_alive "$1" "$2"); then
+        log "stopping $2 (pid $pid)"
+        kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < 100; i++)); do
+            [[ -e /proc/$pid ]] || break
+            sleep 0.1
+        done
+        if [[ -e /proc/$pid ]]; then
+            log "$2 (pid $pid) did not exit; sending KILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    rm -f "$1"
+}
+
+# ---------------------------------------------------------------- packages
+POLICY_RC=/usr/sbin/policy-rc.d
+POLICY_CREATED=0
+BUILD_TMP=
+cleanup_policy() {
+    if [[ $POLICY_CREATED -eq 1 ]]; then
+        rm -f "$POLICY_RC"
+        POLICY_CREATED=0
+    fi
+}
+cleanup() {
+    cleanup_policy
+    if [[ -n $BUILD_TMP ]]; then
+        rm -rf "$BUILD_TMP"
+    fi
+}
+
+apt_lists_present() {
+    compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null
+}
+
+ensure_packages() {
+    local p missing=()
+    for p in "${PACKAGES[@]}"; do
+        if [[ $(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null) != installed ]]; then
+            missing+=("$p")
+        fi
+    done
+    command -v ss >/dev/null || missing+=(iproute2)
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    log "installing packages: ${missing[*]}"
+    apt_lists_present || apt-get update -q >&2
+    # No init system here: maintainer scripts call invoke-rc.d, which fails
+    # to start daemons. policy-rc.d exit 101 = "action forbidden" -> skipped.
+    if [[ ! -e $POLICY_RC ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$POLICY_RC"
+        chmod 0755 "$POLICY_RC"
+        POLICY_CREATED=1
+    fi
+    local -a apt=(apt-get install -y -q --no-install-recommends
+                  -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+    if ! DEBIAN_FRONTEND=noninteractive "${apt[@]}" "${missing[@]}" >&2; then
+        log "apt-get install failed; running apt-get update and retrying"
+        apt-get update -q >&2
+        DEBIAN_FRONTEND=noninteractive "${apt[@]}" "${missing[@]}" >&2
+    fi
+    cleanup_policy
+}
+
+# ------------------------------------------------------------- guest image
+write_init() {
+    cat >"$1" <<'EOF'
+#!/bin/busybox sh
+# playr-lab guest init: wait for the ACPI power button, then power off.
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+insmod /lib/modules/evdev.ko
+insmod /lib/modules/button.ko
+devs=
+i=0
+while [ -z "$devs" ] && [ "$i" -lt 50 ]; do
+    for e in /sys/class/input/event*; do
+        [ -r "$e/device/name" ] || continue
+        if [ "$(cat "$e/device/name")" = "Power Button" ]; then
+            devs="$devs /dev/input/${e##*/}"
+        fi
+    done
+    [ -n "$devs" ] || { i=$((i + 1)); sleep 0.1; }
+done
+if [ -z "$devs" ]; then
+    echo "playr-lab: no power button input device found; idling"
+else
+    for d in $devs; do
+        # evdev rejects reads shorter than one struct input_event (24 bytes
+        # on x86_64) with EINVAL, so read one whole event, not one byte.
+        (
+            if dd if="$d" of=/dev/null bs=24 count=1 2>/dev/null; then
+                echo "playr-lab: power button pressed; powering off"
+                poweroff -f
+            fi
+            echo "playr-lab: reading $d failed"
+        ) &
+    done
+    echo "playr-lab: ready (uptime $(cut -d' ' -f1 /proc/uptime)s), waiting on$devs"
+fi
+while :; do sleep 3600; done
+EOF
+    chmod 0755 "$1"
+}
+
+# extract_module ROOT NAME DEST: copy NAME.ko[.xz|.zst|.gz] as plain .ko
+extract_module() {
+    local src
+    src=$(find "$1/lib/modules" -type f \( -name "$2.ko" -o -name "$2.ko.*" \) | head -n1)
+    [[ -n $src ]] || die "module $2 not found in kernel package"
+    case $src in
+        *.ko) cp "$src" "$3" ;;
+        *.ko.xz) xz -dc "$src" >"$3" ;;
+        *.ko.zst) zstd -qdc "$src" >"$3" ;;
+        *.ko.gz) gzip -dc "$src" >"$3" ;;
+        *) die "unknown module compression: $src" ;;
+    esac
+}
+
+ensure_guest_image() {
+    if [[ -s $KERNEL && -s $INITRD && -f $CACHE_DIR/.complete ]]; then
+        return 0
+    fi
+    local t0 pkg tmp deb
+    t0=$(now)
+    mkdir -p "$CACHE_DIR"
+    chmod 0755 "$CACHE_DIR"
+    pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+          awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
+    if [[ -z $pkg ]]; then
+        apt-get update -q >&2
+        pkg=$(apt-cache depends linux-image-cloud-amd64 |
+              awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
+    fi
+    [[ -n $pkg ]] || die "cannot resolve the kernel package of linux-image-cloud-amd64"
+    log "building guest kernel+initrd from $pkg into $CACHE_DIR"
+    tmp=$(mktemp -d "$CACHE_DIR/build.XXXXXX")
+    BUILD_TMP=$tmp
+    (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2)
+    deb=$(find "$tmp" -maxdepth 1 -name '*.deb' | head -n1)
+    [[ -n $deb ]] || die "apt-get download $pkg produced no .deb"
+    dpkg-deb -x "$deb" "$tmp/root"
+
+    local ird=$tmp/initrd
+    mkdir -p "$ird"/{bin,dev,proc,sys,lib/modules}
+    cp /bin/busybox "$ird/bin/busybox"
+    extract_module "$tmp/root" evdev "$ird/lib/modules/evdev.ko"
+    extract_module "$tmp/root" button "$ird/lib/modules/button.ko"
+    mknod -m 0600 "$ird/dev/console" c 5 1
+    write_init "$ird/init"
+    (cd "$ird" && find . -print0 |
+        cpio --null --create --format=newc --owner=0:0 --quiet) |
+        gzip -9 >"$tmp/initrd.img"
+    install -m 0644 "$tmp"/root/boot/vmlinuz-* "$KERNEL.new"
+    install -m 0644 "$tmp/initrd.img" "$INITRD.new"
+    mv -f "$KERNEL.new" "$KERNEL"
+    mv -f "$INITRD.new" "$INITRD"
+    printf '%s\n' "$pkg" >"$CACHE_DIR/.complete"
+    rm -rf "$tmp"
+    BUILD_TMP=
+    log "guest image built in $(since "$t0")s"
+}
+
+# ---------------------------------------------------------------- libvirt
+libvirt_ok() { virsh -q -c "$URI" version >/dev/null 2>&1; }
+
+write_libvirtd_conf() {
+    cat >"$LIBVIRTD_CONF" <<EOF
+# playr-lab libvirtd.conf (used via libvirtd -f); no polkit, no systemd.
+unix_sock_group = "$LAB_GROUP"
+unix_sock_ro_perms = "0777"
+unix_sock_rw_perms = "0770"
+auth_unix_ro = "none"
+auth_unix_rw = "none"
+log_outputs = "3:file:$STATE_DIR/libvirtd.log"
+EOF
+}
+
+# No udev here, so /dev/kvm stays root:root 0600. libvirt then sees KVM as
+# "enabled when probing, but not available now" for the qemu user, throws
+# away its capability cache on every lookup and re-probes QEMU: each
+# `virsh define` took ~40 s. Apply what Debian's udev rule would
+# (root:kvm 0660). Guests are still type='qemu' (TCG), never KVM.
+fix_kvm_perms() {
+    if [[ -c /dev/kvm ]] && getent group kvm >/dev/null &&
+       [[ $(stat -c %G:%a /dev/kvm) != kvm:660 ]]; then
+        log "setting /dev/kvm to root:kvm 0660 (what udev would do)"
+        chgrp kvm /dev/kvm
+        chmod 0660 /dev/kvm
+    fi
+}
+
+ensure_libvirtd() {
+    local i
+    fix_kvm_perms
+    if pgrep -x virtlogd >/dev/null; then
+        log "virtlogd already running"
+    else
+        log "starting virtlogd"
+        virtlogd -d -p "$VIRTLOGD_PID"
+        for ((i = 0; i < 50; i++)); do
+            pid_alive "$VIRTLOGD_PID" virtlogd >/dev/null && break
+            sleep 0.1
+        done
+        pid_alive "$VIRTLOGD_PID" virtlogd >/dev/null || die "virtlogd did not start"
+        pid_alive "$VIRTLOGD_PID" virtlogd >"$STATE_DIR/virtlogd.started"
+    fi
+    if pgrep -x libvirtd >/dev/null; then
+        log "libvirtd already running"
+    else
+        write_libvirtd_conf
+        log "starting libvirtd -f $LIBVIRTD_CONF"
+        libvirtd -d -f "$LIBVIRTD_CONF" -p "$LIBVIRTD_PID"
+        for ((i = 0; i < 50; i++)); do
+            pid_alive "$LIBVIRTD_PID" libvirtd >/dev/null && break
+            sleep 0.1
+        done
+        pid_alive "$LIBVIRTD_PID" libvirtd >"$STATE_DIR/libvirtd.started" ||
+            die "libvirtd did not start; see $STATE_DIR/libvirtd.log"
+    fi
+    for ((i = 0; i < 150; i++)); do
+        libvirt_ok && return 0
+        sleep 0.2
+    done
+    die "libvirt $URI not reachable; see $STATE_DIR/libvirtd.log"
+}
+
+# ---------------------------------------------------------------- user/ssh
+ensure_user() {
+    getent group "$LAB_GROUP" >/dev/null || groupadd --system "$LAB_GROUP"
+    if ! id "$LAB_USER" >/dev/null 2>&1; then
+        log "creating user $LAB_USER"
+        useradd --system --user-group --create-home --home-dir "/home/$LAB_USER" \
+                --shell /bin/bash --groups "$LAB_GROUP" "$LAB_USER"
+    fi
+    id -nG "$LAB_USER" | tr ' ' '\n' | grep -qx "$LAB_GROUP" ||
+        usermod -aG "$LAB_GROUP" "$LAB_USER"
+    # useradd leaves the password field "!" (locked); with UsePAM no, sshd
+    # refuses even pubkey logins to locked accounts. "*" = no password, unlocked.
+    if [[ $(getent shadow "$LAB_USER" | cut -d: -f2) == '!'* ]]; then
+        usermod -p '*' "$LAB_USER"
+    fi
+    if [[ ! -s $CLIENT_KEY ]]; then
+        rm -f "$CLIENT_KEY" "$CLIENT_KEY.pub"
+        ssh-keygen -q -t ed25519 -N '' -C "playr-lab-client" -f "$CLIENT_KEY"
+    fi
+    local home ssh_dir
+    home=$(getent passwd "$LAB_USER" | cut -d: -f6)
+    ssh_dir=$home/.ssh
+    install -d -m 0700 -o "$LAB_USER" -g "$LAB_USER" "$ssh_dir"
+    if ! cmp -s "$CLIENT_KEY.pub" "$ssh_dir/authorized_keys"; then
+        install -m 0600 -o "$LAB_USER" -g "$LAB_USER" "$CLIENT_KEY.pub" "$ssh_dir/authorized_keys"
+    fi
+}
+
+port_free() { [[ -z $(ss -Hltn "sport = :$1") ]]; }
+
+choose_port() {
+    local p
+    if [[ -n ${LAB_SSH_PORT:-} ]]; then
+        printf '%s\n' "$LAB_SSH_PORT"
+        return
+    fi
+    if [[ -s $PORT_FILE ]]; then
+        p=$(cat "$PORT_FILE")
+        if pid_alive "$SSHD_PID" sshd >/dev/null || port_free "$p"; then
+            printf '%s\n' "$p"
+            return
+        fi
+    fi
+    for ((p = 2222; p < 2322; p++)); do
+        if port_free "$p"; then
+            printf '%s\n' "$p"
+            return
+        fi
+    done
+    die "no free port in 2222-2321; set LAB_SSH_PORT"
+}
+
+write_sshd_conf() {
+    cat >"$SSHD_CONF" <<EOF
+# playr-lab sshd (started as: sshd -f $SSHD_CONF -E $SSHD_LOG)
+Port $1
+ListenAddress 127.0.0.1
+HostKey $HOST_KEY
+PidFile $SSHD_PID
+UsePAM no
+PubkeyAuthentication yes
+AuthenticationMethods publickey
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+HostbasedAuthentication no
+PermitRootLogin no
+AllowUsers $LAB_USER
+AuthorizedKeysFile .ssh/authorized_keys
+StrictModes yes
+LogLevel VERBOSE
+MaxSessions 10
+MaxStartups 10:30:100
+X11Forwarding no
+PrintMotd no
+PrintLastLog no
+Subsystem sftp internal-sftp
+EOF
+}
+
+ensure_sshd() {
+    local port pid i
+    port=$(choose_port)
+    if [[ ! -s $HOST_KEY ]]; then
+        rm -f "$HOST_KEY" "$HOST_KEY.pub"
+        ssh-keygen -q -t ed25519 -N '' -C "playr-lab-host" -f "$HOST_KEY"
+    fi
+    printf '[127.0.0.1]:%s %s\n' "$port" "$(cut -d' ' -f1,2 "$HOST_KEY.pub")" >"$KNOWN_HOSTS"
+    if pid=$(pid_alive "$SSHD_PID" sshd) && [[ $(cat "$PORT_FILE" 2>/dev/null) == "$port" ]]; then
+        log "sshd already running (pid $pid, port $port)"
+        return 0
+    fi
+    stop_pidfile "$SSHD_PID" sshd
+    port_free "$port" || die "port $port is in use by something else"
+    write_sshd_conf "$port"
+    mkdir -p /run/sshd
+    chmod 0755 /run/sshd
+    /usr/sbin/sshd -t -f "$SSHD_CONF"
+    log "starting sshd on 127.0.0.1:$port"
+    /usr/sbin/sshd -f "$SSHD_CONF" -E "$SSHD_LOG"
+    for ((i = 0; i < 50; i++)); do
+        pid_alive "$SSHD_PID" sshd >/dev/null && ! port_free "$port" && break
+        sleep 0.1
+    done
+    pid_alive "$SSHD_PID" sshd >/dev/null || die "sshd did not start; see $SSHD_LOG"
+    printf '%s\n' "$port" >"$PORT_FILE"
+}
+
+lab_ssh() {
+    ssh -i "$CLIENT_KEY" -p "$(cat "$PORT_FILE")" \
+        -o UserKnownHostsFile="$KNOWN_HOSTS" -o StrictHostKeyChecking=yes \
+        -o BatchMode=yes -o IdentitiesOnly=yes -o ConnectTimeout=10 \
+        "$LAB_USER@127.0.0.1" "$@"
+}
+
+# ----------------------------------------------------------------- guests
+domain_xml() {
+    local name=$1 disk=${2:-}
+    cat <<EOF
+<domain type='qemu'>
+  <name>$name</name>
+  <description>playr lab guest (scripts/lab.sh)</description>
+  <memory unit='MiB'>$GUEST_MEM_MIB</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>$KERNEL</kernel>
+    <initrd>$INITRD</initrd>
+    <cmdline>$GUEST_CMDLINE</cmdline>
+  </os>
+  <features><acpi/></features>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+EOF
+    if [[ -n $disk ]]; then
+        cat <<EOF
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='$disk'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+EOF
+    fi
+    cat <<EOF
+    <controller type='usb' model='none'/>
+    <serial type='file'>
+      <source path='$STATE_DIR/console-$name.log'/>
+    </serial>
+    <console type='file'>
+      <source path='$STATE_DIR/console-$name.log'/>
+      <target type='serial'/>
+    </console>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+EOF
+}
+
+domain_defined() { virsh -c "$URI" dominfo --domain "$1" >/dev/null 2>&1; }
+
+define_domain() {
+    local xml=$STATE_DIR/$1.xml
+    domain_xml "$@" >"$xml"
+    vsh define --file "$xml" >/dev/null
+    log "defined $1"
+}
+
+ensure_guests() {
+    local g disk=$STATE_DIR/$DISK_GUEST.qcow2
+    for g in "${BOOT_GUESTS[@]}"; do
+        domain_defined "$g" || define_domain "$g"
+    done
+    if ! domain_defined "$DISK_GUEST"; then
+        rm -f "$disk"
+        qemu-img create -q -f qcow2 "$disk" 16M
+        define_domain "$DISK_GUEST" "$disk"
+        # internal snapshots must work on the shut-off domain
+        vsh snapshot-create-as --domain "$DISK_GUEST" --name lab-selftest >/dev/null
+        vsh snapshot-list --domain "$DISK_GUEST" --name | grep -qx lab-selftest ||
+            die "snapshot self-test: lab-selftest not listed"
+        vsh snapshot-delete --domain "$DISK_GUEST" --snapshotname lab-selftest >/dev/null
+        log "snapshot create/list/delete on $DISK_GUEST: ok"
+    fi
+}
+
+remove_guests() {
+    local g
+    libvirt_ok || { log "libvirt not reachable; cannot remove guests"; return 0; }
+    for g in "${ALL_GUESTS[@]}"; do
+        domain_defined "$g" || continue
+        if [[ $(virsh -c "$URI" domstate --domain "$g" 2>/dev/null) != "shut off" ]]; then
+            vsh destroy --domain "$g" >/dev/null 2>&1 || true
+        fi
+        vsh undefine --domain "$g" --snapshots-metadata >/dev/null
+        log "removed $g"
+    done
+    rm -f "$STATE_DIR/$DISK_GUEST.qcow2"
+}
+
+# --------------------------------------------------------------------- env
+print_env() {
+    local hostkey
+    hostkey=$(cut -d' ' -f1,2 "$HOST_KEY.pub")
+    cat <<EOF
+LAB_HOST=127.0.0.1
+LAB_SSH_PORT=$(cat "$PORT_FILE")
+LAB_USER=$LAB_USER
+LAB_KEY=$CLIENT_KEY
+LAB_HOST_KEY='$hostkey'
+LAB_KNOWN_HOSTS=$KNOWN_HOSTS
+LAB_SSHD_LOG=$SSHD_LOG
+LAB_URI=$URI
+LAB_GUESTS='${ALL_GUESTS[*]}'
+LAB_STATE_DIR=$STATE_DIR
+EOF
+}
+
+# ---------------------------------------------------------------- commands
+cmd_up() {
+    local t0 t
+    t0=$(now)
+    need_root
+    lock_state
+    trap cleanup EXIT
+    t=$(now); ensure_packages; log "packages: $(since "$t")s"
+    t=$(now); ensure_guest_image; log "guest image: $(since "$t")s"
+    t=$(now); ensure_libvirtd; log "libvirtd: $(since "$t")s"
+    t=$(now); ensure_user; ensure_sshd; log "user+sshd: $(since "$t")s"
+    t=$(now)
+    lab_ssh virsh -q -c "$URI" list --all >/dev/null ||
+        die "ssh $LAB_USER@127.0.0.1 virsh list failed; see $SSHD_LOG"
+    log "ssh as $LAB_USER + virsh list: ok ($(since "$t")s)"
+    t=$(now); ensure_guests; log "guests: $(since "$t")s"
+    print_env >"$ENV_FILE.new"
+    mv -f "$ENV_FILE.new" "$ENV_FILE"
+    log "up done in $(since "$t0")s; env in $ENV_FILE"
+    cat "$ENV_FILE"
+}
+
+cmd_down() {
+    need_root
+    [[ -d $STATE_DIR ]] || { log "nothing to do ($STATE_DIR absent)"; return 0; }
+    lock_state
+    remove_guests
+    stop_pidfile "$SSHD_PID" sshd
+    if [[ -s $STATE_DIR/libvirtd.started ]]; then
+        stop_pidfile "$STATE_DIR/libvirtd.started" libvirtd
+        rm -f "$LIBVIRTD_PID"
+    fi
+    if [[ -s $STATE_DIR/virtlogd.started ]]; then
+        stop_pidfile "$STATE_DIR/virtlogd.started" virtlogd
+        rm -f "$VIRTLOGD_PID"
+    fi
+    rm -f "$ENV_FILE"
+    log "down done"
+}
+
+cmd_status() {
+    local pid rc=0
+    if pid=$(pid_alive "$SSHD_PID" sshd); then
+        echo "sshd: running (pid $pid, 127.0.0.1:$(cat "$PORT_FILE"))"
+    else
+        echo "sshd: not running"; rc=1
+    fi
+    for d in libvirtd virtlogd; do
+        if pid=$(pgrep -x "$d" | head -n1); then
+            if pid_alive "$STATE_DIR/$d.started" "$d" >/dev/null; then
+                echo "$d: running (pid $pid, started by lab)"
+            else
+                echo "$d: running (pid $pid, not started by lab)"
+            fi
+        else
+            echo "$d: not running"; rc=1
+        fi
+    done
+    if libvirt_ok; then
+        echo "guests:"
+        virsh -c "$URI" list --all | sed 's/^/  /'
+    fi
+    [[ -s $ENV_FILE ]] && { echo "env ($ENV_FILE):"; sed 's/^/  /' "$ENV_FILE"; }
+    return "$rc"
+}
+
+case ${1:-} in
+    up) cmd_up ;;
+    down) cmd_down ;;
+    status) cmd_status ;;
+    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite: lint (ruff), types (mypy --strict on core/), then pytest.
+# Extra arguments go to pytest, e.g. scripts/test.sh -k audit
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/venv.sh test,dev
+.venv/bin/ruff check core adapters entrypoints tests main.py
+.venv/bin/mypy
+exec .venv/bin/pytest "$@"
