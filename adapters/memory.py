@@ -10,7 +10,7 @@ import hmac
 import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import attrs
 
@@ -34,7 +34,7 @@ class ManualClock:
     """A clock that moves only when told to (each reading advances it by ``step``)."""
 
     def __init__(self, start: datetime | None = None, step: timedelta = timedelta(seconds=1)) -> None:
-        self.current = start or datetime(2026, 1, 1, tzinfo=timezone.utc)
+        self.current = start or datetime(2026, 1, 1, tzinfo=UTC)
         self.step = step
 
     def now(self) -> datetime:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -56,10 +57,8 @@ def load_or_create_key_file(path: Path) -> bytes:
                 handle.write(generate_key() + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
-            try:
-                os.link(temporary, path)  # fails if another process got there first
-            except FileExistsError:
-                pass
+            with contextlib.suppress(FileExistsError):  # another process got there first: use its key
+                os.link(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
     mode = path.stat().st_mode & 0o777

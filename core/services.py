@@ -220,7 +220,7 @@ class Portal:
                 ("hostname", _if_set(validation.check_hostname, changes.hostname)),
                 ("port", _if_set(validation.check_port, changes.port)),
                 ("username", _if_set(validation.check_username, changes.username)),
-                ("libvirt_uri", _if_set(validation.check_libvirt_uri, changes.libvirt_uri or None)),
+                ("libvirt_uri", _if_set(validation.check_libvirt_uri, changes.libvirt_uri)),
             )
             key_changed = is_set(changes.private_key) or is_set(changes.private_key_passphrase)
             client_key = agent.client_key
@@ -251,7 +251,7 @@ class Portal:
                 if is_set(getattr(changes, field))
             }
             if is_set(changes.libvirt_uri):
-                updates["libvirt_uri"] = changes.libvirt_uri or DEFAULT_LIBVIRT_URI
+                updates["libvirt_uri"] = DEFAULT_LIBVIRT_URI if changes.libvirt_uri is None else changes.libvirt_uri
             if is_set(changes.host_key):
                 updates["host_key"] = host_key
             if key_changed:
@@ -424,5 +424,5 @@ def _maybe(check: Callable[[str], T], value: str | None) -> T | None:
     return None if value is None else check(value)
 
 
-def _if_set(check: Callable[[T], str | None], value: T) -> str | None:
+def _if_set(check: Callable[[T], str | None], value: T | None) -> str | None:
     return check(value) if is_set(value) and value is not None else None

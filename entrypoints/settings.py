@@ -18,7 +18,7 @@ from core.model import SignupPolicy
 T = TypeVar("T")
 
 DEFAULT_DB_PATH = "data/management.sqlite3"
-SECRET_KEY_FILENAME = "secret.key"
+SECRET_KEY_FILENAME = "secret.key"  # noqa: S105 - a file name, not a secret
 
 
 class ConfigError(ValueError):
@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class Settings:
     database_url: str
     db_path: Path | None  # the SQLite file, when the database is SQLite
-    host: str = "0.0.0.0"
+    host: str = "0.0.0.0"  # noqa: S104 - the seed's default; production binds 127.0.0.1 behind nginx
     port: int = 8000
     workers: int = 1
     reload: bool = False
@@ -72,7 +72,7 @@ class Settings:
         return cls(
             database_url=url,
             db_path=db_path,
-            host=reader.text("MANAGEMENT_HOST", "0.0.0.0"),
+            host=reader.text("MANAGEMENT_HOST", "0.0.0.0"),  # noqa: S104
             port=reader.number("MANAGEMENT_PORT", 8000, int, 1, 65535),
             workers=reader.number("MANAGEMENT_WORKERS", 1, int, 1, 64),
             reload=reader.flag("MANAGEMENT_RELOAD", False),

@@ -1,0 +1,147 @@
+"""The portal as a new user meets it: ``python main.py`` (gunicorn + uvicorn workers) on a real port,
+driven over HTTP, stopped and started again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import KeyMaterial
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    def __init__(self, workdir: Path, **env: str) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.env = {**os.environ, "MANAGEMENT_HOST": "127.0.0.1", "MANAGEMENT_PORT": str(self.port),
+                    "MANAGEMENT_LOG_FORMAT": "json", **env}
+        self.process: subprocess.Popen[str] | None = None
+        self.log = workdir / f"server-{self.port}.log"
+
+    def start(self) -> Server:
+        handle = self.log.open("a")
+        self.process = subprocess.Popen([sys.executable, str(REPO / "main.py")], cwd=self.workdir, env=self.env,
+                                        stdout=handle, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited {self.process.returncode}: {self.log.read_text()}")
+            try:
+                if self.request("GET", "/health")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)  # polling for readiness, not papering over a race
+        raise AssertionError(f"server did not answer within 30 s: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+    def request(self, method: str, path: str, key: str | None = None, body: Any = None) -> tuple[int, Any, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if key is not None:
+            request.add_header("Authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                raw = response.read()
+                return response.status, json.loads(raw) if raw else None, response.headers
+        except urllib.error.HTTPError as error:
+            raw = error.read()
+            return error.code, json.loads(raw) if raw else None, error.headers
+
+    def worker_pids(self) -> list[int]:
+        assert self.process is not None
+        pids = []
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            pids += [int(pid) for pid in (task / "children").read_text().split()]
+        return sorted(pids)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    server = Server(tmp_path, MANAGEMENT_WORKERS="2").start()
+    yield server
+    server.stop()
+
+
+def test_a_new_user_drives_the_api_and_finds_everything_after_a_restart(server: Server, keys: KeyMaterial) -> None:
+    status, user, headers = server.request("POST", "/users", body={"name": "alice", "email": "alice@example.com"})
+    assert status == 201 and headers["Cache-Control"] == "no-store"
+    key = user["api_key"]
+    status, agent, _ = server.request("POST", "/agents", key, {
+        "name": "dalek-hypervisor", "hostname": "192.0.2.15", "port": 22, "username": "qemu-admin",
+        "private_key": keys.openssh_encrypted, "private_key_passphrase": keys.passphrase,
+        "allow_unknown_hosts": False})
+    assert status == 201, agent
+    assert server.request("PATCH", f"/agents/{agent['id']}", key, {"port": 2222})[1]["port"] == 2222
+    status, credentials, headers = server.request("GET", f"/agents/{agent['id']}/credentials", key)
+    assert status == 200 and headers["Cache-Control"] == "no-store"
+    assert credentials["private_key"] == keys.openssh_encrypted
+    assert server.request("POST", "/users", body={"name": "mallory"})[0] == 403
+    assert server.request("GET", "/agents", "mgmt_000000000000_" + "A" * 43)[0] == 401
+
+    # Each worker must agree on the key: many requests land on both workers.
+    for _ in range(20):
+        assert server.request("GET", f"/agents/{agent['id']}/credentials", key)[0] == 200
+
+    server.stop()
+    server.start()
+    status, agents, _ = server.request("GET", "/agents", key)
+    assert status == 200 and [a["port"] for a in agents] == [2222]
+    assert server.request("GET", f"/agents/{agent['id']}/credentials", key)[1]["private_key_passphrase"] == \
+        keys.passphrase
+    events = server.request("GET", "/users/me/audit", key)[1]["events"]
+    assert len([e for e in events if e["action"] == "agent.read_credentials"]) == 22
+    assert server.request("DELETE", f"/agents/{agent['id']}", key)[0] == 204
+
+
+def test_workers_setting_gives_that_many_workers(server: Server) -> None:
+    assert len(server.worker_pids()) == 2
+
+
+def test_access_logs_are_json_lines_without_secrets(server: Server, keys: KeyMaterial) -> None:
+    user = server.request("POST", "/users", body={"name": "alice"})[1]
+    server.request("POST", "/agents", user["api_key"], {"name": "hv", "hostname": "h.example.com",
+                                                        "username": "u", "private_key": keys.openssh})
+    server.stop()
+    lines = [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
+    requests = [line for line in lines if line.get("event") == "request"]
+    assert {(r["method"], r["path"], r["status"]) for r in requests} >= {("POST", "/users", 201),
+                                                                         ("POST", "/agents", 201)}
+    text = server.log.read_text()
+    assert user["api_key"] not in text and "PRIVATE KEY" not in text
+
+
+@pytest.mark.parametrize(("variable", "value"), [("MANAGEMENT_PORT", "eighty"), ("MANAGEMENT_WORKERS", "0"),
+                                                 ("MANAGEMENT_RELOAD", "perhaps")])
+def test_a_bad_setting_stops_start_up_naming_the_variable(tmp_path: Path, variable: str, value: str) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "main.py")], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, variable: value}, timeout=30)
+    assert result.returncode == 2
+    assert variable in result.stderr
