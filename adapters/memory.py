@@ -206,7 +206,8 @@ class ScriptedShell:
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, tuple[str, ...]]] = []
-        self.forgotten: list[int] = []
+        self.discarded: list[int] = []
+        self.closed = False
         self.results: dict[tuple[str, ...], CommandResult] = {}
 
     async def run(self, target: AgentCredentials, argv: Sequence[str]) -> CommandResult:
@@ -214,5 +215,8 @@ class ScriptedShell:
         self.calls.append((target.agent.id, command))
         return self.results.get(command, CommandResult(command=command, exit_status=0, stdout="", stderr=""))
 
-    async def forget(self, agent_id: int) -> None:
-        self.forgotten.append(agent_id)
+    def discard(self, agent_id: int) -> None:
+        self.discarded.append(agent_id)
+
+    async def close(self) -> None:
+        self.closed = True

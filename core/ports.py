@@ -67,17 +67,24 @@ class CommandResult:
     exit_status: int
     stdout: str
     stderr: str
+    # The host key the connection was verified with (the core pins it on first use).
+    host_key: HostKey | None = None
 
 
 class RemoteShell(Protocol):
-    """Runs argument vectors on an agent over SSH (implemented in the VM lifecycle work)."""
+    """Runs argument vectors on an agent over SSH."""
 
     async def run(self, target: AgentCredentials, argv: Sequence[str]) -> CommandResult:
         """Run ``argv`` on the agent; raise ``core.errors.RemoteError`` subclasses on failure."""
         ...
 
-    async def forget(self, agent_id: int) -> None:
-        """Drop every pooled connection to ``agent_id``."""
+    def discard(self, agent_id: int) -> None:
+        """Drop every pooled connection to ``agent_id`` (deleted, or its settings changed).
+        Safe to call from any thread; connections still running a command close when it ends."""
+        ...
+
+    async def close(self) -> None:
+        """Close every connection (on shutdown)."""
         ...
 
 

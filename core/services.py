@@ -7,13 +7,14 @@ change; a refused attempt is recorded too (outcome = the error's code) in a tran
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
 import attrs
 
-from core import validation
+from core import validation, virsh
 from core.commands import AgentChanges, NewAgent, NewUser, is_set
 from core.errors import (
     Conflict,
@@ -37,12 +38,21 @@ from core.model import (
     User,
     api_key_prefix,
 )
-from core.ports import Clock, KeyHasher, SecretBox, SshKeys, Storage, Transaction
+from core.ports import Clock, CommandResult, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage, Transaction
+from core.virsh import VmAction, VmSummary
 
 T = TypeVar("T")
 
 AUDIT_PAGE_MAX = 500
 AUDIT_PAGE_DEFAULT = 100
+
+
+@attrs.frozen
+class VmInfo:
+    """``virsh dominfo`` parsed, with the command result it came from."""
+
+    dominfo: dict[str, str | int | None]
+    raw: CommandResult
 
 
 @attrs.frozen
@@ -65,6 +75,7 @@ class Portal:
         ssh_keys: SshKeys,
         clock: Clock,
         signup: SignupPolicy = SignupPolicy.FIRST,
+        shell: RemoteShell | None = None,
     ) -> None:
         self.storage = storage
         self.hasher = hasher
@@ -72,6 +83,7 @@ class Portal:
         self.ssh_keys = ssh_keys
         self.clock = clock
         self.signup = signup
+        self.shell = shell
 
     # ------------------------------------------------------------------ users and API keys
 
@@ -269,6 +281,8 @@ class Portal:
                 revision += 1
             updated = attrs.evolve(agent, **updates, revision=revision, updated_at=self.clock.now())  # type: ignore[arg-type]
             tx.update_agent(updated)
+        if updated.revision != agent.revision and self.shell is not None:
+            self.shell.discard(agent.id)  # connections made with the old settings must not be reused
         return updated
 
     def delete_agent(self, caller: Caller, agent_id: int) -> None:
@@ -277,6 +291,8 @@ class Portal:
             tx = audit.tx
             if not tx.delete_agent(caller.user.id, agent_id):
                 raise _agent_not_found()
+        if self.shell is not None:
+            self.shell.discard(agent_id)
 
     def read_credentials(self, caller: Caller, agent_id: int) -> AgentCredentials:
         """An agent's key material in clear, for its owner; every read is audited."""
@@ -285,7 +301,7 @@ class Portal:
             agent = _owned(tx, caller, agent_id)
             return self._unseal(agent)
 
-    def pin_host_key(self, agent: Agent, host_key: HostKey) -> Agent:
+    def pin_host_key(self, caller: Caller, agent: Agent, host_key: HostKey) -> Agent:
         """Pin the host key first seen for an agent that trusts on first use (no-op if pinned)."""
         with self.storage.transaction(write=True) as tx:
             current = tx.get_agent(agent.owner_id, agent.id)
@@ -293,7 +309,59 @@ class Portal:
                 return current or agent
             pinned = attrs.evolve(current, host_key=host_key, updated_at=self.clock.now())
             tx.update_agent(pinned)
+            tx.add_audit_event(attrs.evolve(self._caller_event(caller, "agent.pin_host_key"), agent_id=agent.id,
+                                            detail=f"trusted on first use: {host_key.fingerprint}"))
             return pinned
+
+    # ------------------------------------------------------------------ VMs, over SSH
+
+    async def list_vms(self, caller: Caller, agent_id: int) -> list[VmSummary]:
+        """Every VM the agent's libvirt knows (``virsh list --all``)."""
+        target = await asyncio.to_thread(self._target, caller, agent_id)
+        result = await self._remote(caller, target, virsh.list_command(target.agent.libvirt_uri))
+        virsh.raise_for_failure(result)
+        return virsh.parse_list(result.stdout)
+
+    async def vm_info(self, caller: Caller, agent_id: int, vm: str) -> VmInfo:
+        """``virsh dominfo`` for one VM; ``NotFound`` (vm_not_found) if the agent has no such VM."""
+        virsh.require_vm_name(vm)
+        target = await asyncio.to_thread(self._target, caller, agent_id)
+        result = await self._remote(caller, target, virsh.dominfo_command(target.agent.libvirt_uri, vm))
+        virsh.raise_for_failure(result, vm)
+        return VmInfo(dominfo=virsh.parse_dominfo(result.stdout), raw=result)
+
+    async def vm_action(self, caller: Caller, agent_id: int, vm: str, action: VmAction) -> CommandResult:
+        """Start, shut down, force-stop or reboot a VM; audited whatever the outcome."""
+        audit_action = f"vm.{action.value.replace('-', '_')}"
+        try:
+            virsh.require_vm_name(vm)
+            target = await asyncio.to_thread(self._target, caller, agent_id)
+            result = await self._remote(caller, target, virsh.action_command(target.agent.libvirt_uri, vm, action))
+            virsh.raise_for_failure(result, vm)
+        except PortalError as error:
+            await asyncio.to_thread(self._record, caller, audit_action, agent_id, vm, error.code, error.detail)
+            raise
+        await asyncio.to_thread(self._record, caller, audit_action, agent_id, vm, "ok", None)
+        return result
+
+    def _target(self, caller: Caller, agent_id: int) -> AgentCredentials:
+        with self.storage.transaction() as tx:
+            agent = _owned(tx, caller, agent_id)
+        return self._unseal(agent)
+
+    async def _remote(self, caller: Caller, target: AgentCredentials, argv: tuple[str, ...]) -> CommandResult:
+        if self.shell is None:
+            raise RuntimeError("this portal was built without a remote shell")
+        result = await self.shell.run(target, argv)
+        if target.agent.host_key is None and result.host_key is not None:
+            await asyncio.to_thread(self.pin_host_key, caller, target.agent, result.host_key)
+        return result
+
+    def _record(self, caller: Caller, action: str, agent_id: int, vm: str | None, outcome: str,
+                detail: str | None) -> None:
+        with self.storage.transaction(write=True) as tx:
+            tx.add_audit_event(attrs.evolve(self._caller_event(caller, action), agent_id=agent_id, vm=vm,
+                                            outcome=outcome, detail=detail[:500] if detail else None))
 
     # ------------------------------------------------------------------ audit
 

@@ -13,8 +13,9 @@ from adapters.clock import SystemClock
 from adapters.hashing import Sha256KeyHasher
 from adapters.sealing import AesGcmSecretBox, SecretKeyError, decode_key, load_or_create_key_file
 from adapters.sql.storage import SqlStorage
+from adapters.ssh import AsyncsshShell
 from adapters.sshkeys import AsyncsshKeys
-from core.ports import Clock, KeyHasher, SecretBox, SshKeys, Storage
+from core.ports import Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage
 from core.services import Portal
 from entrypoints.settings import ConfigError, Settings
 
@@ -26,8 +27,14 @@ class Runtime:
     settings: Settings
     portal: Portal
     storage: Storage
+    shell: RemoteShell
+
+    async def close_connections(self) -> None:
+        """Close pooled SSH connections (a worker shutting down, a script finishing)."""
+        await self.shell.close()
 
     def close(self) -> None:
+        """Release the database (call ``close_connections`` first from async code)."""
         dispose = getattr(self.storage, "dispose", None)
         if dispose is not None:
             dispose()
@@ -70,9 +77,15 @@ def build_runtime(
     secrets: SecretBox | None = None,
     ssh_keys: SshKeys | None = None,
     clock: Clock | None = None,
+    shell: RemoteShell | None = None,
 ) -> Runtime:
     """Wire the portal. Tests may pass fakes for any port; everything else gets the real adapter."""
     storage = storage if storage is not None else open_storage(settings)
+    shell = shell if shell is not None else AsyncsshShell(
+        connect_timeout=settings.ssh_connect_timeout,
+        command_timeout=settings.ssh_command_timeout,
+        idle_timeout=settings.ssh_idle_timeout,
+    )
     portal = Portal(
         storage=storage,
         hasher=hasher or Sha256KeyHasher(),
@@ -80,5 +93,6 @@ def build_runtime(
         ssh_keys=ssh_keys or AsyncsshKeys(),
         clock=clock or SystemClock(),
         signup=settings.signup,
+        shell=shell,
     )
-    return Runtime(settings=settings, portal=portal, storage=storage)
+    return Runtime(settings=settings, portal=portal, storage=storage, shell=shell)

@@ -6,9 +6,15 @@
     manage-playrservers users rotate-key (--id N | --email E)
     manage-playrservers db upgrade | db version | db backup PATH
     manage-playrservers secret-key                     print a new value for MANAGEMENT_SECRET_KEY
+    manage-playrservers agents list [--json]           (as the user whose key is in MANAGEMENT_API_KEY)
+    manage-playrservers vms list AGENT [--json]
+    manage-playrservers vms info AGENT VM [--json]
+    manage-playrservers vms start|shutdown|force-stop|reboot AGENT VM [--json]
 
-It reads the same ``MANAGEMENT_*`` variables as the server. Errors print ``error: <code>: <detail>``
-and exit 1; configuration errors name the variable and exit 2.
+It reads the same ``MANAGEMENT_*`` variables as the server. Commands that act as a user take that
+user's API key from ``MANAGEMENT_API_KEY`` (never from the command line, where other local users
+could read it). Errors print ``error: <code>: <detail>`` and exit 1; configuration errors name the
+variable and exit 2.
 """
 
 from __future__ import annotations
@@ -48,6 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("path")
 
     commands.add_parser("secret-key", help="print a new random value for MANAGEMENT_SECRET_KEY")
+
+    agents = commands.add_parser("agents", help="your agents (needs MANAGEMENT_API_KEY)")
+    agents_actions = agents.add_subparsers(dest="action", required=True)
+    agents_list = agents_actions.add_parser("list", help="list your agents")
+    agents_list.add_argument("--json", action="store_true", help="print JSON")
+
+    vms = commands.add_parser("vms", help="drive VMs on an agent (needs MANAGEMENT_API_KEY)")
+    vm_actions = vms.add_subparsers(dest="action", required=True)
+    vms_list = vm_actions.add_parser("list", help="list the agent's VMs")
+    vms_list.add_argument("agent", type=int, help="agent id")
+    vms_list.add_argument("--json", action="store_true", help="print JSON")
+    for name, text in [("info", "virsh dominfo"), ("start", "start the VM"),
+                       ("shutdown", "graceful shutdown (ACPI)"), ("force-stop", "virsh destroy"),
+                       ("reboot", "reboot the VM")]:
+        one = vm_actions.add_parser(name, help=text)
+        one.add_argument("agent", type=int, help="agent id")
+        one.add_argument("vm", help="VM name")
+        one.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -77,6 +101,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.command == "db":
         return _db(args, settings)
+    if args.command in ("agents", "vms"):
+        return _as_user(args, settings)
     return _users(args, settings)
 
 
@@ -123,6 +149,52 @@ def _users(args: argparse.Namespace, settings: Settings) -> int:
             user = portal.find_user(user_id=args.id, email=args.email)
             api_key = library.login_as(user).rotate_api_key()
             _print_json(UserWithKeyView.with_key(portal.find_user(user_id=user.id), api_key))
+    return 0
+
+
+def _as_user(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+
+    from entrypoints.library import connect
+    from entrypoints.shapes import AgentView, CommandView, VmInfoView, VmView
+
+    api_key = os.environ.get("MANAGEMENT_API_KEY", "").strip()
+    if not api_key:
+        print("error: missing_api_key: set MANAGEMENT_API_KEY to your API key", file=sys.stderr)
+        return 1
+    with connect(settings=settings) as library:
+        me = library.login(api_key)
+        if args.command == "agents":
+            agents = me.agents()
+            if args.json:
+                _print_json([AgentView.of(a) for a in agents])
+            else:
+                print(f"{'ID':>5}  {'NAME':<24} {'ADDRESS':<32} {'USER':<16} HOST KEY")
+                for a in agents:
+                    address = f"{a.hostname}:{a.port}"
+                    pinned = a.host_key.fingerprint if a.host_key else "(not pinned)"
+                    print(f"{a.id:>5}  {a.name[:24]:<24} {address[:32]:<32} {a.username[:16]:<16} {pinned}")
+        elif args.action == "list":
+            vms = me.vms(args.agent)
+            if args.json:
+                _print_json([VmView.of(vm) for vm in vms])
+            else:
+                print(f"{'ID':>5}  {'NAME':<40} STATE")
+                for vm in vms:
+                    print(f"{vm.id if vm.id is not None else '-':>5}  {vm.name:<40} {vm.state}")
+        elif args.action == "info":
+            info = me.vm_info(args.agent, args.vm)
+            if args.json:
+                _print_json(VmInfoView.of(info))
+            else:
+                for key, value in info.dominfo.items():
+                    print(f"{key:<16} {value if value is not None else '-'}")
+        else:
+            result = me.vm_action(args.agent, args.vm, args.action)
+            if args.json:
+                _print_json(CommandView.of(result))
+            else:
+                print(result.stdout.strip() or f"{args.action}: done")
     return 0
 
 

@@ -10,23 +10,29 @@ the HTTP API. Errors are the core's (``core.errors``), each with its stable ``co
         me = portal.login("mgmt_…")                # act as the owner of this API key
         agent = me.register_agent(name="hv1", hostname="192.0.2.15", username="qemu-admin",
                                   private_key=open("id_ed25519").read())
-        for agent in me.agents():
-            print(agent.id, agent.name, agent.hostname)
+        for vm in me.vms(agent.id):
+            print(vm.name, vm.state)
+        me.start_vm(agent.id, "web1")
 """
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Coroutine, Mapping
+from typing import Any, TypeVar
 
 from core.commands import AgentChanges, NewAgent, NewUser
 from core.model import Agent, AgentCredentials, AuditEvent, Caller, Origin, User
-from core.services import AUDIT_PAGE_DEFAULT, NewApiKey, Portal
+from core.ports import CommandResult
+from core.services import AUDIT_PAGE_DEFAULT, NewApiKey, Portal, VmInfo
+from core.virsh import VmAction, VmSummary
 from entrypoints import bootstrap
 from entrypoints.settings import Settings
 from entrypoints.shapes import structure
+
+T = TypeVar("T")
 
 
 def connect(env: Mapping[str, str] | None = None, *, settings: Settings | None = None) -> PortalLibrary:
@@ -40,6 +46,9 @@ class PortalLibrary:
     def __init__(self, settings: Settings, *, runtime: bootstrap.Runtime | None = None) -> None:
         self._runtime = runtime or bootstrap.build_runtime(settings)
         self.portal: Portal = self._runtime.portal
+        # VM operations are asynchronous inside; one private event loop carries them (and the SSH
+        # connection pool) across calls, so consecutive calls reuse connections.
+        self._runner = asyncio.Runner()
 
     def __enter__(self) -> PortalLibrary:
         return self
@@ -48,15 +57,23 @@ class PortalLibrary:
         self.close()
 
     def close(self) -> None:
-        self._runtime.close()
+        """Close SSH connections and the database."""
+        try:
+            self._runner.run(self._runtime.close_connections())
+        finally:
+            self._runner.close()
+            self._runtime.close()
+
+    def _await(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self._runner.run(coroutine)
 
     def login(self, api_key: str) -> Session:
         """Act as the owner of ``api_key``; raises ``core.errors.Unauthenticated`` if it is not valid."""
-        return Session(self.portal, self.portal.authenticate(api_key))
+        return Session(self, self.portal.authenticate(api_key))
 
     def login_as(self, user: User) -> Session:
         """Act as ``user`` without their key: for the host's operator (e.g. to rotate a lost key)."""
-        return Session(self.portal, user)
+        return Session(self, user)
 
     def create_user(self, name: str, email: str | None = None) -> NewApiKey:
         """Create a user as the host's operator (the sign-up policy does not apply here)."""
@@ -66,8 +83,9 @@ class PortalLibrary:
 class Session:
     """What one user can do. Every call is checked, scoped and audited as an HTTP request would be."""
 
-    def __init__(self, portal: Portal, user: User) -> None:
-        self.portal = portal
+    def __init__(self, library: PortalLibrary, user: User) -> None:
+        self._library = library
+        self.portal = library.portal
         self.user = user
 
     def _caller(self) -> Caller:
@@ -103,6 +121,32 @@ class Session:
 
     def audit_events(self, *, limit: int = AUDIT_PAGE_DEFAULT, before: int | None = None) -> list[AuditEvent]:
         return self.portal.audit_events(self._caller(), limit=limit, before=before)
+
+    # VMs, over SSH
+
+    def vms(self, agent_id: int) -> list[VmSummary]:
+        """The agent's VMs (``virsh list --all``)."""
+        return self._library._await(self.portal.list_vms(self._caller(), agent_id))
+
+    def vm_info(self, agent_id: int, vm: str) -> VmInfo:
+        """``virsh dominfo`` for one VM, parsed (``.dominfo``) and raw (``.raw``)."""
+        return self._library._await(self.portal.vm_info(self._caller(), agent_id, vm))
+
+    def vm_action(self, agent_id: int, vm: str, action: VmAction | str) -> CommandResult:
+        """Run ``start``, ``shutdown``, ``force-stop`` or ``reboot`` on a VM."""
+        return self._library._await(self.portal.vm_action(self._caller(), agent_id, vm, VmAction(action)))
+
+    def start_vm(self, agent_id: int, vm: str) -> CommandResult:
+        return self.vm_action(agent_id, vm, VmAction.START)
+
+    def shutdown_vm(self, agent_id: int, vm: str) -> CommandResult:
+        return self.vm_action(agent_id, vm, VmAction.SHUTDOWN)
+
+    def force_stop_vm(self, agent_id: int, vm: str) -> CommandResult:
+        return self.vm_action(agent_id, vm, VmAction.FORCE_STOP)
+
+    def reboot_vm(self, agent_id: int, vm: str) -> CommandResult:
+        return self.vm_action(agent_id, vm, VmAction.REBOOT)
 
 
 def _origin() -> Origin:

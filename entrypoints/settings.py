@@ -46,6 +46,7 @@ class Settings:
     db_busy_timeout: float = 10.0
     ssh_connect_timeout: float = 10.0
     ssh_command_timeout: float = 60.0
+    ssh_idle_timeout: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -88,6 +89,7 @@ class Settings:
             db_busy_timeout=reader.number("MANAGEMENT_DB_BUSY_TIMEOUT", 10.0, float, 0.1, 600),
             ssh_connect_timeout=reader.number("MANAGEMENT_SSH_CONNECT_TIMEOUT", 10.0, float, 0.1, 600),
             ssh_command_timeout=reader.number("MANAGEMENT_SSH_COMMAND_TIMEOUT", 60.0, float, 0.1, 3600),
+            ssh_idle_timeout=reader.number("MANAGEMENT_SSH_IDLE_TIMEOUT", 300.0, float, 1, 86400),
         )
 
 

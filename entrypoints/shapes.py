@@ -16,6 +16,9 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 from core.errors import FieldError, ValidationFailed
 from core.model import Agent, AgentCredentials, AuditEvent, User
+from core.ports import CommandResult
+from core.services import VmInfo
+from core.virsh import VmSummary
 
 T = TypeVar("T")
 
@@ -183,6 +186,45 @@ class AuditPage:
 
     events: list[AuditEventView]
     next_before: int | None
+
+
+@attrs.frozen
+class VmView:
+    """A VM as ``virsh list --all`` shows it; ``id`` is null when it is not running."""
+
+    name: str
+    state: str
+    id: int | None
+
+    @classmethod
+    def of(cls, vm: VmSummary) -> VmView:
+        return cls(vm.name, vm.state, vm.id)
+
+
+@attrs.frozen
+class CommandView:
+    """What ran on the agent and what it answered."""
+
+    command: list[str]
+    exit_status: int
+    stdout: str
+    stderr: str
+
+    @classmethod
+    def of(cls, result: CommandResult) -> CommandView:
+        return cls(list(result.command), result.exit_status, result.stdout, result.stderr)
+
+
+@attrs.frozen
+class VmInfoView:
+    """``virsh dominfo`` parsed into snake_case keys, with the raw command result."""
+
+    dominfo: dict[str, str | int | None]
+    raw: CommandView
+
+    @classmethod
+    def of(cls, info: VmInfo) -> VmInfoView:
+        return cls(dict(info.dominfo), CommandView.of(info.raw))
 
 
 @attrs.frozen

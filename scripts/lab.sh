@@ -48,7 +48,7 @@ lock_state() {
     mkdir -p "$STATE_DIR"
     chmod 0755 "$STATE_DIR"
     exec 9>"$STATE_DIR/.lock"
-    flock 9
+    flock -w 300 9 || die "another lab.sh holds $STATE_DIR/.lock"
 }
 
 vsh() { virsh -q -c "$URI" "$@"; }
@@ -269,7 +269,8 @@ ensure_libvirtd() {
         log "virtlogd already running"
     else
         log "starting virtlogd"
-        virtlogd -d -p "$VIRTLOGD_PID"
+        # 9>&-: daemons must not inherit (and so hold forever) the lock fd
+        virtlogd -d -p "$VIRTLOGD_PID" 9>&-
         for ((i = 0; i < 50; i++)); do
             pid_alive "$VIRTLOGD_PID" virtlogd >/dev/null && break
             sleep 0.1
@@ -282,7 +283,7 @@ ensure_libvirtd() {
     else
         write_libvirtd_conf
         log "starting libvirtd -f $LIBVIRTD_CONF"
-        libvirtd -d -f "$LIBVIRTD_CONF" -p "$LIBVIRTD_PID"
+        libvirtd -d -f "$LIBVIRTD_CONF" -p "$LIBVIRTD_PID" 9>&-
         for ((i = 0; i < 50; i++)); do
             pid_alive "$LIBVIRTD_PID" libvirtd >/dev/null && break
             sleep 0.1
@@ -395,7 +396,7 @@ ensure_sshd() {
     chmod 0755 /run/sshd
     /usr/sbin/sshd -t -f "$SSHD_CONF"
     log "starting sshd on 127.0.0.1:$port"
-    /usr/sbin/sshd -f "$SSHD_CONF" -E "$SSHD_LOG"
+    /usr/sbin/sshd -f "$SSHD_CONF" -E "$SSHD_LOG" 9>&-
     for ((i = 0; i < 50; i++)); do
         pid_alive "$SSHD_PID" sshd >/dev/null && ! port_free "$port" && break
         sleep 0.1
@@ -472,6 +473,10 @@ ensure_guests() {
     for g in "${BOOT_GUESTS[@]}"; do
         domain_defined "$g" || define_domain "$g"
     done
+    if domain_defined "$DISK_GUEST" && [[ ! -s $disk ]]; then
+        log "$DISK_GUEST is defined but $disk is missing; redefining"
+        vsh undefine --domain "$DISK_GUEST" --snapshots-metadata >/dev/null
+    fi
     if ! domain_defined "$DISK_GUEST"; then
         rm -f "$disk"
         qemu-img create -q -f qcow2 "$disk" 16M
@@ -583,9 +588,27 @@ cmd_status() {
     return "$rc"
 }
 
+# wait-ready NAME [TIMEOUT]: wait until the running guest's init listens for
+# the power button (an ACPI press before that is lost; see docs/lab.md).
+cmd_wait_ready() {
+    local name=${1:-} timeout=${2:-30} console last
+    [[ -n $name ]] || die "usage: $0 wait-ready NAME [TIMEOUT_SECONDS]"
+    console=$STATE_DIR/console-$name.log
+    local deadline=$((SECONDS + timeout))
+    while ((SECONDS < deadline)); do
+        if [[ $(virsh -c "$URI" domstate --domain "$name" 2>/dev/null) == running && -r $console ]]; then
+            last=$(grep -E '^playr-lab: (ready|power button)' "$console" | tail -n1 || true)
+            [[ $last == 'playr-lab: ready'* ]] && return 0
+        fi
+        sleep 0.2
+    done
+    die "$name not ready within ${timeout}s (console: $console)"
+}
+
 case ${1:-} in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
-    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+    wait-ready) shift; cmd_wait_ready "$@" ;;
+    *) echo "usage: $0 up|down|status|wait-ready NAME [TIMEOUT]" >&2; exit 2 ;;
 esac

@@ -5,9 +5,10 @@ from __future__ import annotations
 import falcon
 import falcon.asgi
 
+from core.virsh import VmAction
 from entrypoints.bootstrap import Runtime
 from entrypoints.http import errors, openapi
-from entrypoints.http.middleware import Authentication, BodyLimit, FailureLimiter, RequestContext
+from entrypoints.http.middleware import Authentication, BodyLimit, FailureLimiter, Lifespan, RequestContext
 from entrypoints.http.resources import (
     AgentResource,
     AgentsResource,
@@ -15,6 +16,8 @@ from entrypoints.http.resources import (
     HealthResource,
     OpenApiResource,
     UsersResource,
+    VmResource,
+    VmsResource,
 )
 
 AGENT_ID = "{agent_id:int(min=1, max=2147483647)}"
@@ -28,6 +31,7 @@ def create_app(runtime: Runtime) -> falcon.asgi.App:
             RequestContext(),
             BodyLimit(settings.max_body_bytes),
             Authentication(portal, FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window)),
+            Lifespan(runtime),
         ],
     )
     app.req_options.strip_url_path_trailing_slash = True
@@ -44,4 +48,9 @@ def create_app(runtime: Runtime) -> falcon.asgi.App:
     agent = AgentResource(portal)
     app.add_route(f"/agents/{AGENT_ID}", agent)
     app.add_route(f"/agents/{AGENT_ID}/credentials", agent, suffix="credentials")
+    app.add_route(f"/agents/{AGENT_ID}/vms", VmsResource(portal))
+    vm = VmResource(portal)
+    app.add_route(f"/agents/{AGENT_ID}/vms/{{vm}}", vm)
+    for action in VmAction:
+        app.add_route(f"/agents/{AGENT_ID}/vms/{{vm}}/{action.value}", vm, suffix=action.value.replace("-", "_"))
     return app

@@ -98,6 +98,17 @@ class FailureLimiter:
         self._failures.setdefault(address, deque()).append(now)
 
 
+class Lifespan:
+    """Closes the worker's pooled SSH connections when the server shuts down."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+
+    async def process_shutdown(self, scope: dict[str, Any], event: dict[str, Any]) -> None:
+        await self.runtime.close_connections()
+        self.runtime.close()
+
+
 class Authentication:
     """Resolves ``Authorization: Bearer <key>`` to a user on every route that needs one.
 

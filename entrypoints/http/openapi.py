@@ -16,8 +16,19 @@ import attrs
 
 from core.commands import AgentChanges, NewAgent, NewUser
 from core.services import AUDIT_PAGE_MAX
+from core.virsh import VM_NAME_MAX, VmAction
 from entrypoints.http.errors import CODE_OF_STATUS
-from entrypoints.shapes import AgentView, AuditPage, CredentialsView, Health, UserView, UserWithKeyView
+from entrypoints.shapes import (
+    AgentView,
+    AuditPage,
+    CommandView,
+    CredentialsView,
+    Health,
+    UserView,
+    UserWithKeyView,
+    VmInfoView,
+    VmView,
+)
 
 VERSION = "0.1.0"
 
@@ -38,6 +49,18 @@ class Operation:
 
 _AGENT_ID = {"name": "agent_id", "in": "path", "required": True,
              "schema": {"type": "integer", "minimum": 1, "maximum": 2147483647}}
+
+_VM = {"name": "vm", "in": "path", "required": True,
+       "description": "VM (libvirt domain) name: letters, digits, spaces and . _ - + : @ , = %; "
+                      "no leading '-'. Percent-encode spaces.",
+       "schema": {"type": "string", "minLength": 1, "maxLength": VM_NAME_MAX}}
+_REMOTE_ERRORS = (404, 422, 502, 504)
+_ACTION_SUMMARY = {
+    VmAction.START: "Start a VM (virsh start)",
+    VmAction.SHUTDOWN: "Ask a VM to shut down gracefully (virsh shutdown, ACPI)",
+    VmAction.FORCE_STOP: "Force a VM off (virsh destroy)",
+    VmAction.REBOOT: "Reboot a VM (virsh reboot)",
+}
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("get", "/health", "Service readiness ping", 200, Health, public=True),
@@ -66,6 +89,13 @@ OPERATIONS: tuple[Operation, ...] = (
               errors=(404,), parameters=(_AGENT_ID,)),
     Operation("get", "/agents/{agent_id}/credentials", "The agent's SSH key material (audited)", 200,
               CredentialsView, errors=(404,), parameters=(_AGENT_ID,), no_store=True),
+    Operation("get", "/agents/{agent_id}/vms", "List the agent's VMs (virsh list --all)", 200, list[VmView],
+              errors=(404, 502, 504), parameters=(_AGENT_ID,)),
+    Operation("get", "/agents/{agent_id}/vms/{vm}", "virsh dominfo for a VM, parsed and raw", 200, VmInfoView,
+              errors=_REMOTE_ERRORS, parameters=(_AGENT_ID, _VM)),
+    *(Operation("post", f"/agents/{{agent_id}}/vms/{{vm}}/{action.value}", summary, 200, CommandView,
+                errors=(404, 409, 422, 502, 504), parameters=(_AGENT_ID, _VM))
+      for action, summary in _ACTION_SUMMARY.items()),
 )
 
 
@@ -84,6 +114,10 @@ def schema_of(tp: Any, components: dict[str, Any]) -> dict[str, Any]:
         return schema
     if origin is list:
         return {"type": "array", "items": schema_of(typing.get_args(tp)[0], components)}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": schema_of(typing.get_args(tp)[1], components)}
+    if tp is type(None):
+        return {"type": "null"}
     if tp is str:
         return {"type": "string"}
     if tp is bool:

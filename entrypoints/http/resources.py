@@ -18,15 +18,19 @@ from core.commands import AgentChanges, NewAgent, NewUser
 from core.errors import FieldError, ValidationFailed
 from core.model import Caller, Origin
 from core.services import AUDIT_PAGE_DEFAULT, Portal
+from core.virsh import VmAction
 from entrypoints.http.errors import Problem
 from entrypoints.shapes import (
     AgentView,
     AuditEventView,
     AuditPage,
+    CommandView,
     CredentialsView,
     Health,
     UserView,
     UserWithKeyView,
+    VmInfoView,
+    VmView,
     dump,
     structure,
 )
@@ -160,6 +164,46 @@ class AgentResource:
         resp.set_header("Cache-Control", "no-store")
         resp.set_header("Pragma", "no-cache")
         answer(resp, CredentialsView.of_credentials(credentials))
+
+
+class VmsResource:
+    """The VMs of one agent, driven over SSH (the use cases are async: no thread needed)."""
+
+    def __init__(self, portal: Portal) -> None:
+        self.portal = portal
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
+        vms = await self.portal.list_vms(caller(req), agent_id)
+        answer(resp, [VmView.of(vm) for vm in vms])
+
+
+class VmResource:
+    def __init__(self, portal: Portal) -> None:
+        self.portal = portal
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str) -> None:
+        answer(resp, VmInfoView.of(await self.portal.vm_info(caller(req), agent_id, vm)))
+
+    async def _act(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str,
+                   action: VmAction) -> None:
+        result = await self.portal.vm_action(caller(req), agent_id, vm, action)
+        answer(resp, CommandView.of(result))
+
+    async def on_post_start(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int,
+                            vm: str) -> None:
+        await self._act(req, resp, agent_id, vm, VmAction.START)
+
+    async def on_post_shutdown(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int,
+                               vm: str) -> None:
+        await self._act(req, resp, agent_id, vm, VmAction.SHUTDOWN)
+
+    async def on_post_force_stop(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int,
+                                 vm: str) -> None:
+        await self._act(req, resp, agent_id, vm, VmAction.FORCE_STOP)
+
+    async def on_post_reboot(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int,
+                             vm: str) -> None:
+        await self._act(req, resp, agent_id, vm, VmAction.REBOOT)
 
 
 def _int_param(req: falcon.asgi.Request, name: str, default: Any) -> Any:

@@ -1,0 +1,362 @@
+"""The remote shell on asyncssh, with a connection pool per agent.
+
+- Connections are opened lazily, reused across requests, kept alive with SSH keepalives and
+  closed after ``idle_timeout`` seconds unused.
+- One connection carries at most ``max_sessions`` (10, OpenSSH's default ``MaxSessions``)
+  concurrent channels; past that another connection is opened. A request that finds a
+  connection still being opened waits for it instead of opening its own, so a burst on a cold
+  pool opens ceil(burst / 10) connections, not one per request.
+- A connection belongs to one *revision* of its agent's settings. When the agent's address,
+  user, key or host key change (the revision moves on), older connections are retired: closed as
+  soon as their running commands finish. ``discard`` retires all of an agent's connections.
+- Host keys: a pinned key is the only one accepted; with no pinned key a connection is refused
+  unless the agent allows unknown hosts, in which case the key seen is reported back so the core
+  pins it (trust on first use).
+- The private key is unsealed by the core and imported here only in memory, once per revision.
+- A pooled connection found dead when a command is about to start is replaced once, transparently:
+  nothing had run yet, so retrying is safe for every command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Sequence
+
+import asyncssh
+import attrs
+
+from core.errors import RemoteError, RemoteTimeout
+from core.model import Agent, AgentCredentials, HostKey
+from core.ports import CommandResult
+from core.virsh import command_line
+
+OPENSSH_MAX_SESSIONS = 10
+
+
+@attrs.define(eq=False)
+class _Slot:
+    """One SSH connection of an agent's pool (possibly still connecting)."""
+
+    agent_id: int
+    revision: int
+    opened: asyncio.Task[asyncssh.SSHClientConnection]
+    capacity: int = OPENSSH_MAX_SESSIONS
+    in_use: int = 0
+    uses: int = 0
+    last_used: float = 0.0
+    retired: bool = False
+
+    def connection(self) -> asyncssh.SSHClientConnection | None:
+        if self.opened.done() and not self.opened.cancelled() and self.opened.exception() is None:
+            return self.opened.result()
+        return None
+
+    def close(self) -> None:
+        conn = self.connection()
+        if conn is not None:
+            conn.close()
+        elif not self.opened.done():
+            self.opened.cancel()
+
+
+class _NotStarted(Exception):
+    """The channel could not be opened: the command never ran, so it may be retried."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class AsyncsshShell:
+    """Implements ``core.ports.RemoteShell``."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 10.0,
+        command_timeout: float = 60.0,
+        idle_timeout: float = 300.0,
+        keepalive_interval: float = 15.0,
+        max_sessions: int = OPENSSH_MAX_SESSIONS,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.idle_timeout = idle_timeout
+        self.keepalive_interval = keepalive_interval
+        self.max_sessions = max_sessions
+        self._now = monotonic
+        self._pools: dict[int, list[_Slot]] = {}
+        self._client_keys: dict[tuple[int, int], asyncssh.SSHKey] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.connections_opened = 0  # for tests and benchmarks
+
+    # ------------------------------------------------------------------ the port
+
+    async def run(self, target: AgentCredentials, argv: Sequence[str]) -> CommandResult:
+        self._start_reaper()
+        command = command_line(argv)
+        for attempt in (1, 2):
+            slot = self._acquire(target)
+            try:
+                conn = await self._ready(slot, target.agent)
+                try:
+                    return await self._execute(conn, command, tuple(argv), target.agent)
+                except _NotStarted as failure:
+                    if isinstance(failure.error, asyncssh.ChannelOpenError) and not conn.is_closed():
+                        # The server allows fewer sessions than we assumed: use fewer on this one.
+                        slot.capacity = max(1, slot.in_use - 1)
+                        retry = attempt == 1
+                    else:
+                        # A pooled connection that died while idle (sshd restarted, network
+                        # blip): nothing ran, so one fresh connection is tried.
+                        self._retire(slot)
+                        retry = attempt == 1 and slot.uses > 0
+                    if retry:
+                        continue
+                    raise _lost(target.agent, failure.error) from None
+            finally:
+                slot.in_use -= 1
+                slot.uses += 1
+                slot.last_used = self._now()
+                if slot.retired and slot.in_use == 0:
+                    slot.close()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def discard(self, agent_id: int) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._discard_now(agent_id)
+        else:  # called from a worker thread (the use cases run there)
+            loop.call_soon_threadsafe(self._discard_now, agent_id)
+
+    def _discard_now(self, agent_id: int) -> None:
+        for slot in list(self._pools.get(agent_id, [])):
+            self._retire(slot)
+        self._pools.pop(agent_id, None)
+        for key in [k for k in self._client_keys if k[0] == agent_id]:
+            del self._client_keys[key]
+
+    async def close(self) -> None:
+        """Close every connection (worker shutdown)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        slots = [slot for pool in self._pools.values() for slot in pool]
+        self._pools.clear()
+        self._client_keys.clear()
+        for slot in slots:
+            slot.close()
+        for slot in slots:
+            conn = slot.connection()
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.wait_closed(), timeout=5)
+
+    def open_connections(self, agent_id: int) -> int:
+        """How many connections the pool holds for an agent (for tests and benchmarks)."""
+        return len(self._pools.get(agent_id, []))
+
+    # ------------------------------------------------------------------ pool
+
+    def _acquire(self, target: AgentCredentials) -> _Slot:
+        agent = target.agent
+        pool = self._pools.setdefault(agent.id, [])
+        for slot in list(pool):
+            failed = slot.opened.done() and (slot.opened.cancelled() or slot.opened.exception() is not None)
+            closed = (conn := slot.connection()) is not None and conn.is_closed()
+            if slot.revision != agent.revision or failed or closed:
+                self._retire(slot)
+        candidates = [s for s in pool if s.in_use < min(s.capacity, self.max_sessions)]
+        if candidates:
+            slot = max(candidates, key=lambda s: s.in_use)  # fill one connection before the next
+        else:
+            slot = _Slot(agent.id, agent.revision, asyncio.ensure_future(self._connect(target)))
+            slot.opened.add_done_callback(_consume_exception)
+            pool.append(slot)
+        slot.in_use += 1
+        return slot
+
+    def _retire(self, slot: _Slot) -> None:
+        slot.retired = True
+        pool = self._pools.get(slot.agent_id)
+        if pool is not None and slot in pool:
+            pool.remove(slot)
+        if slot.in_use == 0:
+            slot.close()
+        if not any(s.revision == slot.revision for s in self._pools.get(slot.agent_id, [])):
+            self._client_keys.pop((slot.agent_id, slot.revision), None)
+
+    async def _ready(self, slot: _Slot, agent: Agent) -> asyncssh.SSHClientConnection:
+        try:
+            return await asyncio.shield(slot.opened)
+        except BaseException:
+            self._retire(slot)
+            raise
+
+    def _start_reaper(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.ensure_future(self._reap())
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, self.idle_timeout / 4))
+            now = self._now()
+            for pool in list(self._pools.values()):
+                for slot in list(pool):
+                    if slot.in_use == 0 and now - slot.last_used >= self.idle_timeout:
+                        self._retire(slot)
+
+    # ------------------------------------------------------------------ SSH
+
+    async def _connect(self, target: AgentCredentials) -> asyncssh.SSHClientConnection:
+        agent = target.agent
+        if agent.host_key is None and not agent.allow_unknown_hosts:
+            offered = await self._offered_host_key(agent)
+            raise RemoteError(
+                f"no host key is pinned for {agent.hostname}:{agent.port} and allow_unknown_hosts is false; "
+                f"pin the host's key with PATCH host_key{offered}",
+                code="host_key_unknown",
+            )
+        client_key = await self._client_key(target)
+        known_hosts = None
+        if agent.host_key is not None:
+            known_hosts = ([asyncssh.import_public_key(agent.host_key.openssh)], [], [])
+        try:
+            conn = await asyncio.wait_for(
+                asyncssh.connect(
+                    agent.hostname,
+                    agent.port,
+                    username=agent.username,
+                    client_keys=[client_key],
+                    known_hosts=known_hosts,
+                    config=[],  # never read ~/.ssh/config of the portal's user
+                    agent_path=None,  # never use an ssh-agent of the portal host
+                    password_auth=False,
+                    kbdint_auth=False,
+                    connect_timeout=self.connect_timeout,
+                    login_timeout=self.connect_timeout,
+                    keepalive_interval=self.keepalive_interval,
+                    keepalive_count_max=3,
+                ),
+                timeout=self.connect_timeout + 1,
+            )
+        except asyncssh.HostKeyNotVerifiable as error:
+            raise RemoteError(
+                f"the host key of {agent.hostname}:{agent.port} does not match the pinned key "
+                f"{agent.host_key.fingerprint if agent.host_key else ''} ({error.reason}); if the host was "
+                "really reinstalled, pin its new key with PATCH host_key",
+                code="host_key_mismatch",
+            ) from None
+        except asyncssh.PermissionDenied:
+            raise RemoteError(
+                f"{agent.hostname}:{agent.port} refused the key for user {agent.username!r} "
+                "(is its public key in that user's authorized_keys?)",
+                code="agent_auth_failed",
+            ) from None
+        except TimeoutError:
+            raise RemoteTimeout(
+                f"could not connect to {agent.hostname}:{agent.port} within {self.connect_timeout:g} s",
+                code="agent_connect_timeout",
+            ) from None
+        except socket.gaierror as error:
+            raise RemoteError(f"cannot resolve {agent.hostname}: {error.strerror}",
+                              code="agent_unreachable") from None
+        except ConnectionRefusedError:
+            raise RemoteError(f"{agent.hostname}:{agent.port} refused the connection (is sshd running?)",
+                              code="agent_unreachable") from None
+        except (OSError, asyncssh.Error) as error:
+            raise RemoteError(f"cannot connect to {agent.hostname}:{agent.port}: {_reason(error)}",
+                              code="agent_unreachable") from None
+        self.connections_opened += 1
+        return conn
+
+    async def _offered_host_key(self, agent: Agent) -> str:
+        """Best effort: the fingerprint the host offers, to help the operator pin it."""
+        try:
+            key = await asyncio.wait_for(
+                asyncssh.get_server_host_key(agent.hostname, agent.port, config=[]),
+                timeout=self.connect_timeout,
+            )
+        except (OSError, asyncssh.Error, TimeoutError):
+            return ""
+        return f" (the host offers {key.get_fingerprint('sha256')})" if key is not None else ""
+
+    async def _client_key(self, target: AgentCredentials) -> asyncssh.SSHKey:
+        cache_key = (target.agent.id, target.agent.revision)
+        key = self._client_keys.get(cache_key)
+        if key is None:
+            # Decrypting an OpenSSH key runs bcrypt's KDF: seconds of CPU, so off the event loop.
+            key = await asyncio.to_thread(asyncssh.import_private_key, target.private_key,
+                                          target.private_key_passphrase)
+            self._client_keys[cache_key] = key
+        return key
+
+    async def _execute(self, conn: asyncssh.SSHClientConnection, command: str, argv: tuple[str, ...],
+                       agent: Agent) -> CommandResult:
+        try:
+            process = await conn.create_process(command, stdin=asyncssh.DEVNULL, encoding="utf-8",
+                                                errors="replace")
+        except (asyncssh.ChannelOpenError, asyncssh.DisconnectError, OSError) as error:
+            raise _NotStarted(error) from None
+        try:
+            completed = await asyncio.wait_for(process.wait(check=False), timeout=self.command_timeout)
+        except TimeoutError:
+            process.close()  # closing the channel makes sshd hang up on the command
+            raise RemoteTimeout(
+                f"{argv[0] if argv else 'the command'} did not finish within {self.command_timeout:g} s "
+                f"on {agent.hostname}",
+                code="command_timeout",
+            ) from None
+        except (asyncssh.DisconnectError, OSError) as error:
+            raise _lost(agent, error) from None
+        status = completed.exit_status
+        if status is None:
+            status = 128 + _signal_number(completed.exit_signal)
+        server_key = conn.get_server_host_key()
+        return CommandResult(
+            command=argv,
+            exit_status=status,
+            stdout=str(completed.stdout or ""),
+            stderr=str(completed.stderr or ""),
+            host_key=_host_key(server_key) if server_key is not None else None,
+        )
+
+
+def _host_key(key: asyncssh.SSHKey) -> HostKey:
+    openssh = " ".join(key.export_public_key("openssh").decode("ascii").split()[:2])
+    return HostKey(openssh=openssh, fingerprint=key.get_fingerprint("sha256"))
+
+
+def _lost(agent: Agent, error: BaseException) -> RemoteError:
+    return RemoteError(f"the SSH connection to {agent.hostname}:{agent.port} was lost: {_reason(error)}",
+                       code="agent_connection_lost")
+
+
+def _reason(error: BaseException) -> str:
+    return str(getattr(error, "reason", "") or error) or type(error).__name__
+
+
+def _signal_number(exit_signal: tuple[str, bool, str, str] | None) -> int:
+    names = {"HUP": 1, "INT": 2, "KILL": 9, "TERM": 15, "PIPE": 13}
+    return names.get(exit_signal[0], 0) if exit_signal else 0
+
+
+def _consume_exception(task: asyncio.Task[asyncssh.SSHClientConnection]) -> None:
+    # A failed connect is reported to every waiting request; this only keeps asyncio from
+    # warning about an exception nobody retrieved when no request is left waiting.
+    if not task.cancelled():
+        task.exception()
