@@ -85,7 +85,9 @@ class AesGcmSecretBox:
         try:
             if version != _VERSION:
                 raise ValueError(version)
-            raw = base64.urlsafe_b64decode(body.encode("ascii"))
+            raw = base64.b64decode(body.encode("ascii"), altchars=b"-_", validate=True)
+            if base64.urlsafe_b64encode(raw).decode("ascii") != body:
+                raise ValueError("not the canonical encoding")  # any edit of the text is tampering
             plaintext = self._aead.decrypt(raw[:12], raw[12:], context.encode("utf-8"))
             return plaintext.decode("utf-8")
         except (InvalidTag, ValueError, binascii.Error, UnicodeError) as error:

@@ -241,12 +241,7 @@ class Portal:
                 # with it (none if none was sent); a new passphrase alone must open the stored key.
                 credentials = self._unseal(agent)
                 key = changes.private_key if is_set(changes.private_key) else credentials.private_key
-                if is_set(changes.private_key_passphrase):
-                    passphrase = changes.private_key_passphrase
-                elif is_set(changes.private_key):
-                    passphrase = None
-                else:
-                    passphrase = credentials.private_key_passphrase
+                passphrase = changes.private_key_passphrase if is_set(changes.private_key_passphrase) else None
                 parsed, key_errors = self._inspect_key(key, passphrase)
                 errors += key_errors
             host_key = agent.host_key

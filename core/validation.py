@@ -42,7 +42,7 @@ def check_name(value: str) -> str | None:
 def check_email(value: str) -> str | None:
     if len(value) > EMAIL_MAX:
         return f"must be at most {EMAIL_MAX} characters"
-    if has_control_characters(value) or not _EMAIL.match(value):
+    if has_control_characters(value) or not _EMAIL.fullmatch(value):
         return "must be an e-mail address like name@example.com"
     return None
 
@@ -55,6 +55,8 @@ def check_hostname(value: str) -> str | None:
         return "must not start with '-'"
     if any(c.isspace() for c in value) or has_control_characters(value):
         return "must not contain whitespace or control characters"
+    if "%" in value:
+        return "must not carry an IPv6 zone ('%...')"
     try:
         ipaddress.ip_address(value)
         return None
@@ -62,7 +64,7 @@ def check_hostname(value: str) -> str | None:
         pass
     name = value[:-1] if value.endswith(".") else value
     labels = name.split(".")
-    if len(name) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
         return "must be a DNS name (letters, digits, '-' and '.') or an IP address"
     if labels[-1].isdigit():
         return "is neither a valid IP address nor a DNS name"
@@ -80,7 +82,7 @@ def check_username(value: str) -> str | None:
         return f"must be 1 to {USERNAME_MAX} characters"
     if value.startswith("-"):
         return "must not start with '-'"
-    if not _USERNAME.match(value):
+    if not _USERNAME.fullmatch(value):
         return "may contain only letters, digits, '.', '_' and '-'"
     return None
 
@@ -88,7 +90,7 @@ def check_username(value: str) -> str | None:
 def check_libvirt_uri(value: str) -> str | None:
     if not 1 <= len(value) <= LIBVIRT_URI_MAX:
         return f"must be 1 to {LIBVIRT_URI_MAX} characters"
-    if not _LIBVIRT_URI.match(value):
+    if not _LIBVIRT_URI.fullmatch(value):
         return "must be a libvirt URI such as qemu:///system"
     return None
 

@@ -5,82 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.support import KeyMaterial
+from tests.support import KeyMaterial, Server
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    def __init__(self, workdir: Path, **env: str) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.env = {**os.environ, "MANAGEMENT_HOST": "127.0.0.1", "MANAGEMENT_PORT": str(self.port),
-                    "MANAGEMENT_LOG_FORMAT": "json", **env}
-        self.process: subprocess.Popen[str] | None = None
-        self.log = workdir / f"server-{self.port}.log"
-
-    def start(self) -> Server:
-        handle = self.log.open("a")
-        self.process = subprocess.Popen([sys.executable, str(REPO / "main.py")], cwd=self.workdir, env=self.env,
-                                        stdout=handle, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited {self.process.returncode}: {self.log.read_text()}")
-            try:
-                if self.request("GET", "/health")[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.1)  # polling for readiness, not papering over a race
-        raise AssertionError(f"server did not answer within 30 s: {self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=30)
-
-    def request(self, method: str, path: str, key: str | None = None, body: Any = None) -> tuple[int, Any, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        if key is not None:
-            request.add_header("Authorization", f"Bearer {key}")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                raw = response.read()
-                return response.status, json.loads(raw) if raw else None, response.headers
-        except urllib.error.HTTPError as error:
-            raw = error.read()
-            return error.code, json.loads(raw) if raw else None, error.headers
-
-    def worker_pids(self) -> list[int]:
-        assert self.process is not None
-        pids = []
-        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
-            pids += [int(pid) for pid in (task / "children").read_text().split()]
-        return sorted(pids)
 
 
 @pytest.fixture
@@ -122,6 +58,10 @@ def test_a_new_user_drives_the_api_and_finds_everything_after_a_restart(server: 
 
 
 def test_workers_setting_gives_that_many_workers(server: Server) -> None:
+    # gunicorn forks its workers one after another: wait (bounded) until it has forked them all
+    deadline = time.monotonic() + 15
+    while len(server.worker_pids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(server.worker_pids()) == 2
 
 

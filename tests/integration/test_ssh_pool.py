@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncssh
@@ -19,7 +19,7 @@ from adapters.ssh import AsyncsshShell
 from core.errors import RemoteError, RemoteTimeout
 from core.model import Agent, AgentCredentials, ClientKey, HostKey
 
-NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 class FakeHypervisor:
@@ -62,7 +62,7 @@ class FakeHypervisor:
 
             def exec_requested(self, command: str) -> bool:
                 hypervisor.commands.append(command)
-                asyncio.ensure_future(self.run(shlex.split(command)))
+                self.task = asyncio.ensure_future(self.run(shlex.split(command)))
                 return True
 
             async def run(self, argv: list[str]) -> None:
