@@ -235,6 +235,7 @@ def test_trust_on_first_use_pins_the_key_seen(portal: Server, api_key: str, lab:
     tofu = register(portal, api_key, lab, host_key=None, allow_unknown_hosts=True)
     assert portal.request("GET", f"/agents/{tofu['id']}/vms", api_key)[0] == 200
     status, pinned, _ = portal.request("GET", f"/agents/{tofu['id']}", api_key)
+    assert status == 200, pinned
     assert pinned["host_key"] == " ".join(lab.host_key.split()[:2])
     assert pinned["host_key_fingerprint"] == asyncssh.import_public_key(lab.host_key).get_fingerprint("sha256")
     events = portal.request("GET", "/users/me/audit?limit=3", api_key)[1]["events"]
