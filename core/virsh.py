@@ -123,10 +123,11 @@ def _split_name_state(line: str, rest: str, columns: list[int]) -> tuple[str, st
             return "", state
         if rest.endswith(" " + state):
             return rest[: -len(state)].rstrip(), state
-    # ...otherwise (localized states) cut at the header's third column.
+    # ...otherwise (localized states, extra columns such as --title) cut at the header's columns.
     if len(columns) >= 3 and len(line) > columns[2]:
         name = line[columns[1]:columns[2]].strip()
-        state = line[columns[2]:].strip()
+        end = columns[3] if len(columns) >= 4 else len(line)
+        state = line[columns[2]:end].strip()
         if name:
             return name, state
     name, _, state = rest.rpartition(" ")
