@@ -7,7 +7,9 @@ and ``virsh … list --all``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shlex
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -107,149 +109,126 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def test_sequential_commands_reuse_one_connection() -> None:
-    async def scenario() -> None:
-        hypervisor = FakeHypervisor()
-        await hypervisor.start()
-        shell = AsyncsshShell(connect_timeout=2, command_timeout=2)
-        for n in range(5):
-            result = await shell.run(hypervisor.target(), ["echo", f"hello {n}"])
-            assert (result.exit_status, result.stdout) == (0, f"hello {n}\n")
-        assert hypervisor.connections == 1
-        assert shell.connections_opened == 1
+@contextlib.asynccontextmanager
+async def lab(**shell_options: Any) -> AsyncIterator[tuple[FakeHypervisor, AsyncsshShell]]:
+    """A fake hypervisor listening on loopback and a shell to it; both closed afterwards."""
+    hypervisor = FakeHypervisor()
+    await hypervisor.start()
+    shell = AsyncsshShell(**{"connect_timeout": 2, "command_timeout": 2, **shell_options})
+    try:
+        yield hypervisor, shell
+    finally:
         await shell.close()
         hypervisor.stop()
+
+
+def test_sequential_commands_reuse_one_connection() -> None:
+    async def scenario() -> None:
+        async with lab(connect_timeout=2, command_timeout=2) as (hypervisor, shell):
+            for n in range(5):
+                result = await shell.run(hypervisor.target(), ["echo", f"hello {n}"])
+                assert (result.exit_status, result.stdout) == (0, f"hello {n}\n")
+            assert hypervisor.connections == 1
+            assert shell.connections_opened == 1
 
     run(scenario())
 
 
 def test_arguments_reach_the_host_quoted() -> None:
     async def scenario() -> None:
-        hypervisor = FakeHypervisor()
-        await hypervisor.start()
-        shell = AsyncsshShell()
-        result = await shell.run(hypervisor.target(), ["echo", "$(id)", "a;b", "it's"])
-        assert result.stdout == "$(id) a;b it's\n"
-        assert result.command == ("echo", "$(id)", "a;b", "it's")
-        assert hypervisor.commands == ["echo '$(id)' 'a;b' 'it'\"'\"'s'"]
-        await shell.close()
-        hypervisor.stop()
+        async with lab() as (hypervisor, shell):
+            result = await shell.run(hypervisor.target(), ["echo", "$(id)", "a;b", "it's"])
+            assert result.stdout == "$(id) a;b it's\n"
+            assert result.command == ("echo", "$(id)", "a;b", "it's")
+            assert hypervisor.commands == ["echo '$(id)' 'a;b' 'it'\"'\"'s'"]
 
     run(scenario())
 
 
 def test_more_than_ten_concurrent_commands_use_more_connections_never_over_ten_sessions() -> None:
     async def scenario() -> None:
-        hypervisor = FakeHypervisor()
-        await hypervisor.start()
-        shell = AsyncsshShell(connect_timeout=5, command_timeout=10)
-        results = await asyncio.gather(*(shell.run(hypervisor.target(), ["sleep", "0.3"]) for _ in range(25)))
-        assert all(r.exit_status == 0 for r in results)
-        assert hypervisor.max_sessions_seen <= 10
-        assert hypervisor.connections == 3  # ceil(25 / 10): waiters share a connection being opened
-        await shell.close()
-        hypervisor.stop()
+        async with lab(connect_timeout=5, command_timeout=10) as (hypervisor, shell):
+            results = await asyncio.gather(*(shell.run(hypervisor.target(), ["sleep", "0.3"]) for _ in range(25)))
+            assert all(r.exit_status == 0 for r in results)
+            assert hypervisor.max_sessions_seen <= 10
+            assert hypervisor.connections == 3  # ceil(25 / 10): waiters share a connection being opened
 
     run(scenario())
 
 
 def test_a_command_that_outlives_the_timeout_is_504_and_its_channel_closed() -> None:
     async def scenario() -> None:
-        hypervisor = FakeHypervisor()
-        await hypervisor.start()
-        shell = AsyncsshShell(connect_timeout=2, command_timeout=0.5)
-        with pytest.raises(RemoteTimeout) as timeout:
-            await shell.run(hypervisor.target(), ["sleep", "30"])
-        assert timeout.value.code == "command_timeout"
-        for _ in range(50):  # the server sees the channel close
-            if sum(hypervisor.sessions_now.values()) == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert sum(hypervisor.sessions_now.values()) == 0
-        # the connection is still good for the next command
-        assert (await shell.run(hypervisor.target(), ["echo", "ok"])).stdout == "ok\n"
-        await shell.close()
-        hypervisor.stop()
+        async with lab(connect_timeout=2, command_timeout=0.5) as (hypervisor, shell):
+            with pytest.raises(RemoteTimeout) as timeout:
+                await shell.run(hypervisor.target(), ["sleep", "30"])
+            assert timeout.value.code == "command_timeout"
+            for _ in range(50):  # the server sees the channel close
+                if sum(hypervisor.sessions_now.values()) == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert sum(hypervisor.sessions_now.values()) == 0
+            # the connection is still good for the next command
+            assert (await shell.run(hypervisor.target(), ["echo", "ok"])).stdout == "ok\n"
 
     run(scenario())
 
 
 def test_a_wrong_pinned_host_key_is_refused_as_a_mismatch() -> None:
     async def scenario() -> None:
-        hypervisor = FakeHypervisor()
-        await hypervisor.start()
         other = asyncssh.generate_private_key("ssh-ed25519")
         wrong = HostKey(other.export_public_key("openssh").decode().strip(), other.get_fingerprint("sha256"))
-        shell = AsyncsshShell(connect_timeout=2)
-        with pytest.raises(RemoteError) as refused:
-            await shell.run(hypervisor.target(host_key=wrong), ["echo", "x"])
-        assert refused.value.code == "host_key_mismatch"
-        assert "PATCH host_key" in refused.value.detail
-        await shell.close()
-        hypervisor.stop()
+        async with lab() as (hypervisor, shell):
+            with pytest.raises(RemoteError) as refused:
+                await shell.run(hypervisor.target(host_key=wrong), ["echo", "x"])
+            assert refused.value.code == "host_key_mismatch"
+            assert "PATCH host_key" in refused.value.detail
 
     run(scenario())
 
 
 def test_no_pinned_key_without_allow_unknown_hosts_is_refused_with_the_offered_fingerprint() -> None:
     async def scenario() -> None:
-        hypervisor = FakeHypervisor()
-        await hypervisor.start()
-        shell = AsyncsshShell(connect_timeout=2)
-        with pytest.raises(RemoteError) as refused:
-            await shell.run(hypervisor.target(host_key=None), ["echo", "x"])
-        assert refused.value.code == "host_key_unknown"
-        assert hypervisor.host_key.get_fingerprint("sha256") in refused.value.detail
-        assert hypervisor.commands == []
-        await shell.close()
-        hypervisor.stop()
+        async with lab(connect_timeout=2) as (hypervisor, shell):
+            with pytest.raises(RemoteError) as refused:
+                await shell.run(hypervisor.target(host_key=None), ["echo", "x"])
+            assert refused.value.code == "host_key_unknown"
+            assert hypervisor.host_key.get_fingerprint("sha256") in refused.value.detail
+            assert hypervisor.commands == []
 
     run(scenario())
 
 
 def test_unknown_hosts_allowed_reports_the_key_seen_for_pinning() -> None:
     async def scenario() -> None:
-        hypervisor = FakeHypervisor()
-        await hypervisor.start()
-        shell = AsyncsshShell(connect_timeout=2)
-        result = await shell.run(hypervisor.target(host_key=None, allow_unknown_hosts=True), ["echo", "x"])
-        assert result.host_key is not None
-        assert result.host_key.fingerprint == hypervisor.host_key.get_fingerprint("sha256")
-        await shell.close()
-        hypervisor.stop()
+        async with lab(connect_timeout=2) as (hypervisor, shell):
+            result = await shell.run(hypervisor.target(host_key=None, allow_unknown_hosts=True), ["echo", "x"])
+            assert result.host_key is not None
+            assert result.host_key.fingerprint == hypervisor.host_key.get_fingerprint("sha256")
 
     run(scenario())
 
 
 def test_a_settings_change_drops_the_old_connection() -> None:
     async def scenario() -> None:
-        hypervisor = FakeHypervisor()
-        await hypervisor.start()
-        shell = AsyncsshShell(connect_timeout=2)
-        await shell.run(hypervisor.target(), ["echo", "1"])
-        await shell.run(hypervisor.target(revision=2), ["echo", "2"])
-        assert hypervisor.connections == 2
-        assert shell.open_connections(1) == 1
-        shell.discard(1)
-        assert shell.open_connections(1) == 0
-        await shell.close()
-        hypervisor.stop()
+        async with lab(connect_timeout=2) as (hypervisor, shell):
+            await shell.run(hypervisor.target(), ["echo", "1"])
+            await shell.run(hypervisor.target(revision=2), ["echo", "2"])
+            assert hypervisor.connections == 2
+            assert shell.open_connections(1) == 1
+            shell.discard(1)
+            assert shell.open_connections(1) == 0
 
     run(scenario())
 
 
 def test_wrong_key_is_an_authentication_failure() -> None:
     async def scenario() -> None:
-        hypervisor = FakeHypervisor()
-        await hypervisor.start()
-        shell = AsyncsshShell(connect_timeout=2)
-        stranger = asyncssh.generate_private_key("ssh-ed25519").export_private_key("openssh").decode()
-        target = hypervisor.target()
-        with pytest.raises(RemoteError) as refused:
-            await shell.run(AgentCredentials(target.agent, stranger, None), ["echo", "x"])
-        assert refused.value.code == "agent_auth_failed"
-        await shell.close()
-        hypervisor.stop()
+        async with lab(connect_timeout=2) as (hypervisor, shell):
+            stranger = asyncssh.generate_private_key("ssh-ed25519").export_private_key("openssh").decode()
+            target = hypervisor.target()
+            with pytest.raises(RemoteError) as refused:
+                await shell.run(AgentCredentials(target.agent, stranger, None), ["echo", "x"])
+            assert refused.value.code == "agent_auth_failed"
 
     run(scenario())
 
@@ -270,19 +249,15 @@ def test_a_closed_port_is_refused_quickly() -> None:
 
 def test_a_pooled_connection_that_died_is_replaced_transparently() -> None:
     async def scenario() -> None:
-        hypervisor = FakeHypervisor()
-        await hypervisor.start()
-        shell = AsyncsshShell(connect_timeout=2)
-        await shell.run(hypervisor.target(), ["echo", "1"])
-        # kill the connection from the server side while it sits idle in the pool
-        for slot in shell._pools[1]:
-            conn = slot.connection()
-            assert conn is not None
-            conn._transport.abort()  # the TCP connection drops without a goodbye
-        await asyncio.sleep(0.05)
-        assert (await shell.run(hypervisor.target(), ["echo", "2"])).stdout == "2\n"
-        assert hypervisor.connections == 2
-        await shell.close()
-        hypervisor.stop()
+        async with lab(connect_timeout=2) as (hypervisor, shell):
+            await shell.run(hypervisor.target(), ["echo", "1"])
+            # kill the connection from the server side while it sits idle in the pool
+            for slot in shell._pools[1]:
+                conn = slot.connection()
+                assert conn is not None
+                conn._transport.abort()  # the TCP connection drops without a goodbye
+            await asyncio.sleep(0.05)
+            assert (await shell.run(hypervisor.target(), ["echo", "2"])).stdout == "2\n"
+            assert hypervisor.connections == 2
 
     run(scenario())
