@@ -272,3 +272,19 @@ def test_the_library_drives_vms(portal: Server, api_key: str, agent: dict[str, A
         assert me.start_vm(agent["id"], "lab-guest2").exit_status == 0
         assert me.vm_info(agent["id"], "lab-guest2").dominfo["state"] == "running"
         assert me.force_stop_vm(agent["id"], "lab-guest2").exit_status == 0
+
+
+def test_stopping_the_server_closes_its_ssh_connections_cleanly(lab: Lab, tmp_path: Any) -> None:
+    server = Server(tmp_path, MANAGEMENT_WORKERS="1").start()
+    try:
+        key = server.request("POST", "/users", body={"name": "alice"})[1]["api_key"]
+        agent = register(server, key, lab)
+        assert server.request("GET", f"/agents/{agent['id']}/vms", key)[0] == 200
+        goodbyes = lab.sshd_log.read_text(errors="replace").count("Disconnected by application")
+    finally:
+        server.stop()
+    # the worker said goodbye on the SSH connection instead of dropping it (sshd logs it a moment later)
+    deadline = time.monotonic() + 5
+    while lab.sshd_log.read_text(errors="replace").count("Disconnected by application") == goodbyes:
+        assert time.monotonic() < deadline, "sshd never saw the portal disconnect"
+        time.sleep(0.05)
