@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import re
 import shlex
+import unicodedata
 from collections.abc import Sequence
 
 import attrs
@@ -95,13 +96,15 @@ _ROW = re.compile(r"^\s*(?P<id>\d+|-)\s+(?P<rest>.*?)\s*$")
 
 
 def parse_list(stdout: str) -> list[VmSummary]:
-    """Parse ``virsh list --all``. Column positions come from the header line, so names with
-    spaces, localized headers and extra columns do not break it; rows are recognised by their
-    leading id (a number, or '-' when not running)."""
+    """Parse ``virsh list --all``. Rows are recognised by their leading id (a number, or '-' when
+    not running); names may contain spaces. With the usual three columns the state is matched
+    against libvirt's states at the end of the row; otherwise (localized states, extra columns such
+    as ``--title``) rows are cut at the header's column positions, counted in display cells as
+    virsh pads them (a wide CJK character takes two)."""
     lines = stdout.splitlines()
     separator = next((i for i, line in enumerate(lines) if line.strip() and set(line.strip()) == {"-"}), None)
     header = lines[separator - 1] if separator is not None and separator >= 1 else ""
-    columns = [m.start() for m in re.finditer(r"\S+", header)]
+    columns = [_width(header[: m.start()]) for m in re.finditer(r"\S+", header)]
     rows = lines[separator + 1:] if separator is not None else lines
     result: list[VmSummary] = []
     for line in rows:
@@ -116,22 +119,34 @@ def parse_list(stdout: str) -> list[VmSummary]:
 
 
 def _split_name_state(line: str, rest: str, columns: list[int]) -> tuple[str, str]:
-    # Prefer the known English states at the end of the row (virsh pads columns by display
-    # width, which can differ from character offsets for wide characters)...
-    for state in _KNOWN_STATES:
-        if rest == state:
-            return "", state
-        if rest.endswith(" " + state):
-            return rest[: -len(state)].rstrip(), state
-    # ...otherwise (localized states, extra columns such as --title) cut at the header's columns.
-    if len(columns) >= 3 and len(line) > columns[2]:
-        name = line[columns[1]:columns[2]].strip()
-        end = columns[3] if len(columns) >= 4 else len(line)
-        state = line[columns[2]:end].strip()
+    if len(columns) <= 3:
+        for state in _KNOWN_STATES:
+            if rest.endswith(" " + state):
+                return rest[: -len(state)].rstrip(), state
+    if len(columns) >= 3:
+        end = columns[3] if len(columns) >= 4 else None
+        name = _cells(line, columns[1], columns[2]).strip()
+        state = _cells(line, columns[2], end).strip()
         if name:
             return name, state
     name, _, state = rest.rpartition(" ")
     return name.strip(), state
+
+
+def _width(text: str) -> int:
+    """Terminal cells ``text`` takes (East Asian wide and full-width characters take two)."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _cells(line: str, start: int, end: int | None) -> str:
+    """The characters of ``line`` between display cells ``start`` and ``end``."""
+    out: list[str] = []
+    cell = 0
+    for char in line:
+        if cell >= start and (end is None or cell < end):
+            out.append(char)
+        cell += _width(char)
+    return "".join(out)
 
 
 def parse_dominfo(stdout: str) -> dict[str, str | int | None]:
@@ -145,7 +160,7 @@ def parse_dominfo(stdout: str) -> dict[str, str | int | None]:
         info[_snake(key)] = value.strip()
     if "id" in info:
         raw_id = info["id"]
-        info["id"] = int(raw_id) if isinstance(raw_id, str) and raw_id.isdigit() else None
+        info["id"] = int(raw_id) if isinstance(raw_id, str) and raw_id.isascii() and raw_id.isdigit() else None
     return info
 
 
@@ -162,7 +177,9 @@ def raise_for_failure(result: CommandResult, vm: str | None = None) -> None:
     if result.exit_status == 0:
         return
     stderr = result.stderr.strip()
-    lowered = stderr.lower()
+    # Match virsh's words, not the names it quotes: a VM called 'already active' must not look
+    # like the error "already active". (VM names never contain a quote.)
+    lowered = re.sub(r"'[^']*'", "''", stderr).lower()
     subject = f"VM {vm!r}" if vm is not None else "the request"
     if result.exit_status == 127 or "command not found" in lowered:
         raise RemoteError(f"virsh is not installed on the agent: {stderr}", code="virsh_not_found")
