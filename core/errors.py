@@ -76,7 +76,15 @@ class SignupRefused(PortalError):
     title = "Sign-up closed"
 
 
-class SecretUnreadable(PortalError):
+class Unavailable(PortalError):
+    """The portal cannot serve this now for a reason on its own side (HTTP 503), e.g. the database
+    stayed locked by another writer past the busy time-out."""
+
+    code = "unavailable"
+    title = "Service unavailable"
+
+
+class SecretUnreadable(Unavailable):
     """A sealed secret cannot be opened with the server's key (wrong or changed secret key)."""
 
     code = "secret_unreadable"

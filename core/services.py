@@ -160,8 +160,7 @@ class Portal:
     def rotate_api_key(self, caller: Caller) -> NewApiKey:
         """Issue a new API key for the caller; the old one stops working at once."""
         key = self.hasher.issue()
-        with self._audited(caller, "user.rotate_api_key") as audit:
-            tx = audit.tx
+        with self._audited(caller, "user.rotate_api_key") as audit, audit.write() as tx:
             tx.replace_api_key(caller.user.id, key, self.clock.now())
             user = tx.get_user(caller.user.id)
         assert user is not None
@@ -172,7 +171,6 @@ class Portal:
     def register_agent(self, caller: Caller, request: NewAgent) -> Agent:
         """Register a remote hypervisor: validate every field, parse the key, seal the secrets."""
         with self._audited(caller, "agent.create") as audit:
-            tx = audit.tx
             errors = _collect(
                 ("name", validation.check_name(request.name)),
                 ("hostname", validation.check_hostname(request.hostname)),
@@ -180,36 +178,40 @@ class Portal:
                 ("username", validation.check_username(request.username)),
                 ("libvirt_uri", _maybe(validation.check_libvirt_uri, request.libvirt_uri)),
             )
+            # Parsing an encrypted key runs its KDF and sealing runs AES: both before the write
+            # transaction, so no request ever holds the database's write lock while computing.
             client_key, key_errors = self._inspect_key(request.private_key, request.private_key_passphrase)
             host_key, host_errors = self._parse_host_key(request.host_key)
             errors += key_errors + host_errors
             if errors:
                 raise ValidationFailed(errors)
             assert client_key is not None
-            if tx.agent_name_taken(caller.user.id, request.name):
-                raise Conflict("you already have an agent with this name", code="agent_name_taken")
-            now = self.clock.now()
-            agent = tx.add_agent(
-                Agent(
-                    id=0,
-                    owner_id=caller.user.id,
-                    name=request.name,
-                    hostname=request.hostname,
-                    port=request.port,
-                    username=request.username,
-                    allow_unknown_hosts=request.allow_unknown_hosts,
-                    host_key=host_key,
-                    libvirt_uri=request.libvirt_uri or DEFAULT_LIBVIRT_URI,
-                    client_key=client_key,
-                    sealed_private_key=self._seal(caller.user.id, "private_key", request.private_key),
-                    sealed_passphrase=_maybe(
-                        lambda p: self._seal(caller.user.id, "passphrase", p), request.private_key_passphrase
-                    ),
-                    created_at=now,
-                    updated_at=now,
+            sealed_key = self._seal(caller.user.id, "private_key", request.private_key)
+            sealed_passphrase = _maybe(lambda p: self._seal(caller.user.id, "passphrase", p),
+                                       request.private_key_passphrase)
+            with audit.write() as tx:
+                if tx.agent_name_taken(caller.user.id, request.name):
+                    raise Conflict("you already have an agent with this name", code="agent_name_taken")
+                now = self.clock.now()
+                agent = tx.add_agent(
+                    Agent(
+                        id=0,
+                        owner_id=caller.user.id,
+                        name=request.name,
+                        hostname=request.hostname,
+                        port=request.port,
+                        username=request.username,
+                        allow_unknown_hosts=request.allow_unknown_hosts,
+                        host_key=host_key,
+                        libvirt_uri=request.libvirt_uri or DEFAULT_LIBVIRT_URI,
+                        client_key=client_key,
+                        sealed_private_key=sealed_key,
+                        sealed_passphrase=sealed_passphrase,
+                        created_at=now,
+                        updated_at=now,
+                    )
                 )
-            )
-            audit.agent_id = agent.id
+                audit.agent_id = agent.id
         return agent
 
     def list_agents(self, caller: Caller) -> list[Agent]:
@@ -225,8 +227,7 @@ class Portal:
     def update_agent(self, caller: Caller, agent_id: int, changes: AgentChanges) -> Agent:
         """Change some of an agent's fields, validated exactly as on registration."""
         with self._audited(caller, "agent.update", agent_id=agent_id) as audit:
-            tx = audit.tx
-            agent = _owned(tx, caller, agent_id)
+            agent = self.get_agent(caller, agent_id)
             errors = _collect(
                 ("name", _if_set(validation.check_name, changes.name)),
                 ("hostname", _if_set(validation.check_hostname, changes.hostname)),
@@ -234,24 +235,6 @@ class Portal:
                 ("username", _if_set(validation.check_username, changes.username)),
                 ("libvirt_uri", _if_set(validation.check_libvirt_uri, changes.libvirt_uri)),
             )
-            key_changed = is_set(changes.private_key) or is_set(changes.private_key_passphrase)
-            client_key = agent.client_key
-            if key_changed:
-                # The pair (key, passphrase) must still open: a new key takes the passphrase sent
-                # with it (none if none was sent); a new passphrase alone must open the stored key.
-                credentials = self._unseal(agent)
-                key = changes.private_key if is_set(changes.private_key) else credentials.private_key
-                passphrase = changes.private_key_passphrase if is_set(changes.private_key_passphrase) else None
-                parsed, key_errors = self._inspect_key(key, passphrase)
-                errors += key_errors
-            host_key = agent.host_key
-            if is_set(changes.host_key):
-                host_key, host_errors = self._parse_host_key(changes.host_key)
-                errors += host_errors
-            if errors:
-                raise ValidationFailed(errors)
-            if is_set(changes.name) and tx.agent_name_taken(caller.user.id, changes.name, except_id=agent.id):
-                raise Conflict("you already have an agent with this name", code="agent_name_taken")
             updates: dict[str, object] = {
                 field: getattr(changes, field)
                 for field in ("name", "hostname", "port", "username", "allow_unknown_hosts")
@@ -259,31 +242,44 @@ class Portal:
             }
             if is_set(changes.libvirt_uri):
                 updates["libvirt_uri"] = DEFAULT_LIBVIRT_URI if changes.libvirt_uri is None else changes.libvirt_uri
+            if is_set(changes.private_key) or is_set(changes.private_key_passphrase):
+                # The pair (key, passphrase) must still open: a new key takes the passphrase sent
+                # with it (none if none was sent); a new passphrase alone must open the stored key.
+                key = changes.private_key if is_set(changes.private_key) else self._unseal(agent).private_key
+                passphrase = changes.private_key_passphrase if is_set(changes.private_key_passphrase) else None
+                parsed, key_errors = self._inspect_key(key, passphrase)
+                errors += key_errors
+                if parsed is not None:
+                    updates["client_key"] = parsed
+                    updates["sealed_private_key"] = self._seal(caller.user.id, "private_key", key)
+                    updates["sealed_passphrase"] = _maybe(
+                        lambda p: self._seal(caller.user.id, "passphrase", p), passphrase)
             if is_set(changes.host_key):
+                host_key, host_errors = self._parse_host_key(changes.host_key)
+                errors += host_errors
                 updates["host_key"] = host_key
-            if key_changed:
-                assert parsed is not None
-                client_key = parsed
-                updates["client_key"] = client_key
-                updates["sealed_private_key"] = self._seal(caller.user.id, "private_key", key)
-                updates["sealed_passphrase"] = _maybe(
-                    lambda p: self._seal(caller.user.id, "passphrase", p), passphrase
-                )
-            connection_fields = {"hostname", "port", "username", "host_key", "client_key", "libvirt_uri",
-                                 "allow_unknown_hosts"}
+            if errors:
+                raise ValidationFailed(errors)
             revision = agent.revision
-            if any(getattr(agent, f) != v for f, v in updates.items() if f in connection_fields) or key_changed:
+            if any(f in _CONNECTION_FIELDS and getattr(agent, f) != v for f, v in updates.items()) \
+                    or "sealed_private_key" in updates:
                 revision += 1
             updated = attrs.evolve(agent, **updates, revision=revision, updated_at=self.clock.now())  # type: ignore[arg-type]
-            tx.update_agent(updated)
+            with audit.write() as tx:
+                current = _owned(tx, caller, agent_id)
+                if (current.revision, current.updated_at) != (agent.revision, agent.updated_at):
+                    raise Conflict("the agent was changed by another request meanwhile; send the change again",
+                                   code="agent_changed")
+                if is_set(changes.name) and tx.agent_name_taken(caller.user.id, changes.name, except_id=agent.id):
+                    raise Conflict("you already have an agent with this name", code="agent_name_taken")
+                tx.update_agent(updated)
         if updated.revision != agent.revision and self.shell is not None:
             self.shell.discard(agent.id)  # connections made with the old settings must not be reused
         return updated
 
     def delete_agent(self, caller: Caller, agent_id: int) -> None:
         """Forget an agent and its sealed credentials; its audit history stays with its owner."""
-        with self._audited(caller, "agent.delete", agent_id=agent_id) as audit:
-            tx = audit.tx
+        with self._audited(caller, "agent.delete", agent_id=agent_id) as audit, audit.write() as tx:
             if not tx.delete_agent(caller.user.id, agent_id):
                 raise _agent_not_found()
         if self.shell is not None:
@@ -291,8 +287,7 @@ class Portal:
 
     def read_credentials(self, caller: Caller, agent_id: int) -> AgentCredentials:
         """An agent's key material in clear, for its owner; every read is audited."""
-        with self._audited(caller, "agent.read_credentials", agent_id=agent_id) as audit:
-            tx = audit.tx
+        with self._audited(caller, "agent.read_credentials", agent_id=agent_id) as audit, audit.write() as tx:
             agent = _owned(tx, caller, agent_id)
             return self._unseal(agent)
 
@@ -376,19 +371,19 @@ class Portal:
 
     @contextmanager
     def _audited(self, caller: Caller, action: str, *, agent_id: int | None = None) -> Iterator[_Audit]:
-        """A write transaction that records ``action`` as done when it commits or, when a domain
-        error ends it, records the refusal (outcome = the error's code) in a transaction of its own."""
+        """Audit one attempted mutation. Slow preparation (parsing keys, sealing) happens inside
+        this block but outside any transaction; ``audit.write()`` then opens the write
+        transaction whose last statement records ``action`` as done. If a domain error ends the
+        block, the refusal (outcome = the error's code) is recorded in a transaction of its own."""
+        audit = _Audit(self, caller, action, agent_id)
         try:
-            with self.storage.transaction(write=True) as tx:
-                audit = _Audit(tx, agent_id)
-                yield audit
-                tx.add_audit_event(attrs.evolve(self._caller_event(caller, action), agent_id=audit.agent_id))
+            yield audit
         except PortalError as error:
             with self.storage.transaction(write=True) as tx:
                 tx.add_audit_event(
                     attrs.evolve(
                         self._caller_event(caller, action),
-                        agent_id=agent_id,
+                        agent_id=audit.agent_id,
                         outcome=error.code,
                         detail=error.detail[:500],
                     )
@@ -455,11 +450,24 @@ class Portal:
 
 @attrs.define
 class _Audit:
-    """The transaction of an audited use case, and the agent its event is about (which a
-    registration only learns after the insert)."""
+    """An audited use case in progress: the agent its event is about (which a registration only
+    learns after the insert) and the write transaction that records it."""
 
-    tx: Transaction
+    portal: Portal
+    caller: Caller
+    action: str
     agent_id: int | None
+
+    @contextmanager
+    def write(self) -> Iterator[Transaction]:
+        with self.portal.storage.transaction(write=True) as tx:
+            yield tx
+            tx.add_audit_event(attrs.evolve(self.portal._caller_event(self.caller, self.action),
+                                            agent_id=self.agent_id))
+
+
+_CONNECTION_FIELDS = frozenset({"hostname", "port", "username", "host_key", "client_key", "libvirt_uri",
+                                "allow_unknown_hosts"})
 
 
 def _seal_context(owner_id: int, what: str) -> str:

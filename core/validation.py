@@ -24,7 +24,7 @@ _LIBVIRT_URI = re.compile(r"^[a-z][a-z0-9+.-]*://[A-Za-z0-9._~:/?#\[\]@!$&'()*+,
 
 
 def has_control_characters(text: str) -> bool:
-    return any(unicodedata.category(c) in {"Cc", "Cf", "Zl", "Zp"} for c in text)
+    return any(unicodedata.category(c) in {"Cc", "Cf", "Cs", "Zl", "Zp"} for c in text)
 
 
 def check_name(value: str) -> str | None:

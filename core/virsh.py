@@ -92,7 +92,7 @@ def command_line(argv: Sequence[str]) -> str:
 
 _KNOWN_STATES = ("running", "idle", "paused", "in shutdown", "shut off", "crashed", "pmsuspended",
                  "blocked", "dying", "no state")
-_ROW = re.compile(r"^\s*(?P<id>\d+|-)\s+(?P<rest>.*?)\s*$")
+_ROW = re.compile(r"^\s*(?P<id>[0-9]{1,10}|-)\s+(?P<rest>.*?)\s*$")
 
 
 def parse_list(stdout: str) -> list[VmSummary]:

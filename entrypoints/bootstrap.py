@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import attrs
+import sqlalchemy
 
 from adapters.clock import SystemClock
 from adapters.hashing import Sha256KeyHasher
@@ -45,13 +46,23 @@ def open_storage(settings: Settings, *, migrate: bool = True) -> SqlStorage:
 
     A new SQLite file is created 0600 in a 0700 directory: it holds sealed keys and audit history
     (SQLite gives its -wal and -shm files the database file's mode)."""
-    if settings.db_path is not None and not settings.db_path.exists():
-        settings.db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(settings.db_path, os.O_CREAT | os.O_WRONLY, 0o600))
-    storage = SqlStorage(settings.database_url, busy_timeout=settings.db_busy_timeout,
-                         pool_size=max(5, settings.workers))
-    if migrate:
-        storage.upgrade()
+    variable = "MANAGEMENT_DB_PATH" if settings.db_path is not None and settings.database_url.startswith(
+        "sqlite:///") and "MANAGEMENT_DATABASE_URL" not in os.environ else "MANAGEMENT_DATABASE_URL"
+    try:
+        if settings.db_path is not None and not settings.db_path.exists():
+            settings.db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(settings.db_path, os.O_CREAT | os.O_WRONLY, 0o600))
+        storage = SqlStorage(settings.database_url, busy_timeout=settings.db_busy_timeout,
+                             pool_size=max(5, settings.workers))
+        if migrate:
+            storage.upgrade()
+        else:
+            storage.schema_version()
+    except (OSError, ImportError, sqlalchemy.exc.SQLAlchemyError) as error:
+        reason = str(getattr(error, "orig", None) or error).splitlines()[0]
+        shown = sqlalchemy.engine.make_url(settings.database_url).render_as_string(hide_password=True) \
+            if "://" in settings.database_url else settings.database_url
+        raise ConfigError(variable, f"cannot open the database {shown}: {reason}") from error
     return storage
 
 

@@ -27,6 +27,11 @@ def _strict(kind: type, label: str) -> Any:
     def structure(value: Any, _type: Any) -> Any:
         if type(value) is not kind:  # bool is not an int, 1 is not a bool, "1" is not an int
             raise TypeError(f"must be {label}")
+        if kind is str and not value.isascii():
+            try:
+                value.encode("utf-8")  # JSON's \ud800 escapes decode to lone surrogates
+            except UnicodeEncodeError:
+                raise TypeError("must be valid Unicode text (no lone surrogates)") from None
         return value
 
     return structure

@@ -7,7 +7,9 @@ answered write survives a power cut, not only a crash). Write transactions begin
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -19,7 +21,7 @@ from sqlalchemy import event
 
 from adapters.sql import migrations
 from adapters.sql.schema import agents, api_keys, audit_events, users
-from core.errors import Conflict
+from core.errors import Conflict, Unavailable
 from core.model import Agent, ApiKey, AuditEvent, ClientKey, HostKey, IssuedApiKey, User
 from core.validation import normalize_email
 
@@ -54,7 +56,7 @@ class SqlStorage:
             # Take transaction control away from the sqlite3 module: we emit BEGIN ourselves.
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(cursor, busy_timeout)
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
             cursor.execute("PRAGMA synchronous=FULL")
@@ -66,10 +68,18 @@ class SqlStorage:
 
     @contextmanager
     def transaction(self, *, write: bool = False) -> Iterator[SqlTransaction]:
-        with self.engine.connect() as conn:
-            conn.execution_options(write=write)
-            with conn.begin():
-                yield SqlTransaction(conn)
+        try:
+            with self.engine.connect() as conn:
+                conn.execution_options(write=write)
+                with conn.begin():
+                    yield SqlTransaction(conn)
+        except sa.exc.OperationalError as error:
+            if "locked" in str(error) or "busy" in str(error):
+                raise Unavailable(
+                    "the database stayed locked by another writer past MANAGEMENT_DB_BUSY_TIMEOUT; retry",
+                    code="database_busy",
+                ) from error
+            raise
 
     def upgrade(self) -> tuple[int, int]:
         """Bring the schema to the latest version (safe to call from several processes at once)."""
@@ -91,6 +101,8 @@ class SqlStorage:
         if destination.exists():
             raise FileExistsError(f"{destination} already exists; refusing to overwrite it")
         destination.parent.mkdir(parents=True, exist_ok=True)
+        # Created private before a byte is copied: the copy holds e-mails, audit history and sealed keys.
+        os.close(os.open(destination, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         raw = self.engine.raw_connection()
         try:
             source = raw.driver_connection
@@ -102,10 +114,29 @@ class SqlStorage:
                 target.close()
         finally:
             raw.close()
-        destination.chmod(0o600)
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _enable_wal(cursor: sqlite3.Cursor, busy_timeout: float) -> None:
+    """Switch the database to WAL (a persistent setting, so normally only once in its life).
+    SQLite answers "locked" at once, without waiting, when another connection is using the file
+    at that moment (two processes opening a new database together): retry until the busy
+    time-out, as SQLite itself would for any other statement."""
+    deadline = time.monotonic() + busy_timeout
+    delay = 0.005
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
 
 class SqlTransaction:

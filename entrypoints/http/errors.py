@@ -28,7 +28,7 @@ STATUS_OF: dict[type[domain.PortalError], int] = {
     domain.Conflict: 409,
     domain.Unauthenticated: 401,
     domain.SignupRefused: 403,
-    domain.SecretUnreadable: 500,
+    domain.Unavailable: 503,
     domain.RemoteError: 502,
     domain.RemoteTimeout: 504,
 }
@@ -46,6 +46,7 @@ CODE_OF_STATUS = {
     409: "conflict",
     422: "validation_failed",
     502: "remote_error",
+    503: "unavailable",
     504: "agent_timeout",
 }
 

@@ -63,7 +63,7 @@ class BodyLimit:
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         req.context.max_body_bytes = self.max_bytes
         length = req.content_length
-        if length is not None and length > self.max_bytes:
+        if req.method in ("POST", "PUT", "PATCH") and length is not None and length > self.max_bytes:
             raise Problem(413, "body_too_large", f"the request body is {length} bytes; the limit is "
                           f"{self.max_bytes} bytes", title="Request body too large")
 
@@ -121,7 +121,7 @@ class Authentication:
 
     async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
                                resource: Any, params: dict[str, Any]) -> None:
-        if resource is None or req.method in getattr(resource, "public_methods", ()):
+        if resource is None or req.method == "OPTIONS" or req.method in getattr(resource, "public_methods", ()):
             return
         address = req.context.client_address
         now = time.monotonic()

@@ -64,6 +64,7 @@ _ACTION_SUMMARY = {
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("get", "/health", "Service readiness ping", 200, Health, public=True),
+    Operation("head", "/health", "Service readiness ping, headers only", 200, None, public=True),
     Operation("get", "/openapi.json", "This document", 200, None, public=True),
     Operation("post", "/users", "Create a user and receive its API key (once)", 201, UserWithKeyView,
               NewUser, public=True, errors=(400, 403, 409, 413, 415, 422), no_store=True),
@@ -175,7 +176,9 @@ def document() -> dict[str, Any]:
         if op.no_store:
             ok["headers"] = {"Cache-Control": {"schema": {"type": "string", "const": "no-store"}}}
         responses[str(op.ok)] = ok
-        statuses = set(op.errors) | ({401, 429} if not op.public else set())
+        statuses = set(op.errors) | ({401, 429, 503} if not op.public else set())
+        if op.path == "/users":
+            statuses.add(503)
         for status in sorted(statuses):
             responses[str(status)] = _problem_response(status)
         if op.public:

@@ -57,6 +57,8 @@ async def read_json(req: falcon.asgi.Request, command: type[T]) -> T:
                       title="Request body too large")
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise Problem(400, "malformed_json", "the request body nests too deeply", title="Malformed JSON") from None
     except (ValueError, UnicodeDecodeError) as error:
         raise Problem(400, "malformed_json", f"the request body is not valid JSON ({error})",
                       title="Malformed JSON") from None
@@ -78,10 +80,13 @@ def answer(resp: falcon.asgi.Response, value: Any, status: int = 200) -> None:
 
 
 class HealthResource:
-    public_methods = frozenset({"GET"})
+    public_methods = frozenset({"GET", "HEAD"})
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         answer(resp, Health(status="ok"))
+
+    async def on_head(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.status = falcon.HTTP_200
 
 
 class OpenApiResource:

@@ -10,7 +10,7 @@ import falcon.asgi
 from entrypoints.http.openapi import OPERATIONS
 from tests.support import Api
 
-_METHODS = ("get", "post", "put", "patch", "delete")
+_METHODS = ("get", "head", "post", "put", "patch", "delete")
 
 
 def served_routes(app: falcon.asgi.App) -> set[tuple[str, str]]:

@@ -50,7 +50,7 @@ def test_the_database_alone_does_not_open_the_keys(api: Api, keys: KeyMaterial, 
                                                    tmp_path: Path) -> None:
     key = api.sign_up()["api_key"]
     agent = api.call("POST", "/agents", key, json=api.agent_body(keys)).json
-    # Same database, a different server key: the sealed key cannot be opened (500 with a clear code).
+    # Same database, a different server key: the sealed key cannot be opened (503 with a clear code).
     other = bootstrap.build_runtime(Settings.from_env({
         "MANAGEMENT_DB_PATH": str(settings.db_path),
         "MANAGEMENT_SECRET_KEY_FILE": str(tmp_path / "other.key"),
@@ -61,7 +61,7 @@ def test_the_database_alone_does_not_open_the_keys(api: Api, keys: KeyMaterial, 
 
     result = testing.TestClient(create_app(other)).simulate_get(
         f"/agents/{agent['id']}/credentials", headers={"Authorization": f"Bearer {key}"})
-    assert result.status_code == 500
+    assert result.status_code == 503
     assert result.json["code"] == "secret_unreadable"
     assert "PRIVATE KEY" not in result.text
     other.close()
