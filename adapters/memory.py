@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import attrs
 
-from core.errors import Conflict, SecretUnreadable
+from core.errors import Conflict, RemoteError, SecretUnreadable
 from core.model import (
     API_KEY_SCHEME,
     Agent,
@@ -26,7 +26,7 @@ from core.model import (
     IssuedApiKey,
     User,
 )
-from core.ports import CommandResult
+from core.ports import CommandResult, PinHostKey
 from core.validation import normalize_email
 
 
@@ -210,10 +210,19 @@ class ScriptedShell:
         self.closed = False
         self.results: dict[tuple[str, ...], CommandResult] = {}
 
-    async def run(self, target: AgentCredentials, argv: Sequence[str]) -> CommandResult:
+    async def run(self, target: AgentCredentials, argv: Sequence[str], *,
+                  pin: PinHostKey | None = None) -> CommandResult:
+        """Answers from ``results``; a scripted result's ``host_key`` is the key the (pretend)
+        connection saw, offered to ``pin`` as a real connection would."""
         command = tuple(argv)
+        result = self.results.get(command, CommandResult(command=command, exit_status=0, stdout="", stderr=""))
+        if pin is not None and result.host_key is not None:
+            pinned = await pin(result.host_key)
+            if pinned != result.host_key:
+                raise RemoteError("the host key seen differs from the one pinned on first use",
+                                  code="host_key_mismatch")
         self.calls.append((target.agent.id, command))
-        return self.results.get(command, CommandResult(command=command, exit_status=0, stdout="", stderr=""))
+        return result
 
     def discard(self, agent_id: int) -> None:
         self.discarded.append(agent_id)

@@ -24,13 +24,14 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 
 import asyncssh
 import attrs
 
 from core.errors import RemoteError, RemoteTimeout
 from core.model import Agent, AgentCredentials, HostKey
-from core.ports import CommandResult
+from core.ports import CommandResult, PinHostKey
 from core.virsh import command_line
 
 OPENSSH_MAX_SESSIONS = 10
@@ -41,10 +42,12 @@ class _Slot:
     """One SSH connection of an agent's pool (possibly still connecting)."""
 
     agent_id: int
+    owner: tuple[int, datetime]  # (owner id, creation time): which agent this really is
     revision: int
     opened: asyncio.Task[asyncssh.SSHClientConnection]
     capacity: int = OPENSSH_MAX_SESSIONS
-    in_use: int = 0
+    in_use: int = 0  # requests holding this slot (some may still wait for it to open)
+    channels: int = 0  # channels actually open on the connection
     uses: int = 0
     last_used: float = 0.0
     retired: bool = False
@@ -90,42 +93,45 @@ class AsyncsshShell:
         self.max_sessions = max_sessions
         self._now = monotonic
         self._pools: dict[int, list[_Slot]] = {}
-        self._client_keys: dict[tuple[int, int], asyncssh.SSHKey] = {}
+        self._client_keys: dict[tuple[int, int, datetime, int], asyncssh.SSHKey] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connections_opened = 0  # for tests and benchmarks
 
     # ------------------------------------------------------------------ the port
 
-    async def run(self, target: AgentCredentials, argv: Sequence[str]) -> CommandResult:
+    async def run(self, target: AgentCredentials, argv: Sequence[str], *,
+                  pin: PinHostKey | None = None) -> CommandResult:
         self._start_reaper()
         command = command_line(argv)
-        for attempt in (1, 2):
-            slot = self._acquire(target)
+        refused = replaced = 0
+        while True:
+            slot = self._acquire(target, pin)
             try:
-                conn = await self._ready(slot, target.agent)
+                conn = await self._ready(slot)
                 try:
-                    return await self._execute(conn, command, tuple(argv), target.agent)
+                    return await self._execute(slot, conn, command, tuple(argv), target.agent)
                 except _NotStarted as failure:
                     if isinstance(failure.error, asyncssh.ChannelOpenError) and not conn.is_closed():
-                        # The server allows fewer sessions than we assumed: use fewer on this one.
-                        slot.capacity = max(1, slot.in_use - 1)
-                        retry = attempt == 1
+                        # The server allows fewer sessions than we assumed: this connection
+                        # carries no more than it has open now; try another one.
+                        slot.capacity = max(1, slot.channels)
+                        refused += 1
+                        retry = refused < self.max_sessions
                     else:
                         # A pooled connection that died while idle (sshd restarted, network
                         # blip): nothing ran, so one fresh connection is tried.
                         self._retire(slot)
-                        retry = attempt == 1 and slot.uses > 0
-                    if retry:
-                        continue
-                    raise _lost(target.agent, failure.error) from None
+                        replaced += 1
+                        retry = replaced == 1 and slot.uses > 0
+                    if not retry:
+                        raise _lost(target.agent, failure.error) from None
             finally:
                 slot.in_use -= 1
                 slot.uses += 1
                 slot.last_used = self._now()
                 if slot.retired and slot.in_use == 0:
                     slot.close()
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def discard(self, agent_id: int) -> None:
         loop = self._loop
@@ -171,19 +177,23 @@ class AsyncsshShell:
 
     # ------------------------------------------------------------------ pool
 
-    def _acquire(self, target: AgentCredentials) -> _Slot:
+    def _acquire(self, target: AgentCredentials, pin: PinHostKey | None) -> _Slot:
         agent = target.agent
+        owner = (agent.owner_id, agent.created_at)
         pool = self._pools.setdefault(agent.id, [])
         for slot in list(pool):
             failed = slot.opened.done() and (slot.opened.cancelled() or slot.opened.exception() is not None)
             closed = (conn := slot.connection()) is not None and conn.is_closed()
-            if slot.revision != agent.revision or failed or closed:
+            # Older settings, another agent under a recycled id, or a dead connection: retire it.
+            # (A slot of a *newer* revision is left alone: this request just read the agent first.)
+            if slot.owner != owner or slot.revision < agent.revision or failed or closed:
                 self._retire(slot)
-        candidates = [s for s in pool if s.in_use < min(s.capacity, self.max_sessions)]
+        candidates = [s for s in pool if s.revision == agent.revision
+                      and s.in_use < min(s.capacity, self.max_sessions)]
         if candidates:
             slot = max(candidates, key=lambda s: s.in_use)  # fill one connection before the next
         else:
-            slot = _Slot(agent.id, agent.revision, asyncio.ensure_future(self._connect(target)))
+            slot = _Slot(agent.id, owner, agent.revision, asyncio.ensure_future(self._connect(target, pin)))
             slot.opened.add_done_callback(_consume_exception)
             pool.append(slot)
         slot.in_use += 1
@@ -197,13 +207,16 @@ class AsyncsshShell:
         if slot.in_use == 0:
             slot.close()
         if not any(s.revision == slot.revision for s in self._pools.get(slot.agent_id, [])):
-            self._client_keys.pop((slot.agent_id, slot.revision), None)
+            self._client_keys.pop((slot.agent_id, *slot.owner, slot.revision), None)
 
-    async def _ready(self, slot: _Slot, agent: Agent) -> asyncssh.SSHClientConnection:
+    async def _ready(self, slot: _Slot) -> asyncssh.SSHClientConnection:
         try:
             return await asyncio.shield(slot.opened)
         except BaseException:
-            self._retire(slot)
+            # Retire only when opening failed; a waiter that was cancelled leaves the connection
+            # to the other requests sharing it.
+            if slot.opened.done():
+                self._retire(slot)
             raise
 
     def _start_reaper(self) -> None:
@@ -222,7 +235,7 @@ class AsyncsshShell:
 
     # ------------------------------------------------------------------ SSH
 
-    async def _connect(self, target: AgentCredentials) -> asyncssh.SSHClientConnection:
+    async def _connect(self, target: AgentCredentials, pin: PinHostKey | None) -> asyncssh.SSHClientConnection:
         agent = target.agent
         if agent.host_key is None and not agent.allow_unknown_hosts:
             offered = await self._offered_host_key(agent)
@@ -281,8 +294,30 @@ class AsyncsshShell:
         except (OSError, asyncssh.Error) as error:
             raise RemoteError(f"cannot connect to {agent.hostname}:{agent.port}: {_reason(error)}",
                               code="agent_unreachable") from None
+        if agent.host_key is None and pin is not None:
+            await self._pin(conn, agent, pin)
         self.connections_opened += 1
         return conn
+
+    async def _pin(self, conn: asyncssh.SSHClientConnection, agent: Agent, pin: PinHostKey) -> None:
+        """Trust on first use, safely under concurrency: every connection opened while no key was
+        pinned is checked against the key that did get pinned (by it or by a concurrent one)
+        before it carries a single command."""
+        server_key = conn.get_server_host_key()
+        try:
+            if server_key is None:
+                raise RemoteError("the host offered no host key", code="host_key_unknown")
+            seen = _host_key(server_key)
+            pinned = await pin(seen)
+            if pinned.openssh != seen.openssh:
+                raise RemoteError(
+                    f"{agent.hostname}:{agent.port} offered {seen.fingerprint}, but {pinned.fingerprint} was "
+                    "pinned for this agent on first use; refusing the connection",
+                    code="host_key_mismatch",
+                )
+        except BaseException:
+            conn.close()
+            raise
 
     async def _offered_host_key(self, agent: Agent) -> str:
         """Best effort: the fingerprint the host offers, to help the operator pin it."""
@@ -296,7 +331,7 @@ class AsyncsshShell:
         return f" (the host offers {key.get_fingerprint('sha256')})" if key is not None else ""
 
     async def _client_key(self, target: AgentCredentials) -> asyncssh.SSHKey:
-        cache_key = (target.agent.id, target.agent.revision)
+        cache_key = (target.agent.id, target.agent.owner_id, target.agent.created_at, target.agent.revision)
         key = self._client_keys.get(cache_key)
         if key is None:
             # Decrypting an OpenSSH key runs bcrypt's KDF: seconds of CPU, so off the event loop.
@@ -305,15 +340,24 @@ class AsyncsshShell:
             self._client_keys[cache_key] = key
         return key
 
-    async def _execute(self, conn: asyncssh.SSHClientConnection, command: str, argv: tuple[str, ...],
-                       agent: Agent) -> CommandResult:
+    async def _execute(self, slot: _Slot, conn: asyncssh.SSHClientConnection, command: str,
+                       argv: tuple[str, ...], agent: Agent) -> CommandResult:
+        deadline = asyncio.get_running_loop().time() + self.command_timeout
         try:
-            process = await conn.create_process(command, stdin=asyncssh.DEVNULL, encoding="utf-8",
-                                                errors="replace")
+            process = await asyncio.wait_for(
+                conn.create_process(command, stdin=asyncssh.DEVNULL, encoding="utf-8", errors="replace"),
+                timeout=self.command_timeout,
+            )
+        except TimeoutError:
+            self._retire(slot)  # a server that does not even open channels is not to be reused
+            raise RemoteTimeout(f"{agent.hostname} did not open a session within {self.command_timeout:g} s",
+                                code="command_timeout") from None
         except (asyncssh.ChannelOpenError, asyncssh.DisconnectError, OSError) as error:
             raise _NotStarted(error) from None
+        slot.channels += 1
         try:
-            completed = await asyncio.wait_for(process.wait(check=False), timeout=self.command_timeout)
+            remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+            completed = await asyncio.wait_for(process.wait(check=False), timeout=remaining)
         except TimeoutError:
             process.close()  # closing the channel makes sshd hang up on the command
             raise RemoteTimeout(
@@ -323,6 +367,8 @@ class AsyncsshShell:
             ) from None
         except (asyncssh.DisconnectError, OSError) as error:
             raise _lost(agent, error) from None
+        finally:
+            slot.channels -= 1
         status = completed.exit_status
         if status is None:
             status = 128 + _signal_number(completed.exit_signal)

@@ -7,7 +7,7 @@ isolation between users holds by construction, not by remembering to filter.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Protocol
@@ -71,11 +71,19 @@ class CommandResult:
     host_key: HostKey | None = None
 
 
+# Called with the host key a new connection saw, for an agent with none pinned that trusts on first
+# use; returns the key pinned for the agent (this one, or one a concurrent connection pinned first).
+PinHostKey = Callable[[HostKey], Awaitable[HostKey]]
+
+
 class RemoteShell(Protocol):
     """Runs argument vectors on an agent over SSH."""
 
-    async def run(self, target: AgentCredentials, argv: Sequence[str]) -> CommandResult:
-        """Run ``argv`` on the agent; raise ``core.errors.RemoteError`` subclasses on failure."""
+    async def run(self, target: AgentCredentials, argv: Sequence[str], *,
+                  pin: PinHostKey | None = None) -> CommandResult:
+        """Run ``argv`` on the agent; raise ``core.errors.RemoteError`` subclasses on failure.
+        A connection made without a pinned key calls ``pin`` before it runs anything and is
+        refused (``host_key_mismatch``) unless the pinned key is the one it saw."""
         ...
 
     def discard(self, agent_id: int) -> None:

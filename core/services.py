@@ -38,7 +38,17 @@ from core.model import (
     User,
     api_key_prefix,
 )
-from core.ports import Clock, CommandResult, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage, Transaction
+from core.ports import (
+    Clock,
+    CommandResult,
+    KeyHasher,
+    PinHostKey,
+    RemoteShell,
+    SecretBox,
+    SshKeys,
+    Storage,
+    Transaction,
+)
 from core.virsh import VmAction, VmSummary
 
 T = TypeVar("T")
@@ -291,17 +301,20 @@ class Portal:
             agent = _owned(tx, caller, agent_id)
             return self._unseal(agent)
 
-    def pin_host_key(self, caller: Caller, agent: Agent, host_key: HostKey) -> Agent:
-        """Pin the host key first seen for an agent that trusts on first use (no-op if pinned)."""
+    def pin_host_key(self, caller: Caller, agent: Agent, host_key: HostKey) -> HostKey:
+        """Trust on first use: pin ``host_key`` for an agent that has none, and return the key
+        pinned for it (a concurrent first connection may have pinned another one already)."""
         with self.storage.transaction(write=True) as tx:
             current = tx.get_agent(agent.owner_id, agent.id)
-            if current is None or current.host_key is not None:
-                return current or agent
-            pinned = attrs.evolve(current, host_key=host_key, updated_at=self.clock.now())
-            tx.update_agent(pinned)
+            if current is None or current.revision != agent.revision or current.created_at != agent.created_at:
+                raise Conflict("the agent was changed or deleted while connecting to it; retry",
+                               code="agent_changed")
+            if current.host_key is not None:
+                return current.host_key
+            tx.update_agent(attrs.evolve(current, host_key=host_key, updated_at=self.clock.now()))
             tx.add_audit_event(attrs.evolve(self._caller_event(caller, "agent.pin_host_key"), agent_id=agent.id,
                                             detail=f"trusted on first use: {host_key.fingerprint}"))
-            return pinned
+            return host_key
 
     # ------------------------------------------------------------------ VMs, over SSH
 
@@ -342,10 +355,11 @@ class Portal:
     async def _remote(self, caller: Caller, target: AgentCredentials, argv: tuple[str, ...]) -> CommandResult:
         if self.shell is None:
             raise RuntimeError("this portal was built without a remote shell")
-        result = await self.shell.run(target, argv)
-        if target.agent.host_key is None and result.host_key is not None:
-            await asyncio.to_thread(self.pin_host_key, caller, target.agent, result.host_key)
-        return result
+        pin: PinHostKey | None = None
+        if target.agent.host_key is None and target.agent.allow_unknown_hosts:
+            async def pin(seen: HostKey) -> HostKey:
+                return await asyncio.to_thread(self.pin_host_key, caller, target.agent, seen)
+        return await self.shell.run(target, argv, pin=pin)
 
     def _record(self, caller: Caller, action: str, agent_id: int, vm: str | None, outcome: str,
                 detail: str | None) -> None:

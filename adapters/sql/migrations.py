@@ -86,7 +86,35 @@ def _v2_agent_revision(conn: sa.Connection) -> None:
     conn.execute(sa.text("ALTER TABLE agents ADD COLUMN revision INTEGER NOT NULL DEFAULT 1"))
 
 
-STEPS: tuple[Step, ...] = (_v1_initial, _v2_agent_revision)
+_AGENT_COLUMNS = ("id, owner_id, name, hostname, port, username, allow_unknown_hosts, host_key, "
+                  "host_key_fingerprint, libvirt_uri, public_key, key_fingerprint, sealed_private_key, "
+                  "sealed_passphrase, created_at, updated_at, revision")
+
+
+def _v3_agent_ids_never_reused(conn: sa.Connection) -> None:
+    """SQLite reuses the largest rowid once it is deleted; an agent id must never come back (a new
+    agent must not inherit an old one's pooled connections or history), so the table is rebuilt
+    with AUTOINCREMENT. PostgreSQL sequences never go back: nothing to do there."""
+    if conn.dialect.name != "sqlite":
+        return
+    conn.execute(sa.text(
+        "CREATE TABLE agents_new ("
+        " id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " owner_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,"
+        " name VARCHAR(100) NOT NULL, hostname VARCHAR(255) NOT NULL, port INTEGER NOT NULL,"
+        " username VARCHAR(64) NOT NULL, allow_unknown_hosts BOOLEAN NOT NULL, host_key TEXT,"
+        " host_key_fingerprint VARCHAR(128), libvirt_uri VARCHAR(255) NOT NULL, public_key TEXT NOT NULL,"
+        " key_fingerprint VARCHAR(128) NOT NULL, sealed_private_key TEXT NOT NULL, sealed_passphrase TEXT,"
+        " created_at DATETIME NOT NULL, updated_at DATETIME NOT NULL, revision INTEGER NOT NULL DEFAULT 1,"
+        " CONSTRAINT uq_agents_owner_name UNIQUE (owner_id, name))"
+    ))
+    copy = f"INSERT INTO agents_new ({_AGENT_COLUMNS}) SELECT {_AGENT_COLUMNS} FROM agents"  # noqa: S608 - constants
+    conn.execute(sa.text(copy))
+    conn.execute(sa.text("DROP TABLE agents"))
+    conn.execute(sa.text("ALTER TABLE agents_new RENAME TO agents"))
+
+
+STEPS: tuple[Step, ...] = (_v1_initial, _v2_agent_revision, _v3_agent_ids_never_reused)
 LATEST = len(STEPS)
 
 

@@ -78,6 +78,7 @@ agents = sa.Table(
     sa.Column("updated_at", UtcDateTime, nullable=False),
     sa.Column("revision", sa.Integer, nullable=False, server_default="1"),
     sa.UniqueConstraint("owner_id", "name", name="uq_agents_owner_name"),
+    sqlite_autoincrement=True,  # ids are never reused (migration 3)
 )
 
 audit_events = sa.Table(

@@ -115,6 +115,16 @@ def test_deleting_a_user_row_cascades_to_keys_and_agents(storage: SqlStorage) ->
         assert conn.exec_driver_sql("SELECT count(*) FROM api_keys").scalar() == 0
 
 
+def test_an_agent_id_is_never_reused_after_a_delete(storage: SqlStorage) -> None:
+    with storage.transaction(write=True) as tx:
+        user = tx.add_user("alice", None, key(1), NOW)
+        first = tx.add_agent(agent(user.id, "hv1"))
+        newest = tx.add_agent(agent(user.id, "hv2"))
+        assert tx.delete_agent(user.id, newest.id)
+        again = tx.add_agent(agent(user.id, "hv3"))
+    assert again.id > newest.id > first.id
+
+
 def test_audit_events_page_newest_first(storage: SqlStorage) -> None:
     with storage.transaction(write=True) as tx:
         user = tx.add_user("alice", None, key(1), NOW)
@@ -164,6 +174,8 @@ def test_upgrade_from_the_first_schema_keeps_existing_data(tmp_path: Path) -> No
 
     upgraded = SqlStorage(sqlite_url(path))
     assert upgraded.upgrade() == (1, migrations.LATEST)
+    with upgraded.transaction(write=True) as tx:  # ids go on from the highest one kept
+        assert tx.add_agent(agent(1, "hv2")).id == 8
     with upgraded.transaction() as tx:
         user = tx.get_user(1)
         stored = tx.get_agent(1, 7)

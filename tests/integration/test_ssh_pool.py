@@ -25,7 +25,9 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 class FakeHypervisor:
-    def __init__(self) -> None:
+    def __init__(self, max_sessions: int = 10, stall_sessions: bool = False) -> None:
+        self.max_sessions = max_sessions
+        self.stall_sessions = stall_sessions  # accept connections but never open a session
         self.host_key = asyncssh.generate_private_key("ssh-ed25519")
         self.client_key = asyncssh.generate_private_key("ssh-ed25519")
         self.connections = 0
@@ -48,8 +50,10 @@ class FakeHypervisor:
                 return True
 
             def session_requested(self) -> Any:
-                if hypervisor.sessions_now[self.number] >= 10:
-                    return False  # like OpenSSH's MaxSessions 10
+                if hypervisor.stall_sessions:
+                    return asyncio.get_running_loop().create_future()  # never answered
+                if hypervisor.sessions_now[self.number] >= hypervisor.max_sessions:
+                    return False  # like OpenSSH's MaxSessions
                 hypervisor.sessions_now[self.number] += 1
                 hypervisor.max_sessions_seen = max(hypervisor.max_sessions_seen, hypervisor.sessions_now[self.number])
                 return Session(self.number)
@@ -110,9 +114,10 @@ def run(coro: Any) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def lab(**shell_options: Any) -> AsyncIterator[tuple[FakeHypervisor, AsyncsshShell]]:
+async def lab(hypervisor_options: dict[str, Any] | None = None,
+              **shell_options: Any) -> AsyncIterator[tuple[FakeHypervisor, AsyncsshShell]]:
     """A fake hypervisor listening on loopback and a shell to it; both closed afterwards."""
-    hypervisor = FakeHypervisor()
+    hypervisor = FakeHypervisor(**(hypervisor_options or {}))
     await hypervisor.start()
     shell = AsyncsshShell(**{"connect_timeout": 2, "command_timeout": 2, **shell_options})
     try:
@@ -258,6 +263,71 @@ def test_a_pooled_connection_that_died_is_replaced_transparently() -> None:
                 conn._transport.abort()  # the TCP connection drops without a goodbye
             await asyncio.sleep(0.05)
             assert (await shell.run(hypervisor.target(), ["echo", "2"])).stdout == "2\n"
+            assert hypervisor.connections == 2
+
+    run(scenario())
+
+
+def test_a_server_that_never_opens_a_session_times_out_instead_of_hanging() -> None:
+    async def scenario() -> None:
+        async with lab({"stall_sessions": True}, command_timeout=0.5) as (hypervisor, shell):
+            with pytest.raises(RemoteTimeout) as timeout:
+                await asyncio.wait_for(shell.run(hypervisor.target(), ["echo", "x"]), timeout=10)
+            assert timeout.value.code == "command_timeout"
+            assert shell.open_connections(1) == 0  # that connection is not reused
+
+    run(scenario())
+
+
+def test_a_server_allowing_fewer_sessions_still_serves_every_command() -> None:
+    async def scenario() -> None:
+        async with lab({"max_sessions": 3}, command_timeout=10) as (hypervisor, shell):
+            results = await asyncio.gather(*(shell.run(hypervisor.target(), ["sleep", "0.2"]) for _ in range(10)))
+            assert [r.exit_status for r in results] == [0] * 10
+            assert hypervisor.max_sessions_seen <= 3
+
+    run(scenario())
+
+
+def test_trust_on_first_use_refuses_a_connection_whose_key_differs_from_the_pinned_one() -> None:
+    async def scenario() -> None:
+        async with lab() as (hypervisor, shell):
+            other = asyncssh.generate_private_key("ssh-ed25519")
+            pinned_first = HostKey(other.export_public_key("openssh").decode().strip(), other.get_fingerprint("sha256"))
+
+            async def pin(seen: HostKey) -> HostKey:
+                return pinned_first  # a concurrent first connection pinned another host's key
+
+            with pytest.raises(RemoteError) as refused:
+                await shell.run(hypervisor.target(host_key=None, allow_unknown_hosts=True), ["echo", "x"], pin=pin)
+            assert refused.value.code == "host_key_mismatch"
+            assert hypervisor.commands == []  # nothing ran on the impostor
+
+    run(scenario())
+
+
+def test_trust_on_first_use_pins_before_the_first_command() -> None:
+    async def scenario() -> None:
+        async with lab() as (hypervisor, shell):
+            pinned: list[HostKey] = []
+
+            async def pin(seen: HostKey) -> HostKey:
+                assert hypervisor.commands == []
+                pinned.append(seen)
+                return seen
+
+            await shell.run(hypervisor.target(host_key=None, allow_unknown_hosts=True), ["echo", "x"], pin=pin)
+            assert [k.fingerprint for k in pinned] == [hypervisor.host_key.get_fingerprint("sha256")]
+
+    run(scenario())
+
+
+def test_a_recycled_agent_id_never_inherits_another_agents_connection() -> None:
+    async def scenario() -> None:
+        async with lab() as (hypervisor, shell):
+            await shell.run(hypervisor.target(), ["echo", "alice"])
+            # same id and revision, but another owner: a different agent
+            await shell.run(hypervisor.target(owner_id=2), ["echo", "bob"])
             assert hypervisor.connections == 2
 
     run(scenario())

@@ -621,7 +621,7 @@ def test_pin_host_key_pins_the_first_key_seen_and_audits_it(world: World, alice:
 
     pinned = world.portal.pin_host_key(alice, alice_agent, seen)
 
-    assert pinned.host_key == seen
+    assert pinned == seen
     assert world.portal.get_agent(alice, alice_agent.id).host_key == seen
     [event] = new_events(world, count_before)
     assert (event.user_id, event.action, event.outcome, event.agent_id) == (
@@ -636,15 +636,26 @@ def test_pin_host_key_never_replaces_a_pinned_key(world: World, alice: Caller) -
 
     result = world.portal.pin_host_key(alice, agent, other)
 
-    assert result.host_key == agent.host_key
+    assert result == agent.host_key  # the key already pinned wins; the caller compares
     assert world.portal.get_agent(alice, agent.id).host_key == agent.host_key
     assert new_events(world, count_before) == []
 
 
 def test_pin_host_key_of_a_deleted_agent_stores_nothing(world: World, alice: Caller, alice_agent: Agent) -> None:
     world.portal.delete_agent(alice, alice_agent.id)
-    world.portal.pin_host_key(alice, alice_agent, HostKey(openssh="ssh-ed25519 AAAAx", fingerprint="SHA256:x"))
+    with pytest.raises(Conflict) as changed:
+        world.portal.pin_host_key(alice, alice_agent, HostKey(openssh="ssh-ed25519 AAAAx", fingerprint="SHA256:x"))
+    assert changed.value.code == "agent_changed"
     assert world.storage.state.agents == {}
+
+
+def test_pin_host_key_of_an_agent_changed_meanwhile_stores_nothing(world: World, alice: Caller,
+                                                                    alice_agent: Agent) -> None:
+    world.portal.update_agent(alice, alice_agent.id, AgentChanges(hostname="192.0.2.99"))
+    with pytest.raises(Conflict) as changed:
+        world.portal.pin_host_key(alice, alice_agent, HostKey(openssh="ssh-ed25519 AAAAx", fingerprint="SHA256:x"))
+    assert changed.value.code == "agent_changed"
+    assert world.portal.get_agent(alice, alice_agent.id).host_key == alice_agent.host_key
 
 
 # ---------------------------------------------------------------------------------------- pooled connections

@@ -21,7 +21,7 @@ from adapters.memory import (
 from core.commands import AgentChanges, NewAgent, NewUser
 from core.errors import Conflict, NotFound, RemoteError, RemoteTimeout, ValidationFailed
 from core.model import DEFAULT_LIBVIRT_URI, Agent, AgentCredentials, AuditEvent, Caller, HostKey, Origin, SignupPolicy
-from core.ports import CommandResult
+from core.ports import CommandResult, PinHostKey
 from core.services import Portal, VmInfo
 from core.virsh import VmAction, VmSummary
 
@@ -65,9 +65,10 @@ class RecordingShell(ScriptedShell):
         self.targets: list[AgentCredentials] = []
         self.failure: Exception | None = None
 
-    async def run(self, target: AgentCredentials, argv: Sequence[str]) -> CommandResult:
+    async def run(self, target: AgentCredentials, argv: Sequence[str], *,
+                  pin: PinHostKey | None = None) -> CommandResult:
         self.targets.append(target)
-        result = await super().run(target, argv)
+        result = await super().run(target, argv, pin=pin)
         if self.failure is not None:
             raise self.failure
         return result
