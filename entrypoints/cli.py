@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--email")
 
     db = commands.add_parser("db", help="database maintenance").add_subparsers(dest="action", required=True)
-    db.add_parser("upgrade", help="migrate the database schema to the latest version")
+    db.add_parser("upgrade", help="migrate the database schema to the latest version (and create the secret "
+                                  "key file if there is none)")
     db.add_parser("version", help="print the schema version")
     backup = db.add_parser("backup", help="copy a consistent snapshot (SQLite online backup), safe while serving")
     backup.add_argument("path")
@@ -108,11 +109,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 def _db(args: argparse.Namespace, settings: Settings) -> int:
     from adapters.sql import migrations
-    from entrypoints.bootstrap import open_storage
+    from entrypoints.bootstrap import open_storage, secret_box
 
     storage = open_storage(settings, migrate=args.action != "version")
     try:
         if args.action == "upgrade":
+            secret_box(settings)  # everything the server needs at start: schema and secret key
             print(f"database at schema version {storage.schema_version()} (latest {migrations.LATEST})")
         elif args.action == "version":
             print(storage.schema_version())

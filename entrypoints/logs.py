@@ -52,3 +52,33 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def gunicorn_json_logging(level: str) -> dict[str, Any]:
+    """A logging.config dictionary that makes gunicorn's own lines (start, worker boot, errors)
+    JSON too, through the same secret-dropping processors as the portal's lines."""
+    formatter = {
+        "()": structlog.stdlib.ProcessorFormatter,
+        "processors": [
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            drop_secrets,
+            structlog.processors.JSONRenderer(),
+        ],
+        "foreign_pre_chain": [
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+    }
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": formatter},
+        "handlers": {"console": handler},
+        "loggers": {
+            "gunicorn.error": {"handlers": ["console"], "level": level.upper(), "propagate": False},
+            "gunicorn.access": {"handlers": ["console"], "level": level.upper(), "propagate": False},
+            "uvicorn.error": {"handlers": ["console"], "level": level.upper(), "propagate": False},
+        },
+    }

@@ -6,10 +6,12 @@ workers start on a ready database; each worker then builds its own app through t
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from entrypoints import logs
 from entrypoints.settings import Settings
 
 
@@ -35,7 +37,12 @@ class PortalServer(BaseApplication):  # type: ignore[misc]
             "accesslog": None,  # one structured access line per request comes from the app itself
             "errorlog": "-",
             "loglevel": self.settings.log_level,
+            # X-Forwarded-For is believed only from these peers (nginx on loopback by default);
+            # uvicorn then reports the forwarded client address as the request's peer.
+            "forwarded_allow_ips": self.settings.trusted_proxies or "",
         }
+        if self.settings.log_format == "json" or (self.settings.log_format == "auto" and not sys.stderr.isatty()):
+            options["logconfig_dict"] = logs.gunicorn_json_logging(self.settings.log_level)
         # gunicorn >= 25.1 opens a control socket under $HOME by default; the portal does not use it,
         # and under the hardened systemd unit (ProtectHome) it could not be created anyway.
         options["control_socket_disable"] = True

@@ -6,6 +6,7 @@ and exit non-zero instead of starting half-configured.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -47,6 +48,7 @@ class Settings:
     ssh_connect_timeout: float = 10.0
     ssh_command_timeout: float = 60.0
     ssh_idle_timeout: float = 300.0
+    trusted_proxies: str = "127.0.0.1,::1"  # peers whose X-Forwarded-For names the real client
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -90,6 +92,7 @@ class Settings:
             ssh_connect_timeout=reader.number("MANAGEMENT_SSH_CONNECT_TIMEOUT", 10.0, float, 0.1, 600),
             ssh_command_timeout=reader.number("MANAGEMENT_SSH_COMMAND_TIMEOUT", 60.0, float, 0.1, 3600),
             ssh_idle_timeout=reader.number("MANAGEMENT_SSH_IDLE_TIMEOUT", 300.0, float, 1, 86400),
+            trusted_proxies=reader.proxies("MANAGEMENT_TRUSTED_PROXIES", "127.0.0.1,::1"),
         )
 
 
@@ -114,6 +117,19 @@ class _Reader:
         if not low <= value <= high:  # type: ignore[operator]
             raise ConfigError(name, f"must be between {low:g} and {high:g}, got {raw!r}")
         return value
+
+    def proxies(self, name: str, default: str) -> str:
+        """Comma-separated IP addresses or networks (or empty: trust no proxy header)."""
+        raw = self.env.get(name)
+        if raw is None:
+            return default
+        items = [item.strip() for item in raw.split(",") if item.strip()]
+        for item in items:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ConfigError(name, f"{item!r} is not an IP address or network") from None
+        return ",".join(items)
 
     def flag(self, name: str, default: bool) -> bool:
         raw = self.env.get(name)

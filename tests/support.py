@@ -111,9 +111,11 @@ class Server:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(timeout=30)
 
-    def request(self, method: str, path: str, key: str | None = None, body: Any = None) -> tuple[int, Any, Any]:
+    def request(self, method: str, path: str, key: str | None = None, body: Any = None,
+                headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+                                         headers=headers or {})
         if data is not None:
             request.add_header("Content-Type", "application/json")
         if key is not None:

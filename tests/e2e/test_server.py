@@ -76,10 +76,28 @@ def test_access_logs_are_json_lines_without_secrets(server: Server, keys: KeyMat
                                                                          ("POST", "/agents", 201)}
     text = server.log.read_text()
     assert user["api_key"] not in text and "PRIVATE KEY" not in text
+    # gunicorn's own lines (start, worker boot, shutdown) are JSON too
+    assert all(line.startswith("{") for line in text.splitlines() if line.strip()), text[:2000]
+    assert any(line.get("logger") == "gunicorn.error" for line in lines)
+
+
+@pytest.mark.parametrize(("trusted", "expected"), [(None, "203.0.113.5"), ("", "127.0.0.1")])
+def test_x_forwarded_for_is_believed_only_from_a_trusted_proxy(tmp_path: Path, trusted: str | None,
+                                                             expected: str) -> None:
+    env = {} if trusted is None else {"MANAGEMENT_TRUSTED_PROXIES": trusted}
+    server = Server(tmp_path, **env).start()
+    try:
+        key = server.request("POST", "/users", body={"name": "alice"},
+                             headers={"X-Forwarded-For": "203.0.113.5"})[1]["api_key"]
+        events = server.request("GET", "/users/me/audit", key)[1]["events"]
+        assert events[0]["client_address"] == expected
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize(("variable", "value"), [("MANAGEMENT_PORT", "eighty"), ("MANAGEMENT_WORKERS", "0"),
-                                                 ("MANAGEMENT_RELOAD", "perhaps")])
+                                                 ("MANAGEMENT_RELOAD", "perhaps"),
+                                                 ("MANAGEMENT_TRUSTED_PROXIES", "nginx.local")])
 def test_a_bad_setting_stops_start_up_naming_the_variable(tmp_path: Path, variable: str, value: str) -> None:
     result = subprocess.run([sys.executable, str(REPO / "main.py")], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, variable: value}, timeout=30)

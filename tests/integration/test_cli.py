@@ -63,6 +63,8 @@ def test_invalid_input_is_reported_with_its_code(tmp_path: Path) -> None:
 
 def test_db_upgrade_version_and_backup(tmp_path: Path) -> None:
     assert cli(tmp_path, "db", "upgrade").returncode == 0
+    key_file = tmp_path / "data" / "secret.key"  # everything the server needs at start is ready
+    assert key_file.stat().st_mode & 0o777 == 0o600
     assert cli(tmp_path, "db", "version").stdout.strip() == str(migrations.LATEST)
     cli(tmp_path, "users", "create", "--name", "alice")
     backup = tmp_path / "backup.sqlite3"
