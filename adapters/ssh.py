@@ -370,6 +370,11 @@ class AsyncsshShell:
         finally:
             slot.channels -= 1
         status = completed.exit_status
+        if status is None and completed.exit_signal is None:
+            # The channel closed without an exit status: the session (or sshd) died under it.
+            self._retire(slot)
+            raise RemoteError(f"the SSH session on {agent.hostname}:{agent.port} ended without an exit "
+                              "status (was sshd or the session killed?)", code="agent_connection_lost")
         if status is None:
             status = 128 + _signal_number(completed.exit_signal)
         server_key = conn.get_server_host_key()

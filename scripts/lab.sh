@@ -60,7 +60,25 @@ pid_alive() {
     pid=$(tr -dc '0-9' <"$1")
     [[ -n $pid && -r /proc/$pid/comm ]] || return 1
     [[ $(cat "/proc/$pid/comm") == "$2" ]] || return 1
+    not_zombie "$pid" || return 1
     printf '%s\n' "$pid"
+}
+
+# A process that exited but was never reaped (without an init system nobody reaps orphaned
+# daemons) still shows in /proc and in pgrep: it is not running.
+not_zombie() {
+    local state
+    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+    [[ -n $state && $state != Z ]]
+}
+
+# Is a live (non-zombie) process with exactly this name running?
+running_named() {
+    local pid
+    for pid in $(pgrep -x "$1"); do
+        not_zombie "$pid" && return 0
+    done
+    return 1
 }
 
 # stop_pidfile PIDFILE NAME: TERM the process, wait up to 10 s, then KILL
@@ -265,7 +283,7 @@ fix_kvm_perms() {
 ensure_libvirtd() {
     local i
     fix_kvm_perms
-    if pgrep -x virtlogd >/dev/null; then
+    if running_named virtlogd; then
         log "virtlogd already running"
     else
         log "starting virtlogd"
@@ -278,7 +296,7 @@ ensure_libvirtd() {
         pid_alive "$VIRTLOGD_PID" virtlogd >/dev/null || die "virtlogd did not start"
         pid_alive "$VIRTLOGD_PID" virtlogd >"$STATE_DIR/virtlogd.started"
     fi
-    if pgrep -x libvirtd >/dev/null; then
+    if running_named libvirtd; then
         log "libvirtd already running"
     else
         write_libvirtd_conf
@@ -570,7 +588,8 @@ cmd_status() {
         echo "sshd: not running"; rc=1
     fi
     for d in libvirtd virtlogd; do
-        if pid=$(pgrep -x "$d" | head -n1); then
+        if running_named "$d"; then
+            pid=$(pgrep -x "$d" | while read -r p; do not_zombie "$p" && echo "$p"; done | head -n1)
             if pid_alive "$STATE_DIR/$d.started" "$d" >/dev/null; then
                 echo "$d: running (pid $pid, started by lab)"
             else
