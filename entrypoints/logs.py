@@ -78,7 +78,10 @@ def gunicorn_json_logging(level: str) -> dict[str, Any]:
         "handlers": {"console": handler},
         "loggers": {
             "gunicorn.error": {"handlers": ["console"], "level": level.upper(), "propagate": False},
-            "gunicorn.access": {"handlers": ["console"], "level": level.upper(), "propagate": False},
+            # No handler: the app writes the one access line per request. (The uvicorn worker
+            # copies this logger's handlers to uvicorn.access, which otherwise wrote a second,
+            # plain-text line for every request.)
+            "gunicorn.access": {"handlers": [], "level": level.upper(), "propagate": False},
             "uvicorn.error": {"handlers": ["console"], "level": level.upper(), "propagate": False},
         },
     }

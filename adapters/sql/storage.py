@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,15 @@ from core.errors import Conflict, Unavailable
 from core.model import Agent, ApiKey, AuditEvent, ClientKey, HostKey, IssuedApiKey, User
 from core.validation import normalize_email
 
+# The reads behind every authenticated request and agent lookup, built once: building a statement
+# (and its cache key) on each call cost SQLAlchemy more than SQLite takes to run it.
+_API_KEY_BY_PREFIX = sa.select(api_keys).where(api_keys.c.prefix == sa.bindparam("prefix"))
+_USER_BY_ID = (sa.select(users, api_keys.c.prefix).join(api_keys, api_keys.c.user_id == users.c.id)
+               .where(users.c.id == sa.bindparam("user_id")))
+_AGENTS_OF_OWNER = sa.select(agents).where(agents.c.owner_id == sa.bindparam("owner_id")).order_by(agents.c.id)
+_AGENT_OF_OWNER = sa.select(agents).where(agents.c.owner_id == sa.bindparam("owner_id"),
+                                          agents.c.id == sa.bindparam("agent_id"))
+
 
 def sqlite_url(path: str | Path) -> str:
     return f"sqlite:///{Path(path)}"
@@ -36,6 +46,9 @@ class SqlStorage:
     def __init__(self, url: str, *, busy_timeout: float = 10.0, pool_size: int = 5) -> None:
         self.url = sa.engine.make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        self._watch: sqlite3.Connection | None = None  # answers data_version(), nothing else
+        self._watches = 0  # how many it has had: each one counts from its own start
+        self._watch_lock = threading.Lock()
         if self.is_sqlite:
             database = self.url.database or ""
             if database and database != ":memory:":
@@ -115,7 +128,33 @@ class SqlStorage:
         finally:
             raw.close()
 
+    def data_version(self) -> tuple[int, int] | None:
+        """A value that changes whenever another connection, of this process or another one,
+        commits to the SQLite file (``PRAGMA data_version`` on a connection of its own, which
+        never writes: microseconds, no lock waited for). What was read while it had a value is
+        still true while it has that value. None when it cannot be told: not SQLite, an in-memory
+        database, or the file busy at that instant."""
+        if not self.is_sqlite or (self.url.database or ":memory:") == ":memory:":
+            return None
+        with self._watch_lock:
+            try:
+                if self._watch is None:
+                    pooled = self.engine.raw_connection()
+                    watch = pooled.driver_connection
+                    pooled.detach()  # kept: data_version compares with this connection's previous answer
+                    assert isinstance(watch, sqlite3.Connection)
+                    watch.execute("PRAGMA busy_timeout=0")
+                    self._watch = watch
+                    self._watches += 1  # a new connection starts counting afresh: never equal to before
+                return self._watches, int(self._watch.execute("PRAGMA data_version").fetchone()[0])
+            except sqlite3.Error:
+                return None
+
     def dispose(self) -> None:
+        with self._watch_lock:
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
         self.engine.dispose()
 
 
@@ -167,8 +206,9 @@ class SqlTransaction:
         return int(self.conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one())
 
     def get_user(self, user_id: int) -> User | None:
-        users_found = self._users(users.c.id == user_id)
-        return users_found[0] if users_found else None
+        row = self.conn.execute(_USER_BY_ID, {"user_id": user_id}).one_or_none()
+        return None if row is None else User(id=row.id, name=row.name, email=row.email, api_key_prefix=row.prefix,
+                                             created_at=row.created_at)
 
     def find_user_by_email(self, email: str) -> User | None:
         users_found = self._users(users.c.email_key == normalize_email(email))
@@ -188,7 +228,7 @@ class SqlTransaction:
                      created_at=row.created_at) for row in rows]
 
     def find_api_key(self, prefix: str) -> ApiKey | None:
-        row = self.conn.execute(sa.select(api_keys).where(api_keys.c.prefix == prefix)).one_or_none()
+        row = self.conn.execute(_API_KEY_BY_PREFIX, {"prefix": prefix}).one_or_none()
         if row is None:
             return None
         return ApiKey(user_id=row.user_id, prefix=row.prefix, digest=row.digest, created_at=row.created_at)
@@ -211,13 +251,11 @@ class SqlTransaction:
         return _agent_from_row({**values, "id": agent_id})
 
     def list_agents(self, owner_id: int) -> list[Agent]:
-        rows = self.conn.execute(sa.select(agents).where(agents.c.owner_id == owner_id).order_by(agents.c.id))
+        rows = self.conn.execute(_AGENTS_OF_OWNER, {"owner_id": owner_id})
         return [_agent_from_row(row._mapping) for row in rows]
 
     def get_agent(self, owner_id: int, agent_id: int) -> Agent | None:
-        row = self.conn.execute(
-            sa.select(agents).where(agents.c.owner_id == owner_id, agents.c.id == agent_id)
-        ).one_or_none()
+        row = self.conn.execute(_AGENT_OF_OWNER, {"owner_id": owner_id, "agent_id": agent_id}).one_or_none()
         return None if row is None else _agent_from_row(row._mapping)
 
     def agent_name_taken(self, owner_id: int, name: str, *, except_id: int = 0) -> bool:

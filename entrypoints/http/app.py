@@ -8,6 +8,7 @@ import falcon.asgi
 from core.virsh import VmAction
 from entrypoints.bootstrap import Runtime
 from entrypoints.http import errors, openapi
+from entrypoints.http.cache import UntilChanged
 from entrypoints.http.middleware import Authentication, BodyLimit, FailureLimiter, Lifespan, RequestContext
 from entrypoints.http.resources import (
     AgentResource,
@@ -26,11 +27,14 @@ AGENT_ID = "{agent_id:int(min=1, max=2147483647)}"
 def create_app(runtime: Runtime) -> falcon.asgi.App:
     settings = runtime.settings
     portal = runtime.portal
+    # SQLite's data version, when the storage has one: reads are kept until the database changes.
+    data_version = getattr(runtime.storage, "data_version", None)
     app = falcon.asgi.App(
         middleware=[
             RequestContext(),
             BodyLimit(settings.max_body_bytes),
-            Authentication(portal, FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window)),
+            Authentication(portal, FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window),
+                           UntilChanged(data_version)),
             Lifespan(runtime),
         ],
     )
@@ -44,7 +48,7 @@ def create_app(runtime: Runtime) -> falcon.asgi.App:
     app.add_route("/users/me", me)
     app.add_route("/users/me/api-key/rotate", me, suffix="rotate")
     app.add_route("/users/me/audit", me, suffix="audit")
-    app.add_route("/agents", AgentsResource(portal))
+    app.add_route("/agents", AgentsResource(portal, UntilChanged(data_version, max_entries=1_000)))
     agent = AgentResource(portal)
     app.add_route(f"/agents/{AGENT_ID}", agent)
     app.add_route(f"/agents/{AGENT_ID}/credentials", agent, suffix="credentials")

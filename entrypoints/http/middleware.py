@@ -4,6 +4,7 @@ with a per-address limit on failures, and one structured access-log line per req
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import time
 import uuid
@@ -15,7 +16,9 @@ import falcon.asgi
 import structlog
 
 from core.errors import Unauthenticated
+from core.model import User
 from core.services import Portal
+from entrypoints.http.cache import UntilChanged
 from entrypoints.http.errors import Problem
 
 access_log = structlog.get_logger("manage_playrservers.access")
@@ -112,12 +115,16 @@ class Lifespan:
 class Authentication:
     """Resolves ``Authorization: Bearer <key>`` to a user on every route that needs one.
 
-    A resource opts out per method with ``public_methods = {"GET", ...}``.
+    A resource opts out per method with ``public_methods = {"GET", ...}``. A key already resolved
+    is not looked up again until the database changes (``known``, see ``entrypoints.http.cache``);
+    it is remembered by its SHA-256 digest, never in clear.
     """
 
-    def __init__(self, portal: Portal, limiter: FailureLimiter) -> None:
+    def __init__(self, portal: Portal, limiter: FailureLimiter,
+                 known: UntilChanged[bytes, User] | None = None) -> None:
         self.portal = portal
         self.limiter = limiter
+        self.known: UntilChanged[bytes, User] = known if known is not None else UntilChanged(None)
 
     async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
                                resource: Any, params: dict[str, Any]) -> None:
@@ -137,9 +144,16 @@ class Authentication:
             raise Problem(401, "missing_api_key",
                           "send your API key as 'Authorization: Bearer <key>'",
                           title="Unauthorized", headers={"WWW-Authenticate": BEARER_CHALLENGE})
-        try:
-            req.context.user = await asyncio.to_thread(self.portal.authenticate, key.strip())
-        except Unauthenticated:
-            self.limiter.record_failure(address, now)
-            raise
+        key = key.strip()
+        version = self.known.version()
+        digest = hashlib.sha256(key.encode()).digest()
+        user = self.known.get(digest, version)
+        if user is None:
+            try:
+                user = await asyncio.to_thread(self.portal.authenticate, key)
+            except Unauthenticated:
+                self.limiter.record_failure(address, now)
+                raise
+            self.known.put(digest, version, user)
+        req.context.user = user
         structlog.contextvars.bind_contextvars(user_id=req.context.user.id)

@@ -16,9 +16,10 @@ import falcon.asgi
 
 from core.commands import AgentChanges, NewAgent, NewUser
 from core.errors import FieldError, ValidationFailed
-from core.model import Caller, Origin
+from core.model import Agent, Caller, Origin
 from core.services import AUDIT_PAGE_DEFAULT, Portal
 from core.virsh import VmAction
+from entrypoints.http.cache import UntilChanged
 from entrypoints.http.errors import Problem
 from entrypoints.shapes import (
     AgentView,
@@ -134,11 +135,17 @@ class CurrentUserResource:
 
 
 class AgentsResource:
-    def __init__(self, portal: Portal) -> None:
+    def __init__(self, portal: Portal, lists: UntilChanged[int, list[Agent]] | None = None) -> None:
         self.portal = portal
+        # Each user's agents, read again only once the database has changed (entrypoints.http.cache).
+        self.lists: UntilChanged[int, list[Agent]] = lists if lists is not None else UntilChanged(None)
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        agents = await run(self.portal.list_agents, caller(req))
+        version = self.lists.version()
+        agents = self.lists.get(req.context.user.id, version)
+        if agents is None:
+            agents = await run(self.portal.list_agents, caller(req))
+            self.lists.put(req.context.user.id, version, agents)
         answer(resp, [AgentView.of(a) for a in agents])
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:

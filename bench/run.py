@@ -1,0 +1,493 @@
+# ruff: noqa: S603, S607 - a benchmark harness: it runs ssh, virsh, wrk, bash and the portal by design
+"""The portal's benchmark suite (issue 5): every figure as a ratio against a reference measured in
+the same run, on the same machine.
+
+    .venv/bin/python bench/run.py            # as root; about a minute and a half
+    tox -e bench
+
+It brings the lab up with ``scripts/lab.sh up`` (and down again at the end if it was not running),
+starts the portal (``main.py``: gunicorn, 2 uvicorn workers, a fresh SQLite database in a temporary
+directory) on a free loopback port, measures, prints one table, and stops what it started.
+Load comes from other processes than the portal's: ``wrk`` (installed from apt when missing) for
+throughput, and this script's own asyncio HTTP client for the VM routes. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from support import (
+    REPO,
+    ControlMaster,
+    HttpConnection,
+    Lab,
+    Portal,
+    call,
+    ensure_wrk,
+    fresh_ssh_command,
+    local_virsh_command,
+    log,
+    median,
+    proc_status_kib,
+    tcp_connections,
+    timed_commands,
+    wrk_balanced,
+)
+
+BURST = 20  # concurrent VM lists in figures 4 and 5
+POOLED_AGENTS = 50  # figure 6
+MAX_COLD_CONNECTS = 8  # at once: the lab's sshd (MaxStartups 10:30:100) drops some past 10 unauthenticated
+
+
+@dataclass
+class Row:
+    figure: str
+    unit: str
+    portal: float | None
+    reference: float | None
+    ratio: float | None
+    target: str
+    met: str
+    note: str = ""
+
+
+def check(condition: bool) -> str:
+    return "yes" if condition else "NO"
+
+
+# ----------------------------------------------------------------------------------------- setup
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, lab: Lab, portal: Portal, workdir: Path) -> None:
+        self.args = args
+        self.lab = lab
+        self.portal = portal
+        self.workdir = workdir
+        self.errlog = workdir / "reference-errors.log"
+        self.key = ""
+        self.rows: list[Row] = []
+        self.agents: list[int] = []  # every agent of the bench user, in creation order
+        self.private_key = lab.key_path.read_text()
+        self.cm = ControlMaster(lab, workdir)
+        self.started_rss: dict[int, int] = {}
+
+    def agent_body(self, name: str) -> dict[str, object]:
+        return {"name": name, "hostname": self.lab.host, "port": self.lab.port, "username": self.lab.user,
+                "private_key": self.private_key, "host_key": self.lab.host_key}
+
+    async def register(self, name: str, key: str | None = None) -> int:
+        created = await call(self.portal.port, "POST", "/agents", key or self.key, self.agent_body(name), expect=201)
+        agent_id = int(created.json()["id"])
+        if key is None:
+            self.agents.append(agent_id)
+        return agent_id
+
+    async def connection(self) -> HttpConnection:
+        return await HttpConnection(self.portal.port, self.key).connect()
+
+    def worker_of(self, conn: HttpConnection) -> int:
+        """The portal worker (pid) that accepted this client connection."""
+        assert conn.writer is not None
+        client_port = conn.writer.get_extra_info("sockname")[1]
+        inode = None
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            parts = line.split()
+            local, remote = parts[1], parts[2]
+            ports = (int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16))
+            if ports == (self.portal.port, client_port):
+                inode = parts[9]
+                break
+        for _ in range(50):
+            for pid in self.portal.worker_pids():
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    try:
+                        if os.readlink(fd) == f"socket:[{inode}]":
+                            return pid
+                    except OSError:
+                        continue
+            time.sleep(0.01)  # accepted a moment later
+        raise RuntimeError("cannot tell which worker serves a connection")
+
+    async def connections_per_worker(self, per_worker: int) -> dict[int, list[HttpConnection]]:
+        """Keep-alive connections, ``per_worker`` of them served by each worker."""
+        found: dict[int, list[HttpConnection]] = {pid: [] for pid in self.portal.worker_pids()}
+        spare = []
+        for _ in range(per_worker * len(found) * 20):
+            if all(len(conns) >= per_worker for conns in found.values()):
+                break
+            conn = await self.connection()
+            await conn.request("GET", "/health")  # accepted and served: now it belongs to a worker
+            pid = self.worker_of(conn)
+            (found[pid] if len(found[pid]) < per_worker else spare).append(conn)
+        for conn in spare:
+            await conn.close()
+        if not all(len(conns) >= per_worker for conns in found.values()):
+            raise RuntimeError("could not get connections to every worker")
+        return found
+
+    async def vms(self, conn: HttpConnection, agent_id: int) -> float:
+        started = time.perf_counter()
+        response = await conn.request("GET", f"/agents/{agent_id}/vms")
+        elapsed = time.perf_counter() - started
+        if response.status != 200:
+            raise RuntimeError(f"GET /agents/{agent_id}/vms: {response.status} {response.body[:300]!r}")
+        return elapsed
+
+    async def burst(self, pairs: list[tuple[HttpConnection, int]]) -> float:
+        started = time.perf_counter()
+        await asyncio.gather(*(self.vms(conn, agent_id) for conn, agent_id in pairs))
+        return time.perf_counter() - started
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        ratio = f"{row.ratio:.3f}" if row.ratio is not None else "-"
+        log(f"{row.figure}: portal {row.portal} reference {row.reference} ratio {ratio} "
+            f"target {row.target} -> {row.met} {row.note}")
+
+    # --------------------------------------------------------------------------------- figures
+
+    async def setup(self) -> None:
+        self.started_rss = {pid: proc_status_kib(pid, "VmRSS") for pid in self.portal.worker_pids()}
+        user = await call(self.portal.port, "POST", "/users", body={"name": "bench"}, expect=201)
+        self.key = user.json()["api_key"]
+        await self.register("main")
+
+    async def figure_1(self) -> None:
+        """Authenticated GET /users/me and GET /agents throughput ÷ GET /health, same server."""
+        seconds, conns, rounds = self.args.wrk_seconds, self.args.wrk_connections, self.args.wrk_rounds
+        paths = {"/health": None, "/users/me": self.key, "/agents": self.key}
+        for path, key in paths.items():  # warm-up: imports, caches, database pages
+            wrk_balanced(self.portal, path, key=key, seconds=1, connections=conns)
+        # Rounds of the three routes back to back, each ratio taken within its round: the
+        # machine's speed drifts (shared host, 2 cores) more between rounds than within one.
+        rates: dict[str, list[float]] = {path: [] for path in paths}
+        splits = set()
+        for _ in range(rounds):
+            for path, key in paths.items():
+                result, split = wrk_balanced(self.portal, path, key=key, seconds=seconds, connections=conns)
+                if result.non_2xx or result.socket_errors:
+                    raise RuntimeError(f"wrk {path}: {result.non_2xx} non-2xx, {result.socket_errors} socket errors")
+                rates[path].append(result.requests_per_second)
+                splits.add("/".join(map(str, split)))
+        for path in ("/users/me", "/agents"):
+            ratios = [rate / health for rate, health in zip(rates[path], rates["/health"], strict=True)]
+            ratio = median(ratios)
+            self.add(Row(f"1 GET {path} throughput / GET /health", "req/s", round(median(rates[path])),
+                         round(median(rates["/health"])), ratio, ">= 0.6", check(ratio >= 0.6),
+                         f"wrk, {conns} connections split evenly over the workers ({', '.join(sorted(splits))}), "
+                         f"{rounds} rounds of {seconds:g} s per route; rates are medians, the ratio is the median "
+                         f"of the rounds' ratios ({', '.join(f'{r:.2f}' for r in ratios)}); the user has 1 agent"))
+
+    async def rotation_check(self) -> None:
+        """Not a timing: with the key lookups of figure 1 remembered by every worker, a key rotated
+        through one worker must be refused at once by the other (and the new key accepted)."""
+        per_worker = await self.connections_per_worker(1)
+        conns = [group[0] for group in per_worker.values()]
+        old = self.key
+        for conn in conns:  # each worker has just looked the key up, and keeps it
+            assert (await conn.request("GET", "/users/me")).status == 200
+        rotated = await conns[0].request("POST", "/users/me/api-key/rotate")
+        self.key = rotated.json()["api_key"]
+        statuses = []
+        for conn in reversed(conns):  # the other worker first
+            statuses.append((await conn.request("GET", "/users/me")).status)
+            conn.key = self.key
+            statuses.append((await conn.request("GET", "/users/me")).status)
+            await conn.close()
+        ok = rotated.status == 200 and statuses == [401, 200] * len(conns) and old != self.key
+        self.add(Row("1c old key refused by every worker right after rotation", "-", None, None, None,
+                     "401 at once", check(ok), f"statuses old/new key per worker, other worker first: {statuses}"))
+
+    async def figure_2(self) -> None:
+        """Warm GET /agents/{id}/vms median latency ÷ ssh over an open ControlMaster connection."""
+        self.cm.start()
+        conn = await self.connection()
+        agent = self.agents[0]
+        for _ in range(5):
+            await self.vms(conn, agent)
+            timed_commands(self.cm.command(), 1, self.errlog)
+        logins = self.lab.logins()
+        portal, reference = [], []
+        for _ in range(self.args.samples):
+            portal.append(await self.vms(conn, agent))
+            reference.append(timed_commands(self.cm.command(), 1, self.errlog))
+        new_logins = self.lab.logins() - logins
+        await conn.close()
+        p, r = median(portal) * 1000, median(reference) * 1000
+        self.add(Row("2 warm GET /agents/{id}/vms, median", "ms", round(p, 1), round(r, 1), p / r, "<= 1.1",
+                     check(p / r <= 1.1), f"{len(portal)} samples each, interleaved; "
+                     f"{new_logins} SSH logins meanwhile (1 = the ControlMaster's own)"))
+
+    async def figure_3(self) -> None:
+        """First VM request on a cold pool (a new agent) ÷ a fresh ``ssh host virsh list --all``."""
+        portal, reference, same_kex, cold = [], [], [], 0
+        curve25519 = fresh_ssh_command(self.lab, "-o", "KexAlgorithms=curve25519-sha256")
+        for i in range(self.args.cold_samples):
+            agent = await self.register(f"cold-{i}")
+            conn = await self.connection()
+            await conn.request("GET", "/health")
+            logins = self.lab.logins()
+            portal.append(await self.vms(conn, agent))
+            cold += self.lab.logins() - logins
+            await conn.close()
+            reference.append(timed_commands(fresh_ssh_command(self.lab), 1, self.errlog))
+            same_kex.append(timed_commands(curve25519, 1, self.errlog))
+        p, r, k = median(portal) * 1000, median(reference) * 1000, median(same_kex) * 1000
+        self.add(Row("3 first VM request, cold pool, median", "ms", round(p, 1), round(r, 1), p / r, "<= 1.25",
+                     check(p / r <= 1.25), f"{len(portal)} samples each, a new agent each time; "
+                     f"{cold} SSH logins for {len(portal)} requests; OpenSSH 9.2 negotiates the post-quantum "
+                     f"sntrup761x25519-sha512 key exchange by default"))
+        self.add(Row("3b the same / fresh ssh with the portal's key exchange", "ms", round(p, 1), round(k, 1),
+                     p / k, "report", "-", "ssh -o KexAlgorithms=curve25519-sha256, what asyncssh negotiates here"))
+
+    async def figures_4_and_5(self) -> None:
+        """20 concurrent VM lists on one agent ÷ 20 concurrent ssh over a ControlMaster (and ÷ 20
+        local virsh, the floor); and 20 VM lists across 20 agents ÷ the one-agent wall time."""
+        fleet = [await self.register(f"fleet-{i}") for i in range(BURST)]
+        main_conns = [await self.connection() for _ in range(BURST)]
+        fleet_conns = [await self.connection() for _ in range(BURST)]
+        one_agent = [(conn, self.agents[0]) for conn in main_conns]
+        many_agents = list(zip(fleet_conns, fleet, strict=True))
+        # Warm the pools: each fleet agent on the connection (so the worker) that will ask for it,
+        # a few at a time (sshd drops connections past 10 unauthenticated); then bursts until one
+        # opens no new SSH connection.
+        for start in range(0, BURST, MAX_COLD_CONNECTS):
+            await self.burst(many_agents[start:start + MAX_COLD_CONNECTS])
+        for pairs in (one_agent, many_agents):
+            for _ in range(8):
+                logins = self.lab.logins()
+                await self.burst(pairs)
+                if self.lab.logins() == logins:
+                    break
+        timed_commands(self.cm.command(), BURST, self.errlog)
+        timed_commands(local_virsh_command(self.lab), BURST, self.errlog)
+        one, cm, local, many = [], [], [], []
+        logins = self.lab.logins()
+        portal_logins = 0
+        for _ in range(self.args.burst_rounds):
+            before = self.lab.logins()
+            one.append(await self.burst(one_agent))
+            portal_logins += self.lab.logins() - before
+            cm.append(timed_commands(self.cm.command(), BURST, self.errlog))
+            local.append(timed_commands(local_virsh_command(self.lab), BURST, self.errlog))
+            before = self.lab.logins()
+            many.append(await self.burst(many_agents))
+            portal_logins += self.lab.logins() - before
+        cm_logins = self.lab.logins() - logins - portal_logins
+        for conn in main_conns + fleet_conns:
+            await conn.close()
+        o, c, f, m = (median(v) * 1000 for v in (one, cm, local, many))
+        rounds = self.args.burst_rounds
+
+        def per_round(a: list[float], b: list[float]) -> tuple[float, str]:
+            ratios = [x / y for x, y in zip(a, b, strict=True)]
+            return median(ratios), f"per-round ratios {min(ratios):.2f}-{max(ratios):.2f}"
+
+        r4, spread4 = per_round(one, cm)
+        r4b, spread4b = per_round(one, local)
+        r5, spread5 = per_round(many, one)
+        self.add(Row(f"4 {BURST} concurrent VM lists, one agent: wall", "ms", round(o, 1), round(c, 1), r4,
+                     "<= 1.0", check(r4 <= 1.0),
+                     f"reference: {BURST} concurrent ssh over a ControlMaster; {rounds} rounds interleaved, "
+                     f"medians, {spread4}; the portal opened {portal_logins} SSH connections while measured, "
+                     f"the reference {cm_logins} (past MaxSessions=10)"))
+        self.add(Row(f"4b the same / {BURST} concurrent local virsh (floor)", "ms", round(o, 1), round(f, 1),
+                     r4b, "report", "-", f"virsh run on the lab host itself, no SSH; {spread4b}"))
+        self.add(Row(f"5 VM lists across {BURST} agents at once: wall / figure 4", "ms", round(m, 1), round(o, 1),
+                     r5, "<= 1.25", check(r5 <= 1.25),
+                     f"warm pools, one SSH connection per agent, one request each; {spread5}"))
+
+    async def figure_6_memory(self) -> None:
+        """Peak RSS per worker with 50 agents pooled in every worker."""
+        while len(self.agents) < POOLED_AGENTS:
+            await self.register(f"pooled-{len(self.agents)}")
+        per_worker = await self.connections_per_worker(MAX_COLD_CONNECTS)
+        for conns in per_worker.values():
+            for start in range(0, len(self.agents), len(conns)):
+                chunk = self.agents[start:start + len(conns)]
+                await asyncio.gather(*(self.vms(conn, agent) for conn, agent in zip(conns, chunk, strict=False)))
+        for conns in per_worker.values():
+            for conn in conns:
+                await conn.close()
+        pids = self.portal.worker_pids()
+        peak = {pid: proc_status_kib(pid, "VmHWM") for pid in pids}
+        rss = {pid: proc_status_kib(pid, "VmRSS") for pid in pids}
+        pooled = {pid: tcp_connections(pid, remote_port=self.lab.port) for pid in pids}
+        worst = max(peak.values()) / 1024
+        start = max(self.started_rss.get(pid, 0) for pid in pids) / 1024
+        detail = "; ".join(f"worker {i + 1}: peak {peak[p] / 1024:.0f} MiB, now {rss[p] / 1024:.0f} MiB, "
+                           f"{pooled[p]} SSH connections" for i, p in enumerate(pids))
+        self.add(Row(f"6a peak RSS per worker, {len(self.agents)} agents pooled", "MiB", round(worst, 1),
+                     round(start, 1), worst / start if start else None, "report; all pooled",
+                     check(all(n >= POOLED_AGENTS for n in pooled.values())),
+                     f"reference: RSS of a worker just started; {detail} (met = every worker holds a "
+                     f"connection to each of the {len(self.agents)} agents)"))
+
+    async def figure_6_writes(self) -> None:
+        """SQLite write throughput: clients on both workers creating agents at once."""
+        writer = await call(self.portal.port, "POST", "/users", body={"name": "writer"}, expect=201)
+        key = writer.json()["api_key"]
+        per_worker = await self.connections_per_worker(self.args.writers // 2)
+        conns = [conn for group in per_worker.values() for conn in group]
+        for conn in conns:
+            conn.key = key
+        total = self.args.writes
+        names = iter(range(total))
+        statuses: dict[int, int] = {}
+
+        async def client(conn: HttpConnection) -> None:
+            for i in names:
+                response = await conn.request("POST", "/agents", self.agent_body(f"w-{i}"))
+                statuses[response.status] = statuses.get(response.status, 0) + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(conn) for conn in conns))
+        elapsed = time.perf_counter() - started
+        for conn in conns:
+            await conn.close()
+        listed = len((await call(self.portal.port, "GET", "/agents", key, expect=200)).json())
+        locked = len(re.findall(r"database is locked|database_busy", self.portal.log_text()))
+        created = statuses.get(201, 0)
+        ok = created == total == listed and locked == 0
+        self.add(Row(f"6b agents created/s, {len(conns)} clients on {len(per_worker)} workers", "1/s",
+                     round(created / elapsed, 1), None, None, "report; none lost", check(ok),
+                     f"{created}/{total} answered 201, statuses {statuses}, {listed} listed afterwards, "
+                     f"{locked} 'database is locked'/database_busy in the log"))
+
+
+# ------------------------------------------------------------------------------------- reporting
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in ("gunicorn", "uvicorn", "uvicorn-worker", "falcon", "asyncssh", "SQLAlchemy", "cryptography",
+                 "structlog", "uvloop", "httptools"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    found["python"] = platform.python_version()
+    found["sqlite"] = __import__("sqlite3").sqlite_version
+    found["openssh"] = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()
+    found["libvirt"] = subprocess.run(["virsh", "--version"], capture_output=True, text=True).stdout.strip()
+    wrk_out = subprocess.run([ensure_wrk(), "--version"], capture_output=True, text=True)
+    found["wrk"] = (wrk_out.stdout + wrk_out.stderr).split("[")[0].strip()
+    return found
+
+
+def machine() -> str:
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    memory = Path("/proc/meminfo").read_text().split()[1]
+    return f"{os.cpu_count()} CPUs ({model}), {int(memory) // 1024 // 1024} GiB, Linux {platform.release()}"
+
+
+def table(rows: list[Row]) -> str:
+    def fmt(value: float | None, digits: int = 1) -> str:
+        return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    header = ["figure", "unit", "portal", "reference", "ratio", "target", "met?"]
+    body = [[r.figure, r.unit, fmt(r.portal), fmt(r.reference), fmt(r.ratio, 3), r.target, r.met] for r in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) + " |"
+             for line in [header, *body]]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    notes = [f"{r.figure.split()[0]}: {r.note}" for r in rows if r.note]
+    return "\n".join(lines) + "\n\nNotes:\n" + "\n".join(f"- {n}" for n in notes)
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+async def measure(bench: Bench) -> None:
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+        ("setup", bench.setup),
+        ("figure 1 (throughput)", bench.figure_1),
+        ("figure 1c (rotation check)", bench.rotation_check),
+        ("figure 2 (warm latency)", bench.figure_2),
+        ("figure 3 (cold pool)", bench.figure_3),
+        ("figures 4 and 5 (bursts)", bench.figures_4_and_5),
+        ("figure 6a (memory)", bench.figure_6_memory),
+        ("figure 6b (writes)", bench.figure_6_writes),
+    ]
+    wanted = set(bench.args.figures.split(","))
+    for name, step in steps:
+        number = name.split()[1] if name != "setup" else "setup"
+        if number != "setup" and number[0] not in wanted:
+            continue
+        started = time.monotonic()
+        log(f"{name} ...")
+        await step()
+        log(f"{name} done in {time.monotonic() - started:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repo", type=Path, default=REPO, help="checkout whose main.py is measured")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--wrk-seconds", type=int, default=3)
+    parser.add_argument("--wrk-rounds", type=int, default=8)
+    parser.add_argument("--wrk-connections", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=60, help="figure 2 samples")
+    parser.add_argument("--cold-samples", type=int, default=15, help="figure 3 samples")
+    parser.add_argument("--burst-rounds", type=int, default=15, help="figures 4 and 5 rounds")
+    parser.add_argument("--writes", type=int, default=300, help="figure 6b agents created")
+    parser.add_argument("--writers", type=int, default=16, help="figure 6b concurrent clients")
+    parser.add_argument("--figures", default="1,2,3,4,6", help="which figures to measure (4 includes 5)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
+    args = parser.parse_args(argv)
+
+    started = time.monotonic()
+    ensure_wrk()
+    lab = Lab.up()
+    workdir = Path(tempfile.mkdtemp(prefix="portal-bench-"))
+    portal = Portal(args.repo.resolve(), workdir, workers=args.workers)
+    bench = Bench(args, lab, portal, workdir)
+    try:
+        portal.start()
+        log(f"portal on 127.0.0.1:{portal.port}, workers {portal.worker_pids()}, logs in {portal.log_path}")
+        asyncio.run(measure(bench))
+    finally:
+        bench.cm.stop()
+        portal.stop()
+        lab.down_if_started()
+        if not args.keep:
+            subprocess.run(["rm", "-rf", str(workdir)], check=False)
+    elapsed = time.monotonic() - started
+    info = versions()
+    print(f"Portal benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}, {elapsed:.0f} s")
+    print(f"Machine: {machine()}")
+    print("Versions: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    print(f"Portal: {args.repo.resolve()}/main.py under gunicorn, {args.workers} uvicorn workers, SQLite; "
+          f"lab sshd 127.0.0.1:{lab.port}\n")
+    print(table(bench.rows))
+    met = [r for r in bench.rows if r.met in ("yes", "NO")]
+    print(f"\n{sum(r.met == 'yes' for r in met)} of {len(met)} checked figures met.")
+    if args.json:
+        args.json.write_text(json.dumps({"elapsed_s": elapsed, "machine": machine(), "versions": info,
+                                         "rows": [asdict(r) for r in bench.rows]}, indent=2))
+    return 0 if all(r.met != "NO" for r in bench.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
