@@ -234,3 +234,29 @@ def test_backup_is_a_consistent_copy_taken_while_a_writer_is_open(storage: SqlSt
     assert target.stat().st_mode & 0o777 == 0o600
     with pytest.raises(FileExistsError):
         storage.backup(target)
+
+
+def test_data_version_moves_when_any_other_connection_commits(storage: SqlStorage, tmp_path: Path) -> None:
+    other_process = SqlStorage(storage.url.render_as_string(hide_password=False))
+    before = storage.data_version()
+    assert before is not None and storage.data_version() == before  # reading changes nothing
+    with other_process.transaction(write=True) as tx:  # e.g. another worker rotating a key
+        tx.add_user("alice", None, key(1), NOW)
+    assert storage.data_version() != before
+    after_other = storage.data_version()
+    with storage.transaction(write=True) as tx:  # this process's own pooled connections count too
+        tx.add_user("bob", None, key(2), NOW)
+    assert storage.data_version() != after_other
+    other_process.dispose()
+
+
+def test_until_changed_gives_values_back_only_at_the_version_they_were_read_at() -> None:
+    from entrypoints.http.cache import UntilChanged
+
+    version = [1]
+    cache: UntilChanged[str, int] = UntilChanged(lambda: version[0])
+    cache.put("k", cache.version(), 42)
+    assert cache.get("k", cache.version()) == 42
+    version[0] = 2  # a commit somewhere
+    assert cache.get("k", cache.version()) is None
+    assert UntilChanged(None).version() is None  # no version, nothing kept
