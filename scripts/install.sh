@@ -557,6 +557,10 @@ $listen    server_name $APP_DOMAIN;
 
     # = the portal's MANAGEMENT_MAX_BODY_BYTES (1 MiB): larger bodies get 413 here
     client_max_body_size $MAX_BODY;
+    # slow or oversized headers are cut off here, before they reach the portal
+    client_header_timeout 10s;
+    client_body_timeout 30s;
+    large_client_header_buffers 4 16k;
 
     location / {
         proxy_pass http://127.0.0.1:$APP_PORT;

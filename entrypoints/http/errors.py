@@ -43,6 +43,7 @@ CODE_OF_STATUS = {
     413: "body_too_large",
     415: "unsupported_media_type",
     429: "too_many_requests",
+    431: "headers_too_large",
     409: "conflict",
     422: "validation_failed",
     502: "remote_error",

@@ -24,6 +24,8 @@ from entrypoints.http.errors import Problem
 access_log = structlog.get_logger("manage_playrservers.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+MAX_HEADER_BYTES = 16 * 1024  # like nginx's large_client_header_buffers in front of it
+MAX_HEADERS = 100
 BEARER_CHALLENGE = 'Bearer realm="manage-playrservers"'
 
 
@@ -38,6 +40,12 @@ class RequestContext:
         req.context.user = None
         structlog.contextvars.bind_contextvars(request_id=req.context.request_id)
         resp.set_header("X-Request-Id", req.context.request_id)
+        # The HTTP server (uvicorn) does not bound headers that arrive whole; refuse them here.
+        headers = req.scope.get("headers", [])
+        if len(headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES:
+            raise Problem(431, "headers_too_large",
+                          f"send at most {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes of them",
+                          title="Request header fields too large")
 
     async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
                                resource: object, req_succeeded: bool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -103,3 +104,18 @@ def test_a_bad_setting_stops_start_up_naming_the_variable(tmp_path: Path, variab
                             env={**os.environ, variable: value}, timeout=30)
     assert result.returncode == 2
     assert variable in result.stderr
+
+
+@pytest.mark.parametrize("headers", [b"X-Big: " + b"a" * 70_000 + b"\r\n",
+                                     b"".join(b"X-H%d: v\r\n" % n for n in range(500))],
+                         ids=["one 70 KB header", "500 headers"])
+def test_oversized_headers_are_refused_with_431_and_the_server_stays_healthy(server: Server,
+                                                                           headers: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: portal\r\nConnection: close\r\n" + headers + b"\r\n")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert b"headers_too_large" in answer
+    assert server.request("GET", "/health")[0] == 200

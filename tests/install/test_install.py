@@ -364,6 +364,7 @@ def assert_unit(port: int) -> None:
                  "proxy_set_header X-Real-IP $remote_addr;",
                  "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
                  "proxy_set_header X-Forwarded-Proto $scheme;", "client_max_body_size 1m;",
+                 "client_header_timeout 10s;", "large_client_header_buffers 4 16k;",
                  "listen 127.0.0.1:80;"):
         assert line in site, line
     read_timeout = next(line for line in site.splitlines() if "proxy_read_timeout" in line)
