@@ -41,8 +41,8 @@ class RequestContext:
         structlog.contextvars.bind_contextvars(request_id=req.context.request_id)
         resp.set_header("X-Request-Id", req.context.request_id)
         # The HTTP server (uvicorn) does not bound headers that arrive whole; refuse them here.
-        headers = req.scope.get("headers", [])
-        if len(headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES:
+        headers = req.headers
+        if len(headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in headers.items()) > MAX_HEADER_BYTES:
             raise Problem(431, "headers_too_large",
                           f"send at most {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes of them",
                           title="Request header fields too large")
