@@ -67,7 +67,8 @@ class CommandResult:
     exit_status: int
     stdout: str
     stderr: str
-    # The host key the connection was verified with (the core pins it on first use).
+    # The host key the connection was verified with (pinning on first use goes through ``pin``
+    # on ``RemoteShell.run``; this only reports it).
     host_key: HostKey | None = None
 
 

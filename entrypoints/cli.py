@@ -148,9 +148,9 @@ def _users(args: argparse.Namespace, settings: Settings) -> int:
                 for user in users:
                     print(f"{user.id:>5}  {user.name[:24]:<24} {(user.email or '-')[:32]:<32} {user.api_key_prefix}")
         else:
-            user = portal.find_user(user_id=args.id, email=args.email)
-            api_key = library.login_as(user).rotate_api_key()
-            _print_json(UserWithKeyView.with_key(portal.find_user(user_id=user.id), api_key))
+            session = library.login_as(portal.find_user(user_id=args.id, email=args.email))
+            api_key = session.rotate_api_key()  # also brings session.user up to date
+            _print_json(UserWithKeyView.with_key(session.user, api_key))
     return 0
 
 
