@@ -76,7 +76,11 @@ class ReversibleSecretBox:
 
 
 class FakeSshKeys:
-    """Accepts ``PRIVATE KEY`` texts; ``ENCRYPTED:<passphrase>`` inside one demands that passphrase."""
+    """Accepts ``PRIVATE KEY`` texts; ``ENCRYPTED:<passphrase>`` inside one demands that passphrase.
+    Generated keys are numbered, so each is different."""
+
+    def __init__(self) -> None:
+        self.generated = 0
 
     def inspect_private_key(self, text: str, passphrase: str | None) -> ClientKey:
         if "PRIVATE KEY" not in text:
@@ -89,6 +93,10 @@ class FakeSshKeys:
                 raise ValueError("passphrase does not decrypt the private key")
         digest = hashlib.sha256(text.encode()).hexdigest()
         return ClientKey(public_key=f"ssh-ed25519 FAKE{digest[:16]}", fingerprint=f"SHA256:{digest[:43]}")
+
+    def generate_private_key(self) -> str:
+        self.generated += 1
+        return f"-----BEGIN OPENSSH PRIVATE KEY-----\ngenerated {self.generated}\n-----END OPENSSH PRIVATE KEY-----\n"
 
     def parse_host_key(self, text: str) -> HostKey:
         parts = text.split()

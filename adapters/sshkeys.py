@@ -74,6 +74,10 @@ class AsyncsshKeys:
         public = key.export_public_key("openssh").decode("ascii").split()
         return ClientKey(public_key=" ".join(public[:2]), fingerprint=key.get_fingerprint("sha256"))
 
+    def generate_private_key(self) -> str:
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        return key.export_private_key("openssh").decode("ascii")
+
     def parse_host_key(self, text: str) -> HostKey:
         line = text.strip()
         if "\n" in line or "\r" in line:

@@ -55,8 +55,14 @@ class NewAgent:
     name: str = attrs.field(metadata=doc("Name of the hypervisor, unique for its owner.", minLength=1, maxLength=100))
     hostname: str = attrs.field(metadata=doc("DNS name or IP address of the SSH server.", maxLength=255))
     username: str = attrs.field(metadata=doc("SSH user on the hypervisor.", maxLength=64))
-    private_key: str = attrs.field(
-        repr=False, metadata=doc("SSH private key, OpenSSH or PEM text (sealed at rest).")
+    private_key: str | None = attrs.field(
+        default=None, repr=False,
+        metadata=doc("SSH private key, OpenSSH or PEM text (sealed at rest). Required unless generate_key is true."),
+    )
+    generate_key: bool = attrs.field(
+        default=False,
+        metadata=doc("Let the portal generate an ed25519 key pair instead of uploading private_key; the answer's "
+                     "public_key goes into the hypervisor's authorized_keys."),
     )
     port: int = attrs.field(default=DEFAULT_SSH_PORT, metadata=doc("SSH port.", minimum=1, maximum=65535))
     private_key_passphrase: str | None = attrs.field(
@@ -82,7 +88,8 @@ class AgentChanges:
     hostname: str = attrs.field(default=UNCHANGED, metadata=NewAgent.__attrs_attrs__.hostname.metadata)
     username: str = attrs.field(default=UNCHANGED, metadata=NewAgent.__attrs_attrs__.username.metadata)
     private_key: str = attrs.field(
-        default=UNCHANGED, repr=False, metadata=NewAgent.__attrs_attrs__.private_key.metadata
+        default=UNCHANGED, repr=False,
+        metadata=doc("A new SSH private key, OpenSSH or PEM text (or POST rotate-key to have one generated)."),
     )
     port: int = attrs.field(default=UNCHANGED, metadata=NewAgent.__attrs_attrs__.port.metadata)
     private_key_passphrase: str | None = attrs.field(
@@ -95,3 +102,22 @@ class AgentChanges:
     libvirt_uri: str | None = attrs.field(
         default=UNCHANGED, metadata=NewAgent.__attrs_attrs__.libvirt_uri.metadata
     )
+
+
+@attrs.frozen(kw_only=True)
+class NewSnapshot:
+    """A libvirt internal snapshot to take of a VM (its disks need to be qcow2)."""
+
+    name: str = attrs.field(metadata=doc(
+        "Snapshot name, same rules as VM names: letters, digits, inner spaces and . _ - + : @ , = %.",
+        minLength=1, maxLength=200))
+    description: str | None = attrs.field(
+        default=None, metadata=doc("Optional free text kept with the snapshot in libvirt; one line.", maxLength=1000)
+    )
+
+
+@attrs.frozen(kw_only=True)
+class AutostartChange:
+    """Whether libvirt starts the VM when the host (libvirtd) starts."""
+
+    enabled: bool = attrs.field(metadata=doc("true: start with the host (virsh autostart); false: do not."))

@@ -103,3 +103,16 @@ class RemoteTimeout(RemoteError):
 
     code = "agent_timeout"
     title = "Remote host timed out"
+
+
+class WaitTimedOut(RemoteTimeout):
+    """The action was done, but the VM had not reached the awaited state when the wait ran out
+    (HTTP 504); ``state`` is the state it was last seen in."""
+
+    code = "wait_timeout"
+    title = "VM did not reach the state in time"
+
+    def __init__(self, detail: str, *, state: str | None, target_state: str) -> None:
+        super().__init__(detail)
+        self.state = state
+        self.target_state = target_state

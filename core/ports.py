@@ -58,6 +58,10 @@ class SshKeys(Protocol):
         """Parse one OpenSSH public key line; raise ``ValueError`` with a reason if it is not one."""
         ...
 
+    def generate_private_key(self) -> str:
+        """A new ed25519 private key as unencrypted OpenSSH text (the portal seals it at once)."""
+        ...
+
 
 @attrs.frozen
 class CommandResult:

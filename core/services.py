@@ -8,22 +8,25 @@ change; a refused attempt is recorded too (outcome = the error's code) in a tran
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
 import attrs
 
 from core import validation, virsh
-from core.commands import AgentChanges, NewAgent, NewUser, is_set
+from core.commands import AgentChanges, NewAgent, NewSnapshot, NewUser, is_set
 from core.errors import (
     Conflict,
     FieldError,
     NotFound,
     PortalError,
+    RemoteError,
     SignupRefused,
     Unauthenticated,
     ValidationFailed,
+    WaitTimedOut,
 )
 from core.model import (
     DEFAULT_LIBVIRT_URI,
@@ -49,7 +52,7 @@ from core.ports import (
     Storage,
     Transaction,
 )
-from core.virsh import VmAction, VmSummary
+from core.virsh import NodeInfo, Snapshot, Versions, VmAction, VmStats, VmSummary
 
 T = TypeVar("T")
 
@@ -63,6 +66,68 @@ class VmInfo:
 
     dominfo: dict[str, str | int | None]
     raw: CommandResult
+
+
+@attrs.frozen
+class WaitedAction:
+    """A VM action and the wait that followed it: the state reached and how long it took."""
+
+    result: CommandResult
+    state: str
+    waited_seconds: float
+
+
+@attrs.frozen
+class HostFacts:
+    """What a hypervisor says about itself: host name, processors and memory, versions."""
+
+    hostname: str | None
+    node: NodeInfo
+    versions: Versions
+
+
+@attrs.frozen
+class Failure:
+    """Why one part of a larger answer failed: the error's stable code and its detail."""
+
+    code: str
+    detail: str
+
+    @classmethod
+    def of(cls, error: PortalError) -> Failure:
+        return cls(error.code, error.detail)
+
+
+@attrs.frozen
+class FleetEntry:
+    """One agent of the fleet view: its VMs, or (``vms`` None) why they could not be listed."""
+
+    agent_id: int
+    agent_name: str
+    vms: list[VmSummary] | None
+    error: Failure | None
+
+
+@attrs.frozen
+class AgentCheck:
+    """How an agent answered a check. ``host_key_fingerprint`` is the pinned key's; the round trip
+    is one virsh command over the pooled connection (connecting first if none was open)."""
+
+    reachable: bool
+    authenticated: bool
+    host_key_fingerprint: str | None
+    libvirt_reachable: bool
+    round_trip_ms: float | None
+    error: Failure | None
+
+
+# How a failed check reads: the codes that mean the host could not be reached at all, and those
+# that mean it answered but the portal could not (or would not) log in.
+_UNREACHABLE = frozenset({"agent_unreachable", "agent_connect_timeout"})
+_NOT_AUTHENTICATED = frozenset({"agent_auth_failed", "host_key_unknown", "host_key_mismatch"})
+
+POLL_INTERVAL = 0.25  # seconds between two state polls while waiting
+FLEET_PARALLELISM = 8  # agents asked at once by the fleet view
 
 
 @attrs.frozen
@@ -86,6 +151,10 @@ class Portal:
         clock: Clock,
         signup: SignupPolicy = SignupPolicy.FIRST,
         shell: RemoteShell | None = None,
+        poll_interval: float = POLL_INTERVAL,
+        fleet_parallelism: int = FLEET_PARALLELISM,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.storage = storage
         self.hasher = hasher
@@ -94,6 +163,12 @@ class Portal:
         self.clock = clock
         self.signup = signup
         self.shell = shell
+        # Waiting on a VM's state: how often to poll, and the clock and sleep to do it with
+        # (injectable, so tests wait on a fake clock instead of the wall clock).
+        self.poll_interval = poll_interval
+        self.fleet_parallelism = fleet_parallelism
+        self._monotonic = monotonic
+        self._sleep = sleep
 
     # ------------------------------------------------------------------ users and API keys
 
@@ -190,13 +265,15 @@ class Portal:
             )
             # Parsing an encrypted key runs its KDF and sealing runs AES: both before the write
             # transaction, so no request ever holds the database's write lock while computing.
-            client_key, key_errors = self._inspect_key(request.private_key, request.private_key_passphrase)
+            private_key, key_errors = self._private_key_of(request)
+            client_key, parse_errors = (None, []) if private_key is None else \
+                self._inspect_key(private_key, request.private_key_passphrase)
             host_key, host_errors = self._parse_host_key(request.host_key)
-            errors += key_errors + host_errors
+            errors += key_errors + parse_errors + host_errors
             if errors:
                 raise ValidationFailed(errors)
-            assert client_key is not None
-            sealed_key = self._seal(caller.user.id, "private_key", request.private_key)
+            assert client_key is not None and private_key is not None
+            sealed_key = self._seal(caller.user.id, "private_key", private_key)
             sealed_passphrase = _maybe(lambda p: self._seal(caller.user.id, "passphrase", p),
                                        request.private_key_passphrase)
             with audit.write() as tx:
@@ -223,6 +300,39 @@ class Portal:
                 )
                 audit.agent_id = agent.id
         return agent
+
+    def _private_key_of(self, request: NewAgent) -> tuple[str | None, list[FieldError]]:
+        """The key a registration brings: uploaded, or generated here when it asks for one."""
+        if request.generate_key:
+            if request.private_key is not None or request.private_key_passphrase is not None:
+                return None, [FieldError("generate_key", "cannot be combined with private_key or "
+                                                         "private_key_passphrase: send one or the other")]
+            return self.ssh_keys.generate_private_key(), []
+        if request.private_key is None:
+            return None, [FieldError("private_key", "is required (or send \"generate_key\": true to have the "
+                                                    "portal generate a key pair)")]
+        return request.private_key, []
+
+    def rotate_agent_key(self, caller: Caller, agent_id: int) -> Agent:
+        """Replace an agent's key with a new generated ed25519 pair. The old key stops being used
+        at once (pooled connections made with it are dropped); install the new public key on the
+        hypervisor (re-run ``scripts/agent-install.sh``) before the next command."""
+        with self._audited(caller, "agent.rotate_key", agent_id=agent_id) as audit:
+            agent = self.get_agent(caller, agent_id)
+            private_key = self.ssh_keys.generate_private_key()
+            client_key = self.ssh_keys.inspect_private_key(private_key, None)
+            rotated = attrs.evolve(agent, client_key=client_key, revision=agent.revision + 1,
+                                   sealed_private_key=self._seal(caller.user.id, "private_key", private_key),
+                                   sealed_passphrase=None, updated_at=self.clock.now())
+            with audit.write() as tx:
+                current = _owned(tx, caller, agent_id)
+                if (current.revision, current.updated_at) != (agent.revision, agent.updated_at):
+                    raise Conflict("the agent was changed by another request meanwhile; send the change again",
+                                   code="agent_changed")
+                tx.update_agent(rotated)
+        if self.shell is not None:
+            self.shell.discard(agent_id)
+        return rotated
 
     def list_agents(self, caller: Caller) -> list[Agent]:
         """The caller's agents, oldest first."""
@@ -334,7 +444,12 @@ class Portal:
         return VmInfo(dominfo=virsh.parse_dominfo(result.stdout), raw=result)
 
     async def vm_action(self, caller: Caller, agent_id: int, vm: str, action: VmAction) -> CommandResult:
-        """Start, shut down, force-stop or reboot a VM; audited whatever the outcome."""
+        """Start, shut down, force-stop, reboot, suspend or resume a VM; audited whatever the outcome."""
+        result, _ = await self._vm_action(caller, agent_id, vm, action)
+        return result
+
+    async def _vm_action(self, caller: Caller, agent_id: int, vm: str,
+                         action: VmAction) -> tuple[CommandResult, AgentCredentials]:
         audit_action = f"vm.{action.value.replace('-', '_')}"
         try:
             virsh.require_vm_name(vm)
@@ -345,7 +460,7 @@ class Portal:
             await asyncio.to_thread(self._record, caller, audit_action, agent_id, vm, error.code, error.detail)
             raise
         await asyncio.to_thread(self._record, caller, audit_action, agent_id, vm, "ok", None)
-        return result
+        return result, target
 
     def _target(self, caller: Caller, agent_id: int) -> AgentCredentials:
         with self.storage.transaction() as tx:
@@ -366,6 +481,225 @@ class Portal:
         with self.storage.transaction(write=True) as tx:
             tx.add_audit_event(attrs.evolve(self._caller_event(caller, action), agent_id=agent_id, vm=vm,
                                             outcome=outcome, detail=detail[:500] if detail else None))
+
+    # ------------------------------------------------------------------ VMs beyond the lifecycle
+
+    async def vm_action_and_wait(self, caller: Caller, agent_id: int, vm: str, action: VmAction, wait: int,
+                                 progress: Callable[[str | None, float], None] | None = None) -> WaitedAction:
+        """Run ``action``, then poll the VM's state over the pooled connection every
+        ``poll_interval`` seconds until it reaches ``action.target_state`` or ``wait`` seconds have
+        passed (``WaitTimedOut``, carrying the state it is in). ``wait=0`` looks once. The action is
+        audited as it ends, before the wait; nothing holds a transaction or a thread meanwhile.
+        ``progress(state, elapsed)`` is told of every poll (the command line shows it)."""
+        problem = virsh.check_wait(wait)
+        if problem is not None:
+            raise ValidationFailed.one("wait", problem)
+        result, target = await self._vm_action(caller, agent_id, vm, action)
+        state, waited = await self._wait_for_state(caller, target, vm, action.target_state, wait, progress)
+        return WaitedAction(result=result, state=state, waited_seconds=waited)
+
+    async def _wait_for_state(self, caller: Caller, target: AgentCredentials, vm: str, wanted: str, wait: float,
+                              progress: Callable[[str | None, float], None] | None) -> tuple[str, float]:
+        started = self._monotonic()
+        deadline = started + wait
+        while True:
+            state = await self._state(caller, target, vm)
+            now = self._monotonic()
+            if progress is not None:
+                progress(state, now - started)
+            if state == wanted:
+                return state, now - started
+            if now >= deadline:
+                raise WaitTimedOut(f"VM {vm!r} is {state or 'in an unknown state'}, not {wanted}, after waiting "
+                                   f"{wait:g} s", state=state, target_state=wanted)
+            await self._sleep(min(self.poll_interval, deadline - now))
+
+    async def _state(self, caller: Caller, target: AgentCredentials, vm: str) -> str | None:
+        result = await self._remote(caller, target, virsh.state_command(target.agent.libvirt_uri, vm))
+        virsh.raise_for_failure(result, vm)
+        return virsh.parse_state(result.stdout)
+
+    async def set_autostart(self, caller: Caller, agent_id: int, vm: str, enabled: bool) -> CommandResult:
+        """Have libvirt start the VM with the host, or not (``virsh autostart [--disable]``); audited
+        as ``vm.autostart`` with ``enable`` or ``disable`` in its detail."""
+
+        async def work(target: AgentCredentials) -> CommandResult:
+            result = await self._remote(caller, target, virsh.autostart_command(target.agent.libvirt_uri, vm,
+                                                                                enabled))
+            virsh.raise_for_failure(result, vm)
+            return result
+
+        return await self._audited_remote(caller, "vm.autostart", agent_id, vm, work,
+                                          "enable" if enabled else "disable")
+
+    async def vm_stats(self, caller: Caller, agent_id: int, vm: str) -> VmStats:
+        """``virsh domstats`` of one VM: state, CPU time, vCPUs, balloon memory, disks, interfaces."""
+        virsh.require_vm_name(vm)
+        target = await asyncio.to_thread(self._target, caller, agent_id)
+        result = await self._remote(caller, target, virsh.stats_command(target.agent.libvirt_uri, vm))
+        virsh.raise_for_failure(result, vm)
+        return virsh.parse_stats(result.stdout, vm)
+
+    # snapshots (libvirt internal snapshots)
+
+    async def list_snapshots(self, caller: Caller, agent_id: int, vm: str) -> list[Snapshot]:
+        """The VM's snapshots (``virsh snapshot-list --parent``), the current one marked."""
+        virsh.require_vm_name(vm)
+        target = await asyncio.to_thread(self._target, caller, agent_id)
+        return await self._snapshots(caller, target, vm)
+
+    async def _snapshots(self, caller: Caller, target: AgentCredentials, vm: str) -> list[Snapshot]:
+        uri = target.agent.libvirt_uri
+        listed, current = await asyncio.gather(
+            self._remote(caller, target, virsh.snapshot_list_command(uri, vm)),
+            self._remote(caller, target, virsh.snapshot_current_command(uri, vm)),
+        )
+        virsh.raise_for_snapshot_failure(listed, vm)
+        current_name = virsh.parse_current_snapshot(current)
+        return [attrs.evolve(s, current=s.name == current_name) for s in virsh.parse_snapshot_list(listed.stdout)]
+
+    async def create_snapshot(self, caller: Caller, agent_id: int, vm: str, request: NewSnapshot) -> Snapshot:
+        """Take an internal snapshot (``virsh snapshot-create-as``); audited as
+        ``vm.snapshot_create``. Answers the snapshot as the list shows it afterwards."""
+
+        async def work(target: AgentCredentials) -> CommandResult:
+            argv = virsh.snapshot_create_command(target.agent.libvirt_uri, vm, request.name, request.description)
+            result = await self._remote(caller, target, argv)
+            virsh.raise_for_snapshot_failure(result, vm, request.name)
+            return result
+
+        await self._audited_remote(
+            caller, "vm.snapshot_create", agent_id, vm, work, f"snapshot {request.name}",
+            check=lambda: virsh.snapshot_create_command(DEFAULT_LIBVIRT_URI, vm, request.name, request.description))
+        target = await asyncio.to_thread(self._target, caller, agent_id)
+        created = [s for s in await self._snapshots(caller, target, vm) if s.name == request.name]
+        if not created:  # deleted again in between by someone else
+            raise NotFound(f"VM {vm!r} has no snapshot named {request.name!r}", code="snapshot_not_found")
+        return created[0]
+
+    async def revert_snapshot(self, caller: Caller, agent_id: int, vm: str, snapshot: str) -> CommandResult:
+        """Revert the VM to a snapshot (``virsh snapshot-revert``); audited as ``vm.snapshot_revert``."""
+
+        async def work(target: AgentCredentials) -> CommandResult:
+            argv = virsh.snapshot_revert_command(target.agent.libvirt_uri, vm, snapshot)
+            result = await self._remote(caller, target, argv)
+            virsh.raise_for_snapshot_failure(result, vm, snapshot)
+            return result
+
+        return await self._audited_remote(caller, "vm.snapshot_revert", agent_id, vm, work, f"snapshot {snapshot}",
+                                          check=lambda: virsh.require_snapshot_name(snapshot))
+
+    async def delete_snapshot(self, caller: Caller, agent_id: int, vm: str, snapshot: str) -> CommandResult:
+        """Delete a snapshot (``virsh snapshot-delete``; its children are kept, re-parented); audited
+        as ``vm.snapshot_delete``."""
+
+        async def work(target: AgentCredentials) -> CommandResult:
+            argv = virsh.snapshot_delete_command(target.agent.libvirt_uri, vm, snapshot)
+            result = await self._remote(caller, target, argv)
+            virsh.raise_for_snapshot_failure(result, vm, snapshot)
+            return result
+
+        return await self._audited_remote(caller, "vm.snapshot_delete", agent_id, vm, work, f"snapshot {snapshot}",
+                                          check=lambda: virsh.require_snapshot_name(snapshot))
+
+    async def _audited_remote(self, caller: Caller, action: str, agent_id: int, vm: str,
+                              work: Callable[[AgentCredentials], Awaitable[T]], detail: str,
+                              check: Callable[[], object] | None = None) -> T:
+        """Validate (the VM name, then ``check``) before looking the agent up, run ``work`` on it and
+        record ``action`` with its outcome, like ``vm_action``."""
+        try:
+            virsh.require_vm_name(vm)
+            if check is not None:
+                check()
+            target = await asyncio.to_thread(self._target, caller, agent_id)
+            value = await work(target)
+        except PortalError as error:
+            await asyncio.to_thread(self._record, caller, action, agent_id, vm, error.code, error.detail)
+            raise
+        await asyncio.to_thread(self._record, caller, action, agent_id, vm, "ok", detail)
+        return value
+
+    # the fleet and the hosts
+
+    async def fleet(self, caller: Caller, *, agent_ids: Sequence[int] = (),
+                    states: Sequence[str] = ()) -> list[FleetEntry]:
+        """Every VM on every agent of the caller (or on ``agent_ids`` of them), at most
+        ``fleet_parallelism`` agents at a time. An agent that fails is an entry with its error, so
+        one dead host never fails the answer; ``states`` keeps only VMs in those states."""
+        errors = _collect(*[("agent", None if 1 <= a <= 2**31 - 1 else "must be a positive agent id")
+                            for a in agent_ids],
+                          *[("state", None if s in virsh.VM_STATES
+                             else "must be a state virsh prints: " + ", ".join(virsh.VM_STATES))
+                            for s in states])
+        if errors:
+            raise ValidationFailed(errors)
+        targets = await asyncio.to_thread(self._targets, caller, set(agent_ids))
+        gate = asyncio.Semaphore(max(1, self.fleet_parallelism))
+
+        async def one(agent: Agent, target: AgentCredentials | PortalError) -> FleetEntry:
+            if isinstance(target, PortalError):
+                return FleetEntry(agent.id, agent.name, None, Failure.of(target))
+            try:
+                async with gate:
+                    result = await self._remote(caller, target, virsh.list_command(agent.libvirt_uri))
+                virsh.raise_for_failure(result)
+            except PortalError as error:
+                return FleetEntry(agent.id, agent.name, None, Failure.of(error))
+            vms = [vm for vm in virsh.parse_list(result.stdout) if not states or vm.state in states]
+            return FleetEntry(agent.id, agent.name, vms, None)
+
+        return list(await asyncio.gather(*(one(agent, target) for agent, target in targets)))
+
+    def _targets(self, caller: Caller, only: set[int]) -> list[tuple[Agent, AgentCredentials | PortalError]]:
+        with self.storage.transaction() as tx:
+            agents = [a for a in tx.list_agents(caller.user.id) if not only or a.id in only]
+        targets: list[tuple[Agent, AgentCredentials | PortalError]] = []
+        for agent in agents:
+            try:
+                targets.append((agent, self._unseal(agent)))
+            except PortalError as error:  # one unreadable key fails its own entry only
+                targets.append((agent, error))
+        return targets
+
+    async def host_facts(self, caller: Caller, agent_id: int) -> HostFacts:
+        """The hypervisor's host name, ``virsh nodeinfo`` and ``virsh version --daemon``: three
+        commands at once over the pooled connection."""
+        target = await asyncio.to_thread(self._target, caller, agent_id)
+        uri = target.agent.libvirt_uri
+        node, version, hostname = await asyncio.gather(
+            *(self._remote(caller, target, argv)
+              for argv in (virsh.nodeinfo_command(uri), virsh.version_command(uri), virsh.hostname_command(uri))))
+        for result in (node, version, hostname):
+            virsh.raise_for_failure(result)
+        return HostFacts(hostname=virsh.parse_hostname(hostname.stdout), node=virsh.parse_nodeinfo(node.stdout),
+                         versions=virsh.parse_version(version.stdout))
+
+    async def check_agent(self, caller: Caller, agent_id: int) -> AgentCheck:
+        """Can the portal reach the agent, log in, and reach libvirt (``virsh uri``)? A failing host
+        answers with the reason instead of raising. Not audited: it changes nothing (except that a
+        first connection may pin the host key, which is audited as ``agent.pin_host_key``)."""
+        target = await asyncio.to_thread(self._target, caller, agent_id)
+        started = self._monotonic()
+        error: PortalError | None = None
+        host_key = target.agent.host_key
+        try:
+            result = await self._remote(caller, target, virsh.check_command(target.agent.libvirt_uri))
+            host_key = host_key or result.host_key
+            virsh.raise_for_failure(result)
+        except RemoteError as failed:
+            error = failed
+        elapsed_ms = round((self._monotonic() - started) * 1000, 1)
+        code = error.code if error is not None else None
+        reachable = code not in _UNREACHABLE
+        authenticated = reachable and code not in _NOT_AUTHENTICATED
+        return AgentCheck(
+            reachable=reachable,
+            authenticated=authenticated,
+            host_key_fingerprint=host_key.fingerprint if host_key is not None else None,
+            libvirt_reachable=error is None,
+            round_trip_ms=elapsed_ms if reachable else None,
+            error=Failure.of(error) if error is not None else None,
+        )
 
     # ------------------------------------------------------------------ audit
 

@@ -11,6 +11,7 @@ import re
 import shlex
 import unicodedata
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import attrs
 
@@ -32,10 +33,21 @@ class VmAction(enum.Enum):
     SHUTDOWN = "shutdown"
     FORCE_STOP = "force-stop"
     REBOOT = "reboot"
+    SUSPEND = "suspend"
+    RESUME = "resume"
 
     @property
     def subcommand(self) -> str:
-        return {"start": "start", "shutdown": "shutdown", "force-stop": "destroy", "reboot": "reboot"}[self.value]
+        return {"start": "start", "shutdown": "shutdown", "force-stop": "destroy", "reboot": "reboot",
+                "suspend": "suspend", "resume": "resume"}[self.value]
+
+    @property
+    def target_state(self) -> str:
+        """The state ``?wait=`` waits for. A reboot happens inside the running domain (same qemu
+        process, same id: libvirt never reports it as anything but ``running``), so waiting on a
+        reboot confirms the domain is running, not that the guest has finished booting."""
+        return {"start": "running", "shutdown": "shut off", "force-stop": "shut off", "reboot": "running",
+                "suspend": "paused", "resume": "running"}[self.value]
 
 
 @attrs.frozen
@@ -83,6 +95,105 @@ def action_command(uri: str, vm: str, action: VmAction) -> tuple[str, ...]:
     return _virsh(uri, action.subcommand, "--domain", require_vm_name(vm))
 
 
+# ---------------------------------------------------------------------- beyond the lifecycle
+# Every VM name goes after --domain, every snapshot name after --name (create) or --snapshotname,
+# and the one free text (a snapshot's description) right after --description, which virsh always
+# takes as that option's value, even when it starts with '-'.
+
+WAIT_MAX = 300  # seconds ?wait= may ask for
+SNAPSHOT_DESCRIPTION_MAX = 1000
+# ``virsh domstats --state`` reports the state as libvirt's number; these are the words
+# ``virsh list`` and ``virsh domstate`` print for each (VIR_DOMAIN_BLOCKED prints as "idle").
+DOMAIN_STATES = ("no state", "running", "idle", "paused", "in shutdown", "shut off", "crashed", "pmsuspended")
+STATS_GROUPS = ("--state", "--cpu-total", "--balloon", "--vcpu", "--interface", "--block")
+
+
+def check_wait(seconds: int) -> str | None:
+    """Why ``seconds`` is refused as a ``wait``, or None."""
+    return None if 0 <= seconds <= WAIT_MAX else f"must be between 0 and {WAIT_MAX} seconds"
+
+
+def check_snapshot_name(name: str) -> str | None:
+    """Snapshot names follow the VM-name rules (libvirt's own rules are looser)."""
+    return check_vm_name(name)
+
+
+def require_snapshot_name(name: str, field: str = "snapshot") -> str:
+    problem = check_snapshot_name(name)
+    if problem is not None:
+        raise ValidationFailed.one(field, problem)
+    return name
+
+
+def check_description(text: str) -> str | None:
+    """A snapshot description: one line of at most 1000 characters, no control characters."""
+    if len(text) > SNAPSHOT_DESCRIPTION_MAX:
+        return f"must be at most {SNAPSHOT_DESCRIPTION_MAX} characters"
+    if any(unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp") for char in text):
+        return "must not contain control characters or line breaks"
+    return None
+
+
+def state_command(uri: str, vm: str) -> tuple[str, ...]:
+    """The VM's state as a number (locale-proof), cheap enough to poll."""
+    return _virsh(uri, "domstats", "--domain", require_vm_name(vm), "--state")
+
+
+def stats_command(uri: str, vm: str) -> tuple[str, ...]:
+    return _virsh(uri, "domstats", "--domain", require_vm_name(vm), *STATS_GROUPS)
+
+
+def autostart_command(uri: str, vm: str, enabled: bool) -> tuple[str, ...]:
+    return _virsh(uri, "autostart", "--domain", require_vm_name(vm), *(() if enabled else ("--disable",)))
+
+
+def snapshot_list_command(uri: str, vm: str) -> tuple[str, ...]:
+    return _virsh(uri, "snapshot-list", "--domain", require_vm_name(vm), "--parent")
+
+
+def snapshot_current_command(uri: str, vm: str) -> tuple[str, ...]:
+    return _virsh(uri, "snapshot-current", "--domain", require_vm_name(vm), "--name")
+
+
+def snapshot_create_command(uri: str, vm: str, name: str, description: str | None = None) -> tuple[str, ...]:
+    require_vm_name(vm)
+    require_snapshot_name(name, "name")
+    extra: tuple[str, ...] = ()
+    if description:
+        problem = check_description(description)
+        if problem is not None:
+            raise ValidationFailed.one("description", problem)
+        extra = ("--description", description)
+    return _virsh(uri, "snapshot-create-as", "--domain", vm, "--name", name, *extra)
+
+
+def snapshot_revert_command(uri: str, vm: str, snapshot: str) -> tuple[str, ...]:
+    return _virsh(uri, "snapshot-revert", "--domain", require_vm_name(vm), "--snapshotname",
+                  require_snapshot_name(snapshot))
+
+
+def snapshot_delete_command(uri: str, vm: str, snapshot: str) -> tuple[str, ...]:
+    return _virsh(uri, "snapshot-delete", "--domain", require_vm_name(vm), "--snapshotname",
+                  require_snapshot_name(snapshot))
+
+
+def nodeinfo_command(uri: str) -> tuple[str, ...]:
+    return _virsh(uri, "nodeinfo")
+
+
+def version_command(uri: str) -> tuple[str, ...]:
+    return _virsh(uri, "version", "--daemon")
+
+
+def hostname_command(uri: str) -> tuple[str, ...]:
+    return _virsh(uri, "hostname")
+
+
+def check_command(uri: str) -> tuple[str, ...]:
+    """The cheapest command that needs libvirt: the URI it connected to."""
+    return _virsh(uri, "uri")
+
+
 def command_line(argv: Sequence[str]) -> str:
     """The single string an SSH server hands to the remote shell: every argument quoted."""
     return " ".join(shlex.quote(arg) for arg in argv)
@@ -92,6 +203,7 @@ def command_line(argv: Sequence[str]) -> str:
 
 _KNOWN_STATES = ("running", "idle", "paused", "in shutdown", "shut off", "crashed", "pmsuspended",
                  "blocked", "dying", "no state")
+VM_STATES = _KNOWN_STATES  # what the fleet view's state filter accepts
 _ROW = re.compile(r"^\s*(?P<id>[0-9]{1,10}|-)\s+(?P<rest>.*?)\s*$")
 
 
@@ -169,6 +281,278 @@ def _snake(key: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", key).strip("_")
 
 
+def _key_values(stdout: str) -> dict[str, str]:
+    """``Key: value`` lines as they are (keys stripped, values stripped)."""
+    values: dict[str, str] = {}
+    for line in stdout.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip():
+            values[key.strip()] = value.strip()
+    return values
+
+
+def _leading_int(value: str | None) -> int | None:
+    """``"2596 MHz"`` → 2596; None when the value does not start with a number."""
+    match = re.match(r"\s*([0-9]+)", value or "")
+    return int(match.group(1)) if match else None
+
+
+# ---------------------------------------------------------------------- domstats
+
+
+def parse_domstats(stdout: str) -> dict[str, str]:
+    """The ``key=value`` fields ``virsh domstats`` prints for the first domain in ``stdout``
+    (the portal asks for one). Values keep everything after the first ``=``."""
+    values: dict[str, str] = {}
+    seen_header = False
+    for line in stdout.splitlines():
+        if not line.strip():
+            continue
+        if not line[0].isspace():  # "Domain: 'name'" opens a domain's block
+            if seen_header or values:
+                break
+            seen_header = True
+            continue
+        key, sep, value = line.strip().partition("=")
+        if sep and key:
+            values[key] = value
+    return values
+
+
+def state_name(number: int) -> str:
+    """The word virsh prints for libvirt's state number."""
+    return DOMAIN_STATES[number] if 0 <= number < len(DOMAIN_STATES) else f"state {number}"
+
+
+def parse_state(stdout: str) -> str | None:
+    """The state in ``virsh domstats --state`` output, as virsh's word (``running``, ``shut off``)."""
+    number = _leading_int(parse_domstats(stdout).get("state.state"))
+    return None if number is None else state_name(number)
+
+
+@attrs.frozen
+class CpuStats:
+    """Host CPU time the domain used, in nanoseconds."""
+
+    time_ns: int | None
+    user_ns: int | None
+    system_ns: int | None
+
+
+@attrs.frozen
+class VcpuStats:
+    current: int | None
+    maximum: int | None
+
+
+@attrs.frozen
+class BalloonStats:
+    """Guest memory as the balloon driver reports it, in KiB (most need a balloon device in the guest)."""
+
+    current_kib: int | None
+    maximum_kib: int | None
+    rss_kib: int | None
+    available_kib: int | None
+    usable_kib: int | None
+    unused_kib: int | None
+
+
+@attrs.frozen
+class BlockStats:
+    """One disk: requests and bytes read, written and flushed; sizes in bytes."""
+
+    name: str | None
+    path: str | None
+    read_requests: int | None
+    read_bytes: int | None
+    write_requests: int | None
+    write_bytes: int | None
+    flush_requests: int | None
+    allocation: int | None
+    capacity: int | None
+    physical: int | None
+
+
+@attrs.frozen
+class NetStats:
+    """One network interface: bytes, packets, errors and drops received and sent."""
+
+    name: str | None
+    rx_bytes: int | None
+    rx_packets: int | None
+    rx_errors: int | None
+    rx_drops: int | None
+    tx_bytes: int | None
+    tx_packets: int | None
+    tx_errors: int | None
+    tx_drops: int | None
+
+
+@attrs.frozen
+class VmStats:
+    """``virsh domstats`` of one VM, structured; ``fields`` keeps every field virsh printed."""
+
+    name: str
+    state: str | None
+    state_reason: int | None
+    cpu: CpuStats
+    vcpus: VcpuStats
+    balloon: BalloonStats
+    block: list[BlockStats]
+    net: list[NetStats]
+    fields: dict[str, str]
+
+
+def parse_stats(stdout: str, vm: str) -> VmStats:
+    """Parse ``virsh domstats --state --cpu-total --balloon --vcpu --interface --block``."""
+    f = parse_domstats(stdout)
+
+    def num(key: str) -> int | None:
+        value = f.get(key)
+        return int(value) if value is not None and value.isascii() and value.isdigit() else None
+
+    state = num("state.state")
+    block = [
+        BlockStats(name=f.get(f"block.{i}.name"), path=f.get(f"block.{i}.path"),
+                   read_requests=num(f"block.{i}.rd.reqs"), read_bytes=num(f"block.{i}.rd.bytes"),
+                   write_requests=num(f"block.{i}.wr.reqs"), write_bytes=num(f"block.{i}.wr.bytes"),
+                   flush_requests=num(f"block.{i}.fl.reqs"), allocation=num(f"block.{i}.allocation"),
+                   capacity=num(f"block.{i}.capacity"), physical=num(f"block.{i}.physical"))
+        for i in range(min(num("block.count") or 0, 1024))
+    ]
+    net = [
+        NetStats(name=f.get(f"net.{i}.name"),
+                 rx_bytes=num(f"net.{i}.rx.bytes"), rx_packets=num(f"net.{i}.rx.pkts"),
+                 rx_errors=num(f"net.{i}.rx.errs"), rx_drops=num(f"net.{i}.rx.drop"),
+                 tx_bytes=num(f"net.{i}.tx.bytes"), tx_packets=num(f"net.{i}.tx.pkts"),
+                 tx_errors=num(f"net.{i}.tx.errs"), tx_drops=num(f"net.{i}.tx.drop"))
+        for i in range(min(num("net.count") or 0, 1024))
+    ]
+    return VmStats(
+        name=vm,
+        state=None if state is None else state_name(state),
+        state_reason=num("state.reason"),
+        cpu=CpuStats(time_ns=num("cpu.time"), user_ns=num("cpu.user"), system_ns=num("cpu.system")),
+        vcpus=VcpuStats(current=num("vcpu.current"), maximum=num("vcpu.maximum")),
+        balloon=BalloonStats(current_kib=num("balloon.current"), maximum_kib=num("balloon.maximum"),
+                             rss_kib=num("balloon.rss"), available_kib=num("balloon.available"),
+                             usable_kib=num("balloon.usable"), unused_kib=num("balloon.unused")),
+        block=block,
+        net=net,
+        fields=f,
+    )
+
+
+# ---------------------------------------------------------------------- snapshots
+
+
+@attrs.frozen
+class Snapshot:
+    """One row of ``virsh snapshot-list --parent``; ``current`` from ``virsh snapshot-current``.
+    ``state`` is the VM's state when the snapshot was taken (``running``, ``shutoff``, ``paused``,
+    ``disk-snapshot``); ``created_at`` is None if virsh printed a time it does not usually print."""
+
+    name: str
+    created_at: datetime | None
+    state: str
+    parent: str | None
+    current: bool = False
+
+
+_HEADER_CELL = re.compile(r"\S+(?: \S+)*")  # cells are 3+ spaces apart; words in a cell 1 space
+
+
+def parse_snapshot_list(stdout: str) -> list[Snapshot]:
+    """Parse ``virsh snapshot-list --parent`` (``Name  Creation Time  State  Parent``). Rows are cut
+    at the header's column positions, counted in display cells, so names with spaces (or that look
+    like times or states) and localized headers keep their columns."""
+    lines = stdout.splitlines()
+    separator = next((i for i, line in enumerate(lines) if line.strip() and set(line.strip()) == {"-"}), None)
+    if separator is None or separator == 0:
+        return []
+    header = lines[separator - 1]
+    starts = [_width(header[: m.start()]) for m in _HEADER_CELL.finditer(header)]
+    if len(starts) < 3:
+        return []
+    result: list[Snapshot] = []
+    for line in lines[separator + 1:]:
+        if not line.strip():
+            continue
+        cells = [_cells(line, start, starts[i + 1] if i + 1 < len(starts) else None).strip()
+                 for i, start in enumerate(starts)]
+        if not cells[0]:
+            continue
+        parent = cells[3] if len(cells) > 3 and cells[3] else None
+        result.append(Snapshot(name=cells[0], created_at=_snapshot_time(cells[1]), state=cells[2], parent=parent))
+    return result
+
+
+def _snapshot_time(text: str) -> datetime | None:
+    try:
+        return datetime.strptime(text, "%Y-%m-%d %H:%M:%S %z").astimezone(UTC)
+    except ValueError:
+        return None
+
+
+def parse_current_snapshot(result: CommandResult) -> str | None:
+    """The current snapshot's name from ``virsh snapshot-current --name``; None when the VM has
+    none (virsh fails with "has no current snapshot")."""
+    if result.exit_status != 0 and "no current snapshot" in result.stderr.lower():
+        return None
+    raise_for_failure(result)
+    return parse_hostname(result.stdout)
+
+
+# ---------------------------------------------------------------------- the host
+
+
+@attrs.frozen
+class NodeInfo:
+    """``virsh nodeinfo``: the host's processors and memory."""
+
+    cpu_model: str | None
+    cpus: int | None
+    cpu_mhz: int | None
+    cpu_sockets: int | None
+    cores_per_socket: int | None
+    threads_per_core: int | None
+    numa_cells: int | None
+    memory_kib: int | None
+
+
+def parse_nodeinfo(stdout: str) -> NodeInfo:
+    f = _key_values(stdout)
+    return NodeInfo(cpu_model=f.get("CPU model") or None, cpus=_leading_int(f.get("CPU(s)")),
+                    cpu_mhz=_leading_int(f.get("CPU frequency")), cpu_sockets=_leading_int(f.get("CPU socket(s)")),
+                    cores_per_socket=_leading_int(f.get("Core(s) per socket")),
+                    threads_per_core=_leading_int(f.get("Thread(s) per core")),
+                    numa_cells=_leading_int(f.get("NUMA cell(s)")), memory_kib=_leading_int(f.get("Memory size")))
+
+
+@attrs.frozen
+class Versions:
+    """``virsh version --daemon``: the libvirt library virsh uses, the daemon it talks to, and the
+    hypervisor (``QEMU``) with its version."""
+
+    libvirt: str | None
+    daemon: str | None
+    hypervisor: str | None
+    hypervisor_version: str | None
+
+
+def parse_version(stdout: str) -> Versions:
+    f = _key_values(stdout)
+    library = f.get("Using library", "").rpartition(" ")[2] or None
+    hypervisor, _, hypervisor_version = f.get("Running hypervisor", "").rpartition(" ")
+    return Versions(libvirt=library, daemon=f.get("Running against daemon") or None,
+                    hypervisor=hypervisor.strip() or None, hypervisor_version=hypervisor_version or None)
+
+
+def parse_hostname(stdout: str) -> str | None:
+    """The first non-empty line, stripped (``virsh hostname``, ``virsh snapshot-current --name``)."""
+    return next((line.strip() for line in stdout.splitlines() if line.strip()), None)
+
+
 # ---------------------------------------------------------------------- failures
 
 
@@ -195,3 +579,23 @@ def raise_for_failure(result: CommandResult, vm: str | None = None) -> None:
         raise RemoteError(f"libvirt is not reachable on the agent: {stderr}", code="libvirt_unavailable")
     raise RemoteError(f"virsh failed with exit status {result.exit_status}: {stderr or '(no output)'}",
                       code="virsh_failed")
+
+
+_SNAPSHOT_EXISTS = re.compile(r"domain (?:moment|snapshot) .* already exists", re.IGNORECASE)
+
+
+def raise_for_snapshot_failure(result: CommandResult, vm: str, snapshot: str | None = None) -> None:
+    """``raise_for_failure``, knowing the snapshot errors first: no such snapshot (404), the name is
+    taken (409), the VM cannot take internal snapshots (409)."""
+    if result.exit_status == 0:
+        return
+    stderr = result.stderr.strip()
+    lowered = re.sub(r"'[^']*'", "''", stderr).lower()  # names quoted by virsh cannot look like its words
+    if "snapshot not found" in lowered or "no domain snapshot with matching name" in lowered:
+        raise NotFound(f"VM {vm!r} has no snapshot named {snapshot!r}", code="snapshot_not_found")
+    if _SNAPSHOT_EXISTS.search(lowered):  # virsh does not quote the name here
+        raise Conflict(f"VM {vm!r} already has a snapshot named {snapshot!r}", code="snapshot_name_taken")
+    if "nothing selected for snapshot" in lowered or ("internal snapshot" in lowered and "unsupported" in lowered):
+        raise Conflict(f"VM {vm!r} cannot take internal snapshots (it needs a qcow2 disk): {stderr}",
+                       code="snapshot_unsupported")
+    raise_for_failure(result, vm)

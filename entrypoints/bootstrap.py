@@ -16,6 +16,7 @@ from adapters.sealing import AesGcmSecretBox, SecretKeyError, decode_key, load_o
 from adapters.sql.storage import SqlStorage
 from adapters.ssh import AsyncsshShell
 from adapters.sshkeys import AsyncsshKeys
+from core.errors import PortalError
 from core.ports import Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage
 from core.services import Portal
 from entrypoints.settings import ConfigError, Settings
@@ -53,15 +54,18 @@ def open_storage(settings: Settings, *, migrate: bool = True) -> SqlStorage:
             settings.db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.close(os.open(settings.db_path, os.O_CREAT | os.O_WRONLY, 0o600))
         storage = SqlStorage(settings.database_url, busy_timeout=settings.db_busy_timeout,
-                             pool_size=max(5, settings.workers))
+                             pool_size=settings.db_pool_size)
         if migrate:
             storage.upgrade()
         else:
             storage.schema_version()
-    except (OSError, ImportError, sqlalchemy.exc.SQLAlchemyError) as error:
-        reason = str(getattr(error, "orig", None) or error).splitlines()[0]
-        shown = sqlalchemy.engine.make_url(settings.database_url).render_as_string(hide_password=True) \
-            if "://" in settings.database_url else settings.database_url
+    except (OSError, ImportError, RuntimeError, sqlalchemy.exc.SQLAlchemyError, PortalError) as error:
+        url = sqlalchemy.engine.make_url(settings.database_url)
+        cause = error.__cause__ if isinstance(error, PortalError) and error.__cause__ is not None else error
+        reason = (str(getattr(cause, "orig", None) or cause).strip().splitlines() or [type(cause).__name__])[0]
+        if url.password:  # never print it, whatever the driver put in its message
+            reason = reason.replace(str(url.password), "***")
+        shown = url.render_as_string(hide_password=True)
         raise ConfigError(variable, f"cannot open the database {shown}: {reason}") from error
     return storage
 

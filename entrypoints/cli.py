@@ -9,7 +9,14 @@
     manage-playrservers agents list [--json]           (as the user whose key is in MANAGEMENT_API_KEY)
     manage-playrservers vms list AGENT [--json]
     manage-playrservers vms info AGENT VM [--json]
-    manage-playrservers vms start|shutdown|force-stop|reboot AGENT VM [--json]
+    manage-playrservers vms start|shutdown|force-stop|reboot|suspend|resume AGENT VM [--wait S] [--json]
+    manage-playrservers vms autostart AGENT VM on|off [--json]
+    manage-playrservers vms stats AGENT VM [--json]
+    manage-playrservers vms snapshots list AGENT VM [--json]
+    manage-playrservers vms snapshots create AGENT VM NAME [--description TEXT] [--json]
+    manage-playrservers vms snapshots revert|delete AGENT VM NAME [--json]
+    manage-playrservers vms fleet [--agent ID]... [--state STATE]... [--json]
+    manage-playrservers agents host|check AGENT [--json]
 
 It reads the same ``MANAGEMENT_*`` variables as the server. Commands that act as a user take that
 user's API key from ``MANAGEMENT_API_KEY`` (never from the command line, where other local users
@@ -23,11 +30,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.errors import PortalError
 from entrypoints.settings import ConfigError, Settings
 from entrypoints.shapes import UserView, UserWithKeyView, dump
+
+if TYPE_CHECKING:
+    from entrypoints.library import Session
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     agents_actions = agents.add_subparsers(dest="action", required=True)
     agents_list = agents_actions.add_parser("list", help="list your agents")
     agents_list.add_argument("--json", action="store_true", help="print JSON")
+    for name, text in [("public-key", "print the agent's authorized_keys line (restricted to the agent shell)"),
+                       ("rotate-key", "replace the agent's key with a new generated pair; prints the new "
+                                      "authorized_keys line (re-run scripts/agent-install.sh on the host)")]:
+        one = agents_actions.add_parser(name, help=text)
+        one.add_argument("agent", type=int, help="agent id")
+        one.add_argument("--json", action="store_true", help="print JSON")
+    for name, text in [("host", "the host's name, processors, memory and libvirt/QEMU versions"),
+                       ("check", "can the portal reach the host, log in and reach libvirt?")]:
+        one = agents_actions.add_parser(name, help=text)
+        one.add_argument("agent", type=int, help="agent id")
+        one.add_argument("--json", action="store_true", help="print JSON")
 
     vms = commands.add_parser("vms", help="drive VMs on an agent (needs MANAGEMENT_API_KEY)")
     vm_actions = vms.add_subparsers(dest="action", required=True)
@@ -68,11 +89,37 @@ def build_parser() -> argparse.ArgumentParser:
     vms_list.add_argument("--json", action="store_true", help="print JSON")
     for name, text in [("info", "virsh dominfo"), ("start", "start the VM"),
                        ("shutdown", "graceful shutdown (ACPI)"), ("force-stop", "virsh destroy"),
-                       ("reboot", "reboot the VM")]:
+                       ("reboot", "reboot the VM"), ("suspend", "pause the VM (virsh suspend)"),
+                       ("resume", "resume a paused VM"), ("stats", "virsh domstats")]:
         one = vm_actions.add_parser(name, help=text)
         one.add_argument("agent", type=int, help="agent id")
         one.add_argument("vm", help="VM name")
         one.add_argument("--json", action="store_true", help="print JSON")
+        if name not in ("info", "stats"):
+            one.add_argument("--wait", type=int, metavar="SECONDS",
+                             help="wait up to SECONDS (0-300) for the VM to reach the action's state")
+    autostart = vm_actions.add_parser("autostart", help="start the VM with the host, or not")
+    autostart.add_argument("agent", type=int, help="agent id")
+    autostart.add_argument("vm", help="VM name")
+    autostart.add_argument("enabled", choices=["on", "off"])
+    autostart.add_argument("--json", action="store_true", help="print JSON")
+    snapshots = vm_actions.add_parser("snapshots", help="internal snapshots of a VM")
+    snapshot_actions = snapshots.add_subparsers(dest="snapshot_action", required=True)
+    for name, text in [("list", "list the VM's snapshots"), ("create", "take a snapshot"),
+                       ("revert", "revert the VM to a snapshot"), ("delete", "delete a snapshot")]:
+        one = snapshot_actions.add_parser(name, help=text)
+        one.add_argument("agent", type=int, help="agent id")
+        one.add_argument("vm", help="VM name")
+        if name != "list":
+            one.add_argument("snapshot", help="snapshot name")
+        if name == "create":
+            one.add_argument("--description", help="free text kept with the snapshot")
+        one.add_argument("--json", action="store_true", help="print JSON")
+    fleet = vm_actions.add_parser("fleet", help="every VM on every agent of yours")
+    fleet.add_argument("--agent", type=int, action="append", default=[], help="only this agent (repeatable)")
+    fleet.add_argument("--state", action="append", default=[], help="only VMs in this state, e.g. running, "
+                                                                     "'shut off' (repeatable)")
+    fleet.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -158,7 +205,7 @@ def _as_user(args: argparse.Namespace, settings: Settings) -> int:
     import os
 
     from entrypoints.library import connect
-    from entrypoints.shapes import AgentView, CommandView, VmInfoView, VmView
+    from entrypoints.shapes import AgentView, CommandView, PublicKeyView, VmInfoView, VmView
 
     api_key = os.environ.get("MANAGEMENT_API_KEY", "").strip()
     if not api_key:
@@ -166,7 +213,16 @@ def _as_user(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     with connect(settings=settings) as library:
         me = library.login(api_key)
-        if args.command == "agents":
+        if args.action in _MORE_VM_COMMANDS.get(args.command, ()) or getattr(args, "wait", None) is not None:
+            return _more(me, args)
+        if args.command == "agents" and args.action in ("public-key", "rotate-key"):
+            agent = me.rotate_agent_key(args.agent) if args.action == "rotate-key" else me.agent(args.agent)
+            published = PublicKeyView.of(agent)
+            if args.json:
+                _print_json(published)
+            else:
+                print(published.authorized_keys_line)
+        elif args.command == "agents":
             agents = me.agents()
             if args.json:
                 _print_json([AgentView.of(a) for a in agents])
@@ -198,6 +254,144 @@ def _as_user(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 print(result.stdout.strip() or f"{args.action}: done")
     return 0
+
+
+_MORE_VM_COMMANDS = {"agents": ("host", "check"),
+                     "vms": ("suspend", "resume", "autostart", "stats", "snapshots", "fleet")}
+
+
+def _more(me: Session, args: argparse.Namespace) -> int:
+    """The commands beyond the seed's lifecycle: waiting, autostart, stats, snapshots, the fleet
+    view, host facts and checks."""
+    from entrypoints.shapes import AutostartView, CommandView, FleetEntryView, WaitedActionView
+
+    if args.command == "agents":
+        value: Any = me.host(args.agent) if args.action == "host" else me.check_agent(args.agent)
+        if args.json:
+            _print_json(value)
+        else:
+            _print_fields(dump(value))
+        return 0
+    if args.action == "fleet":
+        entries = me.fleet(agent_ids=args.agent, states=args.state)
+        if args.json:
+            _print_json([FleetEntryView.of(e) for e in entries])
+            return 0
+        print(f"{'AGENT':<24} {'ID':>5}  {'VM':<40} STATE")
+        for entry in entries:
+            agent = f"{entry.agent_name[:18]} ({entry.agent_id})"
+            if entry.error is not None:
+                print(f"{agent:<24} {'':>5}  error: {entry.error.code}: {entry.error.detail}")
+            for vm in entry.vms or []:
+                print(f"{agent:<24} {vm.id if vm.id is not None else '-':>5}  {vm.name:<40} {vm.state}")
+        return 0
+    if args.action == "autostart":
+        enabled = args.enabled == "on"
+        result = me.set_autostart(args.agent, args.vm, enabled)
+        if args.json:
+            _print_json(AutostartView(vm=args.vm, enabled=enabled, result=CommandView.of(result)))
+        else:
+            print(result.stdout.strip() or f"autostart {args.enabled}")
+        return 0
+    if args.action == "stats":
+        stats = me.vm_stats(args.agent, args.vm)
+        if args.json:
+            _print_json(stats)
+        else:
+            _print_fields({k: v for k, v in dump(stats).items() if k != "fields"})
+        return 0
+    if args.action == "snapshots":
+        return _snapshots(me, args)
+    if args.wait is None:
+        result = me.vm_action(args.agent, args.vm, args.action)
+        if args.json:
+            _print_json(CommandView.of(result))
+        else:
+            print(result.stdout.strip() or f"{args.action}: done")
+        return 0
+    progress = _Progress(args.vm)
+    try:
+        waited = me.vm_action_and_wait(args.agent, args.vm, args.action, args.wait, progress)
+    finally:
+        progress.finish()
+    if args.json:
+        _print_json(WaitedActionView.of_waited(waited))
+    else:
+        print(f"{waited.result.stdout.strip() or args.action + ': done'}; {waited.state} after "
+              f"{waited.waited_seconds:.1f} s")
+    return 0
+
+
+def _snapshots(me: Session, args: argparse.Namespace) -> int:
+    from entrypoints.shapes import CommandView
+
+    action = args.snapshot_action
+    if action == "list":
+        snapshots = me.snapshots(args.agent, args.vm)
+        if args.json:
+            _print_json(snapshots)
+            return 0
+        print(f"  {'NAME':<32} {'CREATED':<21} {'STATE':<14} PARENT")
+        for snap in snapshots:
+            when = snap.created_at.strftime("%Y-%m-%d %H:%M:%S") if snap.created_at else "-"
+            print(f"{'*' if snap.current else ' '} {snap.name:<32} {when:<21} {snap.state:<14} {snap.parent or '-'}")
+        return 0
+    if action == "create":
+        created = me.create_snapshot(args.agent, args.vm, args.snapshot, args.description)
+        if args.json:
+            _print_json(created)
+        else:
+            print(f"snapshot {created.name} created ({created.state})")
+        return 0
+    if action == "revert":
+        result = me.revert_snapshot(args.agent, args.vm, args.snapshot)
+        if args.json:
+            _print_json(CommandView.of(result))
+        else:
+            print(result.stdout.strip() or f"reverted to {args.snapshot}")
+        return 0
+    me.delete_snapshot(args.agent, args.vm, args.snapshot)
+    if args.json:
+        _print_json({"deleted": args.snapshot})
+    else:
+        print(f"snapshot {args.snapshot} deleted")
+    return 0
+
+
+class _Progress:
+    """Shows a wait on stderr: one line redrawn on a terminal, a line per change of state otherwise."""
+
+    def __init__(self, vm: str) -> None:
+        self.vm = vm
+        self.last: str | None = None
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, state: str | None, elapsed: float) -> None:
+        text = f"waiting for {self.vm}: {state or 'unknown'} ({elapsed:.1f} s)"
+        if self.tty:
+            print(f"\r{text}\033[K", end="", file=sys.stderr, flush=True)
+        elif state != self.last:
+            print(text, file=sys.stderr, flush=True)
+        self.last = state
+
+    def finish(self) -> None:
+        if self.tty and self.last is not None:
+            print(file=sys.stderr)
+
+
+def _print_fields(values: dict[str, Any], prefix: str = "") -> None:
+    """Nested values as aligned ``key  value`` lines (``node.cpus  2``)."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            _print_fields(value, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    _print_fields(item, f"{prefix}{key}.{i}.")
+                else:
+                    print(f"{prefix}{key}.{i:<24} {item}")
+        else:
+            print(f"{prefix + key:<28} {'-' if value is None else value}")
 
 
 def _print_json(value: Any) -> None:

@@ -20,14 +20,23 @@ from __future__ import annotations
 import asyncio
 import getpass
 import uuid
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
-from core.commands import AgentChanges, NewAgent, NewUser
+from core.commands import AgentChanges, NewAgent, NewSnapshot, NewUser
 from core.model import Agent, AgentCredentials, AuditEvent, Caller, Origin, User
 from core.ports import CommandResult
-from core.services import AUDIT_PAGE_DEFAULT, NewApiKey, Portal, VmInfo
-from core.virsh import VmAction, VmSummary
+from core.services import (
+    AUDIT_PAGE_DEFAULT,
+    AgentCheck,
+    FleetEntry,
+    HostFacts,
+    NewApiKey,
+    Portal,
+    VmInfo,
+    WaitedAction,
+)
+from core.virsh import Snapshot, VmAction, VmStats, VmSummary
 from entrypoints import bootstrap
 from entrypoints.settings import Settings
 from entrypoints.shapes import structure
@@ -105,8 +114,14 @@ class Session:
         return self.portal.get_agent(self._caller(), agent_id)
 
     def register_agent(self, **fields: Any) -> Agent:
-        """Register an agent; keyword arguments are the fields of ``POST /agents``."""
+        """Register an agent; keyword arguments are the fields of ``POST /agents``
+        (``generate_key=True`` instead of ``private_key`` has the portal generate the key pair)."""
         return self.portal.register_agent(self._caller(), structure(fields, NewAgent))
+
+    def rotate_agent_key(self, agent_id: int) -> Agent:
+        """Replace the agent's key with a new generated ed25519 pair; the answer's
+        ``client_key.public_key`` must go into the hypervisor's authorized_keys."""
+        return self.portal.rotate_agent_key(self._caller(), agent_id)
 
     def update_agent(self, agent_id: int, **changes: Any) -> Agent:
         """Change fields of an agent; keyword arguments are the fields of ``PATCH /agents/{id}``."""
@@ -133,7 +148,7 @@ class Session:
         return self._library._await(self.portal.vm_info(self._caller(), agent_id, vm))
 
     def vm_action(self, agent_id: int, vm: str, action: VmAction | str) -> CommandResult:
-        """Run ``start``, ``shutdown``, ``force-stop`` or ``reboot`` on a VM."""
+        """Run ``start``, ``shutdown``, ``force-stop``, ``reboot``, ``suspend`` or ``resume`` on a VM."""
         return self._library._await(self.portal.vm_action(self._caller(), agent_id, vm, VmAction(action)))
 
     def start_vm(self, agent_id: int, vm: str) -> CommandResult:
@@ -147,6 +162,56 @@ class Session:
 
     def reboot_vm(self, agent_id: int, vm: str) -> CommandResult:
         return self.vm_action(agent_id, vm, VmAction.REBOOT)
+
+    def suspend_vm(self, agent_id: int, vm: str) -> CommandResult:
+        return self.vm_action(agent_id, vm, VmAction.SUSPEND)
+
+    def resume_vm(self, agent_id: int, vm: str) -> CommandResult:
+        return self.vm_action(agent_id, vm, VmAction.RESUME)
+
+    # VMs beyond the lifecycle
+
+    def vm_action_and_wait(self, agent_id: int, vm: str, action: VmAction | str, wait: int,
+                           progress: Callable[[str | None, float], None] | None = None) -> WaitedAction:
+        """Run an action, then wait up to ``wait`` seconds (0-300) for the VM to reach the action's state
+        (``.state``); raises ``core.errors.WaitTimedOut`` (``.state``: where it is) when time is up.
+        ``progress(state, elapsed_seconds)`` is called after every poll."""
+        return self._library._await(
+            self.portal.vm_action_and_wait(self._caller(), agent_id, vm, VmAction(action), wait, progress))
+
+    def set_autostart(self, agent_id: int, vm: str, enabled: bool) -> CommandResult:
+        """Have libvirt start the VM with the host (``True``), or not."""
+        return self._library._await(self.portal.set_autostart(self._caller(), agent_id, vm, enabled))
+
+    def vm_stats(self, agent_id: int, vm: str) -> VmStats:
+        """``virsh domstats``: state, CPU time, vCPUs, balloon memory, disk and network counters."""
+        return self._library._await(self.portal.vm_stats(self._caller(), agent_id, vm))
+
+    def snapshots(self, agent_id: int, vm: str) -> list[Snapshot]:
+        return self._library._await(self.portal.list_snapshots(self._caller(), agent_id, vm))
+
+    def create_snapshot(self, agent_id: int, vm: str, name: str, description: str | None = None) -> Snapshot:
+        request = structure({"name": name, "description": description}, NewSnapshot)
+        return self._library._await(self.portal.create_snapshot(self._caller(), agent_id, vm, request))
+
+    def revert_snapshot(self, agent_id: int, vm: str, snapshot: str) -> CommandResult:
+        return self._library._await(self.portal.revert_snapshot(self._caller(), agent_id, vm, snapshot))
+
+    def delete_snapshot(self, agent_id: int, vm: str, snapshot: str) -> None:
+        self._library._await(self.portal.delete_snapshot(self._caller(), agent_id, vm, snapshot))
+
+    def fleet(self, *, agent_ids: Sequence[int] = (), states: Sequence[str] = ()) -> list[FleetEntry]:
+        """Every VM on every agent of yours (or of ``agent_ids``), agents asked in parallel; an agent
+        that fails has ``.vms`` None and ``.error`` (code, detail)."""
+        return self._library._await(self.portal.fleet(self._caller(), agent_ids=agent_ids, states=states))
+
+    def host(self, agent_id: int) -> HostFacts:
+        """The agent's host name, ``virsh nodeinfo`` and versions."""
+        return self._library._await(self.portal.host_facts(self._caller(), agent_id))
+
+    def check_agent(self, agent_id: int) -> AgentCheck:
+        """Reachable, authenticated, libvirt reachable, round trip; never raises for a failing host."""
+        return self._library._await(self.portal.check_agent(self._caller(), agent_id))
 
 
 def _origin() -> Origin:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import attrs
+import sqlalchemy
 
 from core.model import SignupPolicy
 
@@ -28,9 +29,38 @@ class ConfigError(ValueError):
         self.variable = variable
 
 
+def database_url(raw: str) -> str:
+    """``MANAGEMENT_DATABASE_URL`` checked and normalised: SQLite, or PostgreSQL through psycopg 3
+    (``postgres://`` and ``postgresql://`` mean ``postgresql+psycopg://``, the driver installed)."""
+    variable = "MANAGEMENT_DATABASE_URL"
+    example = "postgresql+psycopg://user:password@host:5432/database"
+    if "://" not in raw:
+        raise ConfigError(variable, f"must be a URL such as {example} or sqlite:///path/to/file.sqlite3")
+    scheme, _, rest = raw.partition("://")
+    if scheme.lower() in ("postgres", "postgresql"):
+        scheme = "postgresql+psycopg"
+    try:
+        url = sqlalchemy.engine.make_url(f"{scheme}://{rest}")
+    except (ValueError, sqlalchemy.exc.ArgumentError):
+        raise ConfigError(variable, f"is not a valid URL (expected e.g. {example})") from None
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    if backend == "sqlite" and driver in ("pysqlite", "sqlite"):
+        return f"{scheme}://{rest}"
+    if backend == "postgresql" and driver == "psycopg":
+        if not url.database:
+            raise ConfigError(variable, f"names no database (expected e.g. {example})")
+        return f"{scheme}://{rest}"
+    raise ConfigError(variable, f"{scheme}:// is not supported; use {example} (PostgreSQL through psycopg 3) "
+                                "or sqlite:///path/to/file.sqlite3")
+
+
+def _hide_password(url: str) -> str:
+    return repr(sqlalchemy.engine.make_url(url).render_as_string(hide_password=True))
+
+
 @attrs.frozen
 class Settings:
-    database_url: str
+    database_url: str = attrs.field(repr=_hide_password)
     db_path: Path | None  # the SQLite file, when the database is SQLite
     host: str = "0.0.0.0"  # noqa: S104 - the seed's default; production binds 127.0.0.1 behind nginx
     port: int = 8000
@@ -45,6 +75,7 @@ class Settings:
     auth_failure_limit: int = 20  # failed authentications per client address per window
     auth_failure_window: float = 60.0
     db_busy_timeout: float = 10.0
+    db_pool_size: int = 5  # database connections each worker process keeps (PostgreSQL: see docs/scaling.md)
     ssh_connect_timeout: float = 10.0
     ssh_command_timeout: float = 60.0
     ssh_idle_timeout: float = 300.0
@@ -57,9 +88,7 @@ class Settings:
         url = env.get("MANAGEMENT_DATABASE_URL", "").strip()
         db_path: Path | None = None
         if url:
-            if "://" not in url:
-                raise ConfigError("MANAGEMENT_DATABASE_URL", "must be a SQLAlchemy URL such as "
-                                  "postgresql+psycopg://user:pass@host/db")
+            url = database_url(url)
             data_dir = Path(env.get("MANAGEMENT_DATA_DIR", "data"))
             if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
                 db_path = Path(url.removeprefix("sqlite:///"))
@@ -89,6 +118,7 @@ class Settings:
             auth_failure_limit=reader.number("MANAGEMENT_AUTH_FAILURE_LIMIT", 20, int, 1, 1_000_000),
             auth_failure_window=reader.number("MANAGEMENT_AUTH_FAILURE_WINDOW", 60.0, float, 1, 86400),
             db_busy_timeout=reader.number("MANAGEMENT_DB_BUSY_TIMEOUT", 10.0, float, 0.1, 600),
+            db_pool_size=reader.number("MANAGEMENT_DB_POOL_SIZE", 5, int, 1, 100),
             ssh_connect_timeout=reader.number("MANAGEMENT_SSH_CONNECT_TIMEOUT", 10.0, float, 0.1, 600),
             ssh_command_timeout=reader.number("MANAGEMENT_SSH_COMMAND_TIMEOUT", 60.0, float, 0.1, 3600),
             ssh_idle_timeout=reader.number("MANAGEMENT_SSH_IDLE_TIMEOUT", 300.0, float, 1, 86400),

@@ -17,7 +17,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from core.errors import FieldError, ValidationFailed
 from core.model import Agent, AgentCredentials, AuditEvent, User
 from core.ports import CommandResult
-from core.services import VmInfo
+from core.services import Failure, FleetEntry, VmInfo, WaitedAction
 from core.virsh import VmSummary
 
 T = TypeVar("T")
@@ -127,6 +127,7 @@ class AgentView:
     host_key: str | None
     host_key_fingerprint: str | None
     key_fingerprint: str
+    public_key: str
     libvirt_uri: str
     created_at: datetime
     updated_at: datetime
@@ -150,6 +151,27 @@ class CredentialsView(AgentView):
         )
 
 
+# Where scripts/agent-install.sh installs the restricted shell every portal command is forced through.
+AGENT_SHELL = "/usr/local/libexec/playr-agent-shell"
+
+
+@attrs.frozen
+class PublicKeyView:
+    """The agent's SSH public key, ready for the hypervisor's ``authorized_keys``."""
+
+    agent_id: int
+    public_key: str
+    key_fingerprint: str
+    authorized_keys_line: str
+
+    @classmethod
+    def of(cls, agent: Agent) -> PublicKeyView:
+        return cls(agent_id=agent.id, public_key=agent.client_key.public_key,
+                   key_fingerprint=agent.client_key.fingerprint,
+                   authorized_keys_line=f'restrict,command="{AGENT_SHELL}" {agent.client_key.public_key} '
+                                        f"playr-portal-agent-{agent.id}")
+
+
 def _agent_fields(agent: Agent) -> dict[str, Any]:
     return {
         "id": agent.id,
@@ -161,6 +183,7 @@ def _agent_fields(agent: Agent) -> dict[str, Any]:
         "host_key": agent.host_key.openssh if agent.host_key else None,
         "host_key_fingerprint": agent.host_key.fingerprint if agent.host_key else None,
         "key_fingerprint": agent.client_key.fingerprint,
+        "public_key": agent.client_key.public_key,
         "libvirt_uri": agent.libvirt_uri,
         "created_at": agent.created_at,
         "updated_at": agent.updated_at,
@@ -235,6 +258,49 @@ class VmInfoView:
 @attrs.frozen
 class Health:
     status: str
+
+
+# ---------------------------------------------------------------------- VMs beyond the lifecycle
+# Snapshots, stats, host facts and checks are answered as the core's own values (core.virsh,
+# core.services): plain attrs data already shaped for JSON.
+
+
+@attrs.frozen
+class WaitedActionView(CommandView):
+    """What ran on the agent, and (with ``?wait=``) the state the VM reached and how long it took."""
+
+    state: str = attrs.field(kw_only=True)
+    waited_seconds: float = attrs.field(kw_only=True)
+
+    @classmethod
+    def of_waited(cls, waited: WaitedAction) -> WaitedActionView:
+        result = waited.result
+        return cls(list(result.command), result.exit_status, result.stdout, result.stderr, state=waited.state,
+                   waited_seconds=round(waited.waited_seconds, 3))
+
+
+@attrs.frozen
+class AutostartView:
+    """Whether libvirt now starts the VM with the host, and the command that set it."""
+
+    vm: str
+    enabled: bool
+    result: CommandView
+
+
+@attrs.frozen
+class FleetEntryView:
+    """One agent of the fleet view: its VMs, or (``vms`` null) the error that agent answered."""
+
+    agent_id: int
+    agent_name: str
+    vms: list[VmView] | None
+    error: Failure | None
+
+    @classmethod
+    def of(cls, entry: FleetEntry) -> FleetEntryView:
+        vms = None if entry.vms is None else [VmView.of(vm) for vm in entry.vms]
+        return cls(entry.agent_id, entry.agent_name, vms, entry.error)
 
 
 def dump(value: Any) -> Any:

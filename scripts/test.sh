@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/venv.sh test,dev
-.venv/bin/ruff check core adapters entrypoints tests main.py
+.venv/bin/ruff check core adapters entrypoints tests main.py scripts/agent_shell.py
 .venv/bin/mypy
 exec .venv/bin/pytest "$@"

@@ -14,6 +14,7 @@ from falcon import testing
 from entrypoints import bootstrap
 from entrypoints.http.app import create_app
 from entrypoints.settings import Settings
+from tests.postgres import postgres, postgres_databases, postgres_url  # noqa: F401 - fixtures
 from tests.support import Api, KeyMaterial, make_settings
 
 

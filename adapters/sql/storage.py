@@ -1,8 +1,18 @@
-"""The storage port on SQLAlchemy Core: SQLite by default, any SQLAlchemy URL (PostgreSQL) alike.
+"""The storage port on SQLAlchemy Core: SQLite by default, PostgreSQL (psycopg 3) for several instances.
 
-SQLite is opened in WAL mode with foreign keys on, a busy time-out and ``synchronous=FULL`` (an
-answered write survives a power cut, not only a crash). Write transactions begin with
-``BEGIN IMMEDIATE`` so a read-check-write use case holds the write lock from its first read.
+Write transactions hold the database's write lock from their first statement, so a
+read-check-write use case cannot interleave with another writer (``core.ports.Storage``):
+
+- SQLite is opened in WAL mode with foreign keys on, a busy time-out and ``synchronous=FULL`` (an
+  answered write survives a power cut, not only a crash); write transactions begin with
+  ``BEGIN IMMEDIATE``.
+- PostgreSQL write transactions begin by taking one transaction-scoped advisory lock, the same for
+  every portal instance (READ COMMITTED, so each statement after it sees every earlier writer's
+  commit); ``lock_timeout`` bounds the wait like SQLite's busy time-out. Pooled connections are
+  checked before use (``pool_pre_ping``), and a read that loses its connection is run again once on
+  a fresh one. A write is never re-run: it fails with 503 ``database_unavailable``.
+
+Waiting too long for the lock (or for a free pooled connection) is 503 ``database_busy`` on both.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +45,15 @@ _AGENTS_OF_OWNER = sa.select(agents).where(agents.c.owner_id == sa.bindparam("ow
 _AGENT_OF_OWNER = sa.select(agents).where(agents.c.owner_id == sa.bindparam("owner_id"),
                                           agents.c.id == sa.bindparam("agent_id"))
 
+# PostgreSQL: the advisory lock every write transaction of every instance takes first (the
+# counterpart of SQLite's single writer); migrations take their own as well (migrations.py).
+WRITE_LOCK_KEY = 7252018
+_TAKE_WRITE_LOCK = sa.text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=WRITE_LOCK_KEY)
+# SQLSTATEs that mean "another transaction is in the way, try again": serialization failure,
+# deadlock detected, lock not available (lock_timeout).
+_BUSY_SQLSTATES = {"40001", "40P01", "55P03"}
+CONNECT_TIMEOUT = 10  # seconds to reach the PostgreSQL server, unless the URL says connect_timeout=
+
 
 def sqlite_url(path: str | Path) -> str:
     return f"sqlite:///{Path(path)}"
@@ -46,6 +65,7 @@ class SqlStorage:
     def __init__(self, url: str, *, busy_timeout: float = 10.0, pool_size: int = 5) -> None:
         self.url = sa.engine.make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        self.is_postgresql = self.url.get_backend_name() == "postgresql"
         self._watch: sqlite3.Connection | None = None  # answers data_version(), nothing else
         self._watches = 0  # how many it has had: each one counts from its own start
         self._watch_lock = threading.Lock()
@@ -61,7 +81,18 @@ class SqlStorage:
             )
             self._install_sqlite_hooks(busy_timeout)
         else:
-            self.engine = sa.create_engine(self.url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True)
+            connect_args: dict[str, Any] = {}
+            if self.is_postgresql:
+                connect_args = {"connect_timeout": CONNECT_TIMEOUT, "application_name": "manage-playrservers"}
+                connect_args = {k: v for k, v in connect_args.items() if k not in self.url.query}
+            # A fixed number of connections per process (no overflow), so that instances x workers x
+            # pool_size is the most the portal ever opens (docs/scaling.md); a request that finds
+            # none free waits up to the busy time-out, then gets 503 database_busy.
+            self.engine = sa.create_engine(self.url, pool_size=pool_size, max_overflow=0,
+                                           pool_timeout=busy_timeout, pool_pre_ping=True,
+                                           connect_args=connect_args)
+            if self.is_postgresql:
+                self._install_postgresql_hooks(busy_timeout)
 
     def _install_sqlite_hooks(self, busy_timeout: float) -> None:
         @event.listens_for(self.engine, "connect")
@@ -79,27 +110,83 @@ class SqlStorage:
         def _begin(conn: sa.Connection) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
 
+    def _install_postgresql_hooks(self, busy_timeout: float) -> None:
+        @event.listens_for(self.engine, "connect")
+        def _configure(dbapi_connection: Any, _record: Any) -> None:
+            # Every lock wait (the write lock above all) gives up after the busy time-out, as on SQLite.
+            autocommit = dbapi_connection.autocommit
+            dbapi_connection.autocommit = True
+            dbapi_connection.execute(f"SET lock_timeout = {max(1, int(busy_timeout * 1000))}")
+            dbapi_connection.execute("SET TIME ZONE 'UTC'")
+            dbapi_connection.autocommit = autocommit
+
     @contextmanager
     def transaction(self, *, write: bool = False) -> Iterator[SqlTransaction]:
+        with self._database_errors():
+            tx = SqlTransaction(self, write=write)
+            try:
+                yield tx
+            except BaseException:
+                tx.finish(commit=False)
+                raise
+            tx.finish(commit=True)
+
+    def begin(self, *, write: bool) -> sa.Connection:
+        """A pooled connection inside a new transaction (holding the write lock if ``write``)."""
         try:
-            with self.engine.connect() as conn:
-                conn.execution_options(write=write)
-                with conn.begin():
-                    yield SqlTransaction(conn)
-        except sa.exc.OperationalError as error:
-            if "locked" in str(error) or "busy" in str(error):
+            return self._begin(write)
+        except sa.exc.DBAPIError as error:
+            if not error.connection_invalidated:
+                raise
+        return self._begin(write)  # nothing was done yet: a connection lost here is safe to replace, once
+
+    def _begin(self, write: bool) -> sa.Connection:
+        conn = self.engine.connect()
+        try:
+            conn.execution_options(write=write)
+            conn.begin()
+            if write and self.is_postgresql:
+                conn.execute(_TAKE_WRITE_LOCK)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @contextmanager
+    def _database_errors(self) -> Iterator[None]:
+        """Driver errors that mean "not now" become the domain's 503s; anything else is a bug."""
+        try:
+            yield
+        except sa.exc.TimeoutError as error:  # no pooled connection came free in time
+            raise Unavailable(
+                "every database connection of this worker stayed busy past MANAGEMENT_DB_BUSY_TIMEOUT; retry",
+                code="database_busy",
+            ) from error
+        except sa.exc.DBAPIError as error:
+            sqlstate = getattr(error.orig, "sqlstate", None)
+            message = str(error.orig)
+            if (self.is_sqlite and ("locked" in message or "busy" in message)) or sqlstate in _BUSY_SQLSTATES:
                 raise Unavailable(
                     "the database stayed locked by another writer past MANAGEMENT_DB_BUSY_TIMEOUT; retry",
                     code="database_busy",
+                ) from error
+            if self.is_postgresql and (error.connection_invalidated or isinstance(error, sa.exc.OperationalError)):
+                raise Unavailable(
+                    "the database server cannot be reached or closed the connection; retry",
+                    code="database_unavailable",
                 ) from error
             raise
 
     def upgrade(self) -> tuple[int, int]:
         """Bring the schema to the latest version (safe to call from several processes at once)."""
-        with self.engine.connect() as conn:
-            conn.execution_options(write=True)
-            with conn.begin():
-                return migrations.upgrade(conn)
+        with self._database_errors():
+            conn = self.begin(write=True)
+            try:
+                result = migrations.upgrade(conn)
+                conn.commit()
+                return result
+            finally:
+                conn.close()
 
     def schema_version(self) -> int:
         with self.engine.connect() as conn:
@@ -109,7 +196,8 @@ class SqlStorage:
         """Copy a consistent snapshot of a SQLite database with SQLite's online backup API, while
         the portal keeps serving (readers and writers are not stopped)."""
         if not self.is_sqlite:
-            raise RuntimeError("db backup copies SQLite databases; back up PostgreSQL with pg_dump")
+            raise RuntimeError("db backup copies SQLite databases; back up PostgreSQL with pg_dump "
+                               "(pg_dump --format=custom --file=PATH DATABASE, see docs/scaling.md)")
         destination = Path(destination)
         if destination.exists():
             raise FileExistsError(f"{destination} already exists; refusing to overwrite it")
@@ -132,8 +220,10 @@ class SqlStorage:
         """A value that changes whenever another connection, of this process or another one,
         commits to the SQLite file (``PRAGMA data_version`` on a connection of its own, which
         never writes: microseconds, no lock waited for). What was read while it had a value is
-        still true while it has that value. None when it cannot be told: not SQLite, an in-memory
-        database, or the file busy at that instant."""
+        still true while it has that value. None when it cannot be told: an in-memory database,
+        the file busy at that instant, or PostgreSQL — where another instance's commit could only
+        be seen by asking the server, which costs the same round trip as the read it would save,
+        so every request reads (``entrypoints/http/cache.py``)."""
         if not self.is_sqlite or (self.url.database or ":memory:") == ":memory:":
             return None
         with self._watch_lock:
@@ -181,14 +271,42 @@ def _enable_wal(cursor: sqlite3.Cursor, busy_timeout: float) -> None:
 class SqlTransaction:
     """Implements ``core.ports.Transaction`` on one connection inside one transaction."""
 
-    def __init__(self, conn: sa.Connection) -> None:
-        self.conn = conn
+    def __init__(self, storage: SqlStorage, *, write: bool) -> None:
+        self.storage = storage
+        self.conn = storage.begin(write=write)
+        self._may_run_again = not write  # a read transaction, until its first retry or a stray write
+
+    def finish(self, *, commit: bool) -> None:
+        try:
+            if commit:
+                self.conn.commit()
+            else:
+                with suppress(sa.exc.DBAPIError):  # a lost connection's transaction is rolled back anyway
+                    self.conn.rollback()
+        finally:
+            self.conn.close()
+
+    def _execute(self, statement: sa.Executable, params: dict[str, Any] | None = None) -> sa.CursorResult[Any]:
+        """Run one statement. In a read transaction a statement whose connection was lost runs again
+        once on a fresh connection: under READ COMMITTED every statement sees the latest commits
+        anyway, so that answer is one this transaction could have given. Writes are never re-run."""
+        if statement.is_dml:
+            self._may_run_again = False
+        try:
+            return self.conn.execute(statement, params)
+        except sa.exc.DBAPIError as error:
+            if not (self._may_run_again and error.connection_invalidated):
+                raise
+        self._may_run_again = False
+        self.conn.close()
+        self.conn = self.storage.begin(write=False)
+        return self.conn.execute(statement, params)
 
     # ------------------------------------------------------------------ users and keys
 
     def add_user(self, name: str, email: str | None, key: IssuedApiKey, at: datetime) -> User:
         try:
-            user_id = self.conn.execute(
+            user_id = self._execute(
                 users.insert().values(
                     name=name,
                     email=email,
@@ -198,15 +316,15 @@ class SqlTransaction:
             ).inserted_primary_key[0]
         except sa.exc.IntegrityError as error:
             raise Conflict("a user with this e-mail address already exists", code="email_taken") from error
-        self.conn.execute(api_keys.insert().values(user_id=user_id, prefix=key.prefix, digest=key.digest,
-                                                   created_at=at))
+        self._execute(api_keys.insert().values(user_id=user_id, prefix=key.prefix, digest=key.digest,
+                                               created_at=at))
         return User(id=user_id, name=name, email=email, api_key_prefix=key.prefix, created_at=at)
 
     def count_users(self) -> int:
-        return int(self.conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one())
+        return int(self._execute(sa.select(sa.func.count()).select_from(users)).scalar_one())
 
     def get_user(self, user_id: int) -> User | None:
-        row = self.conn.execute(_USER_BY_ID, {"user_id": user_id}).one_or_none()
+        row = self._execute(_USER_BY_ID, {"user_id": user_id}).one_or_none()
         return None if row is None else User(id=row.id, name=row.name, email=row.email, api_key_prefix=row.prefix,
                                              created_at=row.created_at)
 
@@ -218,7 +336,7 @@ class SqlTransaction:
         return self._users(sa.true())
 
     def _users(self, condition: sa.ColumnElement[bool]) -> list[User]:
-        rows = self.conn.execute(
+        rows = self._execute(
             sa.select(users, api_keys.c.prefix)
             .join(api_keys, api_keys.c.user_id == users.c.id)
             .where(condition)
@@ -228,13 +346,13 @@ class SqlTransaction:
                      created_at=row.created_at) for row in rows]
 
     def find_api_key(self, prefix: str) -> ApiKey | None:
-        row = self.conn.execute(_API_KEY_BY_PREFIX, {"prefix": prefix}).one_or_none()
+        row = self._execute(_API_KEY_BY_PREFIX, {"prefix": prefix}).one_or_none()
         if row is None:
             return None
         return ApiKey(user_id=row.user_id, prefix=row.prefix, digest=row.digest, created_at=row.created_at)
 
     def replace_api_key(self, user_id: int, key: IssuedApiKey, at: datetime) -> None:
-        self.conn.execute(
+        self._execute(
             api_keys.update()
             .where(api_keys.c.user_id == user_id)
             .values(prefix=key.prefix, digest=key.digest, created_at=at)
@@ -245,30 +363,30 @@ class SqlTransaction:
     def add_agent(self, agent: Agent) -> Agent:
         values = _agent_values(agent)
         try:
-            agent_id = self.conn.execute(agents.insert().values(**values)).inserted_primary_key[0]
+            agent_id = self._execute(agents.insert().values(**values)).inserted_primary_key[0]
         except sa.exc.IntegrityError as error:
             raise Conflict("you already have an agent with this name", code="agent_name_taken") from error
         return _agent_from_row({**values, "id": agent_id})
 
     def list_agents(self, owner_id: int) -> list[Agent]:
-        rows = self.conn.execute(_AGENTS_OF_OWNER, {"owner_id": owner_id})
+        rows = self._execute(_AGENTS_OF_OWNER, {"owner_id": owner_id})
         return [_agent_from_row(row._mapping) for row in rows]
 
     def get_agent(self, owner_id: int, agent_id: int) -> Agent | None:
-        row = self.conn.execute(_AGENT_OF_OWNER, {"owner_id": owner_id, "agent_id": agent_id}).one_or_none()
+        row = self._execute(_AGENT_OF_OWNER, {"owner_id": owner_id, "agent_id": agent_id}).one_or_none()
         return None if row is None else _agent_from_row(row._mapping)
 
     def agent_name_taken(self, owner_id: int, name: str, *, except_id: int = 0) -> bool:
         query = sa.select(agents.c.id).where(
             agents.c.owner_id == owner_id, agents.c.name == name, agents.c.id != except_id
         )
-        return self.conn.execute(query).first() is not None
+        return self._execute(query).first() is not None
 
     def update_agent(self, agent: Agent) -> None:
         values = _agent_values(agent)
         del values["owner_id"], values["created_at"]
         try:
-            self.conn.execute(
+            self._execute(
                 agents.update()
                 .where(agents.c.owner_id == agent.owner_id, agents.c.id == agent.id)
                 .values(**values)
@@ -277,7 +395,7 @@ class SqlTransaction:
             raise Conflict("you already have an agent with this name", code="agent_name_taken") from error
 
     def delete_agent(self, owner_id: int, agent_id: int) -> bool:
-        result = self.conn.execute(
+        result = self._execute(
             agents.delete().where(agents.c.owner_id == owner_id, agents.c.id == agent_id)
         )
         return bool(result.rowcount)
@@ -296,14 +414,14 @@ class SqlTransaction:
             "client_address": event.client_address[:64],
             "created_at": event.created_at,
         }
-        event_id = self.conn.execute(audit_events.insert().values(**values)).inserted_primary_key[0]
+        event_id = self._execute(audit_events.insert().values(**values)).inserted_primary_key[0]
         return AuditEvent(id=event_id, **values)
 
     def list_audit_events(self, user_id: int, limit: int, before: int | None) -> list[AuditEvent]:
         query = sa.select(audit_events).where(audit_events.c.user_id == user_id)
         if before is not None:
             query = query.where(audit_events.c.id < before)
-        rows = self.conn.execute(query.order_by(audit_events.c.id.desc()).limit(limit))
+        rows = self._execute(query.order_by(audit_events.c.id.desc()).limit(limit))
         return [AuditEvent(**row._mapping) for row in rows]
 
 

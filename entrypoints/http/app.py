@@ -11,11 +11,14 @@ from entrypoints.http import errors, openapi
 from entrypoints.http.cache import UntilChanged
 from entrypoints.http.middleware import Authentication, BodyLimit, FailureLimiter, Lifespan, RequestContext
 from entrypoints.http.resources import (
+    AgentHostResource,
     AgentResource,
     AgentsResource,
     CurrentUserResource,
+    FleetResource,
     HealthResource,
     OpenApiResource,
+    SnapshotsResource,
     UsersResource,
     VmResource,
     VmsResource,
@@ -52,9 +55,21 @@ def create_app(runtime: Runtime) -> falcon.asgi.App:
     agent = AgentResource(portal)
     app.add_route(f"/agents/{AGENT_ID}", agent)
     app.add_route(f"/agents/{AGENT_ID}/credentials", agent, suffix="credentials")
+    app.add_route(f"/agents/{AGENT_ID}/public-key", agent, suffix="public_key")
+    app.add_route(f"/agents/{AGENT_ID}/rotate-key", agent, suffix="rotate_key")
     app.add_route(f"/agents/{AGENT_ID}/vms", VmsResource(portal))
     vm = VmResource(portal)
     app.add_route(f"/agents/{AGENT_ID}/vms/{{vm}}", vm)
     for action in VmAction:
         app.add_route(f"/agents/{AGENT_ID}/vms/{{vm}}/{action.value}", vm, suffix=action.value.replace("-", "_"))
+    app.add_route(f"/agents/{AGENT_ID}/vms/{{vm}}/autostart", vm, suffix="autostart")
+    app.add_route(f"/agents/{AGENT_ID}/vms/{{vm}}/stats", vm, suffix="stats")
+    snapshots = SnapshotsResource(portal)
+    app.add_route(f"/agents/{AGENT_ID}/vms/{{vm}}/snapshots", snapshots)
+    app.add_route(f"/agents/{AGENT_ID}/vms/{{vm}}/snapshots/{{snapshot}}", snapshots, suffix="one")
+    app.add_route(f"/agents/{AGENT_ID}/vms/{{vm}}/snapshots/{{snapshot}}/revert", snapshots, suffix="revert")
+    app.add_route("/vms", FleetResource(portal))
+    host = AgentHostResource(portal)
+    app.add_route(f"/agents/{AGENT_ID}/host", host)
+    app.add_route(f"/agents/{AGENT_ID}/check", host, suffix="check")
     return app

@@ -5,8 +5,13 @@ are remembered together with the database's data version taken *before* reading 
 (``SqlStorage.data_version``: SQLite's ``PRAGMA data_version``, which moves on whenever any other
 connection, in any worker or process, commits). They are given back only while the version has
 not moved: a rotated key, a new agent, an audit event, any commit at all makes the next request
-read again, so nothing is ever served that the database no longer says. Without a version (not
-SQLite, or the file busy at that instant) nothing is remembered and every request reads.
+read again, so nothing is ever served that the database no longer says. Without a version (the
+file busy at that instant, or PostgreSQL) nothing is remembered and every request reads.
+
+On PostgreSQL several instances share the database, and only the server knows whether another
+instance committed: asking it costs the same round trip as the read it would save. So there is no
+version there, and a key rotated or deleted on one instance fails on every other instance at its
+very next request (tests/e2e/test_two_instances.py).
 """
 
 from __future__ import annotations

@@ -92,6 +92,9 @@ async def handle_domain_error(req: falcon.asgi.Request, resp: falcon.asgi.Respon
     extra: dict[str, Any] = {}
     if isinstance(error, domain.ValidationFailed):
         extra["errors"] = [{"field": e.field, "message": e.message} for e in error.errors]
+    if isinstance(error, domain.WaitTimedOut):
+        extra["state"] = error.state
+        extra["target_state"] = error.target_state
     if isinstance(error, domain.Unauthenticated):
         resp.set_header("WWW-Authenticate", 'Bearer realm="manage-playrservers", error="invalid_token"')
     if status >= 500:

@@ -14,20 +14,24 @@ from typing import Any
 
 import attrs
 
-from core.commands import AgentChanges, NewAgent, NewUser
-from core.services import AUDIT_PAGE_MAX
-from core.virsh import VM_NAME_MAX, VmAction
+from core.commands import AgentChanges, AutostartChange, NewAgent, NewSnapshot, NewUser
+from core.services import AUDIT_PAGE_MAX, AgentCheck, HostFacts
+from core.virsh import VM_NAME_MAX, VM_STATES, WAIT_MAX, Snapshot, VmAction, VmStats
 from entrypoints.http.errors import CODE_OF_STATUS
 from entrypoints.shapes import (
     AgentView,
     AuditPage,
+    AutostartView,
     CommandView,
     CredentialsView,
+    FleetEntryView,
     Health,
+    PublicKeyView,
     UserView,
     UserWithKeyView,
     VmInfoView,
     VmView,
+    WaitedActionView,
 )
 
 VERSION = "0.1.0"
@@ -60,7 +64,26 @@ _ACTION_SUMMARY = {
     VmAction.SHUTDOWN: "Ask a VM to shut down gracefully (virsh shutdown, ACPI)",
     VmAction.FORCE_STOP: "Force a VM off (virsh destroy)",
     VmAction.REBOOT: "Reboot a VM (virsh reboot)",
+    VmAction.SUSPEND: "Pause a VM's CPUs, keeping its memory (virsh suspend)",
+    VmAction.RESUME: "Resume a paused VM (virsh resume)",
 }
+_WAIT = {"name": "wait", "in": "query", "required": False,
+         "description": "Seconds to wait for the VM to reach the action's state (start, resume, reboot: running; "
+                        "shutdown, force-stop: shut off; suspend: paused). 200 with the state once reached; 504 "
+                        "wait_timeout with the state it is in when the time is up. Without it, answer at once.",
+         "schema": {"type": "integer", "minimum": 0, "maximum": WAIT_MAX}}
+_SNAPSHOT = {"name": "snapshot", "in": "path", "required": True,
+             "description": "Snapshot name (same rules as VM names). Percent-encode spaces.",
+             "schema": {"type": "string", "minLength": 1, "maxLength": VM_NAME_MAX}}
+_FLEET_FILTERS = (
+    {"name": "agent", "in": "query", "required": False, "style": "form", "explode": True,
+     "description": "Only these agents (repeat the parameter for several); ids that are not yours are ignored.",
+     "schema": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 2147483647}}},
+    {"name": "state", "in": "query", "required": False, "style": "form", "explode": True,
+     "description": "Only VMs in these states (repeatable), as virsh prints them.",
+     "schema": {"type": "array", "items": {"type": "string", "enum": list(VM_STATES)}}},
+)
+_SNAPSHOT_ERRORS = (404, 409, 422, 502, 504)
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("get", "/health", "Service readiness ping", 200, Health, public=True),
@@ -90,13 +113,41 @@ OPERATIONS: tuple[Operation, ...] = (
               errors=(404,), parameters=(_AGENT_ID,)),
     Operation("get", "/agents/{agent_id}/credentials", "The agent's SSH key material (audited)", 200,
               CredentialsView, errors=(404,), parameters=(_AGENT_ID,), no_store=True),
+    Operation("get", "/agents/{agent_id}/public-key", "The agent's SSH public key, for authorized_keys", 200,
+              PublicKeyView, errors=(404,), parameters=(_AGENT_ID,)),
+    Operation("post", "/agents/{agent_id}/rotate-key",
+              "Replace the agent's key with a new generated ed25519 pair (audited)", 200, AgentView,
+              errors=(404, 409), parameters=(_AGENT_ID,)),
     Operation("get", "/agents/{agent_id}/vms", "List the agent's VMs (virsh list --all)", 200, list[VmView],
               errors=(404, 502, 504), parameters=(_AGENT_ID,)),
     Operation("get", "/agents/{agent_id}/vms/{vm}", "virsh dominfo for a VM, parsed and raw", 200, VmInfoView,
               errors=_REMOTE_ERRORS, parameters=(_AGENT_ID, _VM)),
-    *(Operation("post", f"/agents/{{agent_id}}/vms/{{vm}}/{action.value}", summary, 200, CommandView,
-                errors=(404, 409, 422, 502, 504), parameters=(_AGENT_ID, _VM))
+    *(Operation("post", f"/agents/{{agent_id}}/vms/{{vm}}/{action.value}", summary, 200,
+                CommandView | WaitedActionView, errors=(404, 409, 422, 502, 504), parameters=(_AGENT_ID, _VM, _WAIT))
       for action, summary in _ACTION_SUMMARY.items()),
+    Operation("put", "/agents/{agent_id}/vms/{vm}/autostart", "Start the VM with the host, or not (virsh autostart)",
+              200, AutostartView, AutostartChange, errors=(400, 404, 409, 413, 415, 422, 502, 504),
+              parameters=(_AGENT_ID, _VM)),
+    Operation("get", "/agents/{agent_id}/vms/{vm}/stats",
+              "virsh domstats: state, CPU time, vCPUs, balloon memory, disk and network counters", 200, VmStats,
+              errors=_REMOTE_ERRORS, parameters=(_AGENT_ID, _VM)),
+    Operation("get", "/agents/{agent_id}/vms/{vm}/snapshots", "The VM's internal snapshots (virsh snapshot-list)",
+              200, list[Snapshot], errors=_REMOTE_ERRORS, parameters=(_AGENT_ID, _VM)),
+    Operation("post", "/agents/{agent_id}/vms/{vm}/snapshots", "Take an internal snapshot (virsh snapshot-create-as)",
+              201, Snapshot, NewSnapshot, errors=(400, 404, 409, 413, 415, 422, 502, 504),
+              parameters=(_AGENT_ID, _VM)),
+    Operation("delete", "/agents/{agent_id}/vms/{vm}/snapshots/{snapshot}", "Delete a snapshot (virsh snapshot-delete)",
+              204, None, errors=_SNAPSHOT_ERRORS, parameters=(_AGENT_ID, _VM, _SNAPSHOT)),
+    Operation("post", "/agents/{agent_id}/vms/{vm}/snapshots/{snapshot}/revert",
+              "Revert the VM to a snapshot (virsh snapshot-revert)", 200, CommandView, errors=_SNAPSHOT_ERRORS,
+              parameters=(_AGENT_ID, _VM, _SNAPSHOT)),
+    Operation("get", "/vms", "Every VM on every agent of the caller; a failing agent carries its error", 200,
+              list[FleetEntryView], errors=(422,), parameters=_FLEET_FILTERS),
+    Operation("get", "/agents/{agent_id}/host", "The host's name, processors, memory and libvirt/QEMU versions", 200,
+              HostFacts, errors=(404, 502, 504), parameters=(_AGENT_ID,)),
+    Operation("post", "/agents/{agent_id}/check",
+              "Can the portal reach the host, log in and reach libvirt? Always 200 with the reason", 200,
+              AgentCheck, errors=(404, 409), parameters=(_AGENT_ID,)),
 )
 
 
@@ -125,6 +176,8 @@ def schema_of(tp: Any, components: dict[str, Any]) -> dict[str, Any]:
         return {"type": "boolean"}
     if tp is int:
         return {"type": "integer"}
+    if tp is float:
+        return {"type": "number"}
     if tp is datetime:
         return {"type": "string", "format": "date-time"}
     if attrs.has(tp):
@@ -155,7 +208,19 @@ def _object_schema(cls: type, components: dict[str, Any]) -> dict[str, Any]:
         schema["required"] = required
     if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
         schema["description"] = " ".join(cls.__doc__.split())
-    return schema
+    return {**schema, **_CROSS_FIELD_RULES.get(cls.__name__, {})}
+
+
+# Rules between fields that the per-field schemas cannot say (the use case enforces the same).
+_CROSS_FIELD_RULES: dict[str, dict[str, Any]] = {
+    "NewAgent": {"anyOf": [
+        {"required": ["private_key"],
+         "properties": {"private_key": {"type": "string"}, "generate_key": {"const": False}}},
+        {"required": ["generate_key"],
+         "properties": {"generate_key": {"const": True}, "private_key": {"type": "null"},
+                        "private_key_passphrase": {"type": "null"}}},
+    ]},
+}
 
 
 def _problem_response(status: int) -> dict[str, Any]:
@@ -210,6 +275,9 @@ def document() -> dict[str, Any]:
             "detail": {"type": "string"},
             "code": {"type": "string"},
             "request_id": {"type": "string"},
+            "state": {"type": ["string", "null"],
+                      "description": "wait_timeout: the state the VM was last seen in"},
+            "target_state": {"type": "string", "description": "wait_timeout: the state it was awaited in"},
             "errors": {"type": "array", "items": {
                 "type": "object", "required": ["field", "message"],
                 "properties": {"field": {"type": "string"}, "message": {"type": "string"}}}},

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import falcon
 import falcon.asgi
 
-from core.commands import AgentChanges, NewAgent, NewUser
+from core.commands import AgentChanges, AutostartChange, NewAgent, NewSnapshot, NewUser
 from core.errors import FieldError, ValidationFailed
 from core.model import Agent, Caller, Origin
 from core.services import AUDIT_PAGE_DEFAULT, Portal
@@ -25,13 +25,17 @@ from entrypoints.shapes import (
     AgentView,
     AuditEventView,
     AuditPage,
+    AutostartView,
     CommandView,
     CredentialsView,
+    FleetEntryView,
     Health,
+    PublicKeyView,
     UserView,
     UserWithKeyView,
     VmInfoView,
     VmView,
+    WaitedActionView,
     dump,
     structure,
 )
@@ -170,6 +174,12 @@ class AgentResource:
         await run(self.portal.delete_agent, caller(req), agent_id)
         resp.status = falcon.HTTP_204
 
+    async def on_get_public_key(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
+        answer(resp, PublicKeyView.of(await run(self.portal.get_agent, caller(req), agent_id)))
+
+    async def on_post_rotate_key(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
+        answer(resp, AgentView.of(await run(self.portal.rotate_agent_key, caller(req), agent_id)))
+
     async def on_get_credentials(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
                                  agent_id: int) -> None:
         credentials = await run(self.portal.read_credentials, caller(req), agent_id)
@@ -198,8 +208,13 @@ class VmResource:
 
     async def _act(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str,
                    action: VmAction) -> None:
-        result = await self.portal.vm_action(caller(req), agent_id, vm, action)
-        answer(resp, CommandView.of(result))
+        wait = _int_param(req, "wait", None)
+        if wait is None:
+            result = await self.portal.vm_action(caller(req), agent_id, vm, action)
+            answer(resp, CommandView.of(result))
+        else:  # polls asynchronously on the event loop: no thread, no transaction held while waiting
+            waited = await self.portal.vm_action_and_wait(caller(req), agent_id, vm, action, wait)
+            answer(resp, WaitedActionView.of_waited(waited))
 
     async def on_post_start(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int,
                             vm: str) -> None:
@@ -217,11 +232,82 @@ class VmResource:
                              vm: str) -> None:
         await self._act(req, resp, agent_id, vm, VmAction.REBOOT)
 
+    async def on_post_suspend(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int,
+                              vm: str) -> None:
+        await self._act(req, resp, agent_id, vm, VmAction.SUSPEND)
+
+    async def on_post_resume(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int,
+                             vm: str) -> None:
+        await self._act(req, resp, agent_id, vm, VmAction.RESUME)
+
+    async def on_put_autostart(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int,
+                               vm: str) -> None:
+        change = await read_json(req, AutostartChange)
+        result = await self.portal.set_autostart(caller(req), agent_id, vm, change.enabled)
+        answer(resp, AutostartView(vm=vm, enabled=change.enabled, result=CommandView.of(result)))
+
+    async def on_get_stats(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int,
+                           vm: str) -> None:
+        answer(resp, await self.portal.vm_stats(caller(req), agent_id, vm))
+
+
+class SnapshotsResource:
+    """A VM's libvirt internal snapshots."""
+
+    def __init__(self, portal: Portal) -> None:
+        self.portal = portal
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str) -> None:
+        answer(resp, await self.portal.list_snapshots(caller(req), agent_id, vm))
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str) -> None:
+        request = await read_json(req, NewSnapshot)
+        answer(resp, await self.portal.create_snapshot(caller(req), agent_id, vm, request), 201)
+
+    async def on_delete_one(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str,
+                            snapshot: str) -> None:
+        await self.portal.delete_snapshot(caller(req), agent_id, vm, snapshot)
+        resp.status = falcon.HTTP_204
+
+    async def on_post_revert(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str,
+                             snapshot: str) -> None:
+        answer(resp, CommandView.of(await self.portal.revert_snapshot(caller(req), agent_id, vm, snapshot)))
+
+
+class FleetResource:
+    """Every VM on every agent of the caller (``GET /vms``)."""
+
+    def __init__(self, portal: Portal) -> None:
+        self.portal = portal
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        agent_ids = [_int_value("agent", raw) for raw in req.get_param_as_list("agent") or []]
+        states = req.get_param_as_list("state") or []
+        entries = await self.portal.fleet(caller(req), agent_ids=agent_ids, states=states)
+        answer(resp, [FleetEntryView.of(entry) for entry in entries])
+
+
+class AgentHostResource:
+    """What an agent's host says about itself, and whether the portal can reach it."""
+
+    def __init__(self, portal: Portal) -> None:
+        self.portal = portal
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
+        answer(resp, await self.portal.host_facts(caller(req), agent_id))
+
+    async def on_post_check(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
+        answer(resp, await self.portal.check_agent(caller(req), agent_id))
+
 
 def _int_param(req: falcon.asgi.Request, name: str, default: Any) -> Any:
     raw = req.get_param(name)
     if raw is None:
         return default
+    return _int_value(name, raw)
+
+
+def _int_value(name: str, raw: str) -> int:
     if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
         raise ValidationFailed([FieldError(name, "must be a positive integer")])
     return int(raw)

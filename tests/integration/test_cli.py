@@ -88,3 +88,25 @@ def test_secret_key_prints_a_usable_key(tmp_path: Path) -> None:
     key = cli(tmp_path, "secret-key").stdout.strip()
     result = cli(tmp_path, "users", "create", "--name", "alice", MANAGEMENT_SECRET_KEY=key)
     assert result.returncode == 0, result.stderr
+
+
+def test_agents_public_key_and_rotate_key_print_the_authorized_keys_line(tmp_path: Path) -> None:
+    from entrypoints.library import connect
+    from entrypoints.settings import Settings
+
+    api_key = json.loads(cli(tmp_path, "users", "create", "--name", "alice").stdout)["api_key"]
+    with connect(settings=Settings.from_env({"MANAGEMENT_DB_PATH": str(tmp_path / "data" / "management.sqlite3")})) \
+            as portal:
+        agent = portal.login(api_key).register_agent(name="hv", hostname="hv.example.com", username="playr-agent",
+                                                     generate_key=True)
+    shown = cli(tmp_path, "agents", "public-key", str(agent.id), MANAGEMENT_API_KEY=api_key)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == (f'restrict,command="/usr/local/libexec/playr-agent-shell" {agent.client_key.public_key} '
+                            f"playr-portal-agent-{agent.id}\n")
+    rotated = cli(tmp_path, "agents", "rotate-key", str(agent.id), "--json", MANAGEMENT_API_KEY=api_key)
+    assert rotated.returncode == 0, rotated.stderr
+    new = json.loads(rotated.stdout)
+    assert new["agent_id"] == agent.id and new["public_key"] != agent.client_key.public_key
+    assert new["public_key"] in cli(tmp_path, "agents", "public-key", str(agent.id), MANAGEMENT_API_KEY=api_key).stdout
+    other = cli(tmp_path, "agents", "rotate-key", "999", MANAGEMENT_API_KEY=api_key)
+    assert other.returncode == 1 and "agent_not_found" in other.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import asyncssh
 import pytest
 from falcon import testing
 
@@ -129,7 +130,8 @@ def test_agent_lifecycle(api: Api, keys: KeyMaterial) -> None:
     agent = created.json
     assert created.headers["location"] == f"/agents/{agent['id']}"
     assert set(agent) == {"id", "name", "hostname", "port", "username", "allow_unknown_hosts", "host_key",
-                          "host_key_fingerprint", "key_fingerprint", "libvirt_uri", "created_at", "updated_at"}
+                          "host_key_fingerprint", "key_fingerprint", "public_key", "libvirt_uri", "created_at",
+                          "updated_at"}
     assert agent["port"] == 22 and agent["libvirt_uri"] == "qemu:///system"
     assert agent["allow_unknown_hosts"] is False
     assert agent["host_key_fingerprint"].startswith("SHA256:")
@@ -212,7 +214,19 @@ def test_several_invalid_fields_are_reported_together(api: Api, keys: KeyMateria
 def test_missing_required_agent_fields_are_named(api: Api) -> None:
     key = api.sign_up()["api_key"]
     problem = assert_problem(api.call("POST", "/agents", key, json={"name": "hv"}), 422, "validation_failed")
-    assert {e["field"] for e in problem["errors"]} == {"hostname", "username", "private_key"}
+    assert {e["field"] for e in problem["errors"]} == {"hostname", "username"}
+
+
+def test_an_agent_needs_a_key_uploaded_or_generated_not_both(api: Api, keys: KeyMaterial) -> None:
+    key = api.sign_up()["api_key"]
+    body = api.agent_body(keys)
+    del body["private_key"]
+    problem = assert_problem(api.call("POST", "/agents", key, json=body), 422, "validation_failed")
+    assert [(e["field"], "generate_key" in e["message"]) for e in problem["errors"]] == [("private_key", True)]
+    both = {**api.agent_body(keys), "generate_key": True}
+    problem = assert_problem(api.call("POST", "/agents", key, json=both), 422, "validation_failed")
+    assert [e["field"] for e in problem["errors"]] == ["generate_key"]
+    assert api.call("GET", "/agents", key).json == []
 
 
 def test_duplicate_agent_name_is_a_conflict(api: Api, keys: KeyMaterial) -> None:
@@ -438,3 +452,54 @@ def test_an_unexpected_error_is_a_500_without_details(api: Api, monkeypatch: pyt
     body = assert_problem(result, 500, "internal_error")
     assert "secret internals" not in result.text and "Traceback" not in result.text
     assert body["request_id"] == result.headers["x-request-id"]
+
+
+# ---------------------------------------------------------------------- generated keys (issue 7)
+
+
+def test_generated_key_agent_exposes_its_public_key_and_keeps_the_private_key_sealed(api: Api) -> None:
+    key = api.sign_up()["api_key"]
+    created = api.call("POST", "/agents", key, json={"name": "hv", "hostname": "192.0.2.7", "username": "playr",
+                                                     "generate_key": True})
+    assert created.status_code == 201, created.text
+    agent = created.json
+    assert agent["public_key"].startswith("ssh-ed25519 ") and len(agent["public_key"].split()) == 2
+    published = api.call("GET", f"/agents/{agent['id']}/public-key", key)
+    assert published.status_code == 200
+    assert published.json["public_key"] == agent["public_key"]
+    assert published.json["key_fingerprint"] == agent["key_fingerprint"]
+    assert published.json["authorized_keys_line"] == (
+        f'restrict,command="/usr/local/libexec/playr-agent-shell" {agent["public_key"]} '
+        f"playr-portal-agent-{agent['id']}")
+    # The sealed private key is the one the public key belongs to.
+    private = api.call("GET", f"/agents/{agent['id']}/credentials", key).json["private_key"]
+    imported = asyncssh.import_private_key(private)
+    assert imported.export_public_key("openssh").decode().split()[:2] == agent["public_key"].split()
+    assert imported.get_fingerprint("sha256") == agent["key_fingerprint"]
+
+
+def test_rotating_an_agent_key_issues_a_new_pair_and_is_audited(api: Api, keys: KeyMaterial) -> None:
+    key = api.sign_up()["api_key"]
+    agent = api.call("POST", "/agents", key, json=api.agent_body(keys)).json
+    rotated = api.call("POST", f"/agents/{agent['id']}/rotate-key", key)
+    assert rotated.status_code == 200, rotated.text
+    assert rotated.json["public_key"] != agent["public_key"]
+    assert rotated.json["key_fingerprint"] != agent["key_fingerprint"]
+    again = api.call("POST", f"/agents/{agent['id']}/rotate-key", key).json
+    assert again["public_key"] not in (agent["public_key"], rotated.json["public_key"])
+    assert api.call("GET", f"/agents/{agent['id']}/public-key", key).json["public_key"] == again["public_key"]
+    credentials = api.call("GET", f"/agents/{agent['id']}/credentials", key).json
+    assert credentials["private_key_passphrase"] is None
+    assert asyncssh.import_private_key(credentials["private_key"]).get_fingerprint("sha256") == \
+        again["key_fingerprint"]
+    events = api.call("GET", "/users/me/audit", key).json["events"]
+    assert [e["action"] for e in events if e["action"] == "agent.rotate_key"] == ["agent.rotate_key"] * 2
+
+
+def test_another_users_agent_key_can_be_neither_read_nor_rotated(open_api: Api, keys: KeyMaterial) -> None:
+    alice = open_api.sign_up()["api_key"]
+    bob = open_api.sign_up()["api_key"]
+    agent = open_api.call("POST", "/agents", alice, json=open_api.agent_body(keys)).json
+    assert_problem(open_api.call("GET", f"/agents/{agent['id']}/public-key", bob), 404, "agent_not_found")
+    assert_problem(open_api.call("POST", f"/agents/{agent['id']}/rotate-key", bob), 404, "agent_not_found")
+    assert open_api.call("GET", f"/agents/{agent['id']}", alice).json["key_fingerprint"] == agent["key_fingerprint"]

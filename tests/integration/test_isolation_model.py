@@ -49,6 +49,7 @@ class PortalModel(RuleBasedStateMachine):
         self.dead_keys: list[str] = []
         self.agents: dict[int, tuple[int, str, int]] = {}  # agent id -> (owner index, name, port)
         self.deleted: set[int] = set()
+        self.public_keys: dict[int, str] = {}  # agent id -> its public key, once rotated
         self.mutations: dict[int, int] = {}  # user index -> attempted mutations (audit events expected)
         self.request_ids: dict[int, set[str]] = {}
         self.counter = itertools.count()
@@ -141,10 +142,34 @@ class PortalModel(RuleBasedStateMachine):
         result = self.call(user, "GET", f"/agents/{agent_id}/credentials", mutation=True)
         if self.expect_agent(user, agent_id):
             assert result.status_code == 200, result.text
-            assert result.json["private_key"] == PRIVATE_KEY
+            assert (result.json["private_key"] == PRIVATE_KEY) == (agent_id not in self.public_keys)
         else:
             assert (result.status_code, result.json["code"]) == (404, "agent_not_found"), result.text
             assert "private_key" not in result.json
+
+    @rule(user=users, data=st.data())
+    def rotate_agent_key(self, user: int, data: st.DataObject) -> None:
+        agent_id = self._some_agent(data)
+        discarded = len(self.shell.discarded)
+        result = self.call(user, "POST", f"/agents/{agent_id}/rotate-key", mutation=True)
+        if self.expect_agent(user, agent_id):
+            assert result.status_code == 200, result.text
+            assert result.json["public_key"] != self.public_keys.get(agent_id)
+            self.public_keys[agent_id] = result.json["public_key"]
+            assert self.shell.discarded[discarded:] == [agent_id]  # connections with the old key dropped
+        else:
+            assert (result.status_code, result.json["code"]) == (404, "agent_not_found"), result.text
+
+    @rule(user=users, data=st.data())
+    def read_public_key(self, user: int, data: st.DataObject) -> None:
+        agent_id = self._some_agent(data)
+        result = self.call(user, "GET", f"/agents/{agent_id}/public-key")
+        if self.expect_agent(user, agent_id):
+            assert result.status_code == 200, result.text
+            if agent_id in self.public_keys:
+                assert result.json["public_key"] == self.public_keys[agent_id]
+        else:
+            assert (result.status_code, result.json["code"]) == (404, "agent_not_found"), result.text
 
     @rule(user=users, data=st.data(), action=st.sampled_from(ACTIONS))
     def vm_action(self, user: int, data: st.DataObject, action: str) -> None:

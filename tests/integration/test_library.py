@@ -51,3 +51,15 @@ def test_data_persists_across_connections_and_rotation_kills_the_old_key(tmp_pat
         with pytest.raises(Unauthenticated):
             portal.login(old)
         assert portal.login(new).user.name == "alice"
+
+
+def test_a_script_registers_a_generated_key_agent_and_rotates_its_key(tmp_path: Path) -> None:
+    with connect(env(tmp_path)) as portal:
+        me = portal.login(portal.create_user("alice").api_key)
+        agent = me.register_agent(name="hv1", hostname="hv1.example.com", username="playr-agent", generate_key=True)
+        assert agent.client_key.public_key.startswith("ssh-ed25519 ")
+        assert "OPENSSH PRIVATE KEY" in me.credentials(agent.id).private_key
+        rotated = me.rotate_agent_key(agent.id)
+        assert rotated.client_key.public_key != agent.client_key.public_key
+        assert me.agent(agent.id).client_key == rotated.client_key
+        assert [e.action for e in me.audit_events()][:2] == ["agent.rotate_key", "agent.read_credentials"]

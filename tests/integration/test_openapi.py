@@ -57,7 +57,8 @@ def test_every_operation_declares_its_errors_as_problem_details(api: Api) -> Non
 def test_request_schemas_reject_unknown_fields_and_name_required_ones(api: Api) -> None:
     schemas = api.call("GET", "/openapi.json").json["components"]["schemas"]
     assert schemas["NewAgent"]["additionalProperties"] is False
-    assert set(schemas["NewAgent"]["required"]) == {"name", "hostname", "username", "private_key"}
+    assert set(schemas["NewAgent"]["required"]) == {"name", "hostname", "username"}
+    assert [rule["required"] for rule in schemas["NewAgent"]["anyOf"]] == [["private_key"], ["generate_key"]]
     assert "required" not in schemas["AgentChanges"]
     assert "private_key" not in schemas["AgentView"]["properties"]
     assert {"private_key", "private_key_passphrase"} <= set(schemas["CredentialsView"]["properties"])

@@ -1,23 +1,33 @@
-"""The SQLAlchemy storage adapter on a real SQLite file: pragmas, scoping, migrations, backup."""
+"""The SQLAlchemy storage adapter on a real database — a SQLite file and a PostgreSQL server (every
+test marked ``both`` runs on each): scoping, constraints, the write lock, migrations, and what each
+dialect adds (SQLite's pragmas, backup and data version; PostgreSQL's reconnects and errors)."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from itertools import count
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
 import sqlalchemy as sa
 
 from adapters.sql import migrations
-from adapters.sql.schema import metadata
+from adapters.sql.schema import UtcDateTime, metadata
 from adapters.sql.storage import SqlStorage, sqlite_url
-from core.errors import Conflict
+from core.errors import Conflict, Unavailable
 from core.model import Agent, AuditEvent, ClientKey, HostKey, IssuedApiKey
+from entrypoints import bootstrap, cli
+from entrypoints.settings import ConfigError, Settings
+from tests.postgres import PostgresServer
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 
 def key(n: int) -> IssuedApiKey:
@@ -38,20 +48,43 @@ def event(user_id: int, action: str = "agent.create") -> AuditEvent:
                       request_id="r", client_address="127.0.0.1", created_at=NOW)
 
 
+@pytest.fixture(params=BACKENDS)
+def new_url(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], str]:
+    """Makes URLs of fresh, empty databases of the backend under test."""
+    if request.param == "postgresql":
+        make: Callable[[], str] = request.getfixturevalue("postgres_databases")
+        return make
+    numbers = count(1)
+    return lambda: sqlite_url(tmp_path / f"db{next(numbers)}.sqlite3")
+
+
 @pytest.fixture
-def storage(tmp_path: Path) -> SqlStorage:
-    storage = SqlStorage(sqlite_url(tmp_path / "db.sqlite3"))
+def url(new_url: Callable[[], str]) -> str:
+    return new_url()
+
+
+@pytest.fixture
+def storage(url: str) -> Iterator[SqlStorage]:
+    storage = SqlStorage(url)
     storage.upgrade()
     yield storage
     storage.dispose()
 
 
-def test_sqlite_runs_in_wal_mode_with_foreign_keys_and_a_busy_timeout(storage: SqlStorage) -> None:
-    with storage.engine.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
-        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 10_000
-        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+@pytest.fixture
+def pg(postgres: PostgresServer, postgres_url: str) -> Iterator[SqlStorage]:
+    """Storage on a fresh PostgreSQL database, for what only PostgreSQL does."""
+    storage = SqlStorage(postgres_url)
+    storage.upgrade()
+    yield storage
+    storage.dispose()
+
+
+def backend_pid(conn: sa.Connection) -> int:
+    return int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+
+
+# ---------------------------------------------------------------------- both backends
 
 
 def test_round_trip_of_users_agents_and_events(storage: SqlStorage) -> None:
@@ -103,6 +136,13 @@ def test_unique_constraints_become_conflicts(storage: SqlStorage) -> None:
     with pytest.raises(Conflict) as name, storage.transaction(write=True) as tx:
         tx.add_agent(agent(user.id))
     assert name.value.code == "agent_name_taken"
+    with pytest.raises(Conflict) as renamed, storage.transaction(write=True) as tx:
+        other = tx.add_agent(agent(user.id, "hv2"))
+        tx.update_agent(attrs.evolve(other, name="hv1"))
+    assert renamed.value.code == "agent_name_taken"
+    with storage.transaction() as tx:  # each refused transaction left nothing behind
+        assert [a.name for a in tx.list_agents(user.id)] == ["hv1"]
+        assert tx.count_users() == 1
 
 
 def test_deleting_a_user_row_cascades_to_keys_and_agents(storage: SqlStorage) -> None:
@@ -125,6 +165,17 @@ def test_an_agent_id_is_never_reused_after_a_delete(storage: SqlStorage) -> None
     assert again.id > newest.id > first.id
 
 
+def test_an_agent_id_is_not_reused_even_after_a_rolled_back_insert(storage: SqlStorage) -> None:
+    with storage.transaction(write=True) as tx:
+        user = tx.add_user("alice", None, key(1), NOW)
+    with pytest.raises(RuntimeError), storage.transaction(write=True) as tx:
+        lost = tx.add_agent(agent(user.id, "hv1"))
+        raise RuntimeError("boom")
+    with storage.transaction(write=True) as tx:
+        kept = tx.add_agent(agent(user.id, "hv1"))
+    assert kept.id >= lost.id  # SQLite may hand out a rolled-back id again; never an older, deleted one
+
+
 def test_audit_events_page_newest_first(storage: SqlStorage) -> None:
     with storage.transaction(write=True) as tx:
         user = tx.add_user("alice", None, key(1), NOW)
@@ -134,54 +185,150 @@ def test_audit_events_page_newest_first(storage: SqlStorage) -> None:
         assert [e.id for e in tx.list_audit_events(user.id, 3, ids[2])] == [ids[1], ids[0]]
 
 
-# ---------------------------------------------------------------------- migrations
+def test_datetimes_come_back_as_the_same_utc_instant(storage: SqlStorage) -> None:
+    from datetime import timedelta, timezone
+
+    elsewhere = datetime(2026, 5, 1, 14, 30, 15, 123456, tzinfo=timezone(timedelta(hours=2, minutes=30)))
+    with storage.transaction(write=True) as tx:
+        user = tx.add_user("alice", None, key(1), elsewhere)
+    with storage.transaction() as tx:
+        stored = tx.get_user(user.id)
+    assert stored is not None and stored.created_at == elsewhere and stored.created_at.tzinfo == UTC
 
 
-def _columns(engine: sa.Engine) -> dict[str, set[str]]:
+# ---------------------------------------------------------------------- the write lock (both backends)
+
+
+def test_a_write_transaction_waits_for_another_writer_then_gives_up_as_database_busy(url: str) -> None:
+    first, second = SqlStorage(url), SqlStorage(url, busy_timeout=0.3)
+    first.upgrade()
+    try:
+        with first.transaction(write=True):  # another instance holds the write lock...
+            started = time.monotonic()
+            with pytest.raises(Unavailable) as busy, second.transaction(write=True):
+                pass
+            waited = time.monotonic() - started
+        assert busy.value.code == "database_busy"
+        assert 0.25 <= waited < 5
+        with second.transaction() as tx:  # ...which never blocks readers
+            assert tx.count_users() == 0
+    finally:
+        first.dispose()
+        second.dispose()
+
+
+def test_read_check_write_sequences_of_two_instances_never_interleave(url: str) -> None:
+    """The first-user sign-up: count the users, then add one only if there were none. Two
+    instances doing it at the same moment must create exactly one first user."""
+    instances = [SqlStorage(url), SqlStorage(url)]
+    instances[0].upgrade()
+    first_users: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def sign_up_first(storage: SqlStorage, name: str, number: int) -> None:
+        barrier.wait()
+        with storage.transaction(write=True) as tx:
+            if tx.count_users() == 0:
+                time.sleep(0.2)  # the other instance tries meanwhile
+                tx.add_user(name, None, key(number), NOW)
+                first_users.append(name)
+
+    threads = [threading.Thread(target=sign_up_first, args=(s, f"user{n}", n)) for n, s in enumerate(instances)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with instances[0].transaction() as tx:
+        assert tx.count_users() == 1
+    assert len(first_users) == 1
+    for storage in instances:
+        storage.dispose()
+
+
+# ---------------------------------------------------------------------- migrations (both backends)
+
+
+def _schema(engine: sa.Engine) -> dict[str, Any]:
+    """What the database says its tables are: columns (type, nullability, default), keys, indexes.
+    (Normalised where reflection differs for the same thing: SQLite reports an INTEGER PRIMARY KEY
+    as nullable, a default of 1 as '1' or 1, and misses ON DELETE in column constraints, so foreign
+    keys are read from SQLite's own pragma.)"""
     inspector = sa.inspect(engine)
-    return {t: {c["name"] for c in inspector.get_columns(t)} for t in inspector.get_table_names()}
+    tables: dict[str, Any] = {}
+    for table in inspector.get_table_names():
+        primary_key = inspector.get_pk_constraint(table)["constrained_columns"]
+        if engine.dialect.name == "sqlite":
+            with engine.connect() as conn:
+                foreign_keys = sorted((row._mapping["from"], row.table, row.on_delete) for row in
+                                      conn.exec_driver_sql(f"PRAGMA foreign_key_list('{table}')"))
+        else:
+            foreign_keys = sorted((fk["constrained_columns"][0], fk["referred_table"], fk["options"].get("ondelete"))
+                                  for fk in inspector.get_foreign_keys(table))
+        tables[table] = {
+            "columns": {c["name"]: (str(c["type"]), c["nullable"] and c["name"] not in primary_key,
+                                    str(c.get("default")).strip("'"))
+                        for c in inspector.get_columns(table)},
+            "primary key": primary_key,
+            "foreign keys": foreign_keys,
+            "unique": sorted(tuple(u["column_names"]) for u in inspector.get_unique_constraints(table)),
+            "indexes": sorted((i["name"], tuple(i["column_names"]), bool(i["unique"]))
+                              for i in inspector.get_indexes(table) if not i.get("duplicates_constraint")),
+        }
+    return tables
 
 
-def test_migrations_produce_exactly_the_declared_schema(storage: SqlStorage) -> None:
-    declared = {t.name: {c.name for c in t.columns} for t in metadata.sorted_tables}
-    actual = _columns(storage.engine)
-    assert actual.pop("schema_version") == {"version"}
-    assert actual == declared
+def test_migrations_produce_exactly_the_declared_schema(storage: SqlStorage, new_url: Callable[[], str]) -> None:
+    declared = sa.create_engine(new_url())
+    metadata.create_all(declared)
+    migrated = _schema(storage.engine)
+    assert migrated.pop("schema_version")["columns"].keys() == {"version"}
+    assert migrated == _schema(declared)
+    assert set(migrated) == {t.name for t in metadata.sorted_tables}
     assert storage.schema_version() == migrations.LATEST
+    declared.dispose()
 
 
-def test_upgrade_from_the_first_schema_keeps_existing_data(tmp_path: Path) -> None:
-    path = tmp_path / "old.sqlite3"
-    old = SqlStorage(sqlite_url(path))
+def test_upgrade_from_the_first_schema_keeps_existing_data(url: str) -> None:
+    old = SqlStorage(url)
     with old.engine.connect() as conn:
         conn.execution_options(write=True)
         with conn.begin():
             assert migrations.upgrade(conn, target=1) == (0, 1)
+        # Rows as the first release wrote them (its tables, without the later columns).
+        at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+        users_v1 = sa.table("users", sa.column("name"), sa.column("email"), sa.column("email_key"),
+                            sa.column("created_at", UtcDateTime))
+        keys_v1 = sa.table("api_keys", sa.column("user_id"), sa.column("prefix"), sa.column("digest"),
+                           sa.column("created_at", UtcDateTime))
+        agents_v1 = sa.table("agents", *(sa.column(c) for c in (
+            "owner_id", "name", "hostname", "port", "username", "libvirt_uri", "public_key", "key_fingerprint",
+            "sealed_private_key")), sa.column("allow_unknown_hosts", sa.Boolean),
+            sa.column("created_at", UtcDateTime), sa.column("updated_at", UtcDateTime))
         with conn.begin():
-            conn.exec_driver_sql(
-                "INSERT INTO users (id, name, email, email_key, created_at) "
-                "VALUES (1, 'alice', 'a@example.com', 'a@example.com', '2026-01-02 03:04:05.000000')")
-            conn.exec_driver_sql(
-                "INSERT INTO api_keys (user_id, prefix, digest, created_at) "
-                "VALUES (1, 'mgmt_00000000000a', 'sha256:x', '2026-01-02 03:04:05.000000')")
-            conn.exec_driver_sql(
-                "INSERT INTO agents (id, owner_id, name, hostname, port, username, allow_unknown_hosts, "
-                "libvirt_uri, public_key, key_fingerprint, sealed_private_key, created_at, updated_at) "
-                "VALUES (7, 1, 'hv1', 'hv.example.com', 2222, 'qemu', 1, 'qemu:///system', 'ssh-ed25519 A', "
-                "'SHA256:k', 'v1:sealed', '2026-01-02 03:04:05.000000', '2026-01-02 03:04:05.000000')")
-    assert "revision" not in _columns(old.engine)["agents"]
+            user_id = conn.execute(users_v1.insert().values(name="alice", email="a@example.com",
+                                                            email_key="a@example.com", created_at=at)
+                                   .returning(sa.column("id"))).scalar_one()
+            conn.execute(keys_v1.insert().values(user_id=user_id, prefix="mgmt_00000000000a", digest="sha256:x",
+                                                 created_at=at))
+            agent_id = conn.execute(agents_v1.insert().values(
+                owner_id=user_id, name="hv1", hostname="hv.example.com", port=2222, username="qemu",
+                allow_unknown_hosts=True, libvirt_uri="qemu:///system", public_key="ssh-ed25519 A",
+                key_fingerprint="SHA256:k", sealed_private_key="v1:sealed", created_at=at, updated_at=at,
+            ).returning(sa.column("id"))).scalar_one()
+    assert "revision" not in {c["name"] for c in sa.inspect(old.engine).get_columns("agents")}
     old.dispose()
 
-    upgraded = SqlStorage(sqlite_url(path))
+    upgraded = SqlStorage(url)
     assert upgraded.upgrade() == (1, migrations.LATEST)
     with upgraded.transaction(write=True) as tx:  # ids go on from the highest one kept
-        assert tx.add_agent(agent(1, "hv2")).id == 8
+        assert tx.add_agent(agent(user_id, "hv2")).id == agent_id + 1
     with upgraded.transaction() as tx:
-        user = tx.get_user(1)
-        stored = tx.get_agent(1, 7)
+        user = tx.get_user(user_id)
+        stored = tx.get_agent(user_id, agent_id)
     assert user is not None and user.name == "alice" and user.api_key_prefix == "mgmt_00000000000a"
     assert stored is not None and (stored.hostname, stored.port, stored.revision) == ("hv.example.com", 2222, 1)
-    assert stored.created_at == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert stored.allow_unknown_hosts is True
+    assert stored.created_at == at
     assert upgraded.upgrade() == (migrations.LATEST, migrations.LATEST)  # idempotent
     upgraded.dispose()
 
@@ -193,8 +340,24 @@ def test_a_database_newer_than_the_code_is_refused(storage: SqlStorage) -> None:
         storage.upgrade()
 
 
-def test_concurrent_upgrades_migrate_exactly_once(tmp_path: Path) -> None:
-    url = sqlite_url(tmp_path / "race.sqlite3")
+def test_a_failed_migration_step_leaves_the_database_as_it_was(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = SqlStorage(url)
+    with storage.engine.connect() as conn, conn.begin():
+        migrations.upgrade(conn, target=1)
+
+    def broken(conn: sa.Connection) -> None:
+        conn.execute(sa.text("ALTER TABLE agents ADD COLUMN half_done INTEGER"))
+        raise RuntimeError("step failed half-way")
+
+    monkeypatch.setattr(migrations, "STEPS", (migrations.STEPS[0], broken, *migrations.STEPS[2:]))
+    with pytest.raises(RuntimeError, match="half-way"):
+        storage.upgrade()
+    assert storage.schema_version() == 1
+    assert "half_done" not in {c["name"] for c in sa.inspect(storage.engine).get_columns("agents")}
+    storage.dispose()
+
+
+def test_concurrent_upgrades_migrate_exactly_once(url: str) -> None:
     results: list[tuple[int, int]] = []
     errors: list[BaseException] = []
     barrier = threading.Barrier(4)
@@ -218,35 +381,51 @@ def test_concurrent_upgrades_migrate_exactly_once(tmp_path: Path) -> None:
     assert sorted(results) == [(0, migrations.LATEST)] + [(migrations.LATEST, migrations.LATEST)] * 3
 
 
-# ---------------------------------------------------------------------- backup
+# ---------------------------------------------------------------------- SQLite only
 
 
-def test_backup_is_a_consistent_copy_taken_while_a_writer_is_open(storage: SqlStorage, tmp_path: Path) -> None:
-    with storage.transaction(write=True) as tx:
+@pytest.fixture
+def lite(tmp_path: Path) -> Iterator[SqlStorage]:
+    storage = SqlStorage(sqlite_url(tmp_path / "db.sqlite3"))
+    storage.upgrade()
+    yield storage
+    storage.dispose()
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys_and_a_busy_timeout(lite: SqlStorage) -> None:
+    with lite.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 10_000
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+
+def test_backup_is_a_consistent_copy_taken_while_a_writer_is_open(lite: SqlStorage, tmp_path: Path) -> None:
+    with lite.transaction(write=True) as tx:
         user = tx.add_user("alice", None, key(1), NOW)
         tx.add_agent(agent(user.id))
     target = tmp_path / "backups" / "copy.sqlite3"
-    storage.backup(target)
+    lite.backup(target)
     copy = sqlite3.connect(target)
     assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert copy.execute("SELECT name FROM agents").fetchall() == [("hv1",)]
     copy.close()
     assert target.stat().st_mode & 0o777 == 0o600
     with pytest.raises(FileExistsError):
-        storage.backup(target)
+        lite.backup(target)
 
 
-def test_data_version_moves_when_any_other_connection_commits(storage: SqlStorage, tmp_path: Path) -> None:
-    other_process = SqlStorage(storage.url.render_as_string(hide_password=False))
-    before = storage.data_version()
-    assert before is not None and storage.data_version() == before  # reading changes nothing
+def test_data_version_moves_when_any_other_connection_commits(lite: SqlStorage) -> None:
+    other_process = SqlStorage(lite.url.render_as_string(hide_password=False))
+    before = lite.data_version()
+    assert before is not None and lite.data_version() == before  # reading changes nothing
     with other_process.transaction(write=True) as tx:  # e.g. another worker rotating a key
         tx.add_user("alice", None, key(1), NOW)
-    assert storage.data_version() != before
-    after_other = storage.data_version()
-    with storage.transaction(write=True) as tx:  # this process's own pooled connections count too
+    assert lite.data_version() != before
+    after_other = lite.data_version()
+    with lite.transaction(write=True) as tx:  # this process's own pooled connections count too
         tx.add_user("bob", None, key(2), NOW)
-    assert storage.data_version() != after_other
+    assert lite.data_version() != after_other
     other_process.dispose()
 
 
@@ -260,3 +439,129 @@ def test_until_changed_gives_values_back_only_at_the_version_they_were_read_at()
     version[0] = 2  # a commit somewhere
     assert cache.get("k", cache.version()) is None
     assert UntilChanged(None).version() is None  # no version, nothing kept
+
+
+# ---------------------------------------------------------------------- PostgreSQL only
+
+pg_only = pytest.mark.postgres
+
+
+@pg_only
+def test_postgresql_has_no_data_version_so_nothing_is_cached_across_instances(pg: SqlStorage) -> None:
+    assert pg.data_version() is None
+
+
+@pg_only
+def test_postgresql_backup_is_refused_with_the_pg_dump_command(pg: SqlStorage, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="pg_dump"):
+        pg.backup(tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+
+
+@pg_only
+def test_db_backup_on_the_command_line_says_to_use_pg_dump(postgres_url: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MANAGEMENT_DATABASE_URL", postgres_url)
+    monkeypatch.setenv("MANAGEMENT_SECRET_KEY_FILE", str(tmp_path / "secret.key"))
+    assert cli.main(["db", "backup", str(tmp_path / "copy")]) == 1
+    err = capsys.readouterr().err
+    assert "pg_dump" in err and "Traceback" not in err
+    assert cli.main(["db", "version"]) == 0
+    assert capsys.readouterr().out.strip() == str(migrations.LATEST)
+
+
+@pg_only
+def test_a_read_that_loses_its_connection_runs_again_on_a_fresh_one(pg: SqlStorage, postgres: PostgresServer,
+                                                                   postgres_url: str) -> None:
+    with pg.transaction(write=True) as tx:
+        tx.add_user("alice", None, key(1), NOW)
+    with pg.transaction() as tx:
+        assert tx.count_users() == 1
+        lost = backend_pid(tx.conn)
+        postgres.sql(postgres_url, f"SELECT pg_terminate_backend({lost})")  # a failover, a restart...
+        assert tx.count_users() == 1
+        assert backend_pid(tx.conn) != lost
+    with pg.transaction() as tx:  # and the pool goes on serving
+        assert tx.count_users() == 1
+
+
+@pg_only
+def test_a_write_that_loses_its_connection_is_never_run_again(pg: SqlStorage, postgres: PostgresServer,
+                                                             postgres_url: str) -> None:
+    with pytest.raises(Unavailable) as lost, pg.transaction(write=True) as tx:
+        tx.add_user("alice", None, key(1), NOW)
+        postgres.sql(postgres_url, f"SELECT pg_terminate_backend({backend_pid(tx.conn)})")
+        tx.add_audit_event(event(1))
+    assert lost.value.code == "database_unavailable"
+    with pg.transaction() as tx:
+        assert tx.count_users() == 0
+
+
+@pg_only
+def test_pooled_connections_killed_while_idle_are_replaced_unseen(pg: SqlStorage, postgres: PostgresServer,
+                                                                 postgres_url: str) -> None:
+    with pg.transaction() as tx:
+        idle = backend_pid(tx.conn)
+    postgres.sql(postgres_url, f"SELECT pg_terminate_backend({idle})")
+    with pg.transaction(write=True) as tx:  # a write too: the pre-ping finds the dead connection first
+        tx.add_user("alice", None, key(1), NOW)
+        assert backend_pid(tx.conn) != idle
+
+
+@pg_only
+def test_no_free_connection_within_the_busy_timeout_is_database_busy(postgres_url: str) -> None:
+    storage = SqlStorage(postgres_url, busy_timeout=0.3, pool_size=1)
+    storage.upgrade()
+    try:
+        with storage.transaction(), pytest.raises(Unavailable) as busy, storage.transaction():
+            pass
+        assert busy.value.code == "database_busy"
+    finally:
+        storage.dispose()
+
+
+@pg_only
+def test_a_serialization_failure_is_database_busy(pg: SqlStorage) -> None:
+    with pytest.raises(Unavailable) as busy, pg.transaction(write=True) as tx:
+        tx.conn.exec_driver_sql("DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = 'serialization_failure'; END $$")
+    assert busy.value.code == "database_busy"
+
+
+@pg_only
+def test_postgresql_connections_name_the_portal_and_use_utc(pg: SqlStorage) -> None:
+    with pg.transaction() as tx:
+        row = tx.conn.exec_driver_sql("SELECT current_setting('application_name'), current_setting('TimeZone'), "
+                                      "current_setting('lock_timeout')").one()
+    assert tuple(row) == ("manage-playrservers", "UTC", "10s")
+
+
+# ---------------------------------------------------------------------- start-up errors
+
+
+def _open(url: str, tmp_path: Path) -> ConfigError:
+    settings = Settings.from_env({"MANAGEMENT_DATABASE_URL": url, "MANAGEMENT_SECRET_KEY_FILE": str(tmp_path / "k")})
+    with pytest.raises(ConfigError) as refused:
+        bootstrap.open_storage(settings)
+    return refused.value
+
+
+@pg_only
+@pytest.mark.parametrize("what", ["wrong password", "no such database", "server down"])
+def test_a_database_that_cannot_be_opened_stops_start_up_naming_the_variable(
+        what: str, postgres: PostgresServer, tmp_path: Path) -> None:
+    good = postgres.url
+    url = {
+        "wrong password": good.set(password="not-the-password-at-all"),
+        "no such database": good.set(database="no_such_database"),
+        "server down": good.set(port=1),  # nothing listens on port 1
+    }[what]
+    error = _open(url.render_as_string(hide_password=False), tmp_path)
+    message = str(error)
+    assert error.variable == "MANAGEMENT_DATABASE_URL"
+    assert message.startswith("MANAGEMENT_DATABASE_URL: cannot open the database postgresql+psycopg://")
+    assert "***@" in message
+    assert str(good.password) not in message and "not-the-password-at-all" not in message
+    assert {"wrong password": "password authentication failed", "no such database": "does not exist",
+            "server down": "refused"}[what] in message
+    assert "\n" not in message

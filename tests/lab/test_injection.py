@@ -80,6 +80,7 @@ def recorded(log: Path) -> list[str]:
 @example(name="déjà-vu_2.0")
 def test_any_vm_name_is_refused_or_reaches_the_host_exactly(recording_agent: Any, name: str) -> None:
     server, api_key, log = recording_agent
+    _use_the_default_libvirt_uri(server, api_key)  # the URI test above leaves any URI behind
     before = len(recorded(log))
     status, body, _ = server.request("POST", f"/agents/{server.agent_id}/vms/{quote(name, safe='')}/start",
                                      api_key)
@@ -111,3 +112,53 @@ def test_any_libvirt_uri_is_refused_or_reaches_the_host_exactly(recording_agent:
         assert status == 422
         assert listed == 200 and len(commands) == 1  # the previous, valid URI is still the one used
         assert shlex.split(commands[0])[2] != uri
+
+
+def _use_the_default_libvirt_uri(server: Any, api_key: str) -> None:
+    status, agent, _ = server.request("GET", f"/agents/{server.agent_id}", api_key)
+    if agent["libvirt_uri"] != "qemu:///system":
+        status, agent, _ = server.request("PATCH", f"/agents/{server.agent_id}", api_key, {"libvirt_uri": None})
+        assert status == 200 and agent["libvirt_uri"] == "qemu:///system", agent
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(name=st.text(min_size=1, max_size=40), description=st.text(max_size=60))
+@example(name="before upgrade", description="--help; $(id) `id` 'x' \"y\" | tee /tmp/pwned &")
+@example(name="s1", description="--name other")
+@example(name="--help", description="")
+def test_any_snapshot_name_and_description_are_refused_or_reach_the_host_exactly(recording_agent: Any, name: str,
+                                                                                 description: str) -> None:
+    server, api_key, log = recording_agent
+    _use_the_default_libvirt_uri(server, api_key)  # the URI test above leaves any URI behind
+    before = len(recorded(log))
+    status, body, _ = server.request("POST", f"/agents/{server.agent_id}/vms/lab-disk/snapshots", api_key,
+                                     {"name": name, "description": description})
+    commands = [shlex.split(c) for c in recorded(log)[before:]]
+    if status == 422:
+        assert commands == []
+        return
+    # The recorder runs nothing, so the list the portal reads afterwards lacks the new snapshot.
+    assert (status, body["code"]) == (404, "snapshot_not_found"), body
+    assert commands[0] == ["virsh", "--connect", "qemu:///system", "snapshot-create-as", "--domain", "lab-disk",
+                           "--name", name, *(["--description", description] if description else [])]
+    assert sorted(c[3] for c in commands[1:]) == ["snapshot-current", "snapshot-list"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(name=st.text(min_size=1, max_size=40))
+@example(name="--help")
+@example(name="$(id)")
+@example(name="s 1")
+def test_any_snapshot_name_in_a_path_is_refused_or_reaches_the_host_exactly(recording_agent: Any, name: str) -> None:
+    server, api_key, log = recording_agent
+    _use_the_default_libvirt_uri(server, api_key)  # the URI test above leaves any URI behind
+    before = len(recorded(log))
+    status, body, _ = server.request(
+        "POST", f"/agents/{server.agent_id}/vms/lab-disk/snapshots/{quote(name, safe='')}/revert", api_key)
+    commands = recorded(log)[before:]
+    if status == 200:
+        assert [shlex.split(c) for c in commands] == [["virsh", "--connect", "qemu:///system", "snapshot-revert",
+                                                       "--domain", "lab-disk", "--snapshotname", name]]
+    else:
+        assert status in (404, 422), body  # 404 only where a '/' or '..' changes the route itself
+        assert commands == []

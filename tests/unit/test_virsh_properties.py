@@ -138,6 +138,7 @@ def test_names_are_limited_to_200_characters() -> None:
 @pytest.mark.parametrize(("action", "subcommand"), [
     (VmAction.START, "start"), (VmAction.SHUTDOWN, "shutdown"),
     (VmAction.FORCE_STOP, "destroy"), (VmAction.REBOOT, "reboot"),
+    (VmAction.SUSPEND, "suspend"), (VmAction.RESUME, "resume"),
 ])
 def test_each_action_runs_its_virsh_subcommand(action: VmAction, subcommand: str) -> None:
     assert action.subcommand == subcommand
@@ -146,7 +147,7 @@ def test_each_action_runs_its_virsh_subcommand(action: VmAction, subcommand: str
 
 
 def test_actions_are_named_as_the_api_names_them() -> None:
-    assert [a.value for a in VmAction] == ["start", "shutdown", "force-stop", "reboot"]
+    assert [a.value for a in VmAction] == ["start", "shutdown", "force-stop", "reboot", "suspend", "resume"]
 
 
 def test_list_command_lists_every_vm_of_the_uri() -> None:

@@ -51,7 +51,8 @@ DOMINFO_OUTPUT = ("Id:             2\n"
                   "\n")
 HOSTILE_NAMES = [";id", "$(id)", "`id`", "--help", "-c", "a|b", "a\nb", "a'b", "a\x00b", "a/b", "a" * 201, ""]
 AUDIT_ACTIONS = {VmAction.START: "vm.start", VmAction.SHUTDOWN: "vm.shutdown",
-                 VmAction.FORCE_STOP: "vm.force_stop", VmAction.REBOOT: "vm.reboot"}
+                 VmAction.FORCE_STOP: "vm.force_stop", VmAction.REBOOT: "vm.reboot",
+                 VmAction.SUSPEND: "vm.suspend", VmAction.RESUME: "vm.resume"}
 
 
 # ---------------------------------------------------------------------------------------- fixtures

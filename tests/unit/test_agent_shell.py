@@ -1,0 +1,140 @@
+"""The restricted shell installed on enrolled hypervisors (scripts/agent_shell.py).
+
+It must accept every command the portal sends, exactly as sent, and nothing else: the portal's
+name rules and its own are proved equal for any text, and every argv builder of core/virsh.py is
+run through the shell's parser."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from core import virsh
+from core.errors import ValidationFailed
+from tests.support import REPO
+
+SHELL_FILE = REPO / "scripts" / "agent_shell.py"
+URI = "qemu:///system"
+ALLOWED = frozenset({URI})
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("agent_shell", SHELL_FILE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+shell = _load()
+names = st.text(st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
+    ["guest1", "web 01", "-x", " a", "a;id", "$(reboot)", "a`id`", "é", "a\n", "x" * 201, "db:primary@2"])
+
+
+def portal_commands(vm: str, snapshot: str, description: str) -> list[tuple[str, ...]]:
+    """Every argv core/virsh.py builds (the portal sends nothing else)."""
+    return [
+        virsh.list_command(URI), virsh.dominfo_command(URI, vm),
+        *(virsh.action_command(URI, vm, action) for action in virsh.VmAction),
+        virsh.state_command(URI, vm), virsh.stats_command(URI, vm),
+        virsh.autostart_command(URI, vm, True), virsh.autostart_command(URI, vm, False),
+        virsh.snapshot_list_command(URI, vm), virsh.snapshot_current_command(URI, vm),
+        virsh.snapshot_create_command(URI, vm, snapshot), virsh.snapshot_create_command(URI, vm, snapshot, description),
+        virsh.snapshot_revert_command(URI, vm, snapshot), virsh.snapshot_delete_command(URI, vm, snapshot),
+        virsh.nodeinfo_command(URI), virsh.version_command(URI), virsh.hostname_command(URI),
+        virsh.check_command(URI),
+    ]
+
+
+@given(names)
+def test_the_shell_and_the_portal_accept_exactly_the_same_names(name: str) -> None:
+    assert (shell.check_name(name) is None) == (virsh.check_vm_name(name) is None)
+    assert (shell.check_name(name) is None) == (virsh.check_snapshot_name(name) is None)
+
+
+@given(names)
+def test_the_shell_and_the_portal_accept_exactly_the_same_descriptions(text: str) -> None:
+    assert (shell.check_text(text) is None) == (virsh.check_description(text) is None)
+
+
+@given(vm=names, snapshot=names, description=names)
+def test_every_command_the_portal_sends_runs_exactly_as_sent(vm: str, snapshot: str, description: str) -> None:
+    try:
+        commands = portal_commands(vm, snapshot, description)
+    except ValidationFailed:
+        return  # the portal refuses to send it
+    for argv in commands:
+        assert shell.parse(virsh.command_line(argv), ALLOWED) == list(argv)
+
+
+def test_the_shell_knows_no_subcommand_the_portal_does_not_use() -> None:
+    used = {argv[3] for argv in portal_commands("guest1", "snap1", "before upgrade")}
+    assert used == set(shell.COMMANDS)
+
+
+@pytest.mark.parametrize("command", [
+    None,                                                   # an interactive login
+    "",
+    "id",
+    "sh -c id",
+    "internal-sftp",
+    "/usr/lib/openssh/sftp-server",
+    "scp -t /tmp",
+    "virsh undefine guest1",
+    "virsh --connect qemu:///system undefine --domain guest1",
+    "virsh start guest1; id",
+    "virsh --connect qemu:///system start guest1; id",
+    "virsh --connect qemu:///system start --domain 'guest1; id'",
+    "virsh --connect qemu:///system start --domain guest1 --domain guest2",
+    "virsh --connect qemu:///system start --domain",
+    "virsh --connect qemu:///system start --domain -guest",
+    "virsh --connect qemu:///system start --domain guest1 --force-boot",
+    "virsh --connect qemu:///system list --all --name",
+    "virsh --connect qemu+ssh://other/system list --all",
+    "virsh --connect 'qemu:///system' 'list --all'",
+    "virsh --connect qemu:///system snapshot-create-as --domain g --name s --description 'a\nb'",
+    "virsh --connect qemu:///system snapshot-create-as --domain g --name s --xmlfile /etc/shadow",
+    "virsh --connect qemu:///system 'list' \"--all\" '",
+    "virsh -c qemu:///system list --all",
+    "/usr/bin/virsh --connect qemu:///system list --all",
+])
+def test_anything_else_is_refused(command: str | None) -> None:
+    with pytest.raises(shell.Refused):
+        shell.parse(command, ALLOWED)
+
+
+def _run(tmp_path: Path, command: str | None) -> subprocess.CompletedProcess[str]:
+    log = tmp_path / "commands.log"
+    config = tmp_path / "shell.conf"
+    config.write_text(f"# test\nlibvirt_uris = {URI}\nlog_file = {log}\nvirsh = /bin/echo\n")
+    env = {"PATH": "/usr/bin:/bin", "SSH_CONNECTION": "192.0.2.9 50000 192.0.2.1 22"}
+    if command is not None:
+        env["SSH_ORIGINAL_COMMAND"] = command
+    return subprocess.run([sys.executable, str(SHELL_FILE), "--config", str(config)], env=env,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_an_allowed_command_replaces_the_shell_with_virsh_and_is_logged(tmp_path: Path) -> None:
+    result = _run(tmp_path, "virsh --connect qemu:///system start --domain 'web 01'")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "--connect qemu:///system start --domain web 01\n"  # /bin/echo stands in for virsh
+    (line,) = (tmp_path / "commands.log").read_text().splitlines()
+    assert " run from=192.0.2.9 command=" in line and "web 01" in line
+
+
+def test_a_refused_command_exits_126_with_the_reason_and_is_logged(tmp_path: Path) -> None:
+    result = _run(tmp_path, "virsh --connect qemu:///system start --domain guest1; id")
+    assert result.returncode == 126
+    assert result.stdout == ""
+    assert result.stderr.startswith("playr-agent-shell: refused: ")
+    (line,) = (tmp_path / "commands.log").read_text().splitlines()
+    assert " refused from=192.0.2.9 " in line and "reason=" in line
+    login = _run(tmp_path, None)
+    assert login.returncode == 126 and "no login shell" in login.stderr

@@ -1,0 +1,528 @@
+"""The use cases beyond the seed's lifecycle (waiting, suspend/resume, autostart, stats, snapshots,
+the fleet view, host facts and checks), against the in-memory fakes. Waiting runs on a fake clock:
+the portal's ``sleep`` advances it, so nothing here sleeps for real."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import pytest
+
+from adapters.memory import (
+    CountingKeyHasher,
+    FakeSshKeys,
+    InMemoryStorage,
+    ManualClock,
+    ReversibleSecretBox,
+    ScriptedShell,
+)
+from core.commands import NewAgent, NewSnapshot, NewUser
+from core.errors import Conflict, NotFound, PortalError, RemoteError, RemoteTimeout, ValidationFailed, WaitTimedOut
+from core.model import DEFAULT_LIBVIRT_URI, Agent, AgentCredentials, AuditEvent, Caller, HostKey, Origin, SignupPolicy
+from core.ports import CommandResult, PinHostKey
+from core.services import AgentCheck, Failure, Portal
+from core.virsh import BlockStats, Snapshot, VmAction, VmSummary
+
+KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjE\n-----END OPENSSH PRIVATE KEY-----\n"
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyNumberOne host1"
+OPERATOR = Origin(request_id="cli-1", client_address="local:root")
+LIST_OUTPUT = (" Id   Name         State\n"
+               "-----------------------------\n"
+               " 1    lab-guest1   running\n"
+               " -    lab-disk     shut off\n"
+               "\n")
+SNAPSHOTS = (" Name    Creation Time               State     Parent\n"
+             "-------------------------------------------------------\n"
+             " s two   2026-11-26 15:48:22 +0000   running   s1\n"
+             " s1      2026-11-26 15:48:22 +0000   shutoff   \n"
+             "\n")
+NODEINFO = ("CPU model:           x86_64\nCPU(s):              2\nCPU frequency:       2596 MHz\n"
+            "CPU socket(s):       1\nCore(s) per socket:  2\nThread(s) per core:  1\nNUMA cell(s):        1\n"
+            "Memory size:         5597400 KiB\n\n")
+VERSION = ("Compiled against library: libvirt 9.0.0\nUsing library: libvirt 9.0.0\nUsing API: QEMU 9.0.0\n"
+           "Running hypervisor: QEMU 7.2.22\nRunning against daemon: 9.0.0\n\n")
+STATE_NUMBERS = {"running": 1, "paused": 3, "shut off": 5}
+HOSTILE = ["--help", "-c", "$(id)", "a;b", "a\nb", "a'b", "a/b", ""]
+
+
+class FakeTime:
+    """A monotonic clock that only the portal's ``sleep`` moves."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(round(seconds, 6))
+        self.now += seconds
+
+
+class Shell(ScriptedShell):
+    """The scripted shell, plus: answers that change from one call to the next (a VM's state while
+    it shuts down), failures per agent (a dead host), and a count of commands running at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sequences: dict[tuple[str, ...], list[CommandResult]] = {}
+        self.failures: dict[int, PortalError] = {}
+        self.running = 0
+        self.most_running = 0
+
+    async def run(self, target: AgentCredentials, argv: Sequence[str], *,
+                  pin: PinHostKey | None = None) -> CommandResult:
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            for _ in range(3):
+                await asyncio.sleep(0)  # let other requests start meanwhile
+            if target.agent.id in self.failures:
+                self.calls.append((target.agent.id, tuple(argv)))
+                raise self.failures[target.agent.id]
+            queue = self.sequences.get(tuple(argv))
+            if queue:
+                self.calls.append((target.agent.id, tuple(argv)))
+                return queue.pop(0) if len(queue) > 1 else queue[0]
+            return await super().run(target, argv, pin=pin)
+        finally:
+            self.running -= 1
+
+
+@attrs.define
+class World:
+    storage: InMemoryStorage
+    portal: Portal
+    shell: Shell
+    time: FakeTime
+
+
+@pytest.fixture
+def world() -> World:
+    storage, shell, fake_time = InMemoryStorage(), Shell(), FakeTime()
+    portal = Portal(storage=storage, hasher=CountingKeyHasher(), secrets=ReversibleSecretBox(),
+                    ssh_keys=FakeSshKeys(), clock=ManualClock(), signup=SignupPolicy.OPEN, shell=shell,
+                    poll_interval=0.25, fleet_parallelism=3, monotonic=fake_time.monotonic, sleep=fake_time.sleep)
+    return World(storage, portal, shell, fake_time)
+
+
+def make_caller(world: World, name: str) -> Caller:
+    created = world.portal.create_user(NewUser(name=name, email=f"{name}@example.com"), OPERATOR)
+    return Caller(user=created.user, request_id=f"req-{name}", client_address="198.51.100.10")
+
+
+@pytest.fixture
+def alice(world: World) -> Caller:
+    return make_caller(world, "alice")
+
+
+def register(world: World, caller: Caller, **fields: Any) -> Agent:
+    base: dict[str, Any] = {"name": "hv1", "hostname": "192.0.2.15", "username": "qemu-admin", "private_key": KEY,
+                            "host_key": HOST_KEY}
+    return world.portal.register_agent(caller, NewAgent(**{**base, **fields}))
+
+
+@pytest.fixture
+def agent(world: World, alice: Caller) -> Agent:
+    return register(world, alice)
+
+
+def argv(*args: str) -> tuple[str, ...]:
+    return ("virsh", "--connect", DEFAULT_LIBVIRT_URI, *args)
+
+
+def ok(command: tuple[str, ...], stdout: str = "") -> CommandResult:
+    return CommandResult(command=command, exit_status=0, stdout=stdout, stderr="")
+
+
+def fail(command: tuple[str, ...], stderr: str) -> CommandResult:
+    return CommandResult(command=command, exit_status=1, stdout="\n", stderr=stderr)
+
+
+def states(world: World, vm: str, *names: str) -> None:
+    """The VM's state as successive polls will see it (the last one stays)."""
+    command = argv("domstats", "--domain", vm, "--state")
+    world.shell.sequences[command] = [
+        ok(command, f"Domain: '{vm}'\n  state.state={STATE_NUMBERS[n]}\n  state.reason=1\n\n") for n in names]
+
+
+def events(world: World) -> list[AuditEvent]:
+    return [event for _, event in sorted(world.storage.state.events.items())]
+
+
+def polls(world: World) -> int:
+    return sum(1 for _, command in world.shell.calls if command[3] == "domstats")
+
+
+# ---------------------------------------------------------------------------------------- waiting
+
+
+def test_waiting_polls_until_the_target_state_and_answers_it(world: World, alice: Caller, agent: Agent) -> None:
+    states(world, "lab-disk", "running", "running", "shut off")
+
+    waited = asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "lab-disk", VmAction.SHUTDOWN, 30))
+
+    assert (waited.state, waited.waited_seconds) == ("shut off", 0.5)
+    assert waited.result.command == argv("shutdown", "--domain", "lab-disk")
+    assert world.time.sleeps == [0.25, 0.25]
+    assert [c for _, c in world.shell.calls] == [argv("shutdown", "--domain", "lab-disk")] + \
+        [argv("domstats", "--domain", "lab-disk", "--state")] * 3
+
+
+@pytest.mark.parametrize(("action", "seen"), [
+    (VmAction.START, "running"), (VmAction.FORCE_STOP, "shut off"), (VmAction.REBOOT, "running"),
+    (VmAction.SUSPEND, "paused"), (VmAction.RESUME, "running"),
+], ids=lambda v: getattr(v, "value", v))
+def test_a_state_reached_at_once_answers_after_one_poll(world: World, alice: Caller, agent: Agent, action: VmAction,
+                                                        seen: str) -> None:
+    states(world, "vm1", seen)
+    waited = asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", action, 10))
+    assert (waited.state, waited.waited_seconds, world.time.sleeps) == (seen, 0.0, [])
+    assert waited.result.command == argv(action.subcommand, "--domain", "vm1")
+
+
+def test_a_wait_that_runs_out_is_a_timeout_carrying_the_state_it_is_in(world: World, alice: Caller,
+                                                                       agent: Agent) -> None:
+    states(world, "lab-disk", "running")
+
+    with pytest.raises(WaitTimedOut) as raised:
+        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "lab-disk", VmAction.SHUTDOWN, 1))
+
+    assert (raised.value.code, raised.value.state, raised.value.target_state) == ("wait_timeout", "running", "shut off")
+    assert isinstance(raised.value, RemoteTimeout)  # a 504
+    assert world.time.sleeps == [0.25] * 4 and polls(world) == 5  # at 0, .25, .5, .75 and 1 s, then no more
+
+
+def test_the_last_sleep_ends_at_the_deadline(world: World, alice: Caller, agent: Agent) -> None:
+    world.portal.poll_interval = 0.4
+    states(world, "vm1", "running")
+    with pytest.raises(WaitTimedOut):
+        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.SHUTDOWN, 1))
+    assert world.time.sleeps == [0.4, 0.4, 0.2]
+
+
+def test_wait_zero_looks_once(world: World, alice: Caller, agent: Agent) -> None:
+    states(world, "vm1", "running")
+    with pytest.raises(WaitTimedOut) as raised:
+        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.SHUTDOWN, 0))
+    assert raised.value.state == "running"
+    assert (polls(world), world.time.sleeps) == (1, [])
+
+
+def test_progress_is_told_of_every_poll(world: World, alice: Caller, agent: Agent) -> None:
+    states(world, "vm1", "running", "running", "shut off")
+    seen: list[tuple[str | None, float]] = []
+    asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.SHUTDOWN, 5,
+                                                lambda state, elapsed: seen.append((state, elapsed))))
+    assert seen == [("running", 0.0), ("running", 0.25), ("shut off", 0.5)]
+
+
+@pytest.mark.parametrize("wait", [-1, 301, 10**6])
+def test_an_invalid_wait_is_refused_before_anything_runs(world: World, alice: Caller, agent: Agent,
+                                                         wait: int) -> None:
+    before = len(events(world))
+    with pytest.raises(ValidationFailed) as refused:
+        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.START, wait))
+    assert [e.field for e in refused.value.errors] == ["wait"]
+    assert world.shell.calls == [] and events(world)[before:] == []
+
+
+def test_a_refused_action_is_not_waited_for(world: World, alice: Caller, agent: Agent) -> None:
+    command = argv("start", "--domain", "vm1")
+    world.shell.results[command] = fail(command, "error: Domain is already active")
+    with pytest.raises(Conflict) as raised:
+        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.START, 30))
+    assert raised.value.code == "vm_already_running"
+    assert polls(world) == 0
+
+
+def test_the_action_is_audited_once_even_when_the_wait_runs_out(world: World, alice: Caller, agent: Agent) -> None:
+    states(world, "vm1", "running")
+    before = len(events(world))
+    with pytest.raises(WaitTimedOut):
+        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.SHUTDOWN, 1))
+    [event] = events(world)[before:]
+    assert (event.action, event.outcome, event.vm) == ("vm.shutdown", "ok", "vm1")
+
+
+def test_a_vm_that_disappears_while_waited_for_is_not_found(world: World, alice: Caller, agent: Agent) -> None:
+    command = argv("domstats", "--domain", "vm1", "--state")
+    world.shell.results[command] = fail(command, "error: failed to get domain 'vm1'")
+    with pytest.raises(NotFound) as raised:
+        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.FORCE_STOP, 10))
+    assert raised.value.code == "vm_not_found"
+
+
+# ---------------------------------------------------------------------------------------- suspend, resume, autostart
+
+
+@pytest.mark.parametrize("action", [VmAction.SUSPEND, VmAction.RESUME], ids=lambda a: a.value)
+def test_suspend_and_resume_run_their_subcommand_and_are_audited(world: World, alice: Caller, agent: Agent,
+                                                                 action: VmAction) -> None:
+    before = len(events(world))
+    result = asyncio.run(world.portal.vm_action(alice, agent.id, "lab disk", action))
+    assert result.command == argv(action.value, "--domain", "lab disk")
+    [event] = events(world)[before:]
+    assert (event.action, event.outcome, event.vm) == (f"vm.{action.value}", "ok", "lab disk")
+
+
+def test_resuming_a_running_vm_is_a_conflict(world: World, alice: Caller, agent: Agent) -> None:
+    command = argv("resume", "--domain", "vm1")
+    world.shell.results[command] = fail(command, "error: Failed to resume domain 'vm1'\n"
+                                                 "error: Requested operation is not valid: domain is already running")
+    with pytest.raises(Conflict) as raised:
+        asyncio.run(world.portal.vm_action(alice, agent.id, "vm1", VmAction.RESUME))
+    assert raised.value.code == "vm_already_running"
+
+
+@pytest.mark.parametrize(("enabled", "extra", "detail"), [(True, (), "enable"), (False, ("--disable",), "disable")])
+def test_autostart_runs_virsh_autostart_and_is_audited(world: World, alice: Caller, agent: Agent, enabled: bool,
+                                                       extra: tuple[str, ...], detail: str) -> None:
+    before = len(events(world))
+    result = asyncio.run(world.portal.set_autostart(alice, agent.id, "vm1", enabled))
+    assert result.command == argv("autostart", "--domain", "vm1", *extra)
+    [event] = events(world)[before:]
+    assert (event.action, event.outcome, event.vm, event.detail) == ("vm.autostart", "ok", "vm1", detail)
+
+
+def test_autostart_of_an_unknown_vm_is_not_found_and_audited(world: World, alice: Caller, agent: Agent) -> None:
+    command = argv("autostart", "--domain", "nosuch")
+    world.shell.results[command] = fail(command, "error: failed to get domain 'nosuch'")
+    before = len(events(world))
+    with pytest.raises(NotFound):
+        asyncio.run(world.portal.set_autostart(alice, agent.id, "nosuch", True))
+    [event] = events(world)[before:]
+    assert (event.action, event.outcome) == ("vm.autostart", "vm_not_found")
+
+
+# ---------------------------------------------------------------------------------------- stats
+
+
+def test_stats_are_parsed_from_domstats_and_not_audited(world: World, alice: Caller, agent: Agent) -> None:
+    command = argv("domstats", "--domain", "vm1", "--state", "--cpu-total", "--balloon", "--vcpu", "--interface",
+                   "--block")
+    world.shell.results[command] = ok(command, "Domain: 'vm1'\n  state.state=1\n  state.reason=1\n  cpu.time=5\n"
+                                               "  block.count=1\n  block.0.name=vda\n  block.0.capacity=16\n\n")
+    before = len(events(world))
+    stats = asyncio.run(world.portal.vm_stats(alice, agent.id, "vm1"))
+    assert (stats.name, stats.state, stats.cpu.time_ns) == ("vm1", "running", 5)
+    assert stats.block == [BlockStats("vda", None, None, None, None, None, None, None, 16, None)]
+    assert events(world)[before:] == []
+
+
+# ---------------------------------------------------------------------------------------- snapshots
+
+
+def script_snapshots(world: World, vm: str, current: str | None) -> None:
+    world.shell.results[argv("snapshot-list", "--domain", vm, "--parent")] = ok(
+        argv("snapshot-list", "--domain", vm, "--parent"), SNAPSHOTS)
+    command = argv("snapshot-current", "--domain", vm, "--name")
+    world.shell.results[command] = ok(command, f"{current}\n") if current else \
+        fail(command, f"error: domain '{vm}' has no current snapshot")
+
+
+@pytest.mark.parametrize("current", ["s1", None])
+def test_snapshots_are_listed_with_the_current_one_marked(world: World, alice: Caller, agent: Agent,
+                                                          current: str | None) -> None:
+    script_snapshots(world, "lab-disk", current)
+    snapshots = asyncio.run(world.portal.list_snapshots(alice, agent.id, "lab-disk"))
+    assert [(s.name, s.state, s.parent, s.current) for s in snapshots] == [
+        ("s two", "running", "s1", False), ("s1", "shutoff", None, current == "s1")]
+
+
+def test_creating_a_snapshot_passes_name_and_description_and_answers_it(world: World, alice: Caller,
+                                                                        agent: Agent) -> None:
+    script_snapshots(world, "lab-disk", "s1")
+    before = len(events(world))
+    created = asyncio.run(world.portal.create_snapshot(alice, agent.id, "lab-disk",
+                                                       NewSnapshot(name="s1", description="--help; $(id)")))
+    assert created == Snapshot("s1", created.created_at, "shutoff", None, current=True)
+    assert world.shell.calls[0][1] == argv("snapshot-create-as", "--domain", "lab-disk", "--name", "s1",
+                                           "--description", "--help; $(id)")
+    [event] = events(world)[before:]
+    assert (event.action, event.outcome, event.vm, event.detail) == ("vm.snapshot_create", "ok", "lab-disk",
+                                                                     "snapshot s1")
+
+
+def test_a_taken_snapshot_name_is_a_conflict_and_audited(world: World, alice: Caller, agent: Agent) -> None:
+    command = argv("snapshot-create-as", "--domain", "lab-disk", "--name", "s1")
+    world.shell.results[command] = fail(command, "error: operation failed: domain moment s1 already exists")
+    before = len(events(world))
+    with pytest.raises(Conflict) as raised:
+        asyncio.run(world.portal.create_snapshot(alice, agent.id, "lab-disk", NewSnapshot(name="s1")))
+    assert raised.value.code == "snapshot_name_taken"
+    [event] = events(world)[before:]
+    assert (event.action, event.outcome) == ("vm.snapshot_create", "snapshot_name_taken")
+
+
+@pytest.mark.parametrize("name", HOSTILE, ids=repr)
+def test_hostile_snapshot_names_never_reach_the_shell_and_are_audited(world: World, alice: Caller, agent: Agent,
+                                                                      name: str) -> None:
+    before = len(events(world))
+    calls: list[tuple[str, Any]] = [
+        ("name", world.portal.create_snapshot(alice, agent.id, "vm1", NewSnapshot(name=name))),
+        ("snapshot", world.portal.revert_snapshot(alice, agent.id, "vm1", name)),
+        ("snapshot", world.portal.delete_snapshot(alice, agent.id, "vm1", name)),
+    ]
+    for field, call in calls:
+        with pytest.raises(ValidationFailed) as refused:
+            asyncio.run(call)
+        assert [e.field for e in refused.value.errors] == [field]
+    assert world.shell.calls == []
+    assert [(e.action, e.outcome) for e in events(world)[before:]] == [
+        ("vm.snapshot_create", "validation_failed"), ("vm.snapshot_revert", "validation_failed"),
+        ("vm.snapshot_delete", "validation_failed")]
+
+
+def test_a_description_with_a_line_break_is_refused(world: World, alice: Caller, agent: Agent) -> None:
+    with pytest.raises(ValidationFailed) as refused:
+        asyncio.run(world.portal.create_snapshot(alice, agent.id, "vm1", NewSnapshot(name="s1", description="a\nb")))
+    assert [e.field for e in refused.value.errors] == ["description"]
+    assert world.shell.calls == []
+
+
+@pytest.mark.parametrize("operation", ["revert", "delete"])
+def test_revert_and_delete_of_a_missing_snapshot_are_not_found(world: World, alice: Caller, agent: Agent,
+                                                               operation: str) -> None:
+    command = argv(f"snapshot-{operation}", "--domain", "vm1", "--snapshotname", "nosuch")
+    world.shell.results[command] = fail(
+        command, "error: Domain snapshot not found: no domain snapshot with matching name 'nosuch'")
+    before = len(events(world))
+    call = world.portal.revert_snapshot if operation == "revert" else world.portal.delete_snapshot
+    with pytest.raises(NotFound) as raised:
+        asyncio.run(call(alice, agent.id, "vm1", "nosuch"))
+    assert raised.value.code == "snapshot_not_found"
+    [event] = events(world)[before:]
+    assert (event.action, event.outcome, event.vm) == (f"vm.snapshot_{operation}", "snapshot_not_found", "vm1")
+
+
+def test_revert_and_delete_are_audited_with_the_snapshot(world: World, alice: Caller, agent: Agent) -> None:
+    before = len(events(world))
+    asyncio.run(world.portal.revert_snapshot(alice, agent.id, "vm1", "s1"))
+    asyncio.run(world.portal.delete_snapshot(alice, agent.id, "vm1", "s1"))
+    assert [c for _, c in world.shell.calls] == [
+        argv("snapshot-revert", "--domain", "vm1", "--snapshotname", "s1"),
+        argv("snapshot-delete", "--domain", "vm1", "--snapshotname", "s1")]
+    assert [(e.action, e.detail) for e in events(world)[before:]] == [
+        ("vm.snapshot_revert", "snapshot s1"), ("vm.snapshot_delete", "snapshot s1")]
+
+
+# ---------------------------------------------------------------------------------------- fleet
+
+
+def fleet_world(world: World, alice: Caller, count: int) -> list[Agent]:
+    agents = [register(world, alice, name=f"hv{i}") for i in range(count)]
+    world.shell.results[argv("list", "--all")] = ok(argv("list", "--all"), LIST_OUTPUT)
+    return agents
+
+
+def test_the_fleet_lists_every_agent_and_a_dead_one_carries_its_error(world: World, alice: Caller) -> None:
+    agents = fleet_world(world, alice, 3)
+    world.shell.failures[agents[1].id] = RemoteError("hv1 refused the connection", code="agent_unreachable")
+
+    entries = asyncio.run(world.portal.fleet(alice))
+
+    assert [(e.agent_id, e.agent_name) for e in entries] == [(a.id, a.name) for a in agents]
+    assert entries[0].vms == [VmSummary("lab-guest1", "running", 1), VmSummary("lab-disk", "shut off", None)]
+    assert (entries[1].vms, entries[1].error) == (None, Failure("agent_unreachable", "hv1 refused the connection"))
+    assert entries[2].error is None
+
+
+def test_the_fleet_filters_by_agent_and_state(world: World, alice: Caller) -> None:
+    agents = fleet_world(world, alice, 3)
+    entries = asyncio.run(world.portal.fleet(alice, agent_ids=[agents[2].id, 9999], states=["shut off"]))
+    assert [(e.agent_id, e.vms) for e in entries] == [(agents[2].id, [VmSummary("lab-disk", "shut off", None)])]
+    assert {agent_id for agent_id, _ in world.shell.calls} == {agents[2].id}
+
+
+def test_the_fleet_asks_at_most_its_parallelism_of_agents_at_once(world: World, alice: Caller) -> None:
+    fleet_world(world, alice, 10)
+    entries = asyncio.run(world.portal.fleet(alice))
+    assert len(entries) == 10 and all(e.vms for e in entries)
+    assert world.shell.most_running == 3
+
+
+def test_the_fleet_shows_only_the_callers_agents(world: World, alice: Caller) -> None:
+    fleet_world(world, alice, 1)
+    bob = make_caller(world, "bob")
+    assert asyncio.run(world.portal.fleet(bob)) == []
+
+
+@pytest.mark.parametrize(("agent_ids", "states", "field"), [([0], [], "agent"), ([], ["shutoff"], "state"),
+                                                            ([], ["Running"], "state")])
+def test_the_fleet_refuses_bad_filters(world: World, alice: Caller, agent_ids: list[int], states: list[str],
+                                       field: str) -> None:
+    with pytest.raises(ValidationFailed) as refused:
+        asyncio.run(world.portal.fleet(alice, agent_ids=agent_ids, states=states))
+    assert [e.field for e in refused.value.errors] == [field]
+
+
+# ---------------------------------------------------------------------------------------- host facts and checks
+
+
+def test_host_facts_come_from_three_commands(world: World, alice: Caller, agent: Agent) -> None:
+    for command, stdout in [(argv("nodeinfo"), NODEINFO), (argv("version", "--daemon"), VERSION),
+                            (argv("hostname"), "hv1.example.com\n\n")]:
+        world.shell.results[command] = ok(command, stdout)
+    facts = asyncio.run(world.portal.host_facts(alice, agent.id))
+    assert facts.hostname == "hv1.example.com"
+    assert (facts.node.cpus, facts.node.memory_kib, facts.versions.libvirt, facts.versions.hypervisor_version) == (
+        2, 5597400, "9.0.0", "7.2.22")
+    assert sorted(c for _, c in world.shell.calls) == sorted([argv("nodeinfo"), argv("version", "--daemon"),
+                                                              argv("hostname")])
+
+
+def test_a_check_of_a_healthy_agent(world: World, alice: Caller, agent: Agent) -> None:
+    before = len(events(world))
+    check = asyncio.run(world.portal.check_agent(alice, agent.id))
+    assert check == AgentCheck(reachable=True, authenticated=True, host_key_fingerprint=agent.host_key.fingerprint
+                               if agent.host_key else None, libvirt_reachable=True, round_trip_ms=0.0, error=None)
+    assert world.shell.calls == [(agent.id, argv("uri"))]
+    assert events(world)[before:] == []  # not audited
+
+
+@pytest.mark.parametrize(("code", "reachable", "authenticated"), [
+    ("agent_unreachable", False, False), ("agent_connect_timeout", False, False),
+    ("agent_auth_failed", True, False), ("host_key_unknown", True, False), ("host_key_mismatch", True, False),
+    ("libvirt_unavailable", True, True), ("virsh_not_found", True, True), ("command_timeout", True, True),
+    ("agent_connection_lost", True, True),
+])
+def test_a_failing_check_answers_with_the_reason(world: World, alice: Caller, agent: Agent, code: str,
+                                                 reachable: bool, authenticated: bool) -> None:
+    world.shell.failures[agent.id] = (RemoteTimeout if "timeout" in code else RemoteError)("why", code=code)
+    check = asyncio.run(world.portal.check_agent(alice, agent.id))
+    assert (check.reachable, check.authenticated, check.libvirt_reachable) == (reachable, authenticated, False)
+    assert check.error == Failure(code, "why")
+    assert (check.round_trip_ms is None) == (not reachable)
+
+
+def test_libvirt_down_is_a_check_answer_not_an_error(world: World, alice: Caller, agent: Agent) -> None:
+    world.shell.results[argv("uri")] = fail(argv("uri"), "error: failed to connect to the hypervisor")
+    check = asyncio.run(world.portal.check_agent(alice, agent.id))
+    assert (check.reachable, check.authenticated, check.libvirt_reachable) == (True, True, False)
+    assert check.error is not None and check.error.code == "libvirt_unavailable"
+
+
+def test_a_check_pins_the_first_key_seen_and_reports_it(world: World, alice: Caller) -> None:
+    agent = register(world, alice, host_key=None, allow_unknown_hosts=True)
+    seen = HostKey(openssh="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAISeen", fingerprint="SHA256:Seen")
+    world.shell.results[argv("uri")] = attrs.evolve(ok(argv("uri"), "qemu:///system\n"), host_key=seen)
+    check = asyncio.run(world.portal.check_agent(alice, agent.id))
+    assert check.host_key_fingerprint == "SHA256:Seen"
+    assert world.portal.get_agent(alice, agent.id).host_key == seen
+
+
+def test_another_users_agent_is_not_found_everywhere(world: World, alice: Caller, agent: Agent) -> None:
+    bob = make_caller(world, "bob")
+    for call in (world.portal.check_agent(bob, agent.id), world.portal.host_facts(bob, agent.id),
+                 world.portal.vm_stats(bob, agent.id, "vm1"), world.portal.list_snapshots(bob, agent.id, "vm1"),
+                 world.portal.set_autostart(bob, agent.id, "vm1", True),
+                 world.portal.vm_action_and_wait(bob, agent.id, "vm1", VmAction.SUSPEND, 5)):
+        with pytest.raises(NotFound) as raised:
+            asyncio.run(call)
+        assert raised.value.code == "agent_not_found"
+    assert world.shell.calls == []
