@@ -179,6 +179,9 @@ class InMemoryTransaction:
     def list_agents(self, owner_id: int) -> list[Agent]:
         return [a for _, a in sorted(self.s.agents.items()) if a.owner_id == owner_id]
 
+    def newest_agent(self) -> Agent | None:
+        return self.s.agents[max(self.s.agents)] if self.s.agents else None
+
     def get_agent(self, owner_id: int, agent_id: int) -> Agent | None:
         agent = self.s.agents.get(agent_id)
         return agent if agent is not None and agent.owner_id == owner_id else None

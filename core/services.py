@@ -334,6 +334,15 @@ class Portal:
             self.shell.discard(agent_id)
         return rotated
 
+    def check_secret_key(self) -> None:
+        """Start-up check: the server's secret key opens the stored credentials (``SecretUnreadable``
+        if they were sealed with another key: a replaced key file, or instances configured with
+        different keys). Reads the newest agent only; nothing if there is none."""
+        with self.storage.transaction() as tx:
+            agent = tx.newest_agent()
+        if agent is not None:
+            self._unseal(agent)
+
     def list_agents(self, caller: Caller) -> list[Agent]:
         """The caller's agents, oldest first."""
         with self.storage.transaction() as tx:

@@ -6,9 +6,11 @@ The HTTP app, the command line and the library facade all get their ``Portal`` f
 from __future__ import annotations
 
 import os
+import time
 
 import attrs
 import sqlalchemy
+import structlog
 
 from adapters.clock import SystemClock
 from adapters.hashing import Sha256KeyHasher
@@ -16,7 +18,7 @@ from adapters.sealing import AesGcmSecretBox, SecretKeyError, decode_key, load_o
 from adapters.sql.storage import SqlStorage
 from adapters.ssh import AsyncsshShell
 from adapters.sshkeys import AsyncsshKeys
-from core.errors import PortalError
+from core.errors import PortalError, SecretUnreadable, Unavailable
 from core.ports import Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage
 from core.services import Portal
 from entrypoints.settings import ConfigError, Settings
@@ -42,13 +44,46 @@ class Runtime:
             dispose()
 
 
+log = structlog.get_logger("manage_playrservers.startup")
+
+
 def open_storage(settings: Settings, *, migrate: bool = True) -> SqlStorage:
     """The SQL storage, migrated to the latest schema (safe from several processes at once).
 
     A new SQLite file is created 0600 in a 0700 directory: it holds sealed keys and audit history
-    (SQLite gives its -wal and -shm files the database file's mode)."""
+    (SQLite gives its -wal and -shm files the database file's mode). A database *server* that
+    cannot be reached yet (booting alongside the portal, restarting) is waited for up to
+    ``MANAGEMENT_DB_CONNECT_WAIT`` seconds, then ``Unavailable`` (exit 1: a service manager
+    restarts the portal); anything else wrong with the database is a ``ConfigError`` (exit 2)."""
+    deadline = time.monotonic() + settings.db_connect_wait
+    while True:
+        try:
+            return _open_storage(settings, migrate=migrate)
+        except _ServerNotReachable as error:
+            if time.monotonic() >= deadline:
+                raise Unavailable(f"{error.message} (waited {settings.db_connect_wait:g} s, "
+                                  "MANAGEMENT_DB_CONNECT_WAIT)", code="database_unavailable") from error.__cause__
+            log.warning("database_not_reachable_yet", reason=error.message,
+                        retrying_for_seconds=round(max(0.0, deadline - time.monotonic()), 1))
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+class _ServerNotReachable(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# What a database server that is down, starting, restarting or unreachable makes the driver say.
+_NOT_REACHABLE = ("connection refused", "could not connect", "timeout expired", "timed out", "starting up",
+                  "shutting down", "no route to host", "network is unreachable", "server closed the connection",
+                  "temporary failure in name resolution", "connection reset")
+
+
+def _open_storage(settings: Settings, *, migrate: bool) -> SqlStorage:
     variable = "MANAGEMENT_DB_PATH" if settings.db_path is not None and settings.database_url.startswith(
         "sqlite:///") and "MANAGEMENT_DATABASE_URL" not in os.environ else "MANAGEMENT_DATABASE_URL"
+    storage: SqlStorage | None = None
     try:
         if settings.db_path is not None and not settings.db_path.exists():
             settings.db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -60,13 +95,18 @@ def open_storage(settings: Settings, *, migrate: bool = True) -> SqlStorage:
         else:
             storage.schema_version()
     except (OSError, ImportError, RuntimeError, sqlalchemy.exc.SQLAlchemyError, PortalError) as error:
+        if storage is not None:
+            storage.dispose()
         url = sqlalchemy.engine.make_url(settings.database_url)
         cause = error.__cause__ if isinstance(error, PortalError) and error.__cause__ is not None else error
         reason = (str(getattr(cause, "orig", None) or cause).strip().splitlines() or [type(cause).__name__])[0]
         if url.password:  # never print it, whatever the driver put in its message
             reason = reason.replace(str(url.password), "***")
         shown = url.render_as_string(hide_password=True)
-        raise ConfigError(variable, f"cannot open the database {shown}: {reason}") from error
+        message = f"cannot open the database {shown}: {reason}"
+        if not url.drivername.startswith("sqlite") and any(words in reason.lower() for words in _NOT_REACHABLE):
+            raise _ServerNotReachable(message) from error
+        raise ConfigError(variable, message) from error
     return storage
 
 
@@ -110,4 +150,11 @@ def build_runtime(
         signup=settings.signup,
         shell=shell,
     )
+    try:
+        portal.check_secret_key()
+    except SecretUnreadable as error:
+        variable = "MANAGEMENT_SECRET_KEY" if settings.secret_key else "MANAGEMENT_SECRET_KEY_FILE"
+        raise ConfigError(variable, "this key does not open the credentials stored in the database (they were "
+                                    "sealed with another key: every instance must use the same key, and a lost "
+                                    "key file cannot be replaced by a new one)") from error
     return Runtime(settings=settings, portal=portal, storage=storage, shell=shell)

@@ -76,6 +76,7 @@ class Settings:
     auth_failure_window: float = 60.0
     db_busy_timeout: float = 10.0
     db_pool_size: int = 5  # database connections each worker process keeps (PostgreSQL: see docs/scaling.md)
+    db_connect_wait: float = 30.0  # seconds start-up waits for a database server that cannot be reached yet
     ssh_connect_timeout: float = 10.0
     ssh_command_timeout: float = 60.0
     ssh_idle_timeout: float = 300.0
@@ -119,6 +120,7 @@ class Settings:
             auth_failure_window=reader.number("MANAGEMENT_AUTH_FAILURE_WINDOW", 60.0, float, 1, 86400),
             db_busy_timeout=reader.number("MANAGEMENT_DB_BUSY_TIMEOUT", 10.0, float, 0.1, 600),
             db_pool_size=reader.number("MANAGEMENT_DB_POOL_SIZE", 5, int, 1, 100),
+            db_connect_wait=reader.number("MANAGEMENT_DB_CONNECT_WAIT", 30.0, float, 0, 3600),
             ssh_connect_timeout=reader.number("MANAGEMENT_SSH_CONNECT_TIMEOUT", 10.0, float, 0.1, 600),
             ssh_command_timeout=reader.number("MANAGEMENT_SSH_COMMAND_TIMEOUT", 60.0, float, 0.1, 3600),
             ssh_idle_timeout=reader.number("MANAGEMENT_SSH_IDLE_TIMEOUT", 300.0, float, 1, 86400),

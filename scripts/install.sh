@@ -246,8 +246,11 @@ MANAGEMENT_SIGNUP=first
 # Failed authentications allowed per client address per window (seconds):
 #MANAGEMENT_AUTH_FAILURE_LIMIT=20
 #MANAGEMENT_AUTH_FAILURE_WINDOW=60
-# Seconds a request waits for the SQLite write lock:
+# Seconds a request waits for the database's write lock or a free pooled connection:
 #MANAGEMENT_DB_BUSY_TIMEOUT=10
+# PostgreSQL only: connections per worker process, and seconds start-up waits for the server:
+#MANAGEMENT_DB_POOL_SIZE=5
+#MANAGEMENT_DB_CONNECT_WAIT=30
 # Seconds to connect (and log in) to a hypervisor, and for one virsh command (nginx waits 90):
 #MANAGEMENT_SSH_CONNECT_TIMEOUT=10
 #MANAGEMENT_SSH_COMMAND_TIMEOUT=60

@@ -42,6 +42,7 @@ _API_KEY_BY_PREFIX = sa.select(api_keys).where(api_keys.c.prefix == sa.bindparam
 _USER_BY_ID = (sa.select(users, api_keys.c.prefix).join(api_keys, api_keys.c.user_id == users.c.id)
                .where(users.c.id == sa.bindparam("user_id")))
 _AGENTS_OF_OWNER = sa.select(agents).where(agents.c.owner_id == sa.bindparam("owner_id")).order_by(agents.c.id)
+_NEWEST_AGENT = sa.select(agents).order_by(agents.c.id.desc()).limit(1)
 _AGENT_OF_OWNER = sa.select(agents).where(agents.c.owner_id == sa.bindparam("owner_id"),
                                           agents.c.id == sa.bindparam("agent_id"))
 
@@ -371,6 +372,10 @@ class SqlTransaction:
     def list_agents(self, owner_id: int) -> list[Agent]:
         rows = self._execute(_AGENTS_OF_OWNER, {"owner_id": owner_id})
         return [_agent_from_row(row._mapping) for row in rows]
+
+    def newest_agent(self) -> Agent | None:
+        row = self._execute(_NEWEST_AGENT).one_or_none()
+        return None if row is None else _agent_from_row(row._mapping)
 
     def get_agent(self, owner_id: int, agent_id: int) -> Agent | None:
         row = self._execute(_AGENT_OF_OWNER, {"owner_id": owner_id, "agent_id": agent_id}).one_or_none()

@@ -8,6 +8,7 @@ one an instance really connects to can be counted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 
 import asyncssh
 import pytest
+import sqlalchemy as sa
 
 from adapters.sealing import generate_key
 from adapters.sql import migrations
@@ -220,3 +222,95 @@ def test_a_database_that_cannot_be_reached_stops_start_up_cleanly(postgres: Post
                                     "postgresql+psycopg://playr:***@")
     assert "password authentication failed" in result.stderr
     assert "Traceback" not in result.stderr and "wrong-password-here" not in result.stderr
+
+
+class _Forwarder:
+    """A TCP forwarder from a loopback port to the PostgreSQL server, started on demand: the
+    database server "comes up" while the portal is waiting for it."""
+
+    def __init__(self, port: int, target: tuple[str, int]) -> None:
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.target = target
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: Any, sink: Any) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(2)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_unreachable_database_server_is_waited_for_then_exit_1(postgres: PostgresServer, tmp_path: Path) -> None:
+    from tests.support import free_port
+
+    url = postgres.url.set(port=free_port()).render_as_string(hide_password=False)
+    result = subprocess.run([sys.executable, str(REPO / "main.py")], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "MANAGEMENT_DATABASE_URL": url, "MANAGEMENT_DB_CONNECT_WAIT": "1.5"},
+                            timeout=60)
+    assert result.returncode == 1, result.stderr  # a service manager restarts it (exit 2 means "fix the config")
+    *waiting, last = result.stderr.strip().splitlines()
+    assert last.startswith("error: database_unavailable: cannot open the database postgresql+psycopg://")
+    assert "refused" in last and last.endswith("(waited 1.5 s, MANAGEMENT_DB_CONNECT_WAIT)")
+    assert waiting and all("database_not_reachable_yet" in line for line in waiting)  # it retried, and said so
+    assert "Traceback" not in result.stderr and str(postgres.url.password) not in result.stderr
+
+
+def test_a_database_server_that_comes_up_during_the_start_up_wait_is_used(postgres: PostgresServer,
+                                                                          tmp_path: Path) -> None:
+    from tests.support import free_port
+
+    port = free_port()
+    database = postgres.create_database()
+    url = sa.make_url(database).set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+    server = Server(tmp_path, MANAGEMENT_DATABASE_URL=url, MANAGEMENT_DB_CONNECT_WAIT="60",
+                    MANAGEMENT_SECRET_KEY=generate_key(), MANAGEMENT_SIGNUP="open")
+    log = tmp_path / "starting.log"
+    server.process = subprocess.Popen([sys.executable, str(REPO / "main.py")], cwd=tmp_path, env=server.env,
+                                      stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    forwarder = None
+    try:
+        deadline = time.monotonic() + 30
+        while "database_not_reachable_yet" not in log.read_text():  # it tried, and is waiting
+            assert server.process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        forwarder = _Forwarder(port, (str(postgres.url.host), int(postgres.url.port or 5432)))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if server.request("GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert server.process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        status, user, _ = server.request("POST", "/users", body={"name": "after-the-wait"})
+        assert status == 201, user
+        assert postgres.sql(database, "SELECT name FROM users") == [("after-the-wait",)]
+    finally:
+        server.stop()
+        if forwarder is not None:
+            forwarder.close()
+        postgres.drop_database(database)

@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from adapters.sealing import generate_key
 from entrypoints import bootstrap
-from entrypoints.settings import Settings
+from entrypoints.settings import ConfigError, Settings
 from tests.support import Api, KeyMaterial
 
 
@@ -48,23 +51,41 @@ def test_database_and_key_files_are_private(api: Api, settings: Settings) -> Non
 
 def test_the_database_alone_does_not_open_the_keys(api: Api, keys: KeyMaterial, settings: Settings,
                                                    tmp_path: Path) -> None:
-    key = api.sign_up()["api_key"]
-    agent = api.call("POST", "/agents", key, json=api.agent_body(keys)).json
-    # Same database, a different server key: the sealed key cannot be opened (503 with a clear code).
+    # Same database, a different server key (started while no credentials were stored yet).
     other = bootstrap.build_runtime(Settings.from_env({
         "MANAGEMENT_DB_PATH": str(settings.db_path),
         "MANAGEMENT_SECRET_KEY_FILE": str(tmp_path / "other.key"),
     }))
+    key = api.sign_up()["api_key"]
+    agent = api.call("POST", "/agents", key, json=api.agent_body(keys)).json
     from falcon import testing
 
     from entrypoints.http.app import create_app
 
     result = testing.TestClient(create_app(other)).simulate_get(
         f"/agents/{agent['id']}/credentials", headers={"Authorization": f"Bearer {key}"})
-    assert result.status_code == 503
+    assert result.status_code == 503  # the sealed key cannot be opened: 503 with a clear code
     assert result.json["code"] == "secret_unreadable"
     assert "PRIVATE KEY" not in result.text
     other.close()
+
+
+def test_start_up_refuses_a_secret_key_that_does_not_open_the_stored_credentials(
+        api: Api, keys: KeyMaterial, settings: Settings, tmp_path: Path) -> None:
+    key = api.sign_up()["api_key"]
+    assert api.call("POST", "/agents", key, json=api.agent_body(keys)).status_code == 201
+    with pytest.raises(ConfigError) as refused:
+        bootstrap.build_runtime(Settings.from_env({
+            "MANAGEMENT_DB_PATH": str(settings.db_path),
+            "MANAGEMENT_SECRET_KEY_FILE": str(tmp_path / "other.key"),
+        }))
+    assert refused.value.variable == "MANAGEMENT_SECRET_KEY_FILE"
+    assert "every instance must use the same key" in str(refused.value)
+    with pytest.raises(ConfigError) as configured:
+        bootstrap.build_runtime(Settings.from_env({
+            "MANAGEMENT_DB_PATH": str(settings.db_path), "MANAGEMENT_SECRET_KEY": generate_key()}))
+    assert configured.value.variable == "MANAGEMENT_SECRET_KEY"
+    bootstrap.build_runtime(settings).close()  # the right key still starts
 
 
 _RACE = """
