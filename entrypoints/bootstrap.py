@@ -21,7 +21,7 @@ from adapters.sshkeys import AsyncsshKeys
 from core.errors import PortalError, SecretUnreadable, Unavailable
 from core.ports import Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage
 from core.services import Portal
-from entrypoints.settings import ConfigError, Settings
+from entrypoints.settings import ConfigError, Settings, secrets_of_url, shown_url
 
 
 @attrs.define
@@ -100,11 +100,11 @@ def _open_storage(settings: Settings, *, migrate: bool) -> SqlStorage:
         url = sqlalchemy.engine.make_url(settings.database_url)
         cause = error.__cause__ if isinstance(error, PortalError) and error.__cause__ is not None else error
         reason = (str(getattr(cause, "orig", None) or cause).strip().splitlines() or [type(cause).__name__])[0]
-        if url.password:  # never print it, whatever the driver put in its message
-            reason = reason.replace(str(url.password), "***")
-        shown = url.render_as_string(hide_password=True)
-        message = f"cannot open the database {shown}: {reason}"
-        if not url.drivername.startswith("sqlite") and any(words in reason.lower() for words in _NOT_REACHABLE):
+        for secret in secrets_of_url(url):  # never print one, whatever the driver put in its message
+            reason = reason.replace(secret, "***")
+        message = f"cannot open the database {shown_url(url)}: {reason}"
+        busy = isinstance(error, PortalError) and error.code == "database_busy"  # another instance migrating
+        if not url.drivername.startswith("sqlite") and (busy or any(w in reason.lower() for w in _NOT_REACHABLE)):
             raise _ServerNotReachable(message) from error
         raise ConfigError(variable, message) from error
     return storage

@@ -54,8 +54,26 @@ def database_url(raw: str) -> str:
                                 "or sqlite:///path/to/file.sqlite3")
 
 
+def shown_url(url: str | sqlalchemy.engine.URL) -> str:
+    """A database URL fit for messages and logs: the password hidden, also one given as a libpq
+    ``?password=`` query parameter."""
+    parsed = sqlalchemy.engine.make_url(url)
+    if "password" in parsed.query:
+        parsed = parsed.update_query_dict({"password": "***"})
+    return parsed.render_as_string(hide_password=True)
+
+
+def secrets_of_url(url: str | sqlalchemy.engine.URL) -> list[str]:
+    """Every password in a database URL (to scrub from a driver's error text)."""
+    parsed = sqlalchemy.engine.make_url(url)
+    found = [str(parsed.password)] if parsed.password else []
+    query_password = parsed.query.get("password")
+    found += [query_password] if isinstance(query_password, str) else list(query_password or ())
+    return [secret for secret in found if secret]
+
+
 def _hide_password(url: str) -> str:
-    return repr(sqlalchemy.engine.make_url(url).render_as_string(hide_password=True))
+    return repr(shown_url(url))
 
 
 @attrs.frozen

@@ -3,8 +3,8 @@
 #
 # Run as root on the hypervisor, next to agent_shell.py (copy both files, or clone the repository):
 #
-#   PLAYR_API_KEY=mgmt_... ./agent-install.sh --portal https://portal.example.com [options]
-#   ./agent-install.sh --uninstall            (add PLAYR_API_KEY=... to delete the agent in the portal too)
+#   ./agent-install.sh --portal https://portal.example.com [options]     (asks for your API key)
+#   ./agent-install.sh --uninstall       (with PLAYR_API_KEY set, it deletes the agent in the portal too)
 #
 # What it does (each step only if not done already, so running it again changes nothing):
 #   - installs the restricted shell as /usr/local/libexec/playr-agent-shell and its settings in
@@ -17,8 +17,9 @@
 #   - records the agent id and portal URL in /etc/playr-agent/agent.conf and prints AGENT_ID=<id>.
 # After POST /agents/{id}/rotate-key in the portal, run it again to install the new public key.
 #
-# The API key is read from the environment (PLAYR_API_KEY) or, when unset, asked for on the
-# terminal; it is never written to disk and never appears in a command line.
+# The API key is asked for on the terminal, or read from the environment variable PLAYR_API_KEY
+# (automation); it is never written to disk, never appears in a command line and never follows
+# a redirect. The portal must be https:// (http:// only on loopback, or with --insecure-http).
 #
 # Options:
 #   --portal URL          portal base URL (or PLAYR_PORTAL_URL)
@@ -29,6 +30,8 @@
 #   --libvirt-uri URI     libvirt URI the portal drives (default: qemu:///system)
 #   --host-key FILE       this host's public host key (default: /etc/ssh/ssh_host_ed25519_key.pub,
 #                         then the ecdsa and rsa ones)
+#   --insecure-http       allow a plain http:// portal that is not on loopback (the key would cross
+#                         the network in clear)
 #   --uninstall           remove everything this script added
 set -euo pipefail
 
@@ -46,6 +49,7 @@ agent_user=playr-agent
 libvirt_uri="qemu:///system"
 host_key_file=""
 uninstall=false
+insecure_http=false
 
 say() { printf 'agent-install: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -60,6 +64,7 @@ while [ $# -gt 0 ]; do
         --libvirt-uri) libvirt_uri="${2:?--libvirt-uri needs a value}"; shift 2 ;;
         --host-key) host_key_file="${2:?--host-key needs a file}"; shift 2 ;;
         --uninstall) uninstall=true; shift ;;
+        --insecure-http) insecure_http=true; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
@@ -76,13 +81,16 @@ portal_call() {
 import json, os, sys, urllib.error, urllib.request
 method, path = sys.argv[1], sys.argv[2]
 body = sys.argv[3].encode() if len(sys.argv) > 3 else None
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # a redirect is answered as the error it is; the key never follows one
 request = urllib.request.Request(os.environ["PORTAL_URL"].rstrip("/") + path, data=body, method=method)
-request.add_header("Authorization", "Bearer " + os.environ["PLAYR_API_KEY"])
+request.add_unredirected_header("Authorization", "Bearer " + os.environ["PLAYR_API_KEY"])
 request.add_header("Accept", "application/json")
 if body is not None:
     request.add_header("Content-Type", "application/json")
 try:
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with urllib.request.build_opener(NoRedirects).open(request, timeout=30) as response:
         status, text = response.status, response.read().decode()
 except urllib.error.HTTPError as error:
     status, text = error.code, error.read().decode(errors="replace")
@@ -102,29 +110,45 @@ json_field() {
 # The problem detail of a portal error answer, for messages.
 problem_text() {
     python3 -c 'import json, sys
+text = sys.stdin.read()
 try:
-    body = json.loads(sys.stdin.read())
-    print(body.get("code", "?"), "-", body.get("detail", ""), *(f"[{e.get(\"field\")}: {e.get(\"message\")}]" for e in body.get("errors", [])))
-except ValueError:
-    print("unexpected answer")'
+    body = json.loads(text)
+    fields = ["[%s: %s]" % (e.get("field"), e.get("message")) for e in body.get("errors") or []]
+    print(body.get("code", "?"), "-", body.get("detail", ""), *fields)
+except (ValueError, AttributeError, TypeError):
+    print("unexpected answer:", text[:200].replace("\n", " "))'
 }
 
 need_api_key() {
-    if [ -z "${PLAYR_API_KEY:-}" ]; then
+    if [ -z "${PLAYR_API_KEY:+set}" ]; then
         [ -t 0 ] || die "set PLAYR_API_KEY to a portal API key (it is not stored anywhere)"
         read -r -s -p "Portal API key: " PLAYR_API_KEY; echo >&2
     fi
     export PLAYR_API_KEY
 }
 
+# What an earlier run recorded: the portal, the agent id there, and the user it created.
 read_state() {
-    agent_id=""
+    agent_id="" recorded_user="" recorded_portal=""
     if [ -f "$CONFIG_DIR/agent.conf" ]; then
         agent_id=$(sed -n 's/^AGENT_ID=\([0-9]*\)$/\1/p' "$CONFIG_DIR/agent.conf")
-        [ -n "$portal" ] || portal=$(sed -n 's/^PORTAL_URL=//p' "$CONFIG_DIR/agent.conf")
+        recorded_portal=$(sed -n 's/^PORTAL_URL=//p' "$CONFIG_DIR/agent.conf")
         recorded_user=$(sed -n 's/^AGENT_USER=//p' "$CONFIG_DIR/agent.conf")
+        [[ "$recorded_user" =~ ^[a-z_][a-z0-9_-]{0,30}$ ]] || recorded_user=""
         [ -z "$recorded_user" ] || agent_user=$recorded_user
     fi
+    if [ -z "$portal" ]; then
+        portal=$recorded_portal
+    elif [ -n "$agent_id" ] && [ "${portal%/}" != "${recorded_portal%/}" ]; then
+        say "agent $agent_id was registered with $recorded_portal; registering with $portal anew"
+        agent_id=""  # an id means nothing on another portal (it may be another of your hosts there)
+    fi
+}
+
+# True when USER is the account an earlier run of this script created.
+created_here() {
+    [ -n "$recorded_user" ] && [ "$1" = "$recorded_user" ] && id "$1" >/dev/null 2>&1 \
+        && [ "$(getent passwd "$1" | cut -d: -f6)" = "$HOME_DIR" ]
 }
 
 # Write FILE with MODE and OWNER only if its content would change (re-runs leave it untouched).
@@ -144,7 +168,7 @@ put_file() {
 
 do_uninstall() {
     read_state
-    if [ -n "$agent_id" ] && [ -n "${PLAYR_API_KEY:-}" ] && [ -n "$portal" ]; then
+    if [ -n "$agent_id" ] && [ -n "${PLAYR_API_KEY:+set}" ] && [ -n "$portal" ]; then
         local answer status
         answer=$(portal_call DELETE "/agents/$agent_id")
         status=$(head -n 1 <<<"$answer")
@@ -156,10 +180,12 @@ do_uninstall() {
     elif [ -n "$agent_id" ]; then
         say "agent $agent_id stays registered in the portal (set PLAYR_API_KEY to delete it too, or DELETE /agents/$agent_id)"
     fi
-    if id "$agent_user" >/dev/null 2>&1; then
+    if created_here "$agent_user"; then
         pkill -u "$agent_user" 2>/dev/null || true
         userdel --remove "$agent_user" 2>/dev/null || userdel "$agent_user"
         say "removed user $agent_user"
+    elif id "$agent_user" >/dev/null 2>&1; then
+        say "user $agent_user was not created by this script (no record in $CONFIG_DIR): left alone"
     fi
     rm -rf "$HOME_DIR" "$CONFIG_DIR" "$LOG_DIR"
     rm -f "$SHELL_PATH"
@@ -177,6 +203,15 @@ command -v virsh >/dev/null || die "virsh not found: install libvirt (apt-get in
 getent group libvirt >/dev/null || die "group libvirt does not exist: install libvirt-daemon-system first"
 read_state
 [ -n "$portal" ] || die "--portal URL is required (the portal's base URL, e.g. https://portal.example.com)"
+case "$portal" in
+    https://*) ;;
+    http://127.*|http://localhost[:/]*|http://localhost|http://\[::1\]*) ;;  # loopback: nothing to intercept
+    http://*) $insecure_http || die "refusing to send the API key over plain http to $portal (use https, or --insecure-http)" ;;
+    *) die "--portal must be an http(s) URL, e.g. https://portal.example.com" ;;
+esac
+if id "$agent_user" >/dev/null 2>&1 && ! created_here "$agent_user"; then
+    die "user $agent_user already exists and was not created by this script; pick another --user"
+fi
 need_api_key
 
 # This host's identity, as the portal will see it.
@@ -212,12 +247,21 @@ if ! id "$agent_user" >/dev/null 2>&1; then
         --comment "PlayrServers portal agent" "$agent_user"
     say "created user $agent_user"
 fi
+recorded_user=$agent_user
+write_state() {
+    put_file "$CONFIG_DIR/agent.conf" 0644 root:root "# written by agent-install.sh; holds no secret
+PORTAL_URL=$portal
+AGENT_ID=$agent_id
+AGENT_USER=$agent_user"
+}
+write_state  # from here on, --uninstall knows the user is ours
 id -nG "$agent_user" | tr ' ' '\n' | grep -qx libvirt || usermod -aG libvirt "$agent_user"
 # useradd leaves the account locked ("!"), which sshd refuses when UsePAM is off; "*" only
 # means "no password" and key logins work.
 [ "$(getent shadow "$agent_user" | cut -d: -f2)" = "*" ] || usermod -p '*' "$agent_user"
 install -d -m 0750 -o "$agent_user" -g "$agent_user" "$LOG_DIR"
-install -d -m 0700 -o "$agent_user" -g "$agent_user" "$HOME_DIR/.ssh"
+# The key file belongs to root: the account cannot change which keys log into it.
+install -d -m 0755 -o root -g root "$HOME_DIR/.ssh"
 
 # 3. The agent in the portal: the one recorded here if the portal still has it, else a new one.
 if [ -n "$agent_id" ]; then
@@ -226,9 +270,11 @@ if [ -n "$agent_id" ]; then
     case "$status" in
         200)
             pinned=$(tail -n +2 <<<"$answer" | json_field host_key)
-            if [ "$pinned" != "$host_key" ]; then
-                say "warning: the portal pins another host key for agent $agent_id than $host_key_file holds;"
-                say "         if this host's key really changed: PATCH /agents/$agent_id {\"host_key\": \"$host_key\"}"
+            login=$(tail -n +2 <<<"$answer" | json_field username)
+            if [ "$pinned" != "$host_key" ] || [ "$login" != "$agent_user" ]; then
+                say "agent $agent_id in the portal is not this host: it pins host key '$pinned' and logs in as"
+                say "'$login'; here the host key is '$host_key' ($host_key_file) and the user $agent_user."
+                die "if this host's key really changed: PATCH /agents/$agent_id {\"host_key\": \"$host_key\"}, then run this again"
             fi ;;
         404) say "agent $agent_id is no longer in the portal (or not yours); registering again"; agent_id="" ;;
         *) die "cannot read agent $agent_id from the portal: $(tail -n +2 <<<"$answer" | problem_text)" ;;
@@ -244,19 +290,17 @@ print(json.dumps({"name": os.environ["NAME"], "hostname": os.environ["ADDRESS"],
     status=$(head -n 1 <<<"$answer")
     [ "$status" = 201 ] || die "the portal refused the registration ($status): $(tail -n +2 <<<"$answer" | problem_text)"
     agent_id=$(tail -n +2 <<<"$answer" | json_field id)
+    [[ "$agent_id" =~ ^[0-9]+$ ]] || die "the portal answered the registration without an agent id"
     say "registered agent $agent_id ($name at $address:$ssh_port) with host key $host_key_file"
 fi
-put_file "$CONFIG_DIR/agent.conf" 0644 root:root "# written by agent-install.sh; holds no secret
-PORTAL_URL=$portal
-AGENT_ID=$agent_id
-AGENT_USER=$agent_user"
+write_state
 
 # 4. The portal's public key, forced through the restricted shell.
 answer=$(portal_call GET "/agents/$agent_id/public-key")
 [ "$(head -n 1 <<<"$answer")" = 200 ] || die "cannot read the agent's public key: $(tail -n +2 <<<"$answer" | problem_text)"
 public_key=$(tail -n +2 <<<"$answer" | json_field public_key)
-[[ "$public_key" =~ ^ssh-[a-z0-9-]+\ [A-Za-z0-9+/=]+$ ]] || die "the portal answered an unexpected public key"
-put_file "$HOME_DIR/.ssh/authorized_keys" 0600 "$agent_user:$agent_user" \
+[[ "$public_key" =~ ^(ssh|ecdsa|sk)-[A-Za-z0-9@.-]+\ [A-Za-z0-9+/=]+$ ]] || die "the portal answered an unexpected public key"
+put_file "$HOME_DIR/.ssh/authorized_keys" 0644 root:root \
     "restrict,command=\"$SHELL_PATH\" $public_key playr-portal-agent-$agent_id"
 
 say "enrolled: the portal reaches $agent_user@$address:$ssh_port as agent $agent_id"

@@ -12,6 +12,7 @@ would (the portal shell-quotes each argument) but never given to one: the words 
 that subcommand's options, each value checked (VM and snapshot names by the portal's own rules).
 virsh then replaces this process (no shell, same exit status). Every command, run or refused, is
 logged to syslog (auth facility) and to a log file. Refusals exit 126 with the reason on stderr.
+virsh runs with a fixed environment (C locale, so its output is the English the portal parses).
 
 Standard library only: it runs on the hypervisor, where the portal is not installed.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pwd
 import re
 import shlex
 import sys
@@ -33,6 +35,7 @@ DEFAULTS = {
     "virsh": "/usr/bin/virsh",
 }
 REFUSED = 126  # "command found but not executable": what a shell answers for a forbidden command
+VIRSH_ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "LANG": "C"}
 
 VM_NAME_MAX = 200
 # Kept equal to core/virsh.py's rule (tests/unit/test_agent_shell.py proves it for any text).
@@ -171,7 +174,10 @@ def main(args: list[str]) -> int:
         return REFUSED
     log(config, "run", command)
     try:
-        os.execv(config["virsh"], [config["virsh"], *argv[1:]])  # noqa: S606 - no shell, on purpose
+        # A fixed environment: nothing of the session's (PAM may set LANG from /etc/default/locale,
+        # and translated virsh output would not parse in the portal).
+        environment = {**VIRSH_ENVIRONMENT, "HOME": pwd.getpwuid(os.getuid()).pw_dir}
+        os.execve(config["virsh"], [config["virsh"], *argv[1:]], environment)  # noqa: S606 - no shell
     except OSError as error:
         print(f"playr-agent-shell: cannot run {config['virsh']}: {error}", file=sys.stderr)
     return 127

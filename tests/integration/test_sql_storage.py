@@ -576,3 +576,37 @@ def test_a_database_server_that_cannot_be_reached_is_unavailable_not_misconfigur
     assert unavailable.value.code == "database_unavailable"
     assert "refused" in unavailable.value.detail and "***@" in unavailable.value.detail
     assert str(postgres.url.password) not in unavailable.value.detail
+
+
+@pg_only
+def test_start_up_waits_while_another_instance_holds_the_write_lock(postgres: PostgresServer, postgres_url: str,
+                                                                   tmp_path: Path) -> None:
+    """A migration running on another instance holds the write lock: start-up waits for it (or, past
+    MANAGEMENT_DB_CONNECT_WAIT, exits 1 to be restarted), instead of a configuration error."""
+    other = SqlStorage(postgres_url)
+    other.upgrade()
+    env = {"MANAGEMENT_DATABASE_URL": postgres_url, "MANAGEMENT_DB_BUSY_TIMEOUT": "0.2",
+           "MANAGEMENT_SECRET_KEY_FILE": str(tmp_path / "k")}
+    released = threading.Event()
+    holding = threading.Event()
+
+    def hold_the_lock() -> None:
+        with other.transaction(write=True):
+            holding.set()
+            released.wait(30)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    try:
+        assert holding.wait(30)
+        with pytest.raises(Unavailable) as busy:
+            bootstrap.open_storage(Settings.from_env({**env, "MANAGEMENT_DB_CONNECT_WAIT": "0"}))
+        assert busy.value.code == "database_unavailable" and "lock timeout" in busy.value.detail
+        threading.Timer(0.5, released.set).start()
+        storage = bootstrap.open_storage(Settings.from_env({**env, "MANAGEMENT_DB_CONNECT_WAIT": "30"}))
+        assert released.is_set()  # it got through only once the lock was released
+        storage.dispose()
+    finally:
+        released.set()
+        holder.join()
+        other.dispose()

@@ -167,8 +167,9 @@ def test_enrollment_registers_the_real_host_key_and_a_generated_key(enrolled: En
     authorized = Path("/var/lib/playr-agent/.ssh/authorized_keys")
     assert authorized.read_text() == (f'restrict,command="/usr/local/libexec/playr-agent-shell" {agent["public_key"]} '
                                       f"playr-portal-agent-{enrolled.agent_id}\n")
-    assert stat.S_IMODE(authorized.stat().st_mode) == 0o600
-    assert authorized.stat().st_uid == int(subprocess.check_output(["id", "-u", AGENT_USER]))
+    # root's file in root's directory: the account cannot change which keys log into it
+    assert (stat.S_IMODE(authorized.stat().st_mode), authorized.stat().st_uid) == (0o644, 0)
+    assert (stat.S_IMODE(authorized.parent.stat().st_mode), authorized.parent.stat().st_uid) == (0o755, 0)
     assert "libvirt" in subprocess.check_output(["id", "-nG", AGENT_USER], text=True).split()
 
 
@@ -339,3 +340,24 @@ def test_uninstall_leaves_no_trace_and_deletes_the_agent(enrolled: Enrollment) -
     assert enrolled.call("GET", f"/agents/{enrolled.agent_id}")[0] == 404
     assert enrolled.run("--uninstall").returncode == 0  # nothing left to remove is not an error
     assert os.path.exists("/etc/ssh/ssh_host_ed25519_key")
+
+
+def test_refused_enrollments_say_why_and_leave_nothing_behind(enrollment: Enrollment) -> None:
+    """After the uninstall above: each refusal names its reason, and the host is as it was."""
+    portal = f"http://127.0.0.1:{enrollment.portal.port}"
+    common = ["--address", "127.0.0.1", "--ssh-port", str(enrollment.hypervisor.port)]
+    someone_else = enrollment.run("--portal", portal, "--user", "nobody", *common)
+    assert someone_else.returncode == 1
+    assert "user nobody already exists and was not created by this script" in someone_else.stderr
+    cleartext = enrollment.run("--portal", "http://192.0.2.1:8000", *common)
+    assert cleartext.returncode == 1 and "refusing to send the API key over plain http" in cleartext.stderr
+    status, _ = enrollment.call("POST", "/agents", {"name": "taken", "hostname": "192.0.2.1", "username": "x",
+                                                    "generate_key": True})
+    assert status == 201
+    taken = enrollment.run("--portal", portal, "--name", "taken", *common)
+    assert taken.returncode == 1
+    assert "the portal refused the registration (409): agent_name_taken - " in taken.stderr, taken.stderr
+    assert "Error" not in taken.stderr  # the portal's problem, not a Python traceback
+    assert enrollment.run("--uninstall", api_key=False).returncode == 0
+    assert trace() == enrollment.before
+

@@ -129,6 +129,24 @@ def test_an_allowed_command_replaces_the_shell_with_virsh_and_is_logged(tmp_path
     assert " run from=192.0.2.9 command=" in line and "web 01" in line
 
 
+def test_virsh_runs_with_a_fixed_environment_in_the_c_locale(tmp_path: Path) -> None:
+    log = tmp_path / "commands.log"
+    config = tmp_path / "shell.conf"
+    fake_virsh = tmp_path / "virsh"
+    fake_virsh.write_text("#!/bin/sh\nexec /usr/bin/env\n")  # prints the environment it got
+    fake_virsh.chmod(0o755)
+    config.write_text(f"libvirt_uris = {URI}\nlog_file = {log}\nvirsh = {fake_virsh}\n")
+    env = {"PATH": "/tmp/evil:/usr/bin:/bin", "LANG": "de_DE.UTF-8", "LC_MESSAGES": "fr_FR.UTF-8",
+           "SSH_CONNECTION": "192.0.2.9 50000 192.0.2.1 22",
+           "SSH_ORIGINAL_COMMAND": "virsh --connect qemu:///system uri"}
+    result = subprocess.run([sys.executable, str(SHELL_FILE), "--config", str(config)], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    printed = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert printed.pop("PWD", None) in (None, str(Path.cwd()))  # /bin/sh adds it
+    assert printed == {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "LANG": "C", "HOME": str(Path.home())}
+
+
 def test_a_refused_command_exits_126_with_the_reason_and_is_logged(tmp_path: Path) -> None:
     result = _run(tmp_path, "virsh --connect qemu:///system start --domain guest1; id")
     assert result.returncode == 126

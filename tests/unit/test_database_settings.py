@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from entrypoints.settings import ConfigError, Settings
+from entrypoints.settings import ConfigError, Settings, secrets_of_url, shown_url
 
 
 @pytest.mark.parametrize("given", ["postgresql+psycopg://portal:pw@db.internal:5432/portal",
@@ -41,6 +41,15 @@ def test_the_database_password_is_not_in_the_repr() -> None:
     settings = Settings.from_env({"MANAGEMENT_DATABASE_URL": "postgresql://portal:s3cret-pw@db/portal"})
     assert "s3cret-pw" not in repr(settings)
     assert "postgresql+psycopg://portal:***@db/portal" in repr(settings)
+
+
+def test_a_password_given_as_a_query_parameter_is_hidden_too() -> None:
+    url = "postgresql+psycopg://portal@db/portal?password=s3cret-pw&sslmode=require"
+    settings = Settings.from_env({"MANAGEMENT_DATABASE_URL": url})
+    assert "s3cret-pw" not in repr(settings)
+    assert shown_url(url) == "postgresql+psycopg://portal@db/portal?password=%2A%2A%2A&sslmode=require"
+    assert secrets_of_url(url) == ["s3cret-pw"]
+    assert secrets_of_url("postgresql+psycopg://portal:pw1@db/portal") == ["pw1"]
 
 
 def test_pool_size_defaults_to_five_and_is_checked() -> None:
