@@ -345,7 +345,10 @@ class AsyncsshShell:
         deadline = asyncio.get_running_loop().time() + self.command_timeout
         try:
             process = await asyncio.wait_for(
-                conn.create_process(command, stdin=asyncssh.DEVNULL, encoding="utf-8", errors="replace"),
+                # LC_ALL=C asks for virsh's English output, which the core parses; sshd applies it
+                # where AcceptEnv allows (Debian's default: LANG LC_*) and ignores it elsewhere.
+                conn.create_process(command, stdin=asyncssh.DEVNULL, encoding="utf-8", errors="replace",
+                                    env={"LC_ALL": "C"}),
                 timeout=self.command_timeout,
             )
         except TimeoutError:

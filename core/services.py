@@ -127,6 +127,7 @@ _UNREACHABLE = frozenset({"agent_unreachable", "agent_connect_timeout"})
 _NOT_AUTHENTICATED = frozenset({"agent_auth_failed", "host_key_unknown", "host_key_mismatch"})
 
 POLL_INTERVAL = 0.25  # seconds between two state polls while waiting
+POLL_GRACE = 2.0  # seconds one state poll may run past the wait's deadline before the wait gives up
 FLEET_PARALLELISM = 8  # agents asked at once by the fleet view
 
 
@@ -152,6 +153,7 @@ class Portal:
         signup: SignupPolicy = SignupPolicy.FIRST,
         shell: RemoteShell | None = None,
         poll_interval: float = POLL_INTERVAL,
+        poll_grace: float = POLL_GRACE,
         fleet_parallelism: int = FLEET_PARALLELISM,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -166,6 +168,7 @@ class Portal:
         # Waiting on a VM's state: how often to poll, and the clock and sleep to do it with
         # (injectable, so tests wait on a fake clock instead of the wall clock).
         self.poll_interval = poll_interval
+        self.poll_grace = poll_grace
         self.fleet_parallelism = fleet_parallelism
         self._monotonic = monotonic
         self._sleep = sleep
@@ -457,19 +460,15 @@ class Portal:
         result, _ = await self._vm_action(caller, agent_id, vm, action)
         return result
 
-    async def _vm_action(self, caller: Caller, agent_id: int, vm: str,
-                         action: VmAction) -> tuple[CommandResult, AgentCredentials]:
-        audit_action = f"vm.{action.value.replace('-', '_')}"
-        try:
-            virsh.require_vm_name(vm)
-            target = await asyncio.to_thread(self._target, caller, agent_id)
-            result = await self._remote(caller, target, virsh.action_command(target.agent.libvirt_uri, vm, action))
-            virsh.raise_for_failure(result, vm)
-        except PortalError as error:
-            await asyncio.to_thread(self._record, caller, audit_action, agent_id, vm, error.code, error.detail)
-            raise
-        await asyncio.to_thread(self._record, caller, audit_action, agent_id, vm, "ok", None)
-        return result, target
+    async def _vm_action(self, caller: Caller, agent_id: int, vm: str, action: VmAction,
+                         wait: int | None = None) -> tuple[CommandResult, AgentCredentials]:
+        def check_wait() -> None:
+            problem = None if wait is None else virsh.check_wait(wait)
+            if problem is not None:
+                raise ValidationFailed.one("wait", problem)
+
+        return await self._audited_command(caller, f"vm.{action.value.replace('-', '_')}", agent_id, vm,
+                                           lambda uri: virsh.action_command(uri, vm, action), None, check=check_wait)
 
     def _target(self, caller: Caller, agent_id: int) -> AgentCredentials:
         with self.storage.transaction() as tx:
@@ -497,13 +496,12 @@ class Portal:
                                  progress: Callable[[str | None, float], None] | None = None) -> WaitedAction:
         """Run ``action``, then poll the VM's state over the pooled connection every
         ``poll_interval`` seconds until it reaches ``action.target_state`` or ``wait`` seconds have
-        passed (``WaitTimedOut``, carrying the state it is in). ``wait=0`` looks once. The action is
-        audited as it ends, before the wait; nothing holds a transaction or a thread meanwhile.
-        ``progress(state, elapsed)`` is told of every poll (the command line shows it)."""
-        problem = virsh.check_wait(wait)
-        if problem is not None:
-            raise ValidationFailed.one("wait", problem)
-        result, target = await self._vm_action(caller, agent_id, vm, action)
+        passed (``WaitTimedOut``, carrying the state it is in). ``wait=0`` looks once; no look
+        outlives the deadline by more than ``poll_grace``. The action is audited as it ends (a
+        ``wait`` out of range is refused and audited like an invalid VM name), before the wait;
+        nothing holds a transaction or a thread meanwhile. ``progress(state, elapsed)`` is told of
+        every poll (the command line shows it)."""
+        result, target = await self._vm_action(caller, agent_id, vm, action, wait)
         state, waited = await self._wait_for_state(caller, target, vm, action.target_state, wait, progress)
         return WaitedAction(result=result, state=state, waited_seconds=waited)
 
@@ -511,8 +509,17 @@ class Portal:
                               progress: Callable[[str | None, float], None] | None) -> tuple[str, float]:
         started = self._monotonic()
         deadline = started + wait
+        state: str | None = None
         while True:
-            state = await self._state(caller, target, vm)
+            # A host that stops answering must not hold the answer for a whole command time-out:
+            # one look may outlive the deadline by ``poll_grace`` at most.
+            budget = max(0.0, deadline - self._monotonic()) + self.poll_grace
+            try:
+                state = await asyncio.wait_for(self._state(caller, target, vm), timeout=budget)
+            except TimeoutError:
+                raise WaitTimedOut(f"VM {vm!r} was last seen {state or 'in an unknown state'}, not {wanted}; the "
+                                   f"host stopped answering and the {wait:g} s wait ran out", state=state,
+                                   target_state=wanted) from None
             now = self._monotonic()
             if progress is not None:
                 progress(state, now - started)
@@ -532,14 +539,10 @@ class Portal:
         """Have libvirt start the VM with the host, or not (``virsh autostart [--disable]``); audited
         as ``vm.autostart`` with ``enable`` or ``disable`` in its detail."""
 
-        async def work(target: AgentCredentials) -> CommandResult:
-            result = await self._remote(caller, target, virsh.autostart_command(target.agent.libvirt_uri, vm,
-                                                                                enabled))
-            virsh.raise_for_failure(result, vm)
-            return result
-
-        return await self._audited_remote(caller, "vm.autostart", agent_id, vm, work,
-                                          "enable" if enabled else "disable")
+        result, _ = await self._audited_command(caller, "vm.autostart", agent_id, vm,
+                                                lambda uri: virsh.autostart_command(uri, vm, enabled),
+                                                "enable" if enabled else "disable")
+        return result
 
     async def vm_stats(self, caller: Caller, agent_id: int, vm: str) -> VmStats:
         """``virsh domstats`` of one VM: state, CPU time, vCPUs, balloon memory, disks, interfaces."""
@@ -571,16 +574,10 @@ class Portal:
         """Take an internal snapshot (``virsh snapshot-create-as``); audited as
         ``vm.snapshot_create``. Answers the snapshot as the list shows it afterwards."""
 
-        async def work(target: AgentCredentials) -> CommandResult:
-            argv = virsh.snapshot_create_command(target.agent.libvirt_uri, vm, request.name, request.description)
-            result = await self._remote(caller, target, argv)
-            virsh.raise_for_snapshot_failure(result, vm, request.name)
-            return result
-
-        await self._audited_remote(
-            caller, "vm.snapshot_create", agent_id, vm, work, f"snapshot {request.name}",
-            check=lambda: virsh.snapshot_create_command(DEFAULT_LIBVIRT_URI, vm, request.name, request.description))
-        target = await asyncio.to_thread(self._target, caller, agent_id)
+        _, target = await self._audited_command(
+            caller, "vm.snapshot_create", agent_id, vm,
+            lambda uri: virsh.snapshot_create_command(uri, vm, request.name, request.description),
+            f"snapshot {request.name}", snapshot=request.name)
         created = [s for s in await self._snapshots(caller, target, vm) if s.name == request.name]
         if not created:  # deleted again in between by someone else
             raise NotFound(f"VM {vm!r} has no snapshot named {request.name!r}", code="snapshot_not_found")
@@ -588,45 +585,44 @@ class Portal:
 
     async def revert_snapshot(self, caller: Caller, agent_id: int, vm: str, snapshot: str) -> CommandResult:
         """Revert the VM to a snapshot (``virsh snapshot-revert``); audited as ``vm.snapshot_revert``."""
-
-        async def work(target: AgentCredentials) -> CommandResult:
-            argv = virsh.snapshot_revert_command(target.agent.libvirt_uri, vm, snapshot)
-            result = await self._remote(caller, target, argv)
-            virsh.raise_for_snapshot_failure(result, vm, snapshot)
-            return result
-
-        return await self._audited_remote(caller, "vm.snapshot_revert", agent_id, vm, work, f"snapshot {snapshot}",
-                                          check=lambda: virsh.require_snapshot_name(snapshot))
+        result, _ = await self._audited_command(caller, "vm.snapshot_revert", agent_id, vm,
+                                                lambda uri: virsh.snapshot_revert_command(uri, vm, snapshot),
+                                                f"snapshot {snapshot}", snapshot=snapshot)
+        return result
 
     async def delete_snapshot(self, caller: Caller, agent_id: int, vm: str, snapshot: str) -> CommandResult:
         """Delete a snapshot (``virsh snapshot-delete``; its children are kept, re-parented); audited
         as ``vm.snapshot_delete``."""
+        result, _ = await self._audited_command(caller, "vm.snapshot_delete", agent_id, vm,
+                                                lambda uri: virsh.snapshot_delete_command(uri, vm, snapshot),
+                                                f"snapshot {snapshot}", snapshot=snapshot)
+        return result
 
-        async def work(target: AgentCredentials) -> CommandResult:
-            argv = virsh.snapshot_delete_command(target.agent.libvirt_uri, vm, snapshot)
-            result = await self._remote(caller, target, argv)
-            virsh.raise_for_snapshot_failure(result, vm, snapshot)
-            return result
-
-        return await self._audited_remote(caller, "vm.snapshot_delete", agent_id, vm, work, f"snapshot {snapshot}",
-                                          check=lambda: virsh.require_snapshot_name(snapshot))
-
-    async def _audited_remote(self, caller: Caller, action: str, agent_id: int, vm: str,
-                              work: Callable[[AgentCredentials], Awaitable[T]], detail: str,
-                              check: Callable[[], object] | None = None) -> T:
-        """Validate (the VM name, then ``check``) before looking the agent up, run ``work`` on it and
-        record ``action`` with its outcome, like ``vm_action``."""
+    async def _audited_command(self, caller: Caller, action: str, agent_id: int, vm: str,
+                               build: Callable[[str], tuple[str, ...]], detail: str | None, *,
+                               snapshot: str | None = None,
+                               check: Callable[[], None] | None = None) -> tuple[CommandResult, AgentCredentials]:
+        """Run the virsh command ``build(libvirt_uri)`` on one of the caller's agents and record
+        ``action`` once, whatever the outcome: ``ok`` (with ``detail``) or the code of the error
+        that refused it, invalid input included. Every argument is checked (``build`` with the
+        default URI, then ``check``) before the agent is even looked up; a failure reads as a
+        snapshot error when the command is about ``snapshot``. Answers the result and the agent's
+        credentials (a wait polls with them)."""
         try:
-            virsh.require_vm_name(vm)
+            build(DEFAULT_LIBVIRT_URI)
             if check is not None:
                 check()
             target = await asyncio.to_thread(self._target, caller, agent_id)
-            value = await work(target)
+            result = await self._remote(caller, target, build(target.agent.libvirt_uri))
+            if snapshot is None:
+                virsh.raise_for_failure(result, vm)
+            else:
+                virsh.raise_for_snapshot_failure(result, vm, snapshot)
         except PortalError as error:
             await asyncio.to_thread(self._record, caller, action, agent_id, vm, error.code, error.detail)
             raise
         await asyncio.to_thread(self._record, caller, action, agent_id, vm, "ok", detail)
-        return value
+        return result, target
 
     # the fleet and the hosts
 
@@ -698,6 +694,9 @@ class Portal:
         except RemoteError as failed:
             error = failed
         elapsed_ms = round((self._monotonic() - started) * 1000, 1)
+        if host_key is None and target.agent.allow_unknown_hosts:
+            # The connection may have pinned the key it saw before the check failed further on.
+            host_key = await asyncio.to_thread(self._pinned_host_key, caller, agent_id)
         code = error.code if error is not None else None
         reachable = code not in _UNREACHABLE
         authenticated = reachable and code not in _NOT_AUTHENTICATED
@@ -709,6 +708,11 @@ class Portal:
             round_trip_ms=elapsed_ms if reachable else None,
             error=Failure.of(error) if error is not None else None,
         )
+
+    def _pinned_host_key(self, caller: Caller, agent_id: int) -> HostKey | None:
+        with self.storage.transaction() as tx:
+            agent = tx.get_agent(caller.user.id, agent_id)
+        return agent.host_key if agent is not None else None
 
     # ------------------------------------------------------------------ audit
 

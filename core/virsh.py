@@ -60,7 +60,26 @@ class VmSummary:
 
 
 def check_vm_name(name: str) -> str | None:
-    """Why ``name`` is refused as a VM name, or None when it is acceptable."""
+    """Why ``name`` is refused as a VM name, or None when it is acceptable.
+
+    virsh looks a ``--domain`` value up as a domain id first, then as a UUID, and only then as a
+    name: a VM called ``7`` (or named like a UUID) could be mistaken for another VM, so such names
+    are refused."""
+    problem = _check_name(name)
+    if problem is None and name.isascii() and name.isdigit():
+        return "must not be only digits: virsh would take it for a domain id (rename the VM)"
+    if problem is None and _looks_like_uuid(name):
+        return "must not look like a UUID: virsh would take it for a domain UUID (rename the VM)"
+    return problem
+
+
+def _looks_like_uuid(name: str) -> bool:
+    """What libvirt's virUUIDParse accepts: 32 hexadecimal digits, with '-' anywhere between."""
+    digits = name.replace("-", "")
+    return len(digits) == 32 and all(char in "0123456789abcdefABCDEF" for char in digits)
+
+
+def _check_name(name: str) -> str | None:
     if not 1 <= len(name) <= VM_NAME_MAX:
         return f"must be 1 to {VM_NAME_MAX} characters"
     if name.startswith("-"):
@@ -114,8 +133,9 @@ def check_wait(seconds: int) -> str | None:
 
 
 def check_snapshot_name(name: str) -> str | None:
-    """Snapshot names follow the VM-name rules (libvirt's own rules are looser)."""
-    return check_vm_name(name)
+    """Snapshot names follow the VM-name character rules (libvirt's own rules are looser); unlike
+    a VM, a snapshot is only ever looked up by name, so ``1`` is a fine snapshot name."""
+    return _check_name(name)
 
 
 def require_snapshot_name(name: str, field: str = "snapshot") -> str:
@@ -297,6 +317,12 @@ def _leading_int(value: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _whole_int(value: str | None) -> int | None:
+    """``"562162000"`` → 562162000; None for anything but ASCII digits (a counter virsh did not
+    print, or printed as something else: ``-1``, ``12abc``, ``١٢``)."""
+    return int(value) if value is not None and value.isascii() and value.isdigit() else None
+
+
 # ---------------------------------------------------------------------- domstats
 
 
@@ -326,7 +352,7 @@ def state_name(number: int) -> str:
 
 def parse_state(stdout: str) -> str | None:
     """The state in ``virsh domstats --state`` output, as virsh's word (``running``, ``shut off``)."""
-    number = _leading_int(parse_domstats(stdout).get("state.state"))
+    number = _whole_int(parse_domstats(stdout).get("state.state"))
     return None if number is None else state_name(number)
 
 
@@ -408,8 +434,7 @@ def parse_stats(stdout: str, vm: str) -> VmStats:
     f = parse_domstats(stdout)
 
     def num(key: str) -> int | None:
-        value = f.get(key)
-        return int(value) if value is not None and value.isascii() and value.isdigit() else None
+        return _whole_int(f.get(key))
 
     state = num("state.state")
     block = [
@@ -496,10 +521,11 @@ def _snapshot_time(text: str) -> datetime | None:
 
 def parse_current_snapshot(result: CommandResult) -> str | None:
     """The current snapshot's name from ``virsh snapshot-current --name``; None when the VM has
-    none (virsh fails with "has no current snapshot")."""
-    if result.exit_status != 0 and "no current snapshot" in result.stderr.lower():
+    none. virsh then fails ("has no current snapshot", in the host's language), so any failure
+    reads as none: it is only asked together with ``snapshot-list``, whose own failure says what
+    went wrong (no such VM, libvirt down)."""
+    if result.exit_status != 0:
         return None
-    raise_for_failure(result)
     return parse_hostname(result.stdout)
 
 
@@ -560,10 +586,7 @@ def raise_for_failure(result: CommandResult, vm: str | None = None) -> None:
     """Turn a failed virsh run into the domain error an operator expects (404, 409, 502)."""
     if result.exit_status == 0:
         return
-    stderr = result.stderr.strip()
-    # Match virsh's words, not the names it quotes: a VM called 'already active' must not look
-    # like the error "already active". (VM names never contain a quote.)
-    lowered = re.sub(r"'[^']*'", "''", stderr).lower()
+    stderr, lowered = _failure_text(result)
     subject = f"VM {vm!r}" if vm is not None else "the request"
     if result.exit_status == 127 or "command not found" in lowered:
         raise RemoteError(f"virsh is not installed on the agent: {stderr}", code="virsh_not_found")
@@ -581,20 +604,29 @@ def raise_for_failure(result: CommandResult, vm: str | None = None) -> None:
                       code="virsh_failed")
 
 
-_SNAPSHOT_EXISTS = re.compile(r"domain (?:moment|snapshot) .* already exists", re.IGNORECASE)
+def _failure_text(result: CommandResult) -> tuple[str, str]:
+    """virsh's stderr, and the same lower-cased with every quoted name blanked out: virsh's words
+    are matched, not the names it quotes (a VM called 'already active' must not look like the
+    error "already active"; VM and snapshot names never contain a quote)."""
+    stderr = result.stderr.strip()
+    return stderr, re.sub(r"'[^']*'", "''", stderr).lower()
+
+
+# virsh does not quote the snapshot's name in this one message, so it is matched as a whole line
+# and before anything else: a snapshot called "snapshot not found" is still a taken name.
+_SNAPSHOT_EXISTS = re.compile(r"domain (?:moment|snapshot) .+ already exists\s*$", re.MULTILINE)
 
 
 def raise_for_snapshot_failure(result: CommandResult, vm: str, snapshot: str | None = None) -> None:
-    """``raise_for_failure``, knowing the snapshot errors first: no such snapshot (404), the name is
-    taken (409), the VM cannot take internal snapshots (409)."""
+    """``raise_for_failure``, knowing the snapshot errors first: the name is taken (409), no such
+    snapshot (404), the VM cannot take internal snapshots (409)."""
     if result.exit_status == 0:
         return
-    stderr = result.stderr.strip()
-    lowered = re.sub(r"'[^']*'", "''", stderr).lower()  # names quoted by virsh cannot look like its words
+    stderr, lowered = _failure_text(result)
+    if _SNAPSHOT_EXISTS.search(lowered):
+        raise Conflict(f"VM {vm!r} already has a snapshot named {snapshot!r}", code="snapshot_name_taken")
     if "snapshot not found" in lowered or "no domain snapshot with matching name" in lowered:
         raise NotFound(f"VM {vm!r} has no snapshot named {snapshot!r}", code="snapshot_not_found")
-    if _SNAPSHOT_EXISTS.search(lowered):  # virsh does not quote the name here
-        raise Conflict(f"VM {vm!r} already has a snapshot named {snapshot!r}", code="snapshot_name_taken")
     if "nothing selected for snapshot" in lowered or ("internal snapshot" in lowered and "unsupported" in lowered):
         raise Conflict(f"VM {vm!r} cannot take internal snapshots (it needs a qcow2 disk): {stderr}",
                        code="snapshot_unsupported")

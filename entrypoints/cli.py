@@ -16,7 +16,7 @@
     manage-playrservers vms snapshots create AGENT VM NAME [--description TEXT] [--json]
     manage-playrservers vms snapshots revert|delete AGENT VM NAME [--json]
     manage-playrservers vms fleet [--agent ID]... [--state STATE]... [--json]
-    manage-playrservers agents host|check AGENT [--json]
+    manage-playrservers agents host|check AGENT [--json]   (check exits 1 when the host fails)
 
 It reads the same ``MANAGEMENT_*`` variables as the server. Commands that act as a user take that
 user's API key from ``MANAGEMENT_API_KEY`` (never from the command line, where other local users
@@ -37,6 +37,7 @@ from entrypoints.settings import ConfigError, Settings
 from entrypoints.shapes import UserView, UserWithKeyView, dump
 
 if TYPE_CHECKING:
+    from core.ports import CommandResult
     from entrypoints.library import Session
 
 
@@ -205,7 +206,7 @@ def _as_user(args: argparse.Namespace, settings: Settings) -> int:
     import os
 
     from entrypoints.library import connect
-    from entrypoints.shapes import AgentView, CommandView, PublicKeyView, VmInfoView, VmView
+    from entrypoints.shapes import AgentView, PublicKeyView, VmInfoView, VmView
 
     api_key = os.environ.get("MANAGEMENT_API_KEY", "").strip()
     if not api_key:
@@ -213,7 +214,7 @@ def _as_user(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     with connect(settings=settings) as library:
         me = library.login(api_key)
-        if args.action in _MORE_VM_COMMANDS.get(args.command, ()) or getattr(args, "wait", None) is not None:
+        if args.action in _MORE_VM_COMMANDS.get(args.command, ()):
             return _more(me, args)
         if args.command == "agents" and args.action in ("public-key", "rotate-key"):
             agent = me.rotate_agent_key(args.agent) if args.action == "rotate-key" else me.agent(args.agent)
@@ -248,22 +249,37 @@ def _as_user(args: argparse.Namespace, settings: Settings) -> int:
                 for key, value in info.dominfo.items():
                     print(f"{key:<16} {value if value is not None else '-'}")
         else:
-            result = me.vm_action(args.agent, args.vm, args.action)
-            if args.json:
-                _print_json(CommandView.of(result))
-            else:
-                print(result.stdout.strip() or f"{args.action}: done")
+            return _act(me, args)
     return 0
 
 
-_MORE_VM_COMMANDS = {"agents": ("host", "check"),
-                     "vms": ("suspend", "resume", "autostart", "stats", "snapshots", "fleet")}
+_MORE_VM_COMMANDS = {"agents": ("host", "check"), "vms": ("autostart", "stats", "snapshots", "fleet")}
+
+
+def _act(me: Session, args: argparse.Namespace) -> int:
+    """A lifecycle action (start, shutdown, force-stop, reboot, suspend, resume), and with
+    ``--wait`` the wait for its state, shown on stderr while it lasts."""
+    from entrypoints.shapes import WaitedActionView
+
+    if args.wait is None:
+        return _print_result(me.vm_action(args.agent, args.vm, args.action), args.json, f"{args.action}: done")
+    progress = _Progress(args.vm)
+    try:
+        waited = me.vm_action_and_wait(args.agent, args.vm, args.action, args.wait, progress)
+    finally:
+        progress.finish()
+    if args.json:
+        _print_json(WaitedActionView.of_waited(waited))
+    else:
+        print(f"{waited.result.stdout.strip() or args.action + ': done'}; {waited.state} after "
+              f"{waited.waited_seconds:.1f} s")
+    return 0
 
 
 def _more(me: Session, args: argparse.Namespace) -> int:
-    """The commands beyond the seed's lifecycle: waiting, autostart, stats, snapshots, the fleet
-    view, host facts and checks."""
-    from entrypoints.shapes import AutostartView, CommandView, FleetEntryView, WaitedActionView
+    """The commands beyond the seed's lifecycle: autostart, stats, snapshots, the fleet view, host
+    facts and checks. A check that found the host failing prints its answer and exits 1."""
+    from entrypoints.shapes import AutostartView, CommandView, FleetEntryView
 
     if args.command == "agents":
         value: Any = me.host(args.agent) if args.action == "host" else me.check_agent(args.agent)
@@ -271,6 +287,10 @@ def _more(me: Session, args: argparse.Namespace) -> int:
             _print_json(value)
         else:
             _print_fields(dump(value))
+        failure = getattr(value, "error", None)
+        if failure is not None:
+            print(f"error: {failure.code}: {failure.detail}", file=sys.stderr)
+            return 1
         return 0
     if args.action == "fleet":
         entries = me.fleet(agent_ids=args.agent, states=args.state)
@@ -300,31 +320,10 @@ def _more(me: Session, args: argparse.Namespace) -> int:
         else:
             _print_fields({k: v for k, v in dump(stats).items() if k != "fields"})
         return 0
-    if args.action == "snapshots":
-        return _snapshots(me, args)
-    if args.wait is None:
-        result = me.vm_action(args.agent, args.vm, args.action)
-        if args.json:
-            _print_json(CommandView.of(result))
-        else:
-            print(result.stdout.strip() or f"{args.action}: done")
-        return 0
-    progress = _Progress(args.vm)
-    try:
-        waited = me.vm_action_and_wait(args.agent, args.vm, args.action, args.wait, progress)
-    finally:
-        progress.finish()
-    if args.json:
-        _print_json(WaitedActionView.of_waited(waited))
-    else:
-        print(f"{waited.result.stdout.strip() or args.action + ': done'}; {waited.state} after "
-              f"{waited.waited_seconds:.1f} s")
-    return 0
+    return _snapshots(me, args)
 
 
 def _snapshots(me: Session, args: argparse.Namespace) -> int:
-    from entrypoints.shapes import CommandView
-
     action = args.snapshot_action
     if action == "list":
         snapshots = me.snapshots(args.agent, args.vm)
@@ -344,12 +343,8 @@ def _snapshots(me: Session, args: argparse.Namespace) -> int:
             print(f"snapshot {created.name} created ({created.state})")
         return 0
     if action == "revert":
-        result = me.revert_snapshot(args.agent, args.vm, args.snapshot)
-        if args.json:
-            _print_json(CommandView.of(result))
-        else:
-            print(result.stdout.strip() or f"reverted to {args.snapshot}")
-        return 0
+        return _print_result(me.revert_snapshot(args.agent, args.vm, args.snapshot), args.json,
+                             f"reverted to {args.snapshot}")
     me.delete_snapshot(args.agent, args.vm, args.snapshot)
     if args.json:
         _print_json({"deleted": args.snapshot})
@@ -389,9 +384,20 @@ def _print_fields(values: dict[str, Any], prefix: str = "") -> None:
                 if isinstance(item, dict):
                     _print_fields(item, f"{prefix}{key}.{i}.")
                 else:
-                    print(f"{prefix}{key}.{i:<24} {item}")
+                    print(f"{f'{prefix}{key}.{i}':<28} {item}")
         else:
             print(f"{prefix + key:<28} {'-' if value is None else value}")
+
+
+def _print_result(result: CommandResult, as_json: bool, done: str) -> int:
+    """A command's result: as JSON, or what virsh printed (``done`` when it printed nothing)."""
+    from entrypoints.shapes import CommandView
+
+    if as_json:
+        _print_json(CommandView.of(result))
+    else:
+        print(result.stdout.strip() or done)
+    return 0
 
 
 def _print_json(value: Any) -> None:

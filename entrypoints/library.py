@@ -23,7 +23,8 @@ import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
-from core.commands import AgentChanges, NewAgent, NewSnapshot, NewUser
+from core.commands import AgentChanges, AutostartChange, NewAgent, NewSnapshot, NewUser
+from core.errors import ValidationFailed
 from core.model import Agent, AgentCredentials, AuditEvent, Caller, Origin, User
 from core.ports import CommandResult
 from core.services import (
@@ -149,7 +150,7 @@ class Session:
 
     def vm_action(self, agent_id: int, vm: str, action: VmAction | str) -> CommandResult:
         """Run ``start``, ``shutdown``, ``force-stop``, ``reboot``, ``suspend`` or ``resume`` on a VM."""
-        return self._library._await(self.portal.vm_action(self._caller(), agent_id, vm, VmAction(action)))
+        return self._library._await(self.portal.vm_action(self._caller(), agent_id, vm, _action(action)))
 
     def start_vm(self, agent_id: int, vm: str) -> CommandResult:
         return self.vm_action(agent_id, vm, VmAction.START)
@@ -177,11 +178,12 @@ class Session:
         (``.state``); raises ``core.errors.WaitTimedOut`` (``.state``: where it is) when time is up.
         ``progress(state, elapsed_seconds)`` is called after every poll."""
         return self._library._await(
-            self.portal.vm_action_and_wait(self._caller(), agent_id, vm, VmAction(action), wait, progress))
+            self.portal.vm_action_and_wait(self._caller(), agent_id, vm, _action(action), wait, progress))
 
     def set_autostart(self, agent_id: int, vm: str, enabled: bool) -> CommandResult:
-        """Have libvirt start the VM with the host (``True``), or not."""
-        return self._library._await(self.portal.set_autostart(self._caller(), agent_id, vm, enabled))
+        """Have libvirt start the VM with the host (``True``), or not (``False``; nothing else)."""
+        change = structure({"enabled": enabled}, AutostartChange)
+        return self._library._await(self.portal.set_autostart(self._caller(), agent_id, vm, change.enabled))
 
     def vm_stats(self, agent_id: int, vm: str) -> VmStats:
         """``virsh domstats``: state, CPU time, vCPUs, balloon memory, disk and network counters."""
@@ -212,6 +214,15 @@ class Session:
     def check_agent(self, agent_id: int) -> AgentCheck:
         """Reachable, authenticated, libvirt reachable, round trip; never raises for a failing host."""
         return self._library._await(self.portal.check_agent(self._caller(), agent_id))
+
+
+def _action(action: VmAction | str) -> VmAction:
+    """``action`` as a ``VmAction``; a name that is none is a ``ValidationFailed`` like any bad input."""
+    try:
+        return VmAction(action)
+    except ValueError:
+        choices = ", ".join(a.value for a in VmAction)
+        raise ValidationFailed.one("action", f"must be one of {choices}") from None
 
 
 def _origin() -> Origin:

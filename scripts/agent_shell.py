@@ -74,8 +74,20 @@ class Refused(Exception):
     """The command is not one the portal may run here; the message says why."""
 
 
-def check_name(name: str) -> str | None:
-    """Why ``name`` is refused as a VM or snapshot name, or None (the portal's rule)."""
+def check_vm_name(name: str) -> str | None:
+    """Why ``name`` is refused as a VM name, or None (the portal's rule): virsh tries a --domain
+    value as an id, then a UUID, then a name, so digits-only and UUID-like names are refused."""
+    problem = check_snapshot_name(name)
+    digits = name.replace("-", "")
+    if problem is None and name.isascii() and name.isdigit():
+        return "must not be only digits (virsh would take it for a domain id)"
+    if problem is None and len(digits) == 32 and all(char in "0123456789abcdefABCDEF" for char in digits):
+        return "must not look like a UUID (virsh would take it for a domain UUID)"
+    return problem
+
+
+def check_snapshot_name(name: str) -> str | None:
+    """Why ``name`` is refused as a snapshot name, or None (the portal's rule)."""
     if not 1 <= len(name) <= VM_NAME_MAX:
         return f"must be 1 to {VM_NAME_MAX} characters"
     if name.startswith("-"):
@@ -127,7 +139,7 @@ def parse(command: str | None, allowed_uris: frozenset[str]) -> list[str]:
         if position == len(options):
             raise Refused(f"{option} needs a value")
         value = options[position]
-        problem = check_text(value) if kind == TEXT else check_name(value)
+        problem = {TEXT: check_text, VM: check_vm_name, SNAPSHOT: check_snapshot_name}[kind](value)
         if problem is not None:
             raise Refused(f"{option} value {value!r} {problem}")
         position += 1

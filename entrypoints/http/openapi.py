@@ -56,7 +56,8 @@ _AGENT_ID = {"name": "agent_id", "in": "path", "required": True,
 
 _VM = {"name": "vm", "in": "path", "required": True,
        "description": "VM (libvirt domain) name: letters, digits, spaces and . _ - + : @ , = %; "
-                      "no leading '-'. Percent-encode spaces.",
+                      "no leading '-'; not only digits and not UUID-shaped (virsh would take it for a "
+                      "domain id or UUID). Percent-encode spaces.",
        "schema": {"type": "string", "minLength": 1, "maxLength": VM_NAME_MAX}}
 _REMOTE_ERRORS = (404, 422, 502, 504)
 _ACTION_SUMMARY = {
@@ -70,7 +71,8 @@ _ACTION_SUMMARY = {
 _WAIT = {"name": "wait", "in": "query", "required": False,
          "description": "Seconds to wait for the VM to reach the action's state (start, resume, reboot: running; "
                         "shutdown, force-stop: shut off; suspend: paused). 200 with the state once reached; 504 "
-                        "wait_timeout with the state it is in when the time is up. Without it, answer at once.",
+                        "wait_timeout with the state it is in when the time is up. Without it, answer at once. "
+                        "Give it once.",
          "schema": {"type": "integer", "minimum": 0, "maximum": WAIT_MAX}}
 _SNAPSHOT = {"name": "snapshot", "in": "path", "required": True,
              "description": "Snapshot name (same rules as VM names). Percent-encode spaces.",

@@ -208,7 +208,8 @@ class VmResource:
 
     async def _act(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str,
                    action: VmAction) -> None:
-        wait = _int_param(req, "wait", None)
+        raw_wait = _single_param(req, "wait")
+        wait = None if raw_wait is None else _int_value("wait", raw_wait)
         if wait is None:
             result = await self.portal.vm_action(caller(req), agent_id, vm, action)
             answer(resp, CommandView.of(result))
@@ -305,6 +306,16 @@ def _int_param(req: falcon.asgi.Request, name: str, default: Any) -> Any:
     if raw is None:
         return default
     return _int_value(name, raw)
+
+
+def _single_param(req: falcon.asgi.Request, name: str) -> str | None:
+    """A query parameter that may be given once (``wait=1&wait=300`` is ambiguous: refused)."""
+    values = req.get_param_as_list(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ValidationFailed([FieldError(name, "must be given once")])
+    return str(values[0])
 
 
 def _int_value(name: str, raw: str) -> int:

@@ -34,6 +34,7 @@ class FakeHypervisor:
         self.sessions_now: dict[int, int] = {}
         self.max_sessions_seen = 0
         self.commands: list[str] = []
+        self.environments: list[dict[str, str]] = []
         self.server: asyncssh.SSHAcceptor | None = None
         self.port = 0
 
@@ -68,6 +69,7 @@ class FakeHypervisor:
 
             def exec_requested(self, command: str) -> bool:
                 hypervisor.commands.append(command)
+                hypervisor.environments.append(dict(self.chan.get_environment()))
                 self.task = asyncio.ensure_future(self.run(shlex.split(command)))
                 return True
 
@@ -146,6 +148,7 @@ def test_arguments_reach_the_host_quoted() -> None:
             assert result.stdout == "$(id) a;b it's\n"
             assert result.command == ("echo", "$(id)", "a;b", "it's")
             assert hypervisor.commands == ["echo '$(id)' 'a;b' 'it'\"'\"'s'"]
+            assert hypervisor.environments == [{"LC_ALL": "C"}]  # virsh's English output, where sshd allows it
 
     run(scenario())
 

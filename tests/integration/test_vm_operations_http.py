@@ -86,13 +86,21 @@ def test_a_wait_that_runs_out_is_504_with_the_state(client: Api, shell: Shell, k
     assert (body["state"], body["target_state"]) == ("running", "shut off")
 
 
-@pytest.mark.parametrize("wait", ["301", "-1", "abc", "1.5", ""])
+@pytest.mark.parametrize("query", ["wait=301", "wait=-1", "wait=abc", "wait=1.5", "wait=", "wait=1e9",
+                                   "wait=%EF%BC%91", "wait=99999999999999999999", "wait=1&wait=300"])
 def test_an_invalid_wait_is_422_and_nothing_runs(client: Api, shell: Shell, key: str, agent: dict[str, Any],
-                                                 wait: str) -> None:
-    result = client.call("POST", f"/agents/{agent['id']}/vms/vm1/start", key, query_string=f"wait={wait}")
+                                                 query: str) -> None:
+    result = client.call("POST", f"/agents/{agent['id']}/vms/vm1/start", key, query_string=query)
     body = assert_problem(result, 422, "validation_failed")
     assert body["errors"][0]["field"] == "wait"
     assert shell.calls == []
+
+
+def test_a_wait_out_of_range_is_audited_like_any_refused_action(client: Api, key: str,
+                                                                agent: dict[str, Any]) -> None:
+    assert client.call("POST", f"/agents/{agent['id']}/vms/vm1/reboot", key, params={"wait": "301"}).status_code == 422
+    [event] = client.call("GET", "/users/me/audit", key, params={"limit": "1"}).json["events"]
+    assert (event["action"], event["outcome"], event["vm"]) == ("vm.reboot", "validation_failed", "vm1")
 
 
 def test_autostart_takes_a_boolean(client: Api, key: str, agent: dict[str, Any]) -> None:
@@ -124,6 +132,16 @@ def test_snapshot_create_is_201_delete_204_and_a_missing_one_404(client: Api, sh
     assert_problem(client.call("POST", f"{base}/gone/revert", key), 404, "snapshot_not_found")
     problem = assert_problem(client.call("POST", f"{base}/--help/revert", key), 422, "validation_failed")
     assert problem["errors"][0]["field"] == "snapshot"
+    # a percent-encoded name reaches virsh decoded, as one argument; an encoded '/' or line break never does
+    assert client.call("POST", f"{base}/a%25b%3Dc/revert", key).json["command"][-1] == "a%b=c"
+    for encoded in ("a%2Fb", "a%0Ab", "%2D%2Dhelp", "%FF"):
+        assert client.call("POST", f"{base}/{encoded}/revert", key).status_code in (404, 422), encoded
+    script(shell, "snapshot-create-as", "--domain", "lab-disk", "--name", "s 1", status=1,
+           stderr="error: operation failed: domain moment s 1 already exists")
+    assert_problem(client.call("POST", base, key, json={"name": "s 1"}), 409, "snapshot_name_taken")
+    for body in ({}, {"name": None}, {"name": "s", "description": 5}, {"name": "s", "extra": 1},
+                 {"name": "s", "description": "x" * 1001}, {"name": "s", "description": "a\nb"}):
+        assert_problem(client.call("POST", base, key, json=body), 422, "validation_failed")
 
 
 def test_the_fleet_view_keeps_a_dead_agent_as_an_entry(client: Api, shell: Shell, key: str, keys: KeyMaterial,

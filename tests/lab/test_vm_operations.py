@@ -137,22 +137,27 @@ def test_shutdown_waits_until_shut_off_and_a_short_wait_is_504_with_the_state(po
     assert 0.2 < result["waited_seconds"] < 30
     figure(f"shutdown?wait=30 answered 'shut off' in {took:.2f} s (waited {result['waited_seconds']} s)")
 
+    # A state that never comes: libvirt takes a reboot of a paused domain, which stays paused (the
+    # lab's guest powers off within milliseconds of an ACPI press, too fast to catch it still running).
     start_fresh(portal, api_key, agent, lab)
-    status, problem, took = timed(portal, "POST", vm_path(agent, DISK, "shutdown") + "?wait=0", api_key)
+    assert portal.request("POST", vm_path(agent, DISK, "suspend"), api_key)[0] == 200
+    status, problem, took = timed(portal, "POST", vm_path(agent, DISK, "reboot") + "?wait=1", api_key)
     assert (status, problem["code"]) == (504, "wait_timeout"), problem
-    assert (problem["state"], problem["target_state"]) == ("running", "shut off")
-    figure(f"shutdown?wait=0 answered 504 with state 'running' in {took:.2f} s")
-    # The guest got the ACPI press all the same: a later wait sees it off.
+    assert (problem["state"], problem["target_state"]) == ("paused", "running")
+    assert 1 <= took < 1 + 2, took  # the deadline holds
+    figure(f"reboot?wait=1 of a paused guest answered 504 with state 'paused' in {took:.2f} s")
+    status, problem, _ = portal.request("POST", vm_path(agent, DISK, "shutdown") + "?wait=5", api_key)
+    assert (status, problem["code"]) == (409, "vm_not_running"), problem  # as documented for a paused VM
     status, result, _ = portal.request("POST", vm_path(agent, DISK, "force-stop") + "?wait=5", api_key)
-    assert status in (200, 409), result  # it may have powered off by itself already
+    assert status == 200 and result["state"] == "shut off", result
     assert host_state(lab) == "shut off"
 
 
 def test_wait_is_validated_before_anything_runs(portal: Server, api_key: str, agent: dict[str, Any],
                                                 lab: Lab) -> None:
     lab.virsh("destroy", "--domain", DISK)
-    for wait in ("301", "-1", "soon", "1.5"):
-        status, problem, _ = portal.request("POST", vm_path(agent, DISK, "start") + f"?wait={wait}", api_key)
+    for query in ("wait=301", "wait=-1", "wait=soon", "wait=1.5", "wait=1&wait=2"):
+        status, problem, _ = portal.request("POST", vm_path(agent, DISK, "start") + f"?{query}", api_key)
         assert (status, problem["code"], problem["errors"][0]["field"]) == (422, "validation_failed", "wait"), problem
     assert host_state(lab) == "shut off"
 
@@ -410,8 +415,12 @@ def test_the_command_line_drives_the_new_operations(portal: Server, api_key: str
     assert re.search(rf"lab \({agent_id}\)\s+\d+\s+{DISK}\s+running", fleet.stdout), fleet.stdout
     stats = cli(portal, api_key, "vms", "stats", agent_id, DISK)
     assert stats.returncode == 0 and re.search(r"block\.0\.name\s+vda", stats.stdout), stats.stdout
-    check = json.loads(cli(portal, api_key, "agents", "check", agent_id, "--json").stdout)
-    assert check["libvirt_reachable"] is True
+    checked = cli(portal, api_key, "agents", "check", agent_id, "--json")
+    assert checked.returncode == 0 and json.loads(checked.stdout)["libvirt_reachable"] is True, checked.stderr
+    dead = register(portal, api_key, lab, port=closed_port())
+    failed = cli(portal, api_key, "agents", "check", str(dead["id"]), "--json")
+    assert failed.returncode == 1 and "error: agent_unreachable:" in failed.stderr, failed.stderr
+    assert json.loads(failed.stdout)["reachable"] is False  # the answer is still printed, as JSON
     host = cli(portal, api_key, "agents", "host", agent_id)
     assert host.returncode == 0 and re.search(r"versions\.hypervisor\s+QEMU", host.stdout), host.stdout
     assert cli(portal, api_key, "vms", "autostart", agent_id, DISK, "on").returncode == 0
@@ -431,7 +440,7 @@ def test_the_command_line_drives_the_new_operations(portal: Server, api_key: str
 
 def test_the_library_drives_the_new_operations(portal: Server, api_key: str, agent: dict[str, Any],
                                                lab: Lab) -> None:
-    from core.errors import WaitTimedOut
+    from core.errors import ValidationFailed, WaitTimedOut
     from entrypoints.library import connect
 
     lab.virsh("destroy", "--domain", DISK)
@@ -456,3 +465,10 @@ def test_the_library_drives_the_new_operations(portal: Server, api_key: str, age
         me.delete_snapshot(agent["id"], DISK, "lib snap")
         assert me.set_autostart(agent["id"], DISK, False).exit_status == 0
         assert me.force_stop_vm(agent["id"], DISK).exit_status == 0
+        # what a script gets wrong is refused like any bad input, not taken for something else
+        for wrong in (lambda: me.set_autostart(agent["id"], DISK, "false"),  # type: ignore[arg-type]
+                      lambda: me.vm_action(agent["id"], DISK, "hibernate"),
+                      lambda: me.vm_action_and_wait(agent["id"], DISK, "start", 301)):
+            with pytest.raises(ValidationFailed):
+                wrong()
+        assert host_state(lab) == "shut off"

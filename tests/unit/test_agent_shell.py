@@ -35,7 +35,9 @@ def _load() -> ModuleType:
 
 shell = _load()
 names = st.text(st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
-    ["guest1", "web 01", "-x", " a", "a;id", "$(reboot)", "a`id`", "é", "a\n", "x" * 201, "db:primary@2"])
+    ["guest1", "web 01", "-x", " a", "a;id", "$(reboot)", "a`id`", "é", "a\n", "x" * 201, "db:primary@2",
+     "7", "\u0667", "0123", "4dea22b3-1d52-d8f3-2516-782e98ab3fa0", "4dea22b31d52d8f32516782e98ab3fa0",
+     "4dea-22b3", "4DEA22B3-1D52-D8F3-2516-782E98AB3FA0"]) | st.uuids().map(str) | st.integers(0).map(str)
 
 
 def portal_commands(vm: str, snapshot: str, description: str) -> list[tuple[str, ...]]:
@@ -55,8 +57,8 @@ def portal_commands(vm: str, snapshot: str, description: str) -> list[tuple[str,
 
 @given(names)
 def test_the_shell_and_the_portal_accept_exactly_the_same_names(name: str) -> None:
-    assert (shell.check_name(name) is None) == (virsh.check_vm_name(name) is None)
-    assert (shell.check_name(name) is None) == (virsh.check_snapshot_name(name) is None)
+    assert (shell.check_vm_name(name) is None) == (virsh.check_vm_name(name) is None)
+    assert (shell.check_snapshot_name(name) is None) == (virsh.check_snapshot_name(name) is None)
 
 
 @given(names)
@@ -95,6 +97,8 @@ def test_the_shell_knows_no_subcommand_the_portal_does_not_use() -> None:
     "virsh --connect qemu:///system start --domain guest1 --domain guest2",
     "virsh --connect qemu:///system start --domain",
     "virsh --connect qemu:///system start --domain -guest",
+    "virsh --connect qemu:///system destroy --domain 1",
+    "virsh --connect qemu:///system destroy --domain 4dea22b3-1d52-d8f3-2516-782e98ab3fa0",
     "virsh --connect qemu:///system start --domain guest1 --force-boot",
     "virsh --connect qemu:///system list --all --name",
     "virsh --connect qemu+ssh://other/system list --all",

@@ -117,16 +117,35 @@ def test_every_metacharacter_and_control_is_refused_anywhere_in_a_name(char: str
         assert virsh.check_vm_name(name) is not None, name
 
 
-@given(ACCEPTED_NAMES.filter(lambda name: len(name) <= VM_NAME_MAX))
+def _taken_for_an_id_or_uuid(name: str) -> bool:
+    digits = name.replace("-", "")
+    return (name.isascii() and name.isdigit()) or (
+        len(digits) == 32 and all(c in "0123456789abcdefABCDEF" for c in digits))
+
+
+@given(ACCEPTED_NAMES.filter(lambda name: len(name) <= VM_NAME_MAX and not _taken_for_an_id_or_uuid(name)))
 @example("lab-guest1")
 @example("web 01.example.com")
 @example("a+b:c@d,e=f%g_h")
 @example("ключ 7")
 @example("虚拟机-1")
-@example("0")
+@example("0a")
+@example("\u0667")  # a digit, but not one virsh parses as an id
 def test_letters_digits_inner_spaces_and_allowed_punctuation_are_accepted(name: str) -> None:
     assert virsh.check_vm_name(name) is None
     assert virsh.require_vm_name(name) == name
+    assert virsh.check_snapshot_name(name) is None
+
+
+@given(st.integers(0) | st.uuids())
+@example("0")
+@example("4dea22b31d52d8f32516782e98ab3fa0")
+@example("4DEA22B3-1D52-D8F3-2516-782E98AB3FA0")
+def test_vm_names_virsh_would_take_for_an_id_or_uuid_are_refused(value: object) -> None:
+    name = str(value)
+    assert virsh.check_vm_name(name) is not None
+    assert virsh.check_vm_name(name + "x") is None  # only the exact shapes are refused
+    assert virsh.check_snapshot_name(name) is None  # snapshots are only ever looked up by name
 
 
 def test_names_are_limited_to_200_characters() -> None:

@@ -71,6 +71,7 @@ class Shell(ScriptedShell):
         super().__init__()
         self.sequences: dict[tuple[str, ...], list[CommandResult]] = {}
         self.failures: dict[int, PortalError] = {}
+        self.hang_after: dict[tuple[str, ...], int] = {}  # answer this command so many times, then never
         self.running = 0
         self.most_running = 0
 
@@ -84,6 +85,10 @@ class Shell(ScriptedShell):
             if target.agent.id in self.failures:
                 self.calls.append((target.agent.id, tuple(argv)))
                 raise self.failures[target.agent.id]
+            if tuple(argv) in self.hang_after:
+                if self.hang_after[tuple(argv)] == 0:
+                    await asyncio.Event().wait()  # a host that stopped answering
+                self.hang_after[tuple(argv)] -= 1
             queue = self.sequences.get(tuple(argv))
             if queue:
                 self.calls.append((target.agent.id, tuple(argv)))
@@ -222,13 +227,42 @@ def test_progress_is_told_of_every_poll(world: World, alice: Caller, agent: Agen
 
 
 @pytest.mark.parametrize("wait", [-1, 301, 10**6])
-def test_an_invalid_wait_is_refused_before_anything_runs(world: World, alice: Caller, agent: Agent,
-                                                         wait: int) -> None:
+def test_an_invalid_wait_is_refused_before_anything_runs_and_audited(world: World, alice: Caller, agent: Agent,
+                                                                     wait: int) -> None:
     before = len(events(world))
     with pytest.raises(ValidationFailed) as refused:
         asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.START, wait))
     assert [e.field for e in refused.value.errors] == ["wait"]
-    assert world.shell.calls == [] and events(world)[before:] == []
+    assert world.shell.calls == []
+    # refused like an invalid VM name: one event, with the error's code
+    [event] = events(world)[before:]
+    assert (event.action, event.outcome, event.vm, event.agent_id) == ("vm.start", "validation_failed", "vm1",
+                                                                      agent.id)
+
+
+def test_a_host_that_stops_answering_while_waited_for_ends_the_wait_at_its_deadline(world: World, alice: Caller,
+                                                                                    agent: Agent) -> None:
+    world.portal.poll_interval, world.portal.poll_grace = 5, 0.05
+    states(world, "vm1", "running")
+    world.shell.hang_after[argv("domstats", "--domain", "vm1", "--state")] = 1
+
+    with pytest.raises(WaitTimedOut) as raised:
+        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.SHUTDOWN, 1))
+
+    # the first look saw it running; the second never came back, and the wait did not wait for it
+    assert (raised.value.state, raised.value.target_state) == ("running", "shut off")
+    assert world.time.sleeps == [1]
+    [event] = [e for e in events(world) if e.action == "vm.shutdown"]
+    assert event.outcome == "ok"
+
+
+def test_a_first_look_that_never_comes_back_is_a_timeout_in_an_unknown_state(world: World, alice: Caller,
+                                                                             agent: Agent) -> None:
+    world.portal.poll_grace = 0.05
+    world.shell.hang_after[argv("domstats", "--domain", "vm1", "--state")] = 0
+    with pytest.raises(WaitTimedOut) as raised:
+        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.START, 0))
+    assert (raised.value.code, raised.value.state) == ("wait_timeout", None)
 
 
 def test_a_refused_action_is_not_waited_for(world: World, alice: Caller, agent: Agent) -> None:
@@ -332,6 +366,15 @@ def test_snapshots_are_listed_with_the_current_one_marked(world: World, alice: C
     snapshots = asyncio.run(world.portal.list_snapshots(alice, agent.id, "lab-disk"))
     assert [(s.name, s.state, s.parent, s.current) for s in snapshots] == [
         ("s two", "running", "s1", False), ("s1", "shutoff", None, current == "s1")]
+
+
+def test_a_failing_snapshot_current_in_any_language_means_no_current_snapshot(world: World, alice: Caller,
+                                                                              agent: Agent) -> None:
+    script_snapshots(world, "lab-disk", None)
+    command = argv("snapshot-current", "--domain", "lab-disk", "--name")
+    world.shell.results[command] = fail(command, "Fehler: Domain 'lab-disk' hat keinen aktuellen Schnappschuss")
+    snapshots = asyncio.run(world.portal.list_snapshots(alice, agent.id, "lab-disk"))
+    assert [(s.name, s.current) for s in snapshots] == [("s two", False), ("s1", False)]
 
 
 def test_creating_a_snapshot_passes_name_and_description_and_answers_it(world: World, alice: Caller,
@@ -447,9 +490,11 @@ def test_the_fleet_asks_at_most_its_parallelism_of_agents_at_once(world: World, 
 
 
 def test_the_fleet_shows_only_the_callers_agents(world: World, alice: Caller) -> None:
-    fleet_world(world, alice, 1)
+    [alices] = fleet_world(world, alice, 1)
     bob = make_caller(world, "bob")
     assert asyncio.run(world.portal.fleet(bob)) == []
+    assert asyncio.run(world.portal.fleet(bob, agent_ids=[alices.id])) == []  # asking by id changes nothing
+    assert world.shell.calls == []
 
 
 @pytest.mark.parametrize(("agent_ids", "states", "field"), [([0], [], "agent"), ([], ["shutoff"], "state"),
@@ -514,6 +559,26 @@ def test_a_check_pins_the_first_key_seen_and_reports_it(world: World, alice: Cal
     check = asyncio.run(world.portal.check_agent(alice, agent.id))
     assert check.host_key_fingerprint == "SHA256:Seen"
     assert world.portal.get_agent(alice, agent.id).host_key == seen
+
+
+def test_a_check_that_pinned_the_key_and_then_failed_still_reports_the_pinned_key(world: World,
+                                                                                   alice: Caller) -> None:
+    agent = register(world, alice, host_key=None, allow_unknown_hosts=True)
+    seen = HostKey(openssh="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAISeen", fingerprint="SHA256:Seen")
+
+    class PinsThenTimesOut(Shell):
+        async def run(self, target: AgentCredentials, argv: Sequence[str], *,
+                      pin: PinHostKey | None = None) -> CommandResult:
+            assert pin is not None
+            await pin(seen)
+            raise RemoteTimeout("virsh did not finish within 60 s", code="command_timeout")
+
+    world.portal.shell = PinsThenTimesOut()
+    check = asyncio.run(world.portal.check_agent(alice, agent.id))
+    assert (check.reachable, check.authenticated, check.libvirt_reachable) == (True, True, False)
+    assert check.host_key_fingerprint == "SHA256:Seen"
+    assert [(e.action, e.detail) for e in events(world) if e.action == "agent.pin_host_key"] == [
+        ("agent.pin_host_key", "trusted on first use: SHA256:Seen")]
 
 
 def test_another_users_agent_is_not_found_everywhere(world: World, alice: Caller, agent: Agent) -> None:
