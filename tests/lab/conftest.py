@@ -12,8 +12,11 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import attrs
 import pytest
@@ -109,3 +112,30 @@ def portal(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
                     MANAGEMENT_SIGNUP="open").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def api_key(portal: Server) -> str:
+    """A user of the module's portal (signed up through the API)."""
+    status, user, _ = portal.request("POST", "/users", body={"name": "lab-operator"})
+    assert status == 201, user
+    return str(user["api_key"])
+
+
+def register(portal: Server, api_key: str, lab: Lab, **fields: Any) -> dict[str, Any]:
+    """Register the lab host as an agent (a fresh name unless given), pinned to its host key."""
+    body = {"name": f"lab-{uuid.uuid4().hex[:8]}", "hostname": lab.host, "port": lab.port,
+            "username": lab.user, "private_key": lab.private_key, "host_key": lab.host_key, **fields}
+    status, agent, _ = portal.request("POST", "/agents", api_key, body)
+    assert status == 201, agent
+    return dict(agent)
+
+
+@pytest.fixture(scope="module")
+def agent(portal: Server, api_key: str, lab: Lab) -> dict[str, Any]:
+    return register(portal, api_key, lab, name="lab")
+
+
+def vm_path(agent: dict[str, Any], vm: str, action: str = "") -> str:
+    return f"/agents/{agent['id']}/vms/{quote(vm, safe='')}" + (f"/{action}" if action else "")
+

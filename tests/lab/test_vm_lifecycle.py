@@ -8,41 +8,15 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from typing import Any
-from urllib.parse import quote
 
 import asyncssh
 import pytest
 
-from tests.lab.conftest import Lab
+from tests.lab.conftest import Lab, register, vm_path
 from tests.support import REPO, Server
 
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture(scope="module")
-def api_key(portal: Server) -> str:
-    status, user, _ = portal.request("POST", "/users", body={"name": "lab-operator"})
-    assert status == 201, user
-    return str(user["api_key"])
-
-
-def register(portal: Server, api_key: str, lab: Lab, **fields: Any) -> dict[str, Any]:
-    body = {"name": f"lab-{uuid.uuid4().hex[:8]}", "hostname": lab.host, "port": lab.port,
-            "username": lab.user, "private_key": lab.private_key, "host_key": lab.host_key, **fields}
-    status, agent, _ = portal.request("POST", "/agents", api_key, body)
-    assert status == 201, agent
-    return dict(agent)
-
-
-@pytest.fixture(scope="module")
-def agent(portal: Server, api_key: str, lab: Lab) -> dict[str, Any]:
-    return register(portal, api_key, lab, name="lab")
-
-
-def vm_path(agent: dict[str, Any], vm: str, action: str = "") -> str:
-    return f"/agents/{agent['id']}/vms/{quote(vm, safe='')}" + (f"/{action}" if action else "")
 
 
 def state_of(portal: Server, api_key: str, agent: dict[str, Any], vm: str) -> str:

@@ -22,32 +22,12 @@ from urllib.parse import quote
 import asyncssh
 import pytest
 
-from tests.lab.conftest import Lab
+from tests.lab.conftest import Lab, register, vm_path
 from tests.support import REPO, Server
 
 pytestmark = pytest.mark.lab
 
 DISK = "lab-disk"
-
-
-@pytest.fixture(scope="module")
-def api_key(portal: Server) -> str:
-    status, user, _ = portal.request("POST", "/users", body={"name": "lab-operations"})
-    assert status == 201, user
-    return str(user["api_key"])
-
-
-def register(portal: Server, api_key: str, lab: Lab, **fields: Any) -> dict[str, Any]:
-    body = {"name": f"lab-{uuid.uuid4().hex[:8]}", "hostname": lab.host, "port": lab.port,
-            "username": lab.user, "private_key": lab.private_key, "host_key": lab.host_key, **fields}
-    status, agent, _ = portal.request("POST", "/agents", api_key, body)
-    assert status == 201, agent
-    return dict(agent)
-
-
-@pytest.fixture(scope="module")
-def agent(portal: Server, api_key: str, lab: Lab) -> dict[str, Any]:
-    return register(portal, api_key, lab, name="lab")
 
 
 def reset_disk_guest(lab: Lab) -> None:
@@ -64,10 +44,6 @@ def disk_guest(lab: Lab) -> Iterator[None]:
     reset_disk_guest(lab)
     yield
     reset_disk_guest(lab)
-
-
-def vm_path(agent: dict[str, Any], vm: str, action: str = "") -> str:
-    return f"/agents/{agent['id']}/vms/{quote(vm, safe='')}" + (f"/{action}" if action else "")
 
 
 def timed(portal: Server, method: str, path: str, key: str, body: Any = None) -> tuple[int, Any, float]:

@@ -30,6 +30,7 @@ from core.virsh import (
     Versions,
     VmAction,
 )
+from tests.virsh_tables import render_table
 
 URIS = st.sampled_from([DEFAULT_LIBVIRT_URI, "qemu:///session", "qemu+ssh://root@hv2/system"])
 ALNUM = st.characters(categories=("Lu", "Ll", "Lt", "Lm", "Lo", "Nd"))
@@ -346,27 +347,6 @@ REAL_SNAPSHOTS = (" Name    Creation Time               State     Parent\n"
 REAL_NO_SNAPSHOTS = (" Name   Creation Time   State   Parent\n"
                      "----------------------------------------\n"
                      "\n")
-
-
-def display_width(text: str) -> int:
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 0 if unicodedata.combining(c) else 1 for c in text)
-
-
-def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A table as libvirt's vshTable prints it: each cell after one space, every column but the last
-    padded to its widest cell (display width) plus two spaces, dashes of sum(width + 3), a blank line."""
-    table = [list(header), *[list(r) for r in rows]]
-    widths = [max(display_width(cells[i]) for cells in table) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        out = ""
-        for i, cell in enumerate(cells):
-            out += " " + cell
-            if i < len(cells) - 1:
-                out += " " * (widths[i] - display_width(cell) + 2)
-        return out + "\n"
-
-    return line(table[0]) + "-" * sum(w + 3 for w in widths) + "\n" + "".join(line(c) for c in table[1:]) + "\n"
 
 
 def snapshot_row(snapshot: Snapshot) -> list[str]:

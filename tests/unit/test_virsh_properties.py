@@ -18,6 +18,7 @@ from core.errors import Conflict, NotFound, RemoteError, ValidationFailed
 from core.model import DEFAULT_LIBVIRT_URI
 from core.ports import CommandResult
 from core.virsh import VM_NAME_MAX, VmAction, VmSummary
+from tests.virsh_tables import display_width, render_table
 
 URIS = st.sampled_from([DEFAULT_LIBVIRT_URI, "qemu:///session", "qemu+ssh://root@hv2/system", "test:///default"])
 
@@ -185,33 +186,16 @@ ENGLISH_STATES = ("running", "idle", "paused", "in shutdown", "shut off", "crash
 GERMAN_STATES = ("laufend", "ausgeschaltet", "pausiert", "abgestürzt", "im Leerlauf")
 
 
-def display_width(text: str) -> int:
-    """Columns a terminal gives ``text``, as virsh measures it (wide East Asian characters take two)."""
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 0 if unicodedata.combining(c) else 1
-               for c in text)
-
-
 def render(rows: Sequence[VmSummary], header: Sequence[str] = ("Id", "Name", "State"),
            extra: Sequence[str] | None = None) -> str:
     """``virsh list --all`` as libvirt's vshTable prints it: every cell after one space, every column
     but the last padded to its widest cell (by display width) plus two spaces, a dashed line of
     sum(width + 3) under the header, and a blank line at the end. ``extra`` adds a last column
     (e.g. --title) whose values are given per row."""
-    table = [list(header)] + [
+    return render_table(header, [
         [("-" if row.id is None else str(row.id)), row.name, row.state] + ([extra[i]] if extra is not None else [])
         for i, row in enumerate(rows)
-    ]
-    widths = [max(display_width(cells[i]) for cells in table) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        out = ""
-        for i, cell in enumerate(cells):
-            out += " " + cell
-            if i < len(cells) - 1:
-                out += " " * (widths[i] - display_width(cell) + 2)
-        return out + "\n"
-
-    return line(table[0]) + "-" * sum(w + 3 for w in widths) + "\n" + "".join(line(c) for c in table[1:]) + "\n"
+    ])
 
 
 def render_old(rows: Sequence[VmSummary]) -> str:
