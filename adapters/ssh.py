@@ -285,15 +285,8 @@ class AsyncsshShell:
                 f"could not connect to {agent.hostname}:{agent.port} within {self.connect_timeout:g} s",
                 code="agent_connect_timeout",
             ) from None
-        except socket.gaierror as error:
-            raise RemoteError(f"cannot resolve {agent.hostname}: {error.strerror}",
-                              code="agent_unreachable") from None
-        except ConnectionRefusedError:
-            raise RemoteError(f"{agent.hostname}:{agent.port} refused the connection (is sshd running?)",
-                              code="agent_unreachable") from None
         except (OSError, asyncssh.Error) as error:
-            raise RemoteError(f"cannot connect to {agent.hostname}:{agent.port}: {_reason(error)}",
-                              code="agent_unreachable") from None
+            raise _unreachable(agent, error) from None
         if agent.host_key is None and pin is not None:
             await self._pin(conn, agent, pin)
         self.connections_opened += 1
@@ -320,14 +313,22 @@ class AsyncsshShell:
             raise
 
     async def _offered_host_key(self, agent: Agent) -> str:
-        """Best effort: the fingerprint the host offers, to help the operator pin it."""
+        """The fingerprint the host offers, to help the operator pin it. A host that cannot be
+        reached at all is reported as such (that is the first thing to fix)."""
         try:
             key = await asyncio.wait_for(
                 asyncssh.get_server_host_key(agent.hostname, agent.port, config=[]),
-                timeout=self.connect_timeout,
+                timeout=self.connect_timeout + 1,
             )
-        except (OSError, asyncssh.Error, TimeoutError):
-            return ""
+        except TimeoutError:
+            raise RemoteTimeout(
+                f"could not connect to {agent.hostname}:{agent.port} within {self.connect_timeout:g} s",
+                code="agent_connect_timeout",
+            ) from None
+        except OSError as error:
+            raise _unreachable(agent, error) from None
+        except asyncssh.Error:
+            return ""  # reachable, but it would not show its key: the pinning advice stands alone
         return f" (the host offers {key.get_fingerprint('sha256')})" if key is not None else ""
 
     async def _client_key(self, target: AgentCredentials) -> asyncssh.SSHKey:
@@ -398,6 +399,15 @@ def _host_key(key: asyncssh.SSHKey) -> HostKey:
 def _lost(agent: Agent, error: BaseException) -> RemoteError:
     return RemoteError(f"the SSH connection to {agent.hostname}:{agent.port} was lost: {_reason(error)}",
                        code="agent_connection_lost")
+
+
+def _unreachable(agent: Agent, error: OSError | asyncssh.Error) -> RemoteError:
+    if isinstance(error, socket.gaierror):
+        return RemoteError(f"cannot resolve {agent.hostname}: {error.strerror}", code="agent_unreachable")
+    if isinstance(error, ConnectionRefusedError):
+        return RemoteError(f"{agent.hostname}:{agent.port} refused the connection (is sshd running?)",
+                           code="agent_unreachable")
+    return RemoteError(f"cannot connect to {agent.hostname}:{agent.port}: {_reason(error)}", code="agent_unreachable")
 
 
 def _reason(error: BaseException) -> str:

@@ -627,7 +627,8 @@ def raise_for_snapshot_failure(result: CommandResult, vm: str, snapshot: str | N
         raise Conflict(f"VM {vm!r} already has a snapshot named {snapshot!r}", code="snapshot_name_taken")
     if "snapshot not found" in lowered or "no domain snapshot with matching name" in lowered:
         raise NotFound(f"VM {vm!r} has no snapshot named {snapshot!r}", code="snapshot_not_found")
-    if "nothing selected for snapshot" in lowered or ("internal snapshot" in lowered and "unsupported" in lowered):
+    if "nothing selected for snapshot" in lowered or ("internal snapshot" in lowered and "unsupported" in lowered) \
+            or "require all disks to be selected for snapshot" in lowered:  # a running VM with a raw disk
         raise Conflict(f"VM {vm!r} cannot take internal snapshots (it needs a qcow2 disk): {stderr}",
                        code="snapshot_unsupported")
     raise_for_failure(result, vm)

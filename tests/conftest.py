@@ -10,12 +10,18 @@ from pathlib import Path
 import asyncssh
 import pytest
 from falcon import testing
+from hypothesis import settings as hypothesis_settings
 
 from entrypoints import bootstrap
 from entrypoints.http.app import create_app
 from entrypoints.settings import Settings
 from tests.postgres import postgres, postgres_databases, postgres_url  # noqa: F401 - fixtures
 from tests.support import Api, KeyMaterial, make_settings
+
+# Properties are about results, not speed: no per-example deadline (CI runs on two shared cores,
+# where a slow example would otherwise fail as "deadline exceeded").
+hypothesis_settings.register_profile("portal", deadline=None)
+hypothesis_settings.load_profile("portal")
 
 
 @pytest.fixture(scope="session")

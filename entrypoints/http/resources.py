@@ -320,5 +320,5 @@ def _single_param(req: falcon.asgi.Request, name: str) -> str | None:
 
 def _int_value(name: str, raw: str) -> int:
     if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
-        raise ValidationFailed([FieldError(name, "must be a positive integer")])
+        raise ValidationFailed([FieldError(name, "must be a whole number (digits only)")])
     return int(raw)

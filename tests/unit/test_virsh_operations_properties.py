@@ -509,11 +509,13 @@ def failed(stderr: str) -> CommandResult:
     ("error: operation failed: domain moment s1 already exists", Conflict, "snapshot_name_taken"),
     ("error: Domain snapshot not found: no domain snapshot with matching name 's1'", NotFound, "snapshot_not_found"),
     ("error: unsupported configuration: nothing selected for snapshot", Conflict, "snapshot_unsupported"),
+    ("error: unsupported configuration: internal and full system snapshots require all disks to be selected for "
+     "snapshot", Conflict, "snapshot_unsupported"),
     ("error: unsupported configuration: internal snapshot for disk vda unsupported for storage type raw", Conflict,
      "snapshot_unsupported"),
     ("error: failed to get domain 'lab-disk'", NotFound, "vm_not_found"),
     ("error: failed to connect to the hypervisor", RemoteError, "libvirt_unavailable"),
-], ids=["exists", "not-found", "no-disk", "raw-disk", "no-vm", "no-libvirt"])
+], ids=["exists", "not-found", "no-disk", "no-disk-running", "raw-disk", "no-vm", "no-libvirt"])
 def test_real_snapshot_failures_map_to_their_errors(stderr: str, error_class: type[Exception], code: str) -> None:
     with pytest.raises(error_class) as raised:
         virsh.raise_for_snapshot_failure(failed(stderr), "lab-disk", "s1")
