@@ -303,5 +303,6 @@ public_key=$(tail -n +2 <<<"$answer" | json_field public_key)
 put_file "$HOME_DIR/.ssh/authorized_keys" 0644 root:root \
     "restrict,command=\"$SHELL_PATH\" $public_key playr-portal-agent-$agent_id"
 
-say "enrolled: the portal reaches $agent_user@$address:$ssh_port as agent $agent_id"
+say "enrolled as agent $agent_id: the portal will log in as $agent_user@$address:$ssh_port"
+say "confirm from the portal side with POST /agents/$agent_id/check (authenticated, libvirt_reachable)"
 echo "AGENT_ID=$agent_id"
