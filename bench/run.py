@@ -2,12 +2,14 @@
 """The portal's benchmark suite (issue 5): every figure as a ratio against a reference measured in
 the same run, on the same machine.
 
-    .venv/bin/python bench/run.py            # as root; about a minute and a half
+    .venv/bin/python bench/run.py            # as root; about three minutes
     tox -e bench
 
 It brings the lab up with ``scripts/lab.sh up`` (and down again at the end if it was not running),
 starts the portal (``main.py``: gunicorn, 2 uvicorn workers, a fresh SQLite database in a temporary
-directory) on a free loopback port, measures, prints one table, and stops what it started.
+directory) on a free loopback port, measures, prints one table, and stops what it started. Figure 7
+also brings up ``scripts/postgres.sh`` (down again at the end if it was not running) and runs two
+more portal instances on a schema of this run's own there, dropped afterwards.
 Load comes from other processes than the portal's: ``wrk`` (installed from apt when missing) for
 throughput, and this script's own asyncio HTTP client for the VM routes. See docs/performance.md.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import importlib.metadata
 import json
 import os
@@ -37,6 +40,7 @@ from support import (
     HttpConnection,
     Lab,
     Portal,
+    Postgres,
     call,
     ensure_wrk,
     fresh_ssh_command,
@@ -78,6 +82,7 @@ class Bench:
         self.args = args
         self.lab = lab
         self.portal = portal
+        self.postgres: Postgres | None = None  # figure 7's server
         self.workdir = workdir
         self.errlog = workdir / "reference-errors.log"
         self.key = ""
@@ -86,6 +91,7 @@ class Bench:
         self.private_key = lab.key_path.read_text()
         self.cm = ControlMaster(lab, workdir)
         self.started_rss: dict[int, int] = {}
+        self.sqlite_writes: float | None = None  # figure 6b's agents/s, figure 7b's reference
 
     def agent_body(self, name: str) -> dict[str, object]:
         return {"name": name, "hostname": self.lab.host, "port": self.lab.port, "username": self.lab.user,
@@ -101,7 +107,7 @@ class Bench:
     async def connection(self) -> HttpConnection:
         return await HttpConnection(self.portal.port, self.key).connect()
 
-    def worker_of(self, conn: HttpConnection) -> int:
+    def worker_of(self, conn: HttpConnection, portal: Portal) -> int:
         """The portal worker (pid) that accepted this client connection."""
         assert conn.writer is not None
         client_port = conn.writer.get_extra_info("sockname")[1]
@@ -110,11 +116,11 @@ class Bench:
             parts = line.split()
             local, remote = parts[1], parts[2]
             ports = (int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16))
-            if ports == (self.portal.port, client_port):
+            if ports == (portal.port, client_port):
                 inode = parts[9]
                 break
         for _ in range(50):
-            for pid in self.portal.worker_pids():
+            for pid in portal.worker_pids():
                 for fd in Path(f"/proc/{pid}/fd").iterdir():
                     try:
                         if os.readlink(fd) == f"socket:[{inode}]":
@@ -124,16 +130,18 @@ class Bench:
             time.sleep(0.01)  # accepted a moment later
         raise RuntimeError("cannot tell which worker serves a connection")
 
-    async def connections_per_worker(self, per_worker: int) -> dict[int, list[HttpConnection]]:
-        """Keep-alive connections, ``per_worker`` of them served by each worker."""
-        found: dict[int, list[HttpConnection]] = {pid: [] for pid in self.portal.worker_pids()}
+    async def connections_per_worker(self, per_worker: int,
+                                     portal: Portal | None = None) -> dict[int, list[HttpConnection]]:
+        """Keep-alive connections, ``per_worker`` of them served by each worker (of this portal's)."""
+        portal = portal or self.portal
+        found: dict[int, list[HttpConnection]] = {pid: [] for pid in portal.worker_pids()}
         spare = []
         for _ in range(per_worker * len(found) * 20):
             if all(len(conns) >= per_worker for conns in found.values()):
                 break
-            conn = await self.connection()
+            conn = await HttpConnection(portal.port, self.key).connect()
             await conn.request("GET", "/health")  # accepted and served: now it belongs to a worker
-            pid = self.worker_of(conn)
+            pid = self.worker_of(conn, portal)
             (found[pid] if len(found[pid]) < per_worker else spare).append(conn)
         for conn in spare:
             await conn.close()
@@ -339,11 +347,12 @@ class Bench:
                      f"reference: RSS of a worker just started; {detail} (met = every worker holds a "
                      f"connection to each of the {len(self.agents)} agents)"))
 
-    async def figure_6_writes(self) -> None:
-        """SQLite write throughput: clients on both workers creating agents at once."""
-        writer = await call(self.portal.port, "POST", "/users", body={"name": "writer"}, expect=201)
+    async def create_agents(self, portal: Portal) -> tuple[float, bool, str, str]:
+        """Clients on every worker of ``portal`` creating agents at once: agents/s, whether none was
+        lost (every answer 201, all listed, no lock error in the log), who wrote, and the details."""
+        writer = await call(portal.port, "POST", "/users", body={"name": "writer"}, expect=201)
         key = writer.json()["api_key"]
-        per_worker = await self.connections_per_worker(self.args.writers // 2)
+        per_worker = await self.connections_per_worker(self.args.writers // 2, portal)
         conns = [conn for group in per_worker.values() for conn in group]
         for conn in conns:
             conn.key = key
@@ -361,29 +370,112 @@ class Bench:
         elapsed = time.perf_counter() - started
         for conn in conns:
             await conn.close()
-        listed = len((await call(self.portal.port, "GET", "/agents", key, expect=200)).json())
-        locked = len(re.findall(r"database is locked|database_busy", self.portal.log_text()))
+        listed = len((await call(portal.port, "GET", "/agents", key, expect=200)).json())
+        locked = len(re.findall(r"database is locked|database_busy", portal.log_text()))
         created = statuses.get(201, 0)
         ok = created == total == listed and locked == 0
-        self.add(Row(f"6b agents created/s, {len(conns)} clients on {len(per_worker)} workers", "1/s",
-                     round(created / elapsed, 1), None, None, "report; none lost", check(ok),
-                     f"{created}/{total} answered 201, statuses {statuses}, {listed} listed afterwards, "
-                     f"{locked} 'database is locked'/database_busy in the log"))
+        writers = f"{len(conns)} clients on {len(per_worker)} workers"
+        return created / elapsed, ok, writers, (f"{created}/{total} answered 201, statuses {statuses}, {listed} "
+                                                f"listed afterwards, {locked} 'database is locked'/database_busy "
+                                                f"in the log")
+
+    async def figure_6_writes(self) -> None:
+        """SQLite write throughput: clients on both workers creating agents at once."""
+        rate, ok, writers, detail = await self.create_agents(self.portal)
+        self.sqlite_writes = rate
+        self.add(Row(f"6b agents created/s, {writers}", "1/s", round(rate, 1), None, None, "report; none lost",
+                     check(ok), detail))
+
+    def users_me(self, portal: Portal, key: str, seconds: float) -> float:
+        """GET /users/me req/s with wrk, balanced over the portal's workers; every answer a 200."""
+        result, _ = wrk_balanced(portal, "/users/me", key=key, seconds=seconds,
+                                 connections=self.args.wrk_connections)
+        if result.non_2xx or result.socket_errors:
+            raise RuntimeError(f"wrk /users/me on :{portal.port}: {result.non_2xx} non-2xx, "
+                               f"{result.socket_errors} socket errors")
+        return result.requests_per_second
+
+    async def figure_7(self) -> None:
+        """PostgreSQL against SQLite, same run: GET /users/me throughput of one instance (7a), agents
+        created/s (7b), and two instances on one database at once against one (7c)."""
+        assert self.postgres is not None
+        secret = base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")  # shared, as docs/scaling.md says
+        env = {"MANAGEMENT_DATABASE_URL": self.postgres.create_database(), "MANAGEMENT_SECRET_KEY": secret}
+        instances: list[Portal] = []
+        try:
+            for name in ("pg-a", "pg-b"):  # one after the other: the first migrates the new schema
+                instances.append(Portal(self.portal.repo, self.workdir / name, self.portal.workers, **env))
+                instances[-1].start()
+            await self.figure_7_measure(*instances)
+        finally:
+            for instance in instances:
+                instance.stop()
+            self.postgres.drop_databases()
+
+    async def figure_7_measure(self, a: Portal, b: Portal) -> None:
+        seconds, rounds, conns = self.args.wrk_seconds, self.args.pg_rounds, self.args.wrk_connections
+        key = (await call(a.port, "POST", "/users", body={"name": "bench"}, expect=201)).json()["api_key"]
+        await call(b.port, "POST", "/agents", key, self.agent_body("main"), expect=201)  # B knows A's user
+        for portal, portal_key in ((self.portal, self.key), (a, key), (b, key)):  # warm-up
+            self.users_me(portal, portal_key, 1)
+        # Rounds of SQLite, PostgreSQL A alone, then A and B at once; each ratio within its round.
+        sqlite, one, two = [], [], []
+        for _ in range(rounds):
+            sqlite.append(self.users_me(self.portal, self.key, seconds))
+            one.append(self.users_me(a, key, seconds))
+            both = await asyncio.gather(asyncio.to_thread(self.users_me, a, key, seconds),
+                                        asyncio.to_thread(self.users_me, b, key, seconds))
+            two.append(sum(both))
+        ratios_a = [x / y for x, y in zip(one, sqlite, strict=True)]
+        ratios_c = [x / y for x, y in zip(two, one, strict=True)]
+        ratio_a, ratio_c = median(ratios_a), median(ratios_c)
+        self.add(Row("7a GET /users/me throughput, PostgreSQL / SQLite", "req/s", round(median(one)),
+                     round(median(sqlite)), ratio_a, ">= 0.15", check(ratio_a >= 0.15),
+                     f"wrk as in figure 1 ({conns} connections over {a.workers} workers), {rounds} rounds of "
+                     f"{seconds:g} s, SQLite portal and PostgreSQL instance alternately; rates are medians, the "
+                     f"ratio is the median of the rounds' ratios ({', '.join(f'{r:.2f}' for r in ratios_a)}); "
+                     f"on PostgreSQL data_version() is None, so the per-worker 'until changed' cache is off and "
+                     f"every request reads the database (five round trips: the pool's pre-ping, BEGIN, key, "
+                     f"user, COMMIT), while SQLite's workers answer from that cache; the PostgreSQL server runs "
+                     f"on the same {os.cpu_count()} cores"))
+
+        reference, sqlite_ok = "figure 6b", True
+        if self.sqlite_writes is None:  # figure 6b did not run: measure SQLite here, just before
+            self.sqlite_writes, sqlite_ok, _, sqlite_detail = await self.create_agents(self.portal)
+            reference = f"SQLite measured here ({sqlite_detail})"
+        rate, ok, writers, detail = await self.create_agents(a)
+        self.add(Row("7b agents created/s, PostgreSQL / SQLite", "1/s", round(rate, 1),
+                     round(self.sqlite_writes, 1), rate / self.sqlite_writes, "report; none lost",
+                     check(ok and sqlite_ok),
+                     f"as figure 6b ({writers}) on a PostgreSQL instance: {detail}; reference: {reference}; "
+                     f"every write takes the advisory lock; "
+                     f"PostgreSQL here has fsync and synchronous_commit off, SQLite syncs every commit "
+                     f"(synchronous=FULL), so this ratio favours PostgreSQL"))
+
+        self.add(Row("7c GET /users/me, 2 PostgreSQL instances at once / 1", "req/s", round(median(two)),
+                     round(median(one)), ratio_c, "report", "-",
+                     f"two portals of {a.workers} workers each on one database (same MANAGEMENT_DATABASE_URL and "
+                     f"MANAGEMENT_SECRET_KEY), wrk against each at once ({conns} connections each), rates added; "
+                     f"per-round ratios {min(ratios_c):.2f}-{max(ratios_c):.2f}; this machine has "
+                     f"{os.cpu_count()} cores for both instances, PostgreSQL and wrk, so this shows the cost "
+                     f"of a second instance on the same host, not how instances scale on their own hosts"))
 
 
 # ------------------------------------------------------------------------------------- reporting
 
 
-def versions() -> dict[str, str]:
+def versions(postgres: Postgres | None) -> dict[str, str]:
     found = {}
-    for name in ("gunicorn", "uvicorn", "uvicorn-worker", "falcon", "asyncssh", "SQLAlchemy", "cryptography",
-                 "structlog", "uvloop", "httptools"):
+    for name in ("gunicorn", "uvicorn", "uvicorn-worker", "falcon", "asyncssh", "SQLAlchemy", "psycopg",
+                 "cryptography", "structlog", "uvloop", "httptools"):
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             found[name] = "not installed"
     found["python"] = platform.python_version()
     found["sqlite"] = __import__("sqlite3").sqlite_version
+    if postgres is not None:
+        found["postgresql"] = postgres.version
     found["openssh"] = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()
     found["libvirt"] = subprocess.run(["virsh", "--version"], capture_output=True, text=True).stdout.strip()
     wrk_out = subprocess.run([ensure_wrk(), "--version"], capture_output=True, text=True)
@@ -428,6 +520,7 @@ async def measure(bench: Bench) -> None:
         ("figures 4 and 5 (bursts)", bench.figures_4_and_5),
         ("figure 6a (memory)", bench.figure_6_memory),
         ("figure 6b (writes)", bench.figure_6_writes),
+        ("figure 7 (PostgreSQL)", bench.figure_7),
     ]
     wanted = set(bench.args.figures.split(","))
     for name, step in steps:
@@ -452,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst-rounds", type=int, default=15, help="figures 4 and 5 rounds")
     parser.add_argument("--writes", type=int, default=300, help="figure 6b agents created")
     parser.add_argument("--writers", type=int, default=16, help="figure 6b concurrent clients")
-    parser.add_argument("--figures", default="1,2,3,4,6", help="which figures to measure (4 includes 5)")
+    parser.add_argument("--pg-rounds", type=int, default=5, help="figure 7a and 7c wrk rounds")
+    parser.add_argument("--figures", default="1,2,3,4,6,7", help="which figures to measure (4 includes 5)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     args = parser.parse_args(argv)
@@ -464,22 +558,29 @@ def main(argv: list[str] | None = None) -> int:
     portal = Portal(args.repo.resolve(), workdir, workers=args.workers)
     bench = Bench(args, lab, portal, workdir)
     try:
+        if "7" in args.figures.split(","):
+            bench.postgres = Postgres.up()
         portal.start()
         log(f"portal on 127.0.0.1:{portal.port}, workers {portal.worker_pids()}, logs in {portal.log_path}")
         asyncio.run(measure(bench))
     finally:
         bench.cm.stop()
         portal.stop()
+        if bench.postgres is not None:
+            bench.postgres.drop_databases()  # figure 7 drops its schema itself; this is for an interrupted run
+            bench.postgres.down_if_started()
         lab.down_if_started()
         if not args.keep:
             subprocess.run(["rm", "-rf", str(workdir)], check=False)
     elapsed = time.monotonic() - started
-    info = versions()
+    postgres = bench.postgres
+    info = versions(postgres)
     print(f"Portal benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}, {elapsed:.0f} s")
     print(f"Machine: {machine()}")
     print("Versions: " + ", ".join(f"{k} {v}" for k, v in info.items()))
-    print(f"Portal: {args.repo.resolve()}/main.py under gunicorn, {args.workers} uvicorn workers, SQLite; "
-          f"lab sshd 127.0.0.1:{lab.port}\n")
+    on_postgres = f"; figure 7 also on PostgreSQL {postgres.version.split()[0]}" if postgres else ""
+    print(f"Portal: {args.repo.resolve()}/main.py under gunicorn, {args.workers} uvicorn workers, SQLite"
+          f"{on_postgres}; lab sshd 127.0.0.1:{lab.port}\n")
     print(table(bench.rows))
     met = [r for r in bench.rows if r.met in ("yes", "NO")]
     print(f"\n{sum(r.met == 'yes' for r in met)} of {len(met)} checked figures met.")

@@ -1,10 +1,11 @@
 # ruff: noqa: S603, S607 - a benchmark harness: it runs ssh, virsh, wrk, bash and the portal by design
-"""Helpers of the benchmark suite: the lab, the portal under gunicorn, a small asyncio HTTP client,
-wrk, the raw ``ssh``/``virsh`` references and a few ``/proc`` readers.
+"""Helpers of the benchmark suite: the lab, the throwaway PostgreSQL server, the portal under
+gunicorn, a small asyncio HTTP client, wrk, the raw ``ssh``/``virsh`` references and a few ``/proc``
+readers.
 
-Standard library only (plus the portal itself, started as a subprocess), so ``bench/run.py`` runs
-from the project's virtual environment or from ``tox -e bench`` alike. Nothing here talks to
-anything but 127.0.0.1.
+Standard library only (plus the portal itself, started as a subprocess, and ``psql``), so
+``bench/run.py`` runs from the project's virtual environment or from ``tox -e bench`` alike.
+Nothing here talks to anything but 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -26,9 +28,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 REPO = Path(__file__).resolve().parents[1]
 LAB_SCRIPT = REPO / "scripts" / "lab.sh"
+POSTGRES_SCRIPT = REPO / "scripts" / "postgres.sh"
 LOOPBACK = "127.0.0.1"
 
 
@@ -154,15 +158,68 @@ def timed_commands(command: Sequence[str], count: int, errlog: Path) -> float:
     return float(end) - float(start)
 
 
+# ---------------------------------------------------------------------------------- PostgreSQL
+
+
+@dataclass
+class Postgres:
+    """The throwaway server of ``scripts/postgres.sh`` (fsync off: a test server), and schemas of
+    this run's own on its database, as ``tests/postgres.py`` makes them."""
+
+    env: dict[str, str]  # the PG_* lines of `postgres.sh up`
+    started_here: bool
+    version: str = ""
+    schemas: list[str] = field(default_factory=list)
+
+    @classmethod
+    def up(cls) -> Postgres:
+        already_up = subprocess.run(["bash", str(POSTGRES_SCRIPT), "status"], capture_output=True).returncode == 0
+        started = time.monotonic()
+        up = subprocess.run(["bash", str(POSTGRES_SCRIPT), "up"], capture_output=True, text=True, timeout=900)
+        if up.returncode != 0:
+            raise SystemExit(f"bench: scripts/postgres.sh up failed ({up.returncode}):\n{up.stderr[-3000:]}")
+        log(f"postgres up in {time.monotonic() - started:.1f} s ({'already running' if already_up else 'started'})")
+        env = dict(line.partition("=")[::2] for line in up.stdout.splitlines() if line.startswith("PG_"))
+        server = cls(env, started_here=not already_up)
+        server.version = server.psql("SHOW server_version").strip()
+        return server
+
+    def psql(self, statement: str) -> str:
+        env = {**os.environ, "PGHOST": self.env["PG_HOST"], "PGPORT": self.env["PG_PORT"],
+               "PGUSER": self.env["PG_USER"], "PGPASSWORD": self.env["PG_PASSWORD"],
+               "PGDATABASE": self.env["PG_DATABASE"], "PGCONNECT_TIMEOUT": "10"}
+        return subprocess.run(["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", statement], env=env,
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+
+    def create_database(self) -> str:
+        """The URL of a new, empty database as the portal sees it: a schema of its own, alone on
+        the connection's search path."""
+        name = f"bench_{secrets.token_hex(6)}"
+        self.psql(f'CREATE SCHEMA "{name}"')
+        self.schemas.append(name)
+        return f"{self.env['PG_URL']}?{urlencode({'options': f'-csearch_path={name}'})}"
+
+    def drop_databases(self) -> None:
+        while self.schemas:
+            self.psql(f'DROP SCHEMA IF EXISTS "{self.schemas.pop()}" CASCADE')
+
+    def down_if_started(self) -> None:
+        if self.started_here:
+            subprocess.run(["bash", str(POSTGRES_SCRIPT), "down"], capture_output=True, timeout=120)
+            log("postgres stopped (this run had started it)")
+
+
 # ------------------------------------------------------------------------------------ the portal
 
 
 class Portal:
-    """``python main.py`` (gunicorn, uvicorn workers) of a checkout, on a free loopback port."""
+    """``python main.py`` (gunicorn, uvicorn workers) of a checkout, on a free loopback port; ``env``
+    overrides its settings (e.g. ``MANAGEMENT_DATABASE_URL``)."""
 
     def __init__(self, repo: Path, workdir: Path, workers: int = 2, **env: str) -> None:
         self.repo = repo
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.log_path = workdir / "portal.log"
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("MANAGEMENT_")}  # never a real database
