@@ -516,6 +516,10 @@ class Portal:
             budget = max(0.0, deadline - self._monotonic()) + self.poll_grace
             try:
                 state = await asyncio.wait_for(self._state(caller, target, vm), timeout=budget)
+            except NotFound as gone:
+                if wanted != "shut off" or gone.code != "vm_not_found":
+                    raise
+                state = wanted  # a transient VM ceases to exist when it stops: that is "shut off"
             except TimeoutError:
                 raise WaitTimedOut(f"VM {vm!r} was last seen {state or 'in an unknown state'}, not {wanted}; the "
                                    f"host stopped answering and the {wait:g} s wait ran out", state=state,

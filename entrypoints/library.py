@@ -205,6 +205,9 @@ class Session:
     def fleet(self, *, agent_ids: Sequence[int] = (), states: Sequence[str] = ()) -> list[FleetEntry]:
         """Every VM on every agent of yours (or of ``agent_ids``), agents asked in parallel; an agent
         that fails has ``.vms`` None and ``.error`` (code, detail)."""
+        if isinstance(agent_ids, str | bytes) or not all(isinstance(a, int) and not isinstance(a, bool)
+                                                         for a in agent_ids):
+            raise ValidationFailed.one("agent", "must be a sequence of agent ids (integers)")
         return self._library._await(self.portal.fleet(self._caller(), agent_ids=agent_ids, states=states))
 
     def host(self, agent_id: int) -> HostFacts:

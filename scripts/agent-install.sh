@@ -129,8 +129,9 @@ need_api_key() {
 
 # What an earlier run recorded: the portal, the agent id there, and the user it created.
 read_state() {
-    agent_id="" recorded_user="" recorded_portal=""
+    agent_id="" recorded_user="" recorded_portal="" created_libexec=no
     if [ -f "$CONFIG_DIR/agent.conf" ]; then
+        [ "$(sed -n 's/^CREATED_LIBEXEC=//p' "$CONFIG_DIR/agent.conf")" != yes ] || created_libexec=yes
         agent_id=$(sed -n 's/^AGENT_ID=\([0-9]*\)$/\1/p' "$CONFIG_DIR/agent.conf")
         recorded_portal=$(sed -n 's/^PORTAL_URL=//p' "$CONFIG_DIR/agent.conf")
         recorded_user=$(sed -n 's/^AGENT_USER=//p' "$CONFIG_DIR/agent.conf")
@@ -189,7 +190,7 @@ do_uninstall() {
     fi
     rm -rf "$HOME_DIR" "$CONFIG_DIR" "$LOG_DIR"
     rm -f "$SHELL_PATH"
-    rmdir /usr/local/libexec 2>/dev/null || true
+    [ "$created_libexec" != yes ] || rmdir /usr/local/libexec 2>/dev/null || true
     say "uninstalled"
 }
 
@@ -203,12 +204,14 @@ command -v virsh >/dev/null || die "virsh not found: install libvirt (apt-get in
 getent group libvirt >/dev/null || die "group libvirt does not exist: install libvirt-daemon-system first"
 read_state
 [ -n "$portal" ] || die "--portal URL is required (the portal's base URL, e.g. https://portal.example.com)"
-case "$portal" in
-    https://*) ;;
-    http://127.*|http://localhost[:/]*|http://localhost|http://\[::1\]*) ;;  # loopback: nothing to intercept
-    http://*) $insecure_http || die "refusing to send the API key over plain http to $portal (use https, or --insecure-http)" ;;
-    *) die "--portal must be an http(s) URL, e.g. https://portal.example.com" ;;
-esac
+loopback='^http://(127\.[0-9]+\.[0-9]+\.[0-9]+|localhost|\[::1\])(:[0-9]+)?(/.*)?$'
+if [[ "$portal" == https://* || "$portal" =~ $loopback ]]; then
+    :  # encrypted, or never leaves this host
+elif [[ "$portal" == http://* ]]; then
+    $insecure_http || die "refusing to send the API key over plain http to $portal (use https, or --insecure-http)"
+else
+    die "--portal must be an http(s) URL, e.g. https://portal.example.com"
+fi
 if id "$agent_user" >/dev/null 2>&1 && ! created_here "$agent_user"; then
     die "user $agent_user already exists and was not created by this script; pick another --user"
 fi
@@ -231,11 +234,16 @@ host_key=$(awk 'NF >= 2 { print $1, $2; exit }' "$host_key_file")
 virsh_path=$(command -v virsh)
 
 # 1. The restricted shell and its settings.
-install -d -m 0755 -o root -g root /usr/local/libexec "$CONFIG_DIR"
-if ! cmp -s "$here/agent_shell.py" "$SHELL_PATH" 2>/dev/null; then
-    install -m 0755 -o root -g root "$here/agent_shell.py" "$SHELL_PATH"
-    say "installed $SHELL_PATH"
+if [ ! -d /usr/local/libexec ]; then
+    install -d -m 0755 -o root -g root /usr/local/libexec
+    created_libexec=yes  # recorded, so that --uninstall removes it again (and only then)
 fi
+install -d -m 0755 -o root -g root "$CONFIG_DIR"
+# The shell runs with this host's python3 (its first line names it), isolated (-I) and without site (-S).
+# (The system's python3 when there is one: root's PATH may lead to an interpreter the agent user cannot read.)
+python=/usr/bin/python3
+[ -x "$python" ] || python=$(command -v python3)
+put_file "$SHELL_PATH" 0755 root:root "$(sed "1s|^#!.*|#!$python -IS|" "$here/agent_shell.py")"
 put_file "$CONFIG_DIR/shell.conf" 0644 root:root "# playr-agent-shell settings (written by agent-install.sh)
 libvirt_uris = $libvirt_uri
 log_file = $LOG_DIR/commands.log
@@ -252,7 +260,8 @@ write_state() {
     put_file "$CONFIG_DIR/agent.conf" 0644 root:root "# written by agent-install.sh; holds no secret
 PORTAL_URL=$portal
 AGENT_ID=$agent_id
-AGENT_USER=$agent_user"
+AGENT_USER=$agent_user
+CREATED_LIBEXEC=$created_libexec"
 }
 write_state  # from here on, --uninstall knows the user is ours
 id -nG "$agent_user" | tr ' ' '\n' | grep -qx libvirt || usermod -aG libvirt "$agent_user"

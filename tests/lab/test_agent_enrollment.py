@@ -28,8 +28,8 @@ pytestmark = pytest.mark.lab
 
 SCRIPT = REPO / "scripts" / "agent-install.sh"
 AGENT_USER = "playr-agent"
-INSTALLED = [Path("/usr/local/libexec/playr-agent-shell"), Path("/etc/playr-agent"), Path("/var/log/playr-agent"),
-             Path("/var/lib/playr-agent")]
+INSTALLED = [Path("/usr/local/libexec"), Path("/etc/playr-agent"), Path("/var/log/playr-agent"),
+             Path("/var/lib/playr-agent")]  # /usr/local/libexec holds the shell (the script creates it if missing)
 ACCOUNT_FILES = [Path("/etc/passwd"), Path("/etc/group"), Path("/etc/shadow"), Path("/etc/gshadow")]
 GUEST = "lab-guest2"
 DISK_GUEST = "lab-disk"  # the lab guest with a qcow2 disk (snapshots)
@@ -138,7 +138,7 @@ def enrollment(lab: Lab, portal: Server, tmp_path_factory: pytest.TempPathFactor
     hypervisor = Hypervisor(tmp_path_factory.mktemp("hypervisor"), free_port())
     hypervisor.start()
     before = trace()
-    assert not any(Path(p).exists() for p in map(str, INSTALLED)), "a previous enrollment was left behind"
+    assert not any(Path(p).exists() for p in map(str, INSTALLED[1:])), "a previous enrollment was left behind"
     enrollment = Enrollment(portal, str(user["api_key"]), hypervisor, before)
     try:
         yield enrollment
@@ -171,6 +171,9 @@ def test_enrollment_registers_the_real_host_key_and_a_generated_key(enrolled: En
     assert (stat.S_IMODE(authorized.stat().st_mode), authorized.stat().st_uid) == (0o644, 0)
     assert (stat.S_IMODE(authorized.parent.stat().st_mode), authorized.parent.stat().st_uid) == (0o755, 0)
     assert "libvirt" in subprocess.check_output(["id", "-nG", AGENT_USER], text=True).split()
+    shell = Path("/usr/local/libexec/playr-agent-shell").read_text().splitlines()
+    assert shell[0] == "#!/usr/bin/python3 -IS"  # the system's python3, isolated
+    assert shell[1:] == (REPO / "scripts" / "agent_shell.py").read_text().splitlines()[1:]
 
 
 def test_the_api_key_is_written_nowhere_on_the_hypervisor(enrolled: Enrollment) -> None:
@@ -258,8 +261,9 @@ def portal_key(enrolled: Enrollment, tmp_path: Path) -> Path:
     return key_file
 
 
-@pytest.mark.parametrize("command", ["id", "virsh undefine lab-guest1",
-                                     "virsh --connect qemu:///system undefine --domain lab-guest1",
+# (undefine names a guest that does not exist: were the shell ever to let it through, nothing is lost)
+@pytest.mark.parametrize("command", ["id", "virsh undefine lab-absent",
+                                     "virsh --connect qemu:///system undefine --domain lab-absent",
                                      "virsh start lab-guest1; id",
                                      "virsh --connect qemu:///system start --domain lab-guest1; id",
                                      "cat /etc/shadow"])

@@ -283,11 +283,20 @@ def test_the_action_is_audited_once_even_when_the_wait_runs_out(world: World, al
     assert (event.action, event.outcome, event.vm) == ("vm.shutdown", "ok", "vm1")
 
 
-def test_a_vm_that_disappears_while_waited_for_is_not_found(world: World, alice: Caller, agent: Agent) -> None:
+def test_a_transient_vm_that_disappears_while_stopping_has_reached_shut_off(world: World, alice: Caller,
+                                                                             agent: Agent) -> None:
+    command = argv("domstats", "--domain", "vm1", "--state")
+    world.shell.results[command] = fail(command, "error: failed to get domain 'vm1'")
+    result = asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.FORCE_STOP, 10))
+    assert result.state == "shut off"
+
+
+def test_a_vm_that_disappears_while_waited_for_to_run_is_not_found(world: World, alice: Caller,
+                                                                   agent: Agent) -> None:
     command = argv("domstats", "--domain", "vm1", "--state")
     world.shell.results[command] = fail(command, "error: failed to get domain 'vm1'")
     with pytest.raises(NotFound) as raised:
-        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.FORCE_STOP, 10))
+        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.START, 10))
     assert raised.value.code == "vm_not_found"
 
 
