@@ -15,7 +15,9 @@ set -euo pipefail
 
 STATE_DIR=${PG_STATE_DIR:-/var/tmp/playr-pg}
 CLUSTER=${PG_CLUSTER:-playr-test}
-FIRST_PORT=${PG_PORT:-55432}
+# Below the kernel's ephemeral range (32768-60999 here): a port in it can be taken at any moment
+# as the local end of some outgoing connection, and the server would then fail to bind.
+FIRST_PORT=${PG_PORT:-15432}
 DB_USER=playr
 DB_NAME=playr
 DATA_DIR=$STATE_DIR/data
@@ -161,6 +163,13 @@ cmd_up() {
     ensure_packages
     ensure_cluster
     read -r version port status <<<"$(cluster_line)"
+    if [[ $status != online ]] && { ! port_free "$port" || ((port >= 32768)); }; then
+        local moved
+        moved=$(choose_port)
+        log "port $port is taken or ephemeral; moving cluster $version/$CLUSTER to $moved"
+        pg_conftool "$version" "$CLUSTER" set port "$moved"
+        port=$moved
+    fi
     if [[ $status != online ]]; then
         log "starting cluster $version/$CLUSTER"
         install -d -o postgres -g postgres -m 0700 "$SOCKET_DIR"
