@@ -53,6 +53,23 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------------------- the lab
 
 
+def bring_up(script: Path, prefix: str, *, timeout: int) -> tuple[dict[str, str], bool]:
+    """Run ``script up`` (idempotent) and read the ``PREFIX_NAME=value`` lines it prints; also
+    whether it was already up (then the bench leaves it running at the end)."""
+    already_up = subprocess.run(["bash", str(script), "status"], capture_output=True).returncode == 0
+    started = time.monotonic()
+    up = subprocess.run(["bash", str(script), "up"], capture_output=True, text=True, timeout=timeout)
+    if up.returncode != 0:
+        raise SystemExit(f"bench: scripts/{script.name} up failed ({up.returncode}):\n{up.stderr[-3000:]}")
+    log(f"{script.name} up in {time.monotonic() - started:.1f} s ({'already running' if already_up else 'started'})")
+    env: dict[str, str] = {}
+    for line in up.stdout.splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name.startswith(prefix):
+            env[name] = " ".join(shlex.split(value))
+    return env, already_up
+
+
 @dataclass
 class Lab:
     host: str
@@ -70,17 +87,7 @@ class Lab:
         if os.geteuid() != 0:
             raise SystemExit("bench: the lab needs root (it installs packages and starts sshd and libvirtd); "
                              "run bench/run.py as root")
-        already_up = subprocess.run(["bash", str(LAB_SCRIPT), "status"], capture_output=True).returncode == 0
-        started = time.monotonic()
-        up = subprocess.run(["bash", str(LAB_SCRIPT), "up"], capture_output=True, text=True, timeout=1800)
-        if up.returncode != 0:
-            raise SystemExit(f"bench: scripts/lab.sh up failed ({up.returncode}):\n{up.stderr[-3000:]}")
-        log(f"lab up in {time.monotonic() - started:.1f} s ({'already running' if already_up else 'started'})")
-        env: dict[str, str] = {}
-        for line in up.stdout.splitlines():
-            name, sep, value = line.partition("=")
-            if sep and name.startswith("LAB_"):
-                env[name] = " ".join(shlex.split(value))
+        env, already_up = bring_up(LAB_SCRIPT, "LAB_", timeout=1800)
         return cls(host=env["LAB_HOST"], port=int(env["LAB_SSH_PORT"]), user=env["LAB_USER"],
                    key_path=Path(env["LAB_KEY"]), host_key=env["LAB_HOST_KEY"],
                    known_hosts=Path(env["LAB_KNOWN_HOSTS"]), sshd_log=Path(env["LAB_SSHD_LOG"]),
@@ -173,13 +180,7 @@ class Postgres:
 
     @classmethod
     def up(cls) -> Postgres:
-        already_up = subprocess.run(["bash", str(POSTGRES_SCRIPT), "status"], capture_output=True).returncode == 0
-        started = time.monotonic()
-        up = subprocess.run(["bash", str(POSTGRES_SCRIPT), "up"], capture_output=True, text=True, timeout=900)
-        if up.returncode != 0:
-            raise SystemExit(f"bench: scripts/postgres.sh up failed ({up.returncode}):\n{up.stderr[-3000:]}")
-        log(f"postgres up in {time.monotonic() - started:.1f} s ({'already running' if already_up else 'started'})")
-        env = dict(line.partition("=")[::2] for line in up.stdout.splitlines() if line.startswith("PG_"))
+        env, already_up = bring_up(POSTGRES_SCRIPT, "PG_", timeout=900)
         server = cls(env, started_here=not already_up)
         server.version = server.psql("SHOW server_version").strip()
         return server

@@ -328,10 +328,7 @@ class Portal:
                                    sealed_private_key=self._seal(caller.user.id, "private_key", private_key),
                                    sealed_passphrase=None, updated_at=self.clock.now())
             with audit.write() as tx:
-                current = _owned(tx, caller, agent_id)
-                if (current.revision, current.updated_at) != (agent.revision, agent.updated_at):
-                    raise Conflict("the agent was changed by another request meanwhile; send the change again",
-                                   code="agent_changed")
+                _require_unchanged(tx, caller, agent)
                 tx.update_agent(rotated)
         if self.shell is not None:
             self.shell.discard(agent_id)
@@ -398,10 +395,7 @@ class Portal:
                 revision += 1
             updated = attrs.evolve(agent, **updates, revision=revision, updated_at=self.clock.now())  # type: ignore[arg-type]
             with audit.write() as tx:
-                current = _owned(tx, caller, agent_id)
-                if (current.revision, current.updated_at) != (agent.revision, agent.updated_at):
-                    raise Conflict("the agent was changed by another request meanwhile; send the change again",
-                                   code="agent_changed")
+                _require_unchanged(tx, caller, agent)
                 if is_set(changes.name) and tx.agent_name_taken(caller.user.id, changes.name, except_id=agent.id):
                     raise Conflict("you already have an agent with this name", code="agent_name_taken")
                 tx.update_agent(updated)
@@ -846,6 +840,15 @@ def _owned(tx: Transaction, caller: Caller, agent_id: int) -> Agent:
     if agent is None:
         raise _agent_not_found()
     return agent
+
+
+def _require_unchanged(tx: Transaction, caller: Caller, agent: Agent) -> None:
+    """Inside the write transaction: the agent is still as it was read before it (changes are
+    prepared outside the transaction, so a concurrent change must not be overwritten)."""
+    current = _owned(tx, caller, agent.id)
+    if (current.revision, current.updated_at) != (agent.revision, agent.updated_at):
+        raise Conflict("the agent was changed by another request meanwhile; send the change again",
+                       code="agent_changed")
 
 
 def _agent_not_found() -> NotFound:

@@ -61,17 +61,15 @@ def open_storage(settings: Settings, *, migrate: bool = True) -> SqlStorage:
             return _open_storage(settings, migrate=migrate)
         except _ServerNotReachable as error:
             if time.monotonic() >= deadline:
-                raise Unavailable(f"{error.message} (waited {settings.db_connect_wait:g} s, "
+                raise Unavailable(f"{error} (waited {settings.db_connect_wait:g} s, "
                                   "MANAGEMENT_DB_CONNECT_WAIT)", code="database_unavailable") from error.__cause__
-            log.warning("database_not_reachable_yet", reason=error.message,
+            log.warning("database_not_reachable_yet", reason=str(error),
                         retrying_for_seconds=round(max(0.0, deadline - time.monotonic()), 1))
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 class _ServerNotReachable(Exception):
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    """The database server cannot be reached yet (worth waiting for); the message says why."""
 
 
 # What a database server that is down, starting, restarting or unreachable makes the driver say.
