@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import attrs
 
-from core.errors import Conflict, RemoteError, SecretUnreadable
+from core.errors import EmailTaken, HostKeyMismatch, SecretUnreadable
 from core.model import (
     API_KEY_SCHEME,
     Agent,
@@ -143,7 +143,7 @@ class InMemoryTransaction:
 
     def add_user(self, name: str, email: str | None, key: IssuedApiKey, at: datetime) -> User:
         if email is not None and normalize_email(email) in self.s.email_keys:
-            raise Conflict("a user with this e-mail address already exists", code="email_taken")
+            raise EmailTaken()
         user = User(id=self.s.take_id("user"), name=name, email=email, api_key_prefix=key.prefix, created_at=at)
         self.s.users[user.id] = user
         if email is not None:
@@ -230,8 +230,7 @@ class ScriptedShell:
         if pin is not None and result.host_key is not None:
             pinned = await pin(result.host_key)
             if pinned != result.host_key:
-                raise RemoteError("the host key seen differs from the one pinned on first use",
-                                  code="host_key_mismatch")
+                raise HostKeyMismatch("the host key seen differs from the one pinned on first use")
         self.calls.append((target.agent.id, command))
         return result
 

@@ -29,7 +29,16 @@ from datetime import datetime
 import asyncssh
 import attrs
 
-from core.errors import RemoteError, RemoteTimeout
+from core.errors import (
+    AgentAuthFailed,
+    AgentConnectionLost,
+    AgentConnectTimeout,
+    AgentUnreachable,
+    CommandTimeout,
+    HostKeyMismatch,
+    HostKeyUnknown,
+    RemoteError,
+)
 from core.model import Agent, AgentCredentials, HostKey
 from core.ports import CommandResult, PinHostKey
 from core.virsh import command_line
@@ -239,11 +248,9 @@ class AsyncsshShell:
         agent = target.agent
         if agent.host_key is None and not agent.allow_unknown_hosts:
             offered = await self._offered_host_key(agent)
-            raise RemoteError(
+            raise HostKeyUnknown(
                 f"no host key is pinned for {agent.hostname}:{agent.port} and allow_unknown_hosts is false; "
-                f"pin the host's key with PATCH host_key{offered}",
-                code="host_key_unknown",
-            )
+                f"pin the host's key with PATCH host_key{offered}")
         client_key = await self._client_key(target)
         known_hosts = None
         if agent.host_key is not None:
@@ -268,23 +275,17 @@ class AsyncsshShell:
                 timeout=self.connect_timeout + 1,
             )
         except asyncssh.HostKeyNotVerifiable as error:
-            raise RemoteError(
+            raise HostKeyMismatch(
                 f"the host key of {agent.hostname}:{agent.port} does not match the pinned key "
                 f"{agent.host_key.fingerprint if agent.host_key else ''} ({error.reason}); if the host was "
-                "really reinstalled, pin its new key with PATCH host_key",
-                code="host_key_mismatch",
-            ) from None
+                "really reinstalled, pin its new key with PATCH host_key") from None
         except asyncssh.PermissionDenied:
-            raise RemoteError(
+            raise AgentAuthFailed(
                 f"{agent.hostname}:{agent.port} refused the key for user {agent.username!r} "
-                "(is its public key in that user's authorized_keys?)",
-                code="agent_auth_failed",
-            ) from None
+                "(is its public key in that user's authorized_keys?)") from None
         except TimeoutError:
-            raise RemoteTimeout(
-                f"could not connect to {agent.hostname}:{agent.port} within {self.connect_timeout:g} s",
-                code="agent_connect_timeout",
-            ) from None
+            raise AgentConnectTimeout(
+                f"could not connect to {agent.hostname}:{agent.port} within {self.connect_timeout:g} s") from None
         except (OSError, asyncssh.Error) as error:
             raise _unreachable(agent, error) from None
         if agent.host_key is None and pin is not None:
@@ -299,15 +300,13 @@ class AsyncsshShell:
         server_key = conn.get_server_host_key()
         try:
             if server_key is None:
-                raise RemoteError("the host offered no host key", code="host_key_unknown")
+                raise HostKeyUnknown("the host offered no host key")
             seen = _host_key(server_key)
             pinned = await pin(seen)
             if pinned.openssh != seen.openssh:
-                raise RemoteError(
+                raise HostKeyMismatch(
                     f"{agent.hostname}:{agent.port} offered {seen.fingerprint}, but {pinned.fingerprint} was "
-                    "pinned for this agent on first use; refusing the connection",
-                    code="host_key_mismatch",
-                )
+                    "pinned for this agent on first use; refusing the connection")
         except BaseException:
             conn.close()
             raise
@@ -321,10 +320,8 @@ class AsyncsshShell:
                 timeout=self.connect_timeout + 1,
             )
         except TimeoutError:
-            raise RemoteTimeout(
-                f"could not connect to {agent.hostname}:{agent.port} within {self.connect_timeout:g} s",
-                code="agent_connect_timeout",
-            ) from None
+            raise AgentConnectTimeout(
+                f"could not connect to {agent.hostname}:{agent.port} within {self.connect_timeout:g} s") from None
         except OSError as error:
             raise _unreachable(agent, error) from None
         except asyncssh.Error:
@@ -354,8 +351,7 @@ class AsyncsshShell:
             )
         except TimeoutError:
             self._retire(slot)  # a server that does not even open channels is not to be reused
-            raise RemoteTimeout(f"{agent.hostname} did not open a session within {self.command_timeout:g} s",
-                                code="command_timeout") from None
+            raise CommandTimeout(f"{agent.hostname} did not open a session within {self.command_timeout:g} s") from None
         except (asyncssh.ChannelOpenError, asyncssh.DisconnectError, OSError) as error:
             raise _NotStarted(error) from None
         slot.channels += 1
@@ -364,11 +360,9 @@ class AsyncsshShell:
             completed = await asyncio.wait_for(process.wait(check=False), timeout=remaining)
         except TimeoutError:
             process.close()  # closing the channel makes sshd hang up on the command
-            raise RemoteTimeout(
+            raise CommandTimeout(
                 f"{argv[0] if argv else 'the command'} did not finish within {self.command_timeout:g} s "
-                f"on {agent.hostname}",
-                code="command_timeout",
-            ) from None
+                f"on {agent.hostname}") from None
         except (asyncssh.DisconnectError, OSError) as error:
             raise _lost(agent, error) from None
         finally:
@@ -377,8 +371,8 @@ class AsyncsshShell:
         if status is None and completed.exit_signal is None:
             # The channel closed without an exit status: the session (or sshd) died under it.
             self._retire(slot)
-            raise RemoteError(f"the SSH session on {agent.hostname}:{agent.port} ended without an exit "
-                              "status (was sshd or the session killed?)", code="agent_connection_lost")
+            raise AgentConnectionLost(f"the SSH session on {agent.hostname}:{agent.port} ended without an exit "
+                              "status (was sshd or the session killed?)")
         if status is None:
             status = 128 + _signal_number(completed.exit_signal)
         server_key = conn.get_server_host_key()
@@ -397,17 +391,15 @@ def _host_key(key: asyncssh.SSHKey) -> HostKey:
 
 
 def _lost(agent: Agent, error: BaseException) -> RemoteError:
-    return RemoteError(f"the SSH connection to {agent.hostname}:{agent.port} was lost: {_reason(error)}",
-                       code="agent_connection_lost")
+    return AgentConnectionLost(f"the SSH connection to {agent.hostname}:{agent.port} was lost: {_reason(error)}")
 
 
 def _unreachable(agent: Agent, error: OSError | asyncssh.Error) -> RemoteError:
     if isinstance(error, socket.gaierror):
-        return RemoteError(f"cannot resolve {agent.hostname}: {error.strerror}", code="agent_unreachable")
+        return AgentUnreachable(f"cannot resolve {agent.hostname}: {error.strerror}")
     if isinstance(error, ConnectionRefusedError):
-        return RemoteError(f"{agent.hostname}:{agent.port} refused the connection (is sshd running?)",
-                           code="agent_unreachable")
-    return RemoteError(f"cannot connect to {agent.hostname}:{agent.port}: {_reason(error)}", code="agent_unreachable")
+        return AgentUnreachable(f"{agent.hostname}:{agent.port} refused the connection (is sshd running?)")
+    return AgentUnreachable(f"cannot connect to {agent.hostname}:{agent.port}: {_reason(error)}")
 
 
 def _reason(error: BaseException) -> str:

@@ -7,6 +7,7 @@ once (``entrypoints/http/errors.py``), the command line prints ``code: detail``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import attrs
 
@@ -17,11 +18,9 @@ class PortalError(Exception):
     code = "portal_error"
     title = "Portal error"
 
-    def __init__(self, detail: str, *, code: str | None = None) -> None:
+    def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
-        if code is not None:
-            self.code = code
 
 
 @attrs.frozen
@@ -92,10 +91,15 @@ class SecretUnreadable(Unavailable):
 
 
 class RemoteError(PortalError):
-    """A remote hypervisor failed to do what was asked (HTTP 502 unless a subclass says otherwise)."""
+    """A remote hypervisor failed to do what was asked (HTTP 502 unless a subclass says otherwise).
+
+    ``reached_host`` and ``logged_in`` say how far the connection got before the failure, which is
+    what an agent check reports (reachable, authenticated)."""
 
     code = "remote_error"
     title = "Remote host error"
+    reached_host: ClassVar[bool] = True
+    logged_in: ClassVar[bool] = True
 
 
 class RemoteTimeout(RemoteError):
@@ -116,3 +120,141 @@ class WaitTimedOut(RemoteTimeout):
         super().__init__(detail)
         self.state = state
         self.target_state = target_state
+
+
+# ---------------------------------------------------------------------- the vocabulary
+# Every code the portal answers with is one class below (or a base above); nothing compares code
+# strings. A class whose message never varies carries it as its default detail.
+
+
+class UserNotFound(NotFound):
+    code = "user_not_found"
+
+    def __init__(self, detail: str = "no such user") -> None:
+        super().__init__(detail)
+
+
+class AgentNotFound(NotFound):
+    code = "agent_not_found"
+
+    def __init__(self, detail: str = "no such agent") -> None:
+        super().__init__(detail)
+
+
+class VmNotFound(NotFound):
+    code = "vm_not_found"
+
+
+class SnapshotNotFound(NotFound):
+    code = "snapshot_not_found"
+
+
+class EmailTaken(Conflict):
+    code = "email_taken"
+
+    def __init__(self, detail: str = "a user with this e-mail address already exists") -> None:
+        super().__init__(detail)
+
+
+class AgentNameTaken(Conflict):
+    code = "agent_name_taken"
+
+    def __init__(self, detail: str = "you already have an agent with this name") -> None:
+        super().__init__(detail)
+
+
+class AgentChanged(Conflict):
+    """The agent changed (or was deleted) between reading it and writing the change."""
+
+    code = "agent_changed"
+
+    def __init__(self, detail: str = "the agent was changed by another request meanwhile; send the change "
+                                     "again") -> None:
+        super().__init__(detail)
+
+
+class VmAlreadyRunning(Conflict):
+    code = "vm_already_running"
+
+
+class VmNotRunning(Conflict):
+    code = "vm_not_running"
+
+
+class VmStateConflict(Conflict):
+    code = "vm_state_conflict"
+
+
+class SnapshotNameTaken(Conflict):
+    code = "snapshot_name_taken"
+
+
+class SnapshotUnsupported(Conflict):
+    code = "snapshot_unsupported"
+
+
+class DatabaseBusy(Unavailable):
+    code = "database_busy"
+
+
+class DatabaseUnavailable(Unavailable):
+    code = "database_unavailable"
+
+
+class AgentUnreachable(RemoteError):
+    """The host could not be reached at all (name not resolved, refused, no route)."""
+
+    code = "agent_unreachable"
+    reached_host = False
+
+
+class AgentConnectTimeout(RemoteTimeout):
+    code = "agent_connect_timeout"
+    reached_host = False
+
+
+class HostKeyUnknown(RemoteError):
+    code = "host_key_unknown"
+    logged_in = False
+
+
+class HostKeyMismatch(RemoteError):
+    code = "host_key_mismatch"
+    logged_in = False
+
+
+class AgentAuthFailed(RemoteError):
+    code = "agent_auth_failed"
+    logged_in = False
+
+
+class AgentConnectionLost(RemoteError):
+    code = "agent_connection_lost"
+
+
+class CommandTimeout(RemoteTimeout):
+    code = "command_timeout"
+
+
+class VirshNotFound(RemoteError):
+    code = "virsh_not_found"
+
+
+class LibvirtUnavailable(RemoteError):
+    code = "libvirt_unavailable"
+
+
+class VirshFailed(RemoteError):
+    code = "virsh_failed"
+
+
+def error_classes() -> list[type[PortalError]]:
+    """Every error class of the vocabulary, bases included (for documents that list the codes)."""
+    found: list[type[PortalError]] = []
+    pending: list[type[PortalError]] = [PortalError]
+    while pending:
+        cls = pending.pop(0)
+        if cls not in found:
+            found.append(cls)
+            pending.extend(cls.__subclasses__())
+    return found

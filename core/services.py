@@ -18,13 +18,18 @@ import attrs
 from core import validation, virsh
 from core.commands import AgentChanges, NewAgent, NewSnapshot, NewUser, is_set
 from core.errors import (
-    Conflict,
+    AgentChanged,
+    AgentNameTaken,
+    AgentNotFound,
+    EmailTaken,
     FieldError,
     NotFound,
     PortalError,
     RemoteError,
     SignupRefused,
+    SnapshotNotFound,
     Unauthenticated,
+    UserNotFound,
     ValidationFailed,
     WaitTimedOut,
 )
@@ -121,11 +126,6 @@ class AgentCheck:
     error: Failure | None
 
 
-# How a failed check reads: the codes that mean the host could not be reached at all, and those
-# that mean it answered but the portal could not (or would not) log in.
-_UNREACHABLE = frozenset({"agent_unreachable", "agent_connect_timeout"})
-_NOT_AUTHENTICATED = frozenset({"agent_auth_failed", "host_key_unknown", "host_key_mismatch"})
-
 POLL_INTERVAL = 0.25  # seconds between two state polls while waiting
 POLL_GRACE = 2.0  # seconds one state poll may run past the wait's deadline before the wait gives up
 FLEET_PARALLELISM = 8  # agents asked at once by the fleet view
@@ -196,7 +196,7 @@ class Portal:
             if not by_operator:
                 self._check_signup_allowed(tx)
             if request.email is not None and tx.find_user_by_email(request.email) is not None:
-                raise Conflict("a user with this e-mail address already exists", code="email_taken")
+                raise EmailTaken()
             user = tx.add_user(request.name, request.email, key, now)
             tx.add_audit_event(
                 self._event(user.id, "user.create", origin.request_id, origin.client_address)
@@ -228,7 +228,7 @@ class Portal:
             else:
                 user = None
         if user is None:
-            raise NotFound("no such user", code="user_not_found")
+            raise UserNotFound()
         return user
 
     def authenticate(self, api_key: str) -> User:
@@ -281,7 +281,7 @@ class Portal:
                                        request.private_key_passphrase)
             with audit.write() as tx:
                 if tx.agent_name_taken(caller.user.id, request.name):
-                    raise Conflict("you already have an agent with this name", code="agent_name_taken")
+                    raise AgentNameTaken()
                 now = self.clock.now()
                 agent = tx.add_agent(
                     Agent(
@@ -397,7 +397,7 @@ class Portal:
             with audit.write() as tx:
                 _require_unchanged(tx, caller, agent)
                 if is_set(changes.name) and tx.agent_name_taken(caller.user.id, changes.name, except_id=agent.id):
-                    raise Conflict("you already have an agent with this name", code="agent_name_taken")
+                    raise AgentNameTaken()
                 tx.update_agent(updated)
         if updated.revision != agent.revision and self.shell is not None:
             self.shell.discard(agent.id)  # connections made with the old settings must not be reused
@@ -423,8 +423,7 @@ class Portal:
         with self.storage.transaction(write=True) as tx:
             current = tx.get_agent(agent.owner_id, agent.id)
             if current is None or current.revision != agent.revision or current.created_at != agent.created_at:
-                raise Conflict("the agent was changed or deleted while connecting to it; retry",
-                               code="agent_changed")
+                raise AgentChanged("the agent was changed or deleted while connecting to it; retry")
             if current.host_key is not None:
                 return current.host_key
             tx.update_agent(attrs.evolve(current, host_key=host_key, updated_at=self.clock.now()))
@@ -578,7 +577,7 @@ class Portal:
             f"snapshot {request.name}", snapshot=request.name)
         created = [s for s in await self._snapshots(caller, target, vm) if s.name == request.name]
         if not created:  # deleted again in between by someone else
-            raise NotFound(f"VM {vm!r} has no snapshot named {request.name!r}", code="snapshot_not_found")
+            raise SnapshotNotFound(f"VM {vm!r} has no snapshot named {request.name!r}")
         return created[0]
 
     async def revert_snapshot(self, caller: Caller, agent_id: int, vm: str, snapshot: str) -> CommandResult:
@@ -683,7 +682,7 @@ class Portal:
         first connection may pin the host key, which is audited as ``agent.pin_host_key``)."""
         target = await asyncio.to_thread(self._target, caller, agent_id)
         started = self._monotonic()
-        error: PortalError | None = None
+        error: RemoteError | None = None
         host_key = target.agent.host_key
         try:
             result = await self._remote(caller, target, virsh.check_command(target.agent.libvirt_uri))
@@ -695,9 +694,9 @@ class Portal:
         if host_key is None and target.agent.allow_unknown_hosts:
             # The connection may have pinned the key it saw before the check failed further on.
             host_key = await asyncio.to_thread(self._pinned_host_key, caller, agent_id)
-        code = error.code if error is not None else None
-        reachable = code not in _UNREACHABLE
-        authenticated = reachable and code not in _NOT_AUTHENTICATED
+        # How far the connection got is a property of the error's class (core.errors.RemoteError).
+        reachable = error is None or error.reached_host
+        authenticated = reachable and (error is None or error.logged_in)
         return AgentCheck(
             reachable=reachable,
             authenticated=authenticated,
@@ -847,12 +846,11 @@ def _require_unchanged(tx: Transaction, caller: Caller, agent: Agent) -> None:
     prepared outside the transaction, so a concurrent change must not be overwritten)."""
     current = _owned(tx, caller, agent.id)
     if (current.revision, current.updated_at) != (agent.revision, agent.updated_at):
-        raise Conflict("the agent was changed by another request meanwhile; send the change again",
-                       code="agent_changed")
+        raise AgentChanged()
 
 
 def _agent_not_found() -> NotFound:
-    return NotFound("no such agent", code="agent_not_found")
+    return AgentNotFound()
 
 
 def _collect(*checks: tuple[str, str | None]) -> list[FieldError]:

@@ -15,7 +15,19 @@ from datetime import UTC, datetime
 
 import attrs
 
-from core.errors import Conflict, NotFound, RemoteError, ValidationFailed
+from core.errors import (
+    LibvirtUnavailable,
+    SnapshotNameTaken,
+    SnapshotNotFound,
+    SnapshotUnsupported,
+    ValidationFailed,
+    VirshFailed,
+    VirshNotFound,
+    VmAlreadyRunning,
+    VmNotFound,
+    VmNotRunning,
+    VmStateConflict,
+)
 from core.ports import CommandResult
 
 VM_NAME_MAX = 200
@@ -589,19 +601,18 @@ def raise_for_failure(result: CommandResult, vm: str | None = None) -> None:
     stderr, lowered = _failure_text(result)
     subject = f"VM {vm!r}" if vm is not None else "the request"
     if result.exit_status == 127 or "command not found" in lowered:
-        raise RemoteError(f"virsh is not installed on the agent: {stderr}", code="virsh_not_found")
+        raise VirshNotFound(f"virsh is not installed on the agent: {stderr}")
     if "domain not found" in lowered or "failed to get domain" in lowered:
-        raise NotFound(f"no VM named {vm!r} on this agent", code="vm_not_found")
+        raise VmNotFound(f"no VM named {vm!r} on this agent")
     if "already active" in lowered or "domain is already running" in lowered:
-        raise Conflict(f"{subject} is already running", code="vm_already_running")
+        raise VmAlreadyRunning(f"{subject} is already running")
     if "not running" in lowered or "domain is not active" in lowered:
-        raise Conflict(f"{subject} is not running", code="vm_not_running")
+        raise VmNotRunning(f"{subject} is not running")
     if "operation is not valid" in lowered or "requested operation is not valid" in lowered:
-        raise Conflict(f"{subject} cannot do that in its current state: {stderr}", code="vm_state_conflict")
+        raise VmStateConflict(f"{subject} cannot do that in its current state: {stderr}")
     if "failed to connect" in lowered or "connect socket" in lowered or ("libvirt" in lowered and "connect" in lowered):
-        raise RemoteError(f"libvirt is not reachable on the agent: {stderr}", code="libvirt_unavailable")
-    raise RemoteError(f"virsh failed with exit status {result.exit_status}: {stderr or '(no output)'}",
-                      code="virsh_failed")
+        raise LibvirtUnavailable(f"libvirt is not reachable on the agent: {stderr}")
+    raise VirshFailed(f"virsh failed with exit status {result.exit_status}: {stderr or '(no output)'}")
 
 
 def _failure_text(result: CommandResult) -> tuple[str, str]:
@@ -624,11 +635,10 @@ def raise_for_snapshot_failure(result: CommandResult, vm: str, snapshot: str | N
         return
     stderr, lowered = _failure_text(result)
     if _SNAPSHOT_EXISTS.search(lowered):
-        raise Conflict(f"VM {vm!r} already has a snapshot named {snapshot!r}", code="snapshot_name_taken")
+        raise SnapshotNameTaken(f"VM {vm!r} already has a snapshot named {snapshot!r}")
     if "snapshot not found" in lowered or "no domain snapshot with matching name" in lowered:
-        raise NotFound(f"VM {vm!r} has no snapshot named {snapshot!r}", code="snapshot_not_found")
+        raise SnapshotNotFound(f"VM {vm!r} has no snapshot named {snapshot!r}")
     if "nothing selected for snapshot" in lowered or ("internal snapshot" in lowered and "unsupported" in lowered) \
             or "require all disks to be selected for snapshot" in lowered:  # a running VM with a raw disk
-        raise Conflict(f"VM {vm!r} cannot take internal snapshots (it needs a qcow2 disk): {stderr}",
-                       code="snapshot_unsupported")
+        raise SnapshotUnsupported(f"VM {vm!r} cannot take internal snapshots (it needs a qcow2 disk): {stderr}")
     raise_for_failure(result, vm)

@@ -18,7 +18,7 @@ from adapters.sealing import AesGcmSecretBox, SecretKeyError, decode_key, load_o
 from adapters.sql.storage import SqlStorage
 from adapters.ssh import AsyncsshShell
 from adapters.sshkeys import AsyncsshKeys
-from core.errors import PortalError, SecretUnreadable, Unavailable
+from core.errors import DatabaseBusy, DatabaseUnavailable, PortalError, SecretUnreadable
 from core.ports import Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage
 from core.services import Portal
 from entrypoints.settings import ConfigError, Settings, secrets_of_url, shown_url
@@ -61,8 +61,8 @@ def open_storage(settings: Settings, *, migrate: bool = True) -> SqlStorage:
             return _open_storage(settings, migrate=migrate)
         except _ServerNotReachable as error:
             if time.monotonic() >= deadline:
-                raise Unavailable(f"{error} (waited {settings.db_connect_wait:g} s, "
-                                  "MANAGEMENT_DB_CONNECT_WAIT)", code="database_unavailable") from error.__cause__
+                raise DatabaseUnavailable(f"{error} (waited {settings.db_connect_wait:g} s, "
+                                  "MANAGEMENT_DB_CONNECT_WAIT)") from error.__cause__
             log.warning("database_not_reachable_yet", reason=str(error),
                         retrying_for_seconds=round(max(0.0, deadline - time.monotonic()), 1))
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
@@ -101,7 +101,7 @@ def _open_storage(settings: Settings, *, migrate: bool) -> SqlStorage:
         for secret in secrets_of_url(url):  # never print one, whatever the driver put in its message
             reason = reason.replace(secret, "***")
         message = f"cannot open the database {shown_url(url)}: {reason}"
-        busy = isinstance(error, PortalError) and error.code == "database_busy"  # another instance migrating
+        busy = isinstance(error, DatabaseBusy)  # another instance migrating
         if not url.drivername.startswith("sqlite") and (busy or any(w in reason.lower() for w in _NOT_REACHABLE)):
             raise _ServerNotReachable(message) from error
         raise ConfigError(variable, message) from error

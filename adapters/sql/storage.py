@@ -32,7 +32,7 @@ from sqlalchemy import event
 
 from adapters.sql import migrations
 from adapters.sql.schema import agents, api_keys, audit_events, users
-from core.errors import Conflict, Unavailable
+from core.errors import AgentNameTaken, DatabaseBusy, DatabaseUnavailable, EmailTaken
 from core.model import Agent, ApiKey, AuditEvent, ClientKey, HostKey, IssuedApiKey, User
 from core.validation import normalize_email
 
@@ -159,23 +159,17 @@ class SqlStorage:
         try:
             yield
         except sa.exc.TimeoutError as error:  # no pooled connection came free in time
-            raise Unavailable(
-                "every database connection of this worker stayed busy past MANAGEMENT_DB_BUSY_TIMEOUT; retry",
-                code="database_busy",
-            ) from error
+            raise DatabaseBusy("every database connection of this worker stayed busy past "
+                               "MANAGEMENT_DB_BUSY_TIMEOUT; retry") from error
         except sa.exc.DBAPIError as error:
             sqlstate = getattr(error.orig, "sqlstate", None)
             message = str(error.orig)
             if (self.is_sqlite and ("locked" in message or "busy" in message)) or sqlstate in _BUSY_SQLSTATES:
-                raise Unavailable(
-                    "the database stayed locked by another writer past MANAGEMENT_DB_BUSY_TIMEOUT; retry",
-                    code="database_busy",
-                ) from error
+                raise DatabaseBusy(
+                    "the database stayed locked by another writer past MANAGEMENT_DB_BUSY_TIMEOUT; retry") from error
             if self.is_postgresql and (error.connection_invalidated or isinstance(error, sa.exc.OperationalError)):
-                raise Unavailable(
-                    "the database server cannot be reached or closed the connection; retry",
-                    code="database_unavailable",
-                ) from error
+                raise DatabaseUnavailable(
+                    "the database server cannot be reached or closed the connection; retry") from error
             raise
 
     def upgrade(self) -> tuple[int, int]:
@@ -316,7 +310,7 @@ class SqlTransaction:
                 )
             ).inserted_primary_key[0]
         except sa.exc.IntegrityError as error:
-            raise Conflict("a user with this e-mail address already exists", code="email_taken") from error
+            raise EmailTaken() from error
         self._execute(api_keys.insert().values(user_id=user_id, prefix=key.prefix, digest=key.digest,
                                                created_at=at))
         return User(id=user_id, name=name, email=email, api_key_prefix=key.prefix, created_at=at)
@@ -366,7 +360,7 @@ class SqlTransaction:
         try:
             agent_id = self._execute(agents.insert().values(**values)).inserted_primary_key[0]
         except sa.exc.IntegrityError as error:
-            raise Conflict("you already have an agent with this name", code="agent_name_taken") from error
+            raise AgentNameTaken() from error
         return _agent_from_row({**values, "id": agent_id})
 
     def list_agents(self, owner_id: int) -> list[Agent]:
@@ -397,7 +391,7 @@ class SqlTransaction:
                 .values(**values)
             )
         except sa.exc.IntegrityError as error:
-            raise Conflict("you already have an agent with this name", code="agent_name_taken") from error
+            raise AgentNameTaken() from error
 
     def delete_agent(self, owner_id: int, agent_id: int) -> bool:
         result = self._execute(

@@ -11,7 +11,7 @@ import pytest
 from falcon import testing
 
 from adapters.memory import ScriptedShell
-from core.errors import RemoteError
+from core.errors import AgentUnreachable
 from core.ports import CommandResult
 from entrypoints import bootstrap
 from entrypoints.http.app import create_app
@@ -27,8 +27,7 @@ class Shell(ScriptedShell):
 
     async def run(self, target: Any, argv: Any, *, pin: Any = None) -> CommandResult:
         if target.agent.id in self.dead:
-            raise RemoteError(f"{target.agent.hostname}:{target.agent.port} refused the connection",
-                              code="agent_unreachable")
+            raise AgentUnreachable(f"{target.agent.hostname}:{target.agent.port} refused the connection")
         return await super().run(target, argv, pin=pin)
 
 

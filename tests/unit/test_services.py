@@ -20,12 +20,14 @@ from adapters.memory import (
 )
 from core.commands import AgentChanges, NewAgent, NewUser
 from core.errors import (
+    AgentNotFound,
     Conflict,
     NotFound,
     PortalError,
     SecretUnreadable,
     SignupRefused,
     Unauthenticated,
+    Unavailable,
     ValidationFailed,
 )
 from core.model import DEFAULT_LIBVIRT_URI, Agent, AuditEvent, Caller, HostKey, Origin, SignupPolicy, api_key_prefix
@@ -597,7 +599,8 @@ def test_another_users_agent_is_not_found_and_untouched(world: World, alice: Cal
     with pytest.raises(NotFound) as absent:
         operation(world.portal, bob, 99999)
 
-    assert type(foreign.value) is NotFound
+    assert type(foreign.value) is AgentNotFound  # the same type as for an agent that does not exist
+    assert type(absent.value) is AgentNotFound
     assert foreign.value.code == "agent_not_found"
     assert foreign.value.detail == absent.value.detail  # indistinguishable from an agent that does not exist
     assert world.portal.get_agent(alice, alice_agent.id) == alice_agent
@@ -828,7 +831,7 @@ def test_the_change_and_its_audit_event_commit_together(world: World, alice: Cal
 
     def refuse_ok_events(self: InMemoryTransaction, event: AuditEvent) -> AuditEvent:
         if event.outcome == "ok":
-            raise PortalError("audit log unavailable", code="audit_unavailable")
+            raise Unavailable("audit log unavailable")
         return original(self, event)
 
     monkeypatch.setattr(InMemoryTransaction, "add_audit_event", refuse_ok_events)
@@ -839,7 +842,7 @@ def test_the_change_and_its_audit_event_commit_together(world: World, alice: Cal
 
     assert world.storage.state.agents == {}
     [event] = new_events(world, count_before)
-    assert (event.action, event.outcome) == ("agent.create", "audit_unavailable")
+    assert (event.action, event.outcome) == ("agent.create", "unavailable")
 
 
 @pytest.fixture

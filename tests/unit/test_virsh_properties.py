@@ -13,7 +13,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from core import virsh
+from core import errors, virsh
 from core.errors import Conflict, NotFound, RemoteError, ValidationFailed
 from core.model import DEFAULT_LIBVIRT_URI
 from core.ports import CommandResult
@@ -436,14 +436,14 @@ NO_SOCKET = ("error: failed to connect to the hypervisor\n"
 
 
 @pytest.mark.parametrize(("stderr", "exit_status", "error_class", "code"), [
-    ("error: Domain is already active", 1, Conflict, "vm_already_running"),
-    ("error: failed to get domain 'nosuch'", 1, NotFound, "vm_not_found"),
-    (NOT_RUNNING.format(verb="shutdown"), 1, Conflict, "vm_not_running"),
-    (NOT_RUNNING.format(verb="destroy"), 1, Conflict, "vm_not_running"),
-    (NOT_RUNNING.format(verb="reboot"), 1, Conflict, "vm_not_running"),
-    (NO_SOCKET, 1, RemoteError, "libvirt_unavailable"),
-    ("bash: virsh: command not found", 127, RemoteError, "virsh_not_found"),
-    ("bash: line 1: virsh: command not found", 127, RemoteError, "virsh_not_found"),
+    ("error: Domain is already active", 1, errors.VmAlreadyRunning, "vm_already_running"),
+    ("error: failed to get domain 'nosuch'", 1, errors.VmNotFound, "vm_not_found"),
+    (NOT_RUNNING.format(verb="shutdown"), 1, errors.VmNotRunning, "vm_not_running"),
+    (NOT_RUNNING.format(verb="destroy"), 1, errors.VmNotRunning, "vm_not_running"),
+    (NOT_RUNNING.format(verb="reboot"), 1, errors.VmNotRunning, "vm_not_running"),
+    (NO_SOCKET, 1, errors.LibvirtUnavailable, "libvirt_unavailable"),
+    ("bash: virsh: command not found", 127, errors.VirshNotFound, "virsh_not_found"),
+    ("bash: line 1: virsh: command not found", 127, errors.VirshNotFound, "virsh_not_found"),
 ], ids=["already-active", "no-such-domain", "shutdown-not-running", "destroy-not-running", "reboot-not-running",
         "no-libvirt", "no-virsh", "no-virsh-line"])
 def test_real_virsh_failures_map_to_their_errors(stderr: str, exit_status: int, error_class: type[Exception],
@@ -467,7 +467,7 @@ def test_libvirt_unavailable_keeps_the_stderr() -> None:
 def test_any_other_failure_is_virsh_failed_keeping_the_stderr(stderr: str, exit_status: int) -> None:
     with pytest.raises(RemoteError) as raised:
         virsh.raise_for_failure(failed(stderr, exit_status), "vm1")
-    assert type(raised.value) is RemoteError
+    assert type(raised.value) is errors.VirshFailed
     assert raised.value.code == "virsh_failed"
     assert stderr in raised.value.detail
 

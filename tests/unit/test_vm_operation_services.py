@@ -20,7 +20,17 @@ from adapters.memory import (
     ScriptedShell,
 )
 from core.commands import NewAgent, NewSnapshot, NewUser
-from core.errors import Conflict, NotFound, PortalError, RemoteError, RemoteTimeout, ValidationFailed, WaitTimedOut
+from core.errors import (
+    AgentUnreachable,
+    CommandTimeout,
+    Conflict,
+    NotFound,
+    PortalError,
+    RemoteTimeout,
+    ValidationFailed,
+    WaitTimedOut,
+    error_classes,
+)
 from core.model import DEFAULT_LIBVIRT_URI, Agent, AgentCredentials, AuditEvent, Caller, HostKey, Origin, SignupPolicy
 from core.ports import CommandResult, PinHostKey
 from core.services import AgentCheck, Failure, Portal
@@ -474,7 +484,7 @@ def fleet_world(world: World, alice: Caller, count: int) -> list[Agent]:
 
 def test_the_fleet_lists_every_agent_and_a_dead_one_carries_its_error(world: World, alice: Caller) -> None:
     agents = fleet_world(world, alice, 3)
-    world.shell.failures[agents[1].id] = RemoteError("hv1 refused the connection", code="agent_unreachable")
+    world.shell.failures[agents[1].id] = AgentUnreachable("hv1 refused the connection")
 
     entries = asyncio.run(world.portal.fleet(alice))
 
@@ -539,6 +549,9 @@ def test_a_check_of_a_healthy_agent(world: World, alice: Caller, agent: Agent) -
     assert events(world)[before:] == []  # not audited
 
 
+ERROR_OF_CODE = {cls.code: cls for cls in error_classes()}
+
+
 @pytest.mark.parametrize(("code", "reachable", "authenticated"), [
     ("agent_unreachable", False, False), ("agent_connect_timeout", False, False),
     ("agent_auth_failed", True, False), ("host_key_unknown", True, False), ("host_key_mismatch", True, False),
@@ -547,7 +560,7 @@ def test_a_check_of_a_healthy_agent(world: World, alice: Caller, agent: Agent) -
 ])
 def test_a_failing_check_answers_with_the_reason(world: World, alice: Caller, agent: Agent, code: str,
                                                  reachable: bool, authenticated: bool) -> None:
-    world.shell.failures[agent.id] = (RemoteTimeout if "timeout" in code else RemoteError)("why", code=code)
+    world.shell.failures[agent.id] = ERROR_OF_CODE[code]("why")
     check = asyncio.run(world.portal.check_agent(alice, agent.id))
     assert (check.reachable, check.authenticated, check.libvirt_reachable) == (reachable, authenticated, False)
     assert check.error == Failure(code, "why")
@@ -580,7 +593,7 @@ def test_a_check_that_pinned_the_key_and_then_failed_still_reports_the_pinned_ke
                       pin: PinHostKey | None = None) -> CommandResult:
             assert pin is not None
             await pin(seen)
-            raise RemoteTimeout("virsh did not finish within 60 s", code="command_timeout")
+            raise CommandTimeout("virsh did not finish within 60 s")
 
     world.portal.shell = PinsThenTimesOut()
     check = asyncio.run(world.portal.check_agent(alice, agent.id))
