@@ -10,6 +10,8 @@ import ipaddress
 import re
 import unicodedata
 
+from core.errors import FieldError
+
 NAME_MAX = 100
 EMAIL_MAX = 255
 HOSTNAME_MAX = 255
@@ -106,3 +108,8 @@ def check_secret_text(value: str) -> str | None:
 def normalize_email(value: str) -> str:
     """The form in which e-mail addresses are compared for uniqueness."""
     return value.casefold()
+
+
+def collect(*checks: tuple[str, str | None]) -> list[FieldError]:
+    """The failed checks of ``(field, message or None)`` pairs, as field errors."""
+    return [FieldError(field, message) for field, message in checks if message is not None]

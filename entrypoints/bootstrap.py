@@ -19,8 +19,8 @@ from adapters.sql.storage import SqlStorage
 from adapters.ssh import AsyncsshShell
 from adapters.sshkeys import AsyncsshKeys
 from core.errors import DatabaseBusy, DatabaseUnavailable, PortalError, SecretUnreadable
+from core.portal import Portal, assemble
 from core.ports import Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage
-from core.services import Portal
 from entrypoints.settings import ConfigError, Settings, secrets_of_url, shown_url
 
 
@@ -133,26 +133,25 @@ def build_runtime(
     shell: RemoteShell | None = None,
 ) -> Runtime:
     """Wire the portal. Tests may pass fakes for any port; everything else gets the real adapter."""
+    # Each adapter is assigned to its port's type: an adapter that stops implementing its port is
+    # a type error here (mypy --strict runs over every package).
     storage = storage if storage is not None else open_storage(settings)
-    shell = shell if shell is not None else AsyncsshShell(
+    remote_shell: RemoteShell = shell if shell is not None else AsyncsshShell(
         connect_timeout=settings.ssh_connect_timeout,
         command_timeout=settings.ssh_command_timeout,
         idle_timeout=settings.ssh_idle_timeout,
     )
-    portal = Portal(
-        storage=storage,
-        hasher=hasher or Sha256KeyHasher(),
-        secrets=secrets or secret_box(settings),
-        ssh_keys=ssh_keys or AsyncsshKeys(),
-        clock=clock or SystemClock(),
-        signup=settings.signup,
-        shell=shell,
-    )
+    key_hasher: KeyHasher = hasher or Sha256KeyHasher()
+    secret_store: SecretBox = secrets or secret_box(settings)
+    key_parser: SshKeys = ssh_keys or AsyncsshKeys()
+    system_clock: Clock = clock or SystemClock()
+    portal = assemble(storage=storage, hasher=key_hasher, secrets=secret_store, ssh_keys=key_parser,
+                      clock=system_clock, signup=settings.signup, shell=remote_shell)
     try:
-        portal.check_secret_key()
+        portal.agents.check_secret_key()
     except SecretUnreadable as error:
         variable = "MANAGEMENT_SECRET_KEY" if settings.secret_key else "MANAGEMENT_SECRET_KEY_FILE"
         raise ConfigError(variable, "this key does not open the credentials stored in the database (they were "
                                     "sealed with another key: every instance must use the same key, and a lost "
                                     "key file cannot be replaced by a new one)") from error
-    return Runtime(settings=settings, portal=portal, storage=storage, shell=shell)
+    return Runtime(settings=settings, portal=portal, storage=storage, shell=remote_shell)

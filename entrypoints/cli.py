@@ -188,7 +188,7 @@ def _users(args: argparse.Namespace, settings: Settings) -> int:
             _print_json(UserWithKeyView.with_key(created.user, created.api_key))
             print("store the api_key now: it is not shown again", file=sys.stderr)
         elif args.action == "list":
-            users = portal.list_users()
+            users = portal.users.list_users()
             if args.json:
                 _print_json([UserView.of(u) for u in users])
             else:
@@ -196,7 +196,7 @@ def _users(args: argparse.Namespace, settings: Settings) -> int:
                 for user in users:
                     print(f"{user.id:>5}  {user.name[:24]:<24} {(user.email or '-')[:32]:<32} {user.api_key_prefix}")
         else:
-            session = library.login_as(portal.find_user(user_id=args.id, email=args.email))
+            session = library.login_as(portal.users.find_user(user_id=args.id, email=args.email))
             api_key = session.rotate_api_key()  # also brings session.user up to date
             _print_json(UserWithKeyView.with_key(session.user, api_key))
     return 0

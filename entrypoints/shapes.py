@@ -17,7 +17,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from core.errors import FieldError, ValidationFailed
 from core.model import Agent, AgentCredentials, AuditEvent, User
 from core.ports import CommandResult
-from core.services import Failure, FleetEntry, VmInfo, WaitedAction
+from core.results import Failure, FleetEntry, VmInfo, WaitedAction
 from core.virsh import VmSummary
 
 T = TypeVar("T")

@@ -17,7 +17,7 @@ import structlog
 
 from core.errors import Unauthenticated
 from core.model import User
-from core.services import Portal
+from core.portal import Portal
 from entrypoints.http.cache import UntilChanged
 from entrypoints.http.errors import Problem
 
@@ -158,7 +158,7 @@ class Authentication:
         user = self.known.get(digest, version)
         if user is None:
             try:
-                user = await asyncio.to_thread(self.portal.authenticate, key)
+                user = await asyncio.to_thread(self.portal.users.authenticate, key)
             except Unauthenticated:
                 self.limiter.record_failure(address, now)
                 raise

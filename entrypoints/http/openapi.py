@@ -14,8 +14,9 @@ from typing import Any
 
 import attrs
 
+from core.audit import AUDIT_PAGE_MAX
 from core.commands import AgentChanges, AutostartChange, NewAgent, NewSnapshot, NewUser
-from core.services import AUDIT_PAGE_MAX, AgentCheck, HostFacts
+from core.results import AgentCheck, HostFacts
 from core.virsh import VM_NAME_MAX, VM_STATES, WAIT_MAX, Snapshot, VmAction, VmStats
 from entrypoints.http.errors import CODE_OF_STATUS
 from entrypoints.shapes import (

@@ -14,10 +14,11 @@ from typing import Any, TypeVar
 import falcon
 import falcon.asgi
 
+from core.audit import AUDIT_PAGE_DEFAULT
 from core.commands import AgentChanges, AutostartChange, NewAgent, NewSnapshot, NewUser
 from core.errors import FieldError, ValidationFailed
 from core.model import Agent, Caller, Origin
-from core.services import AUDIT_PAGE_DEFAULT, Portal
+from core.portal import Portal
 from core.virsh import VmAction
 from entrypoints.http.cache import UntilChanged
 from entrypoints.http.errors import Problem
@@ -113,7 +114,7 @@ class UsersResource:
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         request = await read_json(req, NewUser)
-        created = await run(self.portal.sign_up, request, origin(req))
+        created = await run(self.portal.users.sign_up, request, origin(req))
         resp.set_header("Cache-Control", "no-store")
         answer(resp, UserWithKeyView.with_key(created.user, created.api_key), 201)
 
@@ -126,14 +127,14 @@ class CurrentUserResource:
         answer(resp, UserView.of(req.context.user))
 
     async def on_post_rotate(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        rotated = await run(self.portal.rotate_api_key, caller(req))
+        rotated = await run(self.portal.users.rotate_api_key, caller(req))
         resp.set_header("Cache-Control", "no-store")
         answer(resp, UserWithKeyView.with_key(rotated.user, rotated.api_key))
 
     async def on_get_audit(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         limit = _int_param(req, "limit", AUDIT_PAGE_DEFAULT)
         before = _int_param(req, "before", None)
-        events = await run(lambda: self.portal.audit_events(caller(req), limit=limit, before=before))
+        events = await run(lambda: self.portal.audit.audit_events(caller(req), limit=limit, before=before))
         next_before = events[-1].id if len(events) == limit else None
         answer(resp, AuditPage(events=[AuditEventView.of(e) for e in events], next_before=next_before))
 
@@ -148,13 +149,13 @@ class AgentsResource:
         version = self.lists.version()
         agents = self.lists.get(req.context.user.id, version)
         if agents is None:
-            agents = await run(self.portal.list_agents, caller(req))
+            agents = await run(self.portal.agents.list_agents, caller(req))
             self.lists.put(req.context.user.id, version, agents)
         answer(resp, [AgentView.of(a) for a in agents])
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         request = await read_json(req, NewAgent)
-        agent = await run(self.portal.register_agent, caller(req), request)
+        agent = await run(self.portal.agents.register_agent, caller(req), request)
         resp.location = f"/agents/{agent.id}"
         answer(resp, AgentView.of(agent), 201)
 
@@ -164,25 +165,25 @@ class AgentResource:
         self.portal = portal
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
-        answer(resp, AgentView.of(await run(self.portal.get_agent, caller(req), agent_id)))
+        answer(resp, AgentView.of(await run(self.portal.agents.get_agent, caller(req), agent_id)))
 
     async def on_patch(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
         changes = await read_json(req, AgentChanges)
-        answer(resp, AgentView.of(await run(self.portal.update_agent, caller(req), agent_id, changes)))
+        answer(resp, AgentView.of(await run(self.portal.agents.update_agent, caller(req), agent_id, changes)))
 
     async def on_delete(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
-        await run(self.portal.delete_agent, caller(req), agent_id)
+        await run(self.portal.agents.delete_agent, caller(req), agent_id)
         resp.status = falcon.HTTP_204
 
     async def on_get_public_key(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
-        answer(resp, PublicKeyView.of(await run(self.portal.get_agent, caller(req), agent_id)))
+        answer(resp, PublicKeyView.of(await run(self.portal.agents.get_agent, caller(req), agent_id)))
 
     async def on_post_rotate_key(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
-        answer(resp, AgentView.of(await run(self.portal.rotate_agent_key, caller(req), agent_id)))
+        answer(resp, AgentView.of(await run(self.portal.agents.rotate_agent_key, caller(req), agent_id)))
 
     async def on_get_credentials(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
                                  agent_id: int) -> None:
-        credentials = await run(self.portal.read_credentials, caller(req), agent_id)
+        credentials = await run(self.portal.agents.read_credentials, caller(req), agent_id)
         resp.set_header("Cache-Control", "no-store")
         resp.set_header("Pragma", "no-cache")
         answer(resp, CredentialsView.of_credentials(credentials))
@@ -195,7 +196,7 @@ class VmsResource:
         self.portal = portal
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
-        vms = await self.portal.list_vms(caller(req), agent_id)
+        vms = await self.portal.vms.list_vms(caller(req), agent_id)
         answer(resp, [VmView.of(vm) for vm in vms])
 
 
@@ -204,17 +205,17 @@ class VmResource:
         self.portal = portal
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str) -> None:
-        answer(resp, VmInfoView.of(await self.portal.vm_info(caller(req), agent_id, vm)))
+        answer(resp, VmInfoView.of(await self.portal.vms.vm_info(caller(req), agent_id, vm)))
 
     async def _act(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str,
                    action: VmAction) -> None:
         raw_wait = _single_param(req, "wait")
         wait = None if raw_wait is None else _int_value("wait", raw_wait)
         if wait is None:
-            result = await self.portal.vm_action(caller(req), agent_id, vm, action)
+            result = await self.portal.vms.vm_action(caller(req), agent_id, vm, action)
             answer(resp, CommandView.of(result))
         else:  # polls asynchronously on the event loop: no thread, no transaction held while waiting
-            waited = await self.portal.vm_action_and_wait(caller(req), agent_id, vm, action, wait)
+            waited = await self.portal.vms.vm_action_and_wait(caller(req), agent_id, vm, action, wait)
             answer(resp, WaitedActionView.of_waited(waited))
 
     async def on_post_start(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int,
@@ -244,12 +245,12 @@ class VmResource:
     async def on_put_autostart(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int,
                                vm: str) -> None:
         change = await read_json(req, AutostartChange)
-        result = await self.portal.set_autostart(caller(req), agent_id, vm, change.enabled)
+        result = await self.portal.vms.set_autostart(caller(req), agent_id, vm, change.enabled)
         answer(resp, AutostartView(vm=vm, enabled=change.enabled, result=CommandView.of(result)))
 
     async def on_get_stats(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int,
                            vm: str) -> None:
-        answer(resp, await self.portal.vm_stats(caller(req), agent_id, vm))
+        answer(resp, await self.portal.vms.vm_stats(caller(req), agent_id, vm))
 
 
 class SnapshotsResource:
@@ -259,20 +260,20 @@ class SnapshotsResource:
         self.portal = portal
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str) -> None:
-        answer(resp, await self.portal.list_snapshots(caller(req), agent_id, vm))
+        answer(resp, await self.portal.snapshots.list_snapshots(caller(req), agent_id, vm))
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str) -> None:
         request = await read_json(req, NewSnapshot)
-        answer(resp, await self.portal.create_snapshot(caller(req), agent_id, vm, request), 201)
+        answer(resp, await self.portal.snapshots.create_snapshot(caller(req), agent_id, vm, request), 201)
 
     async def on_delete_one(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str,
                             snapshot: str) -> None:
-        await self.portal.delete_snapshot(caller(req), agent_id, vm, snapshot)
+        await self.portal.snapshots.delete_snapshot(caller(req), agent_id, vm, snapshot)
         resp.status = falcon.HTTP_204
 
     async def on_post_revert(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str,
                              snapshot: str) -> None:
-        answer(resp, CommandView.of(await self.portal.revert_snapshot(caller(req), agent_id, vm, snapshot)))
+        answer(resp, CommandView.of(await self.portal.snapshots.revert_snapshot(caller(req), agent_id, vm, snapshot)))
 
 
 class FleetResource:
@@ -284,7 +285,7 @@ class FleetResource:
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         agent_ids = [_int_value("agent", raw) for raw in req.get_param_as_list("agent") or []]
         states = req.get_param_as_list("state") or []
-        entries = await self.portal.fleet(caller(req), agent_ids=agent_ids, states=states)
+        entries = await self.portal.fleet.fleet(caller(req), agent_ids=agent_ids, states=states)
         answer(resp, [FleetEntryView.of(entry) for entry in entries])
 
 
@@ -295,10 +296,10 @@ class AgentHostResource:
         self.portal = portal
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
-        answer(resp, await self.portal.host_facts(caller(req), agent_id))
+        answer(resp, await self.portal.fleet.host_facts(caller(req), agent_id))
 
     async def on_post_check(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
-        answer(resp, await self.portal.check_agent(caller(req), agent_id))
+        answer(resp, await self.portal.fleet.check_agent(caller(req), agent_id))
 
 
 def _int_param(req: falcon.asgi.Request, name: str, default: Any) -> Any:

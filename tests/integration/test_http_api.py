@@ -442,12 +442,12 @@ def test_request_id_is_echoed_or_generated(api: Api) -> None:
 
 def test_an_unexpected_error_is_a_500_without_details(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     key = api.sign_up()["api_key"]
-    from core.services import Portal
+    from core.agents import AgentService
 
     def explode(*_args: object) -> None:
         raise RuntimeError("secret internals /etc/passwd")
 
-    monkeypatch.setattr(Portal, "list_agents", explode)
+    monkeypatch.setattr(AgentService, "list_agents", explode)
     result = api.call("GET", "/agents", key)
     body = assert_problem(result, 500, "internal_error")
     assert "secret internals" not in result.text and "Traceback" not in result.text

@@ -39,7 +39,7 @@ def shell() -> Shell:
 @pytest.fixture
 def client(tmp_path: Path, shell: Shell) -> Iterator[Api]:
     runtime = bootstrap.build_runtime(make_settings(tmp_path), shell=shell)
-    runtime.portal.poll_interval = 0.01
+    runtime.portal.vms.poll_interval = 0.01
     yield Api(testing.TestClient(create_app(runtime)))
     runtime.close()
 

@@ -1,5 +1,6 @@
-"""Unit tests of every use case of ``core.services.Portal``, run against the in-memory fakes of
-``adapters/memory.py`` (no disk, no network, no real cryptography)."""
+"""Unit tests of the users, agents and audit use cases (``core/users.py``, ``core/agents.py``,
+``core/audit.py``), run against the in-memory fakes of ``adapters/memory.py`` (no disk, no network,
+no real cryptography)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from core.errors import (
     ValidationFailed,
 )
 from core.model import DEFAULT_LIBVIRT_URI, Agent, AuditEvent, Caller, HostKey, Origin, SignupPolicy, api_key_prefix
-from core.services import Portal
+from core.portal import Portal, assemble
 
 PLAIN_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
 OTHER_PLAIN_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEBBBB\n-----END OPENSSH PRIVATE KEY-----\n"
@@ -66,7 +67,7 @@ def make_world(signup: SignupPolicy = SignupPolicy.OPEN) -> World:
     storage = InMemoryStorage()
     clock = ManualClock()
     shell = ScriptedShell()
-    portal = Portal(
+    portal = assemble(
         storage=storage,
         hasher=CountingKeyHasher(),
         secrets=ReversibleSecretBox(),
@@ -84,7 +85,7 @@ def world() -> World:
 
 
 def make_caller(world: World, name: str, address: str) -> Caller:
-    created = world.portal.create_user(NewUser(name=name, email=f"{name}@example.com"), OPERATOR)
+    created = world.portal.users.create_user(NewUser(name=name, email=f"{name}@example.com"), OPERATOR)
     return Caller(user=created.user, request_id=f"req-{name}", client_address=address)
 
 
@@ -111,7 +112,7 @@ def new_agent(**fields: Any) -> NewAgent:
 
 @pytest.fixture
 def alice_agent(world: World, alice: Caller) -> Agent:
-    return world.portal.register_agent(alice, new_agent())
+    return world.portal.agents.register_agent(alice, new_agent())
 
 
 def events(world: World) -> list[AuditEvent]:
@@ -137,51 +138,51 @@ def fields_of(error: ValidationFailed) -> list[str]:
 
 def test_open_signup_creates_every_user() -> None:
     world = make_world(SignupPolicy.OPEN)
-    first = world.portal.sign_up(NewUser(name="alice"), SIGNUP_ORIGIN)
-    second = world.portal.sign_up(NewUser(name="bob"), SIGNUP_ORIGIN)
+    first = world.portal.users.sign_up(NewUser(name="alice"), SIGNUP_ORIGIN)
+    second = world.portal.users.sign_up(NewUser(name="bob"), SIGNUP_ORIGIN)
     assert first.user.id != second.user.id
-    assert [u.name for u in world.portal.list_users()] == ["alice", "bob"]
+    assert [u.name for u in world.portal.users.list_users()] == ["alice", "bob"]
 
 
 def test_first_signup_creates_the_first_user_then_refuses_and_says_how() -> None:
     world = make_world(SignupPolicy.FIRST)
-    world.portal.sign_up(NewUser(name="alice"), SIGNUP_ORIGIN)
+    world.portal.users.sign_up(NewUser(name="alice"), SIGNUP_ORIGIN)
 
     with pytest.raises(SignupRefused) as refused:
-        world.portal.sign_up(NewUser(name="mallory"), SIGNUP_ORIGIN)
+        world.portal.users.sign_up(NewUser(name="mallory"), SIGNUP_ORIGIN)
 
     assert refused.value.code == "signup_closed"
     assert "users create" in refused.value.detail
     assert "MANAGEMENT_SIGNUP" in refused.value.detail
-    assert [u.name for u in world.portal.list_users()] == ["alice"]
+    assert [u.name for u in world.portal.users.list_users()] == ["alice"]
 
 
 def test_closed_signup_refuses_even_the_first_user_and_says_how() -> None:
     world = make_world(SignupPolicy.CLOSED)
     with pytest.raises(SignupRefused) as refused:
-        world.portal.sign_up(NewUser(name="alice"), SIGNUP_ORIGIN)
+        world.portal.users.sign_up(NewUser(name="alice"), SIGNUP_ORIGIN)
     assert "users create" in refused.value.detail
     assert "MANAGEMENT_SIGNUP" in refused.value.detail
-    assert world.portal.list_users() == []
+    assert world.portal.users.list_users() == []
 
 
 @pytest.mark.parametrize("policy", [SignupPolicy.FIRST, SignupPolicy.CLOSED])
 def test_operator_create_user_ignores_the_signup_policy(policy: SignupPolicy) -> None:
     world = make_world(policy)
-    world.portal.create_user(NewUser(name="alice"), OPERATOR)
-    world.portal.create_user(NewUser(name="bob"), OPERATOR)
-    assert [u.name for u in world.portal.list_users()] == ["alice", "bob"]
+    world.portal.users.create_user(NewUser(name="alice"), OPERATOR)
+    world.portal.users.create_user(NewUser(name="bob"), OPERATOR)
+    assert [u.name for u in world.portal.users.list_users()] == ["alice", "bob"]
 
 
 def test_sign_up_returns_a_key_that_authenticates_the_new_user(world: World) -> None:
-    created = world.portal.sign_up(NewUser(name="alice", email="alice@example.com"), SIGNUP_ORIGIN)
+    created = world.portal.users.sign_up(NewUser(name="alice", email="alice@example.com"), SIGNUP_ORIGIN)
     assert created.user.email == "alice@example.com"
     assert created.user.api_key_prefix == api_key_prefix(created.api_key)
-    assert world.portal.authenticate(created.api_key) == created.user
+    assert world.portal.users.authenticate(created.api_key) == created.user
 
 
 def test_sign_up_is_audited_as_the_new_user_with_the_origin(world: World) -> None:
-    created = world.portal.sign_up(NewUser(name="alice"), SIGNUP_ORIGIN)
+    created = world.portal.users.sign_up(NewUser(name="alice"), SIGNUP_ORIGIN)
     [event] = events(world)
     assert (event.user_id, event.action, event.outcome) == (created.user.id, "user.create", "ok")
     assert (event.request_id, event.client_address) == ("req-signup", "203.0.113.7")
@@ -189,17 +190,17 @@ def test_sign_up_is_audited_as_the_new_user_with_the_origin(world: World) -> Non
 
 @pytest.mark.parametrize("create", ["sign_up", "create_user"])
 def test_duplicate_email_is_a_conflict_whatever_its_case(world: World, create: str) -> None:
-    world.portal.sign_up(NewUser(name="alice", email="Alice@Example.com"), SIGNUP_ORIGIN)
+    world.portal.users.sign_up(NewUser(name="alice", email="Alice@Example.com"), SIGNUP_ORIGIN)
     with pytest.raises(Conflict) as conflict:
-        getattr(world.portal, create)(NewUser(name="alice2", email="aLICE@example.COM"), SIGNUP_ORIGIN)
+        getattr(world.portal.users, create)(NewUser(name="alice2", email="aLICE@example.COM"), SIGNUP_ORIGIN)
     assert conflict.value.code == "email_taken"
-    assert [u.name for u in world.portal.list_users()] == ["alice"]
+    assert [u.name for u in world.portal.users.list_users()] == ["alice"]
 
 
 def test_users_without_email_never_clash(world: World) -> None:
-    world.portal.sign_up(NewUser(name="alice"), SIGNUP_ORIGIN)
-    world.portal.sign_up(NewUser(name="alice"), SIGNUP_ORIGIN)
-    assert len(world.portal.list_users()) == 2
+    world.portal.users.sign_up(NewUser(name="alice"), SIGNUP_ORIGIN)
+    world.portal.users.sign_up(NewUser(name="alice"), SIGNUP_ORIGIN)
+    assert len(world.portal.users.list_users()) == 2
 
 
 @pytest.mark.parametrize(
@@ -218,26 +219,26 @@ def test_users_without_email_never_clash(world: World) -> None:
 def test_invalid_user_fields_are_refused_naming_the_field(world: World, name: str, email: str | None,
                                                          field: str) -> None:
     with pytest.raises(ValidationFailed) as invalid:
-        world.portal.sign_up(NewUser(name=name, email=email), SIGNUP_ORIGIN)
+        world.portal.users.sign_up(NewUser(name=name, email=email), SIGNUP_ORIGIN)
     assert fields_of(invalid.value) == [field]
-    assert world.portal.list_users() == []
+    assert world.portal.users.list_users() == []
 
 
 def test_invalid_name_and_email_are_reported_together(world: World) -> None:
     with pytest.raises(ValidationFailed) as invalid:
-        world.portal.create_user(NewUser(name="", email="nope"), OPERATOR)
+        world.portal.users.create_user(NewUser(name="", email="nope"), OPERATOR)
     assert fields_of(invalid.value) == ["name", "email"]
 
 
 def test_find_user_by_id_and_by_email_case_insensitively(world: World, alice: Caller) -> None:
-    assert world.portal.find_user(user_id=alice.user.id) == alice.user
-    assert world.portal.find_user(email="ALICE@example.com") == alice.user
+    assert world.portal.users.find_user(user_id=alice.user.id) == alice.user
+    assert world.portal.users.find_user(email="ALICE@example.com") == alice.user
 
 
 @pytest.mark.parametrize("query", [{"user_id": 999}, {"email": "nobody@example.com"}, {}])
 def test_find_user_reports_an_unknown_user(world: World, alice: Caller, query: dict[str, Any]) -> None:
     with pytest.raises(NotFound) as missing:
-        world.portal.find_user(**query)
+        world.portal.users.find_user(**query)
     assert missing.value.code == "user_not_found"
 
 
@@ -245,50 +246,50 @@ def test_find_user_reports_an_unknown_user(world: World, alice: Caller, query: d
 
 
 def test_authenticate_returns_the_owner_of_a_valid_key(world: World) -> None:
-    alice = world.portal.create_user(NewUser(name="alice"), OPERATOR)
-    bob = world.portal.create_user(NewUser(name="bob"), OPERATOR)
-    assert world.portal.authenticate(alice.api_key) == alice.user
-    assert world.portal.authenticate(bob.api_key) == bob.user
+    alice = world.portal.users.create_user(NewUser(name="alice"), OPERATOR)
+    bob = world.portal.users.create_user(NewUser(name="bob"), OPERATOR)
+    assert world.portal.users.authenticate(alice.api_key) == alice.user
+    assert world.portal.users.authenticate(bob.api_key) == bob.user
 
 
 @pytest.mark.parametrize("text", ["", "garbage", "Bearer mgmt_", "mgmt_000000000001", "mgmt_XYZ_" + "a" * 43,
                                   "mgmt_000000000001_short", "mgmt_000000000001_" + "a" * 42 + "!"])
 def test_authenticate_refuses_a_malformed_key(world: World, text: str) -> None:
-    world.portal.create_user(NewUser(name="alice"), OPERATOR)
+    world.portal.users.create_user(NewUser(name="alice"), OPERATOR)
     assert api_key_prefix(text) is None
     with pytest.raises(Unauthenticated):
-        world.portal.authenticate(text)
+        world.portal.users.authenticate(text)
 
 
 def test_authenticate_refuses_a_well_formed_but_wrong_key(world: World) -> None:
-    created = world.portal.create_user(NewUser(name="alice"), OPERATOR)
+    created = world.portal.users.create_user(NewUser(name="alice"), OPERATOR)
     key = created.api_key
     same_prefix_wrong_secret = key[:-1] + ("A" if key[-1] != "A" else "B")
     unknown_prefix = "mgmt_ffffffffffff_" + key.split("_", 2)[2]
     for wrong in (same_prefix_wrong_secret, unknown_prefix):
         assert api_key_prefix(wrong) is not None  # well-formed: refused by lookup/hash, not by shape
         with pytest.raises(Unauthenticated):
-            world.portal.authenticate(wrong)
+            world.portal.users.authenticate(wrong)
 
 
 def test_rotation_kills_the_old_key_at_once_and_the_new_key_works(world: World) -> None:
-    created = world.portal.create_user(NewUser(name="alice"), OPERATOR)
+    created = world.portal.users.create_user(NewUser(name="alice"), OPERATOR)
     caller = Caller(user=created.user, request_id="req-rotate", client_address="198.51.100.10")
 
-    rotated = world.portal.rotate_api_key(caller)
+    rotated = world.portal.users.rotate_api_key(caller)
 
     assert rotated.api_key != created.api_key
     assert rotated.user.api_key_prefix == api_key_prefix(rotated.api_key)
-    assert world.portal.authenticate(rotated.api_key).id == created.user.id
+    assert world.portal.users.authenticate(rotated.api_key).id == created.user.id
     with pytest.raises(Unauthenticated):
-        world.portal.authenticate(created.api_key)
+        world.portal.users.authenticate(created.api_key)
 
 
 # ---------------------------------------------------------------------------------------- register_agent
 
 
 def test_register_agent_stores_the_agent_with_defaults(world: World, alice: Caller) -> None:
-    agent = world.portal.register_agent(alice, new_agent())
+    agent = world.portal.agents.register_agent(alice, new_agent())
     assert agent.id > 0
     assert agent.owner_id == alice.user.id
     assert (agent.name, agent.hostname, agent.username) == ("hv1", "192.0.2.15", "qemu-admin")
@@ -298,12 +299,12 @@ def test_register_agent_stores_the_agent_with_defaults(world: World, alice: Call
     assert agent.host_key is None
     assert agent.client_key == FakeSshKeys().inspect_private_key(PLAIN_KEY, None)
     assert agent.revision == 1
-    assert world.portal.get_agent(alice, agent.id) == agent
-    assert world.portal.list_agents(alice) == [agent]
+    assert world.portal.agents.get_agent(alice, agent.id) == agent
+    assert world.portal.agents.list_agents(alice) == [agent]
 
 
 def test_register_agent_keeps_explicit_settings_and_parses_the_host_key(world: World, alice: Caller) -> None:
-    agent = world.portal.register_agent(alice, new_agent(
+    agent = world.portal.agents.register_agent(alice, new_agent(
         port=2222, libvirt_uri="qemu+ssh://hv/system", allow_unknown_hosts=True, host_key=HOST_KEY))
     assert agent.port == 2222
     assert agent.libvirt_uri == "qemu+ssh://hv/system"
@@ -335,14 +336,14 @@ INVALID_AGENT_FIELDS = [
 def test_register_agent_reports_each_invalid_field_by_name(world: World, alice: Caller, fields: dict[str, Any],
                                                           field: str) -> None:
     with pytest.raises(ValidationFailed) as invalid:
-        world.portal.register_agent(alice, new_agent(**fields))
+        world.portal.agents.register_agent(alice, new_agent(**fields))
     assert fields_of(invalid.value) == [field]
-    assert world.portal.list_agents(alice) == []
+    assert world.portal.agents.list_agents(alice) == []
 
 
 def test_register_agent_reports_several_errors_together(world: World, alice: Caller) -> None:
     with pytest.raises(ValidationFailed) as invalid:
-        world.portal.register_agent(alice, new_agent(
+        world.portal.agents.register_agent(alice, new_agent(
             hostname="-bad", port=0, username="-root", libvirt_uri="nope",
             private_key="not a key", host_key="nope"))
     assert set(fields_of(invalid.value)) == {"hostname", "port", "username", "libvirt_uri", "private_key",
@@ -352,20 +353,21 @@ def test_register_agent_reports_several_errors_together(world: World, alice: Cal
 def test_register_agent_refuses_a_duplicate_name_for_the_same_owner(world: World, alice: Caller,
                                                                    alice_agent: Agent) -> None:
     with pytest.raises(Conflict) as conflict:
-        world.portal.register_agent(alice, new_agent(hostname="192.0.2.99"))
+        world.portal.agents.register_agent(alice, new_agent(hostname="192.0.2.99"))
     assert conflict.value.code == "agent_name_taken"
-    assert world.portal.list_agents(alice) == [alice_agent]
+    assert world.portal.agents.list_agents(alice) == [alice_agent]
 
 
 def test_agent_names_are_unique_per_owner_only(world: World, alice: Caller, bob: Caller,
                                                alice_agent: Agent) -> None:
-    bobs = world.portal.register_agent(bob, new_agent(name=alice_agent.name))
+    bobs = world.portal.agents.register_agent(bob, new_agent(name=alice_agent.name))
     assert bobs.name == alice_agent.name
     assert bobs.id != alice_agent.id
 
 
 def test_secrets_are_sealed_at_rest_and_read_back_in_clear(world: World, alice: Caller) -> None:
-    agent = world.portal.register_agent(alice, new_agent(private_key=ENCRYPTED_KEY, private_key_passphrase=PASSPHRASE))
+    agent = world.portal.agents.register_agent(
+        alice, new_agent(private_key=ENCRYPTED_KEY, private_key_passphrase=PASSPHRASE))
     stored = world.storage.state.agents[agent.id]
 
     assert stored.sealed_private_key != ENCRYPTED_KEY
@@ -373,7 +375,7 @@ def test_secrets_are_sealed_at_rest_and_read_back_in_clear(world: World, alice: 
     assert stored.sealed_passphrase is not None
     assert PASSPHRASE not in stored.sealed_passphrase
 
-    credentials = world.portal.read_credentials(alice, agent.id)
+    credentials = world.portal.agents.read_credentials(alice, agent.id)
     assert credentials.private_key == ENCRYPTED_KEY
     assert credentials.private_key_passphrase == PASSPHRASE
     assert credentials.agent == agent
@@ -381,73 +383,74 @@ def test_secrets_are_sealed_at_rest_and_read_back_in_clear(world: World, alice: 
 
 def test_an_unencrypted_key_has_no_sealed_passphrase(world: World, alice: Caller, alice_agent: Agent) -> None:
     assert alice_agent.sealed_passphrase is None
-    assert world.portal.read_credentials(alice, alice_agent.id).private_key_passphrase is None
+    assert world.portal.agents.read_credentials(alice, alice_agent.id).private_key_passphrase is None
 
 
 def test_sealed_key_is_bound_to_its_owner(world: World, alice: Caller, bob: Caller, alice_agent: Agent) -> None:
     """A sealed key copied into another user's row (e.g. by someone with database access) won't open."""
-    bobs = world.portal.register_agent(bob, new_agent(private_key=OTHER_PLAIN_KEY))
+    bobs = world.portal.agents.register_agent(bob, new_agent(private_key=OTHER_PLAIN_KEY))
     world.storage.state.agents[bobs.id] = attrs.evolve(bobs, sealed_private_key=alice_agent.sealed_private_key)
 
     with pytest.raises(SecretUnreadable):
-        world.portal.read_credentials(bob, bobs.id)
-    assert world.portal.read_credentials(alice, alice_agent.id).private_key == PLAIN_KEY
+        world.portal.agents.read_credentials(bob, bobs.id)
+    assert world.portal.agents.read_credentials(alice, alice_agent.id).private_key == PLAIN_KEY
 
 
 def test_sealed_passphrase_cannot_be_opened_as_a_private_key(world: World, alice: Caller) -> None:
-    agent = world.portal.register_agent(alice, new_agent(private_key=ENCRYPTED_KEY, private_key_passphrase=PASSPHRASE))
+    agent = world.portal.agents.register_agent(
+        alice, new_agent(private_key=ENCRYPTED_KEY, private_key_passphrase=PASSPHRASE))
     assert agent.sealed_passphrase is not None
     world.storage.state.agents[agent.id] = attrs.evolve(agent, sealed_private_key=agent.sealed_passphrase)
     with pytest.raises(SecretUnreadable):
-        world.portal.read_credentials(alice, agent.id)
+        world.portal.agents.read_credentials(alice, agent.id)
 
 
 # ---------------------------------------------------------------------------------------- update_agent
 
 
 def test_partial_update_changes_only_the_given_field(world: World, alice: Caller) -> None:
-    before = world.portal.register_agent(alice, new_agent(
+    before = world.portal.agents.register_agent(alice, new_agent(
         port=2200, libvirt_uri="qemu:///session", allow_unknown_hosts=True, host_key=HOST_KEY,
         private_key=ENCRYPTED_KEY, private_key_passphrase=PASSPHRASE))
 
-    after = world.portal.update_agent(alice, before.id, AgentChanges(port=2222))
+    after = world.portal.agents.update_agent(alice, before.id, AgentChanges(port=2222))
 
     assert after.updated_at > before.updated_at
     assert after == attrs.evolve(before, port=2222, revision=after.revision, updated_at=after.updated_at)
-    assert world.portal.get_agent(alice, before.id) == after
-    credentials = world.portal.read_credentials(alice, before.id)
+    assert world.portal.agents.get_agent(alice, before.id) == after
+    credentials = world.portal.agents.read_credentials(alice, before.id)
     assert (credentials.private_key, credentials.private_key_passphrase) == (ENCRYPTED_KEY, PASSPHRASE)
 
 
 def test_update_agent_validates_fields_like_registration(world: World, alice: Caller, alice_agent: Agent) -> None:
     with pytest.raises(ValidationFailed) as invalid:
-        world.portal.update_agent(alice, alice_agent.id, AgentChanges(
+        world.portal.agents.update_agent(alice, alice_agent.id, AgentChanges(
             name=" ", hostname="-x", port=65536, username="-u", libvirt_uri="nope", host_key="nope",
             private_key="nope"))
     assert set(fields_of(invalid.value)) == {"name", "hostname", "port", "username", "libvirt_uri", "host_key",
                                             "private_key"}
-    assert world.portal.get_agent(alice, alice_agent.id) == alice_agent
+    assert world.portal.agents.get_agent(alice, alice_agent.id) == alice_agent
 
 
 def test_update_agent_refuses_a_name_taken_by_another_of_the_owners_agents(world: World, alice: Caller,
                                                                          alice_agent: Agent) -> None:
-    second = world.portal.register_agent(alice, new_agent(name="hv2"))
+    second = world.portal.agents.register_agent(alice, new_agent(name="hv2"))
     with pytest.raises(Conflict) as conflict:
-        world.portal.update_agent(alice, second.id, AgentChanges(name=alice_agent.name))
+        world.portal.agents.update_agent(alice, second.id, AgentChanges(name=alice_agent.name))
     assert conflict.value.code == "agent_name_taken"
-    assert world.portal.get_agent(alice, second.id) == second
+    assert world.portal.agents.get_agent(alice, second.id) == second
 
 
 def test_update_agent_may_keep_its_own_name_or_take_another_users_agent_name(
         world: World, alice: Caller, bob: Caller, alice_agent: Agent) -> None:
-    world.portal.register_agent(bob, new_agent(name="bobs-hv"))
-    assert world.portal.update_agent(alice, alice_agent.id, AgentChanges(name=alice_agent.name)).name == "hv1"
-    assert world.portal.update_agent(alice, alice_agent.id, AgentChanges(name="bobs-hv")).name == "bobs-hv"
+    world.portal.agents.register_agent(bob, new_agent(name="bobs-hv"))
+    assert world.portal.agents.update_agent(alice, alice_agent.id, AgentChanges(name=alice_agent.name)).name == "hv1"
+    assert world.portal.agents.update_agent(alice, alice_agent.id, AgentChanges(name="bobs-hv")).name == "bobs-hv"
 
 
 @pytest.fixture
 def encrypted_agent(world: World, alice: Caller) -> Agent:
-    return world.portal.register_agent(
+    return world.portal.agents.register_agent(
         alice, new_agent(name="enc", private_key=ENCRYPTED_KEY, private_key_passphrase=PASSPHRASE))
 
 
@@ -455,57 +458,58 @@ def encrypted_agent(world: World, alice: Caller) -> Agent:
 def test_a_new_passphrase_alone_must_open_the_stored_key(world: World, alice: Caller, encrypted_agent: Agent,
                                                         passphrase: str | None) -> None:
     with pytest.raises(ValidationFailed) as invalid:
-        world.portal.update_agent(alice, encrypted_agent.id, AgentChanges(private_key_passphrase=passphrase))
+        world.portal.agents.update_agent(alice, encrypted_agent.id, AgentChanges(private_key_passphrase=passphrase))
     assert fields_of(invalid.value) == ["private_key_passphrase"]
-    assert world.portal.read_credentials(alice, encrypted_agent.id).private_key_passphrase == PASSPHRASE
+    assert world.portal.agents.read_credentials(alice, encrypted_agent.id).private_key_passphrase == PASSPHRASE
 
 
 def test_a_new_passphrase_alone_that_opens_the_stored_key_is_kept(world: World, alice: Caller,
                                                                  alice_agent: Agent) -> None:
     # The fake accepts any passphrase for an unencrypted key: the pair still opens, so it is stored.
-    world.portal.update_agent(alice, alice_agent.id, AgentChanges(private_key_passphrase="extra"))
-    credentials = world.portal.read_credentials(alice, alice_agent.id)
+    world.portal.agents.update_agent(alice, alice_agent.id, AgentChanges(private_key_passphrase="extra"))
+    credentials = world.portal.agents.read_credentials(alice, alice_agent.id)
     assert (credentials.private_key, credentials.private_key_passphrase) == (PLAIN_KEY, "extra")
 
 
 def test_a_new_key_without_a_passphrase_clears_the_stored_passphrase(world: World, alice: Caller,
                                                                     encrypted_agent: Agent) -> None:
-    updated = world.portal.update_agent(alice, encrypted_agent.id, AgentChanges(private_key=OTHER_PLAIN_KEY))
+    updated = world.portal.agents.update_agent(alice, encrypted_agent.id, AgentChanges(private_key=OTHER_PLAIN_KEY))
     assert updated.sealed_passphrase is None
     assert updated.client_key == FakeSshKeys().inspect_private_key(OTHER_PLAIN_KEY, None)
-    credentials = world.portal.read_credentials(alice, encrypted_agent.id)
+    credentials = world.portal.agents.read_credentials(alice, encrypted_agent.id)
     assert (credentials.private_key, credentials.private_key_passphrase) == (OTHER_PLAIN_KEY, None)
 
 
 def test_a_new_encrypted_key_does_not_reuse_the_stored_passphrase(world: World, alice: Caller,
                                                                  encrypted_agent: Agent) -> None:
     with pytest.raises(ValidationFailed) as invalid:
-        world.portal.update_agent(alice, encrypted_agent.id, AgentChanges(private_key=OTHER_ENCRYPTED_KEY))
+        world.portal.agents.update_agent(alice, encrypted_agent.id, AgentChanges(private_key=OTHER_ENCRYPTED_KEY))
     assert fields_of(invalid.value) == ["private_key_passphrase"]
-    assert world.portal.read_credentials(alice, encrypted_agent.id).private_key == ENCRYPTED_KEY
+    assert world.portal.agents.read_credentials(alice, encrypted_agent.id).private_key == ENCRYPTED_KEY
 
 
 def test_a_new_encrypted_key_with_its_passphrase_replaces_both(world: World, alice: Caller,
                                                               alice_agent: Agent) -> None:
-    world.portal.update_agent(alice, alice_agent.id, AgentChanges(private_key=OTHER_ENCRYPTED_KEY,
+    world.portal.agents.update_agent(alice, alice_agent.id, AgentChanges(private_key=OTHER_ENCRYPTED_KEY,
                                                                   private_key_passphrase=PASSPHRASE))
-    credentials = world.portal.read_credentials(alice, alice_agent.id)
+    credentials = world.portal.agents.read_credentials(alice, alice_agent.id)
     assert (credentials.private_key, credentials.private_key_passphrase) == (OTHER_ENCRYPTED_KEY, PASSPHRASE)
 
 
 def test_host_key_can_be_pinned_replaced_and_cleared(world: World, alice: Caller, alice_agent: Agent) -> None:
-    pinned = world.portal.update_agent(alice, alice_agent.id, AgentChanges(host_key=HOST_KEY))
+    pinned = world.portal.agents.update_agent(alice, alice_agent.id, AgentChanges(host_key=HOST_KEY))
     assert pinned.host_key == FakeSshKeys().parse_host_key(HOST_KEY)
-    replaced = world.portal.update_agent(alice, alice_agent.id, AgentChanges(host_key=OTHER_HOST_KEY))
+    replaced = world.portal.agents.update_agent(alice, alice_agent.id, AgentChanges(host_key=OTHER_HOST_KEY))
     assert replaced.host_key == FakeSshKeys().parse_host_key(OTHER_HOST_KEY)
-    cleared = world.portal.update_agent(alice, alice_agent.id, AgentChanges(host_key=None))
+    cleared = world.portal.agents.update_agent(alice, alice_agent.id, AgentChanges(host_key=None))
     assert cleared.host_key is None
-    assert world.portal.get_agent(alice, alice_agent.id).host_key is None
+    assert world.portal.agents.get_agent(alice, alice_agent.id).host_key is None
 
 
 def test_libvirt_uri_null_restores_the_default(world: World, alice: Caller) -> None:
-    agent = world.portal.register_agent(alice, new_agent(libvirt_uri="qemu:///session"))
-    assert world.portal.update_agent(alice, agent.id, AgentChanges(libvirt_uri=None)).libvirt_uri == DEFAULT_LIBVIRT_URI
+    agent = world.portal.agents.register_agent(alice, new_agent(libvirt_uri="qemu:///session"))
+    updated = world.portal.agents.update_agent(alice, agent.id, AgentChanges(libvirt_uri=None))
+    assert updated.libvirt_uri == DEFAULT_LIBVIRT_URI
 
 
 @pytest.mark.parametrize(
@@ -522,9 +526,9 @@ def test_libvirt_uri_null_restores_the_default(world: World, alice: Caller) -> N
 )
 def test_revision_increases_when_connection_settings_change(world: World, alice: Caller, alice_agent: Agent,
                                                            changes: AgentChanges) -> None:
-    updated = world.portal.update_agent(alice, alice_agent.id, changes)
+    updated = world.portal.agents.update_agent(alice, alice_agent.id, changes)
     assert updated.revision == alice_agent.revision + 1
-    assert world.portal.get_agent(alice, alice_agent.id).revision == alice_agent.revision + 1
+    assert world.portal.agents.get_agent(alice, alice_agent.id).revision == alice_agent.revision + 1
 
 
 @pytest.mark.parametrize(
@@ -537,55 +541,55 @@ def test_revision_increases_when_connection_settings_change(world: World, alice:
 )
 def test_revision_stays_when_no_connection_setting_changes(world: World, alice: Caller, alice_agent: Agent,
                                                           changes: AgentChanges) -> None:
-    updated = world.portal.update_agent(alice, alice_agent.id, changes)
+    updated = world.portal.agents.update_agent(alice, alice_agent.id, changes)
     assert updated.revision == alice_agent.revision
 
 
 def test_revision_keeps_increasing_across_updates(world: World, alice: Caller, alice_agent: Agent) -> None:
-    world.portal.update_agent(alice, alice_agent.id, AgentChanges(port=2201))
-    world.portal.update_agent(alice, alice_agent.id, AgentChanges(name="renamed"))
-    world.portal.update_agent(alice, alice_agent.id, AgentChanges(port=2202))
-    assert world.portal.get_agent(alice, alice_agent.id).revision == alice_agent.revision + 2
+    world.portal.agents.update_agent(alice, alice_agent.id, AgentChanges(port=2201))
+    world.portal.agents.update_agent(alice, alice_agent.id, AgentChanges(name="renamed"))
+    world.portal.agents.update_agent(alice, alice_agent.id, AgentChanges(port=2202))
+    assert world.portal.agents.get_agent(alice, alice_agent.id).revision == alice_agent.revision + 2
 
 
 # ---------------------------------------------------------------------------------------- delete, get
 
 
 def test_deleted_agent_is_gone(world: World, alice: Caller, alice_agent: Agent) -> None:
-    world.portal.delete_agent(alice, alice_agent.id)
+    world.portal.agents.delete_agent(alice, alice_agent.id)
 
     with pytest.raises(NotFound) as missing:
-        world.portal.get_agent(alice, alice_agent.id)
+        world.portal.agents.get_agent(alice, alice_agent.id)
     assert missing.value.code == "agent_not_found"
-    assert world.portal.list_agents(alice) == []
+    assert world.portal.agents.list_agents(alice) == []
     with pytest.raises(NotFound) as again:
-        world.portal.delete_agent(alice, alice_agent.id)
+        world.portal.agents.delete_agent(alice, alice_agent.id)
     assert again.value.code == "agent_not_found"
 
 
 def test_getting_an_unknown_agent_is_not_found(world: World, alice: Caller) -> None:
     with pytest.raises(NotFound) as missing:
-        world.portal.get_agent(alice, 12345)
+        world.portal.agents.get_agent(alice, 12345)
     assert missing.value.code == "agent_not_found"
 
 
 def test_list_agents_is_oldest_first(world: World, alice: Caller) -> None:
-    first = world.portal.register_agent(alice, new_agent(name="a2"))
-    second = world.portal.register_agent(alice, new_agent(name="a1"))
-    assert [a.id for a in world.portal.list_agents(alice)] == [first.id, second.id]
+    first = world.portal.agents.register_agent(alice, new_agent(name="a2"))
+    second = world.portal.agents.register_agent(alice, new_agent(name="a1"))
+    assert [a.id for a in world.portal.agents.list_agents(alice)] == [first.id, second.id]
 
 
 # ---------------------------------------------------------------------------------------- isolation
 
 FOREIGN_OPERATIONS: dict[str, Callable[[Portal, Caller, int], object]] = {
-    "get": lambda portal, caller, agent_id: portal.get_agent(caller, agent_id),
-    "update": lambda portal, caller, agent_id: portal.update_agent(caller, agent_id, AgentChanges(port=2222)),
-    "update-invalid": lambda portal, caller, agent_id: portal.update_agent(
+    "get": lambda portal, caller, agent_id: portal.agents.get_agent(caller, agent_id),
+    "update": lambda portal, caller, agent_id: portal.agents.update_agent(caller, agent_id, AgentChanges(port=2222)),
+    "update-invalid": lambda portal, caller, agent_id: portal.agents.update_agent(
         caller, agent_id, AgentChanges(hostname="-x", private_key="nope")),
-    "update-clashing-name": lambda portal, caller, agent_id: portal.update_agent(
+    "update-clashing-name": lambda portal, caller, agent_id: portal.agents.update_agent(
         caller, agent_id, AgentChanges(name="bobs-hv")),
-    "delete": lambda portal, caller, agent_id: portal.delete_agent(caller, agent_id),
-    "read_credentials": lambda portal, caller, agent_id: portal.read_credentials(caller, agent_id),
+    "delete": lambda portal, caller, agent_id: portal.agents.delete_agent(caller, agent_id),
+    "read_credentials": lambda portal, caller, agent_id: portal.agents.read_credentials(caller, agent_id),
 }
 
 
@@ -593,7 +597,7 @@ FOREIGN_OPERATIONS: dict[str, Callable[[Portal, Caller, int], object]] = {
 def test_another_users_agent_is_not_found_and_untouched(world: World, alice: Caller, bob: Caller,
                                                        alice_agent: Agent,
                                                        operation: Callable[[Portal, Caller, int], object]) -> None:
-    world.portal.register_agent(bob, new_agent(name="bobs-hv"))
+    world.portal.agents.register_agent(bob, new_agent(name="bobs-hv"))
     with pytest.raises(NotFound) as foreign:
         operation(world.portal, bob, alice_agent.id)
     with pytest.raises(NotFound) as absent:
@@ -603,15 +607,15 @@ def test_another_users_agent_is_not_found_and_untouched(world: World, alice: Cal
     assert type(absent.value) is AgentNotFound
     assert foreign.value.code == "agent_not_found"
     assert foreign.value.detail == absent.value.detail  # indistinguishable from an agent that does not exist
-    assert world.portal.get_agent(alice, alice_agent.id) == alice_agent
-    assert world.portal.read_credentials(alice, alice_agent.id).private_key == PLAIN_KEY
+    assert world.portal.agents.get_agent(alice, alice_agent.id) == alice_agent
+    assert world.portal.agents.read_credentials(alice, alice_agent.id).private_key == PLAIN_KEY
 
 
 def test_list_agents_shows_only_the_callers_agents(world: World, alice: Caller, bob: Caller,
                                                   alice_agent: Agent) -> None:
-    bobs = world.portal.register_agent(bob, new_agent(name="bobs-hv"))
-    assert world.portal.list_agents(bob) == [bobs]
-    assert world.portal.list_agents(alice) == [alice_agent]
+    bobs = world.portal.agents.register_agent(bob, new_agent(name="bobs-hv"))
+    assert world.portal.agents.list_agents(bob) == [bobs]
+    assert world.portal.agents.list_agents(alice) == [alice_agent]
 
 
 # ---------------------------------------------------------------------------------------- pin_host_key
@@ -622,10 +626,10 @@ def test_pin_host_key_pins_the_first_key_seen_and_audits_it(world: World, alice:
     seen = HostKey(openssh="ssh-ed25519 AAAAseen", fingerprint="SHA256:seen")
     count_before = len(events(world))
 
-    pinned = world.portal.pin_host_key(alice, alice_agent, seen)
+    pinned = world.portal.remote.pin_host_key(alice, alice_agent, seen)
 
     assert pinned == seen
-    assert world.portal.get_agent(alice, alice_agent.id).host_key == seen
+    assert world.portal.agents.get_agent(alice, alice_agent.id).host_key == seen
     [event] = new_events(world, count_before)
     assert (event.user_id, event.action, event.outcome, event.agent_id) == (
         alice.user.id, "agent.pin_host_key", "ok", alice_agent.id)
@@ -633,32 +637,34 @@ def test_pin_host_key_pins_the_first_key_seen_and_audits_it(world: World, alice:
 
 
 def test_pin_host_key_never_replaces_a_pinned_key(world: World, alice: Caller) -> None:
-    agent = world.portal.register_agent(alice, new_agent(host_key=HOST_KEY))
+    agent = world.portal.agents.register_agent(alice, new_agent(host_key=HOST_KEY))
     other = HostKey(openssh="ssh-ed25519 AAAAother", fingerprint="SHA256:other")
     count_before = len(events(world))
 
-    result = world.portal.pin_host_key(alice, agent, other)
+    result = world.portal.remote.pin_host_key(alice, agent, other)
 
     assert result == agent.host_key  # the key already pinned wins; the caller compares
-    assert world.portal.get_agent(alice, agent.id).host_key == agent.host_key
+    assert world.portal.agents.get_agent(alice, agent.id).host_key == agent.host_key
     assert new_events(world, count_before) == []
 
 
 def test_pin_host_key_of_a_deleted_agent_stores_nothing(world: World, alice: Caller, alice_agent: Agent) -> None:
-    world.portal.delete_agent(alice, alice_agent.id)
+    world.portal.agents.delete_agent(alice, alice_agent.id)
     with pytest.raises(Conflict) as changed:
-        world.portal.pin_host_key(alice, alice_agent, HostKey(openssh="ssh-ed25519 AAAAx", fingerprint="SHA256:x"))
+        world.portal.remote.pin_host_key(alice, alice_agent,
+                                         HostKey(openssh="ssh-ed25519 AAAAx", fingerprint="SHA256:x"))
     assert changed.value.code == "agent_changed"
     assert world.storage.state.agents == {}
 
 
 def test_pin_host_key_of_an_agent_changed_meanwhile_stores_nothing(world: World, alice: Caller,
                                                                     alice_agent: Agent) -> None:
-    world.portal.update_agent(alice, alice_agent.id, AgentChanges(hostname="192.0.2.99"))
+    world.portal.agents.update_agent(alice, alice_agent.id, AgentChanges(hostname="192.0.2.99"))
     with pytest.raises(Conflict) as changed:
-        world.portal.pin_host_key(alice, alice_agent, HostKey(openssh="ssh-ed25519 AAAAx", fingerprint="SHA256:x"))
+        world.portal.remote.pin_host_key(alice, alice_agent,
+                                         HostKey(openssh="ssh-ed25519 AAAAx", fingerprint="SHA256:x"))
     assert changed.value.code == "agent_changed"
-    assert world.portal.get_agent(alice, alice_agent.id).host_key == alice_agent.host_key
+    assert world.portal.agents.get_agent(alice, alice_agent.id).host_key == alice_agent.host_key
 
 
 # ---------------------------------------------------------------------------------------- pooled connections
@@ -675,30 +681,30 @@ def shell(world: World) -> ScriptedShell:
 def test_changing_connection_settings_drops_pooled_connections(world: World, alice: Caller, alice_agent: Agent,
                                                                shell: ScriptedShell,
                                                                changes: AgentChanges) -> None:
-    world.portal.update_agent(alice, alice_agent.id, changes)
+    world.portal.agents.update_agent(alice, alice_agent.id, changes)
     assert shell.discarded == [alice_agent.id]
 
 
 def test_a_rename_keeps_pooled_connections(world: World, alice: Caller, alice_agent: Agent,
                                            shell: ScriptedShell) -> None:
-    world.portal.update_agent(alice, alice_agent.id, AgentChanges(name="renamed"))
+    world.portal.agents.update_agent(alice, alice_agent.id, AgentChanges(name="renamed"))
     assert shell.discarded == []
 
 
 def test_deleting_an_agent_drops_its_pooled_connections(world: World, alice: Caller, alice_agent: Agent,
                                                         shell: ScriptedShell) -> None:
-    world.portal.delete_agent(alice, alice_agent.id)
+    world.portal.agents.delete_agent(alice, alice_agent.id)
     assert shell.discarded == [alice_agent.id]
 
 
 def test_a_refused_change_keeps_pooled_connections(world: World, alice: Caller, bob: Caller, alice_agent: Agent,
                                                    shell: ScriptedShell) -> None:
     with pytest.raises(ValidationFailed):
-        world.portal.update_agent(alice, alice_agent.id, AgentChanges(hostname="-x"))
+        world.portal.agents.update_agent(alice, alice_agent.id, AgentChanges(hostname="-x"))
     with pytest.raises(NotFound):
-        world.portal.update_agent(bob, alice_agent.id, AgentChanges(port=2222))
+        world.portal.agents.update_agent(bob, alice_agent.id, AgentChanges(port=2222))
     with pytest.raises(NotFound):
-        world.portal.delete_agent(bob, alice_agent.id)
+        world.portal.agents.delete_agent(bob, alice_agent.id)
     assert shell.discarded == []
 
 
@@ -706,31 +712,31 @@ def test_a_refused_change_keeps_pooled_connections(world: World, alice: Caller, 
 
 
 def _register(portal: Portal, caller: Caller, agent: Agent) -> int | None:
-    return portal.register_agent(caller, new_agent(name="hv2")).id
+    return portal.agents.register_agent(caller, new_agent(name="hv2")).id
 
 
 def _update(portal: Portal, caller: Caller, agent: Agent) -> int | None:
-    portal.update_agent(caller, agent.id, AgentChanges(port=2222))
+    portal.agents.update_agent(caller, agent.id, AgentChanges(port=2222))
     return agent.id
 
 
 def _rename(portal: Portal, caller: Caller, agent: Agent) -> int | None:
-    portal.update_agent(caller, agent.id, AgentChanges(name="renamed"))
+    portal.agents.update_agent(caller, agent.id, AgentChanges(name="renamed"))
     return agent.id
 
 
 def _delete(portal: Portal, caller: Caller, agent: Agent) -> int | None:
-    portal.delete_agent(caller, agent.id)
+    portal.agents.delete_agent(caller, agent.id)
     return agent.id
 
 
 def _read_credentials(portal: Portal, caller: Caller, agent: Agent) -> int | None:
-    portal.read_credentials(caller, agent.id)
+    portal.agents.read_credentials(caller, agent.id)
     return agent.id
 
 
 def _rotate(portal: Portal, caller: Caller, agent: Agent) -> int | None:
-    portal.rotate_api_key(caller)
+    portal.users.rotate_api_key(caller)
     return None
 
 
@@ -762,33 +768,33 @@ def test_every_mutation_and_credentials_read_leaves_exactly_one_ok_event(
 
 def test_reads_other_than_credentials_are_not_audited(world: World, alice: Caller, alice_agent: Agent) -> None:
     before = len(events(world))
-    world.portal.get_agent(alice, alice_agent.id)
-    world.portal.list_agents(alice)
-    world.portal.audit_events(alice)
+    world.portal.agents.get_agent(alice, alice_agent.id)
+    world.portal.agents.list_agents(alice)
+    world.portal.audit.audit_events(alice)
     assert new_events(world, before) == []
 
 
 def _second_agent(world: World, caller: Caller) -> Agent:
-    return world.portal.register_agent(caller, new_agent(name="hv2"))
+    return world.portal.agents.register_agent(caller, new_agent(name="hv2"))
 
 
 REFUSALS = [
     pytest.param("agent.create", "validation_failed", None,
-                 lambda w, c, a: w.portal.register_agent(c, new_agent(name="hv3", port=0)), id="create-invalid"),
+                 lambda w, c, a: w.portal.agents.register_agent(c, new_agent(name="hv3", port=0)), id="create-invalid"),
     pytest.param("agent.create", "agent_name_taken", None,
-                 lambda w, c, a: w.portal.register_agent(c, new_agent(name=a.name)), id="create-name-taken"),
+                 lambda w, c, a: w.portal.agents.register_agent(c, new_agent(name=a.name)), id="create-name-taken"),
     pytest.param("agent.update", "validation_failed", "own",
-                 lambda w, c, a: w.portal.update_agent(c, a.id, AgentChanges(hostname="-x", port=2222)),
+                 lambda w, c, a: w.portal.agents.update_agent(c, a.id, AgentChanges(hostname="-x", port=2222)),
                  id="update-invalid"),
     pytest.param("agent.update", "agent_name_taken", "own",
-                 lambda w, c, a: w.portal.update_agent(c, a.id, AgentChanges(name="hv2", port=2222)),
+                 lambda w, c, a: w.portal.agents.update_agent(c, a.id, AgentChanges(name="hv2", port=2222)),
                  id="update-name-taken"),
     pytest.param("agent.update", "agent_not_found", 4242,
-                 lambda w, c, a: w.portal.update_agent(c, 4242, AgentChanges(port=2222)), id="update-missing"),
+                 lambda w, c, a: w.portal.agents.update_agent(c, 4242, AgentChanges(port=2222)), id="update-missing"),
     pytest.param("agent.delete", "agent_not_found", 4242,
-                 lambda w, c, a: w.portal.delete_agent(c, 4242), id="delete-missing"),
+                 lambda w, c, a: w.portal.agents.delete_agent(c, 4242), id="delete-missing"),
     pytest.param("agent.read_credentials", "agent_not_found", 4242,
-                 lambda w, c, a: w.portal.read_credentials(c, 4242), id="read-missing"),
+                 lambda w, c, a: w.portal.agents.read_credentials(c, 4242), id="read-missing"),
 ]
 
 
@@ -818,10 +824,10 @@ def test_a_refused_attempt_on_another_users_agent_is_audited_for_the_caller_only
         world: World, alice: Caller, bob: Caller, alice_agent: Agent) -> None:
     count_before = len(events(world))
     with pytest.raises(NotFound):
-        world.portal.read_credentials(bob, alice_agent.id)
+        world.portal.agents.read_credentials(bob, alice_agent.id)
     [event] = new_events(world, count_before)
     assert (event.user_id, event.outcome) == (bob.user.id, "agent_not_found")
-    assert all(e.user_id == alice.user.id for e in world.portal.audit_events(alice))
+    assert all(e.user_id == alice.user.id for e in world.portal.audit.audit_events(alice))
 
 
 def test_the_change_and_its_audit_event_commit_together(world: World, alice: Caller,
@@ -838,7 +844,7 @@ def test_the_change_and_its_audit_event_commit_together(world: World, alice: Cal
     count_before = len(events(world))
 
     with pytest.raises(PortalError):
-        world.portal.register_agent(alice, new_agent())
+        world.portal.agents.register_agent(alice, new_agent())
 
     assert world.storage.state.agents == {}
     [event] = new_events(world, count_before)
@@ -849,12 +855,12 @@ def test_the_change_and_its_audit_event_commit_together(world: World, alice: Cal
 def busy_alice(world: World, alice: Caller, alice_agent: Agent) -> Caller:
     """Alice with a history of nine events: sign-up, registration and seven credentials reads."""
     for n in range(7):
-        world.portal.read_credentials(attrs.evolve(alice, request_id=f"read-{n}"), alice_agent.id)
+        world.portal.agents.read_credentials(attrs.evolve(alice, request_id=f"read-{n}"), alice_agent.id)
     return alice
 
 
 def test_audit_events_are_newest_first(world: World, busy_alice: Caller) -> None:
-    listed = world.portal.audit_events(busy_alice)
+    listed = world.portal.audit.audit_events(busy_alice)
     own = [e for e in events(world) if e.user_id == busy_alice.user.id]
     assert listed == list(reversed(own))
     assert len(listed) == 9
@@ -863,11 +869,11 @@ def test_audit_events_are_newest_first(world: World, busy_alice: Caller) -> None
 
 
 def test_audit_events_limit_and_before_page_through_everything(world: World, busy_alice: Caller) -> None:
-    everything = world.portal.audit_events(busy_alice)
+    everything = world.portal.audit.audit_events(busy_alice)
     pages: list[list[AuditEvent]] = []
     before = None
     for _ in range(10):  # bounded: a broken `before` must fail the test, not hang it
-        page = world.portal.audit_events(busy_alice, limit=2, before=before)
+        page = world.portal.audit.audit_events(busy_alice, limit=2, before=before)
         if not page:
             break
         assert len(page) <= 2
@@ -878,14 +884,14 @@ def test_audit_events_limit_and_before_page_through_everything(world: World, bus
 
 
 def test_audit_events_before_excludes_that_event_and_newer(world: World, busy_alice: Caller) -> None:
-    everything = world.portal.audit_events(busy_alice)
+    everything = world.portal.audit.audit_events(busy_alice)
     pivot = everything[3]
-    assert world.portal.audit_events(busy_alice, before=pivot.id) == everything[4:]
+    assert world.portal.audit.audit_events(busy_alice, before=pivot.id) == everything[4:]
 
 
 @pytest.mark.parametrize("limit", [1, 500])
 def test_audit_events_accepts_limits_from_1_to_500(world: World, busy_alice: Caller, limit: int) -> None:
-    assert len(world.portal.audit_events(busy_alice, limit=limit)) == min(limit, 9)
+    assert len(world.portal.audit.audit_events(busy_alice, limit=limit)) == min(limit, 9)
 
 
 @pytest.mark.parametrize(("query", "field"), [({"limit": 0}, "limit"), ({"limit": 501}, "limit"),
@@ -893,18 +899,18 @@ def test_audit_events_accepts_limits_from_1_to_500(world: World, busy_alice: Cal
 def test_audit_events_refuses_out_of_range_paging(world: World, alice: Caller, query: dict[str, int],
                                                  field: str) -> None:
     with pytest.raises(ValidationFailed) as invalid:
-        world.portal.audit_events(alice, **query)
+        world.portal.audit.audit_events(alice, **query)
     assert fields_of(invalid.value) == [field]
 
 
 def test_a_user_never_sees_another_users_events(world: World, alice: Caller, bob: Caller,
                                                 alice_agent: Agent) -> None:
-    world.portal.read_credentials(alice, alice_agent.id)
-    bobs = world.portal.register_agent(bob, new_agent())
-    world.portal.delete_agent(bob, bobs.id)
+    world.portal.agents.read_credentials(alice, alice_agent.id)
+    bobs = world.portal.agents.register_agent(bob, new_agent())
+    world.portal.agents.delete_agent(bob, bobs.id)
 
-    alices = world.portal.audit_events(alice)
-    bobs_events = world.portal.audit_events(bob)
+    alices = world.portal.audit.audit_events(alice)
+    bobs_events = world.portal.audit.audit_events(bob)
 
     assert alices and bobs_events
     assert {e.user_id for e in alices} == {alice.user.id}

@@ -32,8 +32,9 @@ from core.errors import (
     error_classes,
 )
 from core.model import DEFAULT_LIBVIRT_URI, Agent, AgentCredentials, AuditEvent, Caller, HostKey, Origin, SignupPolicy
+from core.portal import Portal, assemble
 from core.ports import CommandResult, PinHostKey
-from core.services import AgentCheck, Failure, Portal
+from core.results import AgentCheck, Failure
 from core.virsh import BlockStats, Snapshot, VmAction, VmSummary
 
 KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjE\n-----END OPENSSH PRIVATE KEY-----\n"
@@ -119,14 +120,14 @@ class World:
 @pytest.fixture
 def world() -> World:
     storage, shell, fake_time = InMemoryStorage(), Shell(), FakeTime()
-    portal = Portal(storage=storage, hasher=CountingKeyHasher(), secrets=ReversibleSecretBox(),
+    portal = assemble(storage=storage, hasher=CountingKeyHasher(), secrets=ReversibleSecretBox(),
                     ssh_keys=FakeSshKeys(), clock=ManualClock(), signup=SignupPolicy.OPEN, shell=shell,
                     poll_interval=0.25, fleet_parallelism=3, monotonic=fake_time.monotonic, sleep=fake_time.sleep)
     return World(storage, portal, shell, fake_time)
 
 
 def make_caller(world: World, name: str) -> Caller:
-    created = world.portal.create_user(NewUser(name=name, email=f"{name}@example.com"), OPERATOR)
+    created = world.portal.users.create_user(NewUser(name=name, email=f"{name}@example.com"), OPERATOR)
     return Caller(user=created.user, request_id=f"req-{name}", client_address="198.51.100.10")
 
 
@@ -138,7 +139,7 @@ def alice(world: World) -> Caller:
 def register(world: World, caller: Caller, **fields: Any) -> Agent:
     base: dict[str, Any] = {"name": "hv1", "hostname": "192.0.2.15", "username": "qemu-admin", "private_key": KEY,
                             "host_key": HOST_KEY}
-    return world.portal.register_agent(caller, NewAgent(**{**base, **fields}))
+    return world.portal.agents.register_agent(caller, NewAgent(**{**base, **fields}))
 
 
 @pytest.fixture
@@ -179,7 +180,7 @@ def polls(world: World) -> int:
 def test_waiting_polls_until_the_target_state_and_answers_it(world: World, alice: Caller, agent: Agent) -> None:
     states(world, "lab-disk", "running", "running", "shut off")
 
-    waited = asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "lab-disk", VmAction.SHUTDOWN, 30))
+    waited = asyncio.run(world.portal.vms.vm_action_and_wait(alice, agent.id, "lab-disk", VmAction.SHUTDOWN, 30))
 
     assert (waited.state, waited.waited_seconds) == ("shut off", 0.5)
     assert waited.result.command == argv("shutdown", "--domain", "lab-disk")
@@ -195,7 +196,7 @@ def test_waiting_polls_until_the_target_state_and_answers_it(world: World, alice
 def test_a_state_reached_at_once_answers_after_one_poll(world: World, alice: Caller, agent: Agent, action: VmAction,
                                                         seen: str) -> None:
     states(world, "vm1", seen)
-    waited = asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", action, 10))
+    waited = asyncio.run(world.portal.vms.vm_action_and_wait(alice, agent.id, "vm1", action, 10))
     assert (waited.state, waited.waited_seconds, world.time.sleeps) == (seen, 0.0, [])
     assert waited.result.command == argv(action.subcommand, "--domain", "vm1")
 
@@ -205,7 +206,7 @@ def test_a_wait_that_runs_out_is_a_timeout_carrying_the_state_it_is_in(world: Wo
     states(world, "lab-disk", "running")
 
     with pytest.raises(WaitTimedOut) as raised:
-        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "lab-disk", VmAction.SHUTDOWN, 1))
+        asyncio.run(world.portal.vms.vm_action_and_wait(alice, agent.id, "lab-disk", VmAction.SHUTDOWN, 1))
 
     assert (raised.value.code, raised.value.state, raised.value.target_state) == ("wait_timeout", "running", "shut off")
     assert isinstance(raised.value, RemoteTimeout)  # a 504
@@ -213,17 +214,17 @@ def test_a_wait_that_runs_out_is_a_timeout_carrying_the_state_it_is_in(world: Wo
 
 
 def test_the_last_sleep_ends_at_the_deadline(world: World, alice: Caller, agent: Agent) -> None:
-    world.portal.poll_interval = 0.4
+    world.portal.vms.poll_interval = 0.4
     states(world, "vm1", "running")
     with pytest.raises(WaitTimedOut):
-        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.SHUTDOWN, 1))
+        asyncio.run(world.portal.vms.vm_action_and_wait(alice, agent.id, "vm1", VmAction.SHUTDOWN, 1))
     assert world.time.sleeps == [0.4, 0.4, 0.2]
 
 
 def test_wait_zero_looks_once(world: World, alice: Caller, agent: Agent) -> None:
     states(world, "vm1", "running")
     with pytest.raises(WaitTimedOut) as raised:
-        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.SHUTDOWN, 0))
+        asyncio.run(world.portal.vms.vm_action_and_wait(alice, agent.id, "vm1", VmAction.SHUTDOWN, 0))
     assert raised.value.state == "running"
     assert (polls(world), world.time.sleeps) == (1, [])
 
@@ -231,7 +232,7 @@ def test_wait_zero_looks_once(world: World, alice: Caller, agent: Agent) -> None
 def test_progress_is_told_of_every_poll(world: World, alice: Caller, agent: Agent) -> None:
     states(world, "vm1", "running", "running", "shut off")
     seen: list[tuple[str | None, float]] = []
-    asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.SHUTDOWN, 5,
+    asyncio.run(world.portal.vms.vm_action_and_wait(alice, agent.id, "vm1", VmAction.SHUTDOWN, 5,
                                                 lambda state, elapsed: seen.append((state, elapsed))))
     assert seen == [("running", 0.0), ("running", 0.25), ("shut off", 0.5)]
 
@@ -241,7 +242,7 @@ def test_an_invalid_wait_is_refused_before_anything_runs_and_audited(world: Worl
                                                                      wait: int) -> None:
     before = len(events(world))
     with pytest.raises(ValidationFailed) as refused:
-        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.START, wait))
+        asyncio.run(world.portal.vms.vm_action_and_wait(alice, agent.id, "vm1", VmAction.START, wait))
     assert [e.field for e in refused.value.errors] == ["wait"]
     assert world.shell.calls == []
     # refused like an invalid VM name: one event, with the error's code
@@ -252,12 +253,12 @@ def test_an_invalid_wait_is_refused_before_anything_runs_and_audited(world: Worl
 
 def test_a_host_that_stops_answering_while_waited_for_ends_the_wait_at_its_deadline(world: World, alice: Caller,
                                                                                     agent: Agent) -> None:
-    world.portal.poll_interval, world.portal.poll_grace = 5, 0.05
+    world.portal.vms.poll_interval, world.portal.vms.poll_grace = 5, 0.05
     states(world, "vm1", "running")
     world.shell.hang_after[argv("domstats", "--domain", "vm1", "--state")] = 1
 
     with pytest.raises(WaitTimedOut) as raised:
-        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.SHUTDOWN, 1))
+        asyncio.run(world.portal.vms.vm_action_and_wait(alice, agent.id, "vm1", VmAction.SHUTDOWN, 1))
 
     # the first look saw it running; the second never came back, and the wait did not wait for it
     assert (raised.value.state, raised.value.target_state) == ("running", "shut off")
@@ -268,10 +269,10 @@ def test_a_host_that_stops_answering_while_waited_for_ends_the_wait_at_its_deadl
 
 def test_a_first_look_that_never_comes_back_is_a_timeout_in_an_unknown_state(world: World, alice: Caller,
                                                                              agent: Agent) -> None:
-    world.portal.poll_grace = 0.05
+    world.portal.vms.poll_grace = 0.05
     world.shell.hang_after[argv("domstats", "--domain", "vm1", "--state")] = 0
     with pytest.raises(WaitTimedOut) as raised:
-        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.START, 0))
+        asyncio.run(world.portal.vms.vm_action_and_wait(alice, agent.id, "vm1", VmAction.START, 0))
     assert (raised.value.code, raised.value.state) == ("wait_timeout", None)
 
 
@@ -279,7 +280,7 @@ def test_a_refused_action_is_not_waited_for(world: World, alice: Caller, agent: 
     command = argv("start", "--domain", "vm1")
     world.shell.results[command] = fail(command, "error: Domain is already active")
     with pytest.raises(Conflict) as raised:
-        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.START, 30))
+        asyncio.run(world.portal.vms.vm_action_and_wait(alice, agent.id, "vm1", VmAction.START, 30))
     assert raised.value.code == "vm_already_running"
     assert polls(world) == 0
 
@@ -288,7 +289,7 @@ def test_the_action_is_audited_once_even_when_the_wait_runs_out(world: World, al
     states(world, "vm1", "running")
     before = len(events(world))
     with pytest.raises(WaitTimedOut):
-        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.SHUTDOWN, 1))
+        asyncio.run(world.portal.vms.vm_action_and_wait(alice, agent.id, "vm1", VmAction.SHUTDOWN, 1))
     [event] = events(world)[before:]
     assert (event.action, event.outcome, event.vm) == ("vm.shutdown", "ok", "vm1")
 
@@ -297,7 +298,7 @@ def test_a_transient_vm_that_disappears_while_stopping_has_reached_shut_off(worl
                                                                              agent: Agent) -> None:
     command = argv("domstats", "--domain", "vm1", "--state")
     world.shell.results[command] = fail(command, "error: failed to get domain 'vm1'")
-    result = asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.FORCE_STOP, 10))
+    result = asyncio.run(world.portal.vms.vm_action_and_wait(alice, agent.id, "vm1", VmAction.FORCE_STOP, 10))
     assert result.state == "shut off"
 
 
@@ -306,7 +307,7 @@ def test_a_vm_that_disappears_while_waited_for_to_run_is_not_found(world: World,
     command = argv("domstats", "--domain", "vm1", "--state")
     world.shell.results[command] = fail(command, "error: failed to get domain 'vm1'")
     with pytest.raises(NotFound) as raised:
-        asyncio.run(world.portal.vm_action_and_wait(alice, agent.id, "vm1", VmAction.START, 10))
+        asyncio.run(world.portal.vms.vm_action_and_wait(alice, agent.id, "vm1", VmAction.START, 10))
     assert raised.value.code == "vm_not_found"
 
 
@@ -317,7 +318,7 @@ def test_a_vm_that_disappears_while_waited_for_to_run_is_not_found(world: World,
 def test_suspend_and_resume_run_their_subcommand_and_are_audited(world: World, alice: Caller, agent: Agent,
                                                                  action: VmAction) -> None:
     before = len(events(world))
-    result = asyncio.run(world.portal.vm_action(alice, agent.id, "lab disk", action))
+    result = asyncio.run(world.portal.vms.vm_action(alice, agent.id, "lab disk", action))
     assert result.command == argv(action.value, "--domain", "lab disk")
     [event] = events(world)[before:]
     assert (event.action, event.outcome, event.vm) == (f"vm.{action.value}", "ok", "lab disk")
@@ -328,7 +329,7 @@ def test_resuming_a_running_vm_is_a_conflict(world: World, alice: Caller, agent:
     world.shell.results[command] = fail(command, "error: Failed to resume domain 'vm1'\n"
                                                  "error: Requested operation is not valid: domain is already running")
     with pytest.raises(Conflict) as raised:
-        asyncio.run(world.portal.vm_action(alice, agent.id, "vm1", VmAction.RESUME))
+        asyncio.run(world.portal.vms.vm_action(alice, agent.id, "vm1", VmAction.RESUME))
     assert raised.value.code == "vm_already_running"
 
 
@@ -336,7 +337,7 @@ def test_resuming_a_running_vm_is_a_conflict(world: World, alice: Caller, agent:
 def test_autostart_runs_virsh_autostart_and_is_audited(world: World, alice: Caller, agent: Agent, enabled: bool,
                                                        extra: tuple[str, ...], detail: str) -> None:
     before = len(events(world))
-    result = asyncio.run(world.portal.set_autostart(alice, agent.id, "vm1", enabled))
+    result = asyncio.run(world.portal.vms.set_autostart(alice, agent.id, "vm1", enabled))
     assert result.command == argv("autostart", "--domain", "vm1", *extra)
     [event] = events(world)[before:]
     assert (event.action, event.outcome, event.vm, event.detail) == ("vm.autostart", "ok", "vm1", detail)
@@ -347,7 +348,7 @@ def test_autostart_of_an_unknown_vm_is_not_found_and_audited(world: World, alice
     world.shell.results[command] = fail(command, "error: failed to get domain 'nosuch'")
     before = len(events(world))
     with pytest.raises(NotFound):
-        asyncio.run(world.portal.set_autostart(alice, agent.id, "nosuch", True))
+        asyncio.run(world.portal.vms.set_autostart(alice, agent.id, "nosuch", True))
     [event] = events(world)[before:]
     assert (event.action, event.outcome) == ("vm.autostart", "vm_not_found")
 
@@ -361,7 +362,7 @@ def test_stats_are_parsed_from_domstats_and_not_audited(world: World, alice: Cal
     world.shell.results[command] = ok(command, "Domain: 'vm1'\n  state.state=1\n  state.reason=1\n  cpu.time=5\n"
                                                "  block.count=1\n  block.0.name=vda\n  block.0.capacity=16\n\n")
     before = len(events(world))
-    stats = asyncio.run(world.portal.vm_stats(alice, agent.id, "vm1"))
+    stats = asyncio.run(world.portal.vms.vm_stats(alice, agent.id, "vm1"))
     assert (stats.name, stats.state, stats.cpu.time_ns) == ("vm1", "running", 5)
     assert stats.block == [BlockStats("vda", None, None, None, None, None, None, None, 16, None)]
     assert events(world)[before:] == []
@@ -382,7 +383,7 @@ def script_snapshots(world: World, vm: str, current: str | None) -> None:
 def test_snapshots_are_listed_with_the_current_one_marked(world: World, alice: Caller, agent: Agent,
                                                           current: str | None) -> None:
     script_snapshots(world, "lab-disk", current)
-    snapshots = asyncio.run(world.portal.list_snapshots(alice, agent.id, "lab-disk"))
+    snapshots = asyncio.run(world.portal.snapshots.list_snapshots(alice, agent.id, "lab-disk"))
     assert [(s.name, s.state, s.parent, s.current) for s in snapshots] == [
         ("s two", "running", "s1", False), ("s1", "shutoff", None, current == "s1")]
 
@@ -392,7 +393,7 @@ def test_a_failing_snapshot_current_in_any_language_means_no_current_snapshot(wo
     script_snapshots(world, "lab-disk", None)
     command = argv("snapshot-current", "--domain", "lab-disk", "--name")
     world.shell.results[command] = fail(command, "Fehler: Domain 'lab-disk' hat keinen aktuellen Schnappschuss")
-    snapshots = asyncio.run(world.portal.list_snapshots(alice, agent.id, "lab-disk"))
+    snapshots = asyncio.run(world.portal.snapshots.list_snapshots(alice, agent.id, "lab-disk"))
     assert [(s.name, s.current) for s in snapshots] == [("s two", False), ("s1", False)]
 
 
@@ -400,7 +401,7 @@ def test_creating_a_snapshot_passes_name_and_description_and_answers_it(world: W
                                                                         agent: Agent) -> None:
     script_snapshots(world, "lab-disk", "s1")
     before = len(events(world))
-    created = asyncio.run(world.portal.create_snapshot(alice, agent.id, "lab-disk",
+    created = asyncio.run(world.portal.snapshots.create_snapshot(alice, agent.id, "lab-disk",
                                                        NewSnapshot(name="s1", description="--help; $(id)")))
     assert created == Snapshot("s1", created.created_at, "shutoff", None, current=True)
     assert world.shell.calls[0][1] == argv("snapshot-create-as", "--domain", "lab-disk", "--name", "s1",
@@ -415,7 +416,7 @@ def test_a_taken_snapshot_name_is_a_conflict_and_audited(world: World, alice: Ca
     world.shell.results[command] = fail(command, "error: operation failed: domain moment s1 already exists")
     before = len(events(world))
     with pytest.raises(Conflict) as raised:
-        asyncio.run(world.portal.create_snapshot(alice, agent.id, "lab-disk", NewSnapshot(name="s1")))
+        asyncio.run(world.portal.snapshots.create_snapshot(alice, agent.id, "lab-disk", NewSnapshot(name="s1")))
     assert raised.value.code == "snapshot_name_taken"
     [event] = events(world)[before:]
     assert (event.action, event.outcome) == ("vm.snapshot_create", "snapshot_name_taken")
@@ -426,9 +427,9 @@ def test_hostile_snapshot_names_never_reach_the_shell_and_are_audited(world: Wor
                                                                       name: str) -> None:
     before = len(events(world))
     calls: list[tuple[str, Any]] = [
-        ("name", world.portal.create_snapshot(alice, agent.id, "vm1", NewSnapshot(name=name))),
-        ("snapshot", world.portal.revert_snapshot(alice, agent.id, "vm1", name)),
-        ("snapshot", world.portal.delete_snapshot(alice, agent.id, "vm1", name)),
+        ("name", world.portal.snapshots.create_snapshot(alice, agent.id, "vm1", NewSnapshot(name=name))),
+        ("snapshot", world.portal.snapshots.revert_snapshot(alice, agent.id, "vm1", name)),
+        ("snapshot", world.portal.snapshots.delete_snapshot(alice, agent.id, "vm1", name)),
     ]
     for field, call in calls:
         with pytest.raises(ValidationFailed) as refused:
@@ -442,7 +443,8 @@ def test_hostile_snapshot_names_never_reach_the_shell_and_are_audited(world: Wor
 
 def test_a_description_with_a_line_break_is_refused(world: World, alice: Caller, agent: Agent) -> None:
     with pytest.raises(ValidationFailed) as refused:
-        asyncio.run(world.portal.create_snapshot(alice, agent.id, "vm1", NewSnapshot(name="s1", description="a\nb")))
+        asyncio.run(world.portal.snapshots.create_snapshot(alice, agent.id, "vm1",
+                                                           NewSnapshot(name="s1", description="a\nb")))
     assert [e.field for e in refused.value.errors] == ["description"]
     assert world.shell.calls == []
 
@@ -454,7 +456,7 @@ def test_revert_and_delete_of_a_missing_snapshot_are_not_found(world: World, ali
     world.shell.results[command] = fail(
         command, "error: Domain snapshot not found: no domain snapshot with matching name 'nosuch'")
     before = len(events(world))
-    call = world.portal.revert_snapshot if operation == "revert" else world.portal.delete_snapshot
+    call = world.portal.snapshots.revert_snapshot if operation == "revert" else world.portal.snapshots.delete_snapshot
     with pytest.raises(NotFound) as raised:
         asyncio.run(call(alice, agent.id, "vm1", "nosuch"))
     assert raised.value.code == "snapshot_not_found"
@@ -464,8 +466,8 @@ def test_revert_and_delete_of_a_missing_snapshot_are_not_found(world: World, ali
 
 def test_revert_and_delete_are_audited_with_the_snapshot(world: World, alice: Caller, agent: Agent) -> None:
     before = len(events(world))
-    asyncio.run(world.portal.revert_snapshot(alice, agent.id, "vm1", "s1"))
-    asyncio.run(world.portal.delete_snapshot(alice, agent.id, "vm1", "s1"))
+    asyncio.run(world.portal.snapshots.revert_snapshot(alice, agent.id, "vm1", "s1"))
+    asyncio.run(world.portal.snapshots.delete_snapshot(alice, agent.id, "vm1", "s1"))
     assert [c for _, c in world.shell.calls] == [
         argv("snapshot-revert", "--domain", "vm1", "--snapshotname", "s1"),
         argv("snapshot-delete", "--domain", "vm1", "--snapshotname", "s1")]
@@ -486,7 +488,7 @@ def test_the_fleet_lists_every_agent_and_a_dead_one_carries_its_error(world: Wor
     agents = fleet_world(world, alice, 3)
     world.shell.failures[agents[1].id] = AgentUnreachable("hv1 refused the connection")
 
-    entries = asyncio.run(world.portal.fleet(alice))
+    entries = asyncio.run(world.portal.fleet.fleet(alice))
 
     assert [(e.agent_id, e.agent_name) for e in entries] == [(a.id, a.name) for a in agents]
     assert entries[0].vms == [VmSummary("lab-guest1", "running", 1), VmSummary("lab-disk", "shut off", None)]
@@ -496,14 +498,14 @@ def test_the_fleet_lists_every_agent_and_a_dead_one_carries_its_error(world: Wor
 
 def test_the_fleet_filters_by_agent_and_state(world: World, alice: Caller) -> None:
     agents = fleet_world(world, alice, 3)
-    entries = asyncio.run(world.portal.fleet(alice, agent_ids=[agents[2].id, 9999], states=["shut off"]))
+    entries = asyncio.run(world.portal.fleet.fleet(alice, agent_ids=[agents[2].id, 9999], states=["shut off"]))
     assert [(e.agent_id, e.vms) for e in entries] == [(agents[2].id, [VmSummary("lab-disk", "shut off", None)])]
     assert {agent_id for agent_id, _ in world.shell.calls} == {agents[2].id}
 
 
 def test_the_fleet_asks_at_most_its_parallelism_of_agents_at_once(world: World, alice: Caller) -> None:
     fleet_world(world, alice, 10)
-    entries = asyncio.run(world.portal.fleet(alice))
+    entries = asyncio.run(world.portal.fleet.fleet(alice))
     assert len(entries) == 10 and all(e.vms for e in entries)
     assert world.shell.most_running == 3
 
@@ -511,8 +513,8 @@ def test_the_fleet_asks_at_most_its_parallelism_of_agents_at_once(world: World, 
 def test_the_fleet_shows_only_the_callers_agents(world: World, alice: Caller) -> None:
     [alices] = fleet_world(world, alice, 1)
     bob = make_caller(world, "bob")
-    assert asyncio.run(world.portal.fleet(bob)) == []
-    assert asyncio.run(world.portal.fleet(bob, agent_ids=[alices.id])) == []  # asking by id changes nothing
+    assert asyncio.run(world.portal.fleet.fleet(bob)) == []
+    assert asyncio.run(world.portal.fleet.fleet(bob, agent_ids=[alices.id])) == []  # asking by id changes nothing
     assert world.shell.calls == []
 
 
@@ -521,7 +523,7 @@ def test_the_fleet_shows_only_the_callers_agents(world: World, alice: Caller) ->
 def test_the_fleet_refuses_bad_filters(world: World, alice: Caller, agent_ids: list[int], states: list[str],
                                        field: str) -> None:
     with pytest.raises(ValidationFailed) as refused:
-        asyncio.run(world.portal.fleet(alice, agent_ids=agent_ids, states=states))
+        asyncio.run(world.portal.fleet.fleet(alice, agent_ids=agent_ids, states=states))
     assert [e.field for e in refused.value.errors] == [field]
 
 
@@ -532,7 +534,7 @@ def test_host_facts_come_from_three_commands(world: World, alice: Caller, agent:
     for command, stdout in [(argv("nodeinfo"), NODEINFO), (argv("version", "--daemon"), VERSION),
                             (argv("hostname"), "hv1.example.com\n\n")]:
         world.shell.results[command] = ok(command, stdout)
-    facts = asyncio.run(world.portal.host_facts(alice, agent.id))
+    facts = asyncio.run(world.portal.fleet.host_facts(alice, agent.id))
     assert facts.hostname == "hv1.example.com"
     assert (facts.node.cpus, facts.node.memory_kib, facts.versions.libvirt, facts.versions.hypervisor_version) == (
         2, 5597400, "9.0.0", "7.2.22")
@@ -542,7 +544,7 @@ def test_host_facts_come_from_three_commands(world: World, alice: Caller, agent:
 
 def test_a_check_of_a_healthy_agent(world: World, alice: Caller, agent: Agent) -> None:
     before = len(events(world))
-    check = asyncio.run(world.portal.check_agent(alice, agent.id))
+    check = asyncio.run(world.portal.fleet.check_agent(alice, agent.id))
     assert check == AgentCheck(reachable=True, authenticated=True, host_key_fingerprint=agent.host_key.fingerprint
                                if agent.host_key else None, libvirt_reachable=True, round_trip_ms=0.0, error=None)
     assert world.shell.calls == [(agent.id, argv("uri"))]
@@ -561,7 +563,7 @@ ERROR_OF_CODE = {cls.code: cls for cls in error_classes()}
 def test_a_failing_check_answers_with_the_reason(world: World, alice: Caller, agent: Agent, code: str,
                                                  reachable: bool, authenticated: bool) -> None:
     world.shell.failures[agent.id] = ERROR_OF_CODE[code]("why")
-    check = asyncio.run(world.portal.check_agent(alice, agent.id))
+    check = asyncio.run(world.portal.fleet.check_agent(alice, agent.id))
     assert (check.reachable, check.authenticated, check.libvirt_reachable) == (reachable, authenticated, False)
     assert check.error == Failure(code, "why")
     assert (check.round_trip_ms is None) == (not reachable)
@@ -569,7 +571,7 @@ def test_a_failing_check_answers_with_the_reason(world: World, alice: Caller, ag
 
 def test_libvirt_down_is_a_check_answer_not_an_error(world: World, alice: Caller, agent: Agent) -> None:
     world.shell.results[argv("uri")] = fail(argv("uri"), "error: failed to connect to the hypervisor")
-    check = asyncio.run(world.portal.check_agent(alice, agent.id))
+    check = asyncio.run(world.portal.fleet.check_agent(alice, agent.id))
     assert (check.reachable, check.authenticated, check.libvirt_reachable) == (True, True, False)
     assert check.error is not None and check.error.code == "libvirt_unavailable"
 
@@ -578,9 +580,9 @@ def test_a_check_pins_the_first_key_seen_and_reports_it(world: World, alice: Cal
     agent = register(world, alice, host_key=None, allow_unknown_hosts=True)
     seen = HostKey(openssh="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAISeen", fingerprint="SHA256:Seen")
     world.shell.results[argv("uri")] = attrs.evolve(ok(argv("uri"), "qemu:///system\n"), host_key=seen)
-    check = asyncio.run(world.portal.check_agent(alice, agent.id))
+    check = asyncio.run(world.portal.fleet.check_agent(alice, agent.id))
     assert check.host_key_fingerprint == "SHA256:Seen"
-    assert world.portal.get_agent(alice, agent.id).host_key == seen
+    assert world.portal.agents.get_agent(alice, agent.id).host_key == seen
 
 
 def test_a_check_that_pinned_the_key_and_then_failed_still_reports_the_pinned_key(world: World,
@@ -595,8 +597,8 @@ def test_a_check_that_pinned_the_key_and_then_failed_still_reports_the_pinned_ke
             await pin(seen)
             raise CommandTimeout("virsh did not finish within 60 s")
 
-    world.portal.shell = PinsThenTimesOut()
-    check = asyncio.run(world.portal.check_agent(alice, agent.id))
+    world.portal.remote.shell = PinsThenTimesOut()
+    check = asyncio.run(world.portal.fleet.check_agent(alice, agent.id))
     assert (check.reachable, check.authenticated, check.libvirt_reachable) == (True, True, False)
     assert check.host_key_fingerprint == "SHA256:Seen"
     assert [(e.action, e.detail) for e in events(world) if e.action == "agent.pin_host_key"] == [
@@ -605,10 +607,11 @@ def test_a_check_that_pinned_the_key_and_then_failed_still_reports_the_pinned_ke
 
 def test_another_users_agent_is_not_found_everywhere(world: World, alice: Caller, agent: Agent) -> None:
     bob = make_caller(world, "bob")
-    for call in (world.portal.check_agent(bob, agent.id), world.portal.host_facts(bob, agent.id),
-                 world.portal.vm_stats(bob, agent.id, "vm1"), world.portal.list_snapshots(bob, agent.id, "vm1"),
-                 world.portal.set_autostart(bob, agent.id, "vm1", True),
-                 world.portal.vm_action_and_wait(bob, agent.id, "vm1", VmAction.SUSPEND, 5)):
+    for call in (world.portal.fleet.check_agent(bob, agent.id), world.portal.fleet.host_facts(bob, agent.id),
+                 world.portal.vms.vm_stats(bob, agent.id, "vm1"),
+                 world.portal.snapshots.list_snapshots(bob, agent.id, "vm1"),
+                 world.portal.vms.set_autostart(bob, agent.id, "vm1", True),
+                 world.portal.vms.vm_action_and_wait(bob, agent.id, "vm1", VmAction.SUSPEND, 5)):
         with pytest.raises(NotFound) as raised:
             asyncio.run(call)
         assert raised.value.code == "agent_not_found"

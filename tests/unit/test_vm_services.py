@@ -21,8 +21,9 @@ from adapters.memory import (
 from core.commands import AgentChanges, NewAgent, NewUser
 from core.errors import Conflict, NotFound, RemoteError, RemoteTimeout, ValidationFailed
 from core.model import DEFAULT_LIBVIRT_URI, Agent, AgentCredentials, AuditEvent, Caller, HostKey, Origin, SignupPolicy
+from core.portal import Portal, assemble
 from core.ports import CommandResult, PinHostKey
-from core.services import Portal, VmInfo
+from core.results import VmInfo
 from core.virsh import VmAction, VmSummary
 
 ENCRYPTED_KEY = (
@@ -86,13 +87,13 @@ class World:
 def world() -> World:
     storage = InMemoryStorage()
     shell = RecordingShell()
-    portal = Portal(storage=storage, hasher=CountingKeyHasher(), secrets=ReversibleSecretBox(),
+    portal = assemble(storage=storage, hasher=CountingKeyHasher(), secrets=ReversibleSecretBox(),
                     ssh_keys=FakeSshKeys(), clock=ManualClock(), signup=SignupPolicy.OPEN, shell=shell)
     return World(storage, portal, shell)
 
 
 def make_caller(world: World, name: str) -> Caller:
-    created = world.portal.create_user(NewUser(name=name, email=f"{name}@example.com"), OPERATOR)
+    created = world.portal.users.create_user(NewUser(name=name, email=f"{name}@example.com"), OPERATOR)
     return Caller(user=created.user, request_id=f"req-{name}", client_address="198.51.100.10")
 
 
@@ -111,7 +112,7 @@ def register(world: World, caller: Caller, **fields: Any) -> Agent:
                             "private_key": ENCRYPTED_KEY, "private_key_passphrase": PASSPHRASE,
                             "host_key": HOST_KEY}
     base.update(fields)
-    return world.portal.register_agent(caller, NewAgent(**base))
+    return world.portal.agents.register_agent(caller, NewAgent(**base))
 
 
 @pytest.fixture
@@ -141,7 +142,7 @@ def test_list_vms_sends_virsh_list_all_with_the_unsealed_credentials_and_parses_
         world: World, alice: Caller, agent: Agent) -> None:
     script(world, argv(agent, "list", "--all"), stdout=LIST_OUTPUT)
 
-    vms = asyncio.run(world.portal.list_vms(alice, agent.id))
+    vms = asyncio.run(world.portal.vms.list_vms(alice, agent.id))
 
     assert vms == [VmSummary("lab-guest1", "running", 1), VmSummary("lab guest 2", "shut off", None)]
     assert world.shell.calls == [(agent.id, ("virsh", "--connect", DEFAULT_LIBVIRT_URI, "list", "--all"))]
@@ -154,13 +155,13 @@ def test_list_vms_uses_the_agents_own_libvirt_uri(world: World, alice: Caller) -
     agent = register(world, alice, libvirt_uri="qemu:///session")
     script(world, ("virsh", "--connect", "qemu:///session", "list", "--all"), stdout=LIST_OUTPUT)
 
-    assert len(asyncio.run(world.portal.list_vms(alice, agent.id))) == 2
+    assert len(asyncio.run(world.portal.vms.list_vms(alice, agent.id))) == 2
     assert world.shell.calls == [(agent.id, ("virsh", "--connect", "qemu:///session", "list", "--all"))]
 
 
 def test_list_vms_of_an_empty_hypervisor_is_empty(world: World, alice: Caller, agent: Agent) -> None:
     script(world, argv(agent, "list", "--all"), stdout=" Id   Name   State\n--------------------\n\n")
-    assert asyncio.run(world.portal.list_vms(alice, agent.id)) == []
+    assert asyncio.run(world.portal.vms.list_vms(alice, agent.id)) == []
 
 
 def test_list_vms_maps_a_virsh_failure(world: World, alice: Caller, agent: Agent) -> None:
@@ -168,7 +169,7 @@ def test_list_vms_maps_a_virsh_failure(world: World, alice: Caller, agent: Agent
            stderr="error: failed to connect to the hypervisor\nerror: Failed to connect socket to "
                   "'/var/run/libvirt/libvirt-sock': No such file or directory")
     with pytest.raises(RemoteError) as raised:
-        asyncio.run(world.portal.list_vms(alice, agent.id))
+        asyncio.run(world.portal.vms.list_vms(alice, agent.id))
     assert raised.value.code == "libvirt_unavailable"
 
 
@@ -178,7 +179,7 @@ def test_list_vms_maps_a_virsh_failure(world: World, alice: Caller, agent: Agent
 def test_vm_info_returns_the_parsed_dominfo_and_the_raw_result(world: World, alice: Caller, agent: Agent) -> None:
     result = script(world, argv(agent, "dominfo", "--domain", "lab-guest1"), stdout=DOMINFO_OUTPUT)
 
-    info = asyncio.run(world.portal.vm_info(alice, agent.id, "lab-guest1"))
+    info = asyncio.run(world.portal.vms.vm_info(alice, agent.id, "lab-guest1"))
 
     assert info == VmInfo(dominfo={"id": 2, "name": "lab-guest1", "uuid": "8175cf7c-903d-4947-be34-b63e2b3ccc0f",
                                    "os_type": "hvm", "state": "running", "cpus": "1", "max_memory": "131072 KiB"},
@@ -191,7 +192,7 @@ def test_vm_info_of_an_unknown_vm_is_not_found(world: World, alice: Caller, agen
     script(world, argv(agent, "dominfo", "--domain", "nosuch"), exit_status=1,
            stderr="error: failed to get domain 'nosuch'")
     with pytest.raises(NotFound) as raised:
-        asyncio.run(world.portal.vm_info(alice, agent.id, "nosuch"))
+        asyncio.run(world.portal.vms.vm_info(alice, agent.id, "nosuch"))
     assert raised.value.code == "vm_not_found"
 
 
@@ -199,7 +200,7 @@ def test_vm_info_of_an_unknown_vm_is_not_found(world: World, alice: Caller, agen
 def test_vm_info_refuses_a_hostile_name_without_calling_the_shell(world: World, alice: Caller, agent: Agent,
                                                                   name: str) -> None:
     with pytest.raises(ValidationFailed) as refused:
-        asyncio.run(world.portal.vm_info(alice, agent.id, name))
+        asyncio.run(world.portal.vms.vm_info(alice, agent.id, name))
     assert [e.field for e in refused.value.errors] == ["vm"]
     assert world.shell.calls == []
 
@@ -209,8 +210,8 @@ def test_list_and_info_are_not_audited(world: World, alice: Caller, agent: Agent
     script(world, argv(agent, "dominfo", "--domain", "lab-guest1"), stdout=DOMINFO_OUTPUT)
     before = len(events(world))
 
-    asyncio.run(world.portal.list_vms(alice, agent.id))
-    asyncio.run(world.portal.vm_info(alice, agent.id, "lab-guest1"))
+    asyncio.run(world.portal.vms.list_vms(alice, agent.id))
+    asyncio.run(world.portal.vms.vm_info(alice, agent.id, "lab-guest1"))
 
     assert len(world.shell.calls) == 2
     assert events(world)[before:] == []
@@ -225,7 +226,7 @@ def test_vm_action_sends_its_subcommand_and_returns_the_command_result(world: Wo
     command = ("virsh", "--connect", DEFAULT_LIBVIRT_URI, action.subcommand, "--domain", "lab guest 2")
     result = script(world, command, stdout="Domain 'lab guest 2' done\n\n")
 
-    assert asyncio.run(world.portal.vm_action(alice, agent.id, "lab guest 2", action)) == result
+    assert asyncio.run(world.portal.vms.vm_action(alice, agent.id, "lab guest 2", action)) == result
     assert world.shell.calls == [(agent.id, command)]
 
 
@@ -234,7 +235,7 @@ def test_each_vm_action_leaves_exactly_one_ok_event(world: World, alice: Caller,
                                                     action: VmAction) -> None:
     before = len(events(world))
 
-    asyncio.run(world.portal.vm_action(alice, agent.id, "lab-guest1", action))
+    asyncio.run(world.portal.vms.vm_action(alice, agent.id, "lab-guest1", action))
 
     [event] = events(world)[before:]
     assert (event.action, event.outcome) == (AUDIT_ACTIONS[action], "ok")
@@ -248,7 +249,7 @@ def test_a_refused_vm_action_leaves_one_event_with_the_error_code(world: World, 
     before = len(events(world))
 
     with pytest.raises(Conflict) as raised:
-        asyncio.run(world.portal.vm_action(alice, agent.id, "lab-guest1", VmAction.START))
+        asyncio.run(world.portal.vms.vm_action(alice, agent.id, "lab-guest1", VmAction.START))
 
     assert raised.value.code == "vm_already_running"
     [event] = events(world)[before:]
@@ -266,7 +267,7 @@ def test_an_action_on_a_stopped_vm_is_a_conflict_and_audited(world: World, alice
     before = len(events(world))
 
     with pytest.raises(Conflict) as raised:
-        asyncio.run(world.portal.vm_action(alice, agent.id, "lab-guest2", action))
+        asyncio.run(world.portal.vms.vm_action(alice, agent.id, "lab-guest2", action))
 
     assert raised.value.code == "vm_not_running"
     [event] = events(world)[before:]
@@ -278,7 +279,7 @@ def test_a_vm_action_the_transport_fails_is_audited_with_its_code(world: World, 
     before = len(events(world))
 
     with pytest.raises(RemoteTimeout):
-        asyncio.run(world.portal.vm_action(alice, agent.id, "lab-guest1", VmAction.REBOOT))
+        asyncio.run(world.portal.vms.vm_action(alice, agent.id, "lab-guest1", VmAction.REBOOT))
 
     [event] = events(world)[before:]
     assert (event.action, event.outcome, event.vm) == ("vm.reboot", "agent_timeout", "lab-guest1")
@@ -290,7 +291,7 @@ def test_a_hostile_vm_name_is_refused_audited_and_never_reaches_the_shell(world:
     before = len(events(world))
 
     with pytest.raises(ValidationFailed) as refused:
-        asyncio.run(world.portal.vm_action(alice, agent.id, name, VmAction.START))
+        asyncio.run(world.portal.vms.vm_action(alice, agent.id, name, VmAction.START))
 
     assert [e.field for e in refused.value.errors] == ["vm"]
     [event] = events(world)[before:]
@@ -303,9 +304,9 @@ def test_a_hostile_vm_name_is_refused_audited_and_never_reaches_the_shell(world:
 
 def test_another_users_agent_is_not_found_and_never_reaches_the_shell(world: World, bob: Caller,
                                                                       agent: Agent) -> None:
-    for call in (lambda: world.portal.list_vms(bob, agent.id),
-                 lambda: world.portal.vm_info(bob, agent.id, "lab-guest1"),
-                 lambda: world.portal.vm_action(bob, agent.id, "lab-guest1", VmAction.FORCE_STOP)):
+    for call in (lambda: world.portal.vms.list_vms(bob, agent.id),
+                 lambda: world.portal.vms.vm_info(bob, agent.id, "lab-guest1"),
+                 lambda: world.portal.vms.vm_action(bob, agent.id, "lab-guest1", VmAction.FORCE_STOP)):
         with pytest.raises(NotFound) as raised:
             asyncio.run(call())
         assert raised.value.code == "agent_not_found"
@@ -317,10 +318,10 @@ def test_a_refused_action_on_another_users_agent_is_audited_for_the_caller_only(
                                                                                 bob: Caller, agent: Agent) -> None:
     before = len(events(world))
     with pytest.raises(NotFound):
-        asyncio.run(world.portal.vm_action(bob, agent.id, "lab-guest1", VmAction.START))
+        asyncio.run(world.portal.vms.vm_action(bob, agent.id, "lab-guest1", VmAction.START))
     [event] = events(world)[before:]
     assert (event.user_id, event.outcome) == (bob.user.id, "agent_not_found")
-    assert world.portal.audit_events(alice)[0].action == "agent.create"
+    assert world.portal.audit.audit_events(alice)[0].action == "agent.create"
 
 
 # ---------------------------------------------------------------------------------------- trust on first use
@@ -331,9 +332,9 @@ def test_the_first_host_key_seen_is_pinned_and_audited(world: World, alice: Call
     script(world, argv(agent, "list", "--all"), stdout=LIST_OUTPUT, host_key=SEEN_KEY)
     before = len(events(world))
 
-    asyncio.run(world.portal.list_vms(alice, agent.id))
+    asyncio.run(world.portal.vms.list_vms(alice, agent.id))
 
-    assert world.portal.get_agent(alice, agent.id).host_key == SEEN_KEY
+    assert world.portal.agents.get_agent(alice, agent.id).host_key == SEEN_KEY
     [event] = events(world)[before:]
     assert (event.action, event.outcome, event.agent_id, event.user_id) == (
         "agent.pin_host_key", "ok", agent.id, alice.user.id)
@@ -345,9 +346,9 @@ def test_a_vm_action_pins_the_first_host_key_too(world: World, alice: Caller) ->
     script(world, argv(agent, "start", "--domain", "lab-guest1"), host_key=SEEN_KEY)
     before = len(events(world))
 
-    asyncio.run(world.portal.vm_action(alice, agent.id, "lab-guest1", VmAction.START))
+    asyncio.run(world.portal.vms.vm_action(alice, agent.id, "lab-guest1", VmAction.START))
 
-    assert world.portal.get_agent(alice, agent.id).host_key == SEEN_KEY
+    assert world.portal.agents.get_agent(alice, agent.id).host_key == SEEN_KEY
     assert [e.action for e in events(world)[before:]] == ["agent.pin_host_key", "vm.start"]
 
 
@@ -357,22 +358,22 @@ def test_a_pinned_host_key_is_not_replaced_by_another_seen_key(world: World, ali
     script(world, argv(agent, "list", "--all"), stdout=LIST_OUTPUT, host_key=OTHER_SEEN_KEY)
     before = len(events(world))
 
-    asyncio.run(world.portal.list_vms(alice, agent.id))
+    asyncio.run(world.portal.vms.list_vms(alice, agent.id))
 
-    assert world.portal.get_agent(alice, agent.id).host_key == pinned
+    assert world.portal.agents.get_agent(alice, agent.id).host_key == pinned
     assert events(world)[before:] == []
 
 
 def test_a_key_pinned_on_first_use_is_not_replaced_later(world: World, alice: Caller) -> None:
     agent = register(world, alice, host_key=None, allow_unknown_hosts=True)
     script(world, argv(agent, "list", "--all"), stdout=LIST_OUTPUT, host_key=SEEN_KEY)
-    asyncio.run(world.portal.list_vms(alice, agent.id))
+    asyncio.run(world.portal.vms.list_vms(alice, agent.id))
     script(world, argv(agent, "list", "--all"), stdout=LIST_OUTPUT, host_key=OTHER_SEEN_KEY)
     before = len(events(world))
 
-    asyncio.run(world.portal.list_vms(alice, agent.id))
+    asyncio.run(world.portal.vms.list_vms(alice, agent.id))
 
-    assert world.portal.get_agent(alice, agent.id).host_key == SEEN_KEY
+    assert world.portal.agents.get_agent(alice, agent.id).host_key == SEEN_KEY
     assert events(world)[before:] == []
 
 
@@ -380,15 +381,15 @@ def test_a_key_pinned_on_first_use_is_not_replaced_later(world: World, alice: Ca
 
 
 def test_changing_the_hostname_discards_pooled_connections(world: World, alice: Caller, agent: Agent) -> None:
-    world.portal.update_agent(alice, agent.id, AgentChanges(hostname="192.0.2.99"))
+    world.portal.agents.update_agent(alice, agent.id, AgentChanges(hostname="192.0.2.99"))
     assert world.shell.discarded == [agent.id]
 
 
 def test_deleting_an_agent_discards_pooled_connections(world: World, alice: Caller, agent: Agent) -> None:
-    world.portal.delete_agent(alice, agent.id)
+    world.portal.agents.delete_agent(alice, agent.id)
     assert world.shell.discarded == [agent.id]
 
 
 def test_a_rename_keeps_pooled_connections(world: World, alice: Caller, agent: Agent) -> None:
-    world.portal.update_agent(alice, agent.id, AgentChanges(name="renamed"))
+    world.portal.agents.update_agent(alice, agent.id, AgentChanges(name="renamed"))
     assert world.shell.discarded == []

@@ -1,0 +1,102 @@
+"""The fleet: every VM on every agent of a caller at once, what each host says about itself, and
+whether the portal can reach, log in to and drive an agent. Asynchronous (SSH)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+from core import virsh
+from core.errors import PortalError, RemoteError, ValidationFailed
+from core.model import Agent, AgentCredentials, Caller
+from core.remote import RemoteCommands
+from core.results import AgentCheck, Failure, FleetEntry, HostFacts
+from core.validation import collect
+
+FLEET_PARALLELISM = 8  # agents asked at once by the fleet view
+
+
+class FleetService:
+    """Views across the caller's agents, and the health of each."""
+
+    runs_on_event_loop: ClassVar[bool] = True
+
+    def __init__(self, *, remote: RemoteCommands, fleet_parallelism: int = FLEET_PARALLELISM,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.remote = remote
+        self.fleet_parallelism = fleet_parallelism
+        self._monotonic = monotonic
+
+    async def fleet(self, caller: Caller, *, agent_ids: Sequence[int] = (),
+                    states: Sequence[str] = ()) -> list[FleetEntry]:
+        """Every VM on every agent of the caller (or on ``agent_ids`` of them), at most
+        ``fleet_parallelism`` agents at a time. An agent that fails is an entry with its error, so
+        one dead host never fails the answer; ``states`` keeps only VMs in those states."""
+        errors = collect(*[("agent", None if 1 <= a <= 2**31 - 1 else "must be a positive agent id")
+                           for a in agent_ids],
+                         *[("state", None if s in virsh.VM_STATES
+                            else "must be a state virsh prints: " + ", ".join(virsh.VM_STATES))
+                           for s in states])
+        if errors:
+            raise ValidationFailed(errors)
+        targets = await asyncio.to_thread(self.remote.targets, caller, set(agent_ids))
+        gate = asyncio.Semaphore(max(1, self.fleet_parallelism))
+
+        async def one(agent: Agent, target: AgentCredentials | PortalError) -> FleetEntry:
+            if isinstance(target, PortalError):
+                return FleetEntry(agent.id, agent.name, None, Failure.of(target))
+            try:
+                async with gate:
+                    result = await self.remote.run(caller, target, virsh.list_command(agent.libvirt_uri))
+                virsh.raise_for_failure(result)
+            except PortalError as error:
+                return FleetEntry(agent.id, agent.name, None, Failure.of(error))
+            vms = [vm for vm in virsh.parse_list(result.stdout) if not states or vm.state in states]
+            return FleetEntry(agent.id, agent.name, vms, None)
+
+        return list(await asyncio.gather(*(one(agent, target) for agent, target in targets)))
+
+    async def host_facts(self, caller: Caller, agent_id: int) -> HostFacts:
+        """The hypervisor's host name, ``virsh nodeinfo`` and ``virsh version --daemon``: three
+        commands at once over the pooled connection."""
+        target = await self.remote.target(caller, agent_id)
+        uri = target.agent.libvirt_uri
+        node, version, hostname = await asyncio.gather(
+            *(self.remote.run(caller, target, argv)
+              for argv in (virsh.nodeinfo_command(uri), virsh.version_command(uri), virsh.hostname_command(uri))))
+        for result in (node, version, hostname):
+            virsh.raise_for_failure(result)
+        return HostFacts(hostname=virsh.parse_hostname(hostname.stdout), node=virsh.parse_nodeinfo(node.stdout),
+                         versions=virsh.parse_version(version.stdout))
+
+    async def check_agent(self, caller: Caller, agent_id: int) -> AgentCheck:
+        """Can the portal reach the agent, log in, and reach libvirt (``virsh uri``)? A failing host
+        answers with the reason instead of raising. Not audited: it changes nothing (except that a
+        first connection may pin the host key, which is audited as ``agent.pin_host_key``)."""
+        target = await self.remote.target(caller, agent_id)
+        started = self._monotonic()
+        error: RemoteError | None = None
+        host_key = target.agent.host_key
+        try:
+            result = await self.remote.run(caller, target, virsh.check_command(target.agent.libvirt_uri))
+            host_key = host_key or result.host_key
+            virsh.raise_for_failure(result)
+        except RemoteError as failed:
+            error = failed
+        elapsed_ms = round((self._monotonic() - started) * 1000, 1)
+        if host_key is None and target.agent.allow_unknown_hosts:
+            # The connection may have pinned the key it saw before the check failed further on.
+            host_key = await asyncio.to_thread(self.remote.pinned_host_key, caller, agent_id)
+        # How far the connection got is a property of the error's class (core.errors.RemoteError).
+        reachable = error is None or error.reached_host
+        authenticated = reachable and (error is None or error.logged_in)
+        return AgentCheck(
+            reachable=reachable,
+            authenticated=authenticated,
+            host_key_fingerprint=host_key.fingerprint if host_key is not None else None,
+            libvirt_reachable=error is None,
+            round_trip_ms=elapsed_ms if reachable else None,
+            error=Failure.of(error) if error is not None else None,
+        )

@@ -1,0 +1,134 @@
+"""A VM's lifecycle on an agent: list, inspect, start, shut down, force-stop, reboot, suspend,
+resume (optionally waiting for the state), autostart, statistics. Asynchronous: each use case runs
+on the event loop and awaits the SSH command; storage is reached in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import ClassVar
+
+from core import virsh
+from core.errors import ValidationFailed, VmNotFound, WaitTimedOut
+from core.model import AgentCredentials, Caller
+from core.ports import CommandResult
+from core.remote import RemoteCommands
+from core.results import VmInfo, WaitedAction
+from core.virsh import VmAction, VmStats, VmSummary
+
+POLL_INTERVAL = 0.25  # seconds between two state polls while waiting
+POLL_GRACE = 2.0  # seconds one state poll may run past the wait's deadline before the wait gives up
+
+# Told of every poll while waiting: the state seen and the seconds since the wait began.
+Progress = Callable[[str | None, float], None]
+
+
+class VmService:
+    """The lifecycle of the VMs on the caller's agents."""
+
+    runs_on_event_loop: ClassVar[bool] = True
+
+    def __init__(self, *, remote: RemoteCommands, poll_interval: float = POLL_INTERVAL,
+                 poll_grace: float = POLL_GRACE, monotonic: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.remote = remote
+        # Waiting on a VM's state: how often to poll, and the clock and sleep to do it with
+        # (injectable, so tests wait on a fake clock instead of the wall clock).
+        self.poll_interval = poll_interval
+        self.poll_grace = poll_grace
+        self._monotonic = monotonic
+        self._sleep = sleep
+
+    async def list_vms(self, caller: Caller, agent_id: int) -> list[VmSummary]:
+        """Every VM the agent's libvirt knows (``virsh list --all``)."""
+        target = await self.remote.target(caller, agent_id)
+        result = await self.remote.run(caller, target, virsh.list_command(target.agent.libvirt_uri))
+        virsh.raise_for_failure(result)
+        return virsh.parse_list(result.stdout)
+
+    async def vm_info(self, caller: Caller, agent_id: int, vm: str) -> VmInfo:
+        """``virsh dominfo`` for one VM; ``VmNotFound`` if the agent has no such VM."""
+        virsh.require_vm_name(vm)
+        target = await self.remote.target(caller, agent_id)
+        result = await self.remote.run(caller, target, virsh.dominfo_command(target.agent.libvirt_uri, vm))
+        virsh.raise_for_failure(result, vm)
+        return VmInfo(dominfo=virsh.parse_dominfo(result.stdout), raw=result)
+
+    async def vm_action(self, caller: Caller, agent_id: int, vm: str, action: VmAction) -> CommandResult:
+        """Start, shut down, force-stop, reboot, suspend or resume a VM; audited whatever the outcome."""
+        result, _ = await self._vm_action(caller, agent_id, vm, action)
+        return result
+
+    async def _vm_action(self, caller: Caller, agent_id: int, vm: str, action: VmAction,
+                         wait: int | None = None) -> tuple[CommandResult, AgentCredentials]:
+        def check_wait() -> None:
+            problem = None if wait is None else virsh.check_wait(wait)
+            if problem is not None:
+                raise ValidationFailed.one("wait", problem)
+
+        return await self.remote.audited(caller, f"vm.{action.value.replace('-', '_')}", agent_id, vm,
+                                         lambda uri: virsh.action_command(uri, vm, action), None, check=check_wait)
+
+    async def vm_action_and_wait(self, caller: Caller, agent_id: int, vm: str, action: VmAction, wait: int,
+                                 progress: Progress | None = None) -> WaitedAction:
+        """Run ``action``, then poll the VM's state over the pooled connection every
+        ``poll_interval`` seconds until it reaches ``action.target_state`` or ``wait`` seconds have
+        passed (``WaitTimedOut``, carrying the state it is in). ``wait=0`` looks once; no look
+        outlives the deadline by more than ``poll_grace``. The action is audited as it ends (a
+        ``wait`` out of range is refused and audited like an invalid VM name), before the wait;
+        nothing holds a transaction or a thread meanwhile. ``progress(state, elapsed)`` is told of
+        every poll (the command line shows it)."""
+        result, target = await self._vm_action(caller, agent_id, vm, action, wait)
+        state, waited = await self._wait_for_state(caller, target, vm, action.target_state, wait, progress)
+        return WaitedAction(result=result, state=state, waited_seconds=waited)
+
+    async def _wait_for_state(self, caller: Caller, target: AgentCredentials, vm: str, wanted: str, wait: float,
+                              progress: Progress | None) -> tuple[str, float]:
+        started = self._monotonic()
+        deadline = started + wait
+        state: str | None = None
+        while True:
+            # A host that stops answering must not hold the answer for a whole command time-out:
+            # one look may outlive the deadline by ``poll_grace`` at most.
+            budget = max(0.0, deadline - self._monotonic()) + self.poll_grace
+            try:
+                state = await asyncio.wait_for(self._state(caller, target, vm), timeout=budget)
+            except VmNotFound:
+                if wanted != "shut off":
+                    raise
+                state = wanted  # a transient VM ceases to exist when it stops: that is "shut off"
+            except TimeoutError:
+                raise WaitTimedOut(f"VM {vm!r} was last seen {state or 'in an unknown state'}, not {wanted}; the "
+                                   f"host stopped answering and the {wait:g} s wait ran out", state=state,
+                                   target_state=wanted) from None
+            now = self._monotonic()
+            if progress is not None:
+                progress(state, now - started)
+            if state == wanted:
+                return state, now - started
+            if now >= deadline:
+                raise WaitTimedOut(f"VM {vm!r} is {state or 'in an unknown state'}, not {wanted}, after waiting "
+                                   f"{wait:g} s", state=state, target_state=wanted)
+            await self._sleep(min(self.poll_interval, deadline - now))
+
+    async def _state(self, caller: Caller, target: AgentCredentials, vm: str) -> str | None:
+        result = await self.remote.run(caller, target, virsh.state_command(target.agent.libvirt_uri, vm))
+        virsh.raise_for_failure(result, vm)
+        return virsh.parse_state(result.stdout)
+
+    async def set_autostart(self, caller: Caller, agent_id: int, vm: str, enabled: bool) -> CommandResult:
+        """Have libvirt start the VM with the host, or not (``virsh autostart [--disable]``); audited
+        as ``vm.autostart`` with ``enable`` or ``disable`` in its detail."""
+        result, _ = await self.remote.audited(caller, "vm.autostart", agent_id, vm,
+                                              lambda uri: virsh.autostart_command(uri, vm, enabled),
+                                              "enable" if enabled else "disable")
+        return result
+
+    async def vm_stats(self, caller: Caller, agent_id: int, vm: str) -> VmStats:
+        """``virsh domstats`` of one VM: state, CPU time, vCPUs, balloon memory, disks, interfaces."""
+        virsh.require_vm_name(vm)
+        target = await self.remote.target(caller, agent_id)
+        result = await self.remote.run(caller, target, virsh.stats_command(target.agent.libvirt_uri, vm))
+        virsh.raise_for_failure(result, vm)
+        return virsh.parse_stats(result.stdout, vm)
