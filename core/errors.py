@@ -122,6 +122,65 @@ class WaitTimedOut(RemoteTimeout):
         self.target_state = target_state
 
 
+
+class TooManyRequests(PortalError):
+    """The caller must slow down (HTTP 429); ``retry_after`` says in how many seconds to retry."""
+
+    code = "too_many_requests"
+    title = "Too many requests"
+
+    def __init__(self, detail: str, *, retry_after: int | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+# ---------------------------------------------------------------------- request errors
+# Raised by the entrypoints while reading a request, before any use case runs.
+
+
+class MalformedBody(PortalError):
+    """The body is not JSON that can be read at all (HTTP 400)."""
+
+    code = "malformed_json"
+    title = "Malformed JSON"
+
+
+class BodyTooLarge(PortalError):
+    """The body is over the size limit (HTTP 413)."""
+
+    code = "body_too_large"
+    title = "Request body too large"
+
+
+class UnsupportedMediaType(PortalError):
+    """The body is not sent as JSON (HTTP 415)."""
+
+    code = "unsupported_media_type"
+    title = "Unsupported media type"
+
+
+class HeadersTooLarge(PortalError):
+    """Too many headers, or too many bytes of them (HTTP 431)."""
+
+    code = "headers_too_large"
+    title = "Request header fields too large"
+
+
+class MissingApiKey(Unauthenticated):
+    """No ``Authorization: Bearer`` header (HTTP 401)."""
+
+    code = "missing_api_key"
+
+    def __init__(self, detail: str = "send your API key as 'Authorization: Bearer <key>'") -> None:
+        super().__init__(detail)
+
+
+class TooManyAuthFailures(TooManyRequests):
+    """Too many failed authentications from one client address (HTTP 429)."""
+
+    code = "too_many_auth_failures"
+    title = "Too many failed authentications"
+
 # ---------------------------------------------------------------------- the vocabulary
 # Every code the portal answers with is one class below (or a base above); nothing compares code
 # strings. A class whose message never varies carries it as its default detail.

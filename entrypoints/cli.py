@@ -28,99 +28,266 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from core.errors import PortalError
+import attrs
+
+from core.errors import MissingApiKey, PortalError
+from entrypoints.operations import BY_NAME, Operation
 from entrypoints.settings import ConfigError, Settings
-from entrypoints.shapes import UserView, UserWithKeyView, dump
+from entrypoints.shapes import PublicKeyView, UserView, UserWithKeyView, dump
 
 if TYPE_CHECKING:
-    from core.ports import CommandResult
     from entrypoints.library import Session
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+# ---------------------------------------------------------------------- user commands, from the operation table
+
+
+@attrs.frozen
+class UserCommand:
+    """A command that acts as the user of ``MANAGEMENT_API_KEY`` and runs one operation of the
+    table: its arguments follow from the operation's path (``agent``, ``vm``, ``snapshot``), its
+    query (``--wait``, repeatable ``--agent``/``--state``) and ``body`` (how the body is made from
+    the arguments); ``--json`` prints the operation's view, ``text`` prints for people."""
+
+    words: tuple[str, str] | tuple[str, str, str]
+    operation: str
+    help: str
+    text: Callable[[Any, argparse.Namespace], int]
+    body: tuple[tuple[str, dict[str, Any]], ...] = ()  # extra arguments that make the body's fields
+    make_body: Callable[[argparse.Namespace], dict[str, Any]] = lambda _args: {}
+    run: Callable[[Session, Operation, argparse.Namespace], Any] | None = None  # instead of the plain call
+    json: Callable[[Any, argparse.Namespace], Any] | None = None  # instead of the operation's view
+
+
+_PATH_ARGUMENTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "agent_id": ("agent", {"type": int, "help": "agent id"}),
+    "vm": ("vm", {"help": "VM name"}),
+    "snapshot": ("snapshot", {"help": "snapshot name"}),
+}
+_QUERY_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "wait": ("--wait", {"type": int, "metavar": "SECONDS",
+                        "help": "wait up to SECONDS (0-300) for the VM to reach the action's state"}),
+    "agent": ("--agent", {"type": int, "action": "append", "default": [], "help": "only this agent (repeatable)"}),
+    "state": ("--state", {"action": "append", "default": [],
+                          "help": "only VMs in this state, e.g. running, 'shut off' (repeatable)"}),
+}
+
+
+def _run_user_command(command: UserCommand) -> Handler:
+    def handler(args: argparse.Namespace, settings: Settings) -> int:
+        from entrypoints.library import connect
+
+        api_key = os.environ.get("MANAGEMENT_API_KEY", "").strip()
+        if not api_key:
+            raise MissingApiKey("set MANAGEMENT_API_KEY to your API key")
+        op = BY_NAME[command.operation]
+        with connect(settings=settings) as library:
+            me = library.login(api_key)
+            path_values = [getattr(args, _PATH_ARGUMENTS[name][0]) for name in op.path_parameters]
+            query = {q.name: getattr(args, q.name) for q in op.query if getattr(args, q.name, None) is not None}
+            call = me.prepare(op, *path_values, **command.make_body(args), **query)
+            result = command.run(me, op, args) if command.run is not None else me.run(op, call)
+            if args.json:
+                if command.json is not None:
+                    _print_json(command.json(result, args))
+                elif op.view is not None:
+                    _print_json(op.view(result, call))
+                return 0
+            return command.text(result, args)
+
+    return handler
+
+
+def _lifecycle(me: Session, op: Operation, args: argparse.Namespace) -> Any:
+    """A lifecycle action, and with ``--wait`` the wait for its state, shown on stderr while it lasts."""
+    action = args.words[-1]
+    if args.wait is None:
+        return me.vm_action(args.agent, args.vm, action)
+    progress = _Progress(args.vm)
+    try:
+        return me.vm_action_and_wait(args.agent, args.vm, action, args.wait, progress)
+    finally:
+        progress.finish()
+
+
+def _lifecycle_text(result: Any, args: argparse.Namespace) -> int:
+    action = args.words[-1]
+    if hasattr(result, "waited_seconds"):
+        print(f"{result.result.stdout.strip() or action + ': done'}; {result.state} after "
+              f"{result.waited_seconds:.1f} s")
+    else:
+        print(result.stdout.strip() or f"{action}: done")
+    return 0
+
+
+def _agents_text(agents: Any, _args: argparse.Namespace) -> int:
+    print(f"{'ID':>5}  {'NAME':<24} {'ADDRESS':<32} {'USER':<16} HOST KEY")
+    for a in agents:
+        address = f"{a.hostname}:{a.port}"
+        pinned = a.host_key.fingerprint if a.host_key else "(not pinned)"
+        print(f"{a.id:>5}  {a.name[:24]:<24} {address[:32]:<32} {a.username[:16]:<16} {pinned}")
+    return 0
+
+
+def _vms_text(vms: Any, _args: argparse.Namespace) -> int:
+    print(f"{'ID':>5}  {'NAME':<40} STATE")
+    for vm in vms:
+        print(f"{vm.id if vm.id is not None else '-':>5}  {vm.name:<40} {vm.state}")
+    return 0
+
+
+def _dominfo_text(info: Any, _args: argparse.Namespace) -> int:
+    for key, value in info.dominfo.items():
+        print(f"{key:<16} {value if value is not None else '-'}")
+    return 0
+
+
+def _fields_text(value: Any, _args: argparse.Namespace) -> int:
+    """Nested fields as ``key  value`` lines; a failed check also says why on stderr, and exits 1."""
+    _print_fields({k: v for k, v in dump(value).items() if k != "fields"})
+    failure = getattr(value, "error", None)
+    if failure is not None:
+        print(f"error: {failure.code}: {failure.detail}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _public_key_text(agent: Any, _args: argparse.Namespace) -> int:
+    print(PublicKeyView.of(agent).authorized_keys_line)
+    return 0
+
+
+def _fleet_text(entries: Any, _args: argparse.Namespace) -> int:
+    print(f"{'AGENT':<24} {'ID':>5}  {'VM':<40} STATE")
+    for entry in entries:
+        agent = f"{entry.agent_name[:18]} ({entry.agent_id})"
+        if entry.error is not None:
+            print(f"{agent:<24} {'':>5}  error: {entry.error.code}: {entry.error.detail}")
+        for vm in entry.vms or []:
+            print(f"{agent:<24} {vm.id if vm.id is not None else '-':>5}  {vm.name:<40} {vm.state}")
+    return 0
+
+
+def _snapshots_text(snapshots: Any, _args: argparse.Namespace) -> int:
+    print(f"  {'NAME':<32} {'CREATED':<21} {'STATE':<14} PARENT")
+    for snap in snapshots:
+        when = snap.created_at.strftime("%Y-%m-%d %H:%M:%S") if snap.created_at else "-"
+        print(f"{'*' if snap.current else ' '} {snap.name:<32} {when:<21} {snap.state:<14} {snap.parent or '-'}")
+    return 0
+
+
+def _printed(done: Callable[[argparse.Namespace], str]) -> Callable[[Any, argparse.Namespace], int]:
+    """What virsh printed, or ``done(args)`` when it printed nothing."""
+    def text(result: Any, args: argparse.Namespace) -> int:
+        print(result.stdout.strip() or done(args))
+        return 0
+    return text
+
+
+def _said(message: Callable[[Any, argparse.Namespace], str]) -> Callable[[Any, argparse.Namespace], int]:
+    def text(result: Any, args: argparse.Namespace) -> int:
+        print(message(result, args))
+        return 0
+    return text
+
+
+USER_COMMANDS: tuple[UserCommand, ...] = (
+    UserCommand(("agents", "list"), "list_agents", "list your agents", _agents_text),
+    UserCommand(("agents", "public-key"), "get_public_key", "print the agent's authorized_keys line (restricted "
+                                                            "to the agent shell)", _public_key_text),
+    UserCommand(("agents", "rotate-key"), "rotate_agent_key", "replace the agent's key with a new generated pair; "
+                "prints the new authorized_keys line (re-run scripts/agent-install.sh on the host)", _public_key_text,
+                json=lambda agent, _args: PublicKeyView.of(agent)),
+    UserCommand(("agents", "host"), "get_host", "the host's name, processors, memory and libvirt/QEMU versions",
+                _fields_text),
+    UserCommand(("agents", "check"), "check_agent", "can the portal reach the host, log in and reach libvirt? "
+                                                    "(exits 1 when the host fails)", _fields_text),
+    UserCommand(("vms", "list"), "list_vms", "list the agent's VMs", _vms_text),
+    UserCommand(("vms", "info"), "get_vm", "virsh dominfo", _dominfo_text),
+    *(UserCommand(("vms", word), f"{word.replace('-', '_')}_vm", text, _lifecycle_text, run=_lifecycle)
+      for word, text in (("start", "start the VM"), ("shutdown", "graceful shutdown (ACPI)"),
+                         ("force-stop", "virsh destroy"), ("reboot", "reboot the VM"),
+                         ("suspend", "pause the VM (virsh suspend)"), ("resume", "resume a paused VM"))),
+    UserCommand(("vms", "autostart"), "set_autostart", "start the VM with the host, or not",
+                _printed(lambda args: f"autostart {args.enabled}"), body=(("enabled", {"choices": ["on", "off"]}),),
+                make_body=lambda args: {"enabled": args.enabled == "on"}),
+    UserCommand(("vms", "stats"), "get_vm_stats", "virsh domstats", _fields_text),
+    UserCommand(("vms", "fleet"), "list_fleet", "every VM on every agent of yours", _fleet_text,
+                run=lambda me, _op, args: me.fleet(agent_ids=args.agent, states=args.state)),
+    UserCommand(("vms", "snapshots", "list"), "list_snapshots", "list the VM's snapshots", _snapshots_text),
+    UserCommand(("vms", "snapshots", "create"), "create_snapshot", "take a snapshot",
+                _said(lambda created, _args: f"snapshot {created.name} created ({created.state})"),
+                body=(("snapshot", {"help": "snapshot name"}),
+                      ("--description", {"help": "free text kept with the snapshot"})),
+                make_body=lambda args: {"name": args.snapshot, "description": args.description}),
+    UserCommand(("vms", "snapshots", "revert"), "revert_snapshot", "revert the VM to a snapshot",
+                _printed(lambda args: f"reverted to {args.snapshot}")),
+    UserCommand(("vms", "snapshots", "delete"), "delete_snapshot", "delete a snapshot",
+                _said(lambda _result, args: f"snapshot {args.snapshot} deleted"),
+                json=lambda _result, args: {"deleted": args.snapshot}),
+)
+
+# ---------------------------------------------------------------------- the parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="manage-playrservers",
                                      description="PlayrServers QEMU Management Portal")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the HTTP server (gunicorn with ASGI workers)")
+    commands.add_parser("serve", help="run the HTTP server (gunicorn with ASGI workers)").set_defaults(
+        handler=_serve)
 
     users = commands.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
     create = users.add_parser("create", help="create a user and print its API key (shown once)")
     create.add_argument("--name", required=True)
     create.add_argument("--email")
+    create.set_defaults(handler=_users_create)
     listing = users.add_parser("list", help="list users")
     listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(handler=_users_list)
     rotate = users.add_parser("rotate-key", help="issue a new API key for a user (the old one dies)")
     which = rotate.add_mutually_exclusive_group(required=True)
     which.add_argument("--id", type=int)
     which.add_argument("--email")
+    rotate.set_defaults(handler=_users_rotate_key)
 
     db = commands.add_parser("db", help="database maintenance").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="migrate the database schema to the latest version (and create the secret "
-                                  "key file if there is none)")
-    db.add_parser("version", help="print the schema version")
+                                  "key file if there is none)").set_defaults(handler=_db)
+    db.add_parser("version", help="print the schema version").set_defaults(handler=_db)
     backup = db.add_parser("backup", help="copy a consistent snapshot (SQLite online backup), safe while serving")
     backup.add_argument("path")
+    backup.set_defaults(handler=_db)
 
-    commands.add_parser("secret-key", help="print a new random value for MANAGEMENT_SECRET_KEY")
+    commands.add_parser("secret-key", help="print a new random value for MANAGEMENT_SECRET_KEY").set_defaults(
+        handler=_secret_key)
 
-    agents = commands.add_parser("agents", help="your agents (needs MANAGEMENT_API_KEY)")
-    agents_actions = agents.add_subparsers(dest="action", required=True)
-    agents_list = agents_actions.add_parser("list", help="list your agents")
-    agents_list.add_argument("--json", action="store_true", help="print JSON")
-    for name, text in [("public-key", "print the agent's authorized_keys line (restricted to the agent shell)"),
-                       ("rotate-key", "replace the agent's key with a new generated pair; prints the new "
-                                      "authorized_keys line (re-run scripts/agent-install.sh on the host)")]:
-        one = agents_actions.add_parser(name, help=text)
-        one.add_argument("agent", type=int, help="agent id")
+    groups: dict[tuple[str, ...], Any] = {}
+    for area, text in (("agents", "your agents (needs MANAGEMENT_API_KEY)"),
+                       ("vms", "drive VMs on an agent (needs MANAGEMENT_API_KEY)")):
+        groups[(area,)] = commands.add_parser(area, help=text).add_subparsers(dest="action", required=True)
+    groups[("vms", "snapshots")] = groups[("vms",)].add_parser(
+        "snapshots", help="internal snapshots of a VM").add_subparsers(dest="snapshot_action", required=True)
+    for command in USER_COMMANDS:
+        op = BY_NAME[command.operation]
+        one = groups[command.words[:-1]].add_parser(command.words[-1], help=command.help)
+        for name in op.path_parameters:
+            flag, options = _PATH_ARGUMENTS[name]
+            one.add_argument(flag, **options)
+        for flag, options in command.body:
+            one.add_argument(flag, **options)
+        for q in op.query:
+            flag, options = _QUERY_OPTIONS[q.name]
+            one.add_argument(flag, dest=q.name, **options)
         one.add_argument("--json", action="store_true", help="print JSON")
-    for name, text in [("host", "the host's name, processors, memory and libvirt/QEMU versions"),
-                       ("check", "can the portal reach the host, log in and reach libvirt?")]:
-        one = agents_actions.add_parser(name, help=text)
-        one.add_argument("agent", type=int, help="agent id")
-        one.add_argument("--json", action="store_true", help="print JSON")
-
-    vms = commands.add_parser("vms", help="drive VMs on an agent (needs MANAGEMENT_API_KEY)")
-    vm_actions = vms.add_subparsers(dest="action", required=True)
-    vms_list = vm_actions.add_parser("list", help="list the agent's VMs")
-    vms_list.add_argument("agent", type=int, help="agent id")
-    vms_list.add_argument("--json", action="store_true", help="print JSON")
-    for name, text in [("info", "virsh dominfo"), ("start", "start the VM"),
-                       ("shutdown", "graceful shutdown (ACPI)"), ("force-stop", "virsh destroy"),
-                       ("reboot", "reboot the VM"), ("suspend", "pause the VM (virsh suspend)"),
-                       ("resume", "resume a paused VM"), ("stats", "virsh domstats")]:
-        one = vm_actions.add_parser(name, help=text)
-        one.add_argument("agent", type=int, help="agent id")
-        one.add_argument("vm", help="VM name")
-        one.add_argument("--json", action="store_true", help="print JSON")
-        if name not in ("info", "stats"):
-            one.add_argument("--wait", type=int, metavar="SECONDS",
-                             help="wait up to SECONDS (0-300) for the VM to reach the action's state")
-    autostart = vm_actions.add_parser("autostart", help="start the VM with the host, or not")
-    autostart.add_argument("agent", type=int, help="agent id")
-    autostart.add_argument("vm", help="VM name")
-    autostart.add_argument("enabled", choices=["on", "off"])
-    autostart.add_argument("--json", action="store_true", help="print JSON")
-    snapshots = vm_actions.add_parser("snapshots", help="internal snapshots of a VM")
-    snapshot_actions = snapshots.add_subparsers(dest="snapshot_action", required=True)
-    for name, text in [("list", "list the VM's snapshots"), ("create", "take a snapshot"),
-                       ("revert", "revert the VM to a snapshot"), ("delete", "delete a snapshot")]:
-        one = snapshot_actions.add_parser(name, help=text)
-        one.add_argument("agent", type=int, help="agent id")
-        one.add_argument("vm", help="VM name")
-        if name != "list":
-            one.add_argument("snapshot", help="snapshot name")
-        if name == "create":
-            one.add_argument("--description", help="free text kept with the snapshot")
-        one.add_argument("--json", action="store_true", help="print JSON")
-    fleet = vm_actions.add_parser("fleet", help="every VM on every agent of yours")
-    fleet.add_argument("--agent", type=int, action="append", default=[], help="only this agent (repeatable)")
-    fleet.add_argument("--state", action="append", default=[], help="only VMs in this state, e.g. running, "
-                                                                     "'shut off' (repeatable)")
-    fleet.add_argument("--json", action="store_true", help="print JSON")
+        one.set_defaults(handler=_run_user_command(command), words=command.words)
     return parser
 
 
@@ -128,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
-        return _dispatch(args, settings)
+        handler: Handler = args.handler
+        return handler(args, settings)
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
@@ -137,22 +305,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    if args.command == "serve":
-        from entrypoints.server import serve
+# ---------------------------------------------------------------------- the operator's commands (local only)
 
-        serve(settings)
-        return 0
-    if args.command == "secret-key":
-        from adapters.sealing import generate_key
 
-        print(generate_key())
-        return 0
-    if args.command == "db":
-        return _db(args, settings)
-    if args.command in ("agents", "vms"):
-        return _as_user(args, settings)
-    return _users(args, settings)
+def _serve(_args: argparse.Namespace, settings: Settings) -> int:
+    from entrypoints.server import serve
+
+    serve(settings)
+    return 0
+
+
+def _secret_key(_args: argparse.Namespace, _settings: Settings) -> int:
+    from adapters.sealing import generate_key
+
+    print(generate_key())
+    return 0
 
 
 def _db(args: argparse.Namespace, settings: Settings) -> int:
@@ -178,178 +345,37 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _users(args: argparse.Namespace, settings: Settings) -> int:
+def _users_create(args: argparse.Namespace, settings: Settings) -> int:
     from entrypoints.library import connect
 
     with connect(settings=settings) as library:
-        portal = library.portal
-        if args.action == "create":
-            created = library.create_user(args.name, args.email)
-            _print_json(UserWithKeyView.with_key(created.user, created.api_key))
-            print("store the api_key now: it is not shown again", file=sys.stderr)
-        elif args.action == "list":
-            users = portal.users.list_users()
-            if args.json:
-                _print_json([UserView.of(u) for u in users])
-            else:
-                print(f"{'ID':>5}  {'NAME':<24} {'EMAIL':<32} KEY PREFIX")
-                for user in users:
-                    print(f"{user.id:>5}  {user.name[:24]:<24} {(user.email or '-')[:32]:<32} {user.api_key_prefix}")
-        else:
-            session = library.login_as(portal.users.find_user(user_id=args.id, email=args.email))
-            api_key = session.rotate_api_key()  # also brings session.user up to date
-            _print_json(UserWithKeyView.with_key(session.user, api_key))
+        created = library.create_user(args.name, args.email)
+        _print_json(UserWithKeyView.with_key(created.user, created.api_key))
+        print("store the api_key now: it is not shown again", file=sys.stderr)
     return 0
 
 
-def _as_user(args: argparse.Namespace, settings: Settings) -> int:
-    import os
-
+def _users_list(args: argparse.Namespace, settings: Settings) -> int:
     from entrypoints.library import connect
-    from entrypoints.shapes import AgentView, PublicKeyView, VmInfoView, VmView
 
-    api_key = os.environ.get("MANAGEMENT_API_KEY", "").strip()
-    if not api_key:
-        print("error: missing_api_key: set MANAGEMENT_API_KEY to your API key", file=sys.stderr)
-        return 1
     with connect(settings=settings) as library:
-        me = library.login(api_key)
-        if args.action in _MORE_VM_COMMANDS.get(args.command, ()):
-            return _more(me, args)
-        if args.command == "agents" and args.action in ("public-key", "rotate-key"):
-            agent = me.rotate_agent_key(args.agent) if args.action == "rotate-key" else me.agent(args.agent)
-            published = PublicKeyView.of(agent)
-            if args.json:
-                _print_json(published)
-            else:
-                print(published.authorized_keys_line)
-        elif args.command == "agents":
-            agents = me.agents()
-            if args.json:
-                _print_json([AgentView.of(a) for a in agents])
-            else:
-                print(f"{'ID':>5}  {'NAME':<24} {'ADDRESS':<32} {'USER':<16} HOST KEY")
-                for a in agents:
-                    address = f"{a.hostname}:{a.port}"
-                    pinned = a.host_key.fingerprint if a.host_key else "(not pinned)"
-                    print(f"{a.id:>5}  {a.name[:24]:<24} {address[:32]:<32} {a.username[:16]:<16} {pinned}")
-        elif args.action == "list":
-            vms = me.vms(args.agent)
-            if args.json:
-                _print_json([VmView.of(vm) for vm in vms])
-            else:
-                print(f"{'ID':>5}  {'NAME':<40} STATE")
-                for vm in vms:
-                    print(f"{vm.id if vm.id is not None else '-':>5}  {vm.name:<40} {vm.state}")
-        elif args.action == "info":
-            info = me.vm_info(args.agent, args.vm)
-            if args.json:
-                _print_json(VmInfoView.of(info))
-            else:
-                for key, value in info.dominfo.items():
-                    print(f"{key:<16} {value if value is not None else '-'}")
-        else:
-            return _act(me, args)
+        users = library.portal.users.list_users()
+    if args.json:
+        _print_json([UserView.of(u) for u in users])
+    else:
+        print(f"{'ID':>5}  {'NAME':<24} {'EMAIL':<32} KEY PREFIX")
+        for user in users:
+            print(f"{user.id:>5}  {user.name[:24]:<24} {(user.email or '-')[:32]:<32} {user.api_key_prefix}")
     return 0
 
 
-_MORE_VM_COMMANDS = {"agents": ("host", "check"), "vms": ("autostart", "stats", "snapshots", "fleet")}
+def _users_rotate_key(args: argparse.Namespace, settings: Settings) -> int:
+    from entrypoints.library import connect
 
-
-def _act(me: Session, args: argparse.Namespace) -> int:
-    """A lifecycle action (start, shutdown, force-stop, reboot, suspend, resume), and with
-    ``--wait`` the wait for its state, shown on stderr while it lasts."""
-    from entrypoints.shapes import WaitedActionView
-
-    if args.wait is None:
-        return _print_result(me.vm_action(args.agent, args.vm, args.action), args.json, f"{args.action}: done")
-    progress = _Progress(args.vm)
-    try:
-        waited = me.vm_action_and_wait(args.agent, args.vm, args.action, args.wait, progress)
-    finally:
-        progress.finish()
-    if args.json:
-        _print_json(WaitedActionView.of_waited(waited))
-    else:
-        print(f"{waited.result.stdout.strip() or args.action + ': done'}; {waited.state} after "
-              f"{waited.waited_seconds:.1f} s")
-    return 0
-
-
-def _more(me: Session, args: argparse.Namespace) -> int:
-    """The commands beyond the seed's lifecycle: autostart, stats, snapshots, the fleet view, host
-    facts and checks. A check that found the host failing prints its answer and exits 1."""
-    from entrypoints.shapes import AutostartView, CommandView, FleetEntryView
-
-    if args.command == "agents":
-        value: Any = me.host(args.agent) if args.action == "host" else me.check_agent(args.agent)
-        if args.json:
-            _print_json(value)
-        else:
-            _print_fields(dump(value))
-        failure = getattr(value, "error", None)
-        if failure is not None:
-            print(f"error: {failure.code}: {failure.detail}", file=sys.stderr)
-            return 1
-        return 0
-    if args.action == "fleet":
-        entries = me.fleet(agent_ids=args.agent, states=args.state)
-        if args.json:
-            _print_json([FleetEntryView.of(e) for e in entries])
-            return 0
-        print(f"{'AGENT':<24} {'ID':>5}  {'VM':<40} STATE")
-        for entry in entries:
-            agent = f"{entry.agent_name[:18]} ({entry.agent_id})"
-            if entry.error is not None:
-                print(f"{agent:<24} {'':>5}  error: {entry.error.code}: {entry.error.detail}")
-            for vm in entry.vms or []:
-                print(f"{agent:<24} {vm.id if vm.id is not None else '-':>5}  {vm.name:<40} {vm.state}")
-        return 0
-    if args.action == "autostart":
-        enabled = args.enabled == "on"
-        result = me.set_autostart(args.agent, args.vm, enabled)
-        if args.json:
-            _print_json(AutostartView(vm=args.vm, enabled=enabled, result=CommandView.of(result)))
-        else:
-            print(result.stdout.strip() or f"autostart {args.enabled}")
-        return 0
-    if args.action == "stats":
-        stats = me.vm_stats(args.agent, args.vm)
-        if args.json:
-            _print_json(stats)
-        else:
-            _print_fields({k: v for k, v in dump(stats).items() if k != "fields"})
-        return 0
-    return _snapshots(me, args)
-
-
-def _snapshots(me: Session, args: argparse.Namespace) -> int:
-    action = args.snapshot_action
-    if action == "list":
-        snapshots = me.snapshots(args.agent, args.vm)
-        if args.json:
-            _print_json(snapshots)
-            return 0
-        print(f"  {'NAME':<32} {'CREATED':<21} {'STATE':<14} PARENT")
-        for snap in snapshots:
-            when = snap.created_at.strftime("%Y-%m-%d %H:%M:%S") if snap.created_at else "-"
-            print(f"{'*' if snap.current else ' '} {snap.name:<32} {when:<21} {snap.state:<14} {snap.parent or '-'}")
-        return 0
-    if action == "create":
-        created = me.create_snapshot(args.agent, args.vm, args.snapshot, args.description)
-        if args.json:
-            _print_json(created)
-        else:
-            print(f"snapshot {created.name} created ({created.state})")
-        return 0
-    if action == "revert":
-        return _print_result(me.revert_snapshot(args.agent, args.vm, args.snapshot), args.json,
-                             f"reverted to {args.snapshot}")
-    me.delete_snapshot(args.agent, args.vm, args.snapshot)
-    if args.json:
-        _print_json({"deleted": args.snapshot})
-    else:
-        print(f"snapshot {args.snapshot} deleted")
+    with connect(settings=settings) as library:
+        session = library.login_as(library.portal.users.find_user(user_id=args.id, email=args.email))
+        api_key = session.rotate_api_key()  # also brings session.user up to date
+        _print_json(UserWithKeyView.with_key(session.user, api_key))
     return 0
 
 
@@ -387,17 +413,6 @@ def _print_fields(values: dict[str, Any], prefix: str = "") -> None:
                     print(f"{f'{prefix}{key}.{i}':<28} {item}")
         else:
             print(f"{prefix + key:<28} {'-' if value is None else value}")
-
-
-def _print_result(result: CommandResult, as_json: bool, done: str) -> int:
-    """A command's result: as JSON, or what virsh printed (``done`` when it printed nothing)."""
-    from entrypoints.shapes import CommandView
-
-    if as_json:
-        _print_json(CommandView.of(result))
-    else:
-        print(result.stdout.strip() or done)
-    return 0
 
 
 def _print_json(value: Any) -> None:

@@ -23,15 +23,18 @@ import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
+import attrs
+
 from core.audit import AUDIT_PAGE_DEFAULT
-from core.commands import AgentChanges, AutostartChange, NewAgent, NewSnapshot, NewUser
+from core.commands import NewUser
 from core.errors import ValidationFailed
-from core.model import Agent, AgentCredentials, AuditEvent, Caller, Origin, User
+from core.model import AuditEvent, Caller, Origin, User
 from core.portal import Portal
 from core.ports import CommandResult
-from core.results import AgentCheck, FleetEntry, HostFacts, NewApiKey, VmInfo, WaitedAction
-from core.virsh import Snapshot, VmAction, VmStats, VmSummary
+from core.results import FleetEntry, NewApiKey, WaitedAction
+from core.virsh import VmAction
 from entrypoints import bootstrap
+from entrypoints.operations import BY_NAME, OPERATIONS, Call, Operation
 from entrypoints.settings import Settings
 from entrypoints.shapes import structure
 
@@ -83,13 +86,68 @@ class PortalLibrary:
         return self.portal.users.create_user(structure({"name": name, "email": email}, NewUser), _origin())
 
 
+# Library names kept from before the operation table (``session.vms(1)`` is ``session.list_vms(1)``).
+ALIASES = {"agents": "list_agents", "agent": "get_agent", "credentials": "read_credentials", "vms": "list_vms",
+           "vm_info": "get_vm", "vm_stats": "get_vm_stats", "snapshots": "list_snapshots", "host": "get_host"}
+
+
 class Session:
-    """What one user can do. Every call is checked, scoped and audited as an HTTP request would be."""
+    """What one user can do. Every call is checked, scoped and audited as an HTTP request would be.
+
+    Every operation of the API that acts as a user is a method named by its ``operationId``
+    (``entrypoints/operations.py``): path values first, in path order (``agent_id, vm, snapshot``),
+    then the body's fields (positionally in their declared order, or by keyword), and query
+    parameters by keyword. ``me.list_vms(1)``, ``me.start_vm(1, "web1", wait=60)``,
+    ``me.register_agent(name=…, hostname=…, username=…, generate_key=True)``,
+    ``me.create_snapshot(1, "web1", "before-upgrade")``. Answers are the core's values
+    (``core.model``, ``core.results``, ``core.virsh``); errors are ``core.errors`` classes.
+    """
 
     def __init__(self, library: PortalLibrary, user: User) -> None:
         self._library = library
         self.portal = library.portal
         self.user = user
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        op = BY_NAME.get(ALIASES.get(name, name))
+        if op is None or not op.library:
+            raise AttributeError(f"{type(self).__name__!r} has no operation {name!r}")
+
+        def method(*args: Any, **kwargs: Any) -> Any:
+            return self.call(op.name, *args, **kwargs)
+
+        method.__name__ = name
+        method.__doc__ = op.summary
+        return method
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *(op.name for op in OPERATIONS if op.library), *ALIASES})
+
+    def call(self, operation: str, *args: Any, **kwargs: Any) -> Any:
+        """Run the operation named ``operation`` as this user (see the class's docstring)."""
+        op = BY_NAME[operation]
+        return self.run(op, self.prepare(op, *args, **kwargs))
+
+    def prepare(self, op: Operation, *args: Any, **kwargs: Any) -> Call:
+        """The call of ``op`` that these arguments make, checked as the HTTP API checks a request."""
+        names = op.path_parameters
+        if len(args) < len(names):
+            raise TypeError(f"{op.name}() needs {', '.join(names)}")
+        path = dict(zip(names, args[:len(names)], strict=False))
+        query = {q.name: kwargs.pop(q.name) if q.name in kwargs else q.parse([]) for q in op.query}
+        body: Any = None
+        if op.request is not None:
+            fields = dict(zip([f.name for f in attrs.fields(op.request)], args[len(names):], strict=False))
+            body = structure({**fields, **kwargs}, op.request)
+        elif args[len(names):] or kwargs:
+            raise TypeError(f"{op.name}() takes {', '.join(names) or 'no arguments'}"
+                            + (f" and {', '.join(q.name for q in op.query)} by keyword" if op.query else ""))
+        return Call(caller=self._caller(), origin=_origin(), path=path, body=body, query=query)
+
+    def run(self, op: Operation, call: Call) -> Any:
+        """Run a prepared call of ``op``; answers the use case's value (``op.view`` makes the wire's)."""
+        assert op.run is not None
+        return self._library._await(op.run(self.portal, call))
 
     def _caller(self) -> Caller:
         origin = _origin()
@@ -101,69 +159,13 @@ class Session:
         self.user = rotated.user
         return rotated.api_key
 
-    def agents(self) -> list[Agent]:
-        return self.portal.agents.list_agents(self._caller())
-
-    def agent(self, agent_id: int) -> Agent:
-        return self.portal.agents.get_agent(self._caller(), agent_id)
-
-    def register_agent(self, **fields: Any) -> Agent:
-        """Register an agent; keyword arguments are the fields of ``POST /agents``
-        (``generate_key=True`` instead of ``private_key`` has the portal generate the key pair)."""
-        return self.portal.agents.register_agent(self._caller(), structure(fields, NewAgent))
-
-    def rotate_agent_key(self, agent_id: int) -> Agent:
-        """Replace the agent's key with a new generated ed25519 pair; the answer's
-        ``client_key.public_key`` must go into the hypervisor's authorized_keys."""
-        return self.portal.agents.rotate_agent_key(self._caller(), agent_id)
-
-    def update_agent(self, agent_id: int, **changes: Any) -> Agent:
-        """Change fields of an agent; keyword arguments are the fields of ``PATCH /agents/{id}``."""
-        return self.portal.agents.update_agent(self._caller(), agent_id, structure(changes, AgentChanges))
-
-    def delete_agent(self, agent_id: int) -> None:
-        self.portal.agents.delete_agent(self._caller(), agent_id)
-
-    def credentials(self, agent_id: int) -> AgentCredentials:
-        """The agent's private key and passphrase in clear (audited)."""
-        return self.portal.agents.read_credentials(self._caller(), agent_id)
-
     def audit_events(self, *, limit: int = AUDIT_PAGE_DEFAULT, before: int | None = None) -> list[AuditEvent]:
+        """The caller's audit events, newest first."""
         return self.portal.audit.audit_events(self._caller(), limit=limit, before=before)
-
-    # VMs, over SSH
-
-    def vms(self, agent_id: int) -> list[VmSummary]:
-        """The agent's VMs (``virsh list --all``)."""
-        return self._library._await(self.portal.vms.list_vms(self._caller(), agent_id))
-
-    def vm_info(self, agent_id: int, vm: str) -> VmInfo:
-        """``virsh dominfo`` for one VM, parsed (``.dominfo``) and raw (``.raw``)."""
-        return self._library._await(self.portal.vms.vm_info(self._caller(), agent_id, vm))
 
     def vm_action(self, agent_id: int, vm: str, action: VmAction | str) -> CommandResult:
         """Run ``start``, ``shutdown``, ``force-stop``, ``reboot``, ``suspend`` or ``resume`` on a VM."""
         return self._library._await(self.portal.vms.vm_action(self._caller(), agent_id, vm, _action(action)))
-
-    def start_vm(self, agent_id: int, vm: str) -> CommandResult:
-        return self.vm_action(agent_id, vm, VmAction.START)
-
-    def shutdown_vm(self, agent_id: int, vm: str) -> CommandResult:
-        return self.vm_action(agent_id, vm, VmAction.SHUTDOWN)
-
-    def force_stop_vm(self, agent_id: int, vm: str) -> CommandResult:
-        return self.vm_action(agent_id, vm, VmAction.FORCE_STOP)
-
-    def reboot_vm(self, agent_id: int, vm: str) -> CommandResult:
-        return self.vm_action(agent_id, vm, VmAction.REBOOT)
-
-    def suspend_vm(self, agent_id: int, vm: str) -> CommandResult:
-        return self.vm_action(agent_id, vm, VmAction.SUSPEND)
-
-    def resume_vm(self, agent_id: int, vm: str) -> CommandResult:
-        return self.vm_action(agent_id, vm, VmAction.RESUME)
-
-    # VMs beyond the lifecycle
 
     def vm_action_and_wait(self, agent_id: int, vm: str, action: VmAction | str, wait: int,
                            progress: Callable[[str | None, float], None] | None = None) -> WaitedAction:
@@ -173,28 +175,6 @@ class Session:
         return self._library._await(
             self.portal.vms.vm_action_and_wait(self._caller(), agent_id, vm, _action(action), wait, progress))
 
-    def set_autostart(self, agent_id: int, vm: str, enabled: bool) -> CommandResult:
-        """Have libvirt start the VM with the host (``True``), or not (``False``; nothing else)."""
-        change = structure({"enabled": enabled}, AutostartChange)
-        return self._library._await(self.portal.vms.set_autostart(self._caller(), agent_id, vm, change.enabled))
-
-    def vm_stats(self, agent_id: int, vm: str) -> VmStats:
-        """``virsh domstats``: state, CPU time, vCPUs, balloon memory, disk and network counters."""
-        return self._library._await(self.portal.vms.vm_stats(self._caller(), agent_id, vm))
-
-    def snapshots(self, agent_id: int, vm: str) -> list[Snapshot]:
-        return self._library._await(self.portal.snapshots.list_snapshots(self._caller(), agent_id, vm))
-
-    def create_snapshot(self, agent_id: int, vm: str, name: str, description: str | None = None) -> Snapshot:
-        request = structure({"name": name, "description": description}, NewSnapshot)
-        return self._library._await(self.portal.snapshots.create_snapshot(self._caller(), agent_id, vm, request))
-
-    def revert_snapshot(self, agent_id: int, vm: str, snapshot: str) -> CommandResult:
-        return self._library._await(self.portal.snapshots.revert_snapshot(self._caller(), agent_id, vm, snapshot))
-
-    def delete_snapshot(self, agent_id: int, vm: str, snapshot: str) -> None:
-        self._library._await(self.portal.snapshots.delete_snapshot(self._caller(), agent_id, vm, snapshot))
-
     def fleet(self, *, agent_ids: Sequence[int] = (), states: Sequence[str] = ()) -> list[FleetEntry]:
         """Every VM on every agent of yours (or of ``agent_ids``), agents asked in parallel; an agent
         that fails has ``.vms`` None and ``.error`` (code, detail)."""
@@ -202,14 +182,6 @@ class Session:
                                                          for a in agent_ids):
             raise ValidationFailed.one("agent", "must be a sequence of agent ids (integers)")
         return self._library._await(self.portal.fleet.fleet(self._caller(), agent_ids=agent_ids, states=states))
-
-    def host(self, agent_id: int) -> HostFacts:
-        """The agent's host name, ``virsh nodeinfo`` and versions."""
-        return self._library._await(self.portal.fleet.host_facts(self._caller(), agent_id))
-
-    def check_agent(self, agent_id: int) -> AgentCheck:
-        """Reachable, authenticated, libvirt reachable, round trip; never raises for a failing host."""
-        return self._library._await(self.portal.fleet.check_agent(self._caller(), agent_id))
 
 
 def _action(action: VmAction | str) -> VmAction:

@@ -17,8 +17,8 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from core.errors import FieldError, ValidationFailed
 from core.model import Agent, AgentCredentials, AuditEvent, User
 from core.ports import CommandResult
-from core.results import Failure, FleetEntry, VmInfo, WaitedAction
-from core.virsh import VmSummary
+from core.results import AgentCheck, Failure, FleetEntry, HostFacts, VmInfo, WaitedAction
+from core.virsh import Snapshot, VmStats, VmSummary
 
 T = TypeVar("T")
 
@@ -27,7 +27,7 @@ def _strict(kind: type, label: str) -> Any:
     def structure(value: Any, _type: Any) -> Any:
         if type(value) is not kind:  # bool is not an int, 1 is not a bool, "1" is not an int
             raise TypeError(f"must be {label}")
-        if kind is str and not value.isascii():
+        if isinstance(value, str) and not value.isascii():
             try:
                 value.encode("utf-8")  # JSON's \ud800 escapes decode to lone surrogates
             except UnicodeEncodeError:
@@ -244,15 +244,73 @@ class CommandView:
 
 
 @attrs.frozen
-class VmInfoView:
-    """``virsh dominfo`` parsed into snake_case keys, with the raw command result."""
+class DomInfoView:
+    """``virsh dominfo`` with typed values: counts as integers, memory in KiB (``*_kib``), yes/no
+    and enable/disable as booleans, ``null`` for what virsh did not print or printed otherwise;
+    ``text`` keeps every line as virsh printed it, under snake_case keys."""
 
-    dominfo: dict[str, str | int | None]
+    id: int | None
+    name: str | None
+    uuid: str | None
+    os_type: str | None
+    state: str | None
+    cpus: int | None
+    cpu_time_seconds: float | None
+    max_memory_kib: int | None
+    used_memory_kib: int | None
+    persistent: bool | None
+    autostart: bool | None
+    managed_save: bool | None
+    security_model: str | None
+    text: dict[str, str]
+
+    @classmethod
+    def of(cls, dominfo: dict[str, str | int | None]) -> DomInfoView:
+        text = {key: str(value) for key, value in dominfo.items() if isinstance(value, str)}
+        raw_id = dominfo.get("id")
+        if "id" in dominfo:
+            text["id"] = "-" if raw_id is None else str(raw_id)
+        return cls(id=raw_id if isinstance(raw_id, int) else None, name=text.get("name"), uuid=text.get("uuid"),
+                   os_type=text.get("os_type"), state=text.get("state"), cpus=_count(text.get("cpus")),
+                   cpu_time_seconds=_seconds(text.get("cpu_time")), max_memory_kib=_kib(text.get("max_memory")),
+                   used_memory_kib=_kib(text.get("used_memory")), persistent=_yes(text.get("persistent")),
+                   autostart=_yes(text.get("autostart")), managed_save=_yes(text.get("managed_save")),
+                   security_model=text.get("security_model"), text=text)
+
+
+def _count(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isascii() and value.isdigit() else None
+
+
+def _kib(value: str | None) -> int | None:
+    """``"98304 KiB"`` → 98304 (virsh prints dominfo memory in KiB)."""
+    number, _, unit = (value or "").partition(" ")
+    return _count(number) if unit.strip() == "KiB" else None
+
+
+def _seconds(value: str | None) -> float | None:
+    """``"12.3s"`` → 12.3."""
+    if value is None or not value.endswith("s"):
+        return None
+    number = value[:-1]
+    return float(number) if number.isascii() and number.replace(".", "", 1).isdigit() else None
+
+
+def _yes(value: str | None) -> bool | None:
+    """virsh's yes/no and enable/disable words as a boolean; anything else None."""
+    return {"yes": True, "enable": True, "no": False, "disable": False}.get((value or "").lower())
+
+
+@attrs.frozen
+class VmInfoView:
+    """``virsh dominfo`` parsed and typed, with the raw command result."""
+
+    dominfo: DomInfoView
     raw: CommandView
 
     @classmethod
     def of(cls, info: VmInfo) -> VmInfoView:
-        return cls(dict(info.dominfo), CommandView.of(info.raw))
+        return cls(dominfo=DomInfoView.of(info.dominfo), raw=CommandView.of(info.raw))
 
 
 @attrs.frozen
@@ -260,9 +318,15 @@ class Health:
     status: str
 
 
-# ---------------------------------------------------------------------- VMs beyond the lifecycle
-# Snapshots, stats, host facts and checks are answered as the core's own values (core.virsh,
-# core.services): plain attrs data already shaped for JSON.
+# ---------------------------------------------------------------- waits, autostart, stats, snapshots, fleet, hosts
+# Views copy the core value's fields by keyword (``_by_keyword``): a core field renamed or dropped
+# fails loudly here instead of silently changing the public API.
+
+
+def _by_keyword(view: type[T], value: object, **overrides: Any) -> T:
+    """``view`` built from the same-named attributes of ``value`` (and ``overrides``)."""
+    fields = {f.name: getattr(value, f.name) for f in attrs.fields(view) if f.name not in overrides}  # type: ignore[arg-type]
+    return view(**fields, **overrides)
 
 
 @attrs.frozen
@@ -289,18 +353,182 @@ class AutostartView:
 
 
 @attrs.frozen
+class FailureView:
+    """Why one part of a larger answer failed: the error's stable code and its detail."""
+
+    code: str
+    detail: str
+
+    @classmethod
+    def of(cls, failure: Failure | None) -> FailureView | None:
+        return None if failure is None else cls(code=failure.code, detail=failure.detail)
+
+
+@attrs.frozen
 class FleetEntryView:
     """One agent of the fleet view: its VMs, or (``vms`` null) the error that agent answered."""
 
     agent_id: int
     agent_name: str
     vms: list[VmView] | None
-    error: Failure | None
+    error: FailureView | None
 
     @classmethod
     def of(cls, entry: FleetEntry) -> FleetEntryView:
         vms = None if entry.vms is None else [VmView.of(vm) for vm in entry.vms]
-        return cls(entry.agent_id, entry.agent_name, vms, entry.error)
+        return cls(agent_id=entry.agent_id, agent_name=entry.agent_name, vms=vms, error=FailureView.of(entry.error))
+
+
+@attrs.frozen
+class SnapshotView:
+    """One internal snapshot. ``state`` is the VM's state when it was taken (``running``,
+    ``shutoff``, ``paused``, ``disk-snapshot``); ``created_at`` null if virsh printed an odd time."""
+
+    name: str
+    created_at: datetime | None
+    state: str
+    parent: str | None
+    current: bool
+
+    @classmethod
+    def of(cls, snapshot: Snapshot) -> SnapshotView:
+        return _by_keyword(cls, snapshot)
+
+
+@attrs.frozen
+class CpuStatsView:
+    """Host CPU time the VM used, in nanoseconds."""
+
+    time_ns: int | None
+    user_ns: int | None
+    system_ns: int | None
+
+
+@attrs.frozen
+class VcpuStatsView:
+    current: int | None
+    maximum: int | None
+
+
+@attrs.frozen
+class BalloonStatsView:
+    """Guest memory as the balloon driver reports it, in KiB (most need a balloon device in the guest)."""
+
+    current_kib: int | None
+    maximum_kib: int | None
+    rss_kib: int | None
+    available_kib: int | None
+    usable_kib: int | None
+    unused_kib: int | None
+
+
+@attrs.frozen
+class BlockStatsView:
+    """One disk: requests and bytes read, written and flushed; sizes in bytes."""
+
+    name: str | None
+    path: str | None
+    read_requests: int | None
+    read_bytes: int | None
+    write_requests: int | None
+    write_bytes: int | None
+    flush_requests: int | None
+    allocation: int | None
+    capacity: int | None
+    physical: int | None
+
+
+@attrs.frozen
+class NetStatsView:
+    """One network interface: bytes, packets, errors and drops received and sent."""
+
+    name: str | None
+    rx_bytes: int | None
+    rx_packets: int | None
+    rx_errors: int | None
+    rx_drops: int | None
+    tx_bytes: int | None
+    tx_packets: int | None
+    tx_errors: int | None
+    tx_drops: int | None
+
+
+@attrs.frozen
+class VmStatsView:
+    """``virsh domstats`` of one VM, structured; ``fields`` keeps every field virsh printed."""
+
+    name: str
+    state: str | None
+    state_reason: int | None
+    cpu: CpuStatsView
+    vcpus: VcpuStatsView
+    balloon: BalloonStatsView
+    block: list[BlockStatsView]
+    net: list[NetStatsView]
+    fields: dict[str, str]
+
+    @classmethod
+    def of(cls, stats: VmStats) -> VmStatsView:
+        return _by_keyword(cls, stats, cpu=_by_keyword(CpuStatsView, stats.cpu),
+                           vcpus=_by_keyword(VcpuStatsView, stats.vcpus),
+                           balloon=_by_keyword(BalloonStatsView, stats.balloon),
+                           block=[_by_keyword(BlockStatsView, b) for b in stats.block],
+                           net=[_by_keyword(NetStatsView, n) for n in stats.net], fields=dict(stats.fields))
+
+
+@attrs.frozen
+class NodeInfoView:
+    """``virsh nodeinfo``: the host's processors and memory."""
+
+    cpu_model: str | None
+    cpus: int | None
+    cpu_mhz: int | None
+    cpu_sockets: int | None
+    cores_per_socket: int | None
+    threads_per_core: int | None
+    numa_cells: int | None
+    memory_kib: int | None
+
+
+@attrs.frozen
+class VersionsView:
+    """The libvirt library virsh uses, the daemon it talks to, and the hypervisor with its version."""
+
+    libvirt: str | None
+    daemon: str | None
+    hypervisor: str | None
+    hypervisor_version: str | None
+
+
+@attrs.frozen
+class HostFactsView:
+    """What a hypervisor says about itself: host name, processors and memory, versions."""
+
+    hostname: str | None
+    node: NodeInfoView
+    versions: VersionsView
+
+    @classmethod
+    def of(cls, facts: HostFacts) -> HostFactsView:
+        return cls(hostname=facts.hostname, node=_by_keyword(NodeInfoView, facts.node),
+                   versions=_by_keyword(VersionsView, facts.versions))
+
+
+@attrs.frozen
+class AgentCheckView:
+    """How an agent answered a check; ``error`` says why it failed (``reachable`` and
+    ``authenticated`` say how far the connection got). Always 200: the check itself worked."""
+
+    reachable: bool
+    authenticated: bool
+    host_key_fingerprint: str | None
+    libvirt_reachable: bool
+    round_trip_ms: float | None
+    error: FailureView | None
+
+    @classmethod
+    def of(cls, check: AgentCheck) -> AgentCheckView:
+        return _by_keyword(cls, check, error=FailureView.of(check.error))
 
 
 def dump(value: Any) -> Any:

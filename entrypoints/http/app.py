@@ -1,30 +1,22 @@
-"""The Falcon ASGI application: routes, middleware and error mapping around one ``Portal``."""
+"""The Falcon ASGI application: one route per path of the operation table, middleware around it,
+and domain errors mapped once (``entrypoints/http/errors.py``)."""
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 import falcon
 import falcon.asgi
 
-from core.virsh import VmAction
 from entrypoints.bootstrap import Runtime
 from entrypoints.http import errors, openapi
 from entrypoints.http.cache import UntilChanged
 from entrypoints.http.middleware import Authentication, BodyLimit, FailureLimiter, Lifespan, RequestContext
-from entrypoints.http.resources import (
-    AgentHostResource,
-    AgentResource,
-    AgentsResource,
-    CurrentUserResource,
-    FleetResource,
-    HealthResource,
-    OpenApiResource,
-    SnapshotsResource,
-    UsersResource,
-    VmResource,
-    VmsResource,
-)
+from entrypoints.http.resources import OperationsResource
+from entrypoints.operations import OPERATIONS, Operation
 
-AGENT_ID = "{agent_id:int(min=1, max=2147483647)}"
+# Falcon converters for the path parameters of the table (a bad agent id is a 404 like an unknown one).
+_CONVERTERS = {"{agent_id}": "{agent_id:int(min=1, max=2147483647)}"}
 
 
 def create_app(runtime: Runtime) -> falcon.asgi.App:
@@ -44,32 +36,14 @@ def create_app(runtime: Runtime) -> falcon.asgi.App:
     app.req_options.strip_url_path_trailing_slash = True
     errors.register(app)
 
-    app.add_route("/health", HealthResource())
-    app.add_route("/openapi.json", OpenApiResource(openapi.document()))
-    app.add_route("/users", UsersResource(portal))
-    me = CurrentUserResource(portal)
-    app.add_route("/users/me", me)
-    app.add_route("/users/me/api-key/rotate", me, suffix="rotate")
-    app.add_route("/users/me/audit", me, suffix="audit")
-    app.add_route("/agents", AgentsResource(portal, UntilChanged(data_version, max_entries=1_000)))
-    agent = AgentResource(portal)
-    app.add_route(f"/agents/{AGENT_ID}", agent)
-    app.add_route(f"/agents/{AGENT_ID}/credentials", agent, suffix="credentials")
-    app.add_route(f"/agents/{AGENT_ID}/public-key", agent, suffix="public_key")
-    app.add_route(f"/agents/{AGENT_ID}/rotate-key", agent, suffix="rotate_key")
-    app.add_route(f"/agents/{AGENT_ID}/vms", VmsResource(portal))
-    vm = VmResource(portal)
-    app.add_route(f"/agents/{AGENT_ID}/vms/{{vm}}", vm)
-    for action in VmAction:
-        app.add_route(f"/agents/{AGENT_ID}/vms/{{vm}}/{action.value}", vm, suffix=action.value.replace("-", "_"))
-    app.add_route(f"/agents/{AGENT_ID}/vms/{{vm}}/autostart", vm, suffix="autostart")
-    app.add_route(f"/agents/{AGENT_ID}/vms/{{vm}}/stats", vm, suffix="stats")
-    snapshots = SnapshotsResource(portal)
-    app.add_route(f"/agents/{AGENT_ID}/vms/{{vm}}/snapshots", snapshots)
-    app.add_route(f"/agents/{AGENT_ID}/vms/{{vm}}/snapshots/{{snapshot}}", snapshots, suffix="one")
-    app.add_route(f"/agents/{AGENT_ID}/vms/{{vm}}/snapshots/{{snapshot}}/revert", snapshots, suffix="revert")
-    app.add_route("/vms", FleetResource(portal))
-    host = AgentHostResource(portal)
-    app.add_route(f"/agents/{AGENT_ID}/host", host)
-    app.add_route(f"/agents/{AGENT_ID}/check", host, suffix="check")
+    by_path: dict[str, list[Operation]] = defaultdict(list)
+    for op in OPERATIONS:
+        by_path[op.path].append(op)
+    document = openapi.document()
+    for path, operations in by_path.items():
+        template = path
+        for plain, converted in _CONVERTERS.items():
+            template = template.replace(plain, converted)
+        app.add_route(template, OperationsResource(portal, operations, document=document,
+                                                  lists=UntilChanged(data_version, max_entries=1_000)))
     return app

@@ -31,6 +31,11 @@ STATUS_OF: dict[type[domain.PortalError], int] = {
     domain.Unavailable: 503,
     domain.RemoteError: 502,
     domain.RemoteTimeout: 504,
+    domain.TooManyRequests: 429,
+    domain.MalformedBody: 400,
+    domain.BodyTooLarge: 413,
+    domain.UnsupportedMediaType: 415,
+    domain.HeadersTooLarge: 431,
 }
 
 # Codes for errors Falcon itself raises (routing, methods, bodies).
@@ -79,11 +84,16 @@ def write_problem(req: falcon.asgi.Request, resp: falcon.asgi.Response, status: 
     resp.context.error_code = code
 
 
-def status_of(error: domain.PortalError) -> int:
-    for cls in type(error).__mro__:
+def status_of_class(error_class: type[domain.PortalError]) -> int:
+    """The HTTP status of an error class: its own, or its nearest listed ancestor's."""
+    for cls in error_class.__mro__:
         if cls in STATUS_OF:
             return STATUS_OF[cls]  # type: ignore[index]
     return 500
+
+
+def status_of(error: domain.PortalError) -> int:
+    return status_of_class(type(error))
 
 
 async def handle_domain_error(req: falcon.asgi.Request, resp: falcon.asgi.Response,
@@ -95,8 +105,14 @@ async def handle_domain_error(req: falcon.asgi.Request, resp: falcon.asgi.Respon
     if isinstance(error, domain.WaitTimedOut):
         extra["state"] = error.state
         extra["target_state"] = error.target_state
+    if isinstance(error, domain.TooManyRequests) and error.retry_after is not None:
+        resp.set_header("Retry-After", str(error.retry_after))
     if isinstance(error, domain.Unauthenticated):
-        resp.set_header("WWW-Authenticate", 'Bearer realm="manage-playrservers", error="invalid_token"')
+        # RFC 6750: a request with no credentials gets the bare challenge, a bad key "invalid_token".
+        challenge = 'Bearer realm="manage-playrservers"'
+        if not isinstance(error, domain.MissingApiKey):
+            challenge += ', error="invalid_token"'
+        resp.set_header("WWW-Authenticate", challenge)
     if status >= 500:
         log.warning("request_failed", code=error.code, detail=error.detail)
     write_problem(req, resp, status, error.code, error.title, error.detail, **extra)

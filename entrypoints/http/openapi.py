@@ -1,8 +1,9 @@
 """The OpenAPI 3.1 document served at ``GET /openapi.json``.
 
-Request and response schemas are generated from the same attrs classes the app structures and
-unstructures, so they cannot drift; ``tests/integration/test_openapi.py`` checks that every route
-the app serves is described and nothing else is.
+Every operation comes from the one table in ``entrypoints/operations.py``: its ``operationId``,
+tag, parameters, request and response schemas (generated from the same attrs classes the app
+structures and unstructures, so they cannot drift) and its error responses, each listing the stable
+``code`` values it can carry (from the error classes of ``core/errors.py``).
 """
 
 from __future__ import annotations
@@ -14,144 +15,25 @@ from typing import Any
 
 import attrs
 
-from core.audit import AUDIT_PAGE_MAX
-from core.commands import AgentChanges, AutostartChange, NewAgent, NewSnapshot, NewUser
-from core.results import AgentCheck, HostFacts
-from core.virsh import VM_NAME_MAX, VM_STATES, WAIT_MAX, Snapshot, VmAction, VmStats
-from entrypoints.http.errors import CODE_OF_STATUS
-from entrypoints.shapes import (
-    AgentView,
-    AuditPage,
-    AutostartView,
-    CommandView,
-    CredentialsView,
-    FleetEntryView,
-    Health,
-    PublicKeyView,
-    UserView,
-    UserWithKeyView,
-    VmInfoView,
-    VmView,
-    WaitedActionView,
-)
+from core import errors as domain
+from entrypoints.http.errors import status_of_class
+from entrypoints.operations import OPERATIONS, PATH_PARAMETERS, Operation
 
 VERSION = "0.1.0"
 
-
-@attrs.frozen
-class Operation:
-    method: str
-    path: str
-    summary: str
-    ok: int
-    response: Any = None  # an attrs class, list[cls], or None for no body
-    request: type | None = None
-    public: bool = False
-    errors: tuple[int, ...] = ()
-    parameters: tuple[dict[str, Any], ...] = ()
-    no_store: bool = False
-
-
-_AGENT_ID = {"name": "agent_id", "in": "path", "required": True,
-             "schema": {"type": "integer", "minimum": 1, "maximum": 2147483647}}
-
-_VM = {"name": "vm", "in": "path", "required": True,
-       "description": "VM (libvirt domain) name: letters, digits, spaces and . _ - + : @ , = %; "
-                      "no leading '-'; not only digits and not UUID-shaped (virsh would take it for a "
-                      "domain id or UUID). Percent-encode spaces.",
-       "schema": {"type": "string", "minLength": 1, "maxLength": VM_NAME_MAX}}
-_REMOTE_ERRORS = (404, 422, 502, 504)
-_ACTION_SUMMARY = {
-    VmAction.START: "Start a VM (virsh start)",
-    VmAction.SHUTDOWN: "Ask a VM to shut down gracefully (virsh shutdown, ACPI)",
-    VmAction.FORCE_STOP: "Force a VM off (virsh destroy)",
-    VmAction.REBOOT: "Reboot a VM (virsh reboot)",
-    VmAction.SUSPEND: "Pause a VM's CPUs, keeping its memory (virsh suspend)",
-    VmAction.RESUME: "Resume a paused VM (virsh resume)",
-}
-_WAIT = {"name": "wait", "in": "query", "required": False,
-         "description": "Seconds to wait for the VM to reach the action's state (start, resume, reboot: running; "
-                        "shutdown, force-stop: shut off; suspend: paused). 200 with the state once reached; 504 "
-                        "wait_timeout with the state it is in when the time is up. Without it, answer at once. "
-                        "Give it once.",
-         "schema": {"type": "integer", "minimum": 0, "maximum": WAIT_MAX}}
-_SNAPSHOT = {"name": "snapshot", "in": "path", "required": True,
-             "description": "Snapshot name (same rules as VM names). Percent-encode spaces.",
-             "schema": {"type": "string", "minLength": 1, "maxLength": VM_NAME_MAX}}
-_FLEET_FILTERS = (
-    {"name": "agent", "in": "query", "required": False, "style": "form", "explode": True,
-     "description": "Only these agents (repeat the parameter for several); ids that are not yours are ignored.",
-     "schema": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 2147483647}}},
-    {"name": "state", "in": "query", "required": False, "style": "form", "explode": True,
-     "description": "Only VMs in these states (repeatable), as virsh prints them.",
-     "schema": {"type": "array", "items": {"type": "string", "enum": list(VM_STATES)}}},
+TAGS = (
+    ("users", "Users, API keys and the audit trail"),
+    ("agents", "Agents: the remote hypervisors and their SSH credentials"),
+    ("vms", "A VM's lifecycle: list, inspect, start, stop, reboot, suspend, autostart, statistics"),
+    ("snapshots", "A VM's internal snapshots"),
+    ("fleet", "Every VM on every agent at once"),
+    ("service", "The portal itself"),
 )
-_SNAPSHOT_ERRORS = (404, 409, 422, 502, 504)
 
-OPERATIONS: tuple[Operation, ...] = (
-    Operation("get", "/health", "Service readiness ping", 200, Health, public=True),
-    Operation("head", "/health", "Service readiness ping, headers only", 200, None, public=True),
-    Operation("get", "/openapi.json", "This document", 200, None, public=True),
-    Operation("post", "/users", "Create a user and receive its API key (once)", 201, UserWithKeyView,
-              NewUser, public=True, errors=(400, 403, 409, 413, 415, 422), no_store=True),
-    Operation("get", "/users/me", "The authenticated user's profile", 200, UserView),
-    Operation("post", "/users/me/api-key/rotate", "Issue a new API key; the old one dies at once", 200,
-              UserWithKeyView, no_store=True),
-    Operation("get", "/users/me/audit", "The caller's audit events, newest first", 200, AuditPage,
-              errors=(422,), parameters=(
-                  {"name": "limit", "in": "query", "required": False,
-                   "schema": {"type": "integer", "minimum": 1, "maximum": AUDIT_PAGE_MAX, "default": 100}},
-                  {"name": "before", "in": "query", "required": False,
-                   "description": "Return events with an id below this (the previous page's next_before).",
-                   "schema": {"type": "integer", "minimum": 1}},
-              )),
-    Operation("get", "/agents", "List the caller's agents", 200, list[AgentView]),
-    Operation("post", "/agents", "Register an agent (remote hypervisor)", 201, AgentView, NewAgent,
-              errors=(400, 409, 413, 415, 422)),
-    Operation("get", "/agents/{agent_id}", "One agent", 200, AgentView, errors=(404,),
-              parameters=(_AGENT_ID,)),
-    Operation("patch", "/agents/{agent_id}", "Change some of an agent's fields", 200, AgentView, AgentChanges,
-              errors=(400, 404, 409, 413, 415, 422), parameters=(_AGENT_ID,)),
-    Operation("delete", "/agents/{agent_id}", "Remove an agent and its credentials", 204, None,
-              errors=(404,), parameters=(_AGENT_ID,)),
-    Operation("get", "/agents/{agent_id}/credentials", "The agent's SSH key material (audited)", 200,
-              CredentialsView, errors=(404,), parameters=(_AGENT_ID,), no_store=True),
-    Operation("get", "/agents/{agent_id}/public-key", "The agent's SSH public key, for authorized_keys", 200,
-              PublicKeyView, errors=(404,), parameters=(_AGENT_ID,)),
-    Operation("post", "/agents/{agent_id}/rotate-key",
-              "Replace the agent's key with a new generated ed25519 pair (audited)", 200, AgentView,
-              errors=(404, 409), parameters=(_AGENT_ID,)),
-    Operation("get", "/agents/{agent_id}/vms", "List the agent's VMs (virsh list --all)", 200, list[VmView],
-              errors=(404, 502, 504), parameters=(_AGENT_ID,)),
-    Operation("get", "/agents/{agent_id}/vms/{vm}", "virsh dominfo for a VM, parsed and raw", 200, VmInfoView,
-              errors=_REMOTE_ERRORS, parameters=(_AGENT_ID, _VM)),
-    *(Operation("post", f"/agents/{{agent_id}}/vms/{{vm}}/{action.value}", summary, 200,
-                CommandView | WaitedActionView, errors=(404, 409, 422, 502, 504), parameters=(_AGENT_ID, _VM, _WAIT))
-      for action, summary in _ACTION_SUMMARY.items()),
-    Operation("put", "/agents/{agent_id}/vms/{vm}/autostart", "Start the VM with the host, or not (virsh autostart)",
-              200, AutostartView, AutostartChange, errors=(400, 404, 409, 413, 415, 422, 502, 504),
-              parameters=(_AGENT_ID, _VM)),
-    Operation("get", "/agents/{agent_id}/vms/{vm}/stats",
-              "virsh domstats: state, CPU time, vCPUs, balloon memory, disk and network counters", 200, VmStats,
-              errors=_REMOTE_ERRORS, parameters=(_AGENT_ID, _VM)),
-    Operation("get", "/agents/{agent_id}/vms/{vm}/snapshots", "The VM's internal snapshots (virsh snapshot-list)",
-              200, list[Snapshot], errors=_REMOTE_ERRORS, parameters=(_AGENT_ID, _VM)),
-    Operation("post", "/agents/{agent_id}/vms/{vm}/snapshots", "Take an internal snapshot (virsh snapshot-create-as)",
-              201, Snapshot, NewSnapshot, errors=(400, 404, 409, 413, 415, 422, 502, 504),
-              parameters=(_AGENT_ID, _VM)),
-    Operation("delete", "/agents/{agent_id}/vms/{vm}/snapshots/{snapshot}", "Delete a snapshot (virsh snapshot-delete)",
-              204, None, errors=_SNAPSHOT_ERRORS, parameters=(_AGENT_ID, _VM, _SNAPSHOT)),
-    Operation("post", "/agents/{agent_id}/vms/{vm}/snapshots/{snapshot}/revert",
-              "Revert the VM to a snapshot (virsh snapshot-revert)", 200, CommandView, errors=_SNAPSHOT_ERRORS,
-              parameters=(_AGENT_ID, _VM, _SNAPSHOT)),
-    Operation("get", "/vms", "Every VM on every agent of the caller; a failing agent carries its error", 200,
-              list[FleetEntryView], errors=(422,), parameters=_FLEET_FILTERS),
-    Operation("get", "/agents/{agent_id}/host", "The host's name, processors, memory and libvirt/QEMU versions", 200,
-              HostFacts, errors=(404, 502, 504), parameters=(_AGENT_ID,)),
-    Operation("post", "/agents/{agent_id}/check",
-              "Can the portal reach the host, log in and reach libvirt? Always 200 with the reason", 200,
-              AgentCheck, errors=(404, 409), parameters=(_AGENT_ID,)),
-)
+# Errors any authenticated request can meet, and those of every request.
+_AUTH_ERRORS: tuple[type[domain.PortalError], ...] = (domain.MissingApiKey, domain.Unauthenticated,
+                                                       domain.TooManyAuthFailures)
+_SERVICE_ERRORS: tuple[type[domain.PortalError], ...] = (domain.Unavailable,)
 
 
 def schema_of(tp: Any, components: dict[str, Any]) -> dict[str, Any]:
@@ -226,47 +108,52 @@ _CROSS_FIELD_RULES: dict[str, dict[str, Any]] = {
 }
 
 
-def _problem_response(status: int) -> dict[str, Any]:
-    return {"description": CODE_OF_STATUS.get(status, "error").replace("_", " "),
+def error_codes(classes: typing.Iterable[type[domain.PortalError]]) -> dict[int, list[str]]:
+    """The codes ``classes`` (and their subclasses) can answer with, by HTTP status."""
+    by_status: dict[int, set[str]] = {}
+    for declared in classes:
+        for cls in domain.error_classes():
+            if issubclass(cls, declared):
+                by_status.setdefault(status_of_class(cls), set()).add(cls.code)
+    return {status: sorted(codes) for status, codes in sorted(by_status.items())}
+
+
+def _problem_response(codes: list[str]) -> dict[str, Any]:
+    return {"description": "Problem details; code: " + ", ".join(codes),
             "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+
+
+def _operation(op: Operation, components: dict[str, Any]) -> dict[str, Any]:
+    ok: dict[str, Any] = {"description": op.summary}
+    if op.response is not None:
+        ok["content"] = {"application/json": {"schema": schema_of(op.response, components)}}
+    elif op.name == "get_openapi":
+        ok["content"] = {"application/json": {"schema": {"type": "object"}}}
+    if op.no_store:
+        ok["headers"] = {"Cache-Control": {"schema": {"type": "string", "const": "no-store"}}}
+    declared = (*op.errors, *_SERVICE_ERRORS, *(() if op.public else _AUTH_ERRORS))
+    responses: dict[str, Any] = {str(op.ok): ok}
+    for status, codes in error_codes(declared).items():
+        responses[str(status)] = _problem_response(codes)
+    responses["500"] = _problem_response(["internal_error"])
+    operation: dict[str, Any] = {"operationId": op.name, "tags": [op.tag], "summary": op.summary,
+                                 "responses": responses}
+    if op.public:
+        operation["security"] = []
+    parameters = [PATH_PARAMETERS[name] for name in op.path_parameters] + [q.openapi() for q in op.query]
+    if parameters:
+        operation["parameters"] = parameters
+    if op.request is not None:
+        operation["requestBody"] = {"required": True,
+                                    "content": {"application/json": {"schema": schema_of(op.request, components)}}}
+    return operation
 
 
 def document() -> dict[str, Any]:
     components: dict[str, Any] = {}
     paths: dict[str, Any] = {}
     for op in OPERATIONS:
-        responses: dict[str, Any] = {}
-        ok: dict[str, Any] = {"description": op.summary}
-        if op.response is not None:
-            ok["content"] = {"application/json": {"schema": schema_of(op.response, components)}}
-        elif op.path == "/openapi.json":
-            ok["content"] = {"application/json": {"schema": {"type": "object"}}}
-        if op.no_store:
-            ok["headers"] = {"Cache-Control": {"schema": {"type": "string", "const": "no-store"}}}
-        responses[str(op.ok)] = ok
-        statuses = set(op.errors) | ({401, 429, 503} if not op.public else set())
-        if op.path == "/users":
-            statuses.add(503)
-        for status in sorted(statuses):
-            responses[str(status)] = _problem_response(status)
-        if op.public:
-            responses["500"] = _problem_response(500)
-        operation: dict[str, Any] = {
-            "summary": op.summary,
-            "operationId": f"{op.method}_{op.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}"
-                           .replace(".", "_").replace("-", "_"),
-            "responses": responses,
-        }
-        if op.public:
-            operation["security"] = []
-        if op.parameters:
-            operation["parameters"] = list(op.parameters)
-        if op.request is not None:
-            operation["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": schema_of(op.request, components)}},
-            }
-        paths.setdefault(op.path, {})[op.method] = operation
+        paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, components)
     components["Problem"] = {
         "type": "object",
         "description": "RFC 9457 problem details with a stable machine-readable code.",
@@ -295,6 +182,7 @@ def document() -> dict[str, Any]:
                            "problem details with a stable `code`.",
         },
         "servers": [{"url": "/"}],
+        "tags": [{"name": name, "description": description} for name, description in TAGS],
         "security": [{"bearer": []}],
         "paths": paths,
         "components": {

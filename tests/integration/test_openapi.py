@@ -7,7 +7,7 @@ from typing import Any
 
 import falcon.asgi
 
-from entrypoints.http.openapi import OPERATIONS
+from entrypoints.operations import OPERATIONS
 from tests.support import Api
 
 _METHODS = ("get", "head", "post", "put", "patch", "delete")
@@ -22,9 +22,9 @@ def served_routes(app: falcon.asgi.App) -> set[tuple[str, str]]:
             if node.resource is not None:
                 template = re.sub(r"\{(\w+)(:[^}]*)?\}", r"{\1}", node.uri_template)
                 for method, responder in node.method_map.items():
-                    owner = getattr(responder, "__self__", None)
-                    name = getattr(responder, "__name__", "")
-                    if owner is node.resource and name.startswith("on_"):
+                    # Responders made from the operation table carry their operation; Falcon's own
+                    # (405 for methods a path does not have) do not.
+                    if getattr(responder, "operation", None) is not None:
                         routes.add((method.lower(), template))
             walk(node.children)
 
@@ -67,3 +67,26 @@ def test_request_schemas_reject_unknown_fields_and_name_required_ones(api: Api) 
 def test_operation_table_has_no_duplicates() -> None:
     pairs = [(op.method, op.path) for op in OPERATIONS]
     assert len(pairs) == len(set(pairs))
+
+
+def test_operation_ids_are_the_declared_names_and_every_operation_is_tagged(api: Api) -> None:
+    document = api.call("GET", "/openapi.json").json
+    operations = {op["operationId"]: op for item in document["paths"].values() for op in item.values()}
+    assert len(operations) == len(OPERATIONS)
+    assert {"list_vms", "start_vm", "create_snapshot", "register_agent", "list_fleet", "get_host"} <= set(operations)
+    assert operations["start_vm"]["tags"] == ["vms"]
+    assert operations["create_snapshot"]["tags"] == ["snapshots"]
+    declared_tags = {tag["name"] for tag in document["tags"]}
+    assert all(set(op["tags"]) <= declared_tags for op in operations.values())
+
+
+def test_each_error_response_lists_the_codes_it_can_carry(api: Api) -> None:
+    document = api.call("GET", "/openapi.json").json
+    start = document["paths"]["/agents/{agent_id}/vms/{vm}/start"]["post"]["responses"]
+    assert "vm_already_running" in start["409"]["description"]
+    assert "agent_not_found" in start["404"]["description"] and "vm_not_found" in start["404"]["description"]
+    assert "host_key_mismatch" in start["502"]["description"]
+    assert "wait_timeout" in start["504"]["description"]
+    register = document["paths"]["/agents"]["post"]["responses"]
+    assert "agent_name_taken" in register["409"]["description"]
+    assert "missing_api_key" in register["401"]["description"]

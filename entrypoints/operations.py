@@ -1,0 +1,351 @@
+"""Every operation of the portal, declared once.
+
+Each ``Operation`` names its route (method and path), how it calls its use case, the view its
+answer goes through, its request and query, the domain errors it can answer with, and its OpenAPI
+``operationId`` and tag. From this table follow the HTTP routes (``entrypoints/http/app.py``), the
+OpenAPI document (``entrypoints/http/openapi.py``), the library's methods
+(``entrypoints/library.py``) and the command line's user commands (``entrypoints/cli.py``).
+
+To add an operation: write the use case in its service (``core/``), add one ``Operation`` here (and
+its view in ``entrypoints/shapes.py`` if the answer is new), and test it. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from core import errors
+from core.audit import AUDIT_PAGE_DEFAULT, AUDIT_PAGE_MAX
+from core.commands import AgentChanges, AutostartChange, NewAgent, NewSnapshot, NewUser
+from core.errors import PortalError, ValidationFailed
+from core.model import Caller, Origin, User
+from core.portal import Portal
+from core.results import NewApiKey, WaitedAction
+from core.virsh import VM_NAME_MAX, VM_STATES, WAIT_MAX, VmAction
+from entrypoints.shapes import (
+    AgentCheckView,
+    AgentView,
+    AuditEventView,
+    AuditPage,
+    AutostartView,
+    CommandView,
+    CredentialsView,
+    FleetEntryView,
+    HostFactsView,
+    PublicKeyView,
+    SnapshotView,
+    UserView,
+    UserWithKeyView,
+    VmInfoView,
+    VmStatsView,
+    VmView,
+    WaitedActionView,
+)
+
+
+@attrs.frozen
+class Call:
+    """One invocation of an operation, whichever door it came through (HTTP, library, command
+    line): who calls, the values of the path, the structured body and the parsed query."""
+
+    caller: Caller | None
+    origin: Origin
+    path: Mapping[str, Any] = attrs.field(factory=dict)
+    body: Any = None
+    query: Mapping[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def me(self) -> Caller:
+        """The authenticated caller (every operation but the public ones has one)."""
+        assert self.caller is not None, "an authenticated operation was called without a caller"
+        return self.caller
+
+    @property
+    def agent_id(self) -> int:
+        return int(self.path["agent_id"])
+
+    @property
+    def vm(self) -> str:
+        return str(self.path["vm"])
+
+    @property
+    def snapshot(self) -> str:
+        return str(self.path["snapshot"])
+
+
+Run = Callable[[Portal, Call], Coroutine[Any, Any, Any]]
+View = Callable[[Any, Call], Any]
+
+
+async def invoke(use_case: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a use case the way its service runs: awaited on the event loop if the service says
+    ``runs_on_event_loop``, otherwise in a worker thread (storage may wait on a lock, and that must
+    never stall the loop other requests share)."""
+    if getattr(getattr(use_case, "__self__", None), "runs_on_event_loop", False):
+        return await use_case(*args, **kwargs)
+    return await asyncio.to_thread(functools.partial(use_case, *args, **kwargs))
+
+
+@attrs.frozen
+class Query:
+    """A query parameter: its OpenAPI description and schema, and how its raw values are read."""
+
+    name: str
+    description: str
+    schema: dict[str, Any]
+    repeat: bool = False  # given any number of times (a list); otherwise at most once
+
+    def parse(self, raw: Sequence[str]) -> Any:
+        """The parameter's value from the strings the client sent (None when absent)."""
+        item_type = self.schema.get("items", {}).get("type") if self.repeat else self.schema.get("type")
+        values = [_whole_number(self.name, value) if item_type == "integer" else value for value in raw]
+        if self.repeat:
+            return values
+        if len(values) > 1:
+            raise ValidationFailed.one(self.name, "must be given once")
+        return values[0] if values else self.schema.get("default")
+
+    def openapi(self) -> dict[str, Any]:
+        parameter = {"name": self.name, "in": "query", "required": False, "description": self.description,
+                     "schema": self.schema}
+        return {**parameter, "style": "form", "explode": True} if self.repeat else parameter
+
+
+def _whole_number(name: str, raw: str) -> int:
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise ValidationFailed.one(name, "must be a whole number (digits only)")
+    return int(raw)
+
+
+@attrs.frozen
+class Operation:
+    """One thing a client can do, and every door's view of it."""
+
+    name: str  # operationId, library method, e.g. "list_vms"
+    method: str  # HTTP method, upper case
+    path: str  # template with {agent_id}, {vm}, {snapshot}
+    tag: str  # area: users, agents, vms, snapshots, fleet, service
+    summary: str
+    run: Run | None  # None: answered by the HTTP layer itself (health, this document)
+    view: View | None = None  # core value -> the view the wire carries (None: no body)
+    response: Any = None  # the view's type, for the OpenAPI document
+    request: type | None = None  # the body's command class
+    ok: int = 200
+    errors: tuple[type[PortalError], ...] = ()  # besides those of every request (body, auth, 503)
+    query: tuple[Query, ...] = ()
+    public: bool = False
+    no_store: bool = False  # the answer carries a secret: never cache it
+    cached_per_user: bool = False  # a read kept per user until the database changes (HTTP only)
+    location: Callable[[Any], str] | None = None  # Location header of a 201
+    library: bool = True  # a method of the library's Session
+
+    @property
+    def path_parameters(self) -> tuple[str, ...]:
+        return tuple(part[1:-1] for part in self.path.split("/") if part.startswith("{"))
+
+
+# ---------------------------------------------------------------------- error groups
+
+BODY_ERRORS: tuple[type[PortalError], ...] = (errors.MalformedBody, errors.BodyTooLarge,
+                                               errors.UnsupportedMediaType, ValidationFailed)
+AGENT_ERRORS: tuple[type[PortalError], ...] = (errors.AgentNotFound, ValidationFailed)
+REMOTE_ERRORS: tuple[type[PortalError], ...] = (*AGENT_ERRORS, errors.VmNotFound, errors.RemoteError,
+                                                errors.RemoteTimeout, errors.AgentChanged)
+VM_STATE_ERRORS: tuple[type[PortalError], ...] = (errors.VmAlreadyRunning, errors.VmNotRunning,
+                                                  errors.VmStateConflict)
+SNAPSHOT_ERRORS: tuple[type[PortalError], ...] = (*REMOTE_ERRORS, errors.SnapshotNotFound,
+                                                  errors.SnapshotNameTaken, errors.SnapshotUnsupported,
+                                                  *VM_STATE_ERRORS)
+
+# ---------------------------------------------------------------------- query parameters
+
+WAIT = Query("wait", "Seconds to wait for the VM to reach the action's state (start, resume, reboot: running; "
+                     "shutdown, force-stop: shut off; suspend: paused). 200 with the state once reached; 504 "
+                     "wait_timeout with the state it is in when the time is up. Without it, answer at once. "
+                     "Give it once.",
+             {"type": "integer", "minimum": 0, "maximum": WAIT_MAX})
+AUDIT_LIMIT = Query("limit", "How many events at most.",
+                    {"type": "integer", "minimum": 1, "maximum": AUDIT_PAGE_MAX, "default": AUDIT_PAGE_DEFAULT})
+AUDIT_BEFORE = Query("before", "Return events with an id below this (the previous page's next_before).",
+                     {"type": "integer", "minimum": 1})
+FLEET_AGENT = Query("agent", "Only these agents (repeat the parameter for several); ids that are not yours are "
+                             "ignored.",
+                    {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 2147483647}},
+                    repeat=True)
+FLEET_STATE = Query("state", "Only VMs in these states (repeatable), as virsh prints them.",
+                    {"type": "array", "items": {"type": "string", "enum": list(VM_STATES)}}, repeat=True)
+
+# Path parameters, as OpenAPI describes them.
+PATH_PARAMETERS: dict[str, dict[str, Any]] = {
+    "agent_id": {"name": "agent_id", "in": "path", "required": True,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 2147483647}},
+    "vm": {"name": "vm", "in": "path", "required": True,
+           "description": "VM (libvirt domain) name: letters, digits, spaces and . _ - + : @ , = %; "
+                          "no leading '-'; not only digits and not UUID-shaped (virsh would take it for a "
+                          "domain id or UUID). Percent-encode spaces.",
+           "schema": {"type": "string", "minLength": 1, "maxLength": VM_NAME_MAX}},
+    "snapshot": {"name": "snapshot", "in": "path", "required": True,
+                 "description": "Snapshot name (same rules as VM names). Percent-encode spaces.",
+                 "schema": {"type": "string", "minLength": 1, "maxLength": VM_NAME_MAX}},
+}
+
+
+# ---------------------------------------------------------------------- how operations call use cases
+
+
+def _action(action: VmAction) -> Run:
+    """A lifecycle action, and with ``?wait=`` the wait for the state it leads to."""
+    async def run(portal: Portal, call: Call) -> Any:
+        wait = call.query.get("wait")
+        if wait is None:
+            return await portal.vms.vm_action(call.me, call.agent_id, call.vm, action)
+        return await portal.vms.vm_action_and_wait(call.me, call.agent_id, call.vm, action, wait)
+    return run
+
+
+def _action_view(result: Any, _call: Call) -> CommandView | WaitedActionView:
+    return WaitedActionView.of_waited(result) if isinstance(result, WaitedAction) else CommandView.of(result)
+
+
+def _audit_page(events: Any, call: Call) -> AuditPage:
+    next_before = events[-1].id if events and len(events) == call.query["limit"] else None
+    return AuditPage(events=[AuditEventView.of(e) for e in events], next_before=next_before)
+
+
+async def _current_user(_portal: Portal, call: Call) -> User:
+    return call.me.user
+
+
+def _each(view: Callable[[Any], Any]) -> View:
+    return lambda values, _call: [view(value) for value in values]
+
+
+def _one(view: Callable[[Any], Any]) -> View:
+    return lambda value, _call: view(value)
+
+
+def _with_key(created: NewApiKey, _call: Call) -> UserWithKeyView:
+    return UserWithKeyView.with_key(created.user, created.api_key)
+
+
+_ACTIONS = {
+    VmAction.START: ("start_vm", "Start a VM (virsh start)"),
+    VmAction.SHUTDOWN: ("shutdown_vm", "Ask a VM to shut down gracefully (virsh shutdown, ACPI)"),
+    VmAction.FORCE_STOP: ("force_stop_vm", "Force a VM off (virsh destroy)"),
+    VmAction.REBOOT: ("reboot_vm", "Reboot a VM (virsh reboot)"),
+    VmAction.SUSPEND: ("suspend_vm", "Pause a VM's CPUs, keeping its memory (virsh suspend)"),
+    VmAction.RESUME: ("resume_vm", "Resume a paused VM (virsh resume)"),
+}
+
+# ---------------------------------------------------------------------- the table
+
+OPERATIONS: tuple[Operation, ...] = (
+    # the service itself
+    Operation("get_health", "GET", "/health", "service", "Service readiness ping", None, public=True,
+              library=False),
+    Operation("head_health", "HEAD", "/health", "service", "Service readiness ping, headers only", None,
+              public=True, library=False),
+    Operation("get_openapi", "GET", "/openapi.json", "service", "This document", None, public=True, library=False),
+    # users and API keys
+    Operation("sign_up", "POST", "/users", "users", "Create a user and receive its API key (once)",
+              lambda p, c: invoke(p.users.sign_up, c.body, c.origin), _with_key, UserWithKeyView, NewUser,
+              ok=201, errors=(*BODY_ERRORS, errors.SignupRefused, errors.EmailTaken), public=True, no_store=True,
+              library=False),
+    Operation("get_current_user", "GET", "/users/me", "users", "The authenticated user's profile", _current_user,
+              _one(UserView.of), UserView, library=False),
+    Operation("rotate_api_key", "POST", "/users/me/api-key/rotate", "users",
+              "Issue a new API key; the old one dies at once", lambda p, c: invoke(p.users.rotate_api_key, c.me),
+              _with_key, UserWithKeyView, no_store=True, library=False),
+    Operation("list_audit_events", "GET", "/users/me/audit", "users", "The caller's audit events, newest first",
+              lambda p, c: invoke(p.audit.audit_events, c.me, limit=c.query["limit"], before=c.query["before"]),
+              _audit_page, AuditPage, errors=(ValidationFailed,), query=(AUDIT_LIMIT, AUDIT_BEFORE)),
+    # agents
+    Operation("list_agents", "GET", "/agents", "agents", "List the caller's agents",
+              lambda p, c: invoke(p.agents.list_agents, c.me), _each(AgentView.of), list[AgentView],
+              cached_per_user=True),
+    Operation("register_agent", "POST", "/agents", "agents", "Register an agent (remote hypervisor)",
+              lambda p, c: invoke(p.agents.register_agent, c.me, c.body), _one(AgentView.of), AgentView, NewAgent,
+              ok=201, errors=(*BODY_ERRORS, errors.AgentNameTaken), location=lambda agent: f"/agents/{agent.id}"),
+    Operation("get_agent", "GET", "/agents/{agent_id}", "agents", "One agent",
+              lambda p, c: invoke(p.agents.get_agent, c.me, c.agent_id), _one(AgentView.of), AgentView,
+              errors=(errors.AgentNotFound,)),
+    Operation("update_agent", "PATCH", "/agents/{agent_id}", "agents", "Change some of an agent's fields",
+              lambda p, c: invoke(p.agents.update_agent, c.me, c.agent_id, c.body), _one(AgentView.of), AgentView,
+              AgentChanges, errors=(*BODY_ERRORS, errors.AgentNotFound, errors.AgentNameTaken, errors.AgentChanged)),
+    Operation("delete_agent", "DELETE", "/agents/{agent_id}", "agents", "Remove an agent and its credentials",
+              lambda p, c: invoke(p.agents.delete_agent, c.me, c.agent_id), ok=204, errors=(errors.AgentNotFound,)),
+    Operation("read_credentials", "GET", "/agents/{agent_id}/credentials", "agents",
+              "The agent's SSH key material (audited)",
+              lambda p, c: invoke(p.agents.read_credentials, c.me, c.agent_id), _one(CredentialsView.of_credentials),
+              CredentialsView, errors=(errors.AgentNotFound,), no_store=True),
+    Operation("get_public_key", "GET", "/agents/{agent_id}/public-key", "agents",
+              "The agent's SSH public key, for authorized_keys",
+              lambda p, c: invoke(p.agents.get_agent, c.me, c.agent_id), _one(PublicKeyView.of), PublicKeyView,
+              errors=(errors.AgentNotFound,)),
+    Operation("rotate_agent_key", "POST", "/agents/{agent_id}/rotate-key", "agents",
+              "Replace the agent's key with a new generated ed25519 pair (audited)",
+              lambda p, c: invoke(p.agents.rotate_agent_key, c.me, c.agent_id), _one(AgentView.of), AgentView,
+              errors=(errors.AgentNotFound, errors.AgentChanged)),
+    Operation("get_host", "GET", "/agents/{agent_id}/host", "agents",
+              "The host's name, processors, memory and libvirt/QEMU versions",
+              lambda p, c: invoke(p.fleet.host_facts, c.me, c.agent_id), _one(HostFactsView.of), HostFactsView,
+              errors=REMOTE_ERRORS),
+    Operation("check_agent", "POST", "/agents/{agent_id}/check", "agents",
+              "Can the portal reach the host, log in and reach libvirt? Always 200 with the reason",
+              lambda p, c: invoke(p.fleet.check_agent, c.me, c.agent_id), _one(AgentCheckView.of), AgentCheckView,
+              errors=(errors.AgentNotFound, errors.AgentChanged)),
+    # VMs: lifecycle
+    Operation("list_vms", "GET", "/agents/{agent_id}/vms", "vms", "List the agent's VMs (virsh list --all)",
+              lambda p, c: invoke(p.vms.list_vms, c.me, c.agent_id), _each(VmView.of), list[VmView],
+              errors=REMOTE_ERRORS),
+    Operation("get_vm", "GET", "/agents/{agent_id}/vms/{vm}", "vms", "virsh dominfo for a VM, typed and raw",
+              lambda p, c: invoke(p.vms.vm_info, c.me, c.agent_id, c.vm), _one(VmInfoView.of), VmInfoView,
+              errors=REMOTE_ERRORS),
+    *(Operation(name, "POST", f"/agents/{{agent_id}}/vms/{{vm}}/{action.value}", "vms", summary, _action(action),
+                _action_view, CommandView | WaitedActionView, errors=(*REMOTE_ERRORS, *VM_STATE_ERRORS,
+                                                                      errors.WaitTimedOut), query=(WAIT,))
+      for action, (name, summary) in _ACTIONS.items()),
+    Operation("set_autostart", "PUT", "/agents/{agent_id}/vms/{vm}/autostart", "vms",
+              "Start the VM with the host, or not (virsh autostart)",
+              lambda p, c: invoke(p.vms.set_autostart, c.me, c.agent_id, c.vm, c.body.enabled),
+              lambda result, c: AutostartView(vm=c.vm, enabled=c.body.enabled, result=CommandView.of(result)),
+              AutostartView, AutostartChange, errors=(*BODY_ERRORS, *REMOTE_ERRORS, *VM_STATE_ERRORS)),
+    Operation("get_vm_stats", "GET", "/agents/{agent_id}/vms/{vm}/stats", "vms",
+              "virsh domstats: state, CPU time, vCPUs, balloon memory, disk and network counters",
+              lambda p, c: invoke(p.vms.vm_stats, c.me, c.agent_id, c.vm), _one(VmStatsView.of), VmStatsView,
+              errors=REMOTE_ERRORS),
+    # VMs: snapshots
+    Operation("list_snapshots", "GET", "/agents/{agent_id}/vms/{vm}/snapshots", "snapshots",
+              "The VM's internal snapshots (virsh snapshot-list)",
+              lambda p, c: invoke(p.snapshots.list_snapshots, c.me, c.agent_id, c.vm), _each(SnapshotView.of),
+              list[SnapshotView], errors=SNAPSHOT_ERRORS),
+    Operation("create_snapshot", "POST", "/agents/{agent_id}/vms/{vm}/snapshots", "snapshots",
+              "Take an internal snapshot (virsh snapshot-create-as)",
+              lambda p, c: invoke(p.snapshots.create_snapshot, c.me, c.agent_id, c.vm, c.body),
+              _one(SnapshotView.of), SnapshotView, NewSnapshot, ok=201, errors=(*BODY_ERRORS, *SNAPSHOT_ERRORS)),
+    Operation("delete_snapshot", "DELETE", "/agents/{agent_id}/vms/{vm}/snapshots/{snapshot}", "snapshots",
+              "Delete a snapshot (virsh snapshot-delete)",
+              lambda p, c: invoke(p.snapshots.delete_snapshot, c.me, c.agent_id, c.vm, c.snapshot), ok=204,
+              errors=SNAPSHOT_ERRORS),
+    Operation("revert_snapshot", "POST", "/agents/{agent_id}/vms/{vm}/snapshots/{snapshot}/revert", "snapshots",
+              "Revert the VM to a snapshot (virsh snapshot-revert)",
+              lambda p, c: invoke(p.snapshots.revert_snapshot, c.me, c.agent_id, c.vm, c.snapshot),
+              _one(CommandView.of), CommandView, errors=SNAPSHOT_ERRORS),
+    # the fleet
+    Operation("list_fleet", "GET", "/vms", "fleet", "Every VM on every agent of the caller; a failing agent "
+                                                    "carries its error",
+              lambda p, c: invoke(p.fleet.fleet, c.me, agent_ids=c.query["agent"], states=c.query["state"]),
+              _each(FleetEntryView.of), list[FleetEntryView], errors=(ValidationFailed,),
+              query=(FLEET_AGENT, FLEET_STATE)),
+)
+
+BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
+
+
+def operation(name: str) -> Operation:
+    return BY_NAME[name]
