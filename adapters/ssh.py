@@ -252,7 +252,7 @@ class AsyncsshShell:
                 f"no host key is pinned for {agent.hostname}:{agent.port} and allow_unknown_hosts is false; "
                 f"pin the host's key with PATCH host_key{offered}")
         client_key = await self._client_key(target)
-        known_hosts = None
+        known_hosts: tuple[list[asyncssh.SSHKey], list[asyncssh.SSHKey], list[asyncssh.SSHKey]] | None = None
         if agent.host_key is not None:
             known_hosts = ([asyncssh.import_public_key(agent.host_key.openssh)], [], [])
         try:

@@ -14,7 +14,8 @@ import structlog
 
 from adapters.clock import SystemClock
 from adapters.hashing import Sha256KeyHasher
-from adapters.sealing import AesGcmSecretBox, SecretKeyError, decode_key, load_or_create_key_file
+from adapters.sealing import AesGcmSecretBox, SecretKeyError, decode_key, generate_key, load_or_create_key_file
+from adapters.sql import migrations
 from adapters.sql.storage import SqlStorage
 from adapters.ssh import AsyncsshShell
 from adapters.sshkeys import AsyncsshKeys
@@ -45,6 +46,13 @@ class Runtime:
 
 
 log = structlog.get_logger("manage_playrservers.startup")
+
+LATEST_SCHEMA_VERSION = migrations.LATEST
+
+
+def new_secret_key() -> str:
+    """A new random value for ``MANAGEMENT_SECRET_KEY``."""
+    return generate_key()
 
 
 def open_storage(settings: Settings, *, migrate: bool = True) -> SqlStorage:

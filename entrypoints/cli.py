@@ -316,21 +316,20 @@ def _serve(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _secret_key(_args: argparse.Namespace, _settings: Settings) -> int:
-    from adapters.sealing import generate_key
+    from entrypoints.bootstrap import new_secret_key
 
-    print(generate_key())
+    print(new_secret_key())
     return 0
 
 
 def _db(args: argparse.Namespace, settings: Settings) -> int:
-    from adapters.sql import migrations
-    from entrypoints.bootstrap import open_storage, secret_box
+    from entrypoints.bootstrap import LATEST_SCHEMA_VERSION, open_storage, secret_box
 
     storage = open_storage(settings, migrate=args.action != "version")
     try:
         if args.action == "upgrade":
             secret_box(settings)  # everything the server needs at start: schema and secret key
-            print(f"database at schema version {storage.schema_version()} (latest {migrations.LATEST})")
+            print(f"database at schema version {storage.schema_version()} (latest {LATEST_SCHEMA_VERSION})")
         elif args.action == "version":
             print(storage.schema_version())
         else:

@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import attrs
 import sqlalchemy as sa
 from sqlalchemy import event
 
@@ -301,14 +302,14 @@ class SqlTransaction:
 
     def add_user(self, name: str, email: str | None, key: IssuedApiKey, at: datetime) -> User:
         try:
-            user_id = self._execute(
+            user_id = _new_id(self._execute(
                 users.insert().values(
                     name=name,
                     email=email,
                     email_key=normalize_email(email) if email is not None else None,
                     created_at=at,
                 )
-            ).inserted_primary_key[0]
+            ))
         except sa.exc.IntegrityError as error:
             raise EmailTaken() from error
         self._execute(api_keys.insert().values(user_id=user_id, prefix=key.prefix, digest=key.digest,
@@ -358,7 +359,7 @@ class SqlTransaction:
     def add_agent(self, agent: Agent) -> Agent:
         values = _agent_values(agent)
         try:
-            agent_id = self._execute(agents.insert().values(**values)).inserted_primary_key[0]
+            agent_id = _new_id(self._execute(agents.insert().values(**values)))
         except sa.exc.IntegrityError as error:
             raise AgentNameTaken() from error
         return _agent_from_row({**values, "id": agent_id})
@@ -413,8 +414,9 @@ class SqlTransaction:
             "client_address": event.client_address[:64],
             "created_at": event.created_at,
         }
-        event_id = self._execute(audit_events.insert().values(**values)).inserted_primary_key[0]
-        return AuditEvent(id=event_id, **values)
+        event_id = _new_id(self._execute(audit_events.insert().values(**values)))
+        return attrs.evolve(event, id=event_id, request_id=event.request_id[:64],
+                            client_address=event.client_address[:64])
 
     def list_audit_events(self, user_id: int, limit: int, before: int | None) -> list[AuditEvent]:
         query = sa.select(audit_events).where(audit_events.c.user_id == user_id)
@@ -466,3 +468,10 @@ def _agent_from_row(row: Any) -> Agent:
         updated_at=row["updated_at"],
         revision=row["revision"],
     )
+
+
+def _new_id(result: sa.CursorResult[Any]) -> int:
+    """The primary key an INSERT just made."""
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])

@@ -4,6 +4,7 @@ and domain errors mapped once (``entrypoints/http/errors.py``)."""
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import falcon
 import falcon.asgi
@@ -19,20 +20,19 @@ from entrypoints.operations import OPERATIONS, Operation
 _CONVERTERS = {"{agent_id}": "{agent_id:int(min=1, max=2147483647)}"}
 
 
-def create_app(runtime: Runtime) -> falcon.asgi.App:
+def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
     settings = runtime.settings
     portal = runtime.portal
     # SQLite's data version, when the storage has one: reads are kept until the database changes.
     data_version = getattr(runtime.storage, "data_version", None)
-    app = falcon.asgi.App(
-        middleware=[
+    middleware: list[Any] = [
             RequestContext(),
             BodyLimit(settings.max_body_bytes),
             Authentication(portal, FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window),
                            UntilChanged(data_version)),
             Lifespan(runtime),
-        ],
-    )
+    ]
+    app = falcon.asgi.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     errors.register(app)
 

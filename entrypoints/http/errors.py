@@ -9,6 +9,7 @@ the request failed and which request id to look for.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import falcon
@@ -63,7 +64,7 @@ class Problem(falcon.HTTPError):
     def __init__(self, status: int, code: str, detail: str, *, title: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(falcon.code_to_http_status(status), title=title, description=detail, headers=headers)
-        self.code = code
+        self.problem_code = code
 
 
 def problem_body(status: int, code: str, title: str, detail: str, request_id: str | None,
@@ -88,7 +89,7 @@ def status_of_class(error_class: type[domain.PortalError]) -> int:
     """The HTTP status of an error class: its own, or its nearest listed ancestor's."""
     for cls in error_class.__mro__:
         if cls in STATUS_OF:
-            return STATUS_OF[cls]  # type: ignore[index]
+            return STATUS_OF[cls]
     return 500
 
 
@@ -121,10 +122,13 @@ async def handle_domain_error(req: falcon.asgi.Request, resp: falcon.asgi.Respon
 async def handle_http_error(req: falcon.asgi.Request, resp: falcon.asgi.Response,
                             error: falcon.HTTPError, _params: dict[str, Any]) -> None:
     status = error.status_code
-    code = getattr(error, "code", None) or CODE_OF_STATUS.get(status, f"http_{status}")
+    code = error.problem_code if isinstance(error, Problem) else CODE_OF_STATUS.get(status, f"http_{status}")
     title = error.title if isinstance(error, Problem) and error.title else _reason(status)
     detail = error.description or _default_detail(status, req)
-    for name, value in (error.headers or {}).items():
+    headers = error.headers or {}
+    pairs: list[tuple[str, str]] = (list(headers.items()) if isinstance(headers, Mapping)
+                                    else list(headers))
+    for name, value in pairs:
         resp.set_header(name, value)
     write_problem(req, resp, status, code, str(title), detail)
 
@@ -146,10 +150,10 @@ def _default_detail(status: int, req: falcon.asgi.Request) -> str:
 
 
 def _reason(status: int) -> str:
-    return falcon.code_to_http_status(status).split(" ", 1)[1]
+    return str(falcon.code_to_http_status(status)).split(" ", 1)[1]
 
 
-def register(app: falcon.asgi.App) -> None:
+def register(app: falcon.asgi.App[Any, Any]) -> None:
     # Falcon picks the handler of the most specific class, so the order here does not matter.
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(falcon.HTTPError, handle_http_error)

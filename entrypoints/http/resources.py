@@ -81,7 +81,9 @@ class OperationsResource:
         if op.run is None:
             self._answer_itself(op, resp)
             return
-        body = await read_json(req, op.request) if op.request is not None else None
+        body: Any = None
+        if op.request is not None:
+            body = await read_json(req, op.request)
         query = {q.name: q.parse([str(v) for v in req.get_param_as_list(q.name) or []]) for q in op.query}
         call = Call(caller=None if op.public else caller(req), origin=origin(req), path=params, body=body,
                     query=query)
