@@ -52,6 +52,11 @@ class NewUser:
 
 @attrs.frozen(kw_only=True)
 class NewAgent:
+    """A hypervisor to register. Send either private_key (an uploaded key, with its passphrase if it
+    is encrypted) or "generate_key": true (the portal generates an ed25519 pair): exactly one of
+    them, else a 422 names the field. (Said in words rather than as an anyOf of consts, which common
+    client generators turn into invalid code.)"""
+
     name: str = attrs.field(metadata=doc("Name of the hypervisor, unique for its owner.", minLength=1, maxLength=100))
     hostname: str = attrs.field(metadata=doc("DNS name or IP address of the SSH server.", maxLength=255))
     username: str = attrs.field(metadata=doc("SSH user on the hypervisor.", maxLength=64))

@@ -93,19 +93,7 @@ def _object_schema(cls: type, components: dict[str, Any]) -> dict[str, Any]:
         schema["required"] = required
     if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
         schema["description"] = " ".join(cls.__doc__.split())
-    return {**schema, **_CROSS_FIELD_RULES.get(cls.__name__, {})}
-
-
-# Rules between fields that the per-field schemas cannot say (the use case enforces the same).
-_CROSS_FIELD_RULES: dict[str, dict[str, Any]] = {
-    "NewAgent": {"anyOf": [
-        {"required": ["private_key"],
-         "properties": {"private_key": {"type": "string"}, "generate_key": {"const": False}}},
-        {"required": ["generate_key"],
-         "properties": {"generate_key": {"const": True}, "private_key": {"type": "null"},
-                        "private_key_passphrase": {"type": "null"}}},
-    ]},
-}
+    return schema
 
 
 def error_codes(classes: typing.Iterable[type[domain.PortalError]]) -> dict[int, list[str]]:
