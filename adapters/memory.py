@@ -179,6 +179,9 @@ class InMemoryTransaction:
     def list_agents(self, owner_id: int) -> list[Agent]:
         return [a for _, a in sorted(self.s.agents.items()) if a.owner_id == owner_id]
 
+    def count_agents(self, owner_id: int) -> int:
+        return len(self.list_agents(owner_id))
+
     def newest_agent(self) -> Agent | None:
         return self.s.agents[max(self.s.agents)] if self.s.agents else None
 

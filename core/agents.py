@@ -12,13 +12,16 @@ from core import validation
 from core.audit import AuditLog
 from core.commands import AgentChanges, NewAgent, is_set
 from core.credentials import Keyring, owned_agent
-from core.errors import AgentChanged, AgentNameTaken, AgentNotFound, FieldError, ValidationFailed
+from core.errors import AgentChanged, AgentLimitReached, AgentNameTaken, AgentNotFound, FieldError, ValidationFailed
 from core.model import DEFAULT_LIBVIRT_URI, Agent, AgentCredentials, Caller, ClientKey, HostKey
 from core.ports import Clock, RemoteShell, SshKeys, Storage, Transaction
 
 T = TypeVar("T")
 
 # Fields whose change makes pooled connections to the agent stale (its revision moves).
+MAX_AGENTS_PER_USER = 1000
+AGENT_PAGE_MAX = 1000
+
 _CONNECTION_FIELDS = frozenset({"hostname", "port", "username", "host_key", "client_key", "libvirt_uri",
                                 "allow_unknown_hosts"})
 
@@ -29,8 +32,11 @@ class AgentService:
     runs_on_event_loop: ClassVar[bool] = False
 
     def __init__(self, *, storage: Storage, keyring: Keyring, ssh_keys: SshKeys, clock: Clock, audit: AuditLog,
-                 shell: RemoteShell | None = None) -> None:
+                 shell: RemoteShell | None = None, max_agents: int = MAX_AGENTS_PER_USER) -> None:
         self.storage = storage
+        # One user's agents are bounded, so one tenant cannot grow every fleet-wide query (the
+        # fleet view, the agent list) without limit.
+        self.max_agents = max_agents
         self.keyring = keyring
         self.ssh_keys = ssh_keys
         self.clock = clock
@@ -62,6 +68,9 @@ class AgentService:
             sealed_key = self.keyring.seal(owner, "private_key", private_key)
             sealed_passphrase = self.keyring.seal_optional(owner, "passphrase", request.private_key_passphrase)
             with change.write() as tx:
+                if tx.count_agents(owner) >= self.max_agents:
+                    raise AgentLimitReached(f"you already have {self.max_agents} agents, the most a user may have "
+                                            "on this portal (MANAGEMENT_MAX_AGENTS_PER_USER); remove one first")
                 if tx.agent_name_taken(owner, request.name):
                     raise AgentNameTaken()
                 now = self.clock.now()
@@ -113,10 +122,19 @@ class AgentService:
         if agent is not None:
             self.keyring.open(agent)
 
-    def list_agents(self, caller: Caller) -> list[Agent]:
-        """The caller's agents, oldest first."""
+    def list_agents(self, caller: Caller, *, after: int | None = None, limit: int | None = None) -> list[Agent]:
+        """The caller's agents, oldest first; a page of at most ``limit`` with ids above ``after``."""
+        errors = validation.collect(
+            ("after", None if after is None or 0 <= after <= 2**31 - 1 else "must be an agent id (0 or more)"),
+            ("limit", None if limit is None or 1 <= limit <= AGENT_PAGE_MAX
+             else f"must be between 1 and {AGENT_PAGE_MAX}"),
+        )
+        if errors:
+            raise ValidationFailed(errors)
         with self.storage.transaction() as tx:
-            return tx.list_agents(caller.user.id)
+            agents = tx.list_agents(caller.user.id)
+        page = [agent for agent in agents if after is None or agent.id > after]
+        return page if limit is None else page[:limit]
 
     def get_agent(self, caller: Caller, agent_id: int) -> Agent:
         """One of the caller's agents; ``AgentNotFound`` if it is not theirs (or does not exist)."""

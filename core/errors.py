@@ -232,6 +232,12 @@ class AgentChanged(Conflict):
         super().__init__(detail)
 
 
+class AgentLimitReached(Conflict):
+    """The caller already has as many agents as a user may have (``MANAGEMENT_MAX_AGENTS_PER_USER``)."""
+
+    code = "agent_limit_reached"
+
+
 class VmAlreadyRunning(Conflict):
     code = "vm_already_running"
 

@@ -11,7 +11,7 @@ from typing import ClassVar
 from core import virsh
 from core.errors import PortalError, RemoteError, ValidationFailed
 from core.model import Agent, AgentCredentials, Caller
-from core.remote import RemoteCommands
+from core.remote import RemoteCommands, parse_output
 from core.results import AgentCheck, Failure, FleetEntry, HostFacts
 from core.validation import collect
 
@@ -53,7 +53,7 @@ class FleetService:
                 virsh.raise_for_failure(result)
             except PortalError as error:
                 return FleetEntry(agent.id, agent.name, None, Failure.of(error))
-            vms = [vm for vm in virsh.parse_list(result.stdout) if not states or vm.state in states]
+            vms = [vm for vm in await parse_output(virsh.parse_list, result.stdout) if not states or vm.state in states]
             return FleetEntry(agent.id, agent.name, vms, None)
 
         return list(await asyncio.gather(*(one(agent, target) for agent, target in targets)))

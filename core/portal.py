@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import attrs
 
-from core.agents import AgentService
+from core.agents import MAX_AGENTS_PER_USER, AgentService
 from core.audit import AuditLog
 from core.credentials import Keyring
 from core.fleet import FLEET_PARALLELISM, FleetService
@@ -54,6 +54,7 @@ def assemble(
     fleet_parallelism: int = FLEET_PARALLELISM,
     monotonic: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    max_agents: int = MAX_AGENTS_PER_USER,
 ) -> Portal:
     """The services over these ports; each gets only the ports it uses."""
     audit = AuditLog(storage=storage, clock=clock)
@@ -62,7 +63,7 @@ def assemble(
     return Portal(
         users=UserService(storage=storage, hasher=hasher, clock=clock, audit=audit, signup=signup),
         agents=AgentService(storage=storage, keyring=keyring, ssh_keys=ssh_keys, clock=clock, audit=audit,
-                            shell=shell),
+                            shell=shell, max_agents=max_agents),
         vms=VmService(remote=remote, poll_interval=poll_interval, poll_grace=poll_grace, monotonic=monotonic,
                       sleep=sleep),
         snapshots=SnapshotService(remote=remote),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import attrs
 
@@ -17,6 +18,19 @@ from core.credentials import Keyring, owned_agent
 from core.errors import AgentChanged, PortalError
 from core.model import DEFAULT_LIBVIRT_URI, Agent, AgentCredentials, Caller, HostKey
 from core.ports import Clock, CommandResult, PinHostKey, RemoteShell, Storage
+
+T = TypeVar("T")
+
+# Output longer than this is parsed in a worker thread: parsers are linear, but a host may answer
+# megabytes, and one host's long answer must not hold the event loop every other request shares.
+OFF_LOOP_PARSE_BYTES = 64 * 1024
+
+
+async def parse_output(parse: Callable[..., T], text: str, *args: Any) -> T:
+    """``parse(text, *args)``: inline for short output, in a worker thread for long output."""
+    if len(text) <= OFF_LOOP_PARSE_BYTES:
+        return parse(text, *args)
+    return await asyncio.to_thread(parse, text, *args)
 
 
 class RemoteCommands:

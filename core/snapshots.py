@@ -12,7 +12,7 @@ from core.commands import NewSnapshot
 from core.errors import SnapshotNotFound
 from core.model import AgentCredentials, Caller
 from core.ports import CommandResult
-from core.remote import RemoteCommands
+from core.remote import RemoteCommands, parse_output
 from core.virsh import Snapshot
 
 
@@ -38,7 +38,8 @@ class SnapshotService:
         )
         virsh.raise_for_snapshot_failure(listed, vm)
         current_name = virsh.parse_current_snapshot(current)
-        return [attrs.evolve(s, current=s.name == current_name) for s in virsh.parse_snapshot_list(listed.stdout)]
+        listed_snapshots = await parse_output(virsh.parse_snapshot_list, listed.stdout)
+        return [attrs.evolve(s, current=s.name == current_name) for s in listed_snapshots]
 
     async def create_snapshot(self, caller: Caller, agent_id: int, vm: str, request: NewSnapshot) -> Snapshot:
         """Take an internal snapshot (``virsh snapshot-create-as``); audited as

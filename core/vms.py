@@ -13,7 +13,7 @@ from core import virsh
 from core.errors import ValidationFailed, VmNotFound, WaitTimedOut
 from core.model import AgentCredentials, Caller
 from core.ports import CommandResult
-from core.remote import RemoteCommands
+from core.remote import RemoteCommands, parse_output
 from core.results import VmInfo, WaitedAction
 from core.virsh import VmAction, VmStats, VmSummary
 
@@ -45,7 +45,7 @@ class VmService:
         target = await self.remote.target(caller, agent_id)
         result = await self.remote.run(caller, target, virsh.list_command(target.agent.libvirt_uri))
         virsh.raise_for_failure(result)
-        return virsh.parse_list(result.stdout)
+        return await parse_output(virsh.parse_list, result.stdout)
 
     async def vm_info(self, caller: Caller, agent_id: int, vm: str) -> VmInfo:
         """``virsh dominfo`` for one VM; ``VmNotFound`` if the agent has no such VM."""
@@ -53,7 +53,7 @@ class VmService:
         target = await self.remote.target(caller, agent_id)
         result = await self.remote.run(caller, target, virsh.dominfo_command(target.agent.libvirt_uri, vm))
         virsh.raise_for_failure(result, vm)
-        return VmInfo(dominfo=virsh.parse_dominfo(result.stdout), raw=result)
+        return VmInfo(dominfo=await parse_output(virsh.parse_dominfo, result.stdout), raw=result)
 
     async def vm_action(self, caller: Caller, agent_id: int, vm: str, action: VmAction) -> CommandResult:
         """Start, shut down, force-stop, reboot, suspend or resume a VM; audited whatever the outcome."""
@@ -71,20 +71,24 @@ class VmService:
                                          lambda uri: virsh.action_command(uri, vm, action), None, check=check_wait)
 
     async def vm_action_and_wait(self, caller: Caller, agent_id: int, vm: str, action: VmAction, wait: int,
-                                 progress: Progress | None = None) -> WaitedAction:
+                                 progress: Progress | None = None,
+                                 abandoned: asyncio.Event | None = None) -> WaitedAction:
         """Run ``action``, then poll the VM's state over the pooled connection every
         ``poll_interval`` seconds until it reaches ``action.target_state`` or ``wait`` seconds have
         passed (``WaitTimedOut``, carrying the state it is in). ``wait=0`` looks once; no look
         outlives the deadline by more than ``poll_grace``. The action is audited as it ends (a
         ``wait`` out of range is refused and audited like an invalid VM name), before the wait;
         nothing holds a transaction or a thread meanwhile. ``progress(state, elapsed)`` is told of
-        every poll (the command line shows it)."""
+        every poll (the command line shows it). Once ``abandoned`` is set (the HTTP client went away),
+        polling stops within one interval and the answer, which nobody will read, carries the state
+        last seen: a client that leaves must not keep SSH commands running for minutes."""
         result, target = await self._vm_action(caller, agent_id, vm, action, wait)
-        state, waited = await self._wait_for_state(caller, target, vm, action.target_state, wait, progress)
+        state, waited = await self._wait_for_state(caller, target, vm, action.target_state, wait, progress,
+                                                   abandoned)
         return WaitedAction(result=result, state=state, waited_seconds=waited)
 
     async def _wait_for_state(self, caller: Caller, target: AgentCredentials, vm: str, wanted: str, wait: float,
-                              progress: Progress | None) -> tuple[str, float]:
+                              progress: Progress | None, abandoned: asyncio.Event | None) -> tuple[str, float]:
         started = self._monotonic()
         deadline = started + wait
         state: str | None = None
@@ -105,8 +109,8 @@ class VmService:
             now = self._monotonic()
             if progress is not None:
                 progress(state, now - started)
-            if state == wanted:
-                return state, now - started
+            if state == wanted or (abandoned is not None and abandoned.is_set()):
+                return state or "unknown", now - started
             if now >= deadline:
                 raise WaitTimedOut(f"VM {vm!r} is {state or 'in an unknown state'}, not {wanted}, after waiting "
                                    f"{wait:g} s", state=state, target_state=wanted)
@@ -131,4 +135,4 @@ class VmService:
         target = await self.remote.target(caller, agent_id)
         result = await self.remote.run(caller, target, virsh.stats_command(target.agent.libvirt_uri, vm))
         virsh.raise_for_failure(result, vm)
-        return virsh.parse_stats(result.stdout, vm)
+        return await parse_output(virsh.parse_stats, result.stdout, vm)

@@ -154,7 +154,8 @@ def build_runtime(
     key_parser: SshKeys = ssh_keys or AsyncsshKeys()
     system_clock: Clock = clock or SystemClock()
     portal = assemble(storage=storage, hasher=key_hasher, secrets=secret_store, ssh_keys=key_parser,
-                      clock=system_clock, signup=settings.signup, shell=remote_shell)
+                      clock=system_clock, signup=settings.signup, shell=remote_shell,
+                      max_agents=settings.max_agents_per_user)
     try:
         portal.agents.check_secret_key()
     except SecretUnreadable as error:

@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 
 from core import errors
+from core.agents import AGENT_PAGE_MAX
 from core.audit import AUDIT_PAGE_DEFAULT, AUDIT_PAGE_MAX
 from core.commands import AgentChanges, AutostartChange, NewAgent, NewSnapshot, NewUser
 from core.errors import PortalError, ValidationFailed
@@ -58,6 +59,8 @@ class Call:
     path: Mapping[str, Any] = attrs.field(factory=dict)
     body: Any = None
     query: Mapping[str, Any] = attrs.field(factory=dict)
+    # Set when the HTTP client has gone away, for operations that may wait long (``long_running``).
+    abandoned: asyncio.Event | None = None
 
     @property
     def me(self) -> Caller:
@@ -142,7 +145,9 @@ class Operation:
     no_store: bool = False  # the answer carries a secret: never cache it
     cached_per_user: bool = False  # a read kept per user until the database changes (HTTP only)
     location: Callable[[Any], str] | None = None  # Location header of a 201
+    headers: Callable[[Any, Call], dict[str, str]] | None = None  # more headers of the answer (e.g. Link)
     library: bool = True  # a method of the library's Session
+    long_running: bool = False  # may wait minutes (``?wait=``): told through ``Call.abandoned`` if the client leaves
 
     @property
     def path_parameters(self) -> tuple[str, ...]:
@@ -173,6 +178,11 @@ AUDIT_LIMIT = Query("limit", "How many events at most.",
                     {"type": "integer", "minimum": 1, "maximum": AUDIT_PAGE_MAX, "default": AUDIT_PAGE_DEFAULT})
 AUDIT_BEFORE = Query("before", "Return events with an id below this (the previous page's next_before).",
                      {"type": "integer", "minimum": 1})
+AGENTS_AFTER = Query("after", "Only agents with an id above this: the last id of the previous page (the Link "
+                               "header's rel=\"next\" says it).",
+                     {"type": "integer", "minimum": 0, "maximum": 2147483647})
+AGENTS_LIMIT = Query("limit", "How many agents at most.",
+                     {"type": "integer", "minimum": 1, "maximum": AGENT_PAGE_MAX, "default": AGENT_PAGE_MAX})
 FLEET_AGENT = Query("agent", "Only these agents (repeat the parameter for several); ids that are not yours are "
                              "ignored.",
                     {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 2147483647}},
@@ -204,7 +214,8 @@ def _action(action: VmAction) -> Run:
         wait = call.query.get("wait")
         if wait is None:
             return await portal.vms.vm_action(call.me, call.agent_id, call.vm, action)
-        return await portal.vms.vm_action_and_wait(call.me, call.agent_id, call.vm, action, wait)
+        return await portal.vms.vm_action_and_wait(call.me, call.agent_id, call.vm, action, wait,
+                                                   abandoned=call.abandoned)
     return run
 
 
@@ -219,6 +230,14 @@ def _audit_page(events: Any, call: Call) -> AuditPage:
 
 async def _current_user(_portal: Portal, call: Call) -> User:
     return call.me.user
+
+
+def _next_agents_page(agents: Any, call: Call) -> dict[str, str]:
+    """A full page may have a next one: say where it starts (RFC 8288 ``Link``)."""
+    limit = call.query["limit"]
+    if not agents or len(agents) < limit:
+        return {}
+    return {"Link": f'</agents?after={agents[-1].id}&limit={limit}>; rel="next"'}
 
 
 def _each(view: Callable[[Any], Any]) -> View:
@@ -265,12 +284,14 @@ OPERATIONS: tuple[Operation, ...] = (
               lambda p, c: invoke(p.audit.audit_events, c.me, limit=c.query["limit"], before=c.query["before"]),
               _audit_page, AuditPage, errors=(ValidationFailed,), query=(AUDIT_LIMIT, AUDIT_BEFORE)),
     # agents
-    Operation("list_agents", "GET", "/agents", "agents", "List the caller's agents",
-              lambda p, c: invoke(p.agents.list_agents, c.me), _each(AgentView.of), list[AgentView],
-              cached_per_user=True),
+    Operation("list_agents", "GET", "/agents", "agents", "List the caller's agents, oldest first, a page at a time",
+              lambda p, c: invoke(p.agents.list_agents, c.me, after=c.query["after"], limit=c.query["limit"]),
+              _each(AgentView.of), list[AgentView], errors=(ValidationFailed,), query=(AGENTS_AFTER, AGENTS_LIMIT),
+              cached_per_user=True, headers=_next_agents_page),
     Operation("register_agent", "POST", "/agents", "agents", "Register an agent (remote hypervisor)",
               lambda p, c: invoke(p.agents.register_agent, c.me, c.body), _one(AgentView.of), AgentView, NewAgent,
-              ok=201, errors=(*BODY_ERRORS, errors.AgentNameTaken), location=lambda agent: f"/agents/{agent.id}"),
+              ok=201, errors=(*BODY_ERRORS, errors.AgentNameTaken, errors.AgentLimitReached),
+              location=lambda agent: f"/agents/{agent.id}"),
     Operation("get_agent", "GET", "/agents/{agent_id}", "agents", "One agent",
               lambda p, c: invoke(p.agents.get_agent, c.me, c.agent_id), _one(AgentView.of), AgentView,
               errors=(errors.AgentNotFound,)),
@@ -308,7 +329,8 @@ OPERATIONS: tuple[Operation, ...] = (
               errors=REMOTE_ERRORS),
     *(Operation(name, "POST", f"/agents/{{agent_id}}/vms/{{vm}}/{action.value}", "vms", summary, _action(action),
                 _action_view, CommandView | WaitedActionView, errors=(*REMOTE_ERRORS, *VM_STATE_ERRORS,
-                                                                      errors.WaitTimedOut), query=(WAIT,))
+                                                                      errors.WaitTimedOut), query=(WAIT,),
+                long_running=True)
       for action, (name, summary) in _ACTIONS.items()),
     Operation("set_autostart", "PUT", "/agents/{agent_id}/vms/{vm}/autostart", "vms",
               "Start the VM with the host, or not (virsh autostart)",

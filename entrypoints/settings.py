@@ -99,6 +99,7 @@ class Settings:
     ssh_command_timeout: float = 60.0
     ssh_idle_timeout: float = 300.0
     trusted_proxies: str = "127.0.0.1,::1"  # peers whose X-Forwarded-For names the real client
+    max_agents_per_user: int = 1000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -134,6 +135,7 @@ class Settings:
             log_level=reader.choice_text("MANAGEMENT_LOG_LEVEL", "info",
                                          ("debug", "info", "warning", "error")),
             max_body_bytes=reader.number("MANAGEMENT_MAX_BODY_BYTES", 1024 * 1024, int, 1024, 64 * 1024 * 1024),
+            max_agents_per_user=reader.number("MANAGEMENT_MAX_AGENTS_PER_USER", 1000, int, 1, 100_000),
             auth_failure_limit=reader.number("MANAGEMENT_AUTH_FAILURE_LIMIT", 20, int, 1, 1_000_000),
             auth_failure_window=reader.number("MANAGEMENT_AUTH_FAILURE_WINDOW", 60.0, float, 1, 86400),
             db_busy_timeout=reader.number("MANAGEMENT_DB_BUSY_TIMEOUT", 10.0, float, 0.1, 600),

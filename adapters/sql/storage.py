@@ -368,6 +368,10 @@ class SqlTransaction:
         rows = self._execute(_AGENTS_OF_OWNER, {"owner_id": owner_id})
         return [_agent_from_row(row._mapping) for row in rows]
 
+    def count_agents(self, owner_id: int) -> int:
+        query = sa.select(sa.func.count()).select_from(agents).where(agents.c.owner_id == owner_id)
+        return int(self._execute(query).scalar_one())
+
     def newest_agent(self) -> Agent | None:
         row = self._execute(_NEWEST_AGENT).one_or_none()
         return None if row is None else _agent_from_row(row._mapping)

@@ -7,6 +7,7 @@ and this API's document): adding an operation to ``entrypoints/operations.py`` a
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -54,16 +55,29 @@ def origin(req: falcon.asgi.Request) -> Origin:
     return Origin(request_id=req.context.request_id, client_address=req.context.client_address)
 
 
+async def _until_client_leaves(req: falcon.asgi.Request, left: asyncio.Event) -> None:
+    """Set ``left`` when the client disconnects. Only for operations without a body: once the
+    (empty) body has been read, the ASGI server's ``receive`` answers nothing until the client
+    disconnects, so waiting on it consumes nothing the responder needs. Falcon keeps ``receive``
+    as ``req._receive`` (Falcon 4; pinned below 5 in setup.cfg)."""
+    receive = req._receive
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            left.set()
+            return
+
+
 class OperationsResource:
     """The operations of one path, each answered by an ``on_<method>`` responder made from its
     declaration. ``public_methods`` tells the authentication middleware which need no key."""
 
     def __init__(self, portal: Portal, operations: list[Operation], *, document: dict[str, Any],
-                 lists: UntilChanged[int, Any] | None = None) -> None:
+                 lists: UntilChanged[Any, Any] | None = None) -> None:
         self.portal = portal
         self.document_body = json.dumps(document)
         # Reads kept per user until the database changes (entrypoints.http.cache).
-        self.lists: UntilChanged[int, Any] = lists if lists is not None else UntilChanged(None)
+        self.lists: UntilChanged[Any, Any] = lists if lists is not None else UntilChanged(None)
         self.public_methods = frozenset(op.method for op in operations if op.public)
         for op in operations:
             setattr(self, f"on_{op.method.lower()}", self._responder(op))
@@ -86,13 +100,22 @@ class OperationsResource:
             body = await read_json(req, op.request)
         query = {q.name: q.parse([str(v) for v in req.get_param_as_list(q.name) or []]) for q in op.query}
         call = Call(caller=None if op.public else caller(req), origin=origin(req), path=params, body=body,
-                    query=query)
-        result = await self._run(op, call)
+                    query=query, abandoned=asyncio.Event() if op.long_running else None)
+        if call.abandoned is None:
+            result = await self._run(op, call)
+        else:
+            watcher = asyncio.create_task(_until_client_leaves(req, call.abandoned))
+            try:
+                result = await self._run(op, call)
+            finally:
+                watcher.cancel()
         if op.no_store:
             resp.set_header("Cache-Control", "no-store")
             resp.set_header("Pragma", "no-cache")
         if op.location is not None:
             resp.location = op.location(result)
+        for name, value in (op.headers(result, call) if op.headers is not None else {}).items():
+            resp.set_header(name, value)
         resp.status = falcon.code_to_http_status(op.ok)
         if op.view is not None:
             resp.media = dump(op.view(result, call))
@@ -101,12 +124,12 @@ class OperationsResource:
         assert op.run is not None
         if not op.cached_per_user:
             return await op.run(self.portal, call)
-        user_id = call.me.user.id
+        key = (call.me.user.id, tuple(sorted(call.query.items())))
         version = self.lists.version()
-        result = self.lists.get(user_id, version)
+        result = self.lists.get(key, version)
         if result is None:
             result = await op.run(self.portal, call)
-            self.lists.put(user_id, version, result)
+            self.lists.put(key, version, result)
         return result
 
     def _answer_itself(self, op: Operation, resp: falcon.asgi.Response) -> None:
