@@ -75,6 +75,8 @@ _QUERY_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "wait": ("--wait", {"type": int, "metavar": "SECONDS",
                         "help": "wait up to SECONDS (0-300) for the VM to reach the action's state"}),
     "agent": ("--agent", {"type": int, "action": "append", "default": [], "help": "only this agent (repeatable)"}),
+    "after": ("--after", {"type": int, "metavar": "ID", "help": "only agents with an id above ID (the next page)"}),
+    "limit": ("--limit", {"type": int, "metavar": "N", "help": "at most N of them"}),
     "state": ("--state", {"action": "append", "default": [],
                           "help": "only VMs in this state, e.g. running, 'shut off' (repeatable)"}),
 }
