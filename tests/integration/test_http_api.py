@@ -454,7 +454,7 @@ def test_an_unexpected_error_is_a_500_without_details(api: Api, monkeypatch: pyt
     assert body["request_id"] == result.headers["x-request-id"]
 
 
-# ---------------------------------------------------------------------- generated keys (issue 7)
+# ---------------------------------------------------------------------- portal-generated agent keys
 
 
 def test_generated_key_agent_exposes_its_public_key_and_keeps_the_private_key_sealed(api: Api) -> None:

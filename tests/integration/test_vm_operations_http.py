@@ -1,5 +1,6 @@
-"""The HTTP side of the operations beyond the lifecycle: query parameters, bodies, status codes and
-problem documents, with the real app and storage and a scripted remote shell."""
+"""The HTTP side of waits, suspend/resume, autostart, stats, snapshots, the fleet view, host facts
+and checks: query parameters, bodies, status codes and problem documents, with the real app and
+storage and a scripted remote shell."""
 
 from __future__ import annotations
 

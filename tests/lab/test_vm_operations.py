@@ -1,6 +1,6 @@
-"""End to end on the lab, beyond the seed's lifecycle: suspend/resume, waiting, autostart, internal
-snapshots, stats (all on ``lab-disk``, the guest with a qcow2 disk, so other lab tests keep
-``lab-guest1`` and ``lab-guest2``), the fleet view with a dead agent, host facts and checks.
+"""End to end on the lab: suspend/resume, waiting, autostart, internal snapshots, stats (all on
+``lab-disk``, the guest with a qcow2 disk, so other lab tests keep ``lab-guest1`` and
+``lab-guest2``), the fleet view with a dead agent, host facts and checks.
 
 ``lab-disk`` is left as the lab makes it: shut off, no snapshots, no autostart."""
 

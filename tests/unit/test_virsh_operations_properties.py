@@ -1,7 +1,7 @@
-"""Properties and examples of the ``core.virsh`` pieces beyond the seed's lifecycle: the argument
-vectors of suspend/resume, autostart, stats, snapshots and host facts (every name and description
-refused or handed to virsh as exactly one argument in its place), and the parsers of
-``domstats``, ``snapshot-list``, ``nodeinfo`` and ``version``.
+"""Properties and examples of the ``core.virsh`` pieces for suspend/resume, autostart, stats,
+snapshots and host facts: their argument vectors (every name and description refused or handed to
+virsh as exactly one argument in its place) and the parsers of ``domstats``, ``snapshot-list``,
+``nodeinfo`` and ``version``. List, dominfo and the plain actions are in ``test_virsh_properties.py``.
 
 The samples marked *real* were recorded from libvirt 9.0.0 on the lab (``scripts/lab.sh``), run as
 the lab's SSH user with the C locale."""

@@ -10,15 +10,7 @@ from typing import Any
 import attrs
 import pytest
 
-from adapters.memory import (
-    CountingKeyHasher,
-    FakeSshKeys,
-    InMemoryStorage,
-    InMemoryTransaction,
-    ManualClock,
-    ReversibleSecretBox,
-    ScriptedShell,
-)
+from adapters.memory import FakeSshKeys, InMemoryTransaction
 from core.commands import AgentChanges, NewAgent, NewUser
 from core.errors import (
     AgentNotFound,
@@ -32,74 +24,35 @@ from core.errors import (
     ValidationFailed,
 )
 from core.model import DEFAULT_LIBVIRT_URI, Agent, AuditEvent, Caller, HostKey, Origin, SignupPolicy, api_key_prefix
-from core.portal import Portal, assemble
+from core.portal import Portal
+from tests.unit.world import (
+    ENCRYPTED_KEY,
+    HOST_KEY,
+    OPERATOR,
+    PASSPHRASE,
+    FakeShell,
+    World,
+    events,
+    make_world,
+    new_events,
+)
 
 PLAIN_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
 OTHER_PLAIN_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEBBBB\n-----END OPENSSH PRIVATE KEY-----\n"
-PASSPHRASE = "hunter2"
-ENCRYPTED_KEY = (
-    "-----BEGIN OPENSSH PRIVATE KEY-----\nENCRYPTED:hunter2 b3BlbnNzaC1rZXktdjECCCC\n"
-    "-----END OPENSSH PRIVATE KEY-----\n"
-)
 OTHER_ENCRYPTED_KEY = (
     "-----BEGIN OPENSSH PRIVATE KEY-----\nENCRYPTED:hunter2 b3BlbnNzaC1rZXktdjEDDDD\n"
     "-----END OPENSSH PRIVATE KEY-----\n"
 )
-HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyNumberOne host1"
 OTHER_HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyNumberTwo host1"
 
-OPERATOR = Origin(request_id="cli-1", client_address="local:root")
 SIGNUP_ORIGIN = Origin(request_id="req-signup", client_address="203.0.113.7")
 
 
 # ---------------------------------------------------------------------------------------- fixtures
 
 
-@attrs.define
-class World:
-    storage: InMemoryStorage
-    portal: Portal
-    clock: ManualClock
-    shell: ScriptedShell
-
-
-def make_world(signup: SignupPolicy = SignupPolicy.OPEN) -> World:
-    storage = InMemoryStorage()
-    clock = ManualClock()
-    shell = ScriptedShell()
-    portal = assemble(
-        storage=storage,
-        hasher=CountingKeyHasher(),
-        secrets=ReversibleSecretBox(),
-        ssh_keys=FakeSshKeys(),
-        clock=clock,
-        signup=signup,
-        shell=shell,
-    )
-    return World(storage, portal, clock, shell)
-
-
-@pytest.fixture
-def world() -> World:
-    return make_world()
-
-
-def make_caller(world: World, name: str, address: str) -> Caller:
-    created = world.portal.users.create_user(NewUser(name=name, email=f"{name}@example.com"), OPERATOR)
-    return Caller(user=created.user, request_id=f"req-{name}", client_address=address)
-
-
-@pytest.fixture
-def alice(world: World) -> Caller:
-    return make_caller(world, "alice", "198.51.100.10")
-
-
-@pytest.fixture
-def bob(world: World) -> Caller:
-    return make_caller(world, "bob", "198.51.100.20")
-
-
 def new_agent(**fields: Any) -> NewAgent:
+    """An agent with a plain key and no host key; ``fields`` change it."""
     base: dict[str, Any] = {
         "name": "hv1",
         "hostname": "192.0.2.15",
@@ -115,15 +68,6 @@ def alice_agent(world: World, alice: Caller) -> Agent:
     return world.portal.agents.register_agent(alice, new_agent())
 
 
-def events(world: World) -> list[AuditEvent]:
-    """Every stored audit event, oldest first, read straight from the fake storage."""
-    return [event for _, event in sorted(world.storage.state.events.items())]
-
-
-def new_events(world: World, since: int) -> list[AuditEvent]:
-    return events(world)[since:]
-
-
 def everything_but_events(world: World) -> tuple[object, ...]:
     state = world.storage.state
     return (dict(state.users), dict(state.email_keys), dict(state.keys), dict(state.agents))
@@ -137,7 +81,7 @@ def fields_of(error: ValidationFailed) -> list[str]:
 
 
 def test_open_signup_creates_every_user() -> None:
-    world = make_world(SignupPolicy.OPEN)
+    world = make_world(signup=SignupPolicy.OPEN)
     first = world.portal.users.sign_up(NewUser(name="alice"), SIGNUP_ORIGIN)
     second = world.portal.users.sign_up(NewUser(name="bob"), SIGNUP_ORIGIN)
     assert first.user.id != second.user.id
@@ -145,7 +89,7 @@ def test_open_signup_creates_every_user() -> None:
 
 
 def test_first_signup_creates_the_first_user_then_refuses_and_says_how() -> None:
-    world = make_world(SignupPolicy.FIRST)
+    world = make_world(signup=SignupPolicy.FIRST)
     world.portal.users.sign_up(NewUser(name="alice"), SIGNUP_ORIGIN)
 
     with pytest.raises(SignupRefused) as refused:
@@ -158,7 +102,7 @@ def test_first_signup_creates_the_first_user_then_refuses_and_says_how() -> None
 
 
 def test_closed_signup_refuses_even_the_first_user_and_says_how() -> None:
-    world = make_world(SignupPolicy.CLOSED)
+    world = make_world(signup=SignupPolicy.CLOSED)
     with pytest.raises(SignupRefused) as refused:
         world.portal.users.sign_up(NewUser(name="alice"), SIGNUP_ORIGIN)
     assert "users create" in refused.value.detail
@@ -168,7 +112,7 @@ def test_closed_signup_refuses_even_the_first_user_and_says_how() -> None:
 
 @pytest.mark.parametrize("policy", [SignupPolicy.FIRST, SignupPolicy.CLOSED])
 def test_operator_create_user_ignores_the_signup_policy(policy: SignupPolicy) -> None:
-    world = make_world(policy)
+    world = make_world(signup=policy)
     world.portal.users.create_user(NewUser(name="alice"), OPERATOR)
     world.portal.users.create_user(NewUser(name="bob"), OPERATOR)
     assert [u.name for u in world.portal.users.list_users()] == ["alice", "bob"]
@@ -670,35 +614,30 @@ def test_pin_host_key_of_an_agent_changed_meanwhile_stores_nothing(world: World,
 # ---------------------------------------------------------------------------------------- pooled connections
 
 
-@pytest.fixture
-def shell(world: World) -> ScriptedShell:
-    return world.shell
-
-
 @pytest.mark.parametrize("changes", [AgentChanges(hostname="192.0.2.16"), AgentChanges(port=2222),
                                      AgentChanges(private_key=OTHER_PLAIN_KEY), AgentChanges(host_key=HOST_KEY)],
                          ids=["hostname", "port", "private_key", "host_key"])
 def test_changing_connection_settings_drops_pooled_connections(world: World, alice: Caller, alice_agent: Agent,
-                                                               shell: ScriptedShell,
+                                                               shell: FakeShell,
                                                                changes: AgentChanges) -> None:
     world.portal.agents.update_agent(alice, alice_agent.id, changes)
     assert shell.discarded == [alice_agent.id]
 
 
 def test_a_rename_keeps_pooled_connections(world: World, alice: Caller, alice_agent: Agent,
-                                           shell: ScriptedShell) -> None:
+                                           shell: FakeShell) -> None:
     world.portal.agents.update_agent(alice, alice_agent.id, AgentChanges(name="renamed"))
     assert shell.discarded == []
 
 
 def test_deleting_an_agent_drops_its_pooled_connections(world: World, alice: Caller, alice_agent: Agent,
-                                                        shell: ScriptedShell) -> None:
+                                                        shell: FakeShell) -> None:
     world.portal.agents.delete_agent(alice, alice_agent.id)
     assert shell.discarded == [alice_agent.id]
 
 
 def test_a_refused_change_keeps_pooled_connections(world: World, alice: Caller, bob: Caller, alice_agent: Agent,
-                                                   shell: ScriptedShell) -> None:
+                                                   shell: FakeShell) -> None:
     with pytest.raises(ValidationFailed):
         world.portal.agents.update_agent(alice, alice_agent.id, AgentChanges(hostname="-x"))
     with pytest.raises(NotFound):

@@ -1,41 +1,23 @@
-"""The VM use cases of ``core.services.Portal`` (list, info, actions over SSH), run against the
-in-memory fakes of ``adapters/memory.py``: the shell is scripted, nothing leaves the process."""
+"""The VM use cases (list, info, actions over SSH), trust on first use of a host key, and pooled
+connections, run against the in-memory world of ``tests/unit/world.py``: the shell is scripted,
+nothing leaves the process."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
 
-import attrs
 import pytest
 
-from adapters.memory import (
-    CountingKeyHasher,
-    FakeSshKeys,
-    InMemoryStorage,
-    ManualClock,
-    ReversibleSecretBox,
-    ScriptedShell,
-)
-from core.commands import AgentChanges, NewAgent, NewUser
+from core.commands import AgentChanges
 from core.errors import Conflict, NotFound, RemoteError, RemoteTimeout, ValidationFailed
-from core.model import DEFAULT_LIBVIRT_URI, Agent, AgentCredentials, AuditEvent, Caller, HostKey, Origin, SignupPolicy
-from core.portal import Portal, assemble
-from core.ports import CommandResult, PinHostKey
+from core.model import DEFAULT_LIBVIRT_URI, Agent, Caller, HostKey
 from core.results import VmInfo
 from core.virsh import VmAction, VmSummary
+from tests.unit.world import ENCRYPTED_KEY, PASSPHRASE, World, events, register, script
 
-ENCRYPTED_KEY = (
-    "-----BEGIN OPENSSH PRIVATE KEY-----\nENCRYPTED:hunter2 b3BlbnNzaC1rZXktdjECCCC\n"
-    "-----END OPENSSH PRIVATE KEY-----\n"
-)
-PASSPHRASE = "hunter2"
-HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyNumberOne host1"
 SEEN_KEY = HostKey(openssh="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAISeenOnFirstUse",
                    fingerprint="SHA256:SeenOnFirstUse")
 OTHER_SEEN_KEY = HostKey(openssh="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAnotherKey", fingerprint="SHA256:AnotherKey")
-OPERATOR = Origin(request_id="cli-1", client_address="local:root")
 
 LIST_OUTPUT = (" Id   Name          State\n"
                "------------------------------\n"
@@ -56,83 +38,11 @@ AUDIT_ACTIONS = {VmAction.START: "vm.start", VmAction.SHUTDOWN: "vm.shutdown",
                  VmAction.SUSPEND: "vm.suspend", VmAction.RESUME: "vm.resume"}
 
 
-# ---------------------------------------------------------------------------------------- fixtures
-
-
-class RecordingShell(ScriptedShell):
-    """The scripted shell, also keeping the credentials every command was run with."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.targets: list[AgentCredentials] = []
-        self.failure: Exception | None = None
-
-    async def run(self, target: AgentCredentials, argv: Sequence[str], *,
-                  pin: PinHostKey | None = None) -> CommandResult:
-        self.targets.append(target)
-        result = await super().run(target, argv, pin=pin)
-        if self.failure is not None:
-            raise self.failure
-        return result
-
-
-@attrs.define
-class World:
-    storage: InMemoryStorage
-    portal: Portal
-    shell: RecordingShell
-
-
-@pytest.fixture
-def world() -> World:
-    storage = InMemoryStorage()
-    shell = RecordingShell()
-    portal = assemble(storage=storage, hasher=CountingKeyHasher(), secrets=ReversibleSecretBox(),
-                    ssh_keys=FakeSshKeys(), clock=ManualClock(), signup=SignupPolicy.OPEN, shell=shell)
-    return World(storage, portal, shell)
-
-
-def make_caller(world: World, name: str) -> Caller:
-    created = world.portal.users.create_user(NewUser(name=name, email=f"{name}@example.com"), OPERATOR)
-    return Caller(user=created.user, request_id=f"req-{name}", client_address="198.51.100.10")
-
-
-@pytest.fixture
-def alice(world: World) -> Caller:
-    return make_caller(world, "alice")
-
-
-@pytest.fixture
-def bob(world: World) -> Caller:
-    return make_caller(world, "bob")
-
-
-def register(world: World, caller: Caller, **fields: Any) -> Agent:
-    base: dict[str, Any] = {"name": "hv1", "hostname": "192.0.2.15", "username": "qemu-admin",
-                            "private_key": ENCRYPTED_KEY, "private_key_passphrase": PASSPHRASE,
-                            "host_key": HOST_KEY}
-    base.update(fields)
-    return world.portal.agents.register_agent(caller, NewAgent(**base))
-
-
-@pytest.fixture
-def agent(world: World, alice: Caller) -> Agent:
-    return register(world, alice)
-
-
-def events(world: World) -> list[AuditEvent]:
-    return [event for _, event in sorted(world.storage.state.events.items())]
+# ---------------------------------------------------------------------------------------- helpers
 
 
 def argv(agent: Agent, *args: str) -> tuple[str, ...]:
     return ("virsh", "--connect", agent.libvirt_uri, *args)
-
-
-def script(world: World, command: tuple[str, ...], *, exit_status: int = 0, stdout: str = "", stderr: str = "",
-           host_key: HostKey | None = None) -> CommandResult:
-    result = CommandResult(command=command, exit_status=exit_status, stdout=stdout, stderr=stderr, host_key=host_key)
-    world.shell.results[command] = result
-    return result
 
 
 # ---------------------------------------------------------------------------------------- list_vms

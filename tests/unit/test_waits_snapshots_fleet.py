@@ -1,6 +1,7 @@
-"""The use cases beyond the seed's lifecycle (waiting, suspend/resume, autostart, stats, snapshots,
-the fleet view, host facts and checks), against the in-memory fakes. Waiting runs on a fake clock:
-the portal's ``sleep`` advances it, so nothing here sleeps for real."""
+"""The VM use cases past list, info and plain actions: waiting for a state, suspend/resume,
+autostart, stats, snapshots, the fleet view, host facts and checks, against the in-memory world of
+``tests/unit/world.py``. Waiting runs on its fake clock: the portal's ``sleep`` advances it, so
+nothing here sleeps for real."""
 
 from __future__ import annotations
 
@@ -11,35 +12,23 @@ from typing import Any
 import attrs
 import pytest
 
-from adapters.memory import (
-    CountingKeyHasher,
-    FakeSshKeys,
-    InMemoryStorage,
-    ManualClock,
-    ReversibleSecretBox,
-    ScriptedShell,
-)
-from core.commands import NewAgent, NewSnapshot, NewUser
+from core.commands import NewSnapshot
 from core.errors import (
     AgentUnreachable,
     CommandTimeout,
     Conflict,
     NotFound,
-    PortalError,
     RemoteTimeout,
     ValidationFailed,
     WaitTimedOut,
     error_classes,
 )
-from core.model import DEFAULT_LIBVIRT_URI, Agent, AgentCredentials, AuditEvent, Caller, HostKey, Origin, SignupPolicy
-from core.portal import Portal, assemble
+from core.model import DEFAULT_LIBVIRT_URI, Agent, AgentCredentials, Caller, HostKey
 from core.ports import CommandResult, PinHostKey
 from core.results import AgentCheck, Failure
 from core.virsh import BlockStats, Snapshot, VmAction, VmSummary
+from tests.unit.world import FakeShell, World, events, fail, make_caller, make_world, ok, register
 
-KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjE\n-----END OPENSSH PRIVATE KEY-----\n"
-HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyNumberOne host1"
-OPERATOR = Origin(request_id="cli-1", client_address="local:root")
 LIST_OUTPUT = (" Id   Name         State\n"
                "-----------------------------\n"
                " 1    lab-guest1   running\n"
@@ -59,104 +48,19 @@ STATE_NUMBERS = {"running": 1, "paused": 3, "shut off": 5}
 HOSTILE = ["--help", "-c", "$(id)", "a;b", "a\nb", "a'b", "a/b", ""]
 
 
-class FakeTime:
-    """A monotonic clock that only the portal's ``sleep`` moves."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.sleeps: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(round(seconds, 6))
-        self.now += seconds
-
-
-class Shell(ScriptedShell):
-    """The scripted shell, plus: answers that change from one call to the next (a VM's state while
-    it shuts down), failures per agent (a dead host), and a count of commands running at once."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sequences: dict[tuple[str, ...], list[CommandResult]] = {}
-        self.failures: dict[int, PortalError] = {}
-        self.hang_after: dict[tuple[str, ...], int] = {}  # answer this command so many times, then never
-        self.running = 0
-        self.most_running = 0
-
-    async def run(self, target: AgentCredentials, argv: Sequence[str], *,
-                  pin: PinHostKey | None = None) -> CommandResult:
-        self.running += 1
-        self.most_running = max(self.most_running, self.running)
-        try:
-            for _ in range(3):
-                await asyncio.sleep(0)  # let other requests start meanwhile
-            if target.agent.id in self.failures:
-                self.calls.append((target.agent.id, tuple(argv)))
-                raise self.failures[target.agent.id]
-            if tuple(argv) in self.hang_after:
-                if self.hang_after[tuple(argv)] == 0:
-                    await asyncio.Event().wait()  # a host that stopped answering
-                self.hang_after[tuple(argv)] -= 1
-            queue = self.sequences.get(tuple(argv))
-            if queue:
-                self.calls.append((target.agent.id, tuple(argv)))
-                return queue.pop(0) if len(queue) > 1 else queue[0]
-            return await super().run(target, argv, pin=pin)
-        finally:
-            self.running -= 1
-
-
-@attrs.define
-class World:
-    storage: InMemoryStorage
-    portal: Portal
-    shell: Shell
-    time: FakeTime
+# ---------------------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture
 def world() -> World:
-    storage, shell, fake_time = InMemoryStorage(), Shell(), FakeTime()
-    portal = assemble(storage=storage, hasher=CountingKeyHasher(), secrets=ReversibleSecretBox(),
-                    ssh_keys=FakeSshKeys(), clock=ManualClock(), signup=SignupPolicy.OPEN, shell=shell,
-                    poll_interval=0.25, fleet_parallelism=3, monotonic=fake_time.monotonic, sleep=fake_time.sleep)
-    return World(storage, portal, shell, fake_time)
+    return make_world(poll_interval=0.25, fleet_parallelism=3)
 
 
-def make_caller(world: World, name: str) -> Caller:
-    created = world.portal.users.create_user(NewUser(name=name, email=f"{name}@example.com"), OPERATOR)
-    return Caller(user=created.user, request_id=f"req-{name}", client_address="198.51.100.10")
-
-
-@pytest.fixture
-def alice(world: World) -> Caller:
-    return make_caller(world, "alice")
-
-
-def register(world: World, caller: Caller, **fields: Any) -> Agent:
-    base: dict[str, Any] = {"name": "hv1", "hostname": "192.0.2.15", "username": "qemu-admin", "private_key": KEY,
-                            "host_key": HOST_KEY}
-    return world.portal.agents.register_agent(caller, NewAgent(**{**base, **fields}))
-
-
-@pytest.fixture
-def agent(world: World, alice: Caller) -> Agent:
-    return register(world, alice)
+# ---------------------------------------------------------------------------------------- helpers
 
 
 def argv(*args: str) -> tuple[str, ...]:
     return ("virsh", "--connect", DEFAULT_LIBVIRT_URI, *args)
-
-
-def ok(command: tuple[str, ...], stdout: str = "") -> CommandResult:
-    return CommandResult(command=command, exit_status=0, stdout=stdout, stderr="")
-
-
-def fail(command: tuple[str, ...], stderr: str) -> CommandResult:
-    return CommandResult(command=command, exit_status=1, stdout="\n", stderr=stderr)
 
 
 def states(world: World, vm: str, *names: str) -> None:
@@ -164,10 +68,6 @@ def states(world: World, vm: str, *names: str) -> None:
     command = argv("domstats", "--domain", vm, "--state")
     world.shell.sequences[command] = [
         ok(command, f"Domain: '{vm}'\n  state.state={STATE_NUMBERS[n]}\n  state.reason=1\n\n") for n in names]
-
-
-def events(world: World) -> list[AuditEvent]:
-    return [event for _, event in sorted(world.storage.state.events.items())]
 
 
 def polls(world: World) -> int:
@@ -590,7 +490,7 @@ def test_a_check_that_pinned_the_key_and_then_failed_still_reports_the_pinned_ke
     agent = register(world, alice, host_key=None, allow_unknown_hosts=True)
     seen = HostKey(openssh="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAISeen", fingerprint="SHA256:Seen")
 
-    class PinsThenTimesOut(Shell):
+    class PinsThenTimesOut(FakeShell):
         async def run(self, target: AgentCredentials, argv: Sequence[str], *,
                       pin: PinHostKey | None = None) -> CommandResult:
             assert pin is not None
