@@ -101,6 +101,17 @@ class RemoteShell(Protocol):
         ...
 
 
+class AgentAddresses(Protocol):
+    """Where an agent may point (``MANAGEMENT_AGENT_NETWORKS``, ``core/networks.py``): checked
+    when an agent is registered or its address changes, so a refused address is a 422 at once
+    instead of at the first connection (which checks again: names may resolve elsewhere later)."""
+
+    def check(self, hostname: str, port: int) -> None:
+        """Raise ``core.errors.AgentAddressRefused`` if ``hostname`` is, or resolves to, an address
+        outside the allowed networks. A name that does not resolve (yet) passes."""
+        ...
+
+
 class Transaction(Protocol):
     """One database transaction: everything inside commits together or not at all."""
 

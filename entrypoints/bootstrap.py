@@ -138,6 +138,9 @@ def build_runtime(
         connect_timeout=settings.ssh_connect_timeout,
         command_timeout=settings.ssh_command_timeout,
         idle_timeout=settings.ssh_idle_timeout,
+        max_output_bytes=settings.max_output_bytes,
+        max_operations_per_user=settings.max_operations_per_user,
+        networks=settings.agent_networks,
     )
     portal = Portal(
         storage=storage,

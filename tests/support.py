@@ -17,10 +17,19 @@ from typing import Any
 import attrs
 from falcon import testing
 
+from core.networks import AgentNetworks
 from entrypoints.settings import Settings
 
 PROBLEM = "application/problem+json"
 REPO = Path(__file__).resolve().parents[1]
+
+# MANAGEMENT_AGENT_NETWORKS for test portals. Tests connect only to fake hosts on loopback, which
+# the default refuses; they also register documentation addresses (192.0.2.0/24) and example.com
+# names that are never connected to, and must not be looked up in DNS either: allowing every
+# address means no name is resolved to check it. Tests of the policy itself set their own value.
+TEST_AGENT_NETWORKS = "0.0.0.0/0,::/0"
+# For a shell built directly (no settings): only loopback, where the fake hosts listen.
+LOOPBACK_NETWORKS = AgentNetworks.parse("127.0.0.0/8,::1/128")
 
 
 @attrs.frozen
@@ -35,7 +44,8 @@ class KeyMaterial:
 
 
 def make_settings(tmp_path: Path, **env: str) -> Settings:
-    return Settings.from_env({"MANAGEMENT_DB_PATH": str(tmp_path / "data" / "management.sqlite3"), **env})
+    return Settings.from_env({"MANAGEMENT_DB_PATH": str(tmp_path / "data" / "management.sqlite3"),
+                              "MANAGEMENT_AGENT_NETWORKS": TEST_AGENT_NETWORKS, **env})
 
 
 class Api:
@@ -86,7 +96,7 @@ class Server:
         self.workdir = workdir
         self.port = free_port()
         self.env = {**os.environ, "MANAGEMENT_HOST": "127.0.0.1", "MANAGEMENT_PORT": str(self.port),
-                    "MANAGEMENT_LOG_FORMAT": "json", **env}
+                    "MANAGEMENT_LOG_FORMAT": "json", "MANAGEMENT_AGENT_NETWORKS": TEST_AGENT_NETWORKS, **env}
         self.process: subprocess.Popen[str] | None = None
         self.log = workdir / f"server-{self.port}.log"
 

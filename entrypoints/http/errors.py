@@ -31,6 +31,7 @@ STATUS_OF: dict[type[domain.PortalError], int] = {
     domain.Unavailable: 503,
     domain.RemoteError: 502,
     domain.RemoteTimeout: 504,
+    domain.TooManyRequests: 429,
 }
 
 # Codes for errors Falcon itself raises (routing, methods, bodies).
@@ -58,7 +59,7 @@ class Problem(falcon.HTTPError):
     def __init__(self, status: int, code: str, detail: str, *, title: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(falcon.code_to_http_status(status), title=title, description=detail, headers=headers)
-        self.code = code
+        self.code = code  # type: ignore[assignment]  # falcon's optional int code; ours is the problem's code
 
 
 def problem_body(status: int, code: str, title: str, detail: str, request_id: str | None,
@@ -82,7 +83,7 @@ def write_problem(req: falcon.asgi.Request, resp: falcon.asgi.Response, status: 
 def status_of(error: domain.PortalError) -> int:
     for cls in type(error).__mro__:
         if cls in STATUS_OF:
-            return STATUS_OF[cls]  # type: ignore[index]
+            return STATUS_OF[cls]
     return 500
 
 
@@ -97,6 +98,8 @@ async def handle_domain_error(req: falcon.asgi.Request, resp: falcon.asgi.Respon
         extra["target_state"] = error.target_state
     if isinstance(error, domain.Unauthenticated):
         resp.set_header("WWW-Authenticate", 'Bearer realm="manage-playrservers", error="invalid_token"')
+    if isinstance(error, domain.TooManyRequests):
+        resp.set_header("Retry-After", str(error.retry_after))
     if status >= 500:
         log.warning("request_failed", code=error.code, detail=error.detail)
     write_problem(req, resp, status, error.code, error.title, error.detail, **extra)
@@ -108,7 +111,7 @@ async def handle_http_error(req: falcon.asgi.Request, resp: falcon.asgi.Response
     code = getattr(error, "code", None) or CODE_OF_STATUS.get(status, f"http_{status}")
     title = error.title if isinstance(error, Problem) and error.title else _reason(status)
     detail = error.description or _default_detail(status, req)
-    for name, value in (error.headers or {}).items():
+    for name, value in dict(error.headers or {}).items():
         resp.set_header(name, value)
     write_problem(req, resp, status, code, str(title), detail)
 
@@ -130,10 +133,10 @@ def _default_detail(status: int, req: falcon.asgi.Request) -> str:
 
 
 def _reason(status: int) -> str:
-    return falcon.code_to_http_status(status).split(" ", 1)[1]
+    return str(falcon.code_to_http_status(status)).split(" ", 1)[1]
 
 
-def register(app: falcon.asgi.App) -> None:
+def register(app: falcon.asgi.App[Any, Any]) -> None:
     # Falcon picks the handler of the most specific class, so the order here does not matter.
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(falcon.HTTPError, handle_http_error)
