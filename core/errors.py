@@ -265,6 +265,9 @@ class AgentAddressRefused(ValidationFailed):
 
     code = "agent_address_refused"
     title = "Agent address refused"
+    # Like RemoteError's: how far a connection got (an agent check reports it): not even a packet.
+    reached_host: ClassVar[bool] = False
+    logged_in: ClassVar[bool] = False
 
     def __init__(self, detail: str) -> None:
         super().__init__([FieldError("hostname", detail)])
