@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import ipaddress
 import socket
 
 from core.errors import AgentAddressRefused
 from core.networks import AgentNetworks, IPAddress, ip_literal
 
-# A name resolved at registration is looked up in this small pool of its own, waited for at most
-# ``timeout`` seconds: a resolver that hangs costs one of these threads, never one of the request
-# path's.
-_RESOLVERS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="agent-resolver")
+# Agent names are looked up in this small pool of their own (``getaddrinfo`` blocks a thread), and
+# waited for at most a time-out: a user whose names point at a DNS server that never answers ties
+# up these threads (and then waits in their queue), never the default executor the use cases and
+# database calls run in.
+_RESOLVERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="agent-resolver")
 
 
 def _addresses_of(infos: list[tuple[object, ...]]) -> list[IPAddress]:
@@ -39,7 +41,8 @@ async def resolve(hostname: str, port: int) -> list[IPAddress]:
     literal = ip_literal(hostname)
     if literal is not None:
         return [literal]
-    infos = await asyncio.get_running_loop().getaddrinfo(hostname, port, type=socket.SOCK_STREAM)
+    infos = await asyncio.get_running_loop().run_in_executor(
+        _RESOLVERS, functools.partial(socket.getaddrinfo, hostname, port, type=socket.SOCK_STREAM))
     return _addresses_of(list(infos))
 
 

@@ -451,7 +451,7 @@ class AsyncsshShell:
         reached at all, or does not speak SSH, is reported as such (that is the first thing to fix)."""
 
         def attempt(address: IPAddress, probe: _Probe) -> Awaitable[asyncssh.SSHKey | None]:
-            options = asyncssh.SSHClientConnectionOptions(client_factory=lambda: probe,
+            options = asyncssh.SSHClientConnectionOptions(client_factory=lambda: probe, config=[],
                                                           connect_timeout=self.connect_timeout)
             return asyncssh.get_server_host_key(str(address), agent.port, config=[], options=options)
 

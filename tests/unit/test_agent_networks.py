@@ -4,15 +4,17 @@ resolved is ``localhost`` (from /etc/hosts)."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
+import threading
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.addresses import ResolvingAgentAddresses
+from adapters.addresses import ResolvingAgentAddresses, resolve
 from adapters.memory import FakeAgentAddresses
 from core.errors import AgentAddressRefused, ValidationFailed
 from core.networks import AgentNetworks, ip_literal
@@ -152,3 +154,34 @@ def test_item4_the_fake_keeps_the_ports_promise() -> None:
     fake.check("unknown.example", 22)
     assert fake.checked == [("127.0.0.1", 22), ("metadata.internal", 22), ("hv.example", 22),
                             ("unknown.example", 22)]
+
+
+def test_item4_resolving_agent_names_never_takes_the_default_executors_threads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names whose DNS never answers block their lookup threads; those are the resolver's own, so
+    the use cases' and the database's threads (the default executor) stay free."""
+    release = threading.Event()  # also set after 30 s, so a failing run cannot hang
+    started: list[str] = []
+
+    def hanging(host: str, *args: Any, **kwargs: Any) -> Any:
+        started.append(host)
+        release.wait(30)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+
+    async def scenario() -> None:
+        lookups = [asyncio.ensure_future(resolve(f"slow{n}.example", 22)) for n in range(12)]
+        try:
+            for _ in range(1000):  # until every resolver thread is stuck (at most ~10 s)
+                if len(started) >= 8:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(started) == 8  # eight threads of its own, the other four lookups queue
+            assert await asyncio.wait_for(asyncio.to_thread(lambda: "database call"), timeout=10) == "database call"
+        finally:
+            release.set()
+            await asyncio.gather(*lookups, return_exceptions=True)
+        assert len(started) == 12
+
+    asyncio.run(scenario())
