@@ -109,6 +109,10 @@ class FakeHypervisor:
                     self.chan.exit(0)
                 elif argv[0] == "flood":  # flood BYTES [stdout|stderr|both]: as fast as the client reads
                     await self.flood(int(argv[1]), argv[2] if len(argv) > 2 else "stdout")
+                elif argv[0] == "die":  # some output, then the whole connection drops (sshd killed)
+                    self.chan.write("partial output\n")
+                    await asyncio.sleep(0.05)
+                    self.chan.get_extra_info("connection").abort()
                 else:
                     self.chan.write_stderr(f"{argv[0]}: command not found\n")
                     self.chan.exit(127)
@@ -609,5 +613,17 @@ def test_item5_concurrent_operations_per_user_are_limited_with_retry_after() -> 
             await asyncio.gather(*running, return_exceptions=True)
             assert shell.operations_running(1) == 0
             assert (await shell.run(hypervisor.target(), ["echo", "again"])).stdout == "again\n"
+
+    run(scenario())
+
+
+def test_a_connection_dying_in_the_middle_of_the_output_is_connection_lost() -> None:
+    """Reading output incrementally keeps the old outcome when sshd dies mid-command."""
+    async def scenario() -> None:
+        async with lab() as (hypervisor, shell):
+            with pytest.raises(RemoteError) as lost:
+                await shell.run(hypervisor.target(), ["die"])
+            assert lost.value.code == "agent_connection_lost"
+            assert (await shell.run(hypervisor.target(), ["echo", "back"])).stdout == "back\n"
 
     run(scenario())
