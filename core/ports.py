@@ -88,7 +88,10 @@ class RemoteShell(Protocol):
                   pin: PinHostKey | None = None) -> CommandResult:
         """Run ``argv`` on the agent; raise ``core.errors.RemoteError`` subclasses on failure.
         A connection made without a pinned key calls ``pin`` before it runs anything and is
-        refused (``host_key_mismatch``) unless the pinned key is the one it saw."""
+        refused (``host_key_mismatch``) unless the pinned key is the one it saw. Also raises
+        ``AgentAddressRefused`` (the agent's address is outside the allowed networks: nothing is
+        sent) and ``TooManyOperations`` (the agent's owner already runs the most commands allowed
+        at once)."""
         ...
 
     def discard(self, agent_id: int) -> None:
