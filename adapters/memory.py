@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import attrs
 
-from core.errors import EmailTaken, HostKeyMismatch, SecretUnreadable
+from core.errors import AgentAddressRefused, EmailTaken, HostKeyMismatch, SecretUnreadable
 from core.model import (
     API_KEY_SCHEME,
     Agent,
@@ -26,6 +26,7 @@ from core.model import (
     IssuedApiKey,
     User,
 )
+from core.networks import AgentNetworks, ip_literal
 from core.ports import CommandResult, PinHostKey
 from core.validation import normalize_email
 
@@ -242,3 +243,24 @@ class ScriptedShell:
 
     async def close(self) -> None:
         self.closed = True
+
+
+class FakeAgentAddresses:
+    """Implements ``core.ports.AgentAddresses`` without DNS: IP literals are checked against
+    ``networks``, names resolve through the ``names`` table (a name not in it does not resolve,
+    and passes, as with the real adapter). Every check is recorded."""
+
+    def __init__(self, networks: AgentNetworks | None = None, names: dict[str, list[str]] | None = None) -> None:
+        self.networks = networks if networks is not None else AgentNetworks()
+        self.names = dict(names or {})
+        self.checked: list[tuple[str, int]] = []
+
+    def check(self, hostname: str, port: int) -> None:
+        self.checked.append((hostname, port))
+        literal = ip_literal(hostname)
+        addresses = [literal] if literal is not None else [
+            address for address in map(ip_literal, self.names.get(hostname, [])) if address is not None]
+        refused = self.networks.refused(addresses)
+        if refused:
+            raise AgentAddressRefused(f"{hostname} resolves to {refused[0]}, which agents may not point at "
+                                      f"({self.networks.describe()})")

@@ -224,9 +224,14 @@ class Portal:
         self.port = free_port()
         self.log_path = workdir / "portal.log"
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("MANAGEMENT_")}  # never a real database
+        # The lab's sshd is on loopback, which MANAGEMENT_AGENT_NETWORKS refuses by default; the
+        # figures measure the pool under bursts of one user (20 concurrent lists), not the
+        # per-user limit on concurrent SSH operations.
         self.env = {**inherited, "MANAGEMENT_HOST": LOOPBACK, "MANAGEMENT_PORT": str(self.port),
                     "MANAGEMENT_WORKERS": str(workers), "MANAGEMENT_DB_PATH": str(workdir / "m.sqlite3"),
-                    "MANAGEMENT_SIGNUP": "open", "MANAGEMENT_LOG_FORMAT": "json", **env}
+                    "MANAGEMENT_SIGNUP": "open", "MANAGEMENT_LOG_FORMAT": "json",
+                    "MANAGEMENT_AGENT_NETWORKS": "127.0.0.0/8,::1/128", "MANAGEMENT_MAX_OPERATIONS_PER_USER": "1000",
+                    **env}
         self.process: subprocess.Popen[bytes] | None = None
         self.workers = workers
 

@@ -14,7 +14,7 @@ from core.commands import AgentChanges, NewAgent, is_set
 from core.credentials import Keyring, owned_agent
 from core.errors import AgentChanged, AgentLimitReached, AgentNameTaken, AgentNotFound, FieldError, ValidationFailed
 from core.model import DEFAULT_LIBVIRT_URI, Agent, AgentCredentials, Caller, ClientKey, HostKey
-from core.ports import Clock, RemoteShell, SshKeys, Storage, Transaction
+from core.ports import AgentAddresses, Clock, RemoteShell, SshKeys, Storage, Transaction
 
 T = TypeVar("T")
 
@@ -32,8 +32,10 @@ class AgentService:
     runs_on_event_loop: ClassVar[bool] = False
 
     def __init__(self, *, storage: Storage, keyring: Keyring, ssh_keys: SshKeys, clock: Clock, audit: AuditLog,
-                 shell: RemoteShell | None = None, max_agents: int = MAX_AGENTS_PER_USER) -> None:
+                 shell: RemoteShell | None = None, max_agents: int = MAX_AGENTS_PER_USER,
+                 addresses: AgentAddresses | None = None) -> None:
         self.storage = storage
+        self.addresses = addresses  # where agents may point (MANAGEMENT_AGENT_NETWORKS); None: anywhere
         # One user's agents are bounded, so one tenant cannot grow every fleet-wide query (the
         # fleet view, the agent list) without limit.
         self.max_agents = max_agents
@@ -54,6 +56,7 @@ class AgentService:
                 ("username", validation.check_username(request.username)),
                 ("libvirt_uri", _maybe(validation.check_libvirt_uri, request.libvirt_uri)),
             )
+            self._check_address(errors, request.hostname, request.port)  # before any KDF runs
             # Parsing an encrypted key runs its KDF and sealing runs AES: both before the write
             # transaction, so no request ever holds the database's write lock while computing.
             private_key, key_errors = self._private_key_of(request)
@@ -83,6 +86,12 @@ class AgentService:
                 ))
                 change.agent_id = agent.id
         return agent
+
+    def _check_address(self, errors: list[FieldError], hostname: str, port: int) -> None:
+        """Refuse (``AgentAddressRefused``, 422) an address agents may not point at (SSRF), once the
+        hostname and port are otherwise valid. Every connection checks again (names move)."""
+        if self.addresses is not None and not any(e.field in ("hostname", "port") for e in errors):
+            self.addresses.check(hostname, port)
 
     def _private_key_of(self, request: NewAgent) -> tuple[str | None, list[FieldError]]:
         """The key a registration brings: uploaded, or generated here when it asks for one."""
@@ -152,6 +161,9 @@ class AgentService:
                 ("username", _if_set(validation.check_username, changes.username)),
                 ("libvirt_uri", _if_set(validation.check_libvirt_uri, changes.libvirt_uri)),
             )
+            if is_set(changes.hostname) or is_set(changes.port):
+                self._check_address(errors, changes.hostname if is_set(changes.hostname) else agent.hostname,
+                                    changes.port if is_set(changes.port) else agent.port)
             updates: dict[str, object] = {
                 field: getattr(changes, field)
                 for field in ("name", "hostname", "port", "username", "allow_unknown_hosts")

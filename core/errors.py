@@ -11,6 +11,10 @@ from typing import ClassVar
 
 import attrs
 
+# The longest detail an error carries (characters): details quote remote output (virsh's stderr),
+# which a hostile host controls; answers, logs and audit events stay small whatever it writes.
+DETAIL_LIMIT = 4096
+
 
 class PortalError(Exception):
     """Base of every error the core raises on purpose."""
@@ -19,6 +23,8 @@ class PortalError(Exception):
     title = "Portal error"
 
     def __init__(self, detail: str) -> None:
+        if len(detail) > DETAIL_LIMIT:  # e.g. a hostile host's stderr quoted in a message
+            detail = f"{detail[:DETAIL_LIMIT]}… ({len(detail) - DETAIL_LIMIT} more characters not shown)"
         super().__init__(detail)
         self.detail = detail
 
@@ -311,6 +317,46 @@ class LibvirtUnavailable(RemoteError):
 
 class VirshFailed(RemoteError):
     code = "virsh_failed"
+
+
+# ---------------------------------------------------------------------- SSH adapter hardening
+# (issue 14: items 2, 4, 5 and 13)
+
+
+class AgentAddressRefused(ValidationFailed):
+    """The agent's address is, or resolves to, an address outside ``MANAGEMENT_AGENT_NETWORKS``
+    (issue 14 item 4, SSRF). Raised on registration and change, and again at every connection
+    (a name may resolve elsewhere later): the portal never connects to a refused address."""
+
+    code = "agent_address_refused"
+    title = "Agent address refused"
+    # Like RemoteError's: how far a connection got (an agent check reports it): not even a packet.
+    reached_host: ClassVar[bool] = False
+    logged_in: ClassVar[bool] = False
+
+    def __init__(self, detail: str) -> None:
+        super().__init__([FieldError("hostname", detail)])
+
+
+class OutputTooLarge(RemoteError):
+    """A command wrote more than ``MANAGEMENT_MAX_OUTPUT_BYTES``; the channel was closed there."""
+
+    code = "output_too_large"
+    title = "Remote output too large"
+
+
+class NotSsh(RemoteError):
+    """Something accepted the connection, but it did not speak SSH (no SSH identification)."""
+
+    code = "not_ssh"
+    title = "Not an SSH server"
+    logged_in = False
+
+
+class TooManyOperations(TooManyRequests):
+    """The user already has ``MANAGEMENT_MAX_OPERATIONS_PER_USER`` SSH operations running."""
+
+    code = "too_many_operations"
 
 
 def error_classes() -> list[type[PortalError]]:

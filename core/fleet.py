@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 from core import virsh
-from core.errors import PortalError, RemoteError, ValidationFailed
+from core.errors import AgentAddressRefused, PortalError, RemoteError, ValidationFailed
 from core.model import Agent, AgentCredentials, Caller
 from core.remote import RemoteCommands, parse_output
 from core.results import AgentCheck, Failure, FleetEntry, HostFacts
@@ -77,13 +77,13 @@ class FleetService:
         first connection may pin the host key, which is audited as ``agent.pin_host_key``)."""
         target = await self.remote.target(caller, agent_id)
         started = self._monotonic()
-        error: RemoteError | None = None
+        error: RemoteError | AgentAddressRefused | None = None
         host_key = target.agent.host_key
         try:
             result = await self.remote.run(caller, target, virsh.check_command(target.agent.libvirt_uri))
             host_key = host_key or result.host_key
             virsh.raise_for_failure(result)
-        except RemoteError as failed:
+        except (RemoteError, AgentAddressRefused) as failed:  # a refused address: nothing was sent
             error = failed
         elapsed_ms = round((self._monotonic() - started) * 1000, 1)
         if host_key is None and target.agent.allow_unknown_hosts:

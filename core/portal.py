@@ -20,7 +20,7 @@ from core.audit import AuditLog
 from core.credentials import Keyring
 from core.fleet import FLEET_PARALLELISM, FleetService
 from core.model import SignupPolicy
-from core.ports import Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage
+from core.ports import AgentAddresses, Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage
 from core.remote import RemoteCommands
 from core.snapshots import SnapshotService
 from core.users import UserService
@@ -55,6 +55,7 @@ def assemble(
     monotonic: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     max_agents: int = MAX_AGENTS_PER_USER,
+    addresses: AgentAddresses | None = None,
 ) -> Portal:
     """The services over these ports; each gets only the ports it uses."""
     audit = AuditLog(storage=storage, clock=clock)
@@ -63,7 +64,7 @@ def assemble(
     return Portal(
         users=UserService(storage=storage, hasher=hasher, clock=clock, audit=audit, signup=signup),
         agents=AgentService(storage=storage, keyring=keyring, ssh_keys=ssh_keys, clock=clock, audit=audit,
-                            shell=shell, max_agents=max_agents),
+                            shell=shell, max_agents=max_agents, addresses=addresses),
         vms=VmService(remote=remote, poll_interval=poll_interval, poll_grace=poll_grace, monotonic=monotonic,
                       sleep=sleep),
         snapshots=SnapshotService(remote=remote),

@@ -88,7 +88,10 @@ class RemoteShell(Protocol):
                   pin: PinHostKey | None = None) -> CommandResult:
         """Run ``argv`` on the agent; raise ``core.errors.RemoteError`` subclasses on failure.
         A connection made without a pinned key calls ``pin`` before it runs anything and is
-        refused (``host_key_mismatch``) unless the pinned key is the one it saw."""
+        refused (``host_key_mismatch``) unless the pinned key is the one it saw. Also raises
+        ``AgentAddressRefused`` (the agent's address is outside the allowed networks: nothing is
+        sent) and ``TooManyOperations`` (the agent's owner already runs the most commands allowed
+        at once)."""
         ...
 
     def discard(self, agent_id: int) -> None:
@@ -98,6 +101,17 @@ class RemoteShell(Protocol):
 
     async def close(self) -> None:
         """Close every connection (on shutdown)."""
+        ...
+
+
+class AgentAddresses(Protocol):
+    """Where an agent may point (``MANAGEMENT_AGENT_NETWORKS``, ``core/networks.py``): checked
+    when an agent is registered or its address changes, so a refused address is a 422 at once
+    instead of at the first connection (which checks again: names may resolve elsewhere later)."""
+
+    def check(self, hostname: str, port: int) -> None:
+        """Raise ``core.errors.AgentAddressRefused`` if ``hostname`` is, or resolves to, an address
+        outside the allowed networks. A name that does not resolve (yet) passes."""
         ...
 
 

@@ -17,11 +17,11 @@ from adapters.hashing import Sha256KeyHasher
 from adapters.sealing import AesGcmSecretBox, SecretKeyError, decode_key, generate_key, load_or_create_key_file
 from adapters.sql import migrations
 from adapters.sql.storage import SqlStorage
-from adapters.ssh import AsyncsshShell
+from adapters.ssh import AsyncsshShell, ResolvingAgentAddresses
 from adapters.sshkeys import AsyncsshKeys
 from core.errors import DatabaseBusy, DatabaseUnavailable, PortalError, SecretUnreadable
 from core.portal import Portal, assemble
-from core.ports import Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage
+from core.ports import AgentAddresses, Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage
 from entrypoints.settings import ConfigError, Settings, secrets_of_url, shown_url
 
 
@@ -148,14 +148,19 @@ def build_runtime(
         connect_timeout=settings.ssh_connect_timeout,
         command_timeout=settings.ssh_command_timeout,
         idle_timeout=settings.ssh_idle_timeout,
+        max_output_bytes=settings.max_output_bytes,
+        max_operations_per_user=settings.max_operations_per_user,
+        networks=settings.agent_networks,
     )
     key_hasher: KeyHasher = hasher or Sha256KeyHasher()
     secret_store: SecretBox = secrets or secret_box(settings)
     key_parser: SshKeys = ssh_keys or AsyncsshKeys()
     system_clock: Clock = clock or SystemClock()
+    agent_addresses: AgentAddresses = ResolvingAgentAddresses(settings.agent_networks,
+                                                              timeout=settings.ssh_connect_timeout)
     portal = assemble(storage=storage, hasher=key_hasher, secrets=secret_store, ssh_keys=key_parser,
                       clock=system_clock, signup=settings.signup, shell=remote_shell,
-                      max_agents=settings.max_agents_per_user)
+                      max_agents=settings.max_agents_per_user, addresses=agent_addresses)
     try:
         portal.agents.check_secret_key()
     except SecretUnreadable as error:

@@ -158,7 +158,7 @@ class Operation:
 
 BODY_ERRORS: tuple[type[PortalError], ...] = (errors.MalformedBody, errors.BodyTooLarge,
                                                errors.UnsupportedMediaType, ValidationFailed)
-AGENT_ERRORS: tuple[type[PortalError], ...] = (errors.AgentNotFound, ValidationFailed)
+AGENT_ERRORS: tuple[type[PortalError], ...] = (errors.AgentNotFound, ValidationFailed, errors.AgentAddressRefused)
 REMOTE_ERRORS: tuple[type[PortalError], ...] = (*AGENT_ERRORS, errors.VmNotFound, errors.RemoteError,
                                                 errors.RemoteTimeout, errors.AgentChanged)
 VM_STATE_ERRORS: tuple[type[PortalError], ...] = (errors.VmAlreadyRunning, errors.VmNotRunning,
@@ -290,14 +290,16 @@ OPERATIONS: tuple[Operation, ...] = (
               cached_per_user=True, headers=_next_agents_page),
     Operation("register_agent", "POST", "/agents", "agents", "Register an agent (remote hypervisor)",
               lambda p, c: invoke(p.agents.register_agent, c.me, c.body), _one(AgentView.of), AgentView, NewAgent,
-              ok=201, errors=(*BODY_ERRORS, errors.AgentNameTaken, errors.AgentLimitReached),
+              ok=201, errors=(*BODY_ERRORS, errors.AgentNameTaken, errors.AgentLimitReached,
+                              errors.AgentAddressRefused),
               location=lambda agent: f"/agents/{agent.id}"),
     Operation("get_agent", "GET", "/agents/{agent_id}", "agents", "One agent",
               lambda p, c: invoke(p.agents.get_agent, c.me, c.agent_id), _one(AgentView.of), AgentView,
               errors=(errors.AgentNotFound,)),
     Operation("update_agent", "PATCH", "/agents/{agent_id}", "agents", "Change some of an agent's fields",
               lambda p, c: invoke(p.agents.update_agent, c.me, c.agent_id, c.body), _one(AgentView.of), AgentView,
-              AgentChanges, errors=(*BODY_ERRORS, errors.AgentNotFound, errors.AgentNameTaken, errors.AgentChanged)),
+              AgentChanges, errors=(*BODY_ERRORS, errors.AgentNotFound, errors.AgentNameTaken, errors.AgentChanged,
+                                   errors.AgentAddressRefused)),
     Operation("delete_agent", "DELETE", "/agents/{agent_id}", "agents", "Remove an agent and its credentials",
               lambda p, c: invoke(p.agents.delete_agent, c.me, c.agent_id), ok=204, errors=(errors.AgentNotFound,)),
     Operation("read_credentials", "GET", "/agents/{agent_id}/credentials", "agents",

@@ -16,6 +16,7 @@ import attrs
 import sqlalchemy
 
 from core.model import SignupPolicy
+from core.networks import AgentNetworks
 
 T = TypeVar("T")
 
@@ -100,6 +101,11 @@ class Settings:
     ssh_idle_timeout: float = 300.0
     trusted_proxies: str = "127.0.0.1,::1"  # peers whose X-Forwarded-For names the real client
     max_agents_per_user: int = 1000
+    # Hostile hosts and tenants (issue 14): output read per command, addresses agents may point at,
+    # SSH operations one user may run at once (per worker).
+    max_output_bytes: int = 4 * 1024 * 1024
+    agent_networks: AgentNetworks = attrs.field(factory=AgentNetworks)
+    max_operations_per_user: int = 16
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -145,6 +151,10 @@ class Settings:
             ssh_command_timeout=reader.number("MANAGEMENT_SSH_COMMAND_TIMEOUT", 60.0, float, 0.1, 3600),
             ssh_idle_timeout=reader.number("MANAGEMENT_SSH_IDLE_TIMEOUT", 300.0, float, 1, 86400),
             trusted_proxies=reader.proxies("MANAGEMENT_TRUSTED_PROXIES", "127.0.0.1,::1"),
+            max_output_bytes=reader.number("MANAGEMENT_MAX_OUTPUT_BYTES", 4 * 1024 * 1024, int, 64 * 1024,
+                                           1024 * 1024 * 1024),
+            agent_networks=reader.networks("MANAGEMENT_AGENT_NETWORKS"),
+            max_operations_per_user=reader.number("MANAGEMENT_MAX_OPERATIONS_PER_USER", 16, int, 1, 10_000),
         )
 
 
@@ -182,6 +192,13 @@ class _Reader:
             except ValueError:
                 raise ConfigError(name, f"{item!r} is not an IP address or network") from None
         return ",".join(items)
+
+    def networks(self, name: str) -> AgentNetworks:
+        """Comma-separated networks agents may point at; unset or blank: the default policy."""
+        try:
+            return AgentNetworks.parse(self.env.get(name))
+        except ValueError as error:
+            raise ConfigError(name, str(error)) from None
 
     def flag(self, name: str, default: bool) -> bool:
         raw = self.env.get(name)

@@ -256,6 +256,12 @@ MANAGEMENT_SIGNUP=first
 #MANAGEMENT_SSH_COMMAND_TIMEOUT=60
 # Seconds an unused pooled SSH connection stays open:
 #MANAGEMENT_SSH_IDLE_TIMEOUT=300
+# Networks agents may point at, comma-separated; unset: every address but loopback, link-local
+# (cloud metadata), multicast, unspecified and reserved. A list replaces that default, e.g.:
+#MANAGEMENT_AGENT_NETWORKS=10.0.0.0/8,192.168.0.0/16
+# Output one remote command may write (bytes), and SSH commands one user may run at once per worker:
+#MANAGEMENT_MAX_OUTPUT_BYTES=4194304
+#MANAGEMENT_MAX_OPERATIONS_PER_USER=16
 EOF
     chown "root:$APP_GROUP" "$tmp"
     chmod 0640 "$tmp"

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from falcon import testing
 from hypothesis import settings as hypothesis_settings
 
 from entrypoints import bootstrap
 from entrypoints.http.app import create_app
 from entrypoints.settings import Settings
 from tests.postgres import postgres, postgres_databases, postgres_url  # noqa: F401 - fixtures
-from tests.support import Api, KeyMaterial, make_settings
+from tests.support import Api, KeyMaterial, make_settings, portal_client
 
 # Properties are about results, not speed: no per-example deadline (CI runs on two shared cores,
 # where a slow example would otherwise fail as "deadline exceeded").
@@ -58,12 +57,12 @@ def runtime(settings: Settings) -> Iterator[bootstrap.Runtime]:
 
 @pytest.fixture
 def api(runtime: bootstrap.Runtime) -> Api:
-    return Api(testing.TestClient(create_app(runtime)))
+    return Api(portal_client(create_app(runtime)))
 
 
 @pytest.fixture
 def open_api(tmp_path: Path) -> Iterator[Api]:
     """An app whose sign-up is open, for tests that need several users over HTTP."""
     runtime = bootstrap.build_runtime(make_settings(tmp_path, MANAGEMENT_SIGNUP="open"))
-    yield Api(testing.TestClient(create_app(runtime)))
+    yield Api(portal_client(create_app(runtime)))
     runtime.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,16 +12,26 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 from falcon import testing
 
+from core.networks import AgentNetworks
 from entrypoints.settings import Settings
 
 PROBLEM = "application/problem+json"
 REPO = Path(__file__).resolve().parents[1]
+
+# MANAGEMENT_AGENT_NETWORKS for test portals. Tests connect only to fake hosts on loopback, which
+# the default refuses; they also register documentation addresses (192.0.2.0/24) and example.com
+# names that are never connected to, and must not be looked up in DNS either: allowing every
+# address means no name is resolved to check it. Tests of the policy itself set their own value.
+TEST_AGENT_NETWORKS = "0.0.0.0/0,::/0"
+# For a shell built directly (no settings): only loopback, where the fake hosts listen.
+LOOPBACK_NETWORKS = AgentNetworks.parse("127.0.0.0/8,::1/128")
 
 
 @attrs.frozen
@@ -35,7 +46,38 @@ class KeyMaterial:
 
 
 def make_settings(tmp_path: Path, **env: str) -> Settings:
-    return Settings.from_env({"MANAGEMENT_DB_PATH": str(tmp_path / "data" / "management.sqlite3"), **env})
+    return Settings.from_env({"MANAGEMENT_DB_PATH": str(tmp_path / "data" / "management.sqlite3"),
+                              "MANAGEMENT_AGENT_NETWORKS": TEST_AGENT_NETWORKS, **env})
+
+
+class ConnectedClient:
+    """An ASGI wrapper for falcon.testing whose simulated client stays connected until ``left()``.
+
+    falcon.testing marks every client disconnected as soon as its request has been sent, which a
+    real server (uvicorn) does only when the client really goes away; the portal stops a ``?wait=``
+    when its client leaves, so without this every wait would end at its first look. ``left`` lets a
+    test decide when the client goes (e.g. after the host has answered a few polls)."""
+
+    def __init__(self, app: Any, left: Callable[[], bool] = lambda: False) -> None:
+        self.app = app
+        self.left = left
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def receive_while_connected() -> Any:
+            message = await receive()
+            while message.get("type") == "http.disconnect" and not self.left():
+                await asyncio.sleep(0.005)  # the request is cancelled-watch only: see Call.abandoned
+            return message
+
+        await self.app(scope, receive_while_connected, send)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.app, name)  # the Falcon app's router, for tests that walk it
+
+
+def portal_client(app: Any, left: Callable[[], bool] = lambda: False) -> testing.TestClient:
+    """A falcon.testing client of ``app`` whose client stays connected (``ConnectedClient``)."""
+    return testing.TestClient(ConnectedClient(app, left))
 
 
 class Api:
@@ -86,7 +128,7 @@ class Server:
         self.workdir = workdir
         self.port = free_port()
         self.env = {**os.environ, "MANAGEMENT_HOST": "127.0.0.1", "MANAGEMENT_PORT": str(self.port),
-                    "MANAGEMENT_LOG_FORMAT": "json", **env}
+                    "MANAGEMENT_LOG_FORMAT": "json", "MANAGEMENT_AGENT_NETWORKS": TEST_AGENT_NETWORKS, **env}
         self.process: subprocess.Popen[str] | None = None
         self.log = workdir / f"server-{self.port}.log"
 

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 from adapters.sql import migrations
+from tests.support import TEST_AGENT_NETWORKS
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     environment = {**os.environ, "MANAGEMENT_DB_PATH": str(tmp_path / "data" / "management.sqlite3"),
-                   "PYTHONPATH": str(REPO), **env}
+                   "MANAGEMENT_AGENT_NETWORKS": TEST_AGENT_NETWORKS, "PYTHONPATH": str(REPO), **env}
     return subprocess.run([sys.executable, "-m", "entrypoints.cli", *args], capture_output=True, text=True,
                           env=environment, cwd=tmp_path, timeout=60)
 
@@ -95,8 +96,8 @@ def test_agents_public_key_and_rotate_key_print_the_authorized_keys_line(tmp_pat
     from entrypoints.settings import Settings
 
     api_key = json.loads(cli(tmp_path, "users", "create", "--name", "alice").stdout)["api_key"]
-    with connect(settings=Settings.from_env({"MANAGEMENT_DB_PATH": str(tmp_path / "data" / "management.sqlite3")})) \
-            as portal:
+    with connect(settings=Settings.from_env({"MANAGEMENT_DB_PATH": str(tmp_path / "data" / "management.sqlite3"),
+                                             "MANAGEMENT_AGENT_NETWORKS": TEST_AGENT_NETWORKS})) as portal:
         agent = portal.login(api_key).register_agent(name="hv", hostname="hv.example.com", username="playr-agent",
                                                      generate_key=True)
     shown = cli(tmp_path, "agents", "public-key", str(agent.id), MANAGEMENT_API_KEY=api_key)

@@ -12,7 +12,7 @@ from falcon import testing
 
 from entrypoints import bootstrap
 from entrypoints.http.app import create_app
-from tests.support import Api, KeyMaterial, assert_problem, make_settings
+from tests.support import Api, KeyMaterial, assert_problem, make_settings, portal_client
 
 # ---------------------------------------------------------------------- health and sign-up
 
@@ -43,7 +43,7 @@ def test_second_sign_up_is_refused_by_default_and_says_how(api: Api) -> None:
 
 def test_closed_sign_up_refuses_even_the_first_user(tmp_path) -> None:
     runtime = bootstrap.build_runtime(make_settings(tmp_path, MANAGEMENT_SIGNUP="closed"))
-    api = Api(testing.TestClient(create_app(runtime)))
+    api = Api(portal_client(create_app(runtime)))
     assert_problem(api.call("POST", "/users", json={"name": "alice"}), 403, "signup_closed")
     runtime.close()
 
@@ -107,7 +107,7 @@ def test_rotation_kills_the_old_key_at_once(api: Api) -> None:
 
 def test_failed_authentications_are_rate_limited_per_client_address(tmp_path) -> None:
     runtime = bootstrap.build_runtime(make_settings(tmp_path, MANAGEMENT_AUTH_FAILURE_LIMIT="3"))
-    api = Api(testing.TestClient(create_app(runtime)))
+    api = Api(portal_client(create_app(runtime)))
     key = api.sign_up()["api_key"]
     attacker = {"remote_addr": "203.0.113.9"}
     for _ in range(3):

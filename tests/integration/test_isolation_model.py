@@ -28,6 +28,7 @@ from adapters.memory import ScriptedShell
 from entrypoints import bootstrap
 from entrypoints.http.app import create_app
 from entrypoints.settings import Settings
+from tests.support import portal_client
 
 PRIVATE_KEY = asyncssh.generate_private_key("ssh-ed25519").export_private_key("openssh").decode()
 ACTIONS = ["start", "shutdown", "force-stop", "reboot"]
@@ -43,7 +44,7 @@ class PortalModel(RuleBasedStateMachine):
                                     "MANAGEMENT_SIGNUP": "open", "MANAGEMENT_AUTH_FAILURE_LIMIT": "1000000"})
         self.shell = ScriptedShell()
         self.runtime = bootstrap.build_runtime(config, shell=self.shell)
-        self.client = testing.TestClient(create_app(self.runtime))
+        self.client = portal_client(create_app(self.runtime))
         self.keys: dict[int, str] = {}  # user index -> current key
         self.user_ids: dict[int, int] = {}  # user index -> user id
         self.dead_keys: list[str] = []

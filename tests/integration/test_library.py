@@ -8,11 +8,12 @@ import pytest
 
 from core.errors import NotFound, Unauthenticated, ValidationFailed
 from entrypoints.library import connect
-from tests.support import KeyMaterial
+from tests.support import TEST_AGENT_NETWORKS, KeyMaterial
 
 
 def env(tmp_path: Path) -> dict[str, str]:
-    return {"MANAGEMENT_DB_PATH": str(tmp_path / "data" / "management.sqlite3")}
+    return {"MANAGEMENT_DB_PATH": str(tmp_path / "data" / "management.sqlite3"),
+            "MANAGEMENT_AGENT_NETWORKS": TEST_AGENT_NETWORKS}
 
 
 def test_a_script_registers_lists_updates_and_deletes_agents(tmp_path: Path, keys: KeyMaterial) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import shlex
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -17,9 +18,25 @@ import asyncssh
 import attrs
 import pytest
 
+from adapters.memory import CountingKeyHasher, FakeSshKeys, InMemoryStorage, ManualClock, ReversibleSecretBox
 from adapters.ssh import AsyncsshShell
-from core.errors import RemoteError, RemoteTimeout
-from core.model import Agent, AgentCredentials, ClientKey, HostKey
+from core import virsh
+from core.commands import NewAgent, NewUser
+from core.errors import (
+    DETAIL_LIMIT,
+    AgentAddressRefused,
+    AgentAuthFailed,
+    NotSsh,
+    OutputTooLarge,
+    RemoteError,
+    RemoteTimeout,
+    TooManyOperations,
+)
+from core.model import Agent, AgentCredentials, Caller, ClientKey, HostKey, Origin, SignupPolicy
+from core.networks import AgentNetworks, IPAddress
+from core.portal import assemble
+from core.ports import CommandResult
+from tests.support import LOOPBACK_NETWORKS
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -35,6 +52,7 @@ class FakeHypervisor:
         self.max_sessions_seen = 0
         self.commands: list[str] = []
         self.environments: list[dict[str, str]] = []
+        self.flood_sent = 0  # bytes the flood command wrote before it ended or was cut off
         self.server: asyncssh.SSHAcceptor | None = None
         self.port = 0
 
@@ -63,6 +81,15 @@ class FakeHypervisor:
             def __init__(self, number: int) -> None:
                 self.number = number
                 self.chan: Any = None
+                self.writable = asyncio.Event()  # SSH flow control: the client's window is open
+                self.writable.set()
+                self.closed = False
+
+            def pause_writing(self) -> None:
+                self.writable.clear()
+
+            def resume_writing(self) -> None:
+                self.writable.set()
 
             def connection_made(self, chan: Any) -> None:
                 self.chan = chan
@@ -80,12 +107,36 @@ class FakeHypervisor:
                 elif argv[0] == "echo":
                     self.chan.write(" ".join(argv[1:]) + "\n")
                     self.chan.exit(0)
+                elif argv[0] == "flood":  # flood BYTES [stdout|stderr|both]: as fast as the client reads
+                    await self.flood(int(argv[1]), argv[2] if len(argv) > 2 else "stdout")
+                elif argv[0] == "die":  # some output, then the whole connection drops (sshd killed)
+                    self.chan.write("partial output\n")
+                    await asyncio.sleep(0.05)
+                    self.chan.get_extra_info("connection").abort()
                 else:
                     self.chan.write_stderr(f"{argv[0]}: command not found\n")
                     self.chan.exit(127)
 
+            async def flood(self, total: int, streams: str) -> None:
+                chunk = "x" * 65536
+                sent = 0
+                while sent < total:
+                    await self.writable.wait()
+                    if self.closed:
+                        return  # the client closed the channel: stop, as a real command gets SIGPIPE
+                    piece = chunk[:min(len(chunk), total - sent)]
+                    if streams in ("stdout", "both"):
+                        self.chan.write(piece)
+                    if streams in ("stderr", "both"):
+                        self.chan.write_stderr(piece)
+                    sent += len(piece)
+                    hypervisor.flood_sent += len(piece) * (2 if streams == "both" else 1)
+                self.chan.exit(0)
+
             def connection_lost(self, exc: Exception | None) -> None:
                 hypervisor.sessions_now[self.number] -= 1
+                self.closed = True
+                self.writable.set()
 
         self.server = await asyncssh.create_server(
             Server, "127.0.0.1", 0, server_host_keys=[self.host_key],
@@ -121,7 +172,8 @@ async def lab(hypervisor_options: dict[str, Any] | None = None,
     """A fake hypervisor listening on loopback and a shell to it; both closed afterwards."""
     hypervisor = FakeHypervisor(**(hypervisor_options or {}))
     await hypervisor.start()
-    shell = AsyncsshShell(**{"connect_timeout": 2, "command_timeout": 2, **shell_options})
+    shell = AsyncsshShell(**{"connect_timeout": 2, "command_timeout": 2, "networks": LOOPBACK_NETWORKS,
+                             **shell_options})
     try:
         yield hypervisor, shell
     finally:
@@ -155,7 +207,7 @@ def test_arguments_reach_the_host_quoted() -> None:
 
 def test_more_than_ten_concurrent_commands_use_more_connections_never_over_ten_sessions() -> None:
     async def scenario() -> None:
-        async with lab(connect_timeout=5, command_timeout=10) as (hypervisor, shell):
+        async with lab(connect_timeout=5, command_timeout=10, max_operations_per_user=25) as (hypervisor, shell):
             results = await asyncio.gather(*(shell.run(hypervisor.target(), ["sleep", "0.3"]) for _ in range(25)))
             assert all(r.exit_status == 0 for r in results)
             assert hypervisor.max_sessions_seen <= 10
@@ -246,7 +298,7 @@ def test_a_closed_port_is_refused_quickly() -> None:
         hypervisor = FakeHypervisor()
         await hypervisor.start()
         hypervisor.stop()
-        shell = AsyncsshShell(connect_timeout=2)
+        shell = AsyncsshShell(connect_timeout=2, networks=LOOPBACK_NETWORKS)
         with pytest.raises(RemoteError) as refused:
             await shell.run(hypervisor.target(), ["echo", "x"])
         assert refused.value.code == "agent_unreachable"
@@ -332,5 +384,248 @@ def test_a_recycled_agent_id_never_inherits_another_agents_connection() -> None:
             # same id and revision, but another owner: a different agent
             await shell.run(hypervisor.target(owner_id=2), ["echo", "bob"])
             assert hypervisor.connections == 2
+
+    run(scenario())
+
+
+# ---------------------------------------------------------------------- issue 14 (hardening)
+
+MIB = 1024 * 1024
+
+
+def test_item2_output_past_the_cap_is_output_too_large_and_the_channel_closed() -> None:
+    """A host answering with 64 MiB: the shell holds at most the cap, closes the channel, and the
+    host manages to send only what the SSH window let through (the portal stopped reading)."""
+    async def scenario() -> None:
+        async with lab(command_timeout=30, max_output_bytes=256 * 1024) as (hypervisor, shell):
+            with pytest.raises(OutputTooLarge) as too_large:
+                await shell.run(hypervisor.target(), ["flood", str(64 * MIB)])
+            assert too_large.value.code == "output_too_large"
+            assert "MANAGEMENT_MAX_OUTPUT_BYTES" in too_large.value.detail
+            assert hypervisor.flood_sent < 8 * MIB  # cap + SSH window + send buffer, not 64 MiB
+            for _ in range(100):  # the server sees the channel close
+                if sum(hypervisor.sessions_now.values()) == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert sum(hypervisor.sessions_now.values()) == 0
+            # the connection is still good for the next command
+            assert (await shell.run(hypervisor.target(), ["echo", "ok"])).stdout == "ok\n"
+            assert hypervisor.connections == 1
+
+    run(scenario())
+
+
+def test_item2_stdout_and_stderr_count_together_and_output_up_to_the_cap_is_whole() -> None:
+    async def scenario() -> None:
+        cap = 256 * 1024
+        async with lab(command_timeout=30, max_output_bytes=cap) as (hypervisor, shell):
+            whole = await shell.run(hypervisor.target(), ["flood", str(cap // 2), "both"])
+            assert (len(whole.stdout), len(whole.stderr), whole.exit_status) == (cap // 2, cap // 2, 0)
+            with pytest.raises(OutputTooLarge):
+                await shell.run(hypervisor.target(), ["flood", str(cap // 2 + 1), "both"])
+            with pytest.raises(OutputTooLarge):
+                await shell.run(hypervisor.target(), ["flood", str(cap + 1), "stderr"])
+
+    run(scenario())
+
+
+def test_item2_error_details_stay_a_few_kib_whatever_the_host_writes() -> None:
+    """virsh's stderr is quoted in error details: a hostile host's megabyte of it is cut to 4 KiB."""
+    stderr = "error: " + "A" * MIB
+    result = CommandResult(command=("virsh", "list"), exit_status=1, stdout="", stderr=stderr)
+    with pytest.raises(RemoteError) as failed:
+        virsh.raise_for_failure(result)
+    assert len(failed.value.detail) <= DETAIL_LIMIT + 100
+    assert failed.value.detail.startswith("virsh failed with exit status 1: error: AAAA")
+    assert str(failed.value) == failed.value.detail
+
+
+class PlainTcpService:
+    """Something that is not sshd on a loopback port: answers like a web server (``http``), or
+    accepts and says nothing (``silent``)."""
+
+    def __init__(self, behaviour: str) -> None:
+        self.behaviour = behaviour
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.held: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            if self.behaviour == "silent":
+                self.held.append(writer)
+                return
+            await reader.readline()  # the client's "SSH-2.0-…" line, read as a request line
+            writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        for writer in self.held:
+            writer.close()
+        assert self.server is not None
+        self.server.close()
+
+
+@pytest.mark.parametrize("behaviour", ["http", "silent"])
+@pytest.mark.parametrize("pinned", [True, False])
+def test_item13_a_service_that_is_not_sshd_is_not_ssh_reached_but_not_logged_in(behaviour: str,
+                                                                                pinned: bool) -> None:
+    async def scenario() -> None:
+        service = PlainTcpService(behaviour)
+        await service.start()
+        hypervisor = FakeHypervisor()  # only for a target with real keys
+        shell = AsyncsshShell(connect_timeout=0.5, networks=LOOPBACK_NETWORKS)
+        try:
+            target = hypervisor.target(port=service.port, **({} if pinned else {"host_key": None}))
+            with pytest.raises(NotSsh) as not_ssh:
+                await shell.run(target, ["echo", "x"])
+            assert not_ssh.value.code == "not_ssh"
+            assert not_ssh.value.reached_host and not not_ssh.value.logged_in
+            assert "SSH port" in not_ssh.value.detail
+            assert service.connections >= 1
+        finally:
+            await shell.close()
+            service.stop()
+
+    run(scenario())
+
+
+def test_item13_a_check_of_a_non_ssh_service_says_reachable_not_authenticated_not_ssh() -> None:
+    async def scenario() -> None:
+        service = PlainTcpService("http")
+        await service.start()
+        hypervisor = FakeHypervisor()
+        shell = AsyncsshShell(connect_timeout=1, networks=LOOPBACK_NETWORKS)
+        portal = assemble(storage=InMemoryStorage(), hasher=CountingKeyHasher(), secrets=ReversibleSecretBox(),
+                          ssh_keys=FakeSshKeys(), clock=ManualClock(), signup=SignupPolicy.OPEN, shell=shell)
+        try:
+            created = await asyncio.to_thread(portal.users.create_user, NewUser(name="alice"),
+                                              Origin("req", "127.0.0.1"))
+            user = created.user
+            caller = Caller(user=user, request_id="req", client_address="127.0.0.1")
+            target = hypervisor.target()
+            assert target.agent.host_key is not None
+            agent = portal.agents.register_agent(caller, NewAgent(
+                name="web", hostname="127.0.0.1", port=service.port, username="qemu",
+                private_key=target.private_key, host_key=target.agent.host_key.openssh))
+            check = await portal.fleet.check_agent(caller, agent.id)
+            assert (check.reachable, check.authenticated, check.libvirt_reachable) == (True, False, False)
+            assert check.error is not None and check.error.code == "not_ssh"
+        finally:
+            await shell.close()
+            service.stop()
+
+    run(scenario())
+
+
+def test_item4_a_loopback_agent_is_refused_before_any_connection_by_default() -> None:
+    async def scenario() -> None:
+        async with lab(networks=AgentNetworks()) as (hypervisor, shell):
+            for target in (hypervisor.target(), hypervisor.target(host_key=None)):
+                with pytest.raises(AgentAddressRefused) as refused:
+                    await shell.run(target, ["echo", "x"])
+                assert refused.value.code == "agent_address_refused"
+                assert "MANAGEMENT_AGENT_NETWORKS" in refused.value.detail
+                assert [e.field for e in refused.value.errors] == ["hostname"]
+            assert hypervisor.connections == 0
+
+    run(scenario())
+
+
+def test_item4_a_name_is_resolved_once_per_connection_and_the_checked_address_is_used() -> None:
+    """A rebinding name: the first answer is the allowed address, later ones another address. The
+    shell asks once, checks that answer and connects to it; a name resolving to any refused address
+    is refused whole."""
+    async def scenario() -> None:
+        asked: list[str] = []
+        answers = {"hv.test": [["127.0.0.1"], ["127.0.0.2"]], "mixed.test": [["127.0.0.1", "127.0.0.9"]]}
+
+        async def resolver(hostname: str, port: int) -> list[IPAddress]:
+            asked.append(hostname)
+            return [ipaddress.ip_address(a) for a in answers[hostname].pop(0)]
+
+        only = AgentNetworks.parse("127.0.0.1/32")
+        async with lab(networks=only, resolver=resolver) as (hypervisor, shell):
+            result = await shell.run(hypervisor.target(hostname="hv.test"), ["echo", "x"])
+            assert result.stdout == "x\n"
+            assert asked == ["hv.test"] and hypervisor.connections == 1
+            assert (await shell.run(hypervisor.target(hostname="hv.test"), ["echo", "y"])).stdout == "y\n"
+            assert asked == ["hv.test"]  # the pooled connection: no new lookup
+            with pytest.raises(AgentAddressRefused) as refused:
+                await shell.run(hypervisor.target(id=2, hostname="mixed.test"), ["echo", "x"])
+            assert "127.0.0.9" in refused.value.detail
+            assert hypervisor.connections == 1
+
+    run(scenario())
+
+
+def test_item5_a_failing_connection_does_not_import_the_client_key_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parsed key is cached per agent revision: three refused logins, one import (one KDF)."""
+    imports: list[str] = []
+    real_import = asyncssh.import_private_key
+
+    def counting_import(data: Any, passphrase: Any = None, **kwargs: Any) -> asyncssh.SSHKey:
+        imports.append("import")
+        return real_import(data, passphrase, **kwargs)
+
+    monkeypatch.setattr(asyncssh, "import_private_key", counting_import)
+
+    async def scenario() -> None:
+        async with lab() as (hypervisor, shell):
+            stranger = asyncssh.generate_private_key("ssh-ed25519").export_private_key("openssh").decode()
+            refused = AgentCredentials(hypervisor.target().agent, stranger, None)
+            for _ in range(3):
+                with pytest.raises(AgentAuthFailed):
+                    await shell.run(refused, ["echo", "x"])
+            assert len(imports) == 1
+            # concurrent first connections share one import too
+            fresh = hypervisor.target(revision=2)
+            await asyncio.gather(*(shell.run(fresh, ["sleep", "0.1"]) for _ in range(12)))
+            assert hypervisor.connections == 2 + 3  # two connections for 12 sessions, after 3 refused
+            assert len(imports) == 2  # a new revision is a new key
+            shell.discard(1)
+            await asyncio.sleep(0)
+            await shell.run(fresh, ["echo", "x"])
+            assert len(imports) == 3  # a discarded agent's key is forgotten
+
+    run(scenario())
+
+
+def test_item5_concurrent_operations_per_user_are_limited_with_retry_after() -> None:
+    async def scenario() -> None:
+        async with lab(command_timeout=30, max_operations_per_user=2) as (hypervisor, shell):
+            running = [asyncio.ensure_future(shell.run(hypervisor.target(), ["sleep", "30"])) for _ in range(2)]
+            await asyncio.sleep(0)  # both have started (they count before their first await)
+            assert shell.operations_running(1) == 2
+            with pytest.raises(TooManyOperations) as limited:
+                await shell.run(hypervisor.target(), ["echo", "x"])
+            assert limited.value.code == "too_many_operations" and limited.value.retry_after >= 1
+            assert "MANAGEMENT_MAX_OPERATIONS_PER_USER" in limited.value.detail
+            # another user is not affected
+            other = hypervisor.target(id=2, owner_id=2)
+            assert (await shell.run(other, ["echo", "bob"])).stdout == "bob\n"
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            assert shell.operations_running(1) == 0
+            assert (await shell.run(hypervisor.target(), ["echo", "again"])).stdout == "again\n"
+
+    run(scenario())
+
+
+def test_a_connection_dying_in_the_middle_of_the_output_is_connection_lost() -> None:
+    """Reading output incrementally keeps the old outcome when sshd dies mid-command."""
+    async def scenario() -> None:
+        async with lab() as (hypervisor, shell):
+            with pytest.raises(RemoteError) as lost:
+                await shell.run(hypervisor.target(), ["die"])
+            assert lost.value.code == "agent_connection_lost"
+            assert (await shell.run(hypervisor.target(), ["echo", "back"])).stdout == "back\n"
 
     run(scenario())

@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from falcon import testing
 
 from adapters.memory import ScriptedShell
 from core.errors import AgentUnreachable
 from core.ports import CommandResult
 from entrypoints import bootstrap
 from entrypoints.http.app import create_app
-from tests.support import Api, KeyMaterial, assert_problem, make_settings
+from tests.support import Api, KeyMaterial, assert_problem, make_settings, portal_client
 
 URI = "qemu:///system"
 
@@ -41,7 +40,7 @@ def shell() -> Shell:
 def client(tmp_path: Path, shell: Shell) -> Iterator[Api]:
     runtime = bootstrap.build_runtime(make_settings(tmp_path), shell=shell)
     runtime.portal.vms.poll_interval = 0.01
-    yield Api(testing.TestClient(create_app(runtime)))
+    yield Api(portal_client(create_app(runtime)))
     runtime.close()
 
 

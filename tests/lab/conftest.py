@@ -23,6 +23,10 @@ import pytest
 
 from tests.support import REPO, Server
 
+# MANAGEMENT_AGENT_NETWORKS of the lab's portal: the lab's sshd listens on loopback, which the
+# default refuses; tests also register TEST-NET-1 addresses (192.0.2.0/24) they never connect to.
+LAB_AGENT_NETWORKS = "127.0.0.0/8,::1/128,192.0.2.0/24"
+
 LAB_SCRIPT = REPO / "scripts" / "lab.sh"
 
 
@@ -109,7 +113,7 @@ def portal(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
     """The portal under gunicorn with one worker (so one SSH pool serves every request)."""
     server = Server(tmp_path_factory.mktemp("portal"), MANAGEMENT_WORKERS="1",
                     MANAGEMENT_SSH_CONNECT_TIMEOUT="3", MANAGEMENT_SSH_COMMAND_TIMEOUT="30",
-                    MANAGEMENT_SIGNUP="open").start()
+                    MANAGEMENT_SIGNUP="open", MANAGEMENT_AGENT_NETWORKS=LAB_AGENT_NETWORKS).start()
     yield server
     server.stop()
 

@@ -229,6 +229,7 @@ def test_libvirt_down_is_502_carrying_virshs_message(portal: Server, api_key: st
 
 def test_the_command_line_lists_vms(portal: Server, api_key: str, agent: dict[str, Any]) -> None:
     env = {**os.environ, "MANAGEMENT_DB_PATH": str(portal.workdir / "data" / "management.sqlite3"),
+           "MANAGEMENT_AGENT_NETWORKS": portal.env["MANAGEMENT_AGENT_NETWORKS"],
            "MANAGEMENT_API_KEY": api_key, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-m", "entrypoints.cli", "vms", "list", str(agent["id"])],
                             capture_output=True, text=True, env=env, timeout=60)
@@ -240,7 +241,8 @@ def test_the_library_drives_vms(portal: Server, api_key: str, agent: dict[str, A
     from entrypoints.library import connect
 
     ensure_shut_off(lab, "lab-guest2")
-    with connect({"MANAGEMENT_DB_PATH": str(portal.workdir / "data" / "management.sqlite3")}) as library:
+    with connect({"MANAGEMENT_DB_PATH": str(portal.workdir / "data" / "management.sqlite3"),
+                  "MANAGEMENT_AGENT_NETWORKS": portal.env["MANAGEMENT_AGENT_NETWORKS"]}) as library:
         me = library.login(api_key)
         assert "lab-guest2" in [vm.name for vm in me.vms(agent["id"])]
         assert me.start_vm(agent["id"], "lab-guest2").exit_status == 0

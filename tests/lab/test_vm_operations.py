@@ -369,6 +369,7 @@ def test_check_of_live_and_failing_agents(portal: Server, api_key: str, agent: d
 
 def cli(portal: Server, api_key: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MANAGEMENT_DB_PATH": str(portal.workdir / "data" / "management.sqlite3"),
+           "MANAGEMENT_AGENT_NETWORKS": portal.env["MANAGEMENT_AGENT_NETWORKS"],
            "MANAGEMENT_API_KEY": api_key, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "entrypoints.cli", *args], capture_output=True, text=True, env=env,
                           timeout=120)
@@ -423,7 +424,8 @@ def test_the_library_drives_the_new_operations(portal: Server, api_key: str, age
     from entrypoints.library import connect
 
     lab.virsh("destroy", "--domain", DISK)
-    with connect({"MANAGEMENT_DB_PATH": str(portal.workdir / "data" / "management.sqlite3")}) as library:
+    with connect({"MANAGEMENT_DB_PATH": str(portal.workdir / "data" / "management.sqlite3"),
+                  "MANAGEMENT_AGENT_NETWORKS": portal.env["MANAGEMENT_AGENT_NETWORKS"]}) as library:
         me = library.login(api_key)
         seen: list[str | None] = []
         assert me.vm_action_and_wait(agent["id"], DISK, "start", 30, lambda s, _: seen.append(s)).state == "running"

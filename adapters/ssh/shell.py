@@ -12,9 +12,20 @@
 - Host keys: a pinned key is the only one accepted; with no pinned key a connection is refused
   unless the agent allows unknown hosts, in which case the key seen is reported back so the core
   pins it (trust on first use).
-- The private key is unsealed by the core and imported here only in memory, once per revision.
+- The private key is unsealed by the core and imported here only in memory, once per revision:
+  the parsed key outlives failed connections (importing an encrypted key runs its KDF, seconds of
+  CPU), and is dropped when the revision moves on, the agent is discarded, or it sits unused for
+  ``idle_timeout``.
 - A pooled connection found dead when a command is about to start is replaced once, transparently:
   nothing had run yet, so retrying is safe for every command.
+- Addresses (issue 14 item 4): the agent's name is resolved once per connection, every address it
+  resolves to is checked against ``networks`` (``MANAGEMENT_AGENT_NETWORKS``), and the connection
+  goes to a checked address, never to the name (no second lookup DNS could answer differently).
+- Output (item 2): stdout and stderr are read as they come, at most ``max_output_bytes`` together;
+  past that the channel is closed and the command is ``OutputTooLarge``.
+- A host that accepts the connection but does not speak SSH is ``NotSsh`` (item 13).
+- At most ``max_operations_per_user`` commands per user run (or wait for a connection) at once;
+  more is ``TooManyOperations`` (429) at once, so one user cannot take every channel (item 5).
 """
 
 from __future__ import annotations
@@ -23,12 +34,14 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from typing import Any, TypeVar
 
 import asyncssh
 import attrs
 
+from adapters.ssh.addresses import refusal, resolve
 from core.errors import (
     AgentAuthFailed,
     AgentConnectionLost,
@@ -37,13 +50,24 @@ from core.errors import (
     CommandTimeout,
     HostKeyMismatch,
     HostKeyUnknown,
+    NotSsh,
+    OutputTooLarge,
     RemoteError,
+    TooManyOperations,
 )
 from core.model import Agent, AgentCredentials, HostKey
+from core.networks import AgentNetworks, IPAddress
 from core.ports import CommandResult, PinHostKey
 from core.virsh import command_line
 
 OPENSSH_MAX_SESSIONS = 10
+DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_OPERATIONS_PER_USER = 16
+_READ_CHUNK = 64 * 1024
+
+_T = TypeVar("_T")
+Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
+_ClientKeyId = tuple[int, int, datetime, int]  # agent id, owner id, agent creation time, revision
 
 
 @attrs.define(eq=False)
@@ -74,6 +98,37 @@ class _Slot:
             self.opened.cancel()
 
 
+@attrs.define(eq=False)
+class _ClientKey:
+    """An agent's parsed private key (being imported while ``parsed`` is not done)."""
+
+    parsed: asyncio.Future[asyncssh.SSHKey]
+    last_used: float
+
+
+class _Probe(asyncssh.SSHClient):
+    """Keeps its connection, so that a connection that failed can tell how far it got: a host that
+    accepted TCP (``reached``) and one that also sent an SSH identification string (``spoke_ssh``)."""
+
+    def __init__(self) -> None:
+        self.conn: asyncssh.SSHClientConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        self.conn = conn
+
+    @property
+    def reached(self) -> bool:
+        return self.conn is not None
+
+    @property
+    def spoke_ssh(self) -> bool:
+        return self.conn is not None and self.conn.get_extra_info("server_version") is not None
+
+
+class _TooMuchOutput(Exception):
+    """The command's output passed the cap."""
+
+
 class _NotStarted(Exception):
     """The channel could not be opened: the command never ran, so it may be retried."""
 
@@ -93,6 +148,10 @@ class AsyncsshShell:
         idle_timeout: float = 300.0,
         keepalive_interval: float = 15.0,
         max_sessions: int = OPENSSH_MAX_SESSIONS,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+        max_operations_per_user: int = DEFAULT_MAX_OPERATIONS_PER_USER,
+        networks: AgentNetworks | None = None,
+        resolver: Resolver = resolve,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.connect_timeout = connect_timeout
@@ -100,9 +159,14 @@ class AsyncsshShell:
         self.idle_timeout = idle_timeout
         self.keepalive_interval = keepalive_interval
         self.max_sessions = max_sessions
+        self.max_output_bytes = max_output_bytes
+        self.max_operations_per_user = max_operations_per_user
+        self.networks = networks if networks is not None else AgentNetworks()
+        self._resolve = resolver
         self._now = monotonic
         self._pools: dict[int, list[_Slot]] = {}
-        self._client_keys: dict[tuple[int, int, datetime, int], asyncssh.SSHKey] = {}
+        self._client_keys: dict[_ClientKeyId, _ClientKey] = {}
+        self._operations: dict[int, int] = {}  # owner id -> operations running now
         self._reaper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connections_opened = 0  # for tests and benchmarks
@@ -111,6 +175,27 @@ class AsyncsshShell:
 
     async def run(self, target: AgentCredentials, argv: Sequence[str], *,
                   pin: PinHostKey | None = None) -> CommandResult:
+        owner = target.agent.owner_id
+        running = self._operations.get(owner, 0)
+        if running >= self.max_operations_per_user:
+            raise TooManyOperations(
+                f"you already have {running} SSH operations running (at most {self.max_operations_per_user} at once, "
+                "MANAGEMENT_MAX_OPERATIONS_PER_USER); retry when some have finished", retry_after=1)
+        self._operations[owner] = running + 1
+        try:
+            return await self._run(target, argv, pin)
+        finally:
+            left = self._operations[owner] - 1
+            if left:
+                self._operations[owner] = left
+            else:
+                del self._operations[owner]
+
+    def operations_running(self, owner_id: int) -> int:
+        """How many commands of this user run (or wait for a connection) now (tests, metrics)."""
+        return self._operations.get(owner_id, 0)
+
+    async def _run(self, target: AgentCredentials, argv: Sequence[str], pin: PinHostKey | None) -> CommandResult:
         self._start_reaper()
         command = command_line(argv)
         refused = replaced = 0
@@ -197,6 +282,8 @@ class AsyncsshShell:
             # (A slot of a *newer* revision is left alone: this request just read the agent first.)
             if slot.owner != owner or slot.revision < agent.revision or failed or closed:
                 self._retire(slot)
+        for key_id in [k for k in self._client_keys if k[0] == agent.id and (k[1:3] != owner or k[3] < agent.revision)]:
+            del self._client_keys[key_id]  # an older revision's key, or another agent's under a recycled id
         candidates = [s for s in pool if s.revision == agent.revision
                       and s.in_use < min(s.capacity, self.max_sessions)]
         if candidates:
@@ -209,14 +296,14 @@ class AsyncsshShell:
         return slot
 
     def _retire(self, slot: _Slot) -> None:
+        # The slot's client key stays cached: a connection that failed (host down, key refused)
+        # must not make the next request run the key's KDF again. Keys go with their revision.
         slot.retired = True
         pool = self._pools.get(slot.agent_id)
         if pool is not None and slot in pool:
             pool.remove(slot)
         if slot.in_use == 0:
             slot.close()
-        if not any(s.revision == slot.revision for s in self._pools.get(slot.agent_id, [])):
-            self._client_keys.pop((slot.agent_id, *slot.owner, slot.revision), None)
 
     async def _ready(self, slot: _Slot) -> asyncssh.SSHClientConnection:
         try:
@@ -241,13 +328,17 @@ class AsyncsshShell:
                 for slot in list(pool):
                     if slot.in_use == 0 and now - slot.last_used >= self.idle_timeout:
                         self._retire(slot)
+            for key_id, key in list(self._client_keys.items()):
+                if key.parsed.done() and now - key.last_used >= self.idle_timeout:
+                    del self._client_keys[key_id]
 
     # ------------------------------------------------------------------ SSH
 
     async def _connect(self, target: AgentCredentials, pin: PinHostKey | None) -> asyncssh.SSHClientConnection:
         agent = target.agent
+        addresses = await self._checked_addresses(agent)
         if agent.host_key is None and not agent.allow_unknown_hosts:
-            offered = await self._offered_host_key(agent)
+            offered = await self._offered_host_key(agent, addresses)
             raise HostKeyUnknown(
                 f"no host key is pinned for {agent.hostname}:{agent.port} and allow_unknown_hosts is false; "
                 f"pin the host's key with PATCH host_key{offered}")
@@ -255,25 +346,27 @@ class AsyncsshShell:
         known_hosts: tuple[list[asyncssh.SSHKey], list[asyncssh.SSHKey], list[asyncssh.SSHKey]] | None = None
         if agent.host_key is not None:
             known_hosts = ([asyncssh.import_public_key(agent.host_key.openssh)], [], [])
-        try:
-            conn = await asyncio.wait_for(
-                asyncssh.connect(
-                    agent.hostname,
-                    agent.port,
-                    username=agent.username,
-                    client_keys=[client_key],
-                    known_hosts=known_hosts,
-                    config=[],  # never read ~/.ssh/config of the portal's user
-                    agent_path=None,  # never use an ssh-agent of the portal host
-                    password_auth=False,
-                    kbdint_auth=False,
-                    connect_timeout=self.connect_timeout,
-                    login_timeout=self.connect_timeout,
-                    keepalive_interval=self.keepalive_interval,
-                    keepalive_count_max=3,
-                ),
-                timeout=self.connect_timeout + 1,
+
+        def attempt(address: IPAddress, probe: _Probe) -> Awaitable[asyncssh.SSHClientConnection]:
+            return asyncssh.connect(
+                str(address),  # the checked address, never the name: no second DNS answer
+                agent.port,
+                client_factory=lambda: probe,
+                username=agent.username,
+                client_keys=[client_key],
+                known_hosts=known_hosts,
+                config=[],  # never read ~/.ssh/config of the portal's user
+                agent_path=None,  # never use an ssh-agent of the portal host
+                password_auth=False,
+                kbdint_auth=False,
+                connect_timeout=self.connect_timeout,
+                login_timeout=self.connect_timeout,
+                keepalive_interval=self.keepalive_interval,
+                keepalive_count_max=3,
             )
+
+        try:
+            conn = await self._open(agent, addresses, attempt)
         except asyncssh.HostKeyNotVerifiable as error:
             raise HostKeyMismatch(
                 f"the host key of {agent.hostname}:{agent.port} does not match the pinned key "
@@ -283,15 +376,57 @@ class AsyncsshShell:
             raise AgentAuthFailed(
                 f"{agent.hostname}:{agent.port} refused the key for user {agent.username!r} "
                 "(is its public key in that user's authorized_keys?)") from None
-        except TimeoutError:
-            raise AgentConnectTimeout(
-                f"could not connect to {agent.hostname}:{agent.port} within {self.connect_timeout:g} s") from None
         except (OSError, asyncssh.Error) as error:
             raise _unreachable(agent, error) from None
         if agent.host_key is None and pin is not None:
             await self._pin(conn, agent, pin)
         self.connections_opened += 1
         return conn
+
+    async def _checked_addresses(self, agent: Agent) -> list[IPAddress]:
+        """Resolve the agent's name once and check every address it resolves to: one refused
+        address refuses the name (a rebinding name would otherwise pick it on a later try)."""
+        try:
+            addresses = await asyncio.wait_for(self._resolve(agent.hostname, agent.port), timeout=self.connect_timeout)
+        except TimeoutError:
+            raise AgentConnectTimeout(f"could not resolve {agent.hostname} within {self.connect_timeout:g} s") from None
+        except UnicodeError:
+            raise AgentUnreachable(f"cannot resolve {agent.hostname}: not a valid host name") from None
+        except OSError as error:
+            raise _unreachable(agent, error) from None
+        if not addresses:
+            raise AgentUnreachable(f"cannot resolve {agent.hostname}: no address")
+        refused = refusal(agent.hostname, addresses, self.networks)
+        if refused is not None:
+            raise refused
+        return addresses
+
+    async def _open(self, agent: Agent, addresses: Sequence[IPAddress],
+                    attempt: Callable[[IPAddress, _Probe], Awaitable[_T]]) -> _T:
+        """Connect to the checked addresses in order, within one connect time-out: the next address
+        is tried only when one refuses or is unreachable outright. Failures before the SSH
+        handshake are mapped here: nothing listening (``AgentUnreachable``), nothing answering in
+        time (``AgentConnectTimeout``), something answering but not in SSH (``NotSsh``). Errors of
+        a host that did speak SSH are left to the caller."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout + 1
+        where = f"{agent.hostname}:{agent.port}"
+        for index, address in enumerate(addresses):
+            probe = _Probe()
+            try:
+                return await asyncio.wait_for(attempt(address, probe), timeout=max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                if probe.reached and not probe.spoke_ssh:
+                    raise NotSsh(f"{where} accepted the connection but sent no SSH identification within "
+                                 f"{self.connect_timeout:g} s; is this the host's SSH port?") from None
+                raise AgentConnectTimeout(f"could not connect to {where} within {self.connect_timeout:g} s") from None
+            except (OSError, asyncssh.Error) as error:
+                if probe.reached and not probe.spoke_ssh:
+                    raise NotSsh(f"{where} answered, but not in SSH ({_reason(error)} before any SSH "
+                                 "identification); is this the host's SSH port?") from None
+                if probe.reached or not isinstance(error, OSError) or index == len(addresses) - 1:
+                    raise
+        raise AssertionError("unreachable: addresses is never empty")  # pragma: no cover
 
     async def _pin(self, conn: asyncssh.SSHClientConnection, agent: Agent, pin: PinHostKey) -> None:
         """Trust on first use, safely under concurrency: every connection opened while no key was
@@ -311,32 +446,40 @@ class AsyncsshShell:
             conn.close()
             raise
 
-    async def _offered_host_key(self, agent: Agent) -> str:
+    async def _offered_host_key(self, agent: Agent, addresses: Sequence[IPAddress]) -> str:
         """The fingerprint the host offers, to help the operator pin it. A host that cannot be
-        reached at all is reported as such (that is the first thing to fix)."""
+        reached at all, or does not speak SSH, is reported as such (that is the first thing to fix)."""
+
+        def attempt(address: IPAddress, probe: _Probe) -> Awaitable[asyncssh.SSHKey | None]:
+            options = asyncssh.SSHClientConnectionOptions(client_factory=lambda: probe, config=[],
+                                                          connect_timeout=self.connect_timeout)
+            return asyncssh.get_server_host_key(str(address), agent.port, config=[], options=options)
+
         try:
-            key = await asyncio.wait_for(
-                asyncssh.get_server_host_key(agent.hostname, agent.port, config=[]),
-                timeout=self.connect_timeout + 1,
-            )
-        except TimeoutError:
-            raise AgentConnectTimeout(
-                f"could not connect to {agent.hostname}:{agent.port} within {self.connect_timeout:g} s") from None
+            key = await self._open(agent, addresses, attempt)
         except OSError as error:
             raise _unreachable(agent, error) from None
         except asyncssh.Error:
-            return ""  # reachable, but it would not show its key: the pinning advice stands alone
+            return ""  # an SSH server that would not show its key: the pinning advice stands alone
         return f" (the host offers {key.get_fingerprint('sha256')})" if key is not None else ""
 
     async def _client_key(self, target: AgentCredentials) -> asyncssh.SSHKey:
-        cache_key = (target.agent.id, target.agent.owner_id, target.agent.created_at, target.agent.revision)
-        key = self._client_keys.get(cache_key)
-        if key is None:
+        """The agent's private key, imported once per revision of the agent (concurrent first
+        connections share one import)."""
+        agent = target.agent
+        key_id = (agent.id, agent.owner_id, agent.created_at, agent.revision)
+        entry = self._client_keys.get(key_id)
+        if entry is None:
             # Decrypting an OpenSSH key runs bcrypt's KDF: seconds of CPU, so off the event loop.
-            key = await asyncio.to_thread(asyncssh.import_private_key, target.private_key,
-                                          target.private_key_passphrase)
-            self._client_keys[cache_key] = key
-        return key
+            parsed = asyncio.ensure_future(asyncio.to_thread(
+                asyncssh.import_private_key, target.private_key, target.private_key_passphrase))
+            parsed.add_done_callback(_consume_exception)
+            entry = self._client_keys[key_id] = _ClientKey(parsed, self._now())
+        entry.last_used = self._now()
+        try:
+            return await asyncio.shield(entry.parsed)
+        except (asyncssh.KeyImportError, ValueError) as error:
+            raise AgentAuthFailed(f"the private key stored for {agent.hostname} cannot be loaded: {error}") from None
 
     async def _execute(self, slot: _Slot, conn: asyncssh.SSHClientConnection, command: str,
                        argv: tuple[str, ...], agent: Agent) -> CommandResult:
@@ -345,8 +488,8 @@ class AsyncsshShell:
             process = await asyncio.wait_for(
                 # LC_ALL=C asks for virsh's English output, which the core parses; sshd applies it
                 # where AcceptEnv allows (Debian's default: LANG LC_*) and ignores it elsewhere.
-                conn.create_process(command, stdin=asyncssh.DEVNULL, encoding="utf-8", errors="replace",
-                                    env={"LC_ALL": "C"}),
+                # Bytes, not text: the output is counted as it arrives (``_collect``).
+                conn.create_process(command, stdin=asyncssh.DEVNULL, encoding=None, env={"LC_ALL": "C"}),
                 timeout=self.command_timeout,
             )
         except TimeoutError:
@@ -357,32 +500,64 @@ class AsyncsshShell:
         slot.channels += 1
         try:
             remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-            completed = await asyncio.wait_for(process.wait(check=False), timeout=remaining)
+            stdout, stderr = await asyncio.wait_for(self._collect(process), timeout=remaining)
         except TimeoutError:
             process.close()  # closing the channel makes sshd hang up on the command
             raise CommandTimeout(
                 f"{argv[0] if argv else 'the command'} did not finish within {self.command_timeout:g} s "
                 f"on {agent.hostname}") from None
+        except _TooMuchOutput:
+            process.close()  # the host stops being read from; the connection itself stays good
+            raise OutputTooLarge(
+                f"{argv[0] if argv else 'the command'} on {agent.hostname} wrote more than {self.max_output_bytes} "
+                "bytes of output (MANAGEMENT_MAX_OUTPUT_BYTES); the portal stopped reading and closed the "
+                "channel") from None
         except (asyncssh.DisconnectError, OSError) as error:
             raise _lost(agent, error) from None
         finally:
             slot.channels -= 1
-        status = completed.exit_status
-        if status is None and completed.exit_signal is None:
+        status = process.exit_status
+        if status is None and process.exit_signal is None:
             # The channel closed without an exit status: the session (or sshd) died under it.
             self._retire(slot)
             raise AgentConnectionLost(f"the SSH session on {agent.hostname}:{agent.port} ended without an exit "
                               "status (was sshd or the session killed?)")
-        if status is None:
-            status = 128 + _signal_number(completed.exit_signal)
+        if status is None or status < 0:
+            status = 128 + _signal_number(process.exit_signal)
         server_key = conn.get_server_host_key()
         return CommandResult(
             command=argv,
             exit_status=status,
-            stdout=str(completed.stdout or ""),
-            stderr=str(completed.stderr or ""),
+            stdout=stdout,
+            stderr=stderr,
             host_key=_host_key(server_key) if server_key is not None else None,
         )
+
+    async def _collect(self, process: asyncssh.SSHClientProcess[bytes]) -> tuple[str, str]:
+        """Read stdout and stderr as they arrive until the command ends, holding at most
+        ``max_output_bytes`` of them together (``_TooMuchOutput`` past that). asyncssh reads from
+        the network only as fast as this consumes, so nothing else buffers more than a window."""
+        outputs = (bytearray(), bytearray())
+        total = 0
+
+        async def pump(stream: asyncssh.SSHReader[bytes], into: bytearray) -> None:
+            nonlocal total
+            while chunk := await stream.read(_READ_CHUNK):
+                total += len(chunk)
+                if total > self.max_output_bytes:
+                    raise _TooMuchOutput()
+                into += chunk
+
+        pumps = [asyncio.ensure_future(pump(process.stdout, outputs[0])),
+                 asyncio.ensure_future(pump(process.stderr, outputs[1]))]
+        try:
+            await asyncio.gather(*pumps)
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+        await process.wait_closed()
+        return outputs[0].decode("utf-8", errors="replace"), outputs[1].decode("utf-8", errors="replace")
 
 
 def _host_key(key: asyncssh.SSHKey) -> HostKey:
@@ -411,7 +586,7 @@ def _signal_number(exit_signal: tuple[str, bool, str, str] | None) -> int:
     return names.get(exit_signal[0], 0) if exit_signal else 0
 
 
-def _consume_exception(task: asyncio.Task[asyncssh.SSHClientConnection]) -> None:
+def _consume_exception(task: asyncio.Future[Any]) -> None:
     # A failed connect is reported to every waiting request; this only keeps asyncio from
     # warning about an exception nobody retrieved when no request is left waiting.
     if not task.cancelled():
