@@ -5,6 +5,7 @@ The HTTP app, the command line and the library facade all get their ``Portal`` f
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -13,7 +14,7 @@ import sqlalchemy
 import structlog
 
 from adapters.clock import SystemClock
-from adapters.hashing import Sha256KeyHasher
+from adapters.hashing import HmacKeyHasher, api_key_pepper
 from adapters.sealing import AesGcmSecretBox, SecretKeyError, decode_key, load_or_create_key_file
 from adapters.sql.storage import SqlStorage
 from adapters.ssh import AsyncsshShell
@@ -89,9 +90,16 @@ def _open_storage(settings: Settings, *, migrate: bool) -> SqlStorage:
         storage = SqlStorage(settings.database_url, busy_timeout=settings.db_busy_timeout,
                              pool_size=settings.db_pool_size)
         if migrate:
-            storage.upgrade()
+            # Migration 4 re-keys old API-key digests with the server key's pepper: the key is read
+            # only if there is one to re-key (once), so opening a new database never needs it.
+            hasher = functools.cache(lambda: key_hasher(settings))
+            storage.upgrade(rekey_api_key_digest=lambda digest: hasher().rekey(digest))
         else:
             storage.schema_version()
+    except ConfigError:  # the secret key, needed by migration 4, is unusable: the error names it
+        if storage is not None:
+            storage.dispose()
+        raise
     except (OSError, ImportError, RuntimeError, sqlalchemy.exc.SQLAlchemyError, PortalError) as error:
         if storage is not None:
             storage.dispose()
@@ -109,6 +117,16 @@ def _open_storage(settings: Settings, *, migrate: bool) -> SqlStorage:
 
 
 def secret_box(settings: Settings) -> AesGcmSecretBox:
+    return AesGcmSecretBox(server_key(settings))
+
+
+def key_hasher(settings: Settings) -> HmacKeyHasher:
+    """API-key digests keyed with a pepper derived from the server key (``adapters.hashing``)."""
+    return HmacKeyHasher(api_key_pepper(server_key(settings)))
+
+
+def server_key(settings: Settings) -> bytes:
+    """The server's secret key: ``MANAGEMENT_SECRET_KEY``, or the key file (created on first use)."""
     try:
         if settings.secret_key is not None:
             key = decode_key(settings.secret_key, source="MANAGEMENT_SECRET_KEY")
@@ -119,7 +137,7 @@ def secret_box(settings: Settings) -> AesGcmSecretBox:
         raise ConfigError(variable, str(error)) from error
     except OSError as error:
         raise ConfigError("MANAGEMENT_SECRET_KEY_FILE", f"cannot use {settings.secret_key_file}: {error}") from error
-    return AesGcmSecretBox(key)
+    return key
 
 
 def build_runtime(
@@ -141,7 +159,7 @@ def build_runtime(
     )
     portal = Portal(
         storage=storage,
-        hasher=hasher or Sha256KeyHasher(),
+        hasher=hasher or key_hasher(settings),
         secrets=secrets or secret_box(settings),
         ssh_keys=ssh_keys or AsyncsshKeys(),
         clock=clock or SystemClock(),

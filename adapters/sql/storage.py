@@ -21,12 +21,13 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import attrs
 import sqlalchemy as sa
 from sqlalchemy import event
 
@@ -172,12 +173,13 @@ class SqlStorage:
                     "the database server cannot be reached or closed the connection; retry") from error
             raise
 
-    def upgrade(self) -> tuple[int, int]:
-        """Bring the schema to the latest version (safe to call from several processes at once)."""
+    def upgrade(self, *, rekey_api_key_digest: Callable[[str], str] | None = None) -> tuple[int, int]:
+        """Bring the schema to the latest version (safe to call from several processes at once).
+        ``rekey_api_key_digest``: see ``migrations.upgrade`` (the server key's hasher's ``rekey``)."""
         with self._database_errors():
             conn = self.begin(write=True)
             try:
-                result = migrations.upgrade(conn)
+                result = migrations.upgrade(conn, rekey_api_key_digest=rekey_api_key_digest)
                 conn.commit()
                 return result
             finally:
@@ -301,14 +303,14 @@ class SqlTransaction:
 
     def add_user(self, name: str, email: str | None, key: IssuedApiKey, at: datetime) -> User:
         try:
-            user_id = self._execute(
+            user_id = _inserted_id(self._execute(
                 users.insert().values(
                     name=name,
                     email=email,
                     email_key=normalize_email(email) if email is not None else None,
                     created_at=at,
                 )
-            ).inserted_primary_key[0]
+            ))
         except sa.exc.IntegrityError as error:
             raise EmailTaken() from error
         self._execute(api_keys.insert().values(user_id=user_id, prefix=key.prefix, digest=key.digest,
@@ -358,7 +360,7 @@ class SqlTransaction:
     def add_agent(self, agent: Agent) -> Agent:
         values = _agent_values(agent)
         try:
-            agent_id = self._execute(agents.insert().values(**values)).inserted_primary_key[0]
+            agent_id = _inserted_id(self._execute(agents.insert().values(**values)))
         except sa.exc.IntegrityError as error:
             raise AgentNameTaken() from error
         return _agent_from_row({**values, "id": agent_id})
@@ -402,6 +404,8 @@ class SqlTransaction:
     # ------------------------------------------------------------------ audit
 
     def add_audit_event(self, event: AuditEvent) -> AuditEvent:
+        # The event's text is already printable and cut to the columns' lengths (core.model.AuditEvent);
+        # the column types drop NUL whatever reaches them (schema.SafeString).
         values = {
             "user_id": event.user_id,
             "action": event.action,
@@ -409,12 +413,12 @@ class SqlTransaction:
             "agent_id": event.agent_id,
             "vm": event.vm,
             "detail": event.detail,
-            "request_id": event.request_id[:64],
-            "client_address": event.client_address[:64],
+            "request_id": event.request_id,
+            "client_address": event.client_address,
             "created_at": event.created_at,
         }
-        event_id = self._execute(audit_events.insert().values(**values)).inserted_primary_key[0]
-        return AuditEvent(id=event_id, **values)
+        event_id = _inserted_id(self._execute(audit_events.insert().values(**values)))
+        return attrs.evolve(event, id=event_id)
 
     def list_audit_events(self, user_id: int, limit: int, before: int | None) -> list[AuditEvent]:
         query = sa.select(audit_events).where(audit_events.c.user_id == user_id)
@@ -422,6 +426,12 @@ class SqlTransaction:
             query = query.where(audit_events.c.id < before)
         rows = self._execute(query.order_by(audit_events.c.id.desc()).limit(limit))
         return [AuditEvent(**row._mapping) for row in rows]
+
+
+def _inserted_id(result: sa.CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    assert key is not None  # every table has a single-column primary key
+    return int(key[0])
 
 
 def _agent_values(agent: Agent) -> dict[str, Any]:
@@ -442,6 +452,7 @@ def _agent_values(agent: Agent) -> dict[str, Any]:
         "created_at": agent.created_at,
         "updated_at": agent.updated_at,
         "revision": agent.revision,
+        "key_generated": agent.key_generated,
     }
 
 
@@ -465,4 +476,5 @@ def _agent_from_row(row: Any) -> Agent:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         revision=row["revision"],
+        key_generated=bool(row["key_generated"]),
     )

@@ -112,9 +112,11 @@ def test_failed_authentications_are_rate_limited_per_client_address(tmp_path) ->
     attacker = {"remote_addr": "203.0.113.9"}
     for _ in range(3):
         assert api.call("GET", "/users/me", "mgmt_000000000000_" + "C" * 43, **attacker).status_code == 401
-    limited = api.call("GET", "/users/me", key, **attacker)
+    limited = api.call("GET", "/users/me", "mgmt_000000000000_" + "C" * 43, **attacker)
     assert_problem(limited, 429, "too_many_auth_failures")
     assert int(limited.headers["retry-after"]) >= 1
+    # a valid key from the limited address still works (issue 14 item 14)
+    assert api.call("GET", "/users/me", key, **attacker).status_code == 200
     # the operator's own address is not affected
     assert api.call("GET", "/users/me", key, remote_addr="198.51.100.7").status_code == 200
     runtime.close()
