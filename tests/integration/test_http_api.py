@@ -459,8 +459,19 @@ def test_an_unexpected_error_is_a_500_without_details(api: Api, monkeypatch: pyt
 # ---------------------------------------------------------------------- generated keys (issue 7)
 
 
-def test_generated_key_agent_exposes_its_public_key_and_keeps_the_private_key_sealed(api: Api) -> None:
-    key = api.sign_up()["api_key"]
+def sealed_private_key(runtime: bootstrap.Runtime, owner_id: int, agent_id: int) -> str:
+    """The private key as the portal holds it (generated keys are never exported: issue 14 item 7)."""
+    with runtime.storage.transaction() as tx:
+        stored = tx.get_agent(owner_id, agent_id)
+    assert stored is not None
+    return runtime.portal.secrets.unseal(stored.sealed_private_key,
+                                         context=f"agent-credential/private_key/user:{owner_id}")
+
+
+def test_generated_key_agent_exposes_its_public_key_and_keeps_the_private_key_sealed(
+        api: Api, runtime: bootstrap.Runtime) -> None:
+    user = api.sign_up()
+    key = user["api_key"]
     created = api.call("POST", "/agents", key, json={"name": "hv", "hostname": "192.0.2.7", "username": "playr",
                                                      "generate_key": True})
     assert created.status_code == 201, created.text
@@ -473,15 +484,18 @@ def test_generated_key_agent_exposes_its_public_key_and_keeps_the_private_key_se
     assert published.json["authorized_keys_line"] == (
         f'restrict,command="/usr/local/libexec/playr-agent-shell" {agent["public_key"]} '
         f"playr-portal-agent-{agent['id']}")
-    # The sealed private key is the one the public key belongs to.
-    private = api.call("GET", f"/agents/{agent['id']}/credentials", key).json["private_key"]
+    # The private key is never exported, and the sealed one is the one the public key belongs to.
+    assert_problem(api.call("GET", f"/agents/{agent['id']}/credentials", key), 409, "key_not_exportable")
+    private = sealed_private_key(runtime, user["id"], agent["id"])
     imported = asyncssh.import_private_key(private)
     assert imported.export_public_key("openssh").decode().split()[:2] == agent["public_key"].split()
     assert imported.get_fingerprint("sha256") == agent["key_fingerprint"]
 
 
-def test_rotating_an_agent_key_issues_a_new_pair_and_is_audited(api: Api, keys: KeyMaterial) -> None:
-    key = api.sign_up()["api_key"]
+def test_rotating_an_agent_key_issues_a_new_pair_and_is_audited(api: Api, keys: KeyMaterial,
+                                                                runtime: bootstrap.Runtime) -> None:
+    user = api.sign_up()
+    key = user["api_key"]
     agent = api.call("POST", "/agents", key, json=api.agent_body(keys)).json
     rotated = api.call("POST", f"/agents/{agent['id']}/rotate-key", key)
     assert rotated.status_code == 200, rotated.text
@@ -490,10 +504,9 @@ def test_rotating_an_agent_key_issues_a_new_pair_and_is_audited(api: Api, keys: 
     again = api.call("POST", f"/agents/{agent['id']}/rotate-key", key).json
     assert again["public_key"] not in (agent["public_key"], rotated.json["public_key"])
     assert api.call("GET", f"/agents/{agent['id']}/public-key", key).json["public_key"] == again["public_key"]
-    credentials = api.call("GET", f"/agents/{agent['id']}/credentials", key).json
-    assert credentials["private_key_passphrase"] is None
-    assert asyncssh.import_private_key(credentials["private_key"]).get_fingerprint("sha256") == \
-        again["key_fingerprint"]
+    assert_problem(api.call("GET", f"/agents/{agent['id']}/credentials", key), 409, "key_not_exportable")
+    assert asyncssh.import_private_key(sealed_private_key(runtime, user["id"], agent["id"])).get_fingerprint(
+        "sha256") == again["key_fingerprint"]
     events = api.call("GET", "/users/me/audit", key).json["events"]
     assert [e["action"] for e in events if e["action"] == "agent.rotate_key"] == ["agent.rotate_key"] * 2
 
