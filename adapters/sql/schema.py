@@ -38,8 +38,10 @@ class UtcDateTime(sa.TypeDecorator[datetime]):
 # PostgreSQL refuses a NUL character in any text ("A string literal cannot contain NUL (0x00)
 # characters", a 500), and neither backend can encode a lone surrogate as UTF-8 (which strict JSON
 # lets a client send as "\ud800"). Validation keeps both out of every field it checks; this is the last
-# line for what it does not: they are replaced with U+FFFD on the way in, and on the way out too
-# (SQLite stored NULs before this existed), so no text the storage holds or returns carries them.
+# line for what it does not: every text column replaces them with U+FFFD on the way in. The audit's
+# columns (which record what was asked, hostile or not) also scrub on the way out: SQLite stored
+# NULs there before this existed. Other columns were always validated, so their reads skip the
+# per-value call (a list of 1000 agents would pay it ~12 000 times).
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
@@ -50,28 +52,42 @@ def storable(value: str) -> str:
     return _UNSTORABLE.sub("\ufffd", value)
 
 
-class _StorableText:
-    """Bind and result processing shared by ``SafeString`` and ``SafeText``."""
+class SafeString(sa.TypeDecorator[str]):
+    """``VARCHAR(n)`` that never stores NUL or a lone surrogate (same DDL as ``String``)."""
+
+    impl = sa.String
+    cache_ok = True
 
     def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
         return None if value is None else storable(value)
+
+
+class SafeText(sa.TypeDecorator[str]):
+    """``TEXT`` that never stores NUL or a lone surrogate (same DDL as ``Text``)."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else storable(value)
+
+
+class ScrubbedString(SafeString):
+    """``SafeString`` that also never returns NUL or a lone surrogate (audit columns)."""
+
+    cache_ok = True
 
     def process_result_value(self, value: str | None, dialect: Dialect) -> str | None:
         return None if value is None else storable(value)
 
 
-class SafeString(_StorableText, sa.TypeDecorator[str]):
-    """``VARCHAR(n)`` that never stores or returns NUL or a lone surrogate (same DDL as ``String``)."""
+class ScrubbedText(SafeText):
+    """``SafeText`` that also never returns NUL or a lone surrogate (audit columns)."""
 
-    impl = sa.String
     cache_ok = True
 
-
-class SafeText(_StorableText, sa.TypeDecorator[str]):
-    """``TEXT`` that never stores or returns NUL or a lone surrogate (same DDL as ``Text``)."""
-
-    impl = sa.Text
-    cache_ok = True
+    def process_result_value(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else storable(value)
 
 
 metadata = sa.MetaData()
@@ -128,13 +144,13 @@ audit_events = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("action", SafeString(64), nullable=False),
-    sa.Column("outcome", SafeString(64), nullable=False),
+    sa.Column("action", ScrubbedString(64), nullable=False),
+    sa.Column("outcome", ScrubbedString(64), nullable=False),
     sa.Column("agent_id", sa.Integer, nullable=True),  # no foreign key: history outlives the agent
-    sa.Column("vm", SafeString(255), nullable=True),
-    sa.Column("detail", SafeText, nullable=True),
-    sa.Column("request_id", SafeString(64), nullable=False),
-    sa.Column("client_address", SafeString(64), nullable=False),
+    sa.Column("vm", ScrubbedString(255), nullable=True),
+    sa.Column("detail", ScrubbedText, nullable=True),
+    sa.Column("request_id", ScrubbedString(64), nullable=False),
+    sa.Column("client_address", ScrubbedString(64), nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Index("ix_audit_events_user_id_id", "user_id", "id"),
 )

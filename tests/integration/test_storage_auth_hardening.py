@@ -96,6 +96,13 @@ def test_item6_text_with_nul_is_stored_and_returned_without_it(backend_api: Api,
         with runtime.storage.transaction() as tx:
             stored = tx.get_user(user.id)
         assert stored is not None and stored.name == "nul\ufffduser"
+        if backend_settings.database_url.startswith("sqlite"):  # a NUL SQLite kept from before never comes back
+            sql(backend_settings.database_url, "INSERT INTO audit_events (user_id, action, outcome, vm, request_id, "
+                "client_address, created_at) VALUES (:u, 'vm.start', 'validation_failed', :vm, 'r', '127.0.0.1', "
+                "'2026-01-01 00:00:00')", u=user.id, vm="a\x00b")
+            with runtime.storage.transaction() as tx:
+                [event] = tx.list_audit_events(user.id, 10, None)
+            assert event.vm == "a\ufffdb"
     finally:
         runtime.close()
 
