@@ -14,7 +14,9 @@ from adapters.sql.schema import audit_events, storable
 from core.model import AuditEvent, printable
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
-ANY_TEXT = st.text(st.characters(codec=None), max_size=600)  # surrogates and controls included
+# Any character, plus lone surrogates (which st.characters() never draws) and NUL/escape/bidi often.
+ANY_TEXT = st.text(st.one_of(st.characters(), st.integers(0xD800, 0xDFFF).map(chr), st.sampled_from("\x00\x1b\u202e")),
+                   max_size=600)
 
 
 def event(text: str) -> AuditEvent:
