@@ -12,7 +12,15 @@ from core import validation
 from core.audit import AuditLog
 from core.commands import AgentChanges, NewAgent, is_set
 from core.credentials import Keyring, owned_agent
-from core.errors import AgentChanged, AgentLimitReached, AgentNameTaken, AgentNotFound, FieldError, ValidationFailed
+from core.errors import (
+    AgentChanged,
+    AgentLimitReached,
+    AgentNameTaken,
+    AgentNotFound,
+    FieldError,
+    KeyNotExportable,
+    ValidationFailed,
+)
 from core.model import DEFAULT_LIBVIRT_URI, Agent, AgentCredentials, Caller, ClientKey, HostKey
 from core.ports import AgentAddresses, Clock, RemoteShell, SshKeys, Storage, Transaction
 
@@ -82,7 +90,7 @@ class AgentService:
                     username=request.username, allow_unknown_hosts=request.allow_unknown_hosts,
                     host_key=host_key, libvirt_uri=request.libvirt_uri or DEFAULT_LIBVIRT_URI,
                     client_key=client_key, sealed_private_key=sealed_key, sealed_passphrase=sealed_passphrase,
-                    created_at=now, updated_at=now,
+                    created_at=now, updated_at=now, key_generated=request.generate_key,
                 ))
                 change.agent_id = agent.id
         return agent
@@ -115,7 +123,7 @@ class AgentService:
             client_key = self.ssh_keys.inspect_private_key(private_key, None)
             rotated = attrs.evolve(agent, client_key=client_key, revision=agent.revision + 1,
                                    sealed_private_key=self.keyring.seal(caller.user.id, "private_key", private_key),
-                                   sealed_passphrase=None, updated_at=self.clock.now())
+                                   sealed_passphrase=None, key_generated=True, updated_at=self.clock.now())
             with change.write() as tx:
                 _require_unchanged(tx, caller, agent)
                 tx.update_agent(rotated)
@@ -180,6 +188,8 @@ class AgentService:
                 errors += key_errors
                 if parsed is not None:
                     updates["client_key"] = parsed
+                    if is_set(changes.private_key):
+                        updates["key_generated"] = False  # uploaded: its owner has it, so it is exportable
                     updates["sealed_private_key"] = self.keyring.seal(caller.user.id, "private_key", key)
                     updates["sealed_passphrase"] = self.keyring.seal_optional(caller.user.id, "passphrase",
                                                                               passphrase)
@@ -211,10 +221,15 @@ class AgentService:
         self._forget_connections(agent_id)
 
     def read_credentials(self, caller: Caller, agent_id: int) -> AgentCredentials:
-        """An agent's key material in clear, for its owner; every read is audited."""
+        """An agent's key material in clear, for its owner; every read is audited. A key the portal
+        generated is never exported (``KeyNotExportable``, audited as refused): its owner never
+        needs it, and a stolen API key must not yield it."""
         with self.audit.audited(caller, "agent.read_credentials", agent_id=agent_id) as change, \
                 change.write() as tx:
-            return self.keyring.open(owned_agent(tx, caller, agent_id))
+            agent = owned_agent(tx, caller, agent_id)
+            if agent.key_generated:
+                raise KeyNotExportable()
+            return self.keyring.open(agent)
 
     def _forget_connections(self, agent_id: int) -> None:
         if self.shell is not None:

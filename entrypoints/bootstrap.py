@@ -5,6 +5,7 @@ The HTTP app, the command line and the library facade all get their ``Portal`` f
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -13,7 +14,7 @@ import sqlalchemy
 import structlog
 
 from adapters.clock import SystemClock
-from adapters.hashing import Sha256KeyHasher
+from adapters.hashing import HmacKeyHasher, api_key_pepper
 from adapters.sealing import AesGcmSecretBox, SecretKeyError, decode_key, generate_key, load_or_create_key_file
 from adapters.sql import migrations
 from adapters.sql.storage import SqlStorage
@@ -97,9 +98,16 @@ def _open_storage(settings: Settings, *, migrate: bool) -> SqlStorage:
         storage = SqlStorage(settings.database_url, busy_timeout=settings.db_busy_timeout,
                              pool_size=settings.db_pool_size)
         if migrate:
-            storage.upgrade()
+            # Migration 4 re-keys old API-key digests with the server key's pepper: the key is read
+            # only if there is one to re-key (once), so opening a new database never needs it.
+            hasher = functools.cache(lambda: key_hasher(settings))
+            storage.upgrade(rekey_api_key_digest=lambda digest: hasher().rekey(digest))
         else:
             storage.schema_version()
+    except ConfigError:  # the secret key, needed by migration 4, is unusable: the error names it
+        if storage is not None:
+            storage.dispose()
+        raise
     except (OSError, ImportError, RuntimeError, sqlalchemy.exc.SQLAlchemyError, PortalError) as error:
         if storage is not None:
             storage.dispose()
@@ -117,6 +125,16 @@ def _open_storage(settings: Settings, *, migrate: bool) -> SqlStorage:
 
 
 def secret_box(settings: Settings) -> AesGcmSecretBox:
+    return AesGcmSecretBox(server_key(settings))
+
+
+def key_hasher(settings: Settings) -> HmacKeyHasher:
+    """API-key digests keyed with a pepper derived from the server key (``adapters.hashing``)."""
+    return HmacKeyHasher(api_key_pepper(server_key(settings)))
+
+
+def server_key(settings: Settings) -> bytes:
+    """The server's secret key: ``MANAGEMENT_SECRET_KEY``, or the key file (created on first use)."""
     try:
         if settings.secret_key is not None:
             key = decode_key(settings.secret_key, source="MANAGEMENT_SECRET_KEY")
@@ -127,7 +145,7 @@ def secret_box(settings: Settings) -> AesGcmSecretBox:
         raise ConfigError(variable, str(error)) from error
     except OSError as error:
         raise ConfigError("MANAGEMENT_SECRET_KEY_FILE", f"cannot use {settings.secret_key_file}: {error}") from error
-    return AesGcmSecretBox(key)
+    return key
 
 
 def build_runtime(
@@ -152,13 +170,13 @@ def build_runtime(
         max_operations_per_user=settings.max_operations_per_user,
         networks=settings.agent_networks,
     )
-    key_hasher: KeyHasher = hasher or Sha256KeyHasher()
+    api_keys: KeyHasher = hasher or key_hasher(settings)
     secret_store: SecretBox = secrets or secret_box(settings)
     key_parser: SshKeys = ssh_keys or AsyncsshKeys()
     system_clock: Clock = clock or SystemClock()
     agent_addresses: AgentAddresses = ResolvingAgentAddresses(settings.agent_networks,
                                                               timeout=settings.ssh_connect_timeout)
-    portal = assemble(storage=storage, hasher=key_hasher, secrets=secret_store, ssh_keys=key_parser,
+    portal = assemble(storage=storage, hasher=api_keys, secrets=secret_store, ssh_keys=key_parser,
                       clock=system_clock, signup=settings.signup, shell=remote_shell,
                       max_agents=settings.max_agents_per_user, addresses=agent_addresses)
     try:

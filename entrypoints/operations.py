@@ -305,7 +305,7 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("read_credentials", "GET", "/agents/{agent_id}/credentials", "agents",
               "The agent's SSH key material (audited)",
               lambda p, c: invoke(p.agents.read_credentials, c.me, c.agent_id), _one(CredentialsView.of_credentials),
-              CredentialsView, errors=(errors.AgentNotFound,), no_store=True),
+              CredentialsView, errors=(errors.AgentNotFound, errors.KeyNotExportable), no_store=True),
     Operation("get_public_key", "GET", "/agents/{agent_id}/public-key", "agents",
               "The agent's SSH public key, for authorized_keys",
               lambda p, c: invoke(p.agents.get_agent, c.me, c.agent_id), _one(PublicKeyView.of), PublicKeyView,

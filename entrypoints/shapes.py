@@ -131,6 +131,9 @@ class AgentView:
     libvirt_uri: str
     created_at: datetime
     updated_at: datetime
+    key_exportable: bool = attrs.field(
+        metadata={"doc": "Whether GET /agents/{id}/credentials exports the private key: uploaded keys are, "
+                         "keys the portal generated are not (409 key_not_exportable)."})
 
     @classmethod
     def of(cls, agent: Agent) -> AgentView:
@@ -187,6 +190,7 @@ def _agent_fields(agent: Agent) -> dict[str, Any]:
         "libvirt_uri": agent.libvirt_uri,
         "created_at": agent.created_at,
         "updated_at": agent.updated_at,
+        "key_exportable": not agent.key_generated,
     }
 
 

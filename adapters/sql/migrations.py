@@ -114,7 +114,44 @@ def _v3_agent_ids_never_reused(conn: sa.Connection) -> None:
     conn.execute(sa.text("ALTER TABLE agents_new RENAME TO agents"))
 
 
-STEPS: tuple[Step, ...] = (_v1_initial, _v2_agent_revision, _v3_agent_ids_never_reused)
+# The execution option through which ``upgrade`` hands migration 4 the function that re-keys a
+# stored API-key digest with the server's pepper (``adapters.hashing.HmacKeyHasher.rekey``): steps
+# take only a connection, and only this one needs the server's secret.
+REKEY_OPTION = "rekey_api_key_digest"
+
+
+class SecretNeeded(RuntimeError):
+    """A migration step needs the server's secret key and was not given it."""
+
+
+def _v4_keyed_api_key_digests(conn: sa.Connection) -> None:
+    """API-key digests were an unkeyed SHA-256, which anyone able to write the database could forge.
+    The key itself is unknown here, so each ``sha256:<hex>`` digest is re-keyed as it stands:
+    ``hmac-sha256-of-sha256:<HMAC(pepper, old digest)>``, which the hasher checks by hashing the
+    presented key the old way first. Every existing key keeps working; no unkeyed digest is left
+    (the hasher refuses that form from now on, wherever it comes from)."""
+    api_keys = sa.table("api_keys", sa.column("id"), sa.column("digest"))
+    legacy = conn.execute(sa.select(api_keys.c.id, api_keys.c.digest)
+                          .where(api_keys.c.digest.like("sha256:%"))).all()
+    if not legacy:
+        return
+    rekey = conn.get_execution_options().get(REKEY_OPTION)
+    if rekey is None:
+        raise SecretNeeded(
+            "migration 4 re-keys the stored API-key digests with the server's secret key; run it with the "
+            "portal's settings (start the portal, or `manage-playrservers db upgrade`)")
+    for key_id, digest in legacy:
+        conn.execute(api_keys.update().where(api_keys.c.id == key_id).values(digest=rekey(digest)))
+
+
+def _v5_agent_key_generated(conn: sa.Connection) -> None:
+    """Agents remember whether the portal generated their private key (such a key is never
+    exported). Existing agents cannot tell, so they keep the old behaviour: exportable."""
+    conn.execute(sa.text("ALTER TABLE agents ADD COLUMN key_generated BOOLEAN NOT NULL DEFAULT false"))
+
+
+STEPS: tuple[Step, ...] = (_v1_initial, _v2_agent_revision, _v3_agent_ids_never_reused,
+                           _v4_keyed_api_key_digests, _v5_agent_key_generated)
 LATEST = len(STEPS)
 
 
@@ -125,11 +162,16 @@ def current_version(conn: sa.Connection) -> int:
     return int(version or 0)
 
 
-def upgrade(conn: sa.Connection, target: int = LATEST) -> tuple[int, int]:
+def upgrade(conn: sa.Connection, target: int = LATEST, *,
+            rekey_api_key_digest: Callable[[str], str] | None = None) -> tuple[int, int]:
     """Apply the missing steps up to ``target`` on a connection inside a write transaction.
+    ``rekey_api_key_digest`` (the server's key hasher's ``rekey``) is needed only when migration 4
+    finds digests to re-key (``SecretNeeded`` otherwise).
 
     Returns (version before, version after). Refuses a database newer than this code knows.
     """
+    if rekey_api_key_digest is not None:
+        conn.execution_options(**{REKEY_OPTION: rekey_api_key_digest})
     if conn.dialect.name == "postgresql":
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(7252017)"))  # serialise migrators
     _version_table.create(conn, checkfirst=True)

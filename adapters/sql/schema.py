@@ -6,6 +6,7 @@ and a test checks that the two agree.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,16 +35,71 @@ class UtcDateTime(sa.TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+# PostgreSQL refuses a NUL character in any text ("A string literal cannot contain NUL (0x00)
+# characters", a 500), and neither backend can encode a lone surrogate as UTF-8 (which strict JSON
+# lets a client send as "\ud800"). Validation keeps both out of every field it checks; this is the last
+# line for what it does not: every text column replaces them with U+FFFD on the way in. The audit's
+# columns (which record what was asked, hostile or not) also scrub on the way out: SQLite stored
+# NULs there before this existed. Other columns were always validated, so their reads skip the
+# per-value call (a list of 1000 agents would pay it ~12 000 times).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(value: str) -> str:
+    """``value`` without NUL or lone surrogates (each replaced by U+FFFD)."""
+    if value.isascii() and "\x00" not in value:
+        return value  # the common case: one flag read and one memchr
+    return _UNSTORABLE.sub("\ufffd", value)
+
+
+class SafeString(sa.TypeDecorator[str]):
+    """``VARCHAR(n)`` that never stores NUL or a lone surrogate (same DDL as ``String``)."""
+
+    impl = sa.String
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else storable(value)
+
+
+class SafeText(sa.TypeDecorator[str]):
+    """``TEXT`` that never stores NUL or a lone surrogate (same DDL as ``Text``)."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else storable(value)
+
+
+class ScrubbedString(SafeString):
+    """``SafeString`` that also never returns NUL or a lone surrogate (audit columns)."""
+
+    cache_ok = True
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else storable(value)
+
+
+class ScrubbedText(SafeText):
+    """``SafeText`` that also never returns NUL or a lone surrogate (audit columns)."""
+
+    cache_ok = True
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else storable(value)
+
+
 metadata = sa.MetaData()
 
 users = sa.Table(
     "users",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("name", sa.String(100), nullable=False),
-    sa.Column("email", sa.String(255), nullable=True),
+    sa.Column("name", SafeString(100), nullable=False),
+    sa.Column("email", SafeString(255), nullable=True),
     # casefolded e-mail: uniqueness is case-insensitive while the address is kept as typed
-    sa.Column("email_key", sa.String(255), nullable=True, unique=True),
+    sa.Column("email_key", SafeString(255), nullable=True, unique=True),
     sa.Column("created_at", UtcDateTime, nullable=False),
 )
 
@@ -52,8 +108,8 @@ api_keys = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, unique=True),
-    sa.Column("prefix", sa.String(32), nullable=False, unique=True),
-    sa.Column("digest", sa.String(128), nullable=False),
+    sa.Column("prefix", SafeString(32), nullable=False, unique=True),
+    sa.Column("digest", SafeString(128), nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
 )
 
@@ -62,21 +118,23 @@ agents = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("owner_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("name", sa.String(100), nullable=False),
-    sa.Column("hostname", sa.String(255), nullable=False),
+    sa.Column("name", SafeString(100), nullable=False),
+    sa.Column("hostname", SafeString(255), nullable=False),
     sa.Column("port", sa.Integer, nullable=False),
-    sa.Column("username", sa.String(64), nullable=False),
+    sa.Column("username", SafeString(64), nullable=False),
     sa.Column("allow_unknown_hosts", sa.Boolean, nullable=False),
-    sa.Column("host_key", sa.Text, nullable=True),
-    sa.Column("host_key_fingerprint", sa.String(128), nullable=True),
-    sa.Column("libvirt_uri", sa.String(255), nullable=False),
-    sa.Column("public_key", sa.Text, nullable=False),
-    sa.Column("key_fingerprint", sa.String(128), nullable=False),
-    sa.Column("sealed_private_key", sa.Text, nullable=False),
-    sa.Column("sealed_passphrase", sa.Text, nullable=True),
+    sa.Column("host_key", SafeText, nullable=True),
+    sa.Column("host_key_fingerprint", SafeString(128), nullable=True),
+    sa.Column("libvirt_uri", SafeString(255), nullable=False),
+    sa.Column("public_key", SafeText, nullable=False),
+    sa.Column("key_fingerprint", SafeString(128), nullable=False),
+    sa.Column("sealed_private_key", SafeText, nullable=False),
+    sa.Column("sealed_passphrase", SafeText, nullable=True),
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Column("updated_at", UtcDateTime, nullable=False),
     sa.Column("revision", sa.Integer, nullable=False, server_default="1"),
+    # the portal generated the private key: never exported (migration 5)
+    sa.Column("key_generated", sa.Boolean, nullable=False, server_default=sa.text("false")),
     sa.UniqueConstraint("owner_id", "name", name="uq_agents_owner_name"),
     sqlite_autoincrement=True,  # ids are never reused (migration 3)
 )
@@ -86,13 +144,13 @@ audit_events = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("action", sa.String(64), nullable=False),
-    sa.Column("outcome", sa.String(64), nullable=False),
+    sa.Column("action", ScrubbedString(64), nullable=False),
+    sa.Column("outcome", ScrubbedString(64), nullable=False),
     sa.Column("agent_id", sa.Integer, nullable=True),  # no foreign key: history outlives the agent
-    sa.Column("vm", sa.String(255), nullable=True),
-    sa.Column("detail", sa.Text, nullable=True),
-    sa.Column("request_id", sa.String(64), nullable=False),
-    sa.Column("client_address", sa.String(64), nullable=False),
+    sa.Column("vm", ScrubbedString(255), nullable=True),
+    sa.Column("detail", ScrubbedText, nullable=True),
+    sa.Column("request_id", ScrubbedString(64), nullable=False),
+    sa.Column("client_address", ScrubbedString(64), nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Index("ix_audit_events_user_id_id", "user_id", "id"),
 )

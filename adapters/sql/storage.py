@@ -21,7 +21,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
@@ -54,6 +54,9 @@ _TAKE_WRITE_LOCK = sa.text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=
 # SQLSTATEs that mean "another transaction is in the way, try again": serialization failure,
 # deadlock detected, lock not available (lock_timeout).
 _BUSY_SQLSTATES = {"40001", "40P01", "55P03"}
+# The largest id an INTEGER column holds on every backend (PostgreSQL's int4): ids a client sends
+# beyond it name no row, and must not reach PostgreSQL, which answers "integer out of range".
+MAX_ID = 2**31 - 1
 CONNECT_TIMEOUT = 10  # seconds to reach the PostgreSQL server, unless the URL says connect_timeout=
 
 
@@ -173,12 +176,13 @@ class SqlStorage:
                     "the database server cannot be reached or closed the connection; retry") from error
             raise
 
-    def upgrade(self) -> tuple[int, int]:
-        """Bring the schema to the latest version (safe to call from several processes at once)."""
+    def upgrade(self, *, rekey_api_key_digest: Callable[[str], str] | None = None) -> tuple[int, int]:
+        """Bring the schema to the latest version (safe to call from several processes at once).
+        ``rekey_api_key_digest``: see ``migrations.upgrade`` (the server key's hasher's ``rekey``)."""
         with self._database_errors():
             conn = self.begin(write=True)
             try:
-                result = migrations.upgrade(conn)
+                result = migrations.upgrade(conn, rekey_api_key_digest=rekey_api_key_digest)
                 conn.commit()
                 return result
             finally:
@@ -302,7 +306,7 @@ class SqlTransaction:
 
     def add_user(self, name: str, email: str | None, key: IssuedApiKey, at: datetime) -> User:
         try:
-            user_id = _new_id(self._execute(
+            user_id = _inserted_id(self._execute(
                 users.insert().values(
                     name=name,
                     email=email,
@@ -320,6 +324,8 @@ class SqlTransaction:
         return int(self._execute(sa.select(sa.func.count()).select_from(users)).scalar_one())
 
     def get_user(self, user_id: int) -> User | None:
+        if not 0 < user_id <= MAX_ID:  # `users rotate-key --id 99999999999` on the command line
+            return None
         row = self._execute(_USER_BY_ID, {"user_id": user_id}).one_or_none()
         return None if row is None else User(id=row.id, name=row.name, email=row.email, api_key_prefix=row.prefix,
                                              created_at=row.created_at)
@@ -359,7 +365,7 @@ class SqlTransaction:
     def add_agent(self, agent: Agent) -> Agent:
         values = _agent_values(agent)
         try:
-            agent_id = _new_id(self._execute(agents.insert().values(**values)))
+            agent_id = _inserted_id(self._execute(agents.insert().values(**values)))
         except sa.exc.IntegrityError as error:
             raise AgentNameTaken() from error
         return _agent_from_row({**values, "id": agent_id})
@@ -377,6 +383,8 @@ class SqlTransaction:
         return None if row is None else _agent_from_row(row._mapping)
 
     def get_agent(self, owner_id: int, agent_id: int) -> Agent | None:
+        if not 0 < agent_id <= MAX_ID:  # no such row, and PostgreSQL refuses to compare with it
+            return None
         row = self._execute(_AGENT_OF_OWNER, {"owner_id": owner_id, "agent_id": agent_id}).one_or_none()
         return None if row is None else _agent_from_row(row._mapping)
 
@@ -399,6 +407,8 @@ class SqlTransaction:
             raise AgentNameTaken() from error
 
     def delete_agent(self, owner_id: int, agent_id: int) -> bool:
+        if not 0 < agent_id <= MAX_ID:
+            return False
         result = self._execute(
             agents.delete().where(agents.c.owner_id == owner_id, agents.c.id == agent_id)
         )
@@ -407,6 +417,8 @@ class SqlTransaction:
     # ------------------------------------------------------------------ audit
 
     def add_audit_event(self, event: AuditEvent) -> AuditEvent:
+        # The event's text is already printable and cut to the columns' lengths (core.model.AuditEvent);
+        # the column types drop NUL whatever reaches them (schema.SafeString).
         values = {
             "user_id": event.user_id,
             "action": event.action,
@@ -414,20 +426,27 @@ class SqlTransaction:
             "agent_id": event.agent_id,
             "vm": event.vm,
             "detail": event.detail,
-            "request_id": event.request_id[:64],
-            "client_address": event.client_address[:64],
+            "request_id": event.request_id,
+            "client_address": event.client_address,
             "created_at": event.created_at,
         }
-        event_id = _new_id(self._execute(audit_events.insert().values(**values)))
-        return attrs.evolve(event, id=event_id, request_id=event.request_id[:64],
-                            client_address=event.client_address[:64])
+        event_id = _inserted_id(self._execute(audit_events.insert().values(**values)))
+        return attrs.evolve(event, id=event_id)
 
     def list_audit_events(self, user_id: int, limit: int, before: int | None) -> list[AuditEvent]:
         query = sa.select(audit_events).where(audit_events.c.user_id == user_id)
-        if before is not None:
+        # Every id is below a ``before`` past the column's range (PostgreSQL would refuse to compare
+        # with it: "integer out of range", a 500 the contract fuzzer found on PostgreSQL only).
+        if before is not None and before <= MAX_ID:
             query = query.where(audit_events.c.id < before)
         rows = self._execute(query.order_by(audit_events.c.id.desc()).limit(limit))
         return [AuditEvent(**row._mapping) for row in rows]
+
+
+def _inserted_id(result: sa.CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    assert key is not None  # every table has a single-column primary key
+    return int(key[0])
 
 
 def _agent_values(agent: Agent) -> dict[str, Any]:
@@ -448,6 +467,7 @@ def _agent_values(agent: Agent) -> dict[str, Any]:
         "created_at": agent.created_at,
         "updated_at": agent.updated_at,
         "revision": agent.revision,
+        "key_generated": agent.key_generated,
     }
 
 
@@ -471,11 +491,5 @@ def _agent_from_row(row: Any) -> Agent:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         revision=row["revision"],
+        key_generated=bool(row["key_generated"]),
     )
-
-
-def _new_id(result: sa.CursorResult[Any]) -> int:
-    """The primary key an INSERT just made."""
-    key = result.inserted_primary_key
-    assert key is not None
-    return int(key[0])

@@ -81,8 +81,8 @@ class BodyLimit:
 
 class FailureLimiter:
     """At most ``limit`` failed authentications per client address in a sliding ``window`` of
-    seconds; past that the address gets 429 with ``Retry-After`` until the oldest failure ages out.
-    Kept per worker process (documented in docs/security.md)."""
+    seconds; past that the address's failures get 429 with ``Retry-After`` until the oldest one ages
+    out, while its valid keys keep working. Kept per worker process (documented in docs/security.md)."""
 
     def __init__(self, limit: int, window: float, max_addresses: int = 100_000) -> None:
         self.limit = limit
@@ -134,33 +134,41 @@ class Authentication:
         self.limiter = limiter
         self.known: UntilChanged[bytes, User] = known if known is not None else UntilChanged(None)
 
-    async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
-                               resource: Any, params: dict[str, Any]) -> None:
-        if resource is None or req.method == "OPTIONS" or req.method in getattr(resource, "public_methods", ()):
-            return
-        address = req.context.client_address
+    def _failed(self, address: str) -> None:
+        """Count a failed authentication from ``address``, or refuse it with 429 once the address has
+        had ``limit`` in the window (a refused attempt is not counted: the window still ends)."""
         now = time.monotonic()
         wait = self.limiter.retry_after(address, now)
         if wait is not None:
             raise Problem(429, "too_many_auth_failures",
                           f"too many failed authentications from {address}; retry in {wait} s",
                           title="Too many failed authentications", headers={"Retry-After": str(wait)})
+        self.limiter.record_failure(address, now)
+
+    async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
+                               resource: Any, params: dict[str, Any]) -> None:
+        if resource is None or req.method == "OPTIONS" or req.method in getattr(resource, "public_methods", ()):
+            return
+        address = req.context.client_address
         header = req.get_header("Authorization") or ""
         scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            self.limiter.record_failure(address, now)
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            self._failed(address)
             raise Problem(401, "missing_api_key",
                           "send your API key as 'Authorization: Bearer <key>'",
                           title="Unauthorized", headers={"WWW-Authenticate": BEARER_CHALLENGE})
-        key = key.strip()
+        # A valid key always gets through, even from a limited address: many clients can share one
+        # (a NAT, an office, a CI runner pool) and one of them guessing must not lock out the rest.
+        # Only failures are limited; a guess costs the same indexed lookup as a valid request.
         version = self.known.version()
-        digest = hashlib.sha256(key.encode()).digest()
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
         user = self.known.get(digest, version)
         if user is None:
             try:
                 user = await asyncio.to_thread(self.portal.users.authenticate, key)
             except Unauthenticated:
-                self.limiter.record_failure(address, now)
+                self._failed(address)
                 raise
             self.known.put(digest, version, user)
         req.context.user = user

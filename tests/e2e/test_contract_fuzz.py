@@ -23,16 +23,26 @@ from schemathesis.checks import (
 )
 
 from entrypoints.http.openapi import OPERATIONS
+from tests.postgres import PostgresServer
 from tests.support import Server
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str]]:
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str]]:
+    """The server under fuzzing, on SQLite and on PostgreSQL (which refuses what SQLite lets by: NUL
+    in text, strings longer than their column; issue 14 item 6)."""
+    env: dict[str, str] = {}
+    postgres: PostgresServer | None = None
+    database = ""
+    if request.param == "postgresql":
+        postgres = request.getfixturevalue("postgres")
+        database = postgres.create_database()
+        env["MANAGEMENT_DATABASE_URL"] = database
     server = Server(tmp_path_factory.mktemp("fuzz"), MANAGEMENT_WORKERS="1", MANAGEMENT_SIGNUP="open",
                     MANAGEMENT_AUTH_FAILURE_LIMIT="1000000", MANAGEMENT_SSH_CONNECT_TIMEOUT="1",
-                    MANAGEMENT_LOG_LEVEL="warning").start()
+                    MANAGEMENT_LOG_LEVEL="warning", **env).start()
     key = server.request("POST", "/users", body={"name": "fuzzer"})[1]["api_key"]
     private_key = asyncssh.generate_private_key("ssh-ed25519").export_private_key("openssh").decode()
     for n in range(3):  # ids 1..3 exist, so generated ids sometimes hit a real agent
@@ -42,6 +52,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str
         assert status == 201
     yield server, key
     server.stop()
+    if postgres is not None:
+        postgres.drop_database(database)
 
 
 @pytest.fixture(scope="module")

@@ -112,9 +112,11 @@ def test_failed_authentications_are_rate_limited_per_client_address(tmp_path) ->
     attacker = {"remote_addr": "203.0.113.9"}
     for _ in range(3):
         assert api.call("GET", "/users/me", "mgmt_000000000000_" + "C" * 43, **attacker).status_code == 401
-    limited = api.call("GET", "/users/me", key, **attacker)
+    limited = api.call("GET", "/users/me", "mgmt_000000000000_" + "C" * 43, **attacker)
     assert_problem(limited, 429, "too_many_auth_failures")
     assert int(limited.headers["retry-after"]) >= 1
+    # a valid key from the limited address still works (issue 14 item 14)
+    assert api.call("GET", "/users/me", key, **attacker).status_code == 200
     # the operator's own address is not affected
     assert api.call("GET", "/users/me", key, remote_addr="198.51.100.7").status_code == 200
     runtime.close()
@@ -131,8 +133,9 @@ def test_agent_lifecycle(api: Api, keys: KeyMaterial) -> None:
     assert created.headers["location"] == f"/agents/{agent['id']}"
     assert set(agent) == {"id", "name", "hostname", "port", "username", "allow_unknown_hosts", "host_key",
                           "host_key_fingerprint", "key_fingerprint", "public_key", "libvirt_uri", "created_at",
-                          "updated_at"}
+                          "updated_at", "key_exportable"}
     assert agent["port"] == 22 and agent["libvirt_uri"] == "qemu:///system"
+    assert agent["key_exportable"] is True  # an uploaded key
     assert agent["allow_unknown_hosts"] is False
     assert agent["host_key_fingerprint"].startswith("SHA256:")
     assert agent["key_fingerprint"].startswith("SHA256:")
@@ -457,8 +460,19 @@ def test_an_unexpected_error_is_a_500_without_details(api: Api, monkeypatch: pyt
 # ---------------------------------------------------------------------- portal-generated agent keys
 
 
-def test_generated_key_agent_exposes_its_public_key_and_keeps_the_private_key_sealed(api: Api) -> None:
-    key = api.sign_up()["api_key"]
+def sealed_private_key(runtime: bootstrap.Runtime, owner_id: int, agent_id: int) -> str:
+    """The private key as the portal holds it (generated keys are never exported: issue 14 item 7)."""
+    with runtime.storage.transaction() as tx:
+        stored = tx.get_agent(owner_id, agent_id)
+    assert stored is not None
+    return runtime.portal.agents.keyring.secrets.unseal(stored.sealed_private_key,
+                                         context=f"agent-credential/private_key/user:{owner_id}")
+
+
+def test_generated_key_agent_exposes_its_public_key_and_keeps_the_private_key_sealed(
+        api: Api, runtime: bootstrap.Runtime) -> None:
+    user = api.sign_up()
+    key = user["api_key"]
     created = api.call("POST", "/agents", key, json={"name": "hv", "hostname": "192.0.2.7", "username": "playr",
                                                      "generate_key": True})
     assert created.status_code == 201, created.text
@@ -471,15 +485,18 @@ def test_generated_key_agent_exposes_its_public_key_and_keeps_the_private_key_se
     assert published.json["authorized_keys_line"] == (
         f'restrict,command="/usr/local/libexec/playr-agent-shell" {agent["public_key"]} '
         f"playr-portal-agent-{agent['id']}")
-    # The sealed private key is the one the public key belongs to.
-    private = api.call("GET", f"/agents/{agent['id']}/credentials", key).json["private_key"]
+    # The private key is never exported, and the sealed one is the one the public key belongs to.
+    assert_problem(api.call("GET", f"/agents/{agent['id']}/credentials", key), 409, "key_not_exportable")
+    private = sealed_private_key(runtime, user["id"], agent["id"])
     imported = asyncssh.import_private_key(private)
     assert imported.export_public_key("openssh").decode().split()[:2] == agent["public_key"].split()
     assert imported.get_fingerprint("sha256") == agent["key_fingerprint"]
 
 
-def test_rotating_an_agent_key_issues_a_new_pair_and_is_audited(api: Api, keys: KeyMaterial) -> None:
-    key = api.sign_up()["api_key"]
+def test_rotating_an_agent_key_issues_a_new_pair_and_is_audited(api: Api, keys: KeyMaterial,
+                                                                runtime: bootstrap.Runtime) -> None:
+    user = api.sign_up()
+    key = user["api_key"]
     agent = api.call("POST", "/agents", key, json=api.agent_body(keys)).json
     rotated = api.call("POST", f"/agents/{agent['id']}/rotate-key", key)
     assert rotated.status_code == 200, rotated.text
@@ -488,10 +505,9 @@ def test_rotating_an_agent_key_issues_a_new_pair_and_is_audited(api: Api, keys: 
     again = api.call("POST", f"/agents/{agent['id']}/rotate-key", key).json
     assert again["public_key"] not in (agent["public_key"], rotated.json["public_key"])
     assert api.call("GET", f"/agents/{agent['id']}/public-key", key).json["public_key"] == again["public_key"]
-    credentials = api.call("GET", f"/agents/{agent['id']}/credentials", key).json
-    assert credentials["private_key_passphrase"] is None
-    assert asyncssh.import_private_key(credentials["private_key"]).get_fingerprint("sha256") == \
-        again["key_fingerprint"]
+    assert_problem(api.call("GET", f"/agents/{agent['id']}/credentials", key), 409, "key_not_exportable")
+    assert asyncssh.import_private_key(sealed_private_key(runtime, user["id"], agent["id"])).get_fingerprint(
+        "sha256") == again["key_fingerprint"]
     events = api.call("GET", "/users/me/audit", key).json["events"]
     assert [e["action"] for e in events if e["action"] == "agent.rotate_key"] == ["agent.rotate_key"] * 2
 

@@ -141,9 +141,13 @@ class PortalModel(RuleBasedStateMachine):
     def read_credentials(self, user: int, data: st.DataObject) -> None:
         agent_id = self._some_agent(data)
         result = self.call(user, "GET", f"/agents/{agent_id}/credentials", mutation=True)
-        if self.expect_agent(user, agent_id):
+        if self.expect_agent(user, agent_id) and agent_id in self.public_keys:
+            # rotated: a generated key, never exported (issue 14 item 7); the refusal is audited
+            assert (result.status_code, result.json["code"]) == (409, "key_not_exportable"), result.text
+            assert "private_key" not in result.json
+        elif self.expect_agent(user, agent_id):
             assert result.status_code == 200, result.text
-            assert (result.json["private_key"] == PRIVATE_KEY) == (agent_id not in self.public_keys)
+            assert result.json["private_key"] == PRIVATE_KEY
         else:
             assert (result.status_code, result.json["code"]) == (404, "agent_not_found"), result.text
             assert "private_key" not in result.json

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import NotFound, Unauthenticated, ValidationFailed
+from core.errors import KeyNotExportable, NotFound, Unauthenticated, ValidationFailed
 from entrypoints.library import connect
 from tests.support import TEST_AGENT_NETWORKS, KeyMaterial
 
@@ -59,7 +59,8 @@ def test_a_script_registers_a_generated_key_agent_and_rotates_its_key(tmp_path: 
         me = portal.login(portal.create_user("alice").api_key)
         agent = me.register_agent(name="hv1", hostname="hv1.example.com", username="playr-agent", generate_key=True)
         assert agent.client_key.public_key.startswith("ssh-ed25519 ")
-        assert "OPENSSH PRIVATE KEY" in me.credentials(agent.id).private_key
+        with pytest.raises(KeyNotExportable):  # generated: never exported (issue 14 item 7)
+            me.credentials(agent.id)
         rotated = me.rotate_agent_key(agent.id)
         assert rotated.client_key.public_key != agent.client_key.public_key
         assert me.agent(agent.id).client_key == rotated.client_key

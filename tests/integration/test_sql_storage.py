@@ -319,7 +319,11 @@ def test_upgrade_from_the_first_schema_keeps_existing_data(url: str) -> None:
     old.dispose()
 
     upgraded = SqlStorage(url)
-    assert upgraded.upgrade() == (1, migrations.LATEST)
+    with pytest.raises(migrations.SecretNeeded):  # migration 4 re-keys the digest: it needs the server key
+        upgraded.upgrade()
+    assert upgraded.schema_version() == 1
+    assert upgraded.upgrade(rekey_api_key_digest=lambda digest: f"hmac-sha256-of-sha256:({digest})") == (
+        1, migrations.LATEST)
     with upgraded.transaction(write=True) as tx:  # ids go on from the highest one kept
         assert tx.add_agent(agent(user_id, "hv2")).id == agent_id + 1
     with upgraded.transaction() as tx:
@@ -328,7 +332,11 @@ def test_upgrade_from_the_first_schema_keeps_existing_data(url: str) -> None:
     assert user is not None and user.name == "alice" and user.api_key_prefix == "mgmt_00000000000a"
     assert stored is not None and (stored.hostname, stored.port, stored.revision) == ("hv.example.com", 2222, 1)
     assert stored.allow_unknown_hosts is True
+    assert stored.key_generated is False  # migration 5: an existing key stays exportable
     assert stored.created_at == at
+    with upgraded.transaction() as tx:
+        api_key = tx.find_api_key("mgmt_00000000000a")
+    assert api_key is not None and api_key.digest == "hmac-sha256-of-sha256:(sha256:x)"
     assert upgraded.upgrade() == (migrations.LATEST, migrations.LATEST)  # idempotent
     upgraded.dispose()
 

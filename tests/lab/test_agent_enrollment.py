@@ -6,9 +6,11 @@ second sshd that uses this machine's real host key from /etc/ssh, as an enrolled
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
+import sqlite3
 import stat
 import subprocess
 import time
@@ -20,6 +22,7 @@ from urllib.parse import quote
 import attrs
 import pytest
 
+from adapters.sealing import AesGcmSecretBox, load_or_create_key_file
 from entrypoints.http.openapi import OPERATIONS
 from tests.lab.conftest import Lab
 from tests.support import REPO, Server, free_port
@@ -252,11 +255,16 @@ def ssh(enrolled: Enrollment, key_file: Path, *args: str) -> subprocess.Complete
 
 @pytest.fixture
 def portal_key(enrolled: Enrollment, tmp_path: Path) -> Path:
-    """The portal's generated private key, as a thief of the portal's secrets would hold it."""
-    status, credentials = enrolled.call("GET", f"/agents/{enrolled.agent_id}/credentials")
-    assert status == 200
+    """The portal's generated private key, as a thief of the portal's secrets would hold it: read from
+    its database and opened with its secret key file (the API never exports a generated key, issue 14
+    item 7)."""
+    data = enrolled.portal.workdir / "data"
+    box = AesGcmSecretBox(load_or_create_key_file(data / "secret.key"))
+    with contextlib.closing(sqlite3.connect(data / "management.sqlite3")) as db:
+        owner_id, sealed = db.execute("SELECT owner_id, sealed_private_key FROM agents WHERE id = ?",
+                                      (enrolled.agent_id,)).fetchone()
     key_file = tmp_path / "stolen_key"
-    key_file.write_text(credentials["private_key"])
+    key_file.write_text(box.unseal(sealed, context=f"agent-credential/private_key/user:{owner_id}"))
     key_file.chmod(0o600)
     return key_file
 

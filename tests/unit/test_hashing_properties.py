@@ -1,16 +1,20 @@
-"""Properties of ``adapters.hashing.Sha256KeyHasher``: how API keys are issued and checked."""
+"""Properties of ``adapters.hashing.HmacKeyHasher``: how API keys are issued and checked."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
+import secrets
 
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from adapters.hashing import Sha256KeyHasher
+from adapters.hashing import HmacKeyHasher, api_key_pepper, legacy_digest
 from core.model import IssuedApiKey
 
-HASHER = Sha256KeyHasher()
+SERVER_KEY = secrets.token_bytes(32)
+HASHER = HmacKeyHasher(api_key_pepper(SERVER_KEY))
 KEY = HASHER.issue()
 
 
@@ -83,3 +87,33 @@ def test_the_plaintext_is_not_in_the_repr_of_an_issued_key() -> None:
     key = HASHER.issue()
     assert key.plaintext not in repr(key)
     assert secret_part(key) not in repr(key)
+
+
+# ---------------------------------------------------------------------- item 8: keyed digests
+
+
+def test_item8_digests_are_keyed_with_a_pepper_derived_from_the_server_key() -> None:
+    pepper = api_key_pepper(SERVER_KEY)
+    assert pepper != SERVER_KEY and len(pepper) == 32  # derived (HKDF), not the sealing key itself
+    assert KEY.digest == "hmac-sha256:" + hmac.new(pepper, KEY.plaintext.encode(), hashlib.sha256).hexdigest()
+    other = HmacKeyHasher(api_key_pepper(secrets.token_bytes(32)))
+    assert not other.matches(KEY.plaintext, KEY.digest)  # another server's secret: no match
+
+
+def test_item8_an_unkeyed_digest_written_without_the_secret_never_matches() -> None:
+    # What someone able to write the database, but without the server key, could store.
+    assert not HASHER.matches(KEY.plaintext, legacy_digest(KEY.plaintext))
+    assert not HASHER.matches(KEY.plaintext, "hmac-sha256:" + hashlib.sha256(KEY.plaintext.encode()).hexdigest())
+    assert not HASHER.matches(KEY.plaintext, "no scheme at all")
+
+
+@settings(deadline=None)
+@given(st.text(min_size=1))
+def test_item8_a_rekeyed_old_digest_matches_its_key_and_nothing_else(text: str) -> None:
+    old = HmacKeyHasher(api_key_pepper(SERVER_KEY))
+    rekeyed = old.rekey(legacy_digest(KEY.plaintext))
+    assert rekeyed.startswith("hmac-sha256-of-sha256:")
+    assert HASHER.matches(KEY.plaintext, rekeyed)
+    assert HASHER.rekey(rekeyed) == rekeyed and HASHER.rekey(KEY.digest) == KEY.digest  # idempotent
+    assume(text != KEY.plaintext)
+    assert not HASHER.matches(text, rekeyed)

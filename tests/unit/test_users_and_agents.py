@@ -15,6 +15,7 @@ from core.commands import AgentChanges, NewAgent, NewUser
 from core.errors import (
     AgentNotFound,
     Conflict,
+    KeyNotExportable,
     NotFound,
     PortalError,
     SecretUnreadable,
@@ -855,3 +856,26 @@ def test_a_user_never_sees_another_users_events(world: World, alice: Caller, bob
     assert {e.user_id for e in alices} == {alice.user.id}
     assert {e.user_id for e in bobs_events} == {bob.user.id}
     assert [e.action for e in bobs_events] == ["agent.delete", "agent.create", "user.create"]
+
+
+# ---------------------------------------------------------------------------------------- issue 14 item 7
+
+
+def test_item7_a_generated_key_is_remembered_and_never_exported(world: World, alice: Caller) -> None:
+    agent = world.portal.agents.register_agent(alice, new_agent(private_key=None, generate_key=True))
+    assert agent.key_generated
+    with pytest.raises(KeyNotExportable):
+        world.portal.agents.read_credentials(alice, agent.id)
+    assert (events(world)[-1].action, events(world)[-1].outcome) == ("agent.read_credentials", "key_not_exportable")
+
+
+def test_item7_rotating_makes_a_key_generated_and_uploading_makes_it_exportable(
+        world: World, alice: Caller, alice_agent: Agent) -> None:
+    assert not alice_agent.key_generated
+    assert world.portal.agents.read_credentials(alice, alice_agent.id).private_key == PLAIN_KEY
+    assert world.portal.agents.rotate_agent_key(alice, alice_agent.id).key_generated
+    with pytest.raises(KeyNotExportable):
+        world.portal.agents.read_credentials(alice, alice_agent.id)
+    updated = world.portal.agents.update_agent(alice, alice_agent.id, AgentChanges(private_key=OTHER_PLAIN_KEY))
+    assert not updated.key_generated
+    assert world.portal.agents.read_credentials(alice, alice_agent.id).private_key == OTHER_PLAIN_KEY
