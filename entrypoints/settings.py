@@ -99,6 +99,8 @@ class Settings:
     ssh_command_timeout: float = 60.0
     ssh_idle_timeout: float = 300.0
     trusted_proxies: str = "127.0.0.1,::1"  # peers whose X-Forwarded-For names the real client
+    # credential-bearing requests that a proxy received over plain HTTP are refused unless this is true
+    allow_plain_http: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -143,6 +145,7 @@ class Settings:
             ssh_command_timeout=reader.number("MANAGEMENT_SSH_COMMAND_TIMEOUT", 60.0, float, 0.1, 3600),
             ssh_idle_timeout=reader.number("MANAGEMENT_SSH_IDLE_TIMEOUT", 300.0, float, 1, 86400),
             trusted_proxies=reader.proxies("MANAGEMENT_TRUSTED_PROXIES", "127.0.0.1,::1"),
+            allow_plain_http=reader.flag("MANAGEMENT_ALLOW_PLAIN_HTTP", False),
         )
 
 
