@@ -104,12 +104,22 @@ class HttpsRequired:
     def __init__(self, allow_plain_http: bool) -> None:
         self.allow_plain_http = allow_plain_http
 
-    @staticmethod
-    def credential_bearing(req: falcon.asgi.Request) -> bool:
-        return req.get_header("Authorization") is not None or (req.method == "POST" and req.path == "/users")
+    # Routes whose answer carries a new key even to a request without one (by route template, so
+    # that "//users" or "/users/" count too)
+    ISSUING_KEYS = frozenset({("POST", "/users")})
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        if self.allow_plain_http or not self.credential_bearing(req):
+        # before routing, so before any process_resource (authentication): a refused key is never looked up
+        if req.get_header("Authorization") is not None:
+            self.check(req)
+
+    async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
+                               resource: object, params: dict[str, Any]) -> None:
+        if resource is not None and (req.method, req.uri_template) in self.ISSUING_KEYS:
+            self.check(req)
+
+    def check(self, req: falcon.asgi.Request) -> None:
+        if self.allow_plain_http:
             return
         forwarded = req.get_header("X-Forwarded-Proto")
         if forwarded is None or req.scheme == "https":

@@ -26,8 +26,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 def test_item9_credentials_over_plain_http_from_a_proxy_are_https_required(server: Server) -> None:
     # sign-up answers with a key: refused when the proxy received it over plain HTTP
-    status, problem, _ = server.request("POST", "/users", body={"name": "eve"}, headers=PLAIN)
-    assert (status, problem["code"]) == (403, "https_required"), problem
+    for path in ("/users", "/users/", "//users"):  # every spelling that routes to sign-up
+        status, problem, _ = server.request("POST", path, body={"name": "eve"}, headers=PLAIN)
+        assert (status, problem["code"]) == (403, "https_required"), (path, problem)
     assert "MANAGEMENT_ALLOW_PLAIN_HTTP" in problem["detail"]
     status, user, _ = server.request("POST", "/users", body={"name": "alice"}, headers=TLS)
     assert status == 201, user
