@@ -252,6 +252,11 @@ write_env_file() {
                 warn "APP_PORT=$APP_PORT differs from MANAGEMENT_PORT=$port in $APP_ENV_FILE; using $port"
             APP_PORT=$port
         fi
+        local signup
+        signup=$(env_value MANAGEMENT_SIGNUP)
+        if [[ ${signup:-first} != closed ]]; then
+            warn "MANAGEMENT_SIGNUP=${signup:-first} in $APP_ENV_FILE lets users sign up over the network; new installs write closed (create users with: $APP_NAME users create)"
+        fi
         return 0
     fi
     log "writing $APP_ENV_FILE (0640 root:$APP_GROUP)"
