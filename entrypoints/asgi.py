@@ -13,4 +13,3 @@ def build_app(settings: Settings) -> Any:
     logs.configure(settings.log_format, settings.log_level)
     runtime = bootstrap.build_runtime(settings)
     return create_app(runtime)
-

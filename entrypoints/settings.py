@@ -106,6 +106,8 @@ class Settings:
     max_output_bytes: int = 4 * 1024 * 1024
     agent_networks: AgentNetworks = attrs.field(factory=AgentNetworks)
     max_operations_per_user: int = 16
+    # credential-bearing requests that a proxy received over plain HTTP are refused unless this is true
+    allow_plain_http: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -155,6 +157,7 @@ class Settings:
                                            1024 * 1024 * 1024),
             agent_networks=reader.networks("MANAGEMENT_AGENT_NETWORKS"),
             max_operations_per_user=reader.number("MANAGEMENT_MAX_OPERATIONS_PER_USER", 16, int, 1, 10_000),
+            allow_plain_http=reader.flag("MANAGEMENT_ALLOW_PLAIN_HTTP", False),
         )
 
 

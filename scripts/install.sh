@@ -24,6 +24,8 @@ APP_DATA_DIR=${APP_DATA_DIR:-/var/lib/$APP_NAME}
 APP_ENV_FILE=${APP_ENV_FILE:-/etc/$APP_NAME.env}
 NGINX_LISTEN=${NGINX_LISTEN:-80 [::]:80}
 PYTHON=${PYTHON:-/usr/bin/python3}
+APP_ADMIN_NAME=${APP_ADMIN_NAME-admin}
+APP_ADMIN_EMAIL=${APP_ADMIN_EMAIL:-}
 
 UNIT_FILE=/etc/systemd/system/$APP_NAME.service
 NGINX_SITE=/etc/nginx/sites-available/$APP_NAME
@@ -32,6 +34,13 @@ NGINX_DEFAULT_LINK=/etc/nginx/sites-enabled/default
 VENV=$APP_DIR/.venv
 DB_PATH=$APP_DATA_DIR/management.sqlite3
 MAX_BODY=1m  # = the app's MANAGEMENT_MAX_BODY_BYTES default (1 MiB)
+WAIT_MAX=300   # the longest ?wait= the portal accepts (core/virsh.py WAIT_MAX)
+POLL_GRACE=2   # seconds the last state poll of a wait may run past it (POLL_GRACE in core)
+PROXY_MARGIN=30
+# nginx limits per client address (see docs/operations.md "nginx limits")
+NGINX_RATE=${NGINX_RATE:-10r/s}
+NGINX_BURST=${NGINX_BURST:-50}
+NGINX_CONNECTIONS=${NGINX_CONNECTIONS:-20}
 SAFE_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 POLICY_RC=/usr/sbin/policy-rc.d
 LOCK_FILE=/run/$APP_NAME-install.lock
@@ -44,6 +53,7 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 usage() {
     cat <<EOF
 Usage: sudo $0 [--uninstall [--purge]] [--help]
+       $0 --print-unit | --print-nginx-site     (what would be written, to stdout; no root needed)
 
 Installs the PlayrServers QEMU Management Portal as the systemd service $APP_NAME, behind nginx.
 Running it again upgrades in place: code and virtual environment are refreshed, the database is
@@ -54,6 +64,8 @@ Options:
                 keep the data directory, the env file and the user
   --purge       with --uninstall: also remove the data directory (database, secret key),
                 the env file and the user
+  --print-unit, --print-nginx-site
+                print the systemd unit or nginx site this run would write, and exit
   -h, --help    show this help
 
 Variables (current value):
@@ -68,6 +80,16 @@ Variables (current value):
   APP_USER       the system user the service runs as ($APP_USER)
   NGINX_LISTEN   space-separated nginx listen addresses ($NGINX_LISTEN)
   PYTHON         the Python 3.11+ that builds the virtual environment ($PYTHON)
+  APP_ADMIN_NAME the first user, created on the host when the database has none; its API key
+                 is printed once (${APP_ADMIN_NAME:-empty: create no user})
+  APP_ADMIN_EMAIL
+                 that user's e-mail (${APP_ADMIN_EMAIL:-unset})
+  NGINX_RATE, NGINX_BURST, NGINX_CONNECTIONS
+                 nginx limits per client address: requests per second, burst above it, and
+                 open connections ($NGINX_RATE, $NGINX_BURST, $NGINX_CONNECTIONS)
+  MANAGEMENT_SIGNUP, MANAGEMENT_ALLOW_PLAIN_HTTP
+                 written into a new env file when set (default: MANAGEMENT_SIGNUP=closed, and
+                 credentials over plain HTTP refused); an existing env file is never changed
 EOF
 }
 
@@ -103,6 +125,22 @@ check_settings() {
         die "APP_DOMAIN must be a host name, got '$APP_DOMAIN'"
     [[ $APP_USER =~ ^[a-z_][a-z0-9_-]*$ ]] || die "APP_USER must be a valid user name, got '$APP_USER'"
     [[ $APP_BRANCH =~ ^[A-Za-z0-9._/-]+$ && $APP_BRANCH != -* ]] || die "APP_BRANCH looks wrong: '$APP_BRANCH'"
+    check_common
+}
+
+# the settings --print-unit / --print-nginx-site use too (they need no root)
+check_common() {
+    [[ -z ${MANAGEMENT_SIGNUP:-} || $MANAGEMENT_SIGNUP =~ ^(open|first|closed)$ ]] ||
+        die "MANAGEMENT_SIGNUP must be open, first or closed, got '$MANAGEMENT_SIGNUP'"
+    [[ -z ${MANAGEMENT_ALLOW_PLAIN_HTTP:-} || $MANAGEMENT_ALLOW_PLAIN_HTTP =~ ^(true|false|1|0|yes|no|on|off)$ ]] ||
+        die "MANAGEMENT_ALLOW_PLAIN_HTTP must be true or false, got '$MANAGEMENT_ALLOW_PLAIN_HTTP'"
+    [[ -z $APP_ADMIN_NAME || $APP_ADMIN_NAME =~ ^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$ ]] ||
+        die "APP_ADMIN_NAME looks wrong: '$APP_ADMIN_NAME'"
+    [[ -z $APP_ADMIN_EMAIL || $APP_ADMIN_EMAIL =~ ^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+$ ]] ||
+        die "APP_ADMIN_EMAIL looks wrong: '$APP_ADMIN_EMAIL'"
+    [[ $NGINX_RATE =~ ^[1-9][0-9]{0,5}r/[sm]$ ]] || die "NGINX_RATE must look like 10r/s, got '$NGINX_RATE'"
+    [[ $NGINX_BURST =~ ^[0-9]{1,6}$ ]] || die "NGINX_BURST must be a number, got '$NGINX_BURST'"
+    [[ $NGINX_CONNECTIONS =~ ^[1-9][0-9]{0,5}$ ]] || die "NGINX_CONNECTIONS must be a number, got '$NGINX_CONNECTIONS'"
 }
 
 lock() {
@@ -214,6 +252,11 @@ write_env_file() {
                 warn "APP_PORT=$APP_PORT differs from MANAGEMENT_PORT=$port in $APP_ENV_FILE; using $port"
             APP_PORT=$port
         fi
+        local signup
+        signup=$(env_value MANAGEMENT_SIGNUP)
+        if [[ ${signup:-first} != closed ]]; then
+            warn "MANAGEMENT_SIGNUP=${signup:-first} in $APP_ENV_FILE lets users sign up over the network; new installs write closed (create users with: $APP_NAME users create)"
+        fi
         return 0
     fi
     log "writing $APP_ENV_FILE (0640 root:$APP_GROUP)"
@@ -229,7 +272,14 @@ MANAGEMENT_PORT=$APP_PORT
 MANAGEMENT_WORKERS=2
 MANAGEMENT_DB_PATH=$DB_PATH
 MANAGEMENT_LOG_FORMAT=json
-MANAGEMENT_SIGNUP=first
+# closed: users come from the host (manage-playrservers users create); install.sh made the first
+MANAGEMENT_SIGNUP=${MANAGEMENT_SIGNUP:-closed}
+$(if [[ -n ${MANAGEMENT_ALLOW_PLAIN_HTTP:-} ]]; then
+    printf 'MANAGEMENT_ALLOW_PLAIN_HTTP=%s\n' "$MANAGEMENT_ALLOW_PLAIN_HTTP"
+else
+    printf '# API keys through nginx over plain HTTP are refused (403 https_required) until TLS is set\n'
+    printf '# up (certbot); true accepts them (only on a network you trust):\n#MANAGEMENT_ALLOW_PLAIN_HTTP=false\n'
+fi)
 
 # Other variables, with their defaults: uncomment a line (no trailing comments: systemd would
 # take them as part of the value) and restart the service.
@@ -251,7 +301,8 @@ MANAGEMENT_SIGNUP=first
 # PostgreSQL only: connections per worker process, and seconds start-up waits for the server:
 #MANAGEMENT_DB_POOL_SIZE=5
 #MANAGEMENT_DB_CONNECT_WAIT=30
-# Seconds to connect (and log in) to a hypervisor, and for one virsh command (nginx waits 90):
+# Seconds to connect (and log in) to a hypervisor, and for one virsh command (nginx waits for
+# their sum + 300 s of ?wait= + a margin: re-run install.sh after changing them):
 #MANAGEMENT_SSH_CONNECT_TIMEOUT=10
 #MANAGEMENT_SSH_COMMAND_TIMEOUT=60
 # Seconds an unused pooled SSH connection stays open:
@@ -394,15 +445,51 @@ migrate() {
     fi
 }
 
+# first_user: on a database without users, create APP_ADMIN_NAME on the host and print its API key
+# once. Sign-up stays closed (MANAGEMENT_SIGNUP=closed), so nobody can be first over the network.
+FIRST_USER_KEY=
+FIRST_USER_ID=
+first_user() {
+    local users created
+    if [[ -z $APP_ADMIN_NAME ]]; then
+        log "APP_ADMIN_NAME is empty: no first user created"
+        return 0
+    fi
+    users=$(as_service "$VENV/bin/$APP_NAME" users list --json) || die "cannot list the users (see above)"
+    if [[ $("$VENV/bin/python" -c 'import json, sys; print(len(json.load(sys.stdin)))' <<<"$users") != 0 ]]; then
+        log "the database has users already: no first user created"
+        return 0
+    fi
+    log "creating the first user '$APP_ADMIN_NAME' on the host (sign-up over the network stays closed)"
+    local -a args=(users create --name "$APP_ADMIN_NAME")
+    [[ -n $APP_ADMIN_EMAIL ]] && args+=(--email "$APP_ADMIN_EMAIL")
+    created=$(as_service "$VENV/bin/$APP_NAME" "${args[@]}" 2>/dev/null) || die "creating the first user failed"
+    FIRST_USER_KEY=$("$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["api_key"])' <<<"$created")
+    FIRST_USER_ID=$("$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["id"])' <<<"$created")
+}
+
+print_first_user_key() {
+    [[ -n $FIRST_USER_KEY ]] || return 0
+    log "the first user's API key (user id $FIRST_USER_ID, '$APP_ADMIN_NAME'), shown only this once:"
+    printf '\n    API_KEY=%s\n\n' "$FIRST_USER_KEY"
+    note "store it now; lost: $VENV/bin/$APP_NAME users rotate-key --id $FIRST_USER_ID (as $APP_USER, see docs/operations.md)"
+    if [[ $INSTALL_NGINX == 1 && ! $(env_value MANAGEMENT_ALLOW_PLAIN_HTTP) =~ ^(true|1|yes|on)$ ]]; then
+        note "through nginx it is accepted over HTTPS only (403 https_required over plain HTTP): set up TLS"
+    fi
+}
+
 # ------------------------------------------------------------------------------------ systemd
 exec_start() { printf '%s %s' "$VENV/bin/python" "$APP_DIR/main.py"; }
 
-write_unit() {
-    log "writing the systemd unit $UNIT_FILE"
-    install -d -m 0755 "$(dirname "$UNIT_FILE")"
-    local tmp
-    tmp=$(mktemp "$UNIT_FILE.XXXXXX")
-    cat >"$tmp" <<EOF
+# Outgoing SSH must reach hypervisors on any address, so the IP filter cannot be "deny all but
+# loopback": it allows every unicast address and denies only link-local (169.254.0.0/16, where cloud
+# metadata services answer, and fe80::/10) and multicast/reserved ranges, which no hypervisor uses.
+# (IPAddressDeny=any with these allow lists = everything else; computed with Python's ipaddress.)
+IP_ALLOW_V4="0.0.0.0/1 128.0.0.0/3 160.0.0.0/5 168.0.0.0/8 169.0.0.0/9 169.128.0.0/10 169.192.0.0/11 169.224.0.0/12 169.240.0.0/13 169.248.0.0/14 169.252.0.0/15 169.255.0.0/16 170.0.0.0/7 172.0.0.0/6 176.0.0.0/4 192.0.0.0/3"
+IP_ALLOW_V6="::/1 8000::/2 c000::/3 e000::/4 f000::/5 f800::/6 fc00::/7 fe00::/9 fec0::/10"
+
+unit_text() {
+    cat <<EOF
 # $UNIT_FILE - written by scripts/install.sh (re-running it rewrites this file;
 # put local changes in a drop-in: systemctl edit $APP_NAME)
 [Unit]
@@ -425,12 +512,13 @@ RestartPreventExitStatus=2
 TimeoutStopSec=45
 UMask=0077
 
-# Hardening
+# Hardening (systemd-analyze security $APP_NAME; docs/operations.md "The systemd unit")
 NoNewPrivileges=yes
 ProtectSystem=strict
 ReadWritePaths=$APP_DATA_DIR
 PrivateTmp=yes
 PrivateDevices=yes
+PrivateMounts=yes
 ProtectHome=yes
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
@@ -439,20 +527,52 @@ ProtectControlGroups=yes
 ProtectClock=yes
 ProtectHostname=yes
 ProtectProc=invisible
+ProcSubset=pid
 RestrictSUIDSGID=yes
 RestrictRealtime=yes
 RestrictNamespaces=yes
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+RemoveIPC=yes
 LockPersonality=yes
+MemoryDenyWriteExecute=yes
 SystemCallArchitectures=native
+# what a service needs, minus privileged calls and resource changes; a refused call fails with
+# EPERM instead of killing the worker
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
 CapabilityBoundingSet=
 AmbientCapabilities=
+IPAddressDeny=any
+IPAddressAllow=$IP_ALLOW_V4
+IPAddressAllow=$IP_ALLOW_V6
+# two workers use ~150 MiB; past MemoryMax the kernel kills the service and systemd restarts it
+MemoryHigh=768M
+MemoryMax=1G
+TasksMax=512
 
 [Install]
 WantedBy=multi-user.target
 EOF
+}
+
+write_unit() {
+    log "writing the systemd unit $UNIT_FILE"
+    install -d -m 0755 "$(dirname "$UNIT_FILE")"
+    local tmp
+    tmp=$(mktemp "$UNIT_FILE.XXXXXX")
+    unit_text >"$tmp"
     chmod 0644 "$tmp"
     mv -f "$tmp" "$UNIT_FILE"
+}
+
+# healthy: the service answers GET /health on its own port
+healthy() {
+    "$VENV/bin/python" - "$APP_PORT" <<'PY' >/dev/null 2>&1
+import sys, urllib.request
+with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2) as answer:
+    sys.exit(0 if answer.status == 200 else 1)
+PY
 }
 
 service_pids() { pgrep -u "$APP_USER" -f "$APP_DIR/main.py" 2>/dev/null || true; }
@@ -468,14 +588,22 @@ start_service() {
         systemctl daemon-reload
         systemctl enable --quiet "$APP_NAME.service"
         systemctl restart "$APP_NAME.service"
+        # "active" alone proves little: a service that dies at once is active for a moment, then
+        # restarted. Wait for its /health on 127.0.0.1, and stop waiting when systemd restarts it.
         local i
-        for ((i = 0; i < 30; i++)); do
-            systemctl is-active --quiet "$APP_NAME.service" && break
-            sleep 1
+        for ((i = 0; i < 120; i++)); do
+            if [[ $(systemctl show -p NRestarts --value "$APP_NAME.service") != 0 ]] ||
+               systemctl is-failed --quiet "$APP_NAME.service"; then
+                break
+            fi
+            healthy && break
+            sleep 0.5
         done
-        systemctl is-active --quiet "$APP_NAME.service" ||
-            die "$APP_NAME did not start; see: journalctl -u $APP_NAME -n 50"
-        note "$APP_NAME is active; logs: journalctl -u $APP_NAME -f"
+        if ! healthy || [[ $(systemctl show -p NRestarts --value "$APP_NAME.service") != 0 ]]; then
+            systemctl status --no-pager --lines=30 "$APP_NAME.service" >&2 || true
+            die "$APP_NAME did not start (see above and: journalctl -u $APP_NAME -n 50)"
+        fi
+        note "$APP_NAME is active and answers /health on 127.0.0.1:$APP_PORT; logs: journalctl -u $APP_NAME -f"
         return 0
     fi
     local pids
@@ -530,39 +658,45 @@ nginx_apply() {
     fi
 }
 
-write_nginx_site() {
-    local addr listen="" tmp disabled_default=0
-    if [[ -f $NGINX_SITE ]] && grep -q 'managed by Certbot' "$NGINX_SITE"; then
-        # certbot added TLS to the site: rewriting it would drop HTTPS; keep it as it is
-        log "keeping the nginx site $NGINX_SITE: certbot manages TLS in it"
-        grep -q "proxy_pass http://127.0.0.1:$APP_PORT;" "$NGINX_SITE" ||
-            warn "$NGINX_SITE does not proxy to 127.0.0.1:$APP_PORT (MANAGEMENT_PORT); fix its proxy_pass"
-        ln -sfn "$NGINX_SITE" "$NGINX_LINK"
-        nginx_apply
-        return 0
-    fi
-    log "writing the nginx site $NGINX_SITE ($APP_DOMAIN -> 127.0.0.1:$APP_PORT)"
+# seconds_of NAME DEFAULT: the env file's value of NAME (a number of seconds), rounded up
+seconds_of() {
+    local value
+    value=$(env_value "$1")
+    value=${value:-$2}
+    [[ $value =~ ^[0-9]+([.][0-9]+)?$ ]] || value=$2
+    awk -v v="$value" 'BEGIN { r = int(v); if (r < v) r++; print r }'
+}
+
+# How long nginx waits for the portal's answer: the longest request is a VM action with
+# ?wait=300: connecting (MANAGEMENT_SSH_CONNECT_TIMEOUT) + the command
+# (MANAGEMENT_SSH_COMMAND_TIMEOUT) + the wait + its last poll's grace, plus a margin.
+proxy_timeout() {
+    echo $(($(seconds_of MANAGEMENT_SSH_CONNECT_TIMEOUT 10) + $(seconds_of MANAGEMENT_SSH_COMMAND_TIMEOUT 60) +
+            WAIT_MAX + POLL_GRACE + PROXY_MARGIN))
+}
+
+nginx_site_text() {
+    local addr listen="" timeout
     for addr in $NGINX_LISTEN; do
         listen+="    listen $addr;"$'\n'
     done
-    if [[ -L $NGINX_DEFAULT_LINK ]]; then
-        log "disabling nginx's default site (rm $NGINX_DEFAULT_LINK)"
-        rm -f "$NGINX_DEFAULT_LINK"
-        disabled_default=1
-    elif [[ -f $NGINX_SITE ]] && grep -q '^# installer disabled the default site' "$NGINX_SITE"; then
-        disabled_default=1
-    fi
-    tmp=$(mktemp "$NGINX_SITE.XXXXXX")
-    {
-        printf '# %s - written by scripts/install.sh (re-running it rewrites this file)\n' "$NGINX_SITE"
-        [[ $disabled_default -eq 1 ]] &&
-            printf '# installer disabled the default site: ln -s ../sites-available/default %s\n' \
-                "$NGINX_DEFAULT_LINK"
-        cat <<EOF
+    timeout=$(proxy_timeout)
+    cat <<EOF
 # TLS: certbot --nginx -d $APP_DOMAIN   (adds the 443 server and the redirect to this file)
+
+# Per client address: at most $NGINX_RATE with bursts of $NGINX_BURST more (answered at once, then 429),
+# and $NGINX_CONNECTIONS open connections (a ?wait= holds one for minutes). See docs/operations.md.
+limit_req_zone \$binary_remote_addr zone=manage_playrservers_req:10m rate=$NGINX_RATE;
+limit_conn_zone \$binary_remote_addr zone=manage_playrservers_conn:10m;
+
 server {
 $listen    server_name $APP_DOMAIN;
     server_tokens off;
+
+    limit_req zone=manage_playrservers_req burst=$NGINX_BURST nodelay;
+    limit_conn manage_playrservers_conn $NGINX_CONNECTIONS;
+    limit_req_status 429;
+    limit_conn_status 429;
 
     # = the portal's MANAGEMENT_MAX_BODY_BYTES (1 MiB): larger bodies get 413 here
     client_max_body_size $MAX_BODY;
@@ -580,14 +714,42 @@ $listen    server_name $APP_DOMAIN;
         proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
         proxy_set_header X-Forwarded-Proto \$scheme;
         proxy_set_header X-Forwarded-Host \$host;
-        # VM commands over SSH may take up to MANAGEMENT_SSH_CONNECT_TIMEOUT (10 s) +
-        # MANAGEMENT_SSH_COMMAND_TIMEOUT (60 s)
+        # the longest answer: a VM action with ?wait=$WAIT_MAX = MANAGEMENT_SSH_CONNECT_TIMEOUT +
+        # MANAGEMENT_SSH_COMMAND_TIMEOUT + $WAIT_MAX s + ${POLL_GRACE} s of grace + ${PROXY_MARGIN} s
         proxy_connect_timeout 10s;
         proxy_send_timeout 90s;
-        proxy_read_timeout 90s;
+        proxy_read_timeout ${timeout}s;
     }
 }
 EOF
+}
+
+write_nginx_site() {
+    local tmp disabled_default=0
+    if [[ -f $NGINX_SITE ]] && grep -q 'managed by Certbot' "$NGINX_SITE"; then
+        # certbot added TLS to the site: rewriting it would drop HTTPS; keep it as it is
+        log "keeping the nginx site $NGINX_SITE: certbot manages TLS in it"
+        grep -q "proxy_pass http://127.0.0.1:$APP_PORT;" "$NGINX_SITE" ||
+            warn "$NGINX_SITE does not proxy to 127.0.0.1:$APP_PORT (MANAGEMENT_PORT); fix its proxy_pass"
+        ln -sfn "$NGINX_SITE" "$NGINX_LINK"
+        nginx_apply
+        return 0
+    fi
+    log "writing the nginx site $NGINX_SITE ($APP_DOMAIN -> 127.0.0.1:$APP_PORT, waits up to $(proxy_timeout) s)"
+    if [[ -L $NGINX_DEFAULT_LINK ]]; then
+        log "disabling nginx's default site (rm $NGINX_DEFAULT_LINK)"
+        rm -f "$NGINX_DEFAULT_LINK"
+        disabled_default=1
+    elif [[ -f $NGINX_SITE ]] && grep -q '^# installer disabled the default site' "$NGINX_SITE"; then
+        disabled_default=1
+    fi
+    tmp=$(mktemp "$NGINX_SITE.XXXXXX")
+    {
+        printf '# %s - written by scripts/install.sh (re-running it rewrites this file)\n' "$NGINX_SITE"
+        [[ $disabled_default -eq 1 ]] &&
+            printf '# installer disabled the default site: ln -s ../sites-available/default %s\n' \
+                "$NGINX_DEFAULT_LINK"
+        nginx_site_text
     } >"$tmp"
     chmod 0644 "$tmp"
     mv -f "$tmp" "$NGINX_SITE"
@@ -638,9 +800,11 @@ do_install() {
         log "INSTALL_NGINX=0: no nginx site (the service listens on 127.0.0.1:$APP_PORT)"
     fi
     start_service
+    # last, so that a failure above never leaves a user whose key was not shown (a re-run makes it)
+    first_user
     log "done in $((SECONDS - t0)) s"
     note "code: $APP_DIR   data: $APP_DATA_DIR   settings: $APP_ENV_FILE   unit: $UNIT_FILE"
-    note "first user: curl -X POST -H 'Content-Type: application/json' -d '{\"name\": \"admin\"}' http://127.0.0.1:$APP_PORT/users"
+    print_first_user_key
     note "operations (backup, restore, logs, TLS): $APP_DIR/docs/operations.md"
 }
 
@@ -685,16 +849,24 @@ do_uninstall() {
 }
 
 main() {
-    local uninstall=0 purge=0 arg
+    local uninstall=0 purge=0 arg print=""
     for arg in "$@"; do
         case $arg in
             --uninstall) uninstall=1 ;;
             --purge) purge=1 ;;
             -h | --help) usage; exit 0 ;;
+            --print-unit | --print-nginx-site) print=$arg ;;
             *) usage >&2; die "unknown argument: $arg" ;;
         esac
     done
     [[ $purge -eq 0 || $uninstall -eq 1 ]] || die "--purge only goes with --uninstall"
+    if [[ -n $print ]]; then
+        check_common
+        APP_GROUP=$APP_USER
+        [[ -r $APP_ENV_FILE ]] && load_env
+        if [[ $print == --print-unit ]]; then unit_text; else nginx_site_text; fi
+        exit 0
+    fi
     check_settings
     lock
     trap cleanup EXIT

@@ -5,6 +5,8 @@
 #   bash scripts/lab.sh up      # idempotent; prints KEY=value lines (stdout)
 #   bash scripts/lab.sh down    # remove lab guests, stop what `up` started
 #   bash scripts/lab.sh status  # what is running
+#   bash scripts/lab.sh stop-daemon libvirtd|virtlogd|sshd   # a fault, for tests; `up` restores it
+#   bash scripts/lab.sh restore # start again, exactly as it ran, what stop-daemon stopped
 #
 # Progress goes to stderr; stdout of `up` is only the env lines, so
 #   eval "$(bash scripts/lab.sh up)"   works.  See docs/lab.md.
@@ -53,7 +55,9 @@ lock_state() {
 
 vsh() { virsh -q -c "$URI" "$@"; }
 
-# pid_alive PIDFILE NAME -> prints pid if the file names a live process NAME
+# pid_alive PIDFILE NAME [ARG] -> prints pid if the file names a live process NAME (whose argv
+# holds ARG, when given: a stale pid file whose pid now belongs to another sshd or libvirtd, e.g. the
+# distribution's, must never make the lab think it owns, or stop, that process)
 pid_alive() {
     local pid
     [[ -s $1 ]] || return 1
@@ -61,7 +65,18 @@ pid_alive() {
     [[ -n $pid && -r /proc/$pid/comm ]] || return 1
     [[ $(cat "/proc/$pid/comm") == "$2" ]] || return 1
     not_zombie "$pid" || return 1
+    if [[ -n ${3:-} ]]; then
+        argv_has "$pid" "$3" || return 1
+    fi
     printf '%s\n' "$pid"
+}
+
+# argv_has PID WORD: WORD is one of the process's arguments (as a whole word: sshd rewrites its
+# argv into one title, "sshd: /usr/sbin/sshd -f CONF ... [listener] ...")
+argv_has() {
+    local joined
+    joined=" $(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null) " || return 1
+    [[ $joined == *" $2 "* ]]
 }
 
 # A process that exited but was never reaped (without an init system nobody reaps orphaned
@@ -72,31 +87,176 @@ not_zombie() {
     [[ -n $state && $state != Z ]]
 }
 
-# Is a live (non-zombie) process with exactly this name running?
-running_named() {
-    local pid
-    for pid in $(pgrep -x "$1"); do
-        not_zombie "$pid" && return 0
+# stop_pid PID NAME: TERM the process, wait up to 10 s, then KILL
+stop_pid() {
+    local pid=$1 i
+    log "stopping $2 (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        if [[ ! -e /proc/$pid ]] || ! not_zombie "$pid"; then break; fi
+        sleep 0.1
     done
-    return 1
+    if [[ -e /proc/$pid ]] && not_zombie "$pid"; then
+        log "$2 (pid $pid) did not exit; sending KILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
 }
 
-# stop_pidfile PIDFILE NAME: TERM the process, wait up to 10 s, then KILL
+# stop_pidfile PIDFILE NAME ARG: stop the process the file names if it is NAME run with ARG
 stop_pidfile() {
-    local pid i
-    if pid=$(pid_alive "$1" "$2"); then
-        log "stopping $2 (pid $pid)"
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 100; i++)); do
-            [[ -e /proc/$pid ]] || break
-            sleep 0.1
-        done
-        if [[ -e /proc/$pid ]]; then
-            log "$2 (pid $pid) did not exit; sending KILL"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
+    local pid
+    if pid=$(pid_alive "$1" "$2" "$3"); then
+        stop_pid "$pid" "$2"
     fi
     rm -f "$1"
+}
+
+# --------------------------------------------------------- daemons the lab did not start
+# The lab shares libvirtd and virtlogd with whatever else runs on the machine: a daemon running
+# before `up` (installed by the distribution, started by another tool or by hand) is used as it
+# is, never stopped by `down`, and, when a test stops it (`stop-daemon`), brought back exactly as
+# it ran: same binary, arguments, environment and working directory, read from /proc before it
+# was stopped (or, under systemd, the same units started again).
+
+# The system daemon's socket: the process listening on it is the one qemu:///system talks to
+# (a user's session libvirtd or virtlogd has the same name but not this socket).
+system_socket() {
+    case $1 in
+        libvirtd) printf '%s\n' /run/libvirt/libvirt-sock ;;
+        virtlogd) printf '%s\n' /run/libvirt/virtlogd-sock ;;
+        *) die "no system socket known for $1" ;;
+    esac
+}
+
+# serving_pid NAME -> the pid of the root NAME listening on the system socket
+serving_pid() {
+    local pid
+    pid=$(ss -Hxlp src "$(system_socket "$1")" 2>/dev/null |
+          grep -o "(\"$1\",pid=[0-9]*" | head -n1 | grep -o '[0-9]*$') || true
+    [[ -n $pid && -r /proc/$pid/status ]] || return 1
+    not_zombie "$pid" || return 1
+    [[ $(awk '$1 == "Uid:" { print $2 }' "/proc/$pid/status") == 0 ]] || return 1
+    printf '%s\n' "$pid"
+}
+
+# The argument every daemon the lab starts carries (its own config or pid file): how ownership
+# is told apart from a daemon of the same name that someone else started.
+lab_marker() {
+    case $1 in
+        libvirtd) printf '%s\n' "$LIBVIRTD_CONF" ;;
+        virtlogd) printf '%s\n' "$VIRTLOGD_PID" ;;
+        sshd) printf '%s\n' "$SSHD_CONF" ;;
+    esac
+}
+
+# owned_by_lab NAME PID: the lab started this process (and it is still that process)
+owned_by_lab() {
+    [[ $(pid_alive "$STATE_DIR/$1.started" "$1" "$(lab_marker "$1")" 2>/dev/null) == "$2" ]]
+}
+
+# systemd_unit PID -> the .service the process runs in, when systemd manages it
+systemd_unit() {
+    [[ -d /run/systemd/system ]] || return 1
+    sed -n 's|^0::.*/\([^/]*\.service\)$|\1|p' "/proc/$1/cgroup" 2>/dev/null | grep . | head -n1
+}
+
+# same_argv PID FILE: the process runs with exactly the argv recorded in FILE (cmp alone would
+# compare sizes first, and /proc files have none)
+same_argv() { cmp -s <(cat "/proc/$1/cmdline" 2>/dev/null) "$2"; }
+
+show_argv() { tr '\0' ' ' <"$1" | sed 's/ $//'; }
+
+# stop_daemon NAME: record how the serving NAME runs, then stop it (`up`/`down`/`restore` bring it back)
+cmd_stop_daemon() {
+    local name=${1:-} pid record unit u active=()
+    case $name in
+        libvirtd | virtlogd) ;;
+        sshd)
+            # only the lab's own sshd (its config, its port); `up` starts it again from that config
+            pid=$(pid_alive "$SSHD_PID" sshd "$SSHD_CONF") || die "the lab's sshd is not running"
+            stop_pid "$pid" sshd
+            return 0 ;;
+        *) die "usage: $0 stop-daemon libvirtd|virtlogd|sshd" ;;
+    esac
+    record=$STATE_DIR/$name.stopped
+    [[ ! -e $record ]] || die "$name was stopped already and not restored yet ($record)"
+    pid=$(serving_pid "$name") || die "no $name serves $(system_socket "$name")"
+    mkdir -p "$record.new"
+    cp "/proc/$pid/cmdline" "$record.new/argv"
+    cp "/proc/$pid/environ" "$record.new/environ"
+    readlink "/proc/$pid/exe" | sed 's/ (deleted)$//' >"$record.new/exe"
+    readlink "/proc/$pid/cwd" >"$record.new/cwd"
+    if owned_by_lab "$name" "$pid"; then echo lab; else echo other; fi >"$record.new/owner"
+    if unit=$(systemd_unit "$pid"); then
+        active=("$unit")
+        # socket activation would start the daemon again on the next connection: stop those too
+        for u in "${name}.socket" "${name}-ro.socket" "${name}-admin.socket"; do
+            systemctl is-active --quiet "$u" 2>/dev/null && active+=("$u")
+        done
+        printf '%s\n' "${active[@]}" >"$record.new/units"
+    fi
+    mv "$record.new" "$record"
+    log "stopping $name (pid $pid, $(cat "$record/owner") daemon): $(show_argv "$record/argv")"
+    if [[ -s $record/units ]]; then
+        mapfile -t active <"$record/units"
+        systemctl stop "${active[@]}"
+    else
+        stop_pid "$pid" "$name"
+    fi
+}
+
+# restore_daemon NAME: start again the NAME that stop-daemon stopped, exactly as it ran
+restore_daemon() {
+    local name=$1 record=$STATE_DIR/$1.stopped pid exe i units=()
+    [[ -d $record ]] || return 0
+    if pid=$(serving_pid "$name"); then
+        log "$name already serves again (pid $pid); forgetting how the stopped one ran"
+        rm -rf "$record"
+        return 0
+    fi
+    if [[ -s $record/units ]]; then
+        mapfile -t units <"$record/units"
+        log "restoring $name: systemctl start ${units[*]}"
+        systemctl start "${units[@]}"
+    else
+        exe=$(cat "$record/exe")
+        [[ -x $exe ]] || die "cannot restore $name: $exe is gone"
+        log "restoring $name ($(cat "$record/owner") daemon) as it ran: $(show_argv "$record/argv")"
+        # execve with exactly the recorded binary, argv (argv[0] too), environment (a shell in
+        # between would add SHLVL, PWD, _) and working directory; setsid detaches a daemon that
+        # does not fork by itself (no -d)
+        setsid python3 -c '
+import os, sys
+record = sys.argv[1]
+def read(name):
+    with open(os.path.join(record, name), "rb") as handle:
+        return handle.read()
+argv = read("argv").split(b"\0")[:-1]
+env = dict(item.split(b"=", 1) for item in read("environ").split(b"\0") if b"=" in item)
+os.chdir(read("cwd").rstrip(b"\n"))
+os.execve(read("exe").rstrip(b"\n"), argv, env)
+' "$record" </dev/null >/dev/null 2>&1 9>&- &
+    fi
+    # until the daemon that serves is the one started (a forking daemon's parent may hold the
+    # socket for a moment) and runs as recorded; a unit's start may differ, which is then said
+    for ((i = 0; i < 100; i++)); do
+        pid=$(serving_pid "$name") && same_argv "$pid" "$record/argv" && break
+        sleep 0.1
+    done
+    pid=$(serving_pid "$name") || pid=
+    [[ -n $pid ]] || die "$name did not come back (it ran as: $(show_argv "$record/argv"))"
+    same_argv "$pid" "$record/argv" ||
+        log "note: $name now runs as $(show_argv "/proc/$pid/cmdline") (was: $(show_argv "$record/argv"))"
+    if [[ $(cat "$record/owner") == lab ]]; then
+        printf '%s\n' "$pid" >"$STATE_DIR/$name.started"
+    fi
+    rm -rf "$record"
+    log "$name restored (pid $pid)"
+}
+
+restore_daemons() {
+    restore_daemon virtlogd
+    restore_daemon libvirtd
 }
 
 # ---------------------------------------------------------------- packages
@@ -281,10 +441,15 @@ fix_kvm_perms() {
 }
 
 ensure_libvirtd() {
-    local i
+    local i pid
     fix_kvm_perms
-    if running_named virtlogd; then
-        log "virtlogd already running"
+    restore_daemons
+    if pid=$(serving_pid virtlogd); then
+        if owned_by_lab virtlogd "$pid"; then
+            log "virtlogd running (pid $pid, started by the lab)"
+        else
+            log "virtlogd already running (pid $pid, not started by the lab: left as it is)"
+        fi
     else
         log "starting virtlogd"
         # 9>&-: daemons must not inherit (and so hold forever) the lock fd
@@ -293,11 +458,14 @@ ensure_libvirtd() {
             pid_alive "$VIRTLOGD_PID" virtlogd >/dev/null && break
             sleep 0.1
         done
-        pid_alive "$VIRTLOGD_PID" virtlogd >/dev/null || die "virtlogd did not start"
-        pid_alive "$VIRTLOGD_PID" virtlogd >"$STATE_DIR/virtlogd.started"
+        pid_alive "$VIRTLOGD_PID" virtlogd >"$STATE_DIR/virtlogd.started" || die "virtlogd did not start"
     fi
-    if running_named libvirtd; then
-        log "libvirtd already running"
+    if pid=$(serving_pid libvirtd); then
+        if owned_by_lab libvirtd "$pid"; then
+            log "libvirtd running (pid $pid, started by the lab)"
+        else
+            log "libvirtd already running (pid $pid, not started by the lab: left as it is): $(show_argv "/proc/$pid/cmdline")"
+        fi
     else
         write_libvirtd_conf
         log "starting libvirtd -f $LIBVIRTD_CONF"
@@ -314,6 +482,17 @@ ensure_libvirtd() {
         sleep 0.2
     done
     die "libvirt $URI not reachable; see $STATE_DIR/libvirtd.log"
+}
+
+# Why the lab user cannot reach qemu:///system, for the error message
+libvirt_access_hint() {
+    local pid
+    pid=$(serving_pid libvirtd) || { printf 'no libvirtd serves %s' "$(system_socket libvirtd)"; return; }
+    owned_by_lab libvirtd "$pid" && { printf 'see %s' "$SSHD_LOG"; return; }
+    printf 'libvirtd (pid %s, not started by the lab: %s) refuses %s? It must let group %s in ' \
+        "$pid" "$(show_argv "/proc/$pid/cmdline")" "$LAB_USER" "$LAB_GROUP"
+    printf '(unix_sock_group = "%s", unix_sock_rw_perms = "0770", and auth_unix_rw = "none" or a running ' "$LAB_GROUP"
+    printf 'polkitd with libvirt'"'"'s rule for that group); see %s' "$SSHD_LOG"
 }
 
 # ---------------------------------------------------------------- user/ssh
@@ -354,7 +533,7 @@ choose_port() {
     fi
     if [[ -s $PORT_FILE ]]; then
         p=$(cat "$PORT_FILE")
-        if pid_alive "$SSHD_PID" sshd >/dev/null || port_free "$p"; then
+        if pid_alive "$SSHD_PID" sshd "$SSHD_CONF" >/dev/null || port_free "$p"; then
             printf '%s\n' "$p"
             return
         fi
@@ -403,11 +582,11 @@ ensure_sshd() {
         ssh-keygen -q -t ed25519 -N '' -C "playr-lab-host" -f "$HOST_KEY"
     fi
     printf '[127.0.0.1]:%s %s\n' "$port" "$(cut -d' ' -f1,2 "$HOST_KEY.pub")" >"$KNOWN_HOSTS"
-    if pid=$(pid_alive "$SSHD_PID" sshd) && [[ $(cat "$PORT_FILE" 2>/dev/null) == "$port" ]]; then
+    if pid=$(pid_alive "$SSHD_PID" sshd "$SSHD_CONF") && [[ $(cat "$PORT_FILE" 2>/dev/null) == "$port" ]]; then
         log "sshd already running (pid $pid, port $port)"
         return 0
     fi
-    stop_pidfile "$SSHD_PID" sshd
+    stop_pidfile "$SSHD_PID" sshd "$SSHD_CONF"
     port_free "$port" || die "port $port is in use by something else"
     write_sshd_conf "$port"
     mkdir -p /run/sshd
@@ -416,10 +595,10 @@ ensure_sshd() {
     log "starting sshd on 127.0.0.1:$port"
     /usr/sbin/sshd -f "$SSHD_CONF" -E "$SSHD_LOG" 9>&-
     for ((i = 0; i < 50; i++)); do
-        pid_alive "$SSHD_PID" sshd >/dev/null && ! port_free "$port" && break
+        pid_alive "$SSHD_PID" sshd "$SSHD_CONF" >/dev/null && ! port_free "$port" && break
         sleep 0.1
     done
-    pid_alive "$SSHD_PID" sshd >/dev/null || die "sshd did not start; see $SSHD_LOG"
+    pid_alive "$SSHD_PID" sshd "$SSHD_CONF" >/dev/null || die "sshd did not start; see $SSHD_LOG"
     printf '%s\n' "$port" >"$PORT_FILE"
 }
 
@@ -553,7 +732,7 @@ cmd_up() {
     t=$(now); ensure_user; ensure_sshd; log "user+sshd: $(since "$t")s"
     t=$(now)
     lab_ssh virsh -q -c "$URI" list --all >/dev/null ||
-        die "ssh $LAB_USER@127.0.0.1 virsh list failed; see $SSHD_LOG"
+        die "ssh $LAB_USER@127.0.0.1 virsh list failed: $(libvirt_access_hint)"
     log "ssh as $LAB_USER + virsh list: ok ($(since "$t")s)"
     t=$(now); ensure_guests; log "guests: $(since "$t")s"
     print_env >"$ENV_FILE.new"
@@ -566,14 +745,18 @@ cmd_down() {
     need_root
     [[ -d $STATE_DIR ]] || { log "nothing to do ($STATE_DIR absent)"; return 0; }
     lock_state
+    # a daemon a test stopped comes back first: one the lab did not start must outlive the lab,
+    # and removing the guests needs libvirtd anyway
+    restore_daemons
     remove_guests
-    stop_pidfile "$SSHD_PID" sshd
+    stop_pidfile "$SSHD_PID" sshd "$SSHD_CONF"
+    # only what the lab started, and only while it is still that process
     if [[ -s $STATE_DIR/libvirtd.started ]]; then
-        stop_pidfile "$STATE_DIR/libvirtd.started" libvirtd
+        stop_pidfile "$STATE_DIR/libvirtd.started" libvirtd "$LIBVIRTD_CONF"
         rm -f "$LIBVIRTD_PID"
     fi
     if [[ -s $STATE_DIR/virtlogd.started ]]; then
-        stop_pidfile "$STATE_DIR/virtlogd.started" virtlogd
+        stop_pidfile "$STATE_DIR/virtlogd.started" virtlogd "$VIRTLOGD_PID"
         rm -f "$VIRTLOGD_PID"
     fi
     rm -f "$ENV_FILE"
@@ -581,22 +764,22 @@ cmd_down() {
 }
 
 cmd_status() {
-    local pid rc=0
-    if pid=$(pid_alive "$SSHD_PID" sshd); then
+    local pid d rc=0
+    if pid=$(pid_alive "$SSHD_PID" sshd "$SSHD_CONF"); then
         echo "sshd: running (pid $pid, 127.0.0.1:$(cat "$PORT_FILE"))"
     else
         echo "sshd: not running"; rc=1
     fi
     for d in libvirtd virtlogd; do
-        if running_named "$d"; then
-            pid=$(pgrep -x "$d" | while read -r p; do not_zombie "$p" && echo "$p"; done | head -n1)
-            if pid_alive "$STATE_DIR/$d.started" "$d" >/dev/null; then
+        if pid=$(serving_pid "$d"); then
+            if owned_by_lab "$d" "$pid"; then
                 echo "$d: running (pid $pid, started by lab)"
             else
-                echo "$d: running (pid $pid, not started by lab)"
+                echo "$d: running (pid $pid, not started by lab): $(show_argv "/proc/$pid/cmdline")"
             fi
         else
-            echo "$d: not running"; rc=1
+            echo "$d: not running$([[ -d $STATE_DIR/$d.stopped ]] && echo ' (stopped by stop-daemon; up restores it)')"
+            rc=1
         fi
     done
     if libvirt_ok; then
@@ -629,5 +812,8 @@ case ${1:-} in
     down) cmd_down ;;
     status) cmd_status ;;
     wait-ready) shift; cmd_wait_ready "$@" ;;
-    *) echo "usage: $0 up|down|status|wait-ready NAME [TIMEOUT]" >&2; exit 2 ;;
+    stop-daemon) shift; need_root; lock_state; cmd_stop_daemon "$@" ;;
+    restore) need_root; lock_state; restore_daemons ;;
+    *) echo "usage: $0 up|down|status|wait-ready NAME [TIMEOUT]|stop-daemon libvirtd|virtlogd|sshd|restore" >&2
+       exit 2 ;;
 esac

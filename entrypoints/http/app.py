@@ -12,7 +12,14 @@ import falcon.asgi
 from entrypoints.bootstrap import Runtime
 from entrypoints.http import errors, openapi
 from entrypoints.http.cache import UntilChanged
-from entrypoints.http.middleware import Authentication, BodyLimit, FailureLimiter, Lifespan, RequestContext
+from entrypoints.http.middleware import (
+    Authentication,
+    BodyLimit,
+    FailureLimiter,
+    HttpsRequired,
+    Lifespan,
+    RequestContext,
+)
 from entrypoints.http.resources import OperationsResource
 from entrypoints.operations import OPERATIONS, Operation
 
@@ -26,11 +33,13 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
     # SQLite's data version, when the storage has one: reads are kept until the database changes.
     data_version = getattr(runtime.storage, "data_version", None)
     middleware: list[Any] = [
-            RequestContext(),
-            BodyLimit(settings.max_body_bytes),
-            Authentication(portal, FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window),
-                           UntilChanged(data_version)),
-            Lifespan(runtime),
+        RequestContext(),
+        BodyLimit(settings.max_body_bytes),
+        # before authentication: a key that came over plain HTTP is refused, never looked up
+        HttpsRequired(settings.allow_plain_http),
+        Authentication(portal, FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window),
+                       UntilChanged(data_version)),
+        Lifespan(runtime),
     ]
     app = falcon.asgi.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True

@@ -1,5 +1,6 @@
-"""Cross-cutting concerns of every request: request id, client address, body limit, authentication
-with a per-address limit on failures, and one structured access-log line per request."""
+"""Cross-cutting concerns of every request: request id, client address, body limit, HTTPS for
+credentials behind a proxy, authentication with a per-address limit on failures, and one structured
+access-log line per request."""
 
 from __future__ import annotations
 
@@ -77,6 +78,58 @@ class BodyLimit:
         if req.method in ("POST", "PUT", "PATCH") and length is not None and length > self.max_bytes:
             raise Problem(413, "body_too_large", f"the request body is {length} bytes; the limit is "
                           f"{self.max_bytes} bytes", title="Request body too large")
+
+
+class HttpsRequired:
+    """Refuses credential-bearing requests that reached the proxy in front of the portal over plain
+    HTTP (403 ``https_required``), unless the operator allows it (``MANAGEMENT_ALLOW_PLAIN_HTTP``).
+
+    Why: the installed nginx listens on port 80 until TLS is added; an API key sent over that leg
+    crosses the network in clear. Refusing makes the mistake visible at the first request instead
+    of after a key was sniffed. The key is not looked up at all (this runs before authentication).
+
+    Credential-bearing: every request with an ``Authorization`` header (the API key travels in it:
+    every authenticated route, ``rotate``, ``credentials``) and ``POST /users`` (its answer carries
+    a new API key even without one). Public reads (``/health``, ``/openapi.json``) stay reachable.
+
+    Through a proxy: the request carries ``X-Forwarded-Proto``. The HTTP server (uvicorn) takes the
+    scheme from that header only when the peer is in ``MANAGEMENT_TRUSTED_PROXIES``; otherwise the
+    scheme stays the connection's own, plain ``http``. So a request is refused when it carries the
+    header and its scheme is not ``https``: a trusted proxy that says ``http``, or an untrusted peer
+    claiming anything. A direct request without the header (the local command line, a client on
+    loopback, the tests) is not a proxied one and is let through: the portal itself never serves
+    TLS, so it binds 127.0.0.1 behind nginx in production.
+    """
+
+    def __init__(self, allow_plain_http: bool) -> None:
+        self.allow_plain_http = allow_plain_http
+
+    # Routes whose answer carries a new key even to a request without one (by route template, so
+    # that "//users" or "/users/" count too)
+    ISSUING_KEYS = frozenset({("POST", "/users")})
+
+    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        # before routing, so before any process_resource (authentication): a refused key is never looked up
+        if req.get_header("Authorization") is not None:
+            self.check(req)
+
+    async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
+                               resource: object, params: dict[str, Any]) -> None:
+        if resource is not None and (req.method, req.uri_template) in self.ISSUING_KEYS:
+            self.check(req)
+
+    def check(self, req: falcon.asgi.Request) -> None:
+        if self.allow_plain_http:
+            return
+        forwarded = req.get_header("X-Forwarded-Proto")
+        if forwarded is None or req.scheme == "https":
+            return
+        raise Problem(403, "https_required",
+                      "API keys are accepted only over HTTPS: this request reached the proxy in front of the "
+                      f"portal over plain HTTP (X-Forwarded-Proto: {forwarded[:16]!r}), or came from a proxy "
+                      "not listed in MANAGEMENT_TRUSTED_PROXIES. Use https://, add TLS to the proxy "
+                      "(certbot --nginx), or set MANAGEMENT_ALLOW_PLAIN_HTTP=true to accept plain HTTP.",
+                      title="HTTPS required")
 
 
 class FailureLimiter:
