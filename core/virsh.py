@@ -86,8 +86,10 @@ def check_vm_name(name: str) -> str | None:
 
 
 def _looks_like_uuid(name: str) -> bool:
-    """What libvirt's virUUIDParse accepts: 32 hexadecimal digits, with '-' anywhere between."""
-    digits = name.replace("-", "")
+    """What libvirt's virUUIDParse accepts, and a little more: 32 hexadecimal digits once every
+    '-' and ' ' is skipped (virUUIDParse skips both between digit pairs, so
+    ``01234567 89ab cdef 0123 456789abcdef`` is a UUID to virsh)."""
+    digits = name.replace("-", "").replace(" ", "")
     return len(digits) == 32 and all(char in "0123456789abcdefABCDEF" for char in digits)
 
 
