@@ -359,6 +359,16 @@ class TooManyOperations(TooManyRequests):
     code = "too_many_operations"
 
 
+# ---------------------------------------------------------------------- SSH key parsing (issue 14, item 1)
+
+
+class KeyParserBusy(Unavailable):
+    """Every child process that parses private keys stayed busy past the deadline (or one could not
+    be started): nothing is wrong with the key, try again."""
+
+    code = "key_parser_busy"
+
+
 def error_classes() -> list[type[PortalError]]:
     """Every error class of the vocabulary, bases included (for documents that list the codes)."""
     found: list[type[PortalError]] = []

@@ -86,8 +86,10 @@ def check_vm_name(name: str) -> str | None:
 
 
 def _looks_like_uuid(name: str) -> bool:
-    """What libvirt's virUUIDParse accepts: 32 hexadecimal digits, with '-' anywhere between."""
-    digits = name.replace("-", "")
+    """What libvirt's virUUIDParse accepts, and a little more: 32 hexadecimal digits once every
+    '-' and ' ' is skipped (virUUIDParse skips both between digit pairs, so
+    ``01234567 89ab cdef 0123 456789abcdef`` is a UUID to virsh)."""
+    digits = name.replace("-", "").replace(" ", "")
     return len(digits) == 32 and all(char in "0123456789abcdefABCDEF" for char in digits)
 
 
@@ -236,7 +238,9 @@ def command_line(argv: Sequence[str]) -> str:
 _KNOWN_STATES = ("running", "idle", "paused", "in shutdown", "shut off", "crashed", "pmsuspended",
                  "blocked", "dying", "no state")
 VM_STATES = _KNOWN_STATES  # what the fleet view's state filter accepts
-_ROW = re.compile(r"^\s*(?P<id>[0-9]{1,10}|-)\s+(?P<rest>.*?)\s*$")
+# The row's id and the space after it; the rest of the row is taken with str.rstrip, not a lazy
+# ``.*?\s*$`` (which retried every position of a run of spaces: quadratic in the run's length).
+_ROW = re.compile(r"\s*(?P<id>[0-9]{1,10}|-)\s+")
 
 
 def parse_list(stdout: str) -> list[VmSummary]:
@@ -246,9 +250,9 @@ def parse_list(stdout: str) -> list[VmSummary]:
     as ``--title``) rows are cut at the header's column positions, counted in display cells as
     virsh pads them (a wide CJK character takes two)."""
     lines = stdout.splitlines()
-    separator = next((i for i, line in enumerate(lines) if line.strip() and set(line.strip()) == {"-"}), None)
+    separator = _separator(lines)
     header = lines[separator - 1] if separator is not None and separator >= 1 else ""
-    columns = [_width(header[: m.start()]) for m in re.finditer(r"\S+", header)]
+    columns = _column_starts(header, _WORD)
     rows = lines[separator + 1:] if separator is not None else lines
     result: list[VmSummary] = []
     for line in rows:
@@ -256,7 +260,7 @@ def parse_list(stdout: str) -> list[VmSummary]:
         if not line.strip() or match is None:
             continue
         vm_id = None if match.group("id") == "-" else int(match.group("id"))
-        name, state = _split_name_state(line, match.group("rest"), columns)
+        name, state = _split_name_state(line, line[match.end():].rstrip(), columns)
         if name:
             result.append(VmSummary(name=name, state=state, id=vm_id))
     return result
@@ -268,13 +272,23 @@ def _split_name_state(line: str, rest: str, columns: list[int]) -> tuple[str, st
             if rest.endswith(" " + state):
                 return rest[: -len(state)].rstrip(), state
     if len(columns) >= 3:
-        end = columns[3] if len(columns) >= 4 else None
-        name = _cells(line, columns[1], columns[2]).strip()
-        state = _cells(line, columns[2], end).strip()
+        _, name, state = (cell.strip() for cell in _cut(line, columns, 3))
         if name:
             return name, state
     name, _, state = rest.rpartition(" ")
     return name.strip(), state
+
+
+# Every parser below is linear in its input (issue 14, item 3): each line is walked a bounded
+# number of times, whatever its length or the header's number of columns
+# (tests/unit/test_virsh_linearity.py counts the work; bench/parsers.py times size ladders).
+
+_WORD = re.compile(r"\S+")
+
+
+def _separator(lines: list[str]) -> int | None:
+    """Index of the first line of only dashes (under a table's header), or None."""
+    return next((i for i, line in enumerate(lines) if line.strip() and not line.strip().strip("-")), None)
 
 
 def _width(text: str) -> int:
@@ -282,15 +296,35 @@ def _width(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
-def _cells(line: str, start: int, end: int | None) -> str:
-    """The characters of ``line`` between display cells ``start`` and ``end``."""
-    out: list[str] = []
+def _column_starts(header: str, cell: re.Pattern[str]) -> list[int]:
+    """The display cell at which each header cell (a match of ``cell``) starts, in one pass over
+    the header (the width before each cell is carried on, never recounted from the start)."""
+    starts: list[int] = []
+    width = 0
+    position = 0
+    for match in cell.finditer(header):
+        width += _width(header[position:match.start()])
+        position = match.start()
+        starts.append(width)
+    return starts
+
+
+def _cut(line: str, starts: list[int], count: int) -> list[str]:
+    """The first ``count`` cells of ``line``: cell ``i`` holds the characters whose display cell is
+    in ``[starts[i], starts[i + 1])`` (open-ended when ``starts`` ends there). One pass over the
+    line, stopping once past cell ``count - 1``; the header's other columns cost nothing."""
+    parts: list[list[str]] = [[] for _ in range(count)]
+    column = -1  # characters before starts[0] belong to no cell
     cell = 0
     for char in line:
-        if cell >= start and (end is None or cell < end):
-            out.append(char)
+        while column + 1 < len(starts) and cell >= starts[column + 1]:
+            column += 1
+            if column >= count:
+                return ["".join(part) for part in parts]
+        if column >= 0:
+            parts[column].append(char)
         cell += _width(char)
-    return "".join(out)
+    return ["".join(part) for part in parts]
 
 
 def parse_dominfo(stdout: str) -> dict[str, str | int | None]:
@@ -304,7 +338,7 @@ def parse_dominfo(stdout: str) -> dict[str, str | int | None]:
         info[_snake(key)] = value.strip()
     if "id" in info:
         raw_id = info["id"]
-        info["id"] = int(raw_id) if isinstance(raw_id, str) and raw_id.isascii() and raw_id.isdigit() else None
+        info["id"] = _whole_int(raw_id) if isinstance(raw_id, str) else None
     return info
 
 
@@ -323,16 +357,21 @@ def _key_values(stdout: str) -> dict[str, str]:
     return values
 
 
+INT_DIGITS_MAX = 20  # a 64-bit counter has at most 20 digits; int() of a longer run is quadratic
+
+
 def _leading_int(value: str | None) -> int | None:
-    """``"2596 MHz"`` → 2596; None when the value does not start with a number."""
+    """``"2596 MHz"`` → 2596; None when the value does not start with a number (of at most 20
+    digits: nothing virsh prints is longer, and int() of a huge run of digits is quadratic)."""
     match = re.match(r"\s*([0-9]+)", value or "")
-    return int(match.group(1)) if match else None
+    return int(match.group(1)) if match and len(match.group(1)) <= INT_DIGITS_MAX else None
 
 
 def _whole_int(value: str | None) -> int | None:
     """``"562162000"`` → 562162000; None for anything but ASCII digits (a counter virsh did not
-    print, or printed as something else: ``-1``, ``12abc``, ``١٢``)."""
-    return int(value) if value is not None and value.isascii() and value.isdigit() else None
+    print, or printed as something else: ``-1``, ``12abc``, ``١٢``), or more than 20 of them."""
+    ok = value is not None and len(value) <= INT_DIGITS_MAX and value.isascii() and value.isdigit()
+    return int(value) if ok and value is not None else None
 
 
 # ---------------------------------------------------------------------- domstats
@@ -504,19 +543,18 @@ def parse_snapshot_list(stdout: str) -> list[Snapshot]:
     at the header's column positions, counted in display cells, so names with spaces (or that look
     like times or states) and localized headers keep their columns."""
     lines = stdout.splitlines()
-    separator = next((i for i, line in enumerate(lines) if line.strip() and set(line.strip()) == {"-"}), None)
+    separator = _separator(lines)
     if separator is None or separator == 0:
         return []
     header = lines[separator - 1]
-    starts = [_width(header[: m.start()]) for m in _HEADER_CELL.finditer(header)]
+    starts = _column_starts(header, _HEADER_CELL)
     if len(starts) < 3:
         return []
     result: list[Snapshot] = []
     for line in lines[separator + 1:]:
         if not line.strip():
             continue
-        cells = [_cells(line, start, starts[i + 1] if i + 1 < len(starts) else None).strip()
-                 for i, start in enumerate(starts)]
+        cells = [cell.strip() for cell in _cut(line, starts, min(len(starts), 4))]  # 4 columns are read
         if not cells[0]:
             continue
         parent = cells[3] if len(cells) > 3 and cells[3] else None
@@ -525,6 +563,8 @@ def parse_snapshot_list(stdout: str) -> list[Snapshot]:
 
 
 def _snapshot_time(text: str) -> datetime | None:
+    if len(text) > 40:  # "2026-01-02 03:04:05 +0000" is 25
+        return None
     try:
         return datetime.strptime(text, "%Y-%m-%d %H:%M:%S %z").astimezone(UTC)
     except ValueError:
@@ -624,8 +664,27 @@ def _failure_text(result: CommandResult) -> tuple[str, str]:
 
 
 # virsh does not quote the snapshot's name in this one message, so it is matched as a whole line
-# and before anything else: a snapshot called "snapshot not found" is still a taken name.
-_SNAPSHOT_EXISTS = re.compile(r"domain (?:moment|snapshot) .+ already exists\s*$", re.MULTILINE)
+# and before anything else: a snapshot called "snapshot not found" is still a taken name. It used
+# to be the regex ``domain (?:moment|snapshot) .+ already exists\s*$`` (MULTILINE, searched): on
+# text repeating "domain snapshot " each start re-scanned its line, quadratic. This is the same
+# test, one pass per line (tests/unit/test_virsh_linearity.py compares both on any text).
+_EXISTS_PREFIXES = ("domain moment ", "domain snapshot ")
+_EXISTS_SUFFIX = " already exists"
+
+
+def _says_snapshot_exists(lowered: str) -> bool:
+    """Whether a line of ``lowered`` reads ``domain snapshot <something> already exists``."""
+    for line in lowered.split("\n"):
+        text = line.rstrip()  # str.isspace is exactly re's \s
+        if not text.endswith(_EXISTS_SUFFIX):
+            continue
+        head = text[: -len(_EXISTS_SUFFIX)]
+        for prefix in _EXISTS_PREFIXES:
+            at = head.find(prefix)
+            if at != -1 and at + len(prefix) < len(head):  # ".+": at least one character between
+                return True
+    return False
+
 
 
 def raise_for_snapshot_failure(result: CommandResult, vm: str, snapshot: str | None = None) -> None:
@@ -634,7 +693,7 @@ def raise_for_snapshot_failure(result: CommandResult, vm: str, snapshot: str | N
     if result.exit_status == 0:
         return
     stderr, lowered = _failure_text(result)
-    if _SNAPSHOT_EXISTS.search(lowered):
+    if _says_snapshot_exists(lowered):
         raise SnapshotNameTaken(f"VM {vm!r} already has a snapshot named {snapshot!r}")
     if "snapshot not found" in lowered or "no domain snapshot with matching name" in lowered:
         raise SnapshotNotFound(f"VM {vm!r} has no snapshot named {snapshot!r}")

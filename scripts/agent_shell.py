@@ -68,6 +68,32 @@ COMMANDS: dict[str, dict[str, str]] = {
     "hostname": {},
     "uri": {},
 }
+# subcommand -> the options the portal always sends with it (core/virsh.py builds no command
+# without them; tests/unit/test_agent_shell.py derives this from core/virsh.py and compares): a
+# command missing one is not the portal's, so it is refused. A bare ``domstats`` would report on
+# every VM of the host, a bare ``snapshot-current`` would print the snapshot's whole XML.
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "list": ("--all",),
+    "dominfo": ("--domain",),
+    "start": ("--domain",),
+    "shutdown": ("--domain",),
+    "destroy": ("--domain",),
+    "reboot": ("--domain",),
+    "suspend": ("--domain",),
+    "resume": ("--domain",),
+    "autostart": ("--domain",),
+    "domstats": ("--domain", "--state"),
+    "snapshot-list": ("--domain", "--parent"),
+    "snapshot-current": ("--domain", "--name"),
+    "snapshot-create-as": ("--domain", "--name"),
+    "snapshot-revert": ("--domain", "--snapshotname"),
+    "snapshot-delete": ("--domain", "--snapshotname"),
+    "nodeinfo": (),
+    "version": ("--daemon",),
+    "hostname": (),
+    "uri": (),
+}
+LOG_TEXT_MAX = 1024  # characters of a command or reason written to the logs (the rest is counted)
 
 
 class Refused(Exception):
@@ -78,7 +104,7 @@ def check_vm_name(name: str) -> str | None:
     """Why ``name`` is refused as a VM name, or None (the portal's rule): virsh tries a --domain
     value as an id, then a UUID, then a name, so digits-only and UUID-like names are refused."""
     problem = check_snapshot_name(name)
-    digits = name.replace("-", "")
+    digits = name.replace("-", "").replace(" ", "")  # virUUIDParse skips both
     if problem is None and name.isascii() and name.isdigit():
         return "must not be only digits (virsh would take it for a domain id)"
     if problem is None and len(digits) == 32 and all(char in "0123456789abcdefABCDEF" for char in digits):
@@ -143,7 +169,18 @@ def parse(command: str | None, allowed_uris: frozenset[str]) -> list[str]:
         if problem is not None:
             raise Refused(f"{option} value {value!r} {problem}")
         position += 1
+    missing = [option for option in REQUIRED[subcommand] if option not in seen]
+    if missing:
+        raise Refused(f"virsh {subcommand} from the portal always has {', '.join(missing)}")
     return words
+
+
+def clip(text: str, limit: int = LOG_TEXT_MAX) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was: a refused command can be as
+    long as sshd allows (hundreds of KiB), and each one would otherwise be logged whole."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 def read_config(path: str = CONFIG_FILE) -> dict[str, str]:
@@ -161,7 +198,8 @@ def read_config(path: str = CONFIG_FILE) -> dict[str, str]:
 
 def log(config: dict[str, str], verdict: str, command: str | None, reason: str = "") -> None:
     client = (os.environ.get("SSH_CONNECTION") or "local").split(" ", 1)[0]
-    line = f"{verdict} from={client} command={command!r}" + (f" reason={reason!r}" if reason else "")
+    shown = None if command is None else clip(command)
+    line = f"{verdict} from={client} command={shown!r}" + (f" reason={clip(reason)!r}" if reason else "")
     syslog.openlog("playr-agent-shell", syslog.LOG_PID, syslog.LOG_AUTH)
     syslog.syslog(syslog.LOG_NOTICE if verdict == "run" else syslog.LOG_WARNING, line)
     try:
@@ -182,7 +220,7 @@ def main(args: list[str]) -> int:
         argv = parse(command, allowed)
     except Refused as refusal:
         log(config, "refused", command, str(refusal))
-        print(f"playr-agent-shell: refused: {refusal}", file=sys.stderr)
+        print(f"playr-agent-shell: refused: {clip(str(refusal))}", file=sys.stderr)
         return REFUSED
     log(config, "run", command)
     try:

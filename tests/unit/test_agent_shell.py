@@ -37,7 +37,9 @@ shell = _load()
 names = st.text(st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
     ["guest1", "web 01", "-x", " a", "a;id", "$(reboot)", "a`id`", "é", "a\n", "x" * 201, "db:primary@2",
      "7", "\u0667", "0123", "4dea22b3-1d52-d8f3-2516-782e98ab3fa0", "4dea22b31d52d8f32516782e98ab3fa0",
-     "4dea-22b3", "4DEA22B3-1D52-D8F3-2516-782E98AB3FA0"]) | st.uuids().map(str) | st.integers(0).map(str)
+     "4dea-22b3", "4DEA22B3-1D52-D8F3-2516-782E98AB3FA0", "01234567 89ab cdef 0123 456789abcdef",
+     "4dea22b3 1d52-d8f3 2516 782e98ab3fa0",
+     "4d ea 22 b3 1d 52 d8 f3 25 16 78 2e 98 ab 3f a0"]) | st.uuids().map(str) | st.integers(0).map(str)
 
 
 def portal_commands(vm: str, snapshot: str, description: str) -> list[tuple[str, ...]]:
@@ -160,3 +162,73 @@ def test_a_refused_command_exits_126_with_the_reason_and_is_logged(tmp_path: Pat
     assert " refused from=192.0.2.9 " in line and "reason=" in line
     login = _run(tmp_path, None)
     assert login.returncode == 126 and "no login shell" in login.stderr
+
+
+@pytest.mark.parametrize("name", ["01234567 89ab cdef 0123 456789abcdef", "4dea22b3 1d52-d8f3 2516 782e98ab3fa0",
+                                  "4d ea 22 b3 1d 52 d8 f3 25 16 78 2e 98 ab 3f a0"])
+def test_item10_the_shell_refuses_names_virsh_reads_as_a_uuid_once_spaces_are_skipped(name: str) -> None:
+    assert shell.check_vm_name(name) is not None
+    with pytest.raises(shell.Refused):
+        shell.parse(f"virsh --connect {URI} destroy --domain '{name}'", ALLOWED)
+
+
+# ---------------------------------------------------------------------------------------- issue 14, item 11
+
+
+def _always_sent() -> dict[str, set[str]]:
+    """subcommand -> the options every argv core/virsh.py builds for it carries."""
+    always: dict[str, set[str]] = {}
+    for argv in portal_commands("guest1", "snap1", "before upgrade"):
+        options = {word for word in argv[4:] if word in shell.COMMANDS[argv[3]]}
+        always[argv[3]] = always[argv[3]] & options if argv[3] in always else options
+    return always
+
+
+def test_item11_the_shell_requires_exactly_the_options_the_portal_always_sends() -> None:
+    assert {sub: set(options) for sub, options in shell.REQUIRED.items()} == _always_sent()
+
+
+@pytest.mark.parametrize("command", [
+    "virsh --connect qemu:///system domstats",
+    "virsh --connect qemu:///system domstats --state",
+    "virsh --connect qemu:///system domstats --domain guest1",
+    "virsh --connect qemu:///system snapshot-current --domain guest1",
+    "virsh --connect qemu:///system snapshot-create-as --domain guest1",
+    "virsh --connect qemu:///system snapshot-create-as --domain guest1 --description x",
+    "virsh --connect qemu:///system snapshot-list --domain guest1",
+    "virsh --connect qemu:///system snapshot-delete --domain guest1",
+    "virsh --connect qemu:///system start",
+    "virsh --connect qemu:///system list",
+    "virsh --connect qemu:///system version",
+])
+def test_item11_a_command_without_an_option_the_portal_always_sends_is_refused(command: str) -> None:
+    with pytest.raises(shell.Refused, match="always has"):
+        shell.parse(command, ALLOWED)
+
+
+@given(vm=names, snapshot=names, data=st.data())
+def test_item11_dropping_any_required_option_from_a_portal_command_is_refused(
+        vm: str, snapshot: str, data: st.DataObject) -> None:
+    try:
+        commands = portal_commands(vm, snapshot, "d")
+    except ValidationFailed:
+        return
+    argv = list(data.draw(st.sampled_from(commands)))
+    required = shell.REQUIRED[argv[3]]
+    if not required:
+        return
+    option = data.draw(st.sampled_from(required))
+    at = argv.index(option, 4)
+    del argv[at:at + (1 if shell.COMMANDS[argv[3]][option] == shell.FLAG else 2)]
+    with pytest.raises(shell.Refused):
+        shell.parse(virsh.command_line(argv), ALLOWED)
+
+
+def test_item11_a_huge_refused_command_is_logged_cut_to_a_bounded_length(tmp_path: Path) -> None:
+    huge = "virsh --connect qemu:///system start --domain " + "a" * 100_000 + " --bogus " + "b" * 20_000
+    result = _run(tmp_path, huge)
+    assert result.returncode == 126
+    assert len(result.stderr) < 2 * shell.LOG_TEXT_MAX
+    (line,) = (tmp_path / "commands.log").read_text().splitlines()
+    assert len(line) < 3 * shell.LOG_TEXT_MAX
+    assert f"({len(huge)} characters)" in line

@@ -493,3 +493,29 @@ def test_the_vm_name_quoted_in_stderr_does_not_change_the_error(name: str) -> No
         with pytest.raises((NotFound, Conflict, RemoteError)) as raised:
             virsh.raise_for_failure(failed(stderr), name)
         assert raised.value.code == code, stderr  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------------------- issue 14, item 10
+
+
+def _spaced_uuid(value: object, separators: list[str]) -> str:
+    """A UUID's 16 digit pairs joined by runs of '-' and ' ' (what virUUIDParse skips between pairs)."""
+    digits = str(value).replace("-", "")
+    pairs = [digits[i:i + 2] for i in range(0, 32, 2)]
+    return pairs[0] + "".join(sep + pair for sep, pair in zip(separators, pairs[1:], strict=True))
+
+
+@given(st.uuids(), st.lists(st.sampled_from(["", " ", "-", "  ", " - ", "--"]), min_size=15, max_size=15))
+@example("0123456789abcdef0123456789abcdef", ["", "", "", " ", "", " ", "", " ", "", " ", "", "", "", "", ""])
+def test_item10_names_virsh_reads_as_a_uuid_once_spaces_are_skipped_are_refused(
+        value: object, separators: list[str]) -> None:
+    name = _spaced_uuid(value, separators)
+    assert virsh.check_vm_name(name) is not None, name
+    with pytest.raises(ValidationFailed):
+        virsh.dominfo_command(DEFAULT_LIBVIRT_URI, name)
+    assert virsh.check_snapshot_name(name) is None  # snapshots are only ever looked up by name
+
+
+def test_item10_the_issue_s_example_is_refused() -> None:
+    assert virsh.check_vm_name("01234567 89ab cdef 0123 456789abcdef") is not None
+    assert virsh.check_vm_name("01234567 89ab cdef 0123 456789abcdeg") is None  # not hexadecimal
