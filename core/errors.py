@@ -181,6 +181,20 @@ class MissingApiKey(Unauthenticated):
         super().__init__(detail)
 
 
+class Forbidden(PortalError):
+    """Refused whoever the caller is, for a reason the portal's operator set (HTTP 403)."""
+
+    code = "forbidden"
+    title = "Forbidden"
+
+
+class HttpsRequired(Forbidden):
+    """A credential-bearing request reached the proxy in front of the portal over plain HTTP."""
+
+    code = "https_required"
+    title = "HTTPS required"
+
+
 class TooManyAuthFailures(TooManyRequests):
     """Too many failed authentications from one client address (HTTP 429)."""
 

@@ -128,7 +128,7 @@ def action_command(uri: str, vm: str, action: VmAction) -> tuple[str, ...]:
     return _virsh(uri, action.subcommand, "--domain", require_vm_name(vm))
 
 
-# ---------------------------------------------------------------------- beyond the lifecycle
+# ---------------------------------------------------------------------- waits, autostart, stats, snapshots, hosts
 # Every VM name goes after --domain, every snapshot name after --name (create) or --snapshotname,
 # and the one free text (a snapshot's description) right after --description, which virsh always
 # takes as that option's value, even when it starts with '-'.

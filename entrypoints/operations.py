@@ -273,7 +273,8 @@ OPERATIONS: tuple[Operation, ...] = (
     # users and API keys
     Operation("sign_up", "POST", "/users", "users", "Create a user and receive its API key (once)",
               lambda p, c: invoke(p.users.sign_up, c.body, c.origin), _with_key, UserWithKeyView, NewUser,
-              ok=201, errors=(*BODY_ERRORS, errors.SignupRefused, errors.EmailTaken), public=True, no_store=True,
+              ok=201, errors=(*BODY_ERRORS, errors.SignupRefused, errors.EmailTaken, errors.HttpsRequired),
+              public=True, no_store=True,
               library=False),
     Operation("get_current_user", "GET", "/users/me", "users", "The authenticated user's profile", _current_user,
               _one(UserView.of), UserView, library=False),

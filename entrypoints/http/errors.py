@@ -29,6 +29,7 @@ STATUS_OF: dict[type[domain.PortalError], int] = {
     domain.Conflict: 409,
     domain.Unauthenticated: 401,
     domain.SignupRefused: 403,
+    domain.Forbidden: 403,
     domain.Unavailable: 503,
     domain.RemoteError: 502,
     domain.RemoteTimeout: 504,
@@ -42,29 +43,10 @@ STATUS_OF: dict[type[domain.PortalError], int] = {
 # Codes for errors Falcon itself raises (routing, methods, bodies).
 CODE_OF_STATUS = {
     400: "bad_request",
-    401: "missing_api_key",
-    404: "not_found",
+    404: domain.NotFound.code,  # no such route: answered like anything else that is not there
     405: "method_not_allowed",
     411: "length_required",
-    413: "body_too_large",
-    415: "unsupported_media_type",
-    429: "too_many_requests",
-    431: "headers_too_large",
-    409: "conflict",
-    422: "validation_failed",
-    502: "remote_error",
-    503: "unavailable",
-    504: "agent_timeout",
 }
-
-
-class Problem(falcon.HTTPError):
-    """An HTTP error with a stable ``code``, raised by the entrypoint's own checks."""
-
-    def __init__(self, status: int, code: str, detail: str, *, title: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(falcon.code_to_http_status(status), title=title, description=detail, headers=headers)
-        self.problem_code = code
 
 
 def problem_body(status: int, code: str, title: str, detail: str, request_id: str | None,
@@ -122,8 +104,8 @@ async def handle_domain_error(req: falcon.asgi.Request, resp: falcon.asgi.Respon
 async def handle_http_error(req: falcon.asgi.Request, resp: falcon.asgi.Response,
                             error: falcon.HTTPError, _params: dict[str, Any]) -> None:
     status = error.status_code
-    code = error.problem_code if isinstance(error, Problem) else CODE_OF_STATUS.get(status, f"http_{status}")
-    title = error.title if isinstance(error, Problem) and error.title else _reason(status)
+    code = CODE_OF_STATUS.get(status, f"http_{status}")  # Falcon's own errors: routing, methods
+    title = _reason(status)
     detail = error.description or _default_detail(status, req)
     headers = error.headers or {}
     pairs: list[tuple[str, str]] = (list(headers.items()) if isinstance(headers, Mapping)

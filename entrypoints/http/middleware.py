@@ -16,18 +16,17 @@ import falcon
 import falcon.asgi
 import structlog
 
+from core import errors
 from core.errors import Unauthenticated
 from core.model import User
 from core.portal import Portal
 from entrypoints.http.cache import UntilChanged
-from entrypoints.http.errors import Problem
 
 access_log = structlog.get_logger("manage_playrservers.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 MAX_HEADER_BYTES = 16 * 1024  # like nginx's large_client_header_buffers in front of it
 MAX_HEADERS = 100
-BEARER_CHALLENGE = 'Bearer realm="manage-playrservers"'
 
 
 class RequestContext:
@@ -44,9 +43,7 @@ class RequestContext:
         # The HTTP server (uvicorn) does not bound headers that arrive whole; refuse them here.
         headers = req.headers
         if len(headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in headers.items()) > MAX_HEADER_BYTES:
-            raise Problem(431, "headers_too_large",
-                          f"send at most {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes of them",
-                          title="Request header fields too large")
+            raise errors.HeadersTooLarge(f"send at most {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes of them")
 
     async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
                                resource: object, req_succeeded: bool) -> None:
@@ -76,8 +73,7 @@ class BodyLimit:
         req.context.max_body_bytes = self.max_bytes
         length = req.content_length
         if req.method in ("POST", "PUT", "PATCH") and length is not None and length > self.max_bytes:
-            raise Problem(413, "body_too_large", f"the request body is {length} bytes; the limit is "
-                          f"{self.max_bytes} bytes", title="Request body too large")
+            raise errors.BodyTooLarge(f"the request body is {length} bytes; the limit is {self.max_bytes} bytes")
 
 
 class HttpsRequired:
@@ -124,12 +120,11 @@ class HttpsRequired:
         forwarded = req.get_header("X-Forwarded-Proto")
         if forwarded is None or req.scheme == "https":
             return
-        raise Problem(403, "https_required",
+        raise errors.HttpsRequired(
                       "API keys are accepted only over HTTPS: this request reached the proxy in front of the "
                       f"portal over plain HTTP (X-Forwarded-Proto: {forwarded[:16]!r}), or came from a proxy "
                       "not listed in MANAGEMENT_TRUSTED_PROXIES. Use https://, add TLS to the proxy "
-                      "(certbot --nginx), or set MANAGEMENT_ALLOW_PLAIN_HTTP=true to accept plain HTTP.",
-                      title="HTTPS required")
+                      "(certbot --nginx), or set MANAGEMENT_ALLOW_PLAIN_HTTP=true to accept plain HTTP.")
 
 
 class FailureLimiter:
@@ -193,9 +188,8 @@ class Authentication:
         now = time.monotonic()
         wait = self.limiter.retry_after(address, now)
         if wait is not None:
-            raise Problem(429, "too_many_auth_failures",
-                          f"too many failed authentications from {address}; retry in {wait} s",
-                          title="Too many failed authentications", headers={"Retry-After": str(wait)})
+            raise errors.TooManyAuthFailures(f"too many failed authentications from {address}; retry in {wait} s",
+                                             retry_after=wait)
         self.limiter.record_failure(address, now)
 
     async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
@@ -208,9 +202,7 @@ class Authentication:
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
             self._failed(address)
-            raise Problem(401, "missing_api_key",
-                          "send your API key as 'Authorization: Bearer <key>'",
-                          title="Unauthorized", headers={"WWW-Authenticate": BEARER_CHALLENGE})
+            raise errors.MissingApiKey()
         # A valid key always gets through, even from a limited address: many clients can share one
         # (a NAT, an office, a CI runner pool) and one of them guessing must not lock out the rest.
         # Only failures are limited; a guess costs the same indexed lookup as a valid request.

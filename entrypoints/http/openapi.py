@@ -32,7 +32,8 @@ TAGS = (
 
 # Errors any authenticated request can meet, and those of every request.
 _AUTH_ERRORS: tuple[type[domain.PortalError], ...] = (domain.MissingApiKey, domain.Unauthenticated,
-                                                       domain.TooManyAuthFailures)
+                                                       domain.TooManyAuthFailures, domain.HttpsRequired,
+                                                       domain.HeadersTooLarge)
 _SERVICE_ERRORS: tuple[type[domain.PortalError], ...] = (domain.Unavailable,)
 
 
