@@ -64,6 +64,7 @@ class UserCommand:
     make_body: Callable[[argparse.Namespace], dict[str, Any]] = lambda _args: {}
     run: Callable[[Session, Operation, argparse.Namespace], Any] | None = None  # instead of the plain call
     json: Callable[[Any, argparse.Namespace], Any] | None = None  # instead of the operation's view
+    fails_on_error: bool = False  # an answer carrying an ``error`` (a failed check) exits 1
 
 
 _PATH_ARGUMENTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -101,8 +102,14 @@ def _run_user_command(command: UserCommand) -> Handler:
                     _print_json(command.json(result, args))
                 elif op.view is not None:
                     _print_json(op.view(result, call))
-                return 0
-            return command.text(result, args)
+                status = 0
+            else:
+                status = command.text(result, args)
+            failure = getattr(result, "error", None) if command.fails_on_error else None
+            if failure is not None:
+                print(f"error: {failure.code}: {failure.detail}", file=sys.stderr)
+                return 1
+            return status
 
     return handler
 
@@ -152,12 +159,8 @@ def _dominfo_text(info: Any, _args: argparse.Namespace) -> int:
 
 
 def _fields_text(value: Any, _args: argparse.Namespace) -> int:
-    """Nested fields as ``key  value`` lines; a failed check also says why on stderr, and exits 1."""
+    """Nested fields as ``key  value`` lines."""
     _print_fields({k: v for k, v in dump(value).items() if k != "fields"})
-    failure = getattr(value, "error", None)
-    if failure is not None:
-        print(f"error: {failure.code}: {failure.detail}", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -210,7 +213,8 @@ USER_COMMANDS: tuple[UserCommand, ...] = (
     UserCommand(("agents", "host"), "get_host", "the host's name, processors, memory and libvirt/QEMU versions",
                 _fields_text),
     UserCommand(("agents", "check"), "check_agent", "can the portal reach the host, log in and reach libvirt? "
-                                                    "(exits 1 when the host fails)", _fields_text),
+                                                    "(exits 1 when the host fails)", _fields_text,
+                fails_on_error=True),
     UserCommand(("vms", "list"), "list_vms", "list the agent's VMs", _vms_text),
     UserCommand(("vms", "info"), "get_vm", "virsh dominfo", _dominfo_text),
     *(UserCommand(("vms", word), f"{word.replace('-', '_')}_vm", text, _lifecycle_text, run=_lifecycle)

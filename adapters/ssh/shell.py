@@ -406,7 +406,8 @@ class AsyncsshShell:
         """Connect to the checked addresses in order, within one connect time-out: the next address
         is tried only when one refuses or is unreachable outright. Failures before the SSH
         handshake are mapped here: nothing listening (``AgentUnreachable``), nothing answering in
-        time (``AgentConnectTimeout``), something answering but not in SSH (``NotSsh``). Errors of
+        time, even if it accepted TCP (``AgentConnectTimeout``), something answering but not in SSH
+        (``NotSsh``). Errors of
         a host that did speak SSH are left to the caller."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout + 1
@@ -416,9 +417,8 @@ class AsyncsshShell:
             try:
                 return await asyncio.wait_for(attempt(address, probe), timeout=max(0.0, deadline - loop.time()))
             except TimeoutError:
-                if probe.reached and not probe.spoke_ssh:
-                    raise NotSsh(f"{where} accepted the connection but sent no SSH identification within "
-                                 f"{self.connect_timeout:g} s; is this the host's SSH port?") from None
+                # Silence is not proof of "not SSH" (an overloaded sshd, a tarpit, a firewall that
+                # accepts and drops): the host did not answer in time.
                 raise AgentConnectTimeout(f"could not connect to {where} within {self.connect_timeout:g} s") from None
             except (OSError, asyncssh.Error) as error:
                 if probe.reached and not probe.spoke_ssh:

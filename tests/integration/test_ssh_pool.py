@@ -26,6 +26,7 @@ from core.errors import (
     DETAIL_LIMIT,
     AgentAddressRefused,
     AgentAuthFailed,
+    AgentConnectTimeout,
     NotSsh,
     OutputTooLarge,
     RemoteError,
@@ -472,12 +473,30 @@ class PlainTcpService:
         self.server.close()
 
 
-@pytest.mark.parametrize("behaviour", ["http", "silent"])
 @pytest.mark.parametrize("pinned", [True, False])
-def test_item13_a_service_that_is_not_sshd_is_not_ssh_reached_but_not_logged_in(behaviour: str,
-                                                                                pinned: bool) -> None:
+def test_a_port_that_accepts_and_stays_silent_is_a_connect_timeout(pinned: bool) -> None:
+    """Silence is not proof of "not SSH" (an overloaded sshd, a tarpit): it is a time-out."""
     async def scenario() -> None:
-        service = PlainTcpService(behaviour)
+        service = PlainTcpService("silent")
+        await service.start()
+        shell = AsyncsshShell(connect_timeout=0.5, networks=LOOPBACK_NETWORKS)
+        try:
+            target = FakeHypervisor().target(port=service.port, **({} if pinned else {"host_key": None}))
+            with pytest.raises(AgentConnectTimeout) as timed_out:
+                await shell.run(target, ["echo", "x"])
+            assert not timed_out.value.reached_host
+            assert service.connections >= 1
+        finally:
+            await shell.close()
+            service.stop()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_item13_a_service_that_is_not_sshd_is_not_ssh_reached_but_not_logged_in(pinned: bool) -> None:
+    async def scenario() -> None:
+        service = PlainTcpService("http")
         await service.start()
         hypervisor = FakeHypervisor()  # only for a target with real keys
         shell = AsyncsshShell(connect_timeout=0.5, networks=LOOPBACK_NETWORKS)
