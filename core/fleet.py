@@ -68,8 +68,9 @@ class FleetService:
               for argv in (virsh.nodeinfo_command(uri), virsh.version_command(uri), virsh.hostname_command(uri))))
         for result in (node, version, hostname):
             virsh.raise_for_failure(result)
-        return HostFacts(hostname=virsh.parse_hostname(hostname.stdout), node=virsh.parse_nodeinfo(node.stdout),
-                         versions=virsh.parse_version(version.stdout))
+        return HostFacts(hostname=await parse_output(virsh.parse_hostname, hostname.stdout),
+                         node=await parse_output(virsh.parse_nodeinfo, node.stdout),
+                         versions=await parse_output(virsh.parse_version, version.stdout))
 
     async def check_agent(self, caller: Caller, agent_id: int) -> AgentCheck:
         """Can the portal reach the agent, log in, and reach libvirt (``virsh uri``)? A failing host

@@ -119,7 +119,7 @@ class VmService:
     async def _state(self, caller: Caller, target: AgentCredentials, vm: str) -> str | None:
         result = await self.remote.run(caller, target, virsh.state_command(target.agent.libvirt_uri, vm))
         virsh.raise_for_failure(result, vm)
-        return virsh.parse_state(result.stdout)
+        return await parse_output(virsh.parse_state, result.stdout)
 
     async def set_autostart(self, caller: Caller, agent_id: int, vm: str, enabled: bool) -> CommandResult:
         """Have libvirt start the VM with the host, or not (``virsh autostart [--disable]``); audited

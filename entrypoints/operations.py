@@ -160,7 +160,8 @@ BODY_ERRORS: tuple[type[PortalError], ...] = (errors.MalformedBody, errors.BodyT
                                                errors.UnsupportedMediaType, ValidationFailed)
 AGENT_ERRORS: tuple[type[PortalError], ...] = (errors.AgentNotFound, ValidationFailed, errors.AgentAddressRefused)
 REMOTE_ERRORS: tuple[type[PortalError], ...] = (*AGENT_ERRORS, errors.VmNotFound, errors.RemoteError,
-                                                errors.RemoteTimeout, errors.AgentChanged)
+                                                errors.RemoteTimeout, errors.AgentChanged,
+                                                errors.TooManyOperations)
 VM_STATE_ERRORS: tuple[type[PortalError], ...] = (errors.VmAlreadyRunning, errors.VmNotRunning,
                                                   errors.VmStateConflict)
 SNAPSHOT_ERRORS: tuple[type[PortalError], ...] = (*REMOTE_ERRORS, errors.SnapshotNotFound,
@@ -320,9 +321,10 @@ OPERATIONS: tuple[Operation, ...] = (
               lambda p, c: invoke(p.fleet.host_facts, c.me, c.agent_id), _one(HostFactsView.of), HostFactsView,
               errors=REMOTE_ERRORS),
     Operation("check_agent", "POST", "/agents/{agent_id}/check", "agents",
-              "Can the portal reach the host, log in and reach libvirt? Always 200 with the reason",
+              "Can the portal reach the host, log in and reach libvirt? 200 with the reason, whatever the host "
+              "answered",
               lambda p, c: invoke(p.fleet.check_agent, c.me, c.agent_id), _one(AgentCheckView.of), AgentCheckView,
-              errors=(errors.AgentNotFound, errors.AgentChanged)),
+              errors=(errors.AgentNotFound, errors.AgentChanged, errors.TooManyOperations)),
     # VMs: lifecycle
     Operation("list_vms", "GET", "/agents/{agent_id}/vms", "vms", "List the agent's VMs (virsh list --all)",
               lambda p, c: invoke(p.vms.list_vms, c.me, c.agent_id), _each(VmView.of), list[VmView],

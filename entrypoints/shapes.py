@@ -18,7 +18,7 @@ from core.errors import FieldError, ValidationFailed
 from core.model import Agent, AgentCredentials, AuditEvent, User
 from core.ports import CommandResult
 from core.results import AgentCheck, Failure, FleetEntry, HostFacts, VmInfo, WaitedAction
-from core.virsh import Snapshot, VmStats, VmSummary
+from core.virsh import INT_DIGITS_MAX, Snapshot, VmStats, VmSummary
 
 T = TypeVar("T")
 
@@ -283,7 +283,10 @@ class DomInfoView:
 
 
 def _count(value: str | None) -> int | None:
-    return int(value) if value is not None and value.isascii() and value.isdigit() else None
+    """Digits as an integer; None for anything else, or for more digits than any real count has
+    (``int()`` of thousands of digits is slow, and past 4,300 it raises)."""
+    ok = value is not None and len(value) <= INT_DIGITS_MAX and value.isascii() and value.isdigit()
+    return int(value) if ok and value is not None else None
 
 
 def _kib(value: str | None) -> int | None:
@@ -297,7 +300,9 @@ def _seconds(value: str | None) -> float | None:
     if value is None or not value.endswith("s"):
         return None
     number = value[:-1]
-    return float(number) if number.isascii() and number.replace(".", "", 1).isdigit() else None
+    if len(number) > INT_DIGITS_MAX or not number.isascii() or not number.replace(".", "", 1).isdigit():
+        return None
+    return float(number)
 
 
 def _yes(value: str | None) -> bool | None:

@@ -31,6 +31,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import socket
 import time
@@ -104,6 +105,12 @@ class _ClientKey:
 
     parsed: asyncio.Future[asyncssh.SSHKey]
     last_used: float
+
+
+# Client keys are decrypted (their KDF run) in this small pool of their own, never in the default
+# executor where every database use case runs: a tenant whose agents hold costly keys waits behind
+# its own imports, it does not stall everyone's storage calls.
+_CLIENT_KEY_IMPORTS = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="client-key")
 
 
 class _Probe(asyncssh.SSHClient):
@@ -470,9 +477,11 @@ class AsyncsshShell:
         key_id = (agent.id, agent.owner_id, agent.created_at, agent.revision)
         entry = self._client_keys.get(key_id)
         if entry is None:
-            # Decrypting an OpenSSH key runs bcrypt's KDF: seconds of CPU, so off the event loop.
-            parsed = asyncio.ensure_future(asyncio.to_thread(
-                asyncssh.import_private_key, target.private_key, target.private_key_passphrase))
+            # Decrypting an OpenSSH key runs bcrypt's KDF: seconds of CPU, so off the event loop,
+            # and off the shared default executor too (``_CLIENT_KEY_IMPORTS``).
+            parsed = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(
+                _CLIENT_KEY_IMPORTS, asyncssh.import_private_key, target.private_key,
+                target.private_key_passphrase))
             parsed.add_done_callback(_consume_exception)
             entry = self._client_keys[key_id] = _ClientKey(parsed, self._now())
         entry.last_used = self._now()

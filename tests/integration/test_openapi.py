@@ -87,6 +87,7 @@ def test_each_error_response_lists_the_codes_it_can_carry(api: Api) -> None:
     assert "agent_not_found" in start["404"]["description"] and "vm_not_found" in start["404"]["description"]
     assert "host_key_mismatch" in start["502"]["description"]
     assert "wait_timeout" in start["504"]["description"]
+    assert "too_many_operations" in start["429"]["description"]  # one user's SSH operations at once
     register = document["paths"]["/agents"]["post"]["responses"]
     assert "agent_name_taken" in register["409"]["description"]
     assert "missing_api_key" in register["401"]["description"]

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ipaddress
 import shlex
+import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -614,6 +615,27 @@ def test_item5_a_failing_connection_does_not_import_the_client_key_again(monkeyp
             assert len(imports) == 3  # a discarded agent's key is forgotten
 
     run(scenario())
+
+
+def test_item5_client_keys_are_decrypted_in_their_own_pool_never_in_the_shared_executor(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key's KDF runs in the ``client-key`` threads: costly keys of one tenant cannot take the
+    default executor's threads, where every database use case of every user runs."""
+    threads: list[str] = []
+    real_import = asyncssh.import_private_key
+
+    def recording_import(data: Any, passphrase: Any = None, **kwargs: Any) -> asyncssh.SSHKey:
+        threads.append(threading.current_thread().name)
+        return real_import(data, passphrase, **kwargs)
+
+    monkeypatch.setattr(asyncssh, "import_private_key", recording_import)
+
+    async def scenario() -> None:
+        async with lab() as (hypervisor, shell):
+            await shell.run(hypervisor.target(), ["echo", "x"])
+
+    run(scenario())
+    assert threads and all(name.startswith("client-key") for name in threads), threads
 
 
 def test_item5_concurrent_operations_per_user_are_limited_with_retry_after() -> None:
