@@ -134,7 +134,7 @@ class Session:
         if len(args) < len(names):
             raise TypeError(f"{op.name}() needs {', '.join(names)}")
         path = dict(zip(names, args[:len(names)], strict=False))
-        query = {q.name: kwargs.pop(q.name) if q.name in kwargs else q.parse([]) for q in op.query}
+        query = {q.name: q.check(kwargs.pop(q.name)) if q.name in kwargs else q.parse([]) for q in op.query}
         body: Any = None
         if op.request is not None:
             fields = dict(zip([f.name for f in attrs.fields(op.request)], args[len(names):], strict=False))

@@ -113,6 +113,18 @@ class Query:
             raise ValidationFailed.one(self.name, "must be given once")
         return values[0] if values else self.schema.get("default")
 
+    def check(self, value: Any) -> Any:
+        """A value given by keyword (the library), held to the same types as the HTTP query."""
+        item_type = self.schema.get("items", {}).get("type") if self.repeat else self.schema.get("type")
+        kind: type = int if item_type == "integer" else str
+        items = list(value) if self.repeat and isinstance(value, list | tuple) else [value]
+        if (self.repeat and not isinstance(value, list | tuple)) or \
+                any(type(item) is not kind for item in items if item is not None):
+            one = "a whole number" if kind is int else "a string"
+            many = "a list of whole numbers" if kind is int else "a list of strings"
+            raise ValidationFailed.one(self.name, f"must be {many if self.repeat else one}")
+        return value
+
     def openapi(self) -> dict[str, Any]:
         parameter = {"name": self.name, "in": "query", "required": False, "description": self.description,
                      "schema": self.schema}

@@ -65,3 +65,15 @@ def test_a_script_registers_a_generated_key_agent_and_rotates_its_key(tmp_path: 
         assert rotated.client_key.public_key != agent.client_key.public_key
         assert me.agent(agent.id).client_key == rotated.client_key
         assert [e.action for e in me.audit_events()][:2] == ["agent.rotate_key", "agent.read_credentials"]
+
+
+def test_library_keywords_are_held_to_the_api_s_types(tmp_path: Path) -> None:
+    """A query parameter given by keyword is checked like the HTTP query: a clear ValidationFailed
+    naming it, not a TypeError from deep inside a use case."""
+    with connect(env(tmp_path)) as portal:
+        me = portal.login(portal.create_user("alice").api_key)
+        for bad in ("5", 5.0, True):
+            with pytest.raises(ValidationFailed) as refused:
+                me.list_agents(limit=bad)
+            assert [e.field for e in refused.value.errors] == ["limit"]
+        assert me.list_agents(limit=5) == []
