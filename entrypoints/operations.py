@@ -103,10 +103,15 @@ class Query:
     schema: dict[str, Any]
     repeat: bool = False  # given any number of times (a list); otherwise at most once
 
+    @property
+    def _integers(self) -> bool:
+        """Whether the parameter's value (each value, when repeated) is a whole number."""
+        schema = self.schema.get("items", {}) if self.repeat else self.schema
+        return bool(schema.get("type") == "integer")
+
     def parse(self, raw: Sequence[str]) -> Any:
         """The parameter's value from the strings the client sent (None when absent)."""
-        item_type = self.schema.get("items", {}).get("type") if self.repeat else self.schema.get("type")
-        values = [_whole_number(self.name, value) if item_type == "integer" else value for value in raw]
+        values = [_whole_number(self.name, value) if self._integers else value for value in raw]
         if self.repeat:
             return values
         if len(values) > 1:
@@ -115,8 +120,7 @@ class Query:
 
     def check(self, value: Any) -> Any:
         """A value given by keyword (the library), held to the same types as the HTTP query."""
-        item_type = self.schema.get("items", {}).get("type") if self.repeat else self.schema.get("type")
-        kind: type = int if item_type == "integer" else str
+        kind: type = int if self._integers else str
         items = list(value) if self.repeat and isinstance(value, list | tuple) else [value]
         if (self.repeat and not isinstance(value, list | tuple)) or \
                 any(type(item) is not kind for item in items if item is not None):

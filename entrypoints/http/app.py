@@ -3,6 +3,7 @@ and domain errors mapped once (``entrypoints/http/errors.py``)."""
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from typing import Any
 
@@ -48,11 +49,13 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
     by_path: dict[str, list[Operation]] = defaultdict(list)
     for op in OPERATIONS:
         by_path[op.path].append(op)
-    document = openapi.document()
+    document_body = json.dumps(openapi.document())  # serialized once, served by GET /openapi.json
     for path, operations in by_path.items():
         template = path
         for plain, converted in _CONVERTERS.items():
             template = template.replace(plain, converted)
-        app.add_route(template, OperationsResource(portal, operations, document=document,
-                                                  lists=UntilChanged(data_version, max_entries=1_000)))
+        cached = any(op.cached_per_user for op in operations)
+        app.add_route(template, OperationsResource(
+            portal, operations, document_body=document_body,
+            lists=UntilChanged(data_version, max_entries=1_000) if cached else None))
     return app

@@ -72,10 +72,10 @@ class OperationsResource:
     """The operations of one path, each answered by an ``on_<method>`` responder made from its
     declaration. ``public_methods`` tells the authentication middleware which need no key."""
 
-    def __init__(self, portal: Portal, operations: list[Operation], *, document: dict[str, Any],
+    def __init__(self, portal: Portal, operations: list[Operation], *, document_body: str,
                  lists: UntilChanged[Any, Any] | None = None) -> None:
         self.portal = portal
-        self.document_body = json.dumps(document)
+        self.document_body = document_body
         # Reads kept per user until the database changes (entrypoints.http.cache).
         self.lists: UntilChanged[Any, Any] = lists if lists is not None else UntilChanged(None)
         self.public_methods = frozenset(op.method for op in operations if op.public)
