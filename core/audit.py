@@ -2,7 +2,8 @@
 
 Every mutation and every credentials read writes its event in the same transaction as the change
 (``AuditLog.audited``); a refused attempt is recorded too (outcome = the error's code) in a
-transaction of its own. Synchronous: it only talks to storage.
+transaction of its own. Event text is made safe and cut to its column by ``AuditEvent`` itself
+(``core/model.py``). Synchronous: it only talks to storage.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from core.validation import collect
 
 AUDIT_PAGE_MAX = 500
 AUDIT_PAGE_DEFAULT = 100
-DETAIL_MAX = 500  # characters of an error's detail kept in its audit event
 
 
 class AuditLog:
@@ -56,7 +56,7 @@ class AuditLog:
         except PortalError as error:
             with self.storage.transaction(write=True) as tx:
                 tx.add_audit_event(attrs.evolve(self.caller_event(caller, action), agent_id=change.agent_id,
-                                                outcome=error.code, detail=error.detail[:DETAIL_MAX]))
+                                                outcome=error.code, detail=error.detail))
             raise
 
     def record(self, caller: Caller, action: str, agent_id: int, vm: str | None, outcome: str,
@@ -64,7 +64,7 @@ class AuditLog:
         """Record one finished action (a remote command) in a transaction of its own."""
         with self.storage.transaction(write=True) as tx:
             tx.add_audit_event(attrs.evolve(self.caller_event(caller, action), agent_id=agent_id, vm=vm,
-                                            outcome=outcome, detail=detail[:DETAIL_MAX] if detail else None))
+                                            outcome=outcome, detail=detail or None))
 
     def caller_event(self, caller: Caller, action: str) -> AuditEvent:
         return self.event(caller.user.id, action, caller.request_id, caller.client_address)
