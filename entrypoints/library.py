@@ -25,10 +25,9 @@ from typing import Any, TypeVar
 
 import attrs
 
-from core.audit import AUDIT_PAGE_DEFAULT
 from core.commands import NewUser
 from core.errors import ValidationFailed
-from core.model import AuditEvent, Caller, Origin, User
+from core.model import Caller, Origin, User
 from core.portal import Portal
 from core.ports import CommandResult
 from core.results import FleetEntry, NewApiKey, WaitedAction
@@ -88,7 +87,8 @@ class PortalLibrary:
 
 # Library names kept from before the operation table (``session.vms(1)`` is ``session.list_vms(1)``).
 ALIASES = {"agents": "list_agents", "agent": "get_agent", "credentials": "read_credentials", "vms": "list_vms",
-           "vm_info": "get_vm", "vm_stats": "get_vm_stats", "snapshots": "list_snapshots", "host": "get_host"}
+           "vm_info": "get_vm", "vm_stats": "get_vm_stats", "snapshots": "list_snapshots", "host": "get_host",
+           "audit_events": "list_audit_events"}
 
 
 class Session:
@@ -158,10 +158,6 @@ class Session:
         rotated = self.portal.users.rotate_api_key(self._caller())
         self.user = rotated.user
         return rotated.api_key
-
-    def audit_events(self, *, limit: int = AUDIT_PAGE_DEFAULT, before: int | None = None) -> list[AuditEvent]:
-        """The caller's audit events, newest first."""
-        return self.portal.audit.audit_events(self._caller(), limit=limit, before=before)
 
     def vm_action(self, agent_id: int, vm: str, action: VmAction | str) -> CommandResult:
         """Run ``start``, ``shutdown``, ``force-stop``, ``reboot``, ``suspend`` or ``resume`` on a VM."""
