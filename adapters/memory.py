@@ -4,11 +4,12 @@ touch no disk, network or real cryptography."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import hmac
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
@@ -27,7 +28,7 @@ from core.model import (
     User,
 )
 from core.networks import AgentNetworks, ip_literal
-from core.ports import CommandResult, PinHostKey
+from core.ports import CommandResult, PinHostKey, RemoteStream
 from core.validation import normalize_email
 
 
@@ -224,9 +225,11 @@ class ScriptedShell:
         self.discarded: list[int] = []
         self.closed = False
         self.results: dict[tuple[str, ...], CommandResult] = {}
+        self.inputs: list[bytes | None] = []  # the stdin of each call, in order
+        self.streams: dict[tuple[str, ...], bytes] = {}  # argv -> what a stream of it prints
 
     async def run(self, target: AgentCredentials, argv: Sequence[str], *,
-                  pin: PinHostKey | None = None) -> CommandResult:
+                  pin: PinHostKey | None = None, stdin: bytes | None = None) -> CommandResult:
         """Answers from ``results``; a scripted result's ``host_key`` is the key the (pretend)
         connection saw, offered to ``pin`` as a real connection would."""
         command = tuple(argv)
@@ -236,13 +239,49 @@ class ScriptedShell:
             if pinned != result.host_key:
                 raise HostKeyMismatch("the host key seen differs from the one pinned on first use")
         self.calls.append((target.agent.id, command))
+        self.inputs.append(stdin)
         return result
+
+    @contextlib.asynccontextmanager
+    async def stream(self, target: AgentCredentials, argv: Sequence[str], *, pin: PinHostKey | None = None,
+                     pty: bool = False) -> AsyncIterator[RemoteStream]:
+        """A stream that prints ``streams[argv]`` and keeps what is written to it (``written``)."""
+        self.calls.append((target.agent.id, tuple(argv)))
+        yield ScriptedStream(self.streams.get(tuple(argv), b""))
 
     def discard(self, agent_id: int) -> None:
         self.discarded.append(agent_id)
 
     async def close(self) -> None:
         self.closed = True
+
+
+class ScriptedStream:
+    """Implements ``core.ports.RemoteStream``: prints ``output``, then ends; keeps what it is sent."""
+
+    def __init__(self, output: bytes) -> None:
+        self._output = output
+        self.written = bytearray()
+        self.closed = False
+
+    async def read(self, limit: int = 65536) -> bytes:
+        chunk, self._output = self._output[:limit], self._output[limit:]
+        return chunk
+
+    async def read_stderr(self, limit: int = 65536) -> bytes:
+        return b""
+
+    async def write(self, data: bytes) -> None:
+        self.written += data
+
+    def write_eof(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def wait_closed(self) -> int | None:
+        return 0
 
 
 class FakeAgentAddresses:

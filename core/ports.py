@@ -8,7 +8,7 @@ isolation between users holds by construction, not by remembering to filter.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from datetime import datetime
 from typing import Protocol
 
@@ -81,17 +81,58 @@ class CommandResult:
 PinHostKey = Callable[[HostKey], Awaitable[HostKey]]
 
 
+class RemoteStream(Protocol):
+    """A command on an agent that runs for as long as both ends keep it open (a console, an event
+    watcher), with its stdin and stdout as byte streams. Errors are ``core.errors.RemoteError``."""
+
+    async def read(self, limit: int = 65536) -> bytes:
+        """Up to ``limit`` bytes of the command's stdout as they arrive; ``b""`` once it ended."""
+        ...
+
+    async def read_stderr(self, limit: int = 65536) -> bytes:
+        """Up to ``limit`` bytes of the command's stderr; ``b""`` once it ended."""
+        ...
+
+    async def write(self, data: bytes) -> None:
+        """Send ``data`` to the command's stdin (waits while the channel's window is full)."""
+        ...
+
+    def write_eof(self) -> None:
+        """Close the command's stdin."""
+        ...
+
+    def close(self) -> None:
+        """Close the channel: sshd hangs up on the command (SIGHUP), which ends it."""
+        ...
+
+    async def wait_closed(self) -> int | None:
+        """Until the channel is closed; the command's exit status (None: it gave none)."""
+        ...
+
+
 class RemoteShell(Protocol):
     """Runs argument vectors on an agent over SSH."""
 
     async def run(self, target: AgentCredentials, argv: Sequence[str], *,
-                  pin: PinHostKey | None = None) -> CommandResult:
+                  pin: PinHostKey | None = None, stdin: bytes | None = None) -> CommandResult:
         """Run ``argv`` on the agent; raise ``core.errors.RemoteError`` subclasses on failure.
         A connection made without a pinned key calls ``pin`` before it runs anything and is
         refused (``host_key_mismatch``) unless the pinned key is the one it saw. Also raises
         ``AgentAddressRefused`` (the agent's address is outside the allowed networks: nothing is
         sent) and ``TooManyOperations`` (the agent's owner already runs the most commands allowed
-        at once)."""
+        at once). ``stdin``, when given, is sent to the command's standard input, then end of
+        file (e.g. ``virsh define /dev/stdin``, ``virsh vol-upload``): no file is written on the
+        portal host and no second transfer channel is opened."""
+        ...
+
+    def stream(self, target: AgentCredentials, argv: Sequence[str], *, pin: PinHostKey | None = None,
+               pty: bool = False) -> AbstractAsyncContextManager[RemoteStream]:
+        """Start ``argv`` on a channel of the agent's pooled connection and hand over its streams
+        until the ``async with`` block ends (which closes the channel). ``pty`` asks sshd for a
+        terminal (``virsh console`` needs one). Not bounded by the command time-out nor the output
+        cap (the caller reads as it goes) nor counted as an operation of the owner: callers bound
+        their own streams (console limits, one watcher per agent). Opening raises what ``run``
+        raises."""
         ...
 
     def discard(self, agent_id: int) -> None:

@@ -35,7 +35,7 @@ import concurrent.futures
 import contextlib
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -58,7 +58,7 @@ from core.errors import (
 )
 from core.model import Agent, AgentCredentials, HostKey
 from core.networks import AgentNetworks, IPAddress
-from core.ports import CommandResult, PinHostKey
+from core.ports import CommandResult, PinHostKey, RemoteStream
 from core.virsh import command_line
 
 OPENSSH_MAX_SESSIONS = 10
@@ -181,7 +181,7 @@ class AsyncsshShell:
     # ------------------------------------------------------------------ the port
 
     async def run(self, target: AgentCredentials, argv: Sequence[str], *,
-                  pin: PinHostKey | None = None) -> CommandResult:
+                  pin: PinHostKey | None = None, stdin: bytes | None = None) -> CommandResult:
         owner = target.agent.owner_id
         running = self._operations.get(owner, 0)
         if running >= self.max_operations_per_user:
@@ -190,7 +190,9 @@ class AsyncsshShell:
                 "MANAGEMENT_MAX_OPERATIONS_PER_USER); retry when some have finished", retry_after=1)
         self._operations[owner] = running + 1
         try:
-            return await self._run(target, argv, pin)
+            deadline = asyncio.get_running_loop().time() + self.command_timeout
+            async with self._channel(target, argv, pin, stdin=stdin is not None, pty=False) as (slot, conn, process):
+                return await self._finish(slot, conn, process, tuple(argv), target.agent, deadline, stdin)
         finally:
             left = self._operations[owner] - 1
             if left:
@@ -198,11 +200,27 @@ class AsyncsshShell:
             else:
                 del self._operations[owner]
 
+    @contextlib.asynccontextmanager
+    async def stream(self, target: AgentCredentials, argv: Sequence[str], *, pin: PinHostKey | None = None,
+                     pty: bool = False) -> AsyncIterator[RemoteStream]:
+        async with self._channel(target, argv, pin, stdin=True, pty=pty) as (_slot, _conn, process):
+            stream = _Stream(process, target.agent)
+            try:
+                yield stream
+            finally:
+                process.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(process.wait_closed(), timeout=5)
+
     def operations_running(self, owner_id: int) -> int:
         """How many commands of this user run (or wait for a connection) now (tests, metrics)."""
         return self._operations.get(owner_id, 0)
 
-    async def _run(self, target: AgentCredentials, argv: Sequence[str], pin: PinHostKey | None) -> CommandResult:
+    @contextlib.asynccontextmanager
+    async def _channel(self, target: AgentCredentials, argv: Sequence[str], pin: PinHostKey | None, *,
+                       stdin: bool, pty: bool) -> AsyncIterator[tuple[_Slot, asyncssh.SSHClientConnection,
+                                                                      asyncssh.SSHClientProcess[bytes]]]:
+        """A channel running ``argv`` on a pooled connection, held until the block ends."""
         self._start_reaper()
         command = command_line(argv)
         refused = replaced = 0
@@ -211,7 +229,8 @@ class AsyncsshShell:
             try:
                 conn = await self._ready(slot)
                 try:
-                    return await self._execute(slot, conn, command, tuple(argv), target.agent)
+                    process = await self._open_channel(slot, conn, command, target.agent, stdin=stdin, pty=pty)
+                    break
                 except _NotStarted as failure:
                     if isinstance(failure.error, asyncssh.ChannelOpenError) and not conn.is_closed():
                         # The server allows fewer sessions than we assumed: this connection
@@ -227,12 +246,23 @@ class AsyncsshShell:
                         retry = replaced == 1 and slot.uses > 0
                     if not retry:
                         raise _lost(target.agent, failure.error) from None
-            finally:
-                slot.in_use -= 1
-                slot.uses += 1
-                slot.last_used = self._now()
-                if slot.retired and slot.in_use == 0:
-                    slot.close()
+            except BaseException:
+                self._release(slot)
+                raise
+            self._release(slot)
+        slot.channels += 1
+        try:
+            yield slot, conn, process
+        finally:
+            slot.channels -= 1
+            self._release(slot)
+
+    def _release(self, slot: _Slot) -> None:
+        slot.in_use -= 1
+        slot.uses += 1
+        slot.last_used = self._now()
+        if slot.retired and slot.in_use == 0:
+            slot.close()
 
     def discard(self, agent_id: int) -> None:
         loop = self._loop
@@ -490,15 +520,16 @@ class AsyncsshShell:
         except (asyncssh.KeyImportError, ValueError) as error:
             raise AgentAuthFailed(f"the private key stored for {agent.hostname} cannot be loaded: {error}") from None
 
-    async def _execute(self, slot: _Slot, conn: asyncssh.SSHClientConnection, command: str,
-                       argv: tuple[str, ...], agent: Agent) -> CommandResult:
-        deadline = asyncio.get_running_loop().time() + self.command_timeout
+    async def _open_channel(self, slot: _Slot, conn: asyncssh.SSHClientConnection, command: str, agent: Agent, *,
+                    stdin: bool, pty: bool) -> asyncssh.SSHClientProcess[bytes]:
         try:
-            process = await asyncio.wait_for(
+            return await asyncio.wait_for(
                 # LC_ALL=C asks for virsh's English output, which the core parses; sshd applies it
                 # where AcceptEnv allows (Debian's default: LANG LC_*) and ignores it elsewhere.
                 # Bytes, not text: the output is counted as it arrives (``_collect``).
-                conn.create_process(command, stdin=asyncssh.DEVNULL, encoding=None, env={"LC_ALL": "C"}),
+                conn.create_process(command, stdin=asyncssh.PIPE if stdin else asyncssh.DEVNULL, encoding=None,
+                                    env={"LC_ALL": "C"}, term_type="xterm" if pty else None,
+                                    term_size=(80, 24) if pty else None),
                 timeout=self.command_timeout,
             )
         except TimeoutError:
@@ -506,10 +537,12 @@ class AsyncsshShell:
             raise CommandTimeout(f"{agent.hostname} did not open a session within {self.command_timeout:g} s") from None
         except (asyncssh.ChannelOpenError, asyncssh.DisconnectError, OSError) as error:
             raise _NotStarted(error) from None
-        slot.channels += 1
+
+    async def _finish(self, slot: _Slot, conn: asyncssh.SSHClientConnection, process: asyncssh.SSHClientProcess[bytes],
+                      argv: tuple[str, ...], agent: Agent, deadline: float, stdin: bytes | None) -> CommandResult:
         try:
             remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-            stdout, stderr = await asyncio.wait_for(self._collect(process), timeout=remaining)
+            stdout, stderr = await asyncio.wait_for(self._collect(process, stdin), timeout=remaining)
         except TimeoutError:
             process.close()  # closing the channel makes sshd hang up on the command
             raise CommandTimeout(
@@ -523,8 +556,6 @@ class AsyncsshShell:
                 "channel") from None
         except (asyncssh.DisconnectError, OSError) as error:
             raise _lost(agent, error) from None
-        finally:
-            slot.channels -= 1
         status = process.exit_status
         if status is None and process.exit_signal is None:
             # The channel closed without an exit status: the session (or sshd) died under it.
@@ -542,10 +573,11 @@ class AsyncsshShell:
             host_key=_host_key(server_key) if server_key is not None else None,
         )
 
-    async def _collect(self, process: asyncssh.SSHClientProcess[bytes]) -> tuple[str, str]:
+    async def _collect(self, process: asyncssh.SSHClientProcess[bytes], stdin: bytes | None) -> tuple[str, str]:
         """Read stdout and stderr as they arrive until the command ends, holding at most
         ``max_output_bytes`` of them together (``_TooMuchOutput`` past that). asyncssh reads from
-        the network only as fast as this consumes, so nothing else buffers more than a window."""
+        the network only as fast as this consumes, so nothing else buffers more than a window.
+        ``stdin`` is written meanwhile (a command may answer before it read all of it)."""
         outputs = (bytearray(), bytearray())
         total = 0
 
@@ -557,8 +589,16 @@ class AsyncsshShell:
                     raise _TooMuchOutput()
                 into += chunk
 
+        async def feed(data: bytes) -> None:
+            for start in range(0, len(data), _READ_CHUNK):
+                process.stdin.write(data[start:start + _READ_CHUNK])
+                await process.stdin.drain()
+            process.stdin.write_eof()
+
         pumps = [asyncio.ensure_future(pump(process.stdout, outputs[0])),
                  asyncio.ensure_future(pump(process.stderr, outputs[1]))]
+        if stdin is not None:
+            pumps.append(asyncio.ensure_future(feed(stdin)))
         try:
             await asyncio.gather(*pumps)
         finally:
@@ -567,6 +607,41 @@ class AsyncsshShell:
             await asyncio.gather(*pumps, return_exceptions=True)
         await process.wait_closed()
         return outputs[0].decode("utf-8", errors="replace"), outputs[1].decode("utf-8", errors="replace")
+
+
+class _Stream:
+    """Implements ``core.ports.RemoteStream`` over an asyncssh process; connection faults become
+    ``RemoteError`` naming the agent."""
+
+    def __init__(self, process: asyncssh.SSHClientProcess[bytes], agent: Agent) -> None:
+        self._process = process
+        self._agent = agent
+
+    async def read(self, limit: int = _READ_CHUNK) -> bytes:
+        return await self._guarded(self._process.stdout.read(limit))
+
+    async def read_stderr(self, limit: int = _READ_CHUNK) -> bytes:
+        return await self._guarded(self._process.stderr.read(limit))
+
+    async def write(self, data: bytes) -> None:
+        self._process.stdin.write(data)
+        await self._guarded(self._process.stdin.drain())
+
+    def write_eof(self) -> None:
+        self._process.stdin.write_eof()
+
+    def close(self) -> None:
+        self._process.close()
+
+    async def wait_closed(self) -> int | None:
+        await self._guarded(self._process.wait_closed())
+        return self._process.exit_status
+
+    async def _guarded(self, step: Awaitable[_T]) -> _T:
+        try:
+            return await step
+        except (asyncssh.DisconnectError, asyncssh.ChannelOpenError, BrokenPipeError, OSError) as error:
+            raise _lost(self._agent, error) from None
 
 
 def _host_key(key: asyncssh.SSHKey) -> HostKey:

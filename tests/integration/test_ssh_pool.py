@@ -2,7 +2,7 @@
 
 The server counts connections and concurrent sessions, refuses more than 10 sessions per
 connection (as OpenSSH's MaxSessions does), and runs a few fake commands: ``echo``, ``sleep N``
-and ``virsh … list --all``."""
+``cat`` and ``virsh … list --all``."""
 
 from __future__ import annotations
 
@@ -86,6 +86,7 @@ class FakeHypervisor:
                 self.writable = asyncio.Event()  # SSH flow control: the client's window is open
                 self.writable.set()
                 self.closed = False
+                self.catting = False  # `cat`: echo stdin back until its end
 
             def pause_writing(self) -> None:
                 self.writable.clear()
@@ -95,6 +96,15 @@ class FakeHypervisor:
 
             def connection_made(self, chan: Any) -> None:
                 self.chan = chan
+
+            def data_received(self, data: str, datatype: Any) -> None:
+                if self.catting:
+                    self.chan.write(data)
+
+            def eof_received(self) -> bool:
+                if self.catting:
+                    self.chan.exit(0)
+                return False
 
             def exec_requested(self, command: str) -> bool:
                 hypervisor.commands.append(command)
@@ -106,6 +116,8 @@ class FakeHypervisor:
                 if argv[0] == "sleep":
                     await asyncio.sleep(float(argv[1]))
                     self.chan.exit(0)
+                elif argv[0] == "cat":
+                    self.catting = True
                 elif argv[0] == "echo":
                     self.chan.write(" ".join(argv[1:]) + "\n")
                     self.chan.exit(0)
@@ -668,5 +680,46 @@ def test_a_connection_dying_in_the_middle_of_the_output_is_connection_lost() -> 
                 await shell.run(hypervisor.target(), ["die"])
             assert lost.value.code == "agent_connection_lost"
             assert (await shell.run(hypervisor.target(), ["echo", "back"])).stdout == "back\n"
+
+    run(scenario())
+
+
+def test_stdin_reaches_the_command_whole_then_end_of_file() -> None:
+    async def scenario() -> None:
+        async with lab() as (hypervisor, shell):
+            data = "".join(chr(0x41 + n % 26) for n in range(300_000))
+            result = await shell.run(hypervisor.target(), ["cat"], stdin=data.encode())
+            assert (result.exit_status, result.stdout) == (0, data)
+
+    run(scenario())
+
+
+def test_a_stream_relays_both_ways_and_leaving_it_closes_the_channel() -> None:
+    async def scenario() -> None:
+        async with lab() as (hypervisor, shell):
+            async with shell.stream(hypervisor.target(), ["cat"]) as stream:
+                for word in (b"one\n", b"two\n"):
+                    await stream.write(word)
+                    assert await stream.read() == word
+                assert hypervisor.sessions_now[1] == 1
+            for _ in range(200):  # the server learns of the close one round trip later
+                if hypervisor.sessions_now[1] == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert hypervisor.sessions_now[1] == 0
+            # the connection stays pooled for the next command
+            assert (await shell.run(hypervisor.target(), ["echo", "after"])).stdout == "after\n"
+            assert hypervisor.connections == 1
+
+    run(scenario())
+
+
+def test_a_stream_whose_command_ends_reads_end_of_file_and_its_status() -> None:
+    async def scenario() -> None:
+        async with lab() as (hypervisor, shell):
+            async with shell.stream(hypervisor.target(), ["echo", "bye"]) as stream:
+                assert await stream.read() == b"bye\n"
+                assert await stream.read() == b""
+                assert await stream.wait_closed() == 0
 
     run(scenario())
