@@ -716,10 +716,9 @@ def test_a_stream_relays_both_ways_and_leaving_it_closes_the_channel() -> None:
 
 def test_a_stream_whose_command_ends_reads_end_of_file_and_its_status() -> None:
     async def scenario() -> None:
-        async with lab() as (hypervisor, shell):
-            async with shell.stream(hypervisor.target(), ["echo", "bye"]) as stream:
-                assert await stream.read() == b"bye\n"
-                assert await stream.read() == b""
-                assert await stream.wait_closed() == 0
+        async with lab() as (hypervisor, shell), shell.stream(hypervisor.target(), ["echo", "bye"]) as stream:
+            assert await stream.read() == b"bye\n"
+            assert await stream.read() == b""
+            assert await stream.wait_closed() == 0
 
     run(scenario())
