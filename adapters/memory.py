@@ -111,10 +111,10 @@ class FakeSshKeys:
 class _State:
     users: dict[int, User] = attrs.Factory(dict)
     email_keys: dict[str, int] = attrs.Factory(dict)
-    keys: dict[int, ApiKey] = attrs.Factory(dict)
+    keys: dict[int, ApiKey] = attrs.Factory(dict)  # key id -> key
     agents: dict[int, Agent] = attrs.Factory(dict)
     events: dict[int, AuditEvent] = attrs.Factory(dict)
-    next_id: dict[str, int] = attrs.Factory(lambda: {"user": 1, "agent": 1, "event": 1})
+    next_id: dict[str, int] = attrs.Factory(lambda: {"user": 1, "agent": 1, "event": 1, "key": 1})
 
     def take_id(self, kind: str) -> int:
         value = self.next_id[kind]
@@ -150,7 +150,8 @@ class InMemoryTransaction:
         self.s.users[user.id] = user
         if email is not None:
             self.s.email_keys[normalize_email(email)] = user.id
-        self.s.keys[user.id] = ApiKey(user_id=user.id, prefix=key.prefix, digest=key.digest, created_at=at)
+        key_id = self.s.take_id("key")
+        self.s.keys[key_id] = ApiKey(user_id=user.id, prefix=key.prefix, digest=key.digest, created_at=at, id=key_id)
         return user
 
     def count_users(self) -> int:
@@ -169,9 +170,38 @@ class InMemoryTransaction:
     def find_api_key(self, prefix: str) -> ApiKey | None:
         return next((k for k in self.s.keys.values() if k.prefix == prefix), None)
 
-    def replace_api_key(self, user_id: int, key: IssuedApiKey, at: datetime) -> None:
-        self.s.keys[user_id] = ApiKey(user_id=user_id, prefix=key.prefix, digest=key.digest, created_at=at)
-        self.s.users[user_id] = attrs.evolve(self.s.users[user_id], api_key_prefix=key.prefix)
+    def replace_api_key(self, user_id: int, key: IssuedApiKey, at: datetime, *, key_id: int | None = None) -> None:
+        for stored in self.list_api_keys(user_id):
+            if (stored.full and key_id is None) or stored.id == key_id:
+                self.s.keys[stored.id] = attrs.evolve(stored, prefix=key.prefix, digest=key.digest, created_at=at)
+                if stored.full:
+                    self.s.users[user_id] = attrs.evolve(self.s.users[user_id], api_key_prefix=key.prefix)
+
+    def add_api_key(self, key: ApiKey) -> ApiKey:
+        stored = attrs.evolve(key, id=self.s.take_id("key"))
+        self.s.keys[stored.id] = stored
+        return stored
+
+    def list_api_keys(self, user_id: int) -> list[ApiKey]:
+        return [k for _, k in sorted(self.s.keys.items()) if k.user_id == user_id]
+
+    def count_api_keys(self, user_id: int) -> int:
+        return len(self.list_api_keys(user_id))
+
+    def get_api_key(self, user_id: int, key_id: int) -> ApiKey | None:
+        key = self.s.keys.get(key_id)
+        return key if key is not None and key.user_id == user_id else None
+
+    def delete_api_key(self, user_id: int, key_id: int) -> bool:
+        if self.get_api_key(user_id, key_id) is None:
+            return False
+        del self.s.keys[key_id]
+        return True
+
+    def touch_api_key(self, key_id: int, at: datetime) -> None:
+        key = self.s.keys.get(key_id)
+        if key is not None and (key.last_used_at is None or key.last_used_at < at):
+            self.s.keys[key_id] = attrs.evolve(key, last_used_at=at)
 
     def add_agent(self, agent: Agent) -> Agent:
         stored = attrs.evolve(agent, id=self.s.take_id("agent"))
@@ -209,10 +239,12 @@ class InMemoryTransaction:
         self.s.events[stored.id] = stored
         return stored
 
-    def list_audit_events(self, user_id: int, limit: int, before: int | None) -> list[AuditEvent]:
+    def list_audit_events(self, user_id: int, limit: int, before: int | None, *,
+                          agent_ids: frozenset[int] | None = None) -> list[AuditEvent]:
         events = [
             e for _, e in sorted(self.s.events.items(), reverse=True)
             if e.user_id == user_id and (before is None or e.id < before)
+            and (agent_ids is None or e.agent_id in agent_ids)
         ]
         return events[:limit]
 

@@ -18,6 +18,7 @@ from core.errors import (
     AgentNameTaken,
     AgentNotFound,
     FieldError,
+    KeyLimitedToAgents,
     KeyNotExportable,
     ValidationFailed,
 )
@@ -57,6 +58,9 @@ class AgentService:
     def register_agent(self, caller: Caller, request: NewAgent) -> Agent:
         """Register a remote hypervisor: validate every field, parse the key, seal the secrets."""
         with self.audit.audited(caller, "agent.create") as change:
+            if caller.agent_ids is not None:
+                raise KeyLimitedToAgents("this API key is limited to some agents, so it cannot register new ones; "
+                                         "use a key that is not limited to agents")
             errors = validation.collect(
                 ("name", validation.check_name(request.name)),
                 ("hostname", validation.check_hostname(request.hostname)),
@@ -150,7 +154,7 @@ class AgentService:
             raise ValidationFailed(errors)
         with self.storage.transaction() as tx:
             agents = tx.list_agents(caller.user.id)
-        page = [agent for agent in agents if after is None or agent.id > after]
+        page = [agent for agent in agents if (after is None or agent.id > after) and caller.sees_agent(agent.id)]
         return page if limit is None else page[:limit]
 
     def get_agent(self, caller: Caller, agent_id: int) -> Agent:
@@ -216,7 +220,7 @@ class AgentService:
     def delete_agent(self, caller: Caller, agent_id: int) -> None:
         """Forget an agent and its sealed credentials; its audit history stays with its owner."""
         with self.audit.audited(caller, "agent.delete", agent_id=agent_id) as change, change.write() as tx:
-            if not tx.delete_agent(caller.user.id, agent_id):
+            if not caller.sees_agent(agent_id) or not tx.delete_agent(caller.user.id, agent_id):
                 raise AgentNotFound()
         self._forget_connections(agent_id)
 

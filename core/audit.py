@@ -42,7 +42,8 @@ class AuditLog:
         if errors:
             raise ValidationFailed(errors)
         with self.storage.transaction() as tx:
-            return tx.list_audit_events(caller.user.id, limit, before)
+            # a key limited to agents reads only the history of those agents
+            return tx.list_audit_events(caller.user.id, limit, before, agent_ids=caller.agent_ids)
 
     @contextmanager
     def audited(self, caller: Caller, action: str, *, agent_id: int | None = None) -> Iterator[AuditedChange]:
@@ -67,7 +68,10 @@ class AuditLog:
                                             outcome=outcome, detail=detail or None))
 
     def caller_event(self, caller: Caller, action: str) -> AuditEvent:
-        return self.event(caller.user.id, action, caller.request_id, caller.client_address)
+        event = self.event(caller.user.id, action, caller.request_id, caller.client_address)
+        if caller.key is None:
+            return event
+        return attrs.evolve(event, key_id=caller.key.id, key_name=caller.key.name)
 
     def event(self, user_id: int, action: str, request_id: str, client_address: str) -> AuditEvent:
         """A successful event of ``action`` by ``user_id``, now; callers evolve what differs."""
@@ -84,9 +88,11 @@ class AuditedChange:
     caller: Caller
     action: str
     agent_id: int | None
+    detail: str | None = None  # what the event says besides its action (set inside the block)
 
     @contextmanager
     def write(self) -> Iterator[Transaction]:
         with self.log.storage.transaction(write=True) as tx:
             yield tx
-            tx.add_audit_event(attrs.evolve(self.log.caller_event(self.caller, self.action), agent_id=self.agent_id))
+            tx.add_audit_event(attrs.evolve(self.log.caller_event(self.caller, self.action), agent_id=self.agent_id,
+                                            detail=self.detail))

@@ -126,3 +126,24 @@ class AutostartChange:
     """Whether libvirt starts the VM when the host (libvirtd) starts."""
 
     enabled: bool = attrs.field(metadata=doc("true: start with the host (virsh autostart); false: do not."))
+
+
+# ---------------------------------------------------------------------- API keys and scopes (issue 20)
+
+
+@attrs.frozen(kw_only=True)
+class NewKey:
+    """An API key to create, with at most the creating key's powers."""
+
+    name: str = attrs.field(metadata=doc("What the key is for, 1-100 characters (e.g. \"ci-restart-web\").",
+                                         minLength=1, maxLength=100))
+    scopes: list[str] = attrs.field(metadata=doc(
+        "What the key may do: any of read, operate, provision, agents, credentials, keys (each only if the "
+        "creating key has it).", minItems=1,
+        items={"type": "string", "enum": ["read", "operate", "provision", "agents", "credentials", "keys"]}))
+    agents: list[int] | None = attrs.field(default=None, metadata=doc(
+        "Only these agents (ids of yours); others are 404 to the key, as if they did not exist. Omit or null: "
+        "every agent (only a key not limited to agents may create one)."))
+    expires_at: str | None = attrs.field(default=None, metadata=doc(
+        "When the key stops working (RFC 3339 with a zone, e.g. 2027-01-31T00:00:00Z); then 401 "
+        "api_key_expired. Omit: never (or the creating key's expiry, if it has one).", format="date-time"))

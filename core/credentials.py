@@ -12,8 +12,10 @@ from core.ports import SecretBox, Transaction
 
 def owned_agent(tx: Transaction, caller: Caller, agent_id: int) -> Agent:
     """One of the caller's agents; ``AgentNotFound`` if it is not theirs or does not exist — the
-    same answer either way, so nobody learns that another user's agent exists."""
-    agent = tx.get_agent(caller.user.id, agent_id)
+    same answer either way, so nobody learns that another user's agent exists. A caller whose key
+    is limited to some agents gets the same answer for the user's other agents: every path to an
+    agent goes through here (or filters lists with ``Caller.sees_agent``)."""
+    agent = tx.get_agent(caller.user.id, agent_id) if caller.sees_agent(agent_id) else None
     if agent is None:
         raise AgentNotFound()
     return agent

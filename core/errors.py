@@ -409,3 +409,55 @@ class KeyNotExportable(Conflict):
             "in the agent's public_key (install that on the hypervisor). Upload a key of your own with "
             "PATCH /agents/{id} if you need to hold the private half")) -> None:
         super().__init__(detail)
+
+
+# ---------------------------------------------------------------------- API keys and scopes (issue 20)
+
+
+class InsufficientScope(Forbidden):
+    """The API key lacks the scope the operation needs (the answer names it)."""
+
+    code = "insufficient_scope"
+    title = "Insufficient scope"
+
+    def __init__(self, scope: str, detail: str | None = None) -> None:
+        self.scope = scope
+        super().__init__(detail or f"this API key does not have the scope {scope!r}, which this operation needs; "
+                                   "use a key that has it (GET /users/me/keys/current shows this key's scopes)")
+
+
+class KeyLimitedToAgents(Forbidden):
+    """The API key is limited to some agents, and the request would reach beyond them."""
+
+    code = "key_limited_to_agents"
+
+
+class ApiKeyExpired(Unauthenticated):
+    """The API key was valid until its expiry time, which has passed (HTTP 401)."""
+
+    code = "api_key_expired"
+
+    def __init__(self, detail: str = "this API key has expired; create a new one (POST /users/me/keys)") -> None:
+        super().__init__(detail)
+
+
+class ApiKeyNotFound(NotFound):
+    code = "api_key_not_found"
+
+    def __init__(self, detail: str = "no such API key") -> None:
+        super().__init__(detail)
+
+
+class FullKeyNotRevocable(Conflict):
+    """The user's full key (sign-up / rotate) is replaced by rotating it, never revoked: a user
+    always has one key with every power."""
+
+    code = "full_key_not_revocable"
+
+    def __init__(self, detail: str = ("the full key cannot be revoked; replace it with "
+                                      "POST /users/me/api-key/rotate (the old one dies at once)")) -> None:
+        super().__init__(detail)
+
+
+class ApiKeyLimitReached(Conflict):
+    code = "api_key_limit_reached"

@@ -38,14 +38,49 @@ class User:
     created_at: datetime
 
 
+class Scope(enum.Enum):
+    """What an API key may do; every operation needs one of these (``entrypoints/operations.py``)."""
+
+    READ = "read"  # lists, info, stats, snapshot lists, the audit, events
+    OPERATE = "operate"  # lifecycle actions, autostart, snapshots create/revert/delete, consoles
+    PROVISION = "provision"  # create, clone and delete VMs, volumes
+    AGENTS = "agents"  # register, change and delete agents, rotate agent keys, read public keys
+    CREDENTIALS = "credentials"  # read agents' private keys
+    KEYS = "keys"  # manage API keys (never beyond the managing key's own power)
+
+
+ALL_SCOPES: frozenset[Scope] = frozenset(Scope)
+FULL_KEY_NAME = "full"
+
+
 @attrs.frozen
 class ApiKey:
-    """The stored half of a user's API key: the public prefix and a hash of the whole key."""
+    """The stored half of a user's API key: the public prefix, a hash of the whole key, and what
+    the key may do. The key from sign-up and ``rotate`` is the user's *full* key: every scope, every
+    agent, no expiry. Other keys are created with fewer powers (``core/keys.py``)."""
 
     user_id: int
     prefix: str
-    digest: str
+    digest: str = attrs.field(repr=False)
     created_at: datetime
+    id: int = 0
+    name: str = FULL_KEY_NAME
+    scopes: frozenset[Scope] = ALL_SCOPES
+    agents: frozenset[int] | None = None  # None: every agent of the user
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None
+    full: bool = True
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def covers(self, other: ApiKey) -> bool:
+        """Whether this key holds every power of ``other``: its scopes, its agents, and at least as
+        long a life. A key only creates, sees and revokes keys it covers."""
+        return (other.scopes <= self.scopes
+                and (self.agents is None or (other.agents is not None and other.agents <= self.agents))
+                and (self.expires_at is None or (other.expires_at is not None
+                                                 and other.expires_at <= self.expires_at)))
 
 
 @attrs.frozen
@@ -124,6 +159,7 @@ AUDIT_VM_MAX = 255
 AUDIT_DETAIL_MAX = 500
 AUDIT_REQUEST_ID_MAX = 64
 AUDIT_CLIENT_ADDRESS_MAX = 64
+AUDIT_KEY_NAME_MAX = 100
 
 
 def printable(text: str, limit: int) -> str:
@@ -164,6 +200,10 @@ def _client_address(text: str) -> str:
     return printable(text, AUDIT_CLIENT_ADDRESS_MAX)
 
 
+def _key_name(text: str | None) -> str | None:
+    return None if text is None else printable(text, AUDIT_KEY_NAME_MAX)
+
+
 @attrs.frozen
 class AuditEvent:
     """One recorded action: who did what to which agent/VM, how it ended, and from where.
@@ -179,15 +219,35 @@ class AuditEvent:
     request_id: str = attrs.field(converter=_request_id)
     client_address: str = attrs.field(converter=_client_address)
     created_at: datetime
+    # The API key that acted (None: sign-up, or the host's operator on the command line); the name
+    # is kept as it was then, so the history still reads after the key is revoked.
+    key_id: int | None = None
+    key_name: str | None = attrs.field(default=None, converter=_key_name)
 
 
 @attrs.frozen
 class Caller:
-    """The authenticated user behind a request, plus where the request came from (for the audit)."""
+    """The authenticated user behind a request, plus where the request came from (for the audit),
+    and the API key it came with. ``key`` is None for the host's operator acting as a user on the
+    command line (no key: every power)."""
 
     user: User
     request_id: str
     client_address: str
+    key: ApiKey | None = None
+
+    @property
+    def scopes(self) -> frozenset[Scope]:
+        return ALL_SCOPES if self.key is None else self.key.scopes
+
+    @property
+    def agent_ids(self) -> frozenset[int] | None:
+        """The only agents this caller may see, or None: all of the user's."""
+        return None if self.key is None else self.key.agents
+
+    def sees_agent(self, agent_id: int) -> bool:
+        agents = self.agent_ids
+        return agents is None or agent_id in agents
 
 
 @attrs.frozen

@@ -19,6 +19,7 @@ from core.agents import MAX_AGENTS_PER_USER, AgentService
 from core.audit import AuditLog
 from core.credentials import Keyring
 from core.fleet import FLEET_PARALLELISM, FleetService
+from core.keys import KeyService
 from core.model import SignupPolicy
 from core.ports import AgentAddresses, Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage
 from core.remote import RemoteCommands
@@ -38,6 +39,7 @@ class Portal:
     fleet: FleetService
     audit: AuditLog
     remote: RemoteCommands
+    keys: KeyService  # API keys and scopes (issue 20)
 
 
 def assemble(
@@ -71,4 +73,5 @@ def assemble(
         fleet=FleetService(remote=remote, fleet_parallelism=fleet_parallelism, monotonic=monotonic),
         audit=audit,
         remote=remote,
+        keys=KeyService(storage=storage, hasher=hasher, clock=clock, audit=audit),
     )

@@ -57,7 +57,8 @@ class RemoteCommands:
         """Every agent of the caller (or those in ``only``) with its key opened, or the error that
         kept it closed: one unreadable key fails its own agent only."""
         with self.storage.transaction() as tx:
-            agents = [a for a in tx.list_agents(caller.user.id) if not only or a.id in only]
+            agents = [a for a in tx.list_agents(caller.user.id)
+                      if (not only or a.id in only) and caller.sees_agent(a.id)]
         targets: list[tuple[Agent, AgentCredentials | PortalError]] = []
         for agent in agents:
             try:
@@ -93,7 +94,7 @@ class RemoteCommands:
 
     def pinned_host_key(self, caller: Caller, agent_id: int) -> HostKey | None:
         with self.storage.transaction() as tx:
-            agent = tx.get_agent(caller.user.id, agent_id)
+            agent = tx.get_agent(caller.user.id, agent_id) if caller.sees_agent(agent_id) else None
         return agent.host_key if agent is not None else None
 
     async def audited(self, caller: Caller, action: str, agent_id: int, vm: str,

@@ -5,16 +5,26 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import attrs
+
 from core import validation
 from core.audit import AuditLog
 from core.commands import NewUser
-from core.errors import EmailTaken, SignupRefused, Unauthenticated, UserNotFound, ValidationFailed
-from core.model import Caller, Origin, SignupPolicy, User, api_key_prefix
+from core.errors import ApiKeyExpired, EmailTaken, SignupRefused, Unauthenticated, UserNotFound, ValidationFailed
+from core.model import ApiKey, Caller, Origin, SignupPolicy, User, api_key_prefix
 from core.ports import Clock, KeyHasher, Storage, Transaction
 from core.results import NewApiKey
 
 _HOW_TO_GET_AN_ACCOUNT = ("ask the portal's operator to run `manage-playrservers users create --name NAME` "
                           "on the portal host, or to set MANAGEMENT_SIGNUP=open")
+
+
+@attrs.frozen
+class Authenticated:
+    """Who an API key belongs to, and the key itself (its scopes, agents and expiry)."""
+
+    user: User
+    key: ApiKey
 
 
 class UserService:
@@ -82,6 +92,11 @@ class UserService:
 
     def authenticate(self, api_key: str) -> User:
         """The user who owns ``api_key``; raises ``Unauthenticated`` for anything else."""
+        return self.authenticate_key(api_key).user
+
+    def authenticate_key(self, api_key: str) -> Authenticated:
+        """The user who owns ``api_key`` and the key's powers; ``Unauthenticated`` for an unknown
+        (or revoked) key, ``ApiKeyExpired`` for one past its expiry."""
         prefix = api_key_prefix(api_key)
         if prefix is None:
             raise Unauthenticated("the API key is malformed")
@@ -92,13 +107,23 @@ class UserService:
             user = tx.get_user(stored.user_id)
         if user is None:  # pragma: no cover - keys are deleted with their user
             raise Unauthenticated("the API key is not valid")
-        return user
+        self.check_not_expired(stored)
+        return Authenticated(user, stored)
+
+    def check_not_expired(self, key: ApiKey) -> None:
+        """``ApiKeyExpired`` once ``key`` is past its expiry (checked on every request, remembered
+        keys included: expiry needs no write, so no cache can miss it)."""
+        if key.expired(self.clock.now()):
+            raise ApiKeyExpired()
 
     def rotate_api_key(self, caller: Caller) -> NewApiKey:
-        """Issue a new API key for the caller; the old one stops working at once."""
+        """Issue a new secret for the calling key (the full key from sign-up, or a named key, which
+        keeps its name, scopes, agents and expiry; the host's operator rotates the full key); the
+        old secret stops working at once."""
         key = self.hasher.issue()
         with self.audit.audited(caller, "user.rotate_api_key") as change, change.write() as tx:
-            tx.replace_api_key(caller.user.id, key, self.clock.now())
+            key_id = None if caller.key is None or caller.key.full else caller.key.id
+            tx.replace_api_key(caller.user.id, key, self.clock.now(), key_id=key_id)
             user = tx.get_user(caller.user.id)
         assert user is not None
         return NewApiKey(user, key.plaintext)

@@ -27,7 +27,7 @@ import attrs
 
 from core.commands import NewUser
 from core.errors import ValidationFailed
-from core.model import Caller, Origin, User
+from core.model import ApiKey, Caller, Origin, User
 from core.portal import Portal
 from core.ports import CommandResult
 from core.results import FleetEntry, NewApiKey, WaitedAction
@@ -73,8 +73,10 @@ class PortalLibrary:
         return self._runner.run(coroutine)
 
     def login(self, api_key: str) -> Session:
-        """Act as the owner of ``api_key``; raises ``core.errors.Unauthenticated`` if it is not valid."""
-        return Session(self, self.portal.users.authenticate(api_key))
+        """Act as the owner of ``api_key``, with that key's scopes and agents; raises
+        ``core.errors.Unauthenticated`` if it is not valid (``ApiKeyExpired`` once it has expired)."""
+        found = self.portal.users.authenticate_key(api_key)
+        return Session(self, found.user, found.key)
 
     def login_as(self, user: User) -> Session:
         """Act as ``user`` without their key: for the host's operator (e.g. to rotate a lost key)."""
@@ -103,10 +105,11 @@ class Session:
     (``core.model``, ``core.results``, ``core.virsh``); errors are ``core.errors`` classes.
     """
 
-    def __init__(self, library: PortalLibrary, user: User) -> None:
+    def __init__(self, library: PortalLibrary, user: User, key: ApiKey | None = None) -> None:
         self._library = library
         self.portal = library.portal
         self.user = user
+        self.key = key  # None: the host's operator acting as the user (``login_as``), every power
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         op = BY_NAME.get(ALIASES.get(name, name))
@@ -146,22 +149,29 @@ class Session:
 
     def run(self, op: Operation, call: Call) -> Any:
         """Run a prepared call of ``op``; answers the use case's value (``op.view`` makes the wire's)."""
-        assert op.run is not None
-        return self._library._await(op.run(self.portal, call))
+        return self._library._await(op.execute(self.portal, call))
 
-    def _caller(self) -> Caller:
+    def _caller(self, operation: str | None = None) -> Caller:
+        """This session as a caller; with ``operation``, checked against that operation's scope
+        (for the methods below, written by hand, that call a use case directly)."""
         origin = _origin()
-        return Caller(user=self.user, request_id=origin.request_id, client_address=origin.client_address)
+        caller = Caller(user=self.user, request_id=origin.request_id, client_address=origin.client_address,
+                        key=self.key)
+        if operation is not None:
+            BY_NAME[operation].authorize(caller)
+        return caller
 
     def rotate_api_key(self) -> str:
-        """A new API key for this user (returned once); the old key stops working at once."""
-        rotated = self.portal.users.rotate_api_key(self._caller())
+        """A new secret for this session's key (returned once); the old one stops working at once."""
+        rotated = self.portal.users.rotate_api_key(self._caller("rotate_api_key"))
         self.user = rotated.user
+        if self.key is not None:
+            self.key = self.portal.users.authenticate_key(rotated.api_key).key
         return rotated.api_key
 
     def vm_action(self, agent_id: int, vm: str, action: VmAction | str) -> CommandResult:
         """Run ``start``, ``shutdown``, ``force-stop``, ``reboot``, ``suspend`` or ``resume`` on a VM."""
-        return self._library._await(self.portal.vms.vm_action(self._caller(), agent_id, vm, _action(action)))
+        return self._library._await(self.portal.vms.vm_action(self._caller("start_vm"), agent_id, vm, _action(action)))
 
     def vm_action_and_wait(self, agent_id: int, vm: str, action: VmAction | str, wait: int,
                            progress: Callable[[str | None, float], None] | None = None) -> WaitedAction:
@@ -169,7 +179,7 @@ class Session:
         (``.state``); raises ``core.errors.WaitTimedOut`` (``.state``: where it is) when time is up.
         ``progress(state, elapsed_seconds)`` is called after every poll."""
         return self._library._await(
-            self.portal.vms.vm_action_and_wait(self._caller(), agent_id, vm, _action(action), wait, progress))
+            self.portal.vms.vm_action_and_wait(self._caller("start_vm"), agent_id, vm, _action(action), wait, progress))
 
     def fleet(self, *, agent_ids: Sequence[int] = (), states: Sequence[str] = ()) -> list[FleetEntry]:
         """Every VM on every agent of yours (or of ``agent_ids``), agents asked in parallel; an agent
@@ -177,7 +187,8 @@ class Session:
         if isinstance(agent_ids, str | bytes) or not all(isinstance(a, int) and not isinstance(a, bool)
                                                          for a in agent_ids):
             raise ValidationFailed.one("agent", "must be a sequence of agent ids (integers)")
-        return self._library._await(self.portal.fleet.fleet(self._caller(), agent_ids=agent_ids, states=states))
+        caller = self._caller("list_fleet")
+        return self._library._await(self.portal.fleet.fleet(caller, agent_ids=agent_ids, states=states))
 
 
 def _action(action: VmAction | str) -> VmAction:

@@ -22,15 +22,16 @@ import attrs
 from core import errors
 from core.agents import AGENT_PAGE_MAX
 from core.audit import AUDIT_PAGE_DEFAULT, AUDIT_PAGE_MAX
-from core.commands import AgentChanges, AutostartChange, NewAgent, NewSnapshot, NewUser
+from core.commands import AgentChanges, AutostartChange, NewAgent, NewKey, NewSnapshot, NewUser
 from core.errors import PortalError, ValidationFailed
-from core.model import Caller, Origin, User
+from core.model import Caller, Origin, Scope, User
 from core.portal import Portal
 from core.results import NewApiKey, WaitedAction
 from core.virsh import VM_NAME_MAX, VM_STATES, WAIT_MAX, VmAction
 from entrypoints.shapes import (
     AgentCheckView,
     AgentView,
+    ApiKeyView,
     AuditEventView,
     AuditPage,
     AutostartView,
@@ -38,6 +39,7 @@ from entrypoints.shapes import (
     CredentialsView,
     FleetEntryView,
     HostFactsView,
+    NewApiKeyView,
     PublicKeyView,
     SnapshotView,
     UserView,
@@ -79,6 +81,10 @@ class Call:
     @property
     def snapshot(self) -> str:
         return str(self.path["snapshot"])
+
+    @property
+    def key_id(self) -> int:
+        return int(self.path["key_id"])
 
 
 Run = Callable[[Portal, Call], Coroutine[Any, Any, Any]]
@@ -141,6 +147,10 @@ def _whole_number(name: str, raw: str) -> int:
     return int(raw)
 
 
+# Operations that every valid key may call, whatever its scopes: asking what the key itself may do.
+ANY_KEY = frozenset({"get_current_api_key"})
+
+
 @attrs.frozen
 class Operation:
     """One thing a client can do, and every door's view of it."""
@@ -164,10 +174,38 @@ class Operation:
     headers: Callable[[Any, Call], dict[str, str]] | None = None  # more headers of the answer (e.g. Link)
     library: bool = True  # a method of the library's Session
     long_running: bool = False  # may wait minutes (``?wait=``): told through ``Call.abandoned`` if the client leaves
+    # The scope an API key needs for this operation (issue 20). Required, with no default, so an
+    # operation that forgets it fails at import: ``scope=None`` only for public operations and the
+    # few any key may call (``ANY_KEY``, checked by tests/integration/test_scopes_http.py).
+    scope: Scope | None = attrs.field(kw_only=True)
+
+    def __attrs_post_init__(self) -> None:
+        if self.public and self.scope is not None:
+            raise ValueError(f"{self.name}: a public operation needs no scope")
+        if not self.public and self.scope is None and self.name not in ANY_KEY:
+            raise ValueError(f"{self.name}: give the operation a scope (scope=Scope.READ, ...); only the "
+                             f"operations in ANY_KEY may be called by every key")
 
     @property
     def path_parameters(self) -> tuple[str, ...]:
         return tuple(part[1:-1] for part in self.path.split("/") if part.startswith("{"))
+
+    def authorize(self, caller: Caller | None) -> None:
+        """Refuse (``InsufficientScope``, naming it) a caller whose key lacks this operation's scope.
+        The only place scopes are checked: every door calls it through ``execute`` (the HTTP layer
+        also calls it before reading the body, so a refused key's body is never parsed)."""
+        if self.scope is None:
+            return
+        if caller is None:
+            raise AssertionError(f"{self.name} was called without a caller")
+        if self.scope not in caller.scopes:
+            raise errors.InsufficientScope(self.scope.value)
+
+    async def execute(self, portal: Portal, call: Call) -> Any:
+        """Check the caller's scope, then run the use case."""
+        assert self.run is not None, f"{self.name} is answered by the HTTP layer itself"
+        self.authorize(call.caller)
+        return await self.run(portal, call)
 
 
 # ---------------------------------------------------------------------- error groups
@@ -216,6 +254,8 @@ PATH_PARAMETERS: dict[str, dict[str, Any]] = {
                           "no leading '-'; not only digits and not UUID-shaped (virsh would take it for a "
                           "domain id or UUID). Percent-encode spaces.",
            "schema": {"type": "string", "minLength": 1, "maxLength": VM_NAME_MAX}},
+    "key_id": {"name": "key_id", "in": "path", "required": True,
+               "schema": {"type": "integer", "minimum": 1, "maximum": 2147483647}},
     "snapshot": {"name": "snapshot", "in": "path", "required": True,
                  "description": "Snapshot name (same rules as VM names). Percent-encode spaces.",
                  "schema": {"type": "string", "minLength": 1, "maxLength": VM_NAME_MAX}},
@@ -283,108 +323,133 @@ _ACTIONS = {
 OPERATIONS: tuple[Operation, ...] = (
     # the service itself
     Operation("get_health", "GET", "/health", "service", "Service readiness ping", None, public=True,
-              library=False),
+              library=False, scope=None),
     Operation("head_health", "HEAD", "/health", "service", "Service readiness ping, headers only", None,
-              public=True, library=False),
-    Operation("get_openapi", "GET", "/openapi.json", "service", "This document", None, public=True, library=False),
+              public=True, library=False, scope=None),
+    Operation("get_openapi", "GET", "/openapi.json", "service", "This document", None, public=True, library=False,
+              scope=None),
     # users and API keys
     Operation("sign_up", "POST", "/users", "users", "Create a user and receive its API key (once)",
               lambda p, c: invoke(p.users.sign_up, c.body, c.origin), _with_key, UserWithKeyView, NewUser,
               ok=201, errors=(*BODY_ERRORS, errors.SignupRefused, errors.EmailTaken, errors.HttpsRequired),
               public=True, no_store=True,
-              library=False),
+              library=False, scope=None),
     Operation("get_current_user", "GET", "/users/me", "users", "The authenticated user's profile", _current_user,
-              _one(UserView.of), UserView, library=False),
+              _one(UserView.of), UserView, library=False, scope=Scope.READ),
     Operation("rotate_api_key", "POST", "/users/me/api-key/rotate", "users",
               "Issue a new API key; the old one dies at once", lambda p, c: invoke(p.users.rotate_api_key, c.me),
-              _with_key, UserWithKeyView, no_store=True, library=False),
+              _with_key, UserWithKeyView, no_store=True, library=False, scope=Scope.KEYS),
     Operation("list_audit_events", "GET", "/users/me/audit", "users", "The caller's audit events, newest first",
               lambda p, c: invoke(p.audit.audit_events, c.me, limit=c.query["limit"], before=c.query["before"]),
-              _audit_page, AuditPage, errors=(ValidationFailed,), query=(AUDIT_LIMIT, AUDIT_BEFORE)),
+              _audit_page, AuditPage, errors=(ValidationFailed,), query=(AUDIT_LIMIT, AUDIT_BEFORE), scope=Scope.READ),
     # agents
     Operation("list_agents", "GET", "/agents", "agents", "List the caller's agents, oldest first, a page at a time",
               lambda p, c: invoke(p.agents.list_agents, c.me, after=c.query["after"], limit=c.query["limit"]),
               _each(AgentView.of), list[AgentView], errors=(ValidationFailed,), query=(AGENTS_AFTER, AGENTS_LIMIT),
-              cached_per_user=True, headers=_next_agents_page),
+              cached_per_user=True, headers=_next_agents_page, scope=Scope.READ),
     Operation("register_agent", "POST", "/agents", "agents", "Register an agent (remote hypervisor)",
               lambda p, c: invoke(p.agents.register_agent, c.me, c.body), _one(AgentView.of), AgentView, NewAgent,
               ok=201, errors=(*BODY_ERRORS, errors.AgentNameTaken, errors.AgentLimitReached,
                               errors.AgentAddressRefused),
-              location=lambda agent: f"/agents/{agent.id}"),
+              location=lambda agent: f"/agents/{agent.id}", scope=Scope.AGENTS),
     Operation("get_agent", "GET", "/agents/{agent_id}", "agents", "One agent",
               lambda p, c: invoke(p.agents.get_agent, c.me, c.agent_id), _one(AgentView.of), AgentView,
-              errors=(errors.AgentNotFound,)),
+              errors=(errors.AgentNotFound,), scope=Scope.READ),
     Operation("update_agent", "PATCH", "/agents/{agent_id}", "agents", "Change some of an agent's fields",
               lambda p, c: invoke(p.agents.update_agent, c.me, c.agent_id, c.body), _one(AgentView.of), AgentView,
               AgentChanges, errors=(*BODY_ERRORS, errors.AgentNotFound, errors.AgentNameTaken, errors.AgentChanged,
-                                   errors.AgentAddressRefused)),
+                                   errors.AgentAddressRefused), scope=Scope.AGENTS),
     Operation("delete_agent", "DELETE", "/agents/{agent_id}", "agents", "Remove an agent and its credentials",
-              lambda p, c: invoke(p.agents.delete_agent, c.me, c.agent_id), ok=204, errors=(errors.AgentNotFound,)),
+              lambda p, c: invoke(p.agents.delete_agent, c.me, c.agent_id), ok=204, errors=(errors.AgentNotFound,),
+              scope=Scope.AGENTS),
     Operation("read_credentials", "GET", "/agents/{agent_id}/credentials", "agents",
               "The agent's SSH key material (audited)",
               lambda p, c: invoke(p.agents.read_credentials, c.me, c.agent_id), _one(CredentialsView.of_credentials),
-              CredentialsView, errors=(errors.AgentNotFound, errors.KeyNotExportable), no_store=True),
+              CredentialsView, errors=(errors.AgentNotFound, errors.KeyNotExportable), no_store=True,
+              scope=Scope.CREDENTIALS),
     Operation("get_public_key", "GET", "/agents/{agent_id}/public-key", "agents",
               "The agent's SSH public key, for authorized_keys",
               lambda p, c: invoke(p.agents.get_agent, c.me, c.agent_id), _one(PublicKeyView.of), PublicKeyView,
-              errors=(errors.AgentNotFound,)),
+              errors=(errors.AgentNotFound,), scope=Scope.AGENTS),
     Operation("rotate_agent_key", "POST", "/agents/{agent_id}/rotate-key", "agents",
               "Replace the agent's key with a new generated ed25519 pair (audited)",
               lambda p, c: invoke(p.agents.rotate_agent_key, c.me, c.agent_id), _one(AgentView.of), AgentView,
-              errors=(errors.AgentNotFound, errors.AgentChanged)),
+              errors=(errors.AgentNotFound, errors.AgentChanged), scope=Scope.AGENTS),
     Operation("get_host", "GET", "/agents/{agent_id}/host", "agents",
               "The host's name, processors, memory and libvirt/QEMU versions",
               lambda p, c: invoke(p.fleet.host_facts, c.me, c.agent_id), _one(HostFactsView.of), HostFactsView,
-              errors=REMOTE_ERRORS),
+              errors=REMOTE_ERRORS, scope=Scope.READ),
     Operation("check_agent", "POST", "/agents/{agent_id}/check", "agents",
               "Can the portal reach the host, log in and reach libvirt? 200 with the reason, whatever the host "
               "answered",
               lambda p, c: invoke(p.fleet.check_agent, c.me, c.agent_id), _one(AgentCheckView.of), AgentCheckView,
-              errors=(errors.AgentNotFound, errors.AgentChanged, errors.TooManyOperations)),
+              errors=(errors.AgentNotFound, errors.AgentChanged, errors.TooManyOperations), scope=Scope.READ),
     # VMs: lifecycle
     Operation("list_vms", "GET", "/agents/{agent_id}/vms", "vms", "List the agent's VMs (virsh list --all)",
               lambda p, c: invoke(p.vms.list_vms, c.me, c.agent_id), _each(VmView.of), list[VmView],
-              errors=REMOTE_ERRORS),
+              errors=REMOTE_ERRORS, scope=Scope.READ),
     Operation("get_vm", "GET", "/agents/{agent_id}/vms/{vm}", "vms", "virsh dominfo for a VM, typed and raw",
               lambda p, c: invoke(p.vms.vm_info, c.me, c.agent_id, c.vm), _one(VmInfoView.of), VmInfoView,
-              errors=REMOTE_ERRORS),
+              errors=REMOTE_ERRORS, scope=Scope.READ),
     *(Operation(name, "POST", f"/agents/{{agent_id}}/vms/{{vm}}/{action.value}", "vms", summary, _action(action),
                 _action_view, CommandView | WaitedActionView, errors=(*REMOTE_ERRORS, *VM_STATE_ERRORS,
                                                                       errors.WaitTimedOut), query=(WAIT,),
-                long_running=True)
+                long_running=True, scope=Scope.OPERATE)
       for action, (name, summary) in _ACTIONS.items()),
     Operation("set_autostart", "PUT", "/agents/{agent_id}/vms/{vm}/autostart", "vms",
               "Start the VM with the host, or not (virsh autostart)",
               lambda p, c: invoke(p.vms.set_autostart, c.me, c.agent_id, c.vm, c.body.enabled),
               lambda result, c: AutostartView(vm=c.vm, enabled=c.body.enabled, result=CommandView.of(result)),
-              AutostartView, AutostartChange, errors=(*BODY_ERRORS, *REMOTE_ERRORS, *VM_STATE_ERRORS)),
+              AutostartView, AutostartChange, errors=(*BODY_ERRORS, *REMOTE_ERRORS, *VM_STATE_ERRORS),
+              scope=Scope.OPERATE),
     Operation("get_vm_stats", "GET", "/agents/{agent_id}/vms/{vm}/stats", "vms",
               "virsh domstats: state, CPU time, vCPUs, balloon memory, disk and network counters",
               lambda p, c: invoke(p.vms.vm_stats, c.me, c.agent_id, c.vm), _one(VmStatsView.of), VmStatsView,
-              errors=REMOTE_ERRORS),
+              errors=REMOTE_ERRORS, scope=Scope.READ),
     # VMs: snapshots
     Operation("list_snapshots", "GET", "/agents/{agent_id}/vms/{vm}/snapshots", "snapshots",
               "The VM's internal snapshots (virsh snapshot-list)",
               lambda p, c: invoke(p.snapshots.list_snapshots, c.me, c.agent_id, c.vm), _each(SnapshotView.of),
-              list[SnapshotView], errors=SNAPSHOT_ERRORS),
+              list[SnapshotView], errors=SNAPSHOT_ERRORS, scope=Scope.READ),
     Operation("create_snapshot", "POST", "/agents/{agent_id}/vms/{vm}/snapshots", "snapshots",
               "Take an internal snapshot (virsh snapshot-create-as)",
               lambda p, c: invoke(p.snapshots.create_snapshot, c.me, c.agent_id, c.vm, c.body),
-              _one(SnapshotView.of), SnapshotView, NewSnapshot, ok=201, errors=(*BODY_ERRORS, *SNAPSHOT_ERRORS)),
+              _one(SnapshotView.of), SnapshotView, NewSnapshot, ok=201, errors=(*BODY_ERRORS, *SNAPSHOT_ERRORS),
+              scope=Scope.OPERATE),
     Operation("delete_snapshot", "DELETE", "/agents/{agent_id}/vms/{vm}/snapshots/{snapshot}", "snapshots",
               "Delete a snapshot (virsh snapshot-delete)",
               lambda p, c: invoke(p.snapshots.delete_snapshot, c.me, c.agent_id, c.vm, c.snapshot), ok=204,
-              errors=SNAPSHOT_ERRORS),
+              errors=SNAPSHOT_ERRORS, scope=Scope.OPERATE),
     Operation("revert_snapshot", "POST", "/agents/{agent_id}/vms/{vm}/snapshots/{snapshot}/revert", "snapshots",
               "Revert the VM to a snapshot (virsh snapshot-revert)",
               lambda p, c: invoke(p.snapshots.revert_snapshot, c.me, c.agent_id, c.vm, c.snapshot),
-              _one(CommandView.of), CommandView, errors=SNAPSHOT_ERRORS),
+              _one(CommandView.of), CommandView, errors=SNAPSHOT_ERRORS, scope=Scope.OPERATE),
     # the fleet
     Operation("list_fleet", "GET", "/vms", "fleet", "Every VM on every agent of the caller; a failing agent "
                                                     "carries its error",
               lambda p, c: invoke(p.fleet.fleet, c.me, agent_ids=c.query["agent"], states=c.query["state"]),
               _each(FleetEntryView.of), list[FleetEntryView], errors=(ValidationFailed,),
-              query=(FLEET_AGENT, FLEET_STATE)),
+              query=(FLEET_AGENT, FLEET_STATE), scope=Scope.READ),
+    # --- API keys and scopes (issue 20)
+    Operation("list_api_keys", "GET", "/users/me/keys", "users",
+              "Your API keys (those the calling key covers), oldest first; never the keys themselves",
+              lambda p, c: invoke(p.keys.list_keys, c.me), _each(ApiKeyView.of), list[ApiKeyView],
+              scope=Scope.KEYS),
+    Operation("create_api_key", "POST", "/users/me/keys", "users",
+              "Create a named API key with some scopes, agents and an expiry (the key is shown once); never "
+              "more than the calling key may do",
+              lambda p, c: invoke(p.keys.create_key, c.me, c.body),
+              lambda created, _c: NewApiKeyView.with_key(created.key, created.api_key), NewApiKeyView, NewKey,
+              ok=201, errors=(*BODY_ERRORS, errors.InsufficientScope, errors.KeyLimitedToAgents,
+                              errors.ApiKeyLimitReached),
+              no_store=True, location=lambda created: f"/users/me/keys/{created.key.id}", scope=Scope.KEYS),
+    Operation("get_current_api_key", "GET", "/users/me/keys/current", "users",
+              "What the calling key may do: its scopes, agents and expiry (any key may ask)",
+              lambda p, c: invoke(p.keys.current_key, c.me), _one(ApiKeyView.of), ApiKeyView, scope=None),
+    Operation("revoke_api_key", "DELETE", "/users/me/keys/{key_id}", "users",
+              "Revoke an API key: refused at its very next request, on every worker and instance",
+              lambda p, c: invoke(p.keys.revoke_key, c.me, c.key_id), ok=204,
+              errors=(errors.ApiKeyNotFound, errors.FullKeyNotRevocable), scope=Scope.KEYS),
 )
 
 BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}

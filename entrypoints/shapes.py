@@ -15,7 +15,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 from core.errors import FieldError, ValidationFailed
-from core.model import Agent, AgentCredentials, AuditEvent, User
+from core.model import Agent, AgentCredentials, ApiKey, AuditEvent, User
 from core.ports import CommandResult
 from core.results import AgentCheck, Failure, FleetEntry, HostFacts, VmInfo, WaitedAction
 from core.virsh import INT_DIGITS_MAX, Snapshot, VmStats, VmSummary
@@ -205,11 +205,14 @@ class AuditEventView:
     request_id: str
     client_address: str
     created_at: datetime
+    key_id: int | None = attrs.field(metadata={"doc": "The API key that acted (null: sign-up, or the host's "
+                                                      "operator on the command line)."})
+    key_name: str | None = attrs.field(metadata={"doc": "That key's name when it acted."})
 
     @classmethod
     def of(cls, event: AuditEvent) -> AuditEventView:
         return cls(event.id, event.action, event.outcome, event.agent_id, event.vm, event.detail,
-                   event.request_id, event.client_address, event.created_at)
+                   event.request_id, event.client_address, event.created_at, event.key_id, event.key_name)
 
 
 @attrs.frozen
@@ -542,3 +545,44 @@ class AgentCheckView:
 
 def dump(value: Any) -> Any:
     return converter.unstructure(value)
+
+
+# ---------------------------------------------------------------------- API keys and scopes (issue 20)
+
+
+@attrs.frozen
+class ApiKeyView:
+    """An API key as its owner sees it: never the key itself, which is shown once at creation."""
+
+    id: int
+    name: str
+    prefix: str = attrs.field(metadata={"doc": "The key's public prefix (its first characters)."})
+    scopes: list[str]
+    agents: list[int] | None = attrs.field(metadata={"doc": "The only agents the key sees; null: every agent."})
+    expires_at: datetime | None
+    created_at: datetime
+    last_used_at: datetime | None = attrs.field(metadata={
+        "doc": "When the key was last used, to the minute (written at most once a minute per key)."})
+    full: bool = attrs.field(metadata={"doc": "The user's full key (sign-up, rotate): every scope, every agent."})
+
+    @classmethod
+    def of(cls, key: ApiKey) -> ApiKeyView:
+        return cls(**_key_fields(key))
+
+
+@attrs.frozen
+class NewApiKeyView(ApiKeyView):
+    """A key just created, with the key itself: the only time it is ever shown."""
+
+    api_key: str = attrs.field(kw_only=True, repr=False)
+
+    @classmethod
+    def with_key(cls, key: ApiKey, api_key: str) -> NewApiKeyView:
+        return cls(**_key_fields(key), api_key=api_key)
+
+
+def _key_fields(key: ApiKey) -> dict[str, Any]:
+    return {"id": key.id, "name": key.name, "prefix": key.prefix,
+            "scopes": sorted(scope.value for scope in key.scopes),
+            "agents": None if key.agents is None else sorted(key.agents), "expires_at": key.expires_at,
+            "created_at": key.created_at, "last_used_at": key.last_used_at, "full": key.full}

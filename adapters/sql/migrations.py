@@ -150,8 +150,53 @@ def _v5_agent_key_generated(conn: sa.Connection) -> None:
     conn.execute(sa.text("ALTER TABLE agents ADD COLUMN key_generated BOOLEAN NOT NULL DEFAULT false"))
 
 
+# ---------------------------------------------------------------------- API keys and scopes (issue 20)
+
+ALL_SCOPES_TEXT = "agents credentials keys operate provision read"  # core.model.ALL_SCOPES, as stored
+
+
+def _v6_scoped_api_keys(conn: sa.Connection) -> None:
+    """A user has any number of named API keys, each with scopes, optionally limited to some agents
+    and with an expiry; the key each user had becomes their *full* key (every scope, every agent,
+    no expiry: it works exactly as before). At most one full key per user (a partial unique index).
+    Audit events record which key acted. SQLite rebuilds the table (its ``user_id`` was unique, and
+    key ids must never be reused: audit events name them)."""
+    if conn.dialect.name == "sqlite":
+        conn.execute(sa.text(
+            "CREATE TABLE api_keys_new ("
+            " id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,"
+            " prefix VARCHAR(32) NOT NULL, digest VARCHAR(128) NOT NULL, created_at DATETIME NOT NULL,"
+            " name VARCHAR(100) NOT NULL, scopes VARCHAR(100) NOT NULL, agents TEXT,"
+            " expires_at DATETIME, last_used_at DATETIME, is_full BOOLEAN NOT NULL, UNIQUE (prefix))"))
+        conn.execute(sa.text(
+            "INSERT INTO api_keys_new (id, user_id, prefix, digest, created_at, name, scopes, is_full)"
+            " SELECT id, user_id, prefix, digest, created_at, 'full', :scopes, 1 FROM api_keys"),
+            {"scopes": ALL_SCOPES_TEXT})
+        conn.execute(sa.text("DROP TABLE api_keys"))
+        conn.execute(sa.text("ALTER TABLE api_keys_new RENAME TO api_keys"))
+        timestamp = "DATETIME"
+    else:
+        for unique in sa.inspect(conn).get_unique_constraints("api_keys"):
+            if unique["column_names"] == ["user_id"]:
+                conn.execute(sa.text(f'ALTER TABLE api_keys DROP CONSTRAINT "{unique["name"]}"'))
+        timestamp = "TIMESTAMP WITH TIME ZONE"
+        for column, ddl, value in (("name", "VARCHAR(100)", "'full'"), ("scopes", "VARCHAR(100)",
+                                                                        f"'{ALL_SCOPES_TEXT}'"),
+                                   ("is_full", "BOOLEAN", "true")):
+            conn.execute(sa.text(f"ALTER TABLE api_keys ADD COLUMN {column} {ddl} NOT NULL DEFAULT {value}"))
+            conn.execute(sa.text(f"ALTER TABLE api_keys ALTER COLUMN {column} DROP DEFAULT"))
+        conn.execute(sa.text("ALTER TABLE api_keys ADD COLUMN agents TEXT"))
+        conn.execute(sa.text(f"ALTER TABLE api_keys ADD COLUMN expires_at {timestamp}"))
+        conn.execute(sa.text(f"ALTER TABLE api_keys ADD COLUMN last_used_at {timestamp}"))
+    conn.execute(sa.text("CREATE INDEX ix_api_keys_user_id ON api_keys (user_id)"))
+    conn.execute(sa.text("CREATE UNIQUE INDEX ux_api_keys_one_full ON api_keys (user_id) WHERE is_full"))
+    conn.execute(sa.text("ALTER TABLE audit_events ADD COLUMN key_id INTEGER"))
+    conn.execute(sa.text("ALTER TABLE audit_events ADD COLUMN key_name VARCHAR(100)"))
+
+
 STEPS: tuple[Step, ...] = (_v1_initial, _v2_agent_revision, _v3_agent_ids_never_reused,
-                           _v4_keyed_api_key_digests, _v5_agent_key_generated)
+                           _v4_keyed_api_key_digests, _v5_agent_key_generated, _v6_scoped_api_keys)
 LATEST = len(STEPS)
 
 

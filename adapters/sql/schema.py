@@ -107,10 +107,22 @@ api_keys = sa.Table(
     "api_keys",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, unique=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
     sa.Column("prefix", SafeString(32), nullable=False, unique=True),
     sa.Column("digest", SafeString(128), nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
+    # migration 6: named keys with scopes (space-separated, sorted), agents (comma-separated ids, or
+    # NULL: every agent), an expiry; the user's full key (sign-up / rotate) has is_full
+    sa.Column("name", SafeString(100), nullable=False),
+    sa.Column("scopes", SafeString(100), nullable=False),
+    sa.Column("agents", SafeText, nullable=True),
+    sa.Column("expires_at", UtcDateTime, nullable=True),
+    sa.Column("last_used_at", UtcDateTime, nullable=True),
+    sa.Column("is_full", sa.Boolean, nullable=False),
+    sa.Index("ix_api_keys_user_id", "user_id"),
+    sa.Index("ux_api_keys_one_full", "user_id", unique=True, sqlite_where=sa.text("is_full"),
+             postgresql_where=sa.text("is_full")),
+    sqlite_autoincrement=True,  # ids are never reused (audit events name them)
 )
 
 agents = sa.Table(
@@ -153,4 +165,6 @@ audit_events = sa.Table(
     sa.Column("client_address", ScrubbedString(64), nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Index("ix_audit_events_user_id_id", "user_id", "id"),
+    sa.Column("key_id", sa.Integer, nullable=True),  # the API key that acted (migration 6); no foreign key
+    sa.Column("key_name", ScrubbedString(100), nullable=True),
 )

@@ -25,7 +25,8 @@ from entrypoints.http.resources import OperationsResource
 from entrypoints.operations import OPERATIONS, Operation
 
 # Falcon converters for the path parameters of the table (a bad agent id is a 404 like an unknown one).
-_CONVERTERS = {"{agent_id}": "{agent_id:int(min=1, max=2147483647)}"}
+_CONVERTERS = {"{agent_id}": "{agent_id:int(min=1, max=2147483647)}",
+               "{key_id}": "{key_id:int(min=1, max=2147483647)}"}
 
 
 def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:

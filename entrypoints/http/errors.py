@@ -88,6 +88,8 @@ async def handle_domain_error(req: falcon.asgi.Request, resp: falcon.asgi.Respon
     if isinstance(error, domain.WaitTimedOut):
         extra["state"] = error.state
         extra["target_state"] = error.target_state
+    if isinstance(error, domain.InsufficientScope):
+        extra["scope"] = error.scope  # the scope the operation needs
     if isinstance(error, domain.TooManyRequests) and error.retry_after is not None:
         resp.set_header("Retry-After", str(error.retry_after))
     if isinstance(error, domain.Unauthenticated):

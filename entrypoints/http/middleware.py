@@ -17,9 +17,9 @@ import falcon.asgi
 import structlog
 
 from core import errors
-from core.errors import Unauthenticated
-from core.model import User
+from core.errors import ApiKeyExpired, PortalError, Unauthenticated
 from core.portal import Portal
+from core.users import Authenticated
 from entrypoints.http.cache import UntilChanged
 
 access_log = structlog.get_logger("manage_playrservers.access")
@@ -38,6 +38,7 @@ class RequestContext:
         req.context.client_address = req.remote_addr or "unknown"
         req.context.started = time.perf_counter()
         req.context.user = None
+        req.context.key = None
         structlog.contextvars.bind_contextvars(request_id=req.context.request_id)
         resp.set_header("X-Request-Id", req.context.request_id)
         # The HTTP server (uvicorn) does not bound headers that arrive whole; refuse them here.
@@ -173,14 +174,16 @@ class Authentication:
 
     A resource opts out per method with ``public_methods = {"GET", ...}``. A key already resolved
     is not looked up again until the database changes (``known``, see ``entrypoints.http.cache``);
-    it is remembered by its SHA-256 digest, never in clear.
+    it is remembered by its SHA-256 digest, never in clear. Revoking or rotating a key is a commit,
+    so a remembered key is never used past it; expiry needs no commit, so it is checked on every
+    request, remembered keys included.
     """
 
     def __init__(self, portal: Portal, limiter: FailureLimiter,
-                 known: UntilChanged[bytes, User] | None = None) -> None:
+                 known: UntilChanged[bytes, Authenticated] | None = None) -> None:
         self.portal = portal
         self.limiter = limiter
-        self.known: UntilChanged[bytes, User] = known if known is not None else UntilChanged(None)
+        self.known: UntilChanged[bytes, Authenticated] = known if known is not None else UntilChanged(None)
 
     def _failed(self, address: str) -> None:
         """Count a failed authentication from ``address``, or refuse it with 429 once the address has
@@ -208,13 +211,23 @@ class Authentication:
         # Only failures are limited; a guess costs the same indexed lookup as a valid request.
         version = self.known.version()
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
-        user = self.known.get(digest, version)
-        if user is None:
+        found = self.known.get(digest, version)
+        if found is None:
             try:
-                user = await asyncio.to_thread(self.portal.users.authenticate, key)
+                found = await asyncio.to_thread(self.portal.users.authenticate_key, key)
+            except ApiKeyExpired:
+                raise  # a real key that has had its time: not a guess, not counted against the address
             except Unauthenticated:
                 self._failed(address)
                 raise
-            self.known.put(digest, version, user)
-        req.context.user = user
-        structlog.contextvars.bind_contextvars(user_id=req.context.user.id)
+            self.known.put(digest, version, found)
+        else:
+            self.portal.users.check_not_expired(found.key)
+        req.context.user = found.user
+        req.context.key = found.key
+        structlog.contextvars.bind_contextvars(user_id=found.user.id, key_id=found.key.id)
+        if self.portal.keys.use_due(found.key):
+            try:
+                await asyncio.to_thread(self.portal.keys.record_use, found.key)
+            except PortalError as error:  # a busy database must not fail the request it only notes
+                structlog.get_logger("manage_playrservers.http").warning("last_used_not_recorded", code=error.code)

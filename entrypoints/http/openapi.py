@@ -120,7 +120,8 @@ def _operation(op: Operation, components: dict[str, Any]) -> dict[str, Any]:
         ok["content"] = {"application/json": {"schema": {"type": "object"}}}
     if op.no_store:
         ok["headers"] = {"Cache-Control": {"schema": {"type": "string", "const": "no-store"}}}
-    declared = (*op.errors, *_SERVICE_ERRORS, *(() if op.public else _AUTH_ERRORS))
+    declared = (*op.errors, *_SERVICE_ERRORS, *(() if op.public else _AUTH_ERRORS),
+                *(() if op.scope is None else (domain.InsufficientScope,)))
     responses: dict[str, Any] = {str(op.ok): ok}
     for status, codes in error_codes(declared).items():
         responses[str(status)] = _problem_response(codes)
@@ -129,6 +130,8 @@ def _operation(op: Operation, components: dict[str, Any]) -> dict[str, Any]:
                                  "responses": responses}
     if op.public:
         operation["security"] = []
+    else:  # the scope the key needs (OpenAPI 3.1 allows scopes, "roles", for any scheme); [] = any key
+        operation["security"] = [{"bearer": [] if op.scope is None else [op.scope.value]}]
     parameters = [PATH_PARAMETERS[name] for name in op.path_parameters] + [q.openapi() for q in op.query]
     if parameters:
         operation["parameters"] = parameters
@@ -157,6 +160,7 @@ def document() -> dict[str, Any]:
             "state": {"type": ["string", "null"],
                       "description": "wait_timeout: the state the VM was last seen in"},
             "target_state": {"type": "string", "description": "wait_timeout: the state it was awaited in"},
+            "scope": {"type": "string", "description": "insufficient_scope: the scope the operation needs"},
             "errors": {"type": "array", "items": {
                 "type": "object", "required": ["field", "message"],
                 "properties": {"field": {"type": "string"}, "message": {"type": "string"}}}},
@@ -176,7 +180,11 @@ def document() -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": components,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "Your API key: Authorization: Bearer <key>"}},
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "Your API key: Authorization: Bearer <key>. Each operation's security names the "
+                               "scope the key needs (read, operate, provision, agents, credentials, keys); a key "
+                               "without it gets 403 insufficient_scope. The full key (sign-up, rotate) has every "
+                               "scope."}},
         },
     }

@@ -48,7 +48,7 @@ async def read_json(req: falcon.asgi.Request, command: type[T]) -> T:
 
 def caller(req: falcon.asgi.Request) -> Caller:
     return Caller(user=req.context.user, request_id=req.context.request_id,
-                  client_address=req.context.client_address)
+                  client_address=req.context.client_address, key=getattr(req.context, "key", None))
 
 
 def origin(req: falcon.asgi.Request) -> Origin:
@@ -95,11 +95,13 @@ class OperationsResource:
         if op.run is None:
             self._answer_itself(op, resp)
             return
+        me = None if op.public else caller(req)
+        op.authorize(me)  # before the body is read: a key without the scope learns nothing more
         body: Any = None
         if op.request is not None:
             body = await read_json(req, op.request)
         query = {q.name: q.parse([str(v) for v in req.get_param_as_list(q.name) or []]) for q in op.query}
-        call = Call(caller=None if op.public else caller(req), origin=origin(req), path=params, body=body,
+        call = Call(caller=me, origin=origin(req), path=params, body=body,
                     query=query, abandoned=asyncio.Event() if op.long_running else None)
         if call.abandoned is None:
             result = await self._run(op, call)
@@ -121,14 +123,15 @@ class OperationsResource:
             resp.media = dump(op.view(result, call))
 
     async def _run(self, op: Operation, call: Call) -> Any:
-        assert op.run is not None
         if not op.cached_per_user:
-            return await op.run(self.portal, call)
-        key = (call.me.user.id, tuple(sorted(call.query.items())))
+            return await op.execute(self.portal, call)
+        op.authorize(call.caller)
+        # per user and per agent limitation: keys of one user limited to other agents see other lists
+        key = (call.me.user.id, call.me.agent_ids, tuple(sorted(call.query.items())))
         version = self.lists.version()
         result = self.lists.get(key, version)
         if result is None:
-            result = await op.run(self.portal, call)
+            result = await op.execute(self.portal, call)
             self.lists.put(key, version, result)
         return result
 
