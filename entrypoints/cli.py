@@ -17,6 +17,9 @@
     manage-playrservers vms snapshots revert|delete AGENT VM NAME [--json]
     manage-playrservers vms fleet [--agent ID]... [--state STATE]... [--json]
     manage-playrservers agents host|check AGENT [--json]   (check exits 1 when the host fails)
+    manage-playrservers keys list|current [--json]
+    manage-playrservers keys create NAME --scope S [--scope S]... [--agent ID]... [--expires-at TIME] [--json]
+    manage-playrservers keys revoke KEY [--json]
 
 It reads the same ``MANAGEMENT_*`` variables as the server. Commands that act as a user take that
 user's API key from ``MANAGEMENT_API_KEY`` (never from the command line, where other local users
@@ -71,6 +74,7 @@ _PATH_ARGUMENTS: dict[str, tuple[str, dict[str, Any]]] = {
     "agent_id": ("agent", {"type": int, "help": "agent id"}),
     "vm": ("vm", {"help": "VM name"}),
     "snapshot": ("snapshot", {"help": "snapshot name"}),
+    "key_id": ("key", {"type": int, "help": "API key id (keys list shows it)"}),
 }
 _QUERY_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "wait": ("--wait", {"type": int, "metavar": "SECONDS",
@@ -203,6 +207,23 @@ def _said(message: Callable[[Any, argparse.Namespace], str]) -> Callable[[Any, a
     return text
 
 
+def _keys_text(keys: Any, _args: argparse.Namespace) -> int:
+    print(f"{'ID':>5}  {'NAME':<24} {'PREFIX':<18} {'SCOPES':<40} {'AGENTS':<12} {'EXPIRES':<20} LAST USED")
+    for key in keys:
+        agents = "all" if key.agents is None else ",".join(str(a) for a in sorted(key.agents))
+        scopes = "all (full key)" if key.full else " ".join(sorted(s.value for s in key.scopes))
+        expires = key.expires_at.strftime("%Y-%m-%d %H:%M") if key.expires_at else "never"
+        used = key.last_used_at.strftime("%Y-%m-%d %H:%M") if key.last_used_at else "never"
+        print(f"{key.id:>5}  {key.name[:24]:<24} {key.prefix:<18} {scopes:<40} {agents[:12]:<12} {expires:<20} {used}")
+    return 0
+
+
+def _new_key_text(created: Any, _args: argparse.Namespace) -> int:
+    print(f"API key {created.key.id} ({created.key.name}); shown once, keep it now:")
+    print(created.api_key)
+    return 0
+
+
 USER_COMMANDS: tuple[UserCommand, ...] = (
     UserCommand(("agents", "list"), "list_agents", "list your agents", _agents_text),
     UserCommand(("agents", "public-key"), "get_public_key", "print the agent's authorized_keys line (restricted "
@@ -238,6 +259,24 @@ USER_COMMANDS: tuple[UserCommand, ...] = (
     UserCommand(("vms", "snapshots", "delete"), "delete_snapshot", "delete a snapshot",
                 _said(lambda _result, args: f"snapshot {args.snapshot} deleted"),
                 json=lambda _result, args: {"deleted": args.snapshot}),
+    # --- API keys and scopes (issue 20)
+    UserCommand(("keys", "list"), "list_api_keys", "list your API keys (never the keys themselves)", _keys_text),
+    UserCommand(("keys", "current"), "get_current_api_key", "what the key in MANAGEMENT_API_KEY may do",
+                lambda key, args: _keys_text([key], args)),
+    UserCommand(("keys", "create"), "create_api_key", "create a key with some scopes (printed once)",
+                _new_key_text,
+                body=(("name", {"help": "what the key is for"}),
+                      ("--scope", {"action": "append", "required": True, "dest": "scopes",
+                                   "choices": ["read", "operate", "provision", "agents", "credentials", "keys"],
+                                   "help": "a scope of the key (repeat for several)"}),
+                      ("--agent", {"action": "append", "type": int, "dest": "agents", "metavar": "ID",
+                                   "help": "only this agent (repeatable; default: every agent)"}),
+                      ("--expires-at", {"metavar": "TIME", "help": "RFC 3339, e.g. 2027-01-31T00:00:00Z"})),
+                make_body=lambda args: {"name": args.name, "scopes": args.scopes, "agents": args.agents,
+                                        "expires_at": args.expires_at}),
+    UserCommand(("keys", "revoke"), "revoke_api_key", "revoke a key: refused at its next request everywhere",
+                _said(lambda _result, args: f"key {args.key} revoked"),
+                json=lambda _result, args: {"revoked": args.key}),
 )
 
 # ---------------------------------------------------------------------- the parser
@@ -277,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     groups: dict[tuple[str, ...], Any] = {}
     for area, text in (("agents", "your agents (needs MANAGEMENT_API_KEY)"),
-                       ("vms", "drive VMs on an agent (needs MANAGEMENT_API_KEY)")):
+                       ("vms", "drive VMs on an agent (needs MANAGEMENT_API_KEY)"),
+                       ("keys", "your API keys and their scopes (needs MANAGEMENT_API_KEY)")):
         groups[(area,)] = commands.add_parser(area, help=text).add_subparsers(dest="action", required=True)
     groups[("vms", "snapshots")] = groups[("vms",)].add_parser(
         "snapshots", help="internal snapshots of a VM").add_subparsers(dest="snapshot_action", required=True)
