@@ -7,6 +7,11 @@ exactly like a missing agent); a rotated key is dead everywhere; a deleted agent
 pooled connections are gone; every attempted mutation leaves exactly one audit event for the
 user who attempted it.
 
+Scoped keys (issue 20): users create keys with random scopes, agent limits and expiry, revoke
+them, and time moves on (a manual clock). No key ever does what its scopes forbid (403
+insufficient_scope naming the scope, nothing audited, nothing run), a key limited to agents sees
+the others as 404, an expired key is 401 api_key_expired and a revoked one 401 at its next request.
+
 The app is the one the composition root builds, on a real SQLite file, with real key parsing and
 sealing; only the remote shell is the scripted fake (VM actions succeed)."""
 
@@ -15,16 +20,18 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncssh
+import attrs
 from falcon import testing
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
 
-from adapters.memory import ScriptedShell
+from adapters.memory import ManualClock, ScriptedShell
 from entrypoints import bootstrap
 from entrypoints.http.app import create_app
 from entrypoints.settings import Settings
@@ -32,6 +39,25 @@ from tests.support import portal_client
 
 PRIVATE_KEY = asyncssh.generate_private_key("ssh-ed25519").export_private_key("openssh").decode()
 ACTIONS = ["start", "shutdown", "force-stop", "reboot"]
+
+
+@attrs.frozen
+class ScopedKey:
+    user: int
+    id: int
+    scopes: frozenset[str]
+    agents: frozenset[int] | None
+    expires_at: Any
+
+
+SCOPES = frozenset({"read", "operate", "provision", "agents", "credentials", "keys"})
+# (method, path with {a} for an agent id or None, scope needed, audited when authorized)
+SCOPED_CALLS = [
+    ("GET", "/agents", "read", False), ("GET", "/vms", "read", False), ("GET", "/users/me/audit", "read", False),
+    ("GET", "/agents/{a}", "read", False), ("PATCH", "/agents/{a}", "agents", True),
+    ("GET", "/agents/{a}/credentials", "credentials", True), ("POST", "/agents/{a}/vms/guest1/start", "operate", True),
+    ("GET", "/agents/{a}/public-key", "agents", False),
+]
 
 
 class PortalModel(RuleBasedStateMachine):
@@ -43,7 +69,8 @@ class PortalModel(RuleBasedStateMachine):
         config = Settings.from_env({"MANAGEMENT_DB_PATH": str(self.directory / "m.sqlite3"),
                                     "MANAGEMENT_SIGNUP": "open", "MANAGEMENT_AUTH_FAILURE_LIMIT": "1000000"})
         self.shell = ScriptedShell()
-        self.runtime = bootstrap.build_runtime(config, shell=self.shell)
+        self.clock = ManualClock(step=timedelta(0))
+        self.runtime = bootstrap.build_runtime(config, shell=self.shell, clock=self.clock)
         self.client = portal_client(create_app(self.runtime))
         self.keys: dict[int, str] = {}  # user index -> current key
         self.user_ids: dict[int, int] = {}  # user index -> user id
@@ -54,6 +81,7 @@ class PortalModel(RuleBasedStateMachine):
         self.mutations: dict[int, int] = {}  # user index -> attempted mutations (audit events expected)
         self.request_ids: dict[int, set[str]] = {}
         self.counter = itertools.count()
+        self.scoped: dict[str, ScopedKey] = {}  # plaintext -> a live (maybe expired) scoped key
 
     def teardown(self) -> None:
         self.runtime.close()
@@ -195,6 +223,87 @@ class PortalModel(RuleBasedStateMachine):
         result = self.call(None, "GET", path, key=key)
         assert (result.status_code, result.json["code"]) == (401, "invalid_api_key"), result.text
 
+    # ------------------------------------------------------------------ scoped keys (issue 20)
+
+    @rule(user=users, scopes=st.frozensets(st.sampled_from(sorted(SCOPES)), min_size=1),
+          limited=st.booleans(), minutes=st.none() | st.integers(1, 120), data=st.data())
+    def create_scoped_key(self, user: int, scopes: frozenset[str], limited: bool, minutes: int | None,
+                          data: st.DataObject) -> None:
+        own = sorted(a for a, (owner, _, _) in self.agents.items() if owner == user)
+        if limited:  # limited to one of at least two agents: the other must be hidden from the key
+            taken = {name for owner, name, _ in self.agents.values() if owner == user}
+            for name in sorted({"hv1", "hv2", "hv3"} - taken)[:max(0, 2 - len(own))]:
+                self.register_agent(user, name, 22)
+            own = sorted(a for a, (owner, _, _) in self.agents.items() if owner == user)
+        agents = frozenset({data.draw(st.sampled_from(own))}) if limited else None
+        expires_at = None if minutes is None else self.clock.current + timedelta(minutes=minutes)
+        body = {"name": f"k{next(self.counter)}", "scopes": sorted(scopes),
+                "agents": None if agents is None else sorted(agents),
+                "expires_at": None if expires_at is None else expires_at.isoformat()}
+        result = self.call(user, "POST", "/users/me/keys", body, mutation=True)
+        assert result.status_code == 201, result.text
+        self.scoped[result.json["api_key"]] = ScopedKey(user, result.json["id"], scopes, agents, expires_at)
+
+    @precondition(lambda self: bool(self.scoped))
+    @rule(data=st.data())
+    def revoke_scoped_key(self, data: st.DataObject) -> None:
+        plaintext = data.draw(st.sampled_from(sorted(self.scoped)))
+        key = self.scoped.pop(plaintext)
+        result = self.call(key.user, "DELETE", f"/users/me/keys/{key.id}", mutation=True)
+        assert result.status_code == 204, result.text
+        self.dead_keys.append(plaintext)
+
+    @rule(minutes=st.integers(1, 90))
+    def time_passes(self, minutes: int) -> None:
+        self.clock.current += timedelta(minutes=minutes)
+
+    @rule(user=users, data=st.data(), call=st.sampled_from(SCOPED_CALLS), port=st.integers(1, 65535))
+    def scoped_key_call(self, user: int, data: st.DataObject, call: tuple[str, str, str, bool], port: int) -> None:
+        if not self.scoped or data.draw(st.booleans()):  # a new key of this user, or one of the live ones
+            self.create_scoped_key(user, data.draw(st.frozensets(st.sampled_from(sorted(SCOPES)), min_size=1)),
+                                   data.draw(st.booleans()), data.draw(st.none() | st.integers(1, 120)), data)
+        plaintext = data.draw(st.sampled_from(sorted(self.scoped)))
+        key = self.scoped[plaintext]
+        method, template, scope, audited = call
+        own = sorted(a for a, (owner, _, _) in self.agents.items() if owner == key.user)
+        agent_id = None
+        if "{a}" in template:  # mostly the key user's own agents: the limit is what is tested here
+            agent_id = data.draw(st.sampled_from(own)) if own and data.draw(st.booleans()) else self._some_agent(data)
+        path = template.replace("{a}", str(agent_id))
+        expired = key.expires_at is not None and self.clock.current >= key.expires_at
+        allowed = scope in key.scopes
+        calls = len(self.shell.calls)
+        result = self.call(key.user, method, path, {"port": port} if method == "PATCH" else None, key=plaintext,
+                           mutation=audited and allowed and not expired)
+        if expired:
+            assert (result.status_code, result.json["code"]) == (401, "api_key_expired"), result.text
+            return
+        if not allowed:
+            assert (result.status_code, result.json["code"], result.json["scope"]) == (
+                403, "insufficient_scope", scope), result.text
+            assert len(self.shell.calls) == calls  # nothing ran
+            return
+        visible = {a for a, (owner, _, _) in self.agents.items()
+                   if owner == key.user and (key.agents is None or a in key.agents)}
+        if agent_id is None:
+            assert result.status_code == 200, result.text
+            if path == "/agents":
+                assert {a["id"] for a in result.json} == visible
+            elif path == "/vms":
+                assert {e["agent_id"] for e in result.json} == visible
+            elif key.agents is not None:
+                assert {e["agent_id"] for e in result.json["events"]} <= key.agents
+        elif agent_id not in visible:
+            assert (result.status_code, result.json["code"]) == (404, "agent_not_found"), result.text
+            assert len(self.shell.calls) == calls
+        elif template.endswith("credentials") and agent_id in self.public_keys:
+            assert (result.status_code, result.json["code"]) == (409, "key_not_exportable"), result.text
+        else:
+            assert result.status_code == 200, result.text
+            if method == "PATCH":
+                owner, name, _ = self.agents[agent_id]
+                self.agents[agent_id] = (owner, name, port)
+
     # ------------------------------------------------------------------ invariants
 
     @invariant()
@@ -206,6 +315,24 @@ class PortalModel(RuleBasedStateMachine):
             expected = {agent_id: (name, port) for agent_id, (owner, name, port) in self.agents.items()
                         if owner == user}
             assert seen == expected
+
+    @invariant()
+    def each_scoped_key_sees_exactly_what_its_scopes_agents_and_expiry_allow(self) -> None:
+        for plaintext, key in self.scoped.items():
+            headers = {"Authorization": f"Bearer {plaintext}"}
+            listed = self.client.simulate_get("/agents", headers=headers)
+            if key.expires_at is not None and self.clock.current >= key.expires_at:
+                assert (listed.status_code, listed.json["code"]) == (401, "api_key_expired"), listed.text
+                continue
+            if "read" not in key.scopes:
+                assert (listed.status_code, listed.json["code"]) == (403, "insufficient_scope"), listed.text
+                continue
+            own = {a for a, (owner, _, _) in self.agents.items() if owner == key.user}
+            visible = own if key.agents is None else own & key.agents
+            assert {a["id"] for a in listed.json} == visible
+            for agent_id in own:
+                one = self.client.simulate_get(f"/agents/{agent_id}", headers=headers)
+                assert one.status_code == (200 if agent_id in visible else 404), one.text
 
     @invariant()
     def each_mutation_leaves_exactly_one_audit_event_for_its_author(self) -> None:
