@@ -202,6 +202,30 @@ class Bench:
                          f"{rounds} rounds of {seconds:g} s per route; rates are medians, the ratio is the median "
                          f"of the rounds' ratios ({', '.join(f'{r:.2f}' for r in ratios)}); the user has 1 agent"))
 
+    async def figure_8(self) -> None:
+        """Issue 20: authenticated GET /agents throughput with a scoped key (read only, limited to
+        the bench agent) ÷ the same with the full key, same server, rounds interleaved."""
+        seconds, conns, rounds = self.args.wrk_seconds, self.args.wrk_connections, self.args.wrk_rounds
+        created = await call(self.portal.port, "POST", "/users/me/keys", self.key,
+                             {"name": "bench-dashboard", "scopes": ["read"], "agents": self.agents[:1]}, expect=201)
+        keys = {"full": self.key, "scoped": str(created.json()["api_key"])}
+        for key in keys.values():  # warm-up: each worker has looked the key up
+            wrk_balanced(self.portal, "/agents", key=key, seconds=1, connections=conns)
+        rates: dict[str, list[float]] = {name: [] for name in keys}
+        for _ in range(rounds):
+            for name, key in keys.items():
+                result, _split = wrk_balanced(self.portal, "/agents", key=key, seconds=seconds, connections=conns)
+                if result.non_2xx or result.socket_errors:
+                    raise RuntimeError(f"wrk {name}: {result.non_2xx} non-2xx, {result.socket_errors} socket errors")
+                rates[name].append(result.requests_per_second)
+        ratios = [scoped / full for scoped, full in zip(rates["scoped"], rates["full"], strict=True)]
+        ratio = median(ratios)
+        self.add(Row("8 GET /agents throughput, scoped key / full key", "req/s", round(median(rates["scoped"])),
+                     round(median(rates["full"])), ratio, ">= 0.95", check(ratio >= 0.95),
+                     f"wrk, {conns} connections over the workers, {rounds} rounds of {seconds:g} s per key, "
+                     f"interleaved; the scoped key has scope read and 1 agent; round ratios "
+                     f"{', '.join(f'{r:.2f}' for r in ratios)}"))
+
     async def rotation_check(self) -> None:
         """Not a timing: with the key lookups of figure 1 remembered by every worker, a key rotated
         through one worker must be refused at once by the other (and the new key accepted)."""
@@ -521,6 +545,7 @@ async def measure(bench: Bench) -> None:
         ("figure 6a (memory)", bench.figure_6_memory),
         ("figure 6b (writes)", bench.figure_6_writes),
         ("figure 7 (PostgreSQL)", bench.figure_7),
+        ("figure 8 (scoped key)", bench.figure_8),  # issue 20
     ]
     wanted = set(bench.args.figures.split(","))
     for name, step in steps:
@@ -546,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--writes", type=int, default=300, help="figure 6b agents created")
     parser.add_argument("--writers", type=int, default=16, help="figure 6b concurrent clients")
     parser.add_argument("--pg-rounds", type=int, default=5, help="figure 7a and 7c wrk rounds")
-    parser.add_argument("--figures", default="1,2,3,4,6,7", help="which figures to measure (4 includes 5)")
+    parser.add_argument("--figures", default="1,2,3,4,6,7,8", help="which figures to measure (4 includes 5)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     args = parser.parse_args(argv)
