@@ -77,7 +77,10 @@ def parse_expiry(text: str, now: datetime) -> tuple[datetime | None, str | None]
         return None, "must be an RFC 3339 date and time, e.g. 2027-01-31T00:00:00Z"
     if when.tzinfo is None:
         return None, "must carry a time zone (Z or +HH:MM)"
-    when = when.astimezone(UTC)
+    try:
+        when = when.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-14:00 is past the last representable instant
+        return None, "is out of range"
     if when <= now:
         return None, "must be in the future"
     return when, None

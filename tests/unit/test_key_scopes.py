@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from core.commands import NewKey
 from core.errors import AgentNotFound, InsufficientScope, KeyLimitedToAgents, ValidationFailed
-from core.keys import parse_scopes
+from core.keys import parse_expiry, parse_scopes
 from core.model import ALL_SCOPES, ApiKey, Caller, Scope
 from tests.unit.world import World, make_caller, make_world, register
 
@@ -106,3 +106,12 @@ def test_the_operator_acting_as_a_user_has_the_full_keys_powers(world: World) ->
 
 
 _T0 = make_world().clock.current
+
+
+@given(st.text(max_size=40) | st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat()))
+def test_an_expiry_parses_to_a_future_utc_instant_or_says_why(text: str) -> None:
+    now = _T0
+    when, problem = parse_expiry(text, now)
+    assert (when is None) != (problem is None)
+    if when is not None:
+        assert when.tzinfo is not None and when > now and when.utcoffset() == timedelta(0)
