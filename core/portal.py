@@ -19,8 +19,9 @@ from core.agents import MAX_AGENTS_PER_USER, AgentService
 from core.audit import AuditLog
 from core.credentials import Keyring
 from core.fleet import FLEET_PARALLELISM, FleetService
+from core.metrics import MIN_INTERVAL, FleetMetrics
 from core.model import SignupPolicy
-from core.ports import AgentAddresses, Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage
+from core.ports import AgentAddresses, Clock, KeyHasher, Observer, RemoteShell, SecretBox, SshKeys, Storage
 from core.remote import RemoteCommands
 from core.snapshots import SnapshotService
 from core.users import UserService
@@ -38,6 +39,7 @@ class Portal:
     fleet: FleetService
     audit: AuditLog
     remote: RemoteCommands
+    metrics: FleetMetrics  # the fleet for Prometheus (issue 21)
 
 
 def assemble(
@@ -56,6 +58,8 @@ def assemble(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     max_agents: int = MAX_AGENTS_PER_USER,
     addresses: AgentAddresses | None = None,
+    metrics_min_interval: float = MIN_INTERVAL,
+    observer: Observer | None = None,
 ) -> Portal:
     """The services over these ports; each gets only the ports it uses."""
     audit = AuditLog(storage=storage, clock=clock)
@@ -71,4 +75,6 @@ def assemble(
         fleet=FleetService(remote=remote, fleet_parallelism=fleet_parallelism, monotonic=monotonic),
         audit=audit,
         remote=remote,
+        metrics=FleetMetrics(remote=remote, min_interval=metrics_min_interval, monotonic=monotonic,
+                             observer=observer),
     )

@@ -28,6 +28,7 @@ from core.model import Caller, Origin, User
 from core.portal import Portal
 from core.results import NewApiKey, WaitedAction
 from core.virsh import VM_NAME_MAX, VM_STATES, WAIT_MAX, VmAction
+from entrypoints.exposition import Exposition
 from entrypoints.shapes import (
     AgentCheckView,
     AgentView,
@@ -385,6 +386,20 @@ OPERATIONS: tuple[Operation, ...] = (
               lambda p, c: invoke(p.fleet.fleet, c.me, agent_ids=c.query["agent"], states=c.query["state"]),
               _each(FleetEntryView.of), list[FleetEntryView], errors=(ValidationFailed,),
               query=(FLEET_AGENT, FLEET_STATE)),
+    # --- metrics (issue 21)
+    # scope: none (no API key: loopback clients, or MANAGEMENT_METRICS_TOKEN, checked by the HTTP layer)
+    Operation("get_portal_metrics", "GET", "/metrics", "service",
+              "The portal's own metrics in the Prometheus text format (every worker summed). Served to loopback "
+              "clients that did not come through a proxy, or with 'Authorization: Bearer "
+              "<MANAGEMENT_METRICS_TOKEN>'", None, response=Exposition,
+              errors=(errors.MetricsForbidden, errors.HttpsRequired),
+              public=True, library=False),
+    # scope: read
+    Operation("get_fleet_metrics", "GET", "/metrics/vms", "fleet",
+              "The caller's fleet in the Prometheus text format: per agent up, scrape duration and host facts; "
+              "per VM state, vCPUs, memory, CPU time, disk and network counters. Each host is asked at most "
+              "once per MANAGEMENT_METRICS_MIN_INTERVAL; an unreachable one is playr_agent_up 0",
+              lambda p, c: invoke(p.metrics.fleet_sample, c.me), _one(Exposition.of_fleet), Exposition),
 )
 
 BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
