@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from core import virsh
 from core.errors import AgentUnreachable
-from core.model import Agent, Caller
 from core.model import DEFAULT_LIBVIRT_URI as URI
+from core.model import Agent, Caller
 from entrypoints.exposition import render_fleet
 from tests.unit.world import World, make_caller, register, script
 
@@ -209,3 +209,16 @@ def test_a_down_host_shows_up_zero_and_none_of_its_other_series(world: World, al
     assert ("playr_agent_up", (("agent", "hv1"), ("agent_id", str(fleet.id))), 0) in every
     assert not any(name.startswith("playr_vm_") for name in names)
     assert "playr_agent_cpus" not in names
+
+
+@given(agent=st.text(min_size=1, max_size=20), vm=st.text(st.characters(codec="utf-8"), min_size=1, max_size=20),
+       cpu=st.integers(0, 2**63))
+def test_any_names_and_counters_round_trip_through_the_prometheus_parser(agent: str, vm: str, cpu: int) -> None:
+    from core.metrics import FleetSample, HostSample
+
+    stats = virsh.stats_of_fields({"state.state": "1", "cpu.time": str(cpu)}, vm)
+    host = HostSample(agent_id=7, agent_name=agent, up=True, duration_seconds=0.5, taken_at=1.0, vms=(stats,))
+    every = series(render_fleet(FleetSample(hosts=(host,), now=3.0)))
+    labels = tuple(sorted({"agent": agent[:256], "agent_id": "7", "vm": vm[:256]}.items()))
+    assert ("playr_vm_cpu_seconds_total", labels, pytest.approx(cpu / 1e9)) in every
+    assert ("playr_agent_sample_age_seconds", labels[:2], 2.0) in every
