@@ -149,9 +149,11 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=20)
     parser.add_argument("--vms", type=int, default=10)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--interval", type=float, default=1.0, help="MANAGEMENT_METRICS_MIN_INTERVAL of the run")
+    parser.add_argument("--interval", type=float, default=2.0, help="MANAGEMENT_METRICS_MIN_INTERVAL of the run")
+    parser.add_argument("--cipher", action="append", default=[],
+                        help="SSH encryption algorithm the fake hosts offer (repeatable; default: asyncssh's list)")
     args = parser.parse_args()
-    fleet = FleetHypervisor(vms=args.vms).start()
+    fleet = FleetHypervisor(vms=args.vms, ciphers=tuple(args.cipher)).start()
     with tempfile.TemporaryDirectory(prefix="bench-fleet-metrics-") as workdir:
         portal = Portal(args.repo.resolve(), Path(workdir), workers=args.workers,
                         MANAGEMENT_METRICS_MIN_INTERVAL=str(args.interval)).start()
@@ -161,7 +163,7 @@ def main() -> None:
             portal.stop()
             fleet.stop()
     print(json.dumps({"agents": args.agents, "vms_per_agent": args.vms, "workers": args.workers,
-                      "interval_seconds": args.interval, **results}, indent=2))
+                      "interval_seconds": args.interval, "ciphers": args.cipher or "default", **results}, indent=2))
 
 
 if __name__ == "__main__":

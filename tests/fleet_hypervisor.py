@@ -40,8 +40,9 @@ class FleetHypervisor:
     """Start with ``start()``, stop with ``stop()``; ``count(user, subcommand)`` says how many
     commands of that kind the agent logged in as ``user`` ran."""
 
-    def __init__(self, vms: int = 10) -> None:
+    def __init__(self, vms: int = 10, ciphers: tuple[str, ...] = ()) -> None:
         self.vms = vms
+        self.ciphers = ciphers  # the encryption algorithms the server offers (default: asyncssh's)
         self.host_key = asyncssh.generate_private_key("ssh-ed25519")
         self.client_key = asyncssh.generate_private_key("ssh-ed25519")
         self.port = 0
@@ -104,11 +105,10 @@ class FleetHypervisor:
                 return
             process.exit(0)
 
-        def authorized(_username: str) -> Any:
-            return asyncssh.import_authorized_keys(self.client_key.export_public_key("openssh").decode())
-
+        options: dict[str, Any] = {"encryption_algs": list(self.ciphers)} if self.ciphers else {}
         self._server = await asyncssh.create_server(
             Server, "127.0.0.1", 0, server_host_keys=[self.host_key], process_factory=handle,
-            authorized_client_keys=authorized(""),
+            authorized_client_keys=asyncssh.import_authorized_keys(
+                self.client_key.export_public_key("openssh").decode()), **options,
         )
         self.port = self._server.sockets[0].getsockname()[1]
