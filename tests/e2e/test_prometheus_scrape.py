@@ -111,7 +111,8 @@ def test_a_real_prometheus_scrapes_the_portal_and_the_fleet(tools: dict[str, str
             rising = query("rate(playr_vm_cpu_seconds_total[5s]) > 0")
             if up == {"playr-portal": "1", "playr-fleet": "1"} and len(rising) == 6:
                 break
-            assert time.monotonic() < deadline, f"up={up}, rising={len(rising)}: {(tmp_path / 'prometheus.log').read_text()[-2000:]}"
+            tail = (tmp_path / "prometheus.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, f"up={up}, rising={len(rising)}: {tail}"
             time.sleep(0.5)  # polling Prometheus for a condition, with a bound
         hosts = {r["metric"]["agent_id"]: r["value"][1] for r in query("playr_agent_up")}
         assert hosts == {str(a["id"]): "1" for a in agents}
