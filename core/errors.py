@@ -461,3 +461,18 @@ class FullKeyNotRevocable(Conflict):
 
 class ApiKeyLimitReached(Conflict):
     code = "api_key_limit_reached"
+# ---------------------------------------------------------------------- metrics (issue 21)
+
+
+class MetricsForbidden(Forbidden):
+    """``GET /metrics`` from a client that is not on loopback (or came through a proxy) without
+    the operator's ``MANAGEMENT_METRICS_TOKEN`` (HTTP 403)."""
+
+    code = "metrics_forbidden"
+    title = "Metrics not available to this client"
+
+    def __init__(self, detail: str = (
+            "the portal's metrics are served to loopback clients that do not come through a proxy, or with "
+            "'Authorization: Bearer <MANAGEMENT_METRICS_TOKEN>' (set that variable on the portal to scrape it "
+            "from elsewhere)")) -> None:
+        super().__init__(detail)

@@ -20,8 +20,9 @@ from core.audit import AuditLog
 from core.credentials import Keyring
 from core.fleet import FLEET_PARALLELISM, FleetService
 from core.keys import KeyService
+from core.metrics import MIN_INTERVAL, FleetMetrics
 from core.model import SignupPolicy
-from core.ports import AgentAddresses, Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage
+from core.ports import AgentAddresses, Clock, KeyHasher, Observer, RemoteShell, SecretBox, SshKeys, Storage
 from core.remote import RemoteCommands
 from core.snapshots import SnapshotService
 from core.users import UserService
@@ -40,6 +41,7 @@ class Portal:
     audit: AuditLog
     remote: RemoteCommands
     keys: KeyService  # API keys and scopes (issue 20)
+    metrics: FleetMetrics  # the fleet for Prometheus (issue 21)
 
 
 def assemble(
@@ -58,6 +60,8 @@ def assemble(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     max_agents: int = MAX_AGENTS_PER_USER,
     addresses: AgentAddresses | None = None,
+    metrics_min_interval: float = MIN_INTERVAL,
+    observer: Observer | None = None,
 ) -> Portal:
     """The services over these ports; each gets only the ports it uses."""
     audit = AuditLog(storage=storage, clock=clock)
@@ -74,4 +78,6 @@ def assemble(
         audit=audit,
         remote=remote,
         keys=KeyService(storage=storage, hasher=hasher, clock=clock, audit=audit),
+        metrics=FleetMetrics(remote=remote, min_interval=metrics_min_interval, monotonic=monotonic,
+                             observer=observer),
     )

@@ -206,3 +206,74 @@ class Storage(Protocol):
     sequences (the first-user sign-up, unique names) cannot interleave with another writer."""
 
     def transaction(self, *, write: bool = False) -> AbstractContextManager[Transaction]: ...
+
+
+# ---------------------------------------------------------------------- observability (issue 21)
+
+
+class Observer(Protocol):
+    """Told what the portal does, for its own metrics (``GET /metrics``). Implemented by the
+    Prometheus adapter (``adapters/prometheus.py``); ``NullObserver`` does nothing. Every method is
+    cheap, never blocks and never raises. Label values are bounded by construction: route templates,
+    methods, error codes, virsh subcommands, never a raw path, a user, an agent or a VM."""
+
+    def request_served(self, route: str, method: str, status: int, seconds: float) -> None:
+        """An HTTP request ended: its route template (``/agents/{agent_id}``, or ``unmatched``)."""
+        ...
+
+    def authentication_failed(self, reason: str) -> None:
+        """A request was refused for its key; ``reason`` is the error code (``invalid_api_key``, …)."""
+        ...
+
+    def rate_limited(self) -> None:
+        """A request was refused because its address failed to authenticate too often (429)."""
+        ...
+
+    def ssh_connect(self, outcome: str, seconds: float) -> None:
+        """An SSH connection attempt ended: ``ok`` or the error code that ended it."""
+        ...
+
+    def ssh_pool(self, *, connections_open: int, connections_opening: int, channels_in_use: int) -> None:
+        """This process's SSH pool now holds these many connections and channels."""
+        ...
+
+    def ssh_command(self, subcommand: str, outcome: str, seconds: float) -> None:
+        """A remote command ended: ``ok``, ``failed`` (non-zero exit) or the error code."""
+        ...
+
+    def database_transaction(self, kind: str, outcome: str, seconds: float) -> None:
+        """A ``read`` or ``write`` transaction ended: ``committed``, ``rolled_back``, or the code of
+        the database error (``database_busy``, ``database_unavailable``)."""
+        ...
+
+    def fleet_host_sampled(self, outcome: str, seconds: float) -> None:
+        """``GET /metrics/vms`` asked a host for its statistics: ``ok`` or the error code."""
+        ...
+
+
+class NullObserver:
+    """An ``Observer`` that records nothing (the default wherever no metrics are kept)."""
+
+    def request_served(self, route: str, method: str, status: int, seconds: float) -> None:
+        return None
+
+    def authentication_failed(self, reason: str) -> None:
+        return None
+
+    def rate_limited(self) -> None:
+        return None
+
+    def ssh_connect(self, outcome: str, seconds: float) -> None:
+        return None
+
+    def ssh_pool(self, *, connections_open: int, connections_opening: int, channels_in_use: int) -> None:
+        return None
+
+    def ssh_command(self, subcommand: str, outcome: str, seconds: float) -> None:
+        return None
+
+    def database_transaction(self, kind: str, outcome: str, seconds: float) -> None:
+        return None
+
+    def fleet_host_sampled(self, outcome: str, seconds: float) -> None:
+        return None

@@ -482,7 +482,11 @@ class VmStats:
 
 def parse_stats(stdout: str, vm: str) -> VmStats:
     """Parse ``virsh domstats --state --cpu-total --balloon --vcpu --interface --block``."""
-    f = parse_domstats(stdout)
+    return stats_of_fields(parse_domstats(stdout), vm)
+
+
+def stats_of_fields(f: dict[str, str], vm: str) -> VmStats:
+    """One domain's ``key=value`` fields of ``virsh domstats``, structured."""
 
     def num(key: str) -> int | None:
         return _whole_int(f.get(key))
@@ -701,3 +705,62 @@ def raise_for_snapshot_failure(result: CommandResult, vm: str, snapshot: str | N
             or "require all disks to be selected for snapshot" in lowered:  # a running VM with a raw disk
         raise SnapshotUnsupported(f"VM {vm!r} cannot take internal snapshots (it needs a qcow2 disk): {stderr}")
     raise_for_failure(result, vm)
+
+
+# ---------------------------------------------------------------------- fleet metrics (issue 21)
+
+
+def host_stats_command(uri: str) -> tuple[str, ...]:
+    """``virsh domstats`` of every VM of the host at once (no ``--domain``: all of them, running or
+    not), every statistics group: one command per host however many VMs it runs."""
+    return _virsh(uri, "domstats", *STATS_GROUPS)
+
+
+def parse_host_stats(stdout: str) -> list[VmStats]:
+    """Every domain's block of ``virsh domstats`` (``Domain: 'name'`` then indented ``key=value``
+    lines), in the order printed. One pass over the lines: linear in the output. A block whose
+    name repeats an earlier one is dropped (virsh never prints one twice; a hostile host might)."""
+    blocks: list[tuple[str, dict[str, str]]] = []
+    fields: dict[str, str] | None = None
+    for line in stdout.splitlines():
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            name = _domain_header_name(line)
+            fields = None
+            if name is not None:
+                fields = {}
+                blocks.append((name, fields))
+            continue
+        if fields is not None:
+            key, sep, value = line.strip().partition("=")
+            if sep and key:
+                fields[key] = value
+    seen: set[str] = set()
+    stats: list[VmStats] = []
+    for name, block in blocks:
+        if name not in seen:
+            seen.add(name)
+            stats.append(stats_of_fields(block, name))
+    return stats
+
+
+def _domain_header_name(line: str) -> str | None:
+    """The name in ``Domain: 'web 01'`` (virsh quotes it), or None for any other line."""
+    head, sep, rest = line.partition(":")
+    if not sep or head.strip() != "Domain":
+        return None
+    rest = rest.strip()
+    if len(rest) >= 2 and rest[0] == rest[-1] == "'":
+        rest = rest[1:-1]
+    return rest or None
+
+
+def subcommand_of(argv: Sequence[str]) -> str:
+    """The virsh subcommand of a command the portal built (``domstats``), for metric labels:
+    ``other`` for anything that is not ``virsh --connect URI SUBCOMMAND`` with a plain word."""
+    if len(argv) >= 4 and argv[0] == "virsh" and argv[1] == "--connect":
+        word = argv[3]
+        if 0 < len(word) <= 32 and word.isascii() and all(c.islower() or c == "-" for c in word):
+            return word
+    return "other"

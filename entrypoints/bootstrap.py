@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 
 import attrs
 import sqlalchemy
@@ -15,6 +16,7 @@ import structlog
 
 from adapters.clock import SystemClock
 from adapters.hashing import HmacKeyHasher, api_key_pepper
+from adapters.prometheus import PrometheusObserver, mark_process_dead
 from adapters.sealing import AesGcmSecretBox, SecretKeyError, decode_key, generate_key, load_or_create_key_file
 from adapters.sql import migrations
 from adapters.sql.storage import SqlStorage
@@ -22,7 +24,17 @@ from adapters.ssh import AsyncsshShell, ResolvingAgentAddresses
 from adapters.sshkeys import AsyncsshKeys
 from core.errors import DatabaseBusy, DatabaseUnavailable, PortalError, SecretUnreadable
 from core.portal import Portal, assemble
-from core.ports import AgentAddresses, Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage
+from core.ports import (
+    AgentAddresses,
+    Clock,
+    KeyHasher,
+    NullObserver,
+    Observer,
+    RemoteShell,
+    SecretBox,
+    SshKeys,
+    Storage,
+)
 from entrypoints.settings import ConfigError, Settings, secrets_of_url, shown_url
 
 
@@ -34,6 +46,9 @@ class Runtime:
     portal: Portal
     storage: Storage
     shell: RemoteShell
+    # The portal's own metrics (issue 21): what the HTTP layer tells, and the text of GET /metrics.
+    observer: Observer = attrs.field(factory=NullObserver)
+    exposition: Callable[[], bytes] | None = None
 
     async def close_connections(self) -> None:
         """Close pooled SSH connections (a worker shutting down, a script finishing)."""
@@ -51,12 +66,17 @@ log = structlog.get_logger("manage_playrservers.startup")
 LATEST_SCHEMA_VERSION = migrations.LATEST
 
 
+def metrics_worker_exited(pid: int) -> None:
+    """A server worker exited: its live gauges leave the portal's metrics (its counters stay)."""
+    mark_process_dead(pid)
+
+
 def new_secret_key() -> str:
     """A new random value for ``MANAGEMENT_SECRET_KEY``."""
     return generate_key()
 
 
-def open_storage(settings: Settings, *, migrate: bool = True) -> SqlStorage:
+def open_storage(settings: Settings, *, migrate: bool = True, observer: Observer | None = None) -> SqlStorage:
     """The SQL storage, migrated to the latest schema (safe from several processes at once).
 
     A new SQLite file is created 0600 in a 0700 directory: it holds sealed keys and audit history
@@ -67,7 +87,7 @@ def open_storage(settings: Settings, *, migrate: bool = True) -> SqlStorage:
     deadline = time.monotonic() + settings.db_connect_wait
     while True:
         try:
-            return _open_storage(settings, migrate=migrate)
+            return _open_storage(settings, migrate=migrate, observer=observer)
         except _ServerNotReachable as error:
             if time.monotonic() >= deadline:
                 raise DatabaseUnavailable(f"{error} (waited {settings.db_connect_wait:g} s, "
@@ -87,7 +107,7 @@ _NOT_REACHABLE = ("connection refused", "could not connect", "timeout expired", 
                   "temporary failure in name resolution", "connection reset")
 
 
-def _open_storage(settings: Settings, *, migrate: bool) -> SqlStorage:
+def _open_storage(settings: Settings, *, migrate: bool, observer: Observer | None = None) -> SqlStorage:
     variable = "MANAGEMENT_DB_PATH" if settings.db_path is not None and settings.database_url.startswith(
         "sqlite:///") and "MANAGEMENT_DATABASE_URL" not in os.environ else "MANAGEMENT_DATABASE_URL"
     storage: SqlStorage | None = None
@@ -96,7 +116,7 @@ def _open_storage(settings: Settings, *, migrate: bool) -> SqlStorage:
             settings.db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.close(os.open(settings.db_path, os.O_CREAT | os.O_WRONLY, 0o600))
         storage = SqlStorage(settings.database_url, busy_timeout=settings.db_busy_timeout,
-                             pool_size=settings.db_pool_size)
+                             pool_size=settings.db_pool_size, observer=observer)
         if migrate:
             # Migration 4 re-keys old API-key digests with the server key's pepper: the key is read
             # only if there is one to re-key (once), so opening a new database never needs it.
@@ -157,11 +177,14 @@ def build_runtime(
     ssh_keys: SshKeys | None = None,
     clock: Clock | None = None,
     shell: RemoteShell | None = None,
+    metrics: PrometheusObserver | None = None,
 ) -> Runtime:
     """Wire the portal. Tests may pass fakes for any port; everything else gets the real adapter."""
     # Each adapter is assigned to its port's type: an adapter that stops implementing its port is
     # a type error here (mypy --strict runs over every package).
-    storage = storage if storage is not None else open_storage(settings)
+    prometheus = metrics if metrics is not None else PrometheusObserver()
+    observer: Observer = prometheus
+    storage = storage if storage is not None else open_storage(settings, observer=observer)
     remote_shell: RemoteShell = shell if shell is not None else AsyncsshShell(
         connect_timeout=settings.ssh_connect_timeout,
         command_timeout=settings.ssh_command_timeout,
@@ -169,6 +192,7 @@ def build_runtime(
         max_output_bytes=settings.max_output_bytes,
         max_operations_per_user=settings.max_operations_per_user,
         networks=settings.agent_networks,
+        observer=observer,
     )
     api_keys: KeyHasher = hasher or key_hasher(settings)
     secret_store: SecretBox = secrets or secret_box(settings)
@@ -178,7 +202,8 @@ def build_runtime(
                                                               timeout=settings.ssh_connect_timeout)
     portal = assemble(storage=storage, hasher=api_keys, secrets=secret_store, ssh_keys=key_parser,
                       clock=system_clock, signup=settings.signup, shell=remote_shell,
-                      max_agents=settings.max_agents_per_user, addresses=agent_addresses)
+                      max_agents=settings.max_agents_per_user, addresses=agent_addresses,
+                      metrics_min_interval=settings.metrics_min_interval, observer=observer)
     try:
         portal.agents.check_secret_key()
     except SecretUnreadable as error:
@@ -186,4 +211,5 @@ def build_runtime(
         raise ConfigError(variable, "this key does not open the credentials stored in the database (they were "
                                     "sealed with another key: every instance must use the same key, and a lost "
                                     "key file cannot be replaced by a new one)") from error
-    return Runtime(settings=settings, portal=portal, storage=storage, shell=remote_shell)
+    return Runtime(settings=settings, portal=portal, storage=storage, shell=remote_shell, observer=observer,
+                   exposition=prometheus.exposition)

@@ -28,6 +28,7 @@ from core.model import Caller, Origin, Scope, User
 from core.portal import Portal
 from core.results import NewApiKey, WaitedAction
 from core.virsh import VM_NAME_MAX, VM_STATES, WAIT_MAX, VmAction
+from entrypoints.exposition import Exposition
 from entrypoints.shapes import (
     AgentCheckView,
     AgentView,
@@ -309,6 +310,13 @@ def _with_key(created: NewApiKey, _call: Call) -> UserWithKeyView:
     return UserWithKeyView.with_key(created.user, created.api_key)
 
 
+async def _fleet_exposition(portal: Portal, call: Call) -> Exposition:
+    """The caller's fleet sampled, then written out in a worker thread: formatting a few hundred VMs
+    takes milliseconds of CPU that the event loop (every other request) should not wait for."""
+    sample = await invoke(portal.metrics.fleet_sample, call.me)
+    return await asyncio.to_thread(Exposition.of_fleet, sample)
+
+
 _ACTIONS = {
     VmAction.START: ("start_vm", "Start a VM (virsh start)"),
     VmAction.SHUTDOWN: ("shutdown_vm", "Ask a VM to shut down gracefully (virsh shutdown, ACPI)"),
@@ -450,6 +458,19 @@ OPERATIONS: tuple[Operation, ...] = (
               "Revoke an API key: refused at its very next request, on every worker and instance",
               lambda p, c: invoke(p.keys.revoke_key, c.me, c.key_id), ok=204,
               errors=(errors.ApiKeyNotFound, errors.FullKeyNotRevocable), scope=Scope.KEYS),
+    # --- metrics (issue 21)
+    # scope: none (no API key: loopback clients, or MANAGEMENT_METRICS_TOKEN, checked by the HTTP layer)
+    Operation("get_portal_metrics", "GET", "/metrics", "service",
+              "The portal's own metrics in the Prometheus text format (every worker summed). Served to loopback "
+              "clients that did not come through a proxy, or with 'Authorization: Bearer "
+              "<MANAGEMENT_METRICS_TOKEN>'", None, response=Exposition,
+              errors=(errors.MetricsForbidden, errors.HttpsRequired),
+              public=True, library=False, scope=None),
+    Operation("get_fleet_metrics", "GET", "/metrics/vms", "fleet",
+              "The caller's fleet in the Prometheus text format: per agent up, scrape duration and host facts; "
+              "per VM state, vCPUs, memory, CPU time, disk and network counters. Each host is asked at most "
+              "once per MANAGEMENT_METRICS_MIN_INTERVAL; an unreachable one is playr_agent_up 0",
+              _fleet_exposition, lambda exposition, _call: exposition, Exposition, scope=Scope.READ),
 )
 
 BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}

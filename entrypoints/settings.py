@@ -108,6 +108,11 @@ class Settings:
     max_operations_per_user: int = 16
     # credential-bearing requests that a proxy received over plain HTTP are refused unless this is true
     allow_plain_http: bool = False
+    # Metrics (issue 21): the token that opens GET /metrics to non-loopback clients, how often
+    # GET /metrics/vms may ask each host, and where the server's workers keep their values.
+    metrics_token: str | None = attrs.field(default=None, repr=False)
+    metrics_min_interval: float = 10.0
+    metrics_dir: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -158,6 +163,9 @@ class Settings:
             agent_networks=reader.networks("MANAGEMENT_AGENT_NETWORKS"),
             max_operations_per_user=reader.number("MANAGEMENT_MAX_OPERATIONS_PER_USER", 16, int, 1, 10_000),
             allow_plain_http=reader.flag("MANAGEMENT_ALLOW_PLAIN_HTTP", False),
+            metrics_token=reader.token("MANAGEMENT_METRICS_TOKEN"),
+            metrics_min_interval=reader.number("MANAGEMENT_METRICS_MIN_INTERVAL", 10.0, float, 0, 3600),
+            metrics_dir=Path(env["MANAGEMENT_METRICS_DIR"]) if env.get("MANAGEMENT_METRICS_DIR", "").strip() else None,
         )
 
 
@@ -182,6 +190,17 @@ class _Reader:
         if not low <= value <= high:  # type: ignore[operator]
             raise ConfigError(name, f"must be between {low:g} and {high:g}, got {raw!r}")
         return value
+
+    def token(self, name: str) -> str | None:
+        """A bearer token: unset or blank for none; otherwise at least 32 printable ASCII characters
+        without spaces (guessing it must be hopeless: ``openssl rand -hex 32``)."""
+        raw = self.env.get(name, "").strip()
+        if not raw:
+            return None
+        if len(raw) < 32 or len(raw) > 512 or not all("!" <= char <= "~" for char in raw):
+            raise ConfigError(name, "must be 32 to 512 printable ASCII characters without spaces "
+                                    "(e.g. the output of 'openssl rand -hex 32')")
+        return raw
 
     def proxies(self, name: str, default: str) -> str:
         """Comma-separated IP addresses or networks (or empty: trust no proxy header)."""

@@ -35,6 +35,7 @@ from adapters.sql import migrations
 from adapters.sql.schema import agents, api_keys, audit_events, users
 from core.errors import AgentNameTaken, DatabaseBusy, DatabaseUnavailable, EmailTaken
 from core.model import ALL_SCOPES, Agent, ApiKey, AuditEvent, ClientKey, HostKey, IssuedApiKey, Scope, User
+from core.ports import NullObserver, Observer
 from core.validation import normalize_email
 
 # The reads behind every authenticated request and agent lookup, built once: building a statement
@@ -68,7 +69,10 @@ def sqlite_url(path: str | Path) -> str:
 class SqlStorage:
     """Implements ``core.ports.Storage``."""
 
-    def __init__(self, url: str, *, busy_timeout: float = 10.0, pool_size: int = 5) -> None:
+    def __init__(self, url: str, *, busy_timeout: float = 10.0, pool_size: int = 5,
+                 observer: Observer | None = None) -> None:
+        # Told how long each transaction took and how it ended (the portal's metrics, issue 21).
+        self.observer: Observer = observer if observer is not None else NullObserver()
         self.url = sa.engine.make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         self.is_postgresql = self.url.get_backend_name() == "postgresql"
@@ -128,14 +132,23 @@ class SqlStorage:
 
     @contextmanager
     def transaction(self, *, write: bool = False) -> Iterator[SqlTransaction]:
-        with self._database_errors():
-            tx = SqlTransaction(self, write=write)
-            try:
-                yield tx
-            except BaseException:
-                tx.finish(commit=False)
-                raise
-            tx.finish(commit=True)
+        started = time.perf_counter()
+        outcome = "rolled_back"
+        try:
+            with self._database_errors():
+                tx = SqlTransaction(self, write=write)
+                try:
+                    yield tx
+                except BaseException:
+                    tx.finish(commit=False)
+                    raise
+                tx.finish(commit=True)
+            outcome = "committed"
+        except (DatabaseBusy, DatabaseUnavailable) as error:
+            outcome = error.code
+            raise
+        finally:
+            self.observer.database_transaction("write" if write else "read", outcome, time.perf_counter() - started)
 
     def begin(self, *, write: bool) -> sa.Connection:
         """A pooled connection inside a new transaction (holding the write lock if ``write``)."""

@@ -53,13 +53,14 @@ from core.errors import (
     HostKeyUnknown,
     NotSsh,
     OutputTooLarge,
+    PortalError,
     RemoteError,
     TooManyOperations,
 )
 from core.model import Agent, AgentCredentials, HostKey
 from core.networks import AgentNetworks, IPAddress
-from core.ports import CommandResult, PinHostKey, RemoteStream
-from core.virsh import command_line
+from core.ports import CommandResult, NullObserver, Observer, PinHostKey, RemoteStream
+from core.virsh import command_line, subcommand_of
 
 OPENSSH_MAX_SESSIONS = 10
 DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
@@ -160,6 +161,7 @@ class AsyncsshShell:
         networks: AgentNetworks | None = None,
         resolver: Resolver = resolve,
         monotonic: Callable[[], float] = time.monotonic,
+        observer: Observer | None = None,
     ) -> None:
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
@@ -177,6 +179,11 @@ class AsyncsshShell:
         self._reaper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connections_opened = 0  # for tests and benchmarks
+        # The pool's size for the portal's metrics (issue 21): channels counted as they open and
+        # close, connections recounted when one is created, opened, retired or reaped.
+        self._observer: Observer = observer if observer is not None else NullObserver()
+        self._channels_in_use = 0
+        self._connections = (0, 0)  # open, opening
 
     # ------------------------------------------------------------------ the port
 
@@ -189,11 +196,19 @@ class AsyncsshShell:
                 f"you already have {running} SSH operations running (at most {self.max_operations_per_user} at once, "
                 "MANAGEMENT_MAX_OPERATIONS_PER_USER); retry when some have finished", retry_after=1)
         self._operations[owner] = running + 1
+        started = time.perf_counter()
+        outcome = "cancelled"
         try:
             deadline = asyncio.get_running_loop().time() + self.command_timeout
             async with self._channel(target, argv, pin, stdin=stdin is not None, pty=False) as (slot, conn, process):
-                return await self._finish(slot, conn, process, tuple(argv), target.agent, deadline, stdin)
+                result = await self._finish(slot, conn, process, tuple(argv), target.agent, deadline, stdin)
+            outcome = "ok" if result.exit_status == 0 else "failed"
+            return result
+        except PortalError as error:
+            outcome = error.code
+            raise
         finally:
+            self._observer.ssh_command(subcommand_of(argv), outcome, time.perf_counter() - started)
             left = self._operations[owner] - 1
             if left:
                 self._operations[owner] = left
@@ -251,11 +266,15 @@ class AsyncsshShell:
                 raise
             self._release(slot)
         slot.channels += 1
+        self._channels_in_use += 1
+        self._report_pool()
         try:
             yield slot, conn, process
         finally:
             slot.channels -= 1
+            self._channels_in_use -= 1
             self._release(slot)
+            self._report_pool()
 
     def _release(self, slot: _Slot) -> None:
         slot.in_use -= 1
@@ -294,6 +313,7 @@ class AsyncsshShell:
         slots = [slot for pool in self._pools.values() for slot in pool]
         self._pools.clear()
         self._client_keys.clear()
+        self._recount_connections()
         for slot in slots:
             slot.close()
         for slot in slots:
@@ -326,9 +346,11 @@ class AsyncsshShell:
         if candidates:
             slot = max(candidates, key=lambda s: s.in_use)  # fill one connection before the next
         else:
-            slot = _Slot(agent.id, owner, agent.revision, asyncio.ensure_future(self._connect(target, pin)))
+            slot = _Slot(agent.id, owner, agent.revision, asyncio.ensure_future(self._connect_observed(target, pin)))
             slot.opened.add_done_callback(_consume_exception)
+            slot.opened.add_done_callback(lambda _task: self._recount_connections())
             pool.append(slot)
+            self._recount_connections()
         slot.in_use += 1
         return slot
 
@@ -341,6 +363,24 @@ class AsyncsshShell:
             pool.remove(slot)
         if slot.in_use == 0:
             slot.close()
+        self._recount_connections()
+
+    def _recount_connections(self) -> None:
+        """Count the pool's connections (open, being opened) for the metrics: only when one is
+        created, opened, retired or reaped, never per command."""
+        open_now = opening = 0
+        for pool in self._pools.values():
+            for slot in pool:
+                if not slot.opened.done():
+                    opening += 1
+                elif (conn := slot.connection()) is not None and not conn.is_closed():
+                    open_now += 1
+        self._connections = (open_now, opening)
+        self._report_pool()
+
+    def _report_pool(self) -> None:
+        self._observer.ssh_pool(connections_open=self._connections[0], connections_opening=self._connections[1],
+                                channels_in_use=self._channels_in_use)
 
     async def _ready(self, slot: _Slot) -> asyncssh.SSHClientConnection:
         try:
@@ -370,6 +410,21 @@ class AsyncsshShell:
                     del self._client_keys[key_id]
 
     # ------------------------------------------------------------------ SSH
+
+    async def _connect_observed(self, target: AgentCredentials,
+                                pin: PinHostKey | None) -> asyncssh.SSHClientConnection:
+        """``_connect``, told to the observer: ``ok`` or the error code, and how long it took."""
+        started = time.perf_counter()
+        outcome = "cancelled"
+        try:
+            conn = await self._connect(target, pin)
+            outcome = "ok"
+            return conn
+        except PortalError as error:
+            outcome = error.code
+            raise
+        finally:
+            self._observer.ssh_connect(outcome, time.perf_counter() - started)
 
     async def _connect(self, target: AgentCredentials, pin: PinHostKey | None) -> asyncssh.SSHClientConnection:
         agent = target.agent

@@ -13,6 +13,7 @@ import falcon.asgi
 from entrypoints.bootstrap import Runtime
 from entrypoints.http import errors, openapi
 from entrypoints.http.cache import UntilChanged
+from entrypoints.http.metrics import PortalMetrics
 from entrypoints.http.middleware import (
     Authentication,
     BodyLimit,
@@ -34,13 +35,14 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
     portal = runtime.portal
     # SQLite's data version, when the storage has one: reads are kept until the database changes.
     data_version = getattr(runtime.storage, "data_version", None)
+    observer = runtime.observer
     middleware: list[Any] = [
-        RequestContext(),
+        RequestContext(observer),
         BodyLimit(settings.max_body_bytes),
         # before authentication: a key that came over plain HTTP is refused, never looked up
         HttpsRequired(settings.allow_plain_http),
         Authentication(portal, FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window),
-                       UntilChanged(data_version)),
+                       UntilChanged(data_version), observer=observer),
         Lifespan(runtime),
     ]
     app = falcon.asgi.App(middleware=middleware)
@@ -51,6 +53,7 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
     for op in OPERATIONS:
         by_path[op.path].append(op)
     document_body = json.dumps(openapi.document())  # serialized once, served by GET /openapi.json
+    metrics = PortalMetrics(runtime.exposition, settings.metrics_token)
     for path, operations in by_path.items():
         template = path
         for plain, converted in _CONVERTERS.items():
@@ -58,5 +61,5 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
         cached = any(op.cached_per_user for op in operations)
         app.add_route(template, OperationsResource(
             portal, operations, document_body=document_body,
-            lists=UntilChanged(data_version, max_entries=1_000) if cached else None))
+            lists=UntilChanged(data_version, max_entries=1_000) if cached else None, metrics=metrics))
     return app

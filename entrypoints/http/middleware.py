@@ -19,6 +19,7 @@ import structlog
 from core import errors
 from core.errors import ApiKeyExpired, PortalError, Unauthenticated
 from core.portal import Portal
+from core.ports import NullObserver, Observer
 from core.users import Authenticated
 from entrypoints.http.cache import UntilChanged
 
@@ -29,8 +30,22 @@ MAX_HEADER_BYTES = 16 * 1024  # like nginx's large_client_header_buffers in fron
 MAX_HEADERS = 100
 
 
+# "/agents/{agent_id:int(min=1, max=2147483647)}" -> "/agents/{agent_id}": the operation's path
+_CONVERTER = re.compile(r"\{(\w+):[^{}]*\}")
+
+
+def route_label(template: str | None) -> str:
+    """The route template a request matched, as the operation table writes it; ``unmatched`` for
+    a request no route took (a 404 by path): a metric label never holds a raw path."""
+    return _CONVERTER.sub(r"{\1}", template) if template else "unmatched"
+
+
 class RequestContext:
-    """Gives each request an id (the client's ``X-Request-Id`` if sane) and logs it when done."""
+    """Gives each request an id (the client's ``X-Request-Id`` if sane) and logs it when done; tells
+    the observer its route template, method, status and duration (the portal's metrics)."""
+
+    def __init__(self, observer: Observer | None = None) -> None:
+        self.observer: Observer = observer if observer is not None else NullObserver()
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         supplied = req.get_header("X-Request-Id") or ""
@@ -50,6 +65,8 @@ class RequestContext:
                                resource: object, req_succeeded: bool) -> None:
         user = getattr(req.context, "user", None)
         started = getattr(req.context, "started", time.perf_counter())
+        self.observer.request_served(route_label(req.uri_template), req.method, int(resp.status_code),
+                                     time.perf_counter() - started)
         access_log.info(
             "request",
             method=req.method,
@@ -180,17 +197,20 @@ class Authentication:
     """
 
     def __init__(self, portal: Portal, limiter: FailureLimiter,
-                 known: UntilChanged[bytes, Authenticated] | None = None) -> None:
+                 known: UntilChanged[bytes, Authenticated] | None = None, *, observer: Observer | None = None) -> None:
+        self.observer: Observer = observer if observer is not None else NullObserver()
         self.portal = portal
         self.limiter = limiter
         self.known: UntilChanged[bytes, Authenticated] = known if known is not None else UntilChanged(None)
 
-    def _failed(self, address: str) -> None:
+    def _failed(self, address: str, reason: str) -> None:
         """Count a failed authentication from ``address``, or refuse it with 429 once the address has
         had ``limit`` in the window (a refused attempt is not counted: the window still ends)."""
         now = time.monotonic()
         wait = self.limiter.retry_after(address, now)
+        self.observer.authentication_failed(reason)
         if wait is not None:
+            self.observer.rate_limited()
             raise errors.TooManyAuthFailures(f"too many failed authentications from {address}; retry in {wait} s",
                                              retry_after=wait)
         self.limiter.record_failure(address, now)
@@ -204,7 +224,7 @@ class Authentication:
         scheme, _, key = header.partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
-            self._failed(address)
+            self._failed(address, errors.MissingApiKey.code)
             raise errors.MissingApiKey()
         # A valid key always gets through, even from a limited address: many clients can share one
         # (a NAT, an office, a CI runner pool) and one of them guessing must not lock out the rest.
@@ -217,8 +237,8 @@ class Authentication:
                 found = await asyncio.to_thread(self.portal.users.authenticate_key, key)
             except ApiKeyExpired:
                 raise  # a real key that has had its time: not a guess, not counted against the address
-            except Unauthenticated:
-                self._failed(address)
+            except Unauthenticated as error:
+                self._failed(address, error.code)
                 raise
             self.known.put(digest, version, found)
         else:

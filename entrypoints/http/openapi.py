@@ -16,6 +16,8 @@ from typing import Any
 import attrs
 
 from core import errors as domain
+from entrypoints.exposition import CONTENT_TYPE as EXPOSITION_CONTENT_TYPE
+from entrypoints.exposition import Exposition
 from entrypoints.http.errors import status_of_class
 from entrypoints.operations import OPERATIONS, PATH_PARAMETERS, Operation
 
@@ -114,7 +116,9 @@ def _problem_response(codes: list[str]) -> dict[str, Any]:
 
 def _operation(op: Operation, components: dict[str, Any]) -> dict[str, Any]:
     ok: dict[str, Any] = {"description": op.summary}
-    if op.response is not None:
+    if op.response is Exposition:  # Prometheus text, not JSON (issue 21)
+        ok["content"] = {EXPOSITION_CONTENT_TYPE: {"schema": {"type": "string"}}}
+    elif op.response is not None:
         ok["content"] = {"application/json": {"schema": schema_of(op.response, components)}}
     elif op.name == "get_openapi":
         ok["content"] = {"application/json": {"schema": {"type": "object"}}}

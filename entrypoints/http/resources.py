@@ -18,7 +18,10 @@ import falcon.asgi
 from core.errors import BodyTooLarge, MalformedBody, UnsupportedMediaType
 from core.model import Caller, Origin
 from core.portal import Portal
+from entrypoints.exposition import CONTENT_TYPE as EXPOSITION_CONTENT_TYPE
+from entrypoints.exposition import Exposition
 from entrypoints.http.cache import UntilChanged
+from entrypoints.http.metrics import PortalMetrics
 from entrypoints.operations import Call, Operation
 from entrypoints.shapes import Health, dump, structure
 
@@ -73,8 +76,9 @@ class OperationsResource:
     declaration. ``public_methods`` tells the authentication middleware which need no key."""
 
     def __init__(self, portal: Portal, operations: list[Operation], *, document_body: str,
-                 lists: UntilChanged[Any, Any] | None = None) -> None:
+                 lists: UntilChanged[Any, Any] | None = None, metrics: PortalMetrics | None = None) -> None:
         self.portal = portal
+        self.metrics = metrics if metrics is not None else PortalMetrics(None, None)
         self.document_body = document_body
         # Reads kept per user until the database changes (entrypoints.http.cache).
         self.lists: UntilChanged[Any, Any] = lists if lists is not None else UntilChanged(None)
@@ -93,6 +97,9 @@ class OperationsResource:
     async def _answer(self, op: Operation, req: falcon.asgi.Request, resp: falcon.asgi.Response,
                       params: dict[str, Any]) -> None:
         if op.run is None:
+            if op.name == "get_portal_metrics":
+                await self.metrics.answer(req, resp)
+                return
             self._answer_itself(op, resp)
             return
         me = None if op.public else caller(req)
@@ -120,7 +127,12 @@ class OperationsResource:
             resp.set_header(name, value)
         resp.status = falcon.code_to_http_status(op.ok)
         if op.view is not None:
-            resp.media = dump(op.view(result, call))
+            view = op.view(result, call)
+            if isinstance(view, Exposition):  # Prometheus text (GET /metrics/vms), not JSON
+                resp.content_type = EXPOSITION_CONTENT_TYPE
+                resp.text = view.text
+            else:
+                resp.media = dump(view)
 
     async def _run(self, op: Operation, call: Call) -> Any:
         if not op.cached_per_user:

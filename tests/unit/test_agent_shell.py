@@ -54,6 +54,7 @@ def portal_commands(vm: str, snapshot: str, description: str) -> list[tuple[str,
         virsh.snapshot_revert_command(URI, vm, snapshot), virsh.snapshot_delete_command(URI, vm, snapshot),
         virsh.nodeinfo_command(URI), virsh.version_command(URI), virsh.hostname_command(URI),
         virsh.check_command(URI),
+        virsh.host_stats_command(URI),  # issue 21: every VM of the host, for GET /metrics/vms
     ]
 
 
@@ -232,3 +233,16 @@ def test_item11_a_huge_refused_command_is_logged_cut_to_a_bounded_length(tmp_pat
     (line,) = (tmp_path / "commands.log").read_text().splitlines()
     assert len(line) < 3 * shell.LOG_TEXT_MAX
     assert f"({len(huge)} characters)" in line
+
+
+# ---------------------------------------------------------------------------------------- issue 21
+
+
+def test_a_whole_host_domstats_must_carry_exactly_the_groups_the_portal_sends() -> None:
+    argv = virsh.host_stats_command(URI)
+    assert "--domain" not in argv
+    assert set(shell.WHOLE_HOST["domstats"]) == set(argv[4:])
+    assert shell.parse(virsh.command_line(argv), ALLOWED) == list(argv)
+    for dropped in argv[4:]:
+        with pytest.raises(shell.Refused):
+            shell.parse(virsh.command_line([word for word in argv if word != dropped]), ALLOWED)
