@@ -182,7 +182,9 @@ def build_request(op: Operation, args: tuple[Any, ...], kwargs: dict[str, Any]) 
         path_values.append(kwargs.pop(name))
     path = op.path
     for name, value in zip(names, path_values, strict=True):
-        path = path.replace("{" + name + "}", quote(str(value), safe=""))
+        segment = quote(str(value), safe="")
+        segment = segment.replace(".", "%2E") if segment in (".", "..") else segment  # not a dot-segment
+        path = path.replace("{" + name + "}", segment)
     params: list[tuple[str, str | int | float | bool | None]] = []
     wait: int | None = None
     for q in op.query:
