@@ -34,7 +34,7 @@ from entrypoints.shapes import (
     UserView,
     UserWithKeyView,
 )
-from tests.support import REPO, KeyMaterial, Server, free_port
+from tests.support import REPO, KeyMaterial, Server, free_port, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -221,21 +221,6 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: list[str],
-             env: dict[str, str]) -> tuple[int, str, str]:
-    """The command line in this process (``main(argv)``), as a subprocess would run it with ``env``."""
-    from entrypoints.cli import main
-
-    with monkeypatch.context() as patched:
-        for name in ("MANAGEMENT_URL", "MANAGEMENT_API_KEY", "MANAGEMENT_DB_PATH"):
-            patched.delenv(name, raising=False)
-        for name, value in env.items():
-            patched.setenv(name, value)
-        status = main(command)
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
 def test_the_same_commands_print_the_same_locally_and_remotely(url: str, server: Server, user: UserWithKeyView,
                                                               dead_agent: AgentView, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
@@ -247,13 +232,13 @@ def test_the_same_commands_print_the_same_locally_and_remotely(url: str, server:
                     ["agents", "check", agent], ["agents", "check", agent, "--json"],
                     ["vms", "fleet", "--agent", agent], ["vms", "fleet", "--agent", agent, "--json"],
                     ["vms", "list", agent], ["vms", "snapshots", "list", agent, "web1"], ["agents", "host", "999"]):
-        here = run_main(monkeypatch, capsys, command, here_env)
-        there = run_main(monkeypatch, capsys, command, there_env)
+        here = run_cli(monkeypatch, capsys, command, here_env)
+        there = run_cli(monkeypatch, capsys, command, there_env)
         assert there == here, command
         assert here[1] or here[2], command
-    status, _out, err = run_main(monkeypatch, capsys, ["vms", "list", agent], there_env)
+    status, _out, err = run_cli(monkeypatch, capsys, ["vms", "list", agent], there_env)
     assert status == remote.EXIT_FAILED and err.startswith("error: agent_unreachable:")  # 502
-    assert run_main(monkeypatch, capsys, ["agents", "host", "999"], there_env)[0] == remote.EXIT_NOT_FOUND
+    assert run_cli(monkeypatch, capsys, ["agents", "host", "999"], there_env)[0] == remote.EXIT_NOT_FOUND
 
 
 def test_remote_errors_exit_with_the_code_of_their_kind(url: str, user: UserWithKeyView, tmp_path: Path) -> None:

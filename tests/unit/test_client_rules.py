@@ -262,3 +262,15 @@ def test_the_async_client_retries_by_the_same_rules() -> None:
 def test_the_key_file_check_uses_the_real_owner(tmp_path: Path) -> None:
     path = write_config(tmp_path, "", 0o600)
     assert path.stat().st_uid == os.geteuid() and remote.read_config(path) == {}
+
+
+def test_an_operation_added_to_the_table_is_a_client_method_with_no_other_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    from entrypoints.operations import Operation
+    from entrypoints.shapes import CommandView
+
+    added = Operation("frobnicate_vm", "POST", "/agents/{agent_id}/vms/{vm}/frobnicate", "vms", "Frobnicate",
+                      None, response=CommandView)
+    monkeypatch.setitem(BY_NAME, added.name, added)
+    script = Script(httpx.Response(200, json={"command": ["virsh"], "exit_status": 0, "stdout": "ok", "stderr": ""}))
+    assert client(script).frobnicate_vm(1, "web 1") == CommandView(["virsh"], 0, "ok", "")
+    assert script.requests[0].url.raw_path == b"/agents/1/vms/web%201/frobnicate"
