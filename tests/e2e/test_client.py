@@ -241,17 +241,26 @@ def test_the_same_commands_print_the_same_locally_and_remotely(url: str, server:
     assert run_cli(monkeypatch, capsys, ["agents", "host", "999"], there_env)[0] == remote.EXIT_NOT_FOUND
 
 
-def test_remote_errors_exit_with_the_code_of_their_kind(url: str, user: UserWithKeyView, tmp_path: Path) -> None:
+@pytest.fixture
+def in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Any:
+    """The command line run in this process (``run_cli``), answering like ``cli``: cheaper where the
+    point is the exit code and the message, not the process (a traceback would fail the test too)."""
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        status, out, err = run_cli(monkeypatch, capsys, list(args), {"XDG_CONFIG_HOME": str(tmp_path), **env})
+        return subprocess.CompletedProcess(list(args), status, out, err)
+    return run
+
+
+def test_remote_errors_exit_with_the_code_of_their_kind(in_process: Any, url: str, user: UserWithKeyView) -> None:
     env = {"MANAGEMENT_URL": url, "MANAGEMENT_API_KEY": user.api_key}
     with Client(url, user.api_key) as portal:
-        portal.register_agent(name="taken", hostname="192.0.2.20", username="u", generate_key=True)
         taken = portal.register_agent(name="second", hostname="192.0.2.21", username="u", generate_key=True)
-    renamed = cli("agents", "rotate-key", str(taken.id), "--json", home=tmp_path, **env)
+    renamed = in_process("agents", "rotate-key", str(taken.id), "--json", **env)
     assert renamed.returncode == 0 and json.loads(renamed.stdout)["agent_id"] == taken.id
-    missing = cli("vms", "snapshots", "delete", "999", "web1", "s1", home=tmp_path, **env)
+    missing = in_process("vms", "snapshots", "delete", "999", "web1", "s1", **env)
     assert missing.returncode == remote.EXIT_NOT_FOUND
     assert one_line(missing).startswith("error: agent_not_found:")
-    invalid = cli("vms", "start", "1", "web1", "--wait", "9999", home=tmp_path, **env)
+    invalid = in_process("vms", "start", "1", "web1", "--wait", "9999", **env)
     assert invalid.returncode == remote.EXIT_USAGE and "validation_failed" in one_line(invalid)
 
 
@@ -275,25 +284,26 @@ def test_a_wrong_url_a_bad_key_and_tls_failures_are_one_line_each(url: str, serv
     assert no_key.returncode == remote.EXIT_USAGE and "MANAGEMENT_API_KEY" in one_line(no_key)
 
 
-def test_operator_commands_refuse_to_run_remotely(url: str, tmp_path: Path) -> None:
+def test_operator_commands_refuse_to_run_remotely(in_process: Any, url: str, tmp_path: Path) -> None:
     for command in (["users", "create", "--name", "x"], ["db", "upgrade"]):
-        refused = cli("--url", url, *command, home=tmp_path)
+        refused = in_process("--url", url, *command)
         assert refused.returncode == remote.EXIT_USAGE
         assert "runs only on the portal host" in one_line(refused) and "--url" in refused.stderr
-    env_refused = cli("db", "version", home=tmp_path, MANAGEMENT_URL=url)
+    env_refused = in_process("db", "version", MANAGEMENT_URL=url)
     assert env_refused.returncode == remote.EXIT_USAGE and "unset MANAGEMENT_URL" in one_line(env_refused)
 
 
-def test_the_configuration_file_is_used_only_when_private(url: str, user: UserWithKeyView, tmp_path: Path) -> None:
+def test_the_configuration_file_is_used_only_when_private(in_process: Any, url: str, user: UserWithKeyView,
+                                                          tmp_path: Path) -> None:
     config = tmp_path / "manage-playrservers" / "config.toml"
     config.parent.mkdir()
     config.write_text(f'url = "{url}"\napi_key = "{user.api_key}"\n')
     config.chmod(0o600)
-    listed = cli("agents", "list", "--json", home=tmp_path)
+    listed = in_process("agents", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert "dead" in {agent["name"] for agent in json.loads(listed.stdout)}
     config.chmod(0o644)
-    refused = cli("agents", "list", home=tmp_path)
+    refused = in_process("agents", "list")
     assert refused.returncode == remote.EXIT_USAGE
     assert "chmod 600" in one_line(refused) and "0644" in refused.stderr
 
