@@ -390,6 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TransportError as error:
         print(f"error: {error}", file=sys.stderr)
         return remote.EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 # ---------------------------------------------------------------------- the operator's commands (local only)

@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 
 import attrs
+import cattrs
 import httpx
 
 from core import errors
@@ -214,7 +215,16 @@ def decode(op: Operation, response: httpx.Response) -> Any:
     data = _json(response)
     if op.response is None:
         return data  # what the HTTP layer answers itself (health, the OpenAPI document)
-    return converter.structure(data, op.response)
+    try:
+        return converter.structure(data, op.response)
+    except (cattrs.BaseValidationError, TypeError, ValueError, KeyError) as error:
+        raise UnexpectedAnswer(f"{response.request.url} answered JSON that is not a {_type_name(op.response)} "
+                               f"({error}): is the URL the portal's, and this client as new as it?",
+                               url=str(response.request.url), status=response.status_code) from None
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("entrypoints.shapes.", "")
 
 
 def _json(response: httpx.Response) -> Any:
@@ -236,6 +246,10 @@ def failure(response: httpx.Response) -> Exception:
             problem = response.json()
         except ValueError:
             problem = None
+    if response.is_redirect:
+        return UnexpectedAnswer(f"{url} redirects to {response.headers.get('location', '?')}: give that URL "
+                                "(the client does not follow redirects with your API key)", url=url,
+                                status=response.status_code)
     if not isinstance(problem, dict) or "code" not in problem:
         return UnexpectedAnswer(f"{url} answered HTTP {response.status_code} "
                                 f"{response.reason_phrase or ''}".rstrip() + ", not a problem document of the portal "

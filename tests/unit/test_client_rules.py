@@ -274,3 +274,14 @@ def test_an_operation_added_to_the_table_is_a_client_method_with_no_other_code(m
     script = Script(httpx.Response(200, json={"command": ["virsh"], "exit_status": 0, "stdout": "ok", "stderr": ""}))
     assert client(script).frobnicate_vm(1, "web 1") == CommandView(["virsh"], 0, "ok", "")
     assert script.requests[0].url.raw_path == b"/agents/1/vms/web%201/frobnicate"
+
+
+def test_answers_that_are_not_the_portals_are_unexpected_answers() -> None:
+    from entrypoints.client import UnexpectedAnswer
+
+    for answer in (httpx.Response(200, text="<html>hello</html>"), httpx.Response(200, json={"unrelated": 1}),
+                   httpx.Response(404, text="Not Found", headers={"content-type": "text/html"}),
+                   httpx.Response(301, headers={"location": "https://portal.test/"})):
+        with pytest.raises(UnexpectedAnswer) as unexpected:
+            client(Script(answer)).get_agent(1)
+        assert unexpected.value.status == answer.status_code
