@@ -259,9 +259,13 @@ def test_the_async_client_retries_by_the_same_rules() -> None:
     assert asyncio.run(run()) == [] and len(script.requests) == 2
 
 
-def test_the_key_file_check_uses_the_real_owner(tmp_path: Path) -> None:
-    path = write_config(tmp_path, "", 0o600)
-    assert path.stat().st_uid == os.geteuid() and remote.read_config(path) == {}
+def test_a_config_file_of_another_user_is_refused_even_if_private(tmp_path: Path) -> None:
+    path = write_config(tmp_path, 'url = "https://manage.example.com"\n', 0o600)
+    if os.geteuid() != 0:
+        pytest.skip("giving the file to another user needs root")
+    os.chown(path, 65534, 65534)
+    with pytest.raises(ConfigError, match="belongs to another user"):
+        remote.read_config(path)
 
 
 def test_an_operation_added_to_the_table_is_a_client_method_with_no_other_code(monkeypatch: pytest.MonkeyPatch) -> None:
