@@ -390,7 +390,8 @@ def error_classes() -> list[type[PortalError]]:
     while pending:
         cls = pending.pop(0)
         if cls not in found:
-            found.append(cls)
+            if cls.__module__ == __name__:  # not the HTTP client's copies (entrypoints/client.py, issue 15)
+                found.append(cls)
             pending.extend(cls.__subclasses__())
     return found
 

@@ -21,10 +21,18 @@
     manage-playrservers keys create NAME --scope S [--scope S]... [--agent ID]... [--expires-at TIME] [--json]
     manage-playrservers keys revoke KEY [--json]
 
-It reads the same ``MANAGEMENT_*`` variables as the server. Commands that act as a user take that
-user's API key from ``MANAGEMENT_API_KEY`` (never from the command line, where other local users
-could read it). Errors print ``error: <code>: <detail>`` and exit 1; configuration errors name the
-variable and exit 2.
+Commands that act as a user (the ``USER_COMMANDS`` table) take that user's API key from
+``MANAGEMENT_API_KEY`` (or ``--api-key``, or the configuration file). With a portal URL
+(``MANAGEMENT_URL``, ``--url`` or the configuration file: see ``entrypoints/remote.py``) they run
+through the HTTP client (``entrypoints/client.py``) from any machine; without one, in-process on
+the portal host with the same ``MANAGEMENT_*`` variables as the server. Either way they print the
+same thing: text and ``--json`` are rendered from the operation's view. The operator's commands
+(``serve``, ``users``, ``db``, ``secret-key``) run only on the portal host.
+
+Errors print ``error: <code>: <detail>`` (configuration errors name the variable) and exit with
+the code of their kind: 1 the portal or host failed, 2 usage/configuration/invalid input, 3 not
+found, 4 authentication/permission, 5 conflict, 6 too many requests, 7 portal unreachable
+(``entrypoints/remote.py``, docs/client.md).
 """
 
 from __future__ import annotations
@@ -38,12 +46,14 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from core.errors import MissingApiKey, PortalError
+from core.errors import PortalError
+from entrypoints import remote
 from entrypoints.operations import BY_NAME, Operation
 from entrypoints.settings import ConfigError, Settings
 from entrypoints.shapes import PublicKeyView, UserView, UserWithKeyView, dump
 
 if TYPE_CHECKING:
+    from entrypoints.client import Client
     from entrypoints.library import Session
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -57,7 +67,14 @@ class UserCommand:
     """A command that acts as the user of ``MANAGEMENT_API_KEY`` and runs one operation of the
     table: its arguments follow from the operation's path (``agent``, ``vm``, ``snapshot``), its
     query (``--wait``, repeatable ``--agent``/``--state``) and ``body`` (how the body is made from
-    the arguments); ``--json`` prints the operation's view, ``text`` prints for people."""
+    the arguments); ``--json`` prints the operation's view, ``text`` prints for people.
+
+    It runs in-process or through the HTTP client (``MANAGEMENT_URL``) with no code of its own:
+    ``text`` and ``json`` get the operation's VIEW (``entrypoints/shapes.py``: what ``--json`` and the
+    HTTP API answer, locally made by ``op.view``, remotely decoded from the answer), never a core
+    value; a ``run`` (rarely needed) gets the in-process ``Session`` or the HTTP ``Client`` and may
+    only use what both have: ``call(name, …)``, the operations' methods, ``vm_action`` and
+    ``vm_action_and_wait``; locally its result goes through ``op.view``."""
 
     words: tuple[str, str] | tuple[str, str, str]
     operation: str
@@ -65,8 +82,8 @@ class UserCommand:
     text: Callable[[Any, argparse.Namespace], int]
     body: tuple[tuple[str, dict[str, Any]], ...] = ()  # extra arguments that make the body's fields
     make_body: Callable[[argparse.Namespace], dict[str, Any]] = lambda _args: {}
-    run: Callable[[Session, Operation, argparse.Namespace], Any] | None = None  # instead of the plain call
-    json: Callable[[Any, argparse.Namespace], Any] | None = None  # instead of the operation's view
+    run: Callable[[Session | Client, Operation, argparse.Namespace], Any] | None = None  # instead of the plain call
+    json: Callable[[Any, argparse.Namespace], Any] | None = None  # from the operation's view, instead of it
     fails_on_error: bool = False  # an answer carrying an ``error`` (a failed check) exits 1
 
 
@@ -87,38 +104,65 @@ _QUERY_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def _run_user_command(command: UserCommand) -> Handler:
-    def handler(args: argparse.Namespace, settings: Settings) -> int:
-        from entrypoints.library import connect
-
-        api_key = os.environ.get("MANAGEMENT_API_KEY", "").strip()
-        if not api_key:
-            raise MissingApiKey("set MANAGEMENT_API_KEY to your API key")
-        op = BY_NAME[command.operation]
-        with connect(settings=settings) as library:
-            me = library.login(api_key)
-            path_values = [getattr(args, _PATH_ARGUMENTS[name][0]) for name in op.path_parameters]
-            query = {q.name: getattr(args, q.name) for q in op.query if getattr(args, q.name, None) is not None}
-            call = me.prepare(op, *path_values, **command.make_body(args), **query)
-            result = command.run(me, op, args) if command.run is not None else me.run(op, call)
-            if args.json:
-                if command.json is not None:
-                    _print_json(command.json(result, args))
-                elif op.view is not None:
-                    _print_json(op.view(result, call))
-                status = 0
-            else:
-                status = command.text(result, args)
-            failure = getattr(result, "error", None) if command.fails_on_error else None
-            if failure is not None:
-                print(f"error: {failure.code}: {failure.detail}", file=sys.stderr)
-                return 1
-            return status
-
-    return handler
+def _arguments(command: UserCommand, op: Operation, args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
+    """The operation's arguments, in the library's (and the HTTP client's) calling convention."""
+    path_values = [getattr(args, _PATH_ARGUMENTS[name][0]) for name in op.path_parameters]
+    query = {q.name: getattr(args, q.name) for q in op.query if getattr(args, q.name, None) is not None}
+    return path_values, {**command.make_body(args), **query}
 
 
-def _lifecycle(me: Session, op: Operation, args: argparse.Namespace) -> Any:
+def _render(command: UserCommand, view: Any, args: argparse.Namespace) -> int:
+    """Print the operation's view (the same code for an answer made here and one from the HTTP client)."""
+    if args.json:
+        if command.json is not None:
+            _print_json(command.json(view, args))
+        elif view is not None:
+            _print_json(view)
+        status = 0
+    else:
+        status = command.text(view, args)
+    failure = getattr(view, "error", None) if command.fails_on_error else None
+    if failure is not None:
+        print(f"error: {failure.code}: {failure.detail}", file=sys.stderr)
+        return remote.EXIT_FAILED
+    return status
+
+
+def _no_api_key() -> ConfigError:
+    return ConfigError("MANAGEMENT_API_KEY", "set it to your API key (or pass --api-key, or put api_key in "
+                                             "~/.config/manage-playrservers/config.toml)")
+
+
+def _run_local(command: UserCommand, args: argparse.Namespace, settings: Settings, api_key: str | None) -> int:
+    """The command in-process, on the portal host (the library)."""
+    from entrypoints.library import connect
+
+    if not api_key:
+        raise _no_api_key()
+    op = BY_NAME[command.operation]
+    with connect(settings=settings) as library:
+        me = library.login(api_key)
+        path_values, arguments = _arguments(command, op, args)
+        call = me.prepare(op, *path_values, **arguments)
+        result = command.run(me, op, args) if command.run is not None else me.run(op, call)
+        return _render(command, op.view(result, call) if op.view is not None else None, args)
+
+
+def _run_remote(command: UserCommand, args: argparse.Namespace, target: remote.Target) -> int:
+    """The command through the HTTP client, from any machine."""
+    from entrypoints.client import Client
+
+    if not target.api_key:
+        raise _no_api_key()
+    op = BY_NAME[command.operation]
+    with Client(target.url, target.api_key, verify=target.verify, timeout=target.timeout) as client:
+        path_values, arguments = _arguments(command, op, args)
+        view = command.run(client, op, args) if command.run is not None else \
+            client.call(op.name, *path_values, **arguments)
+        return _render(command, view, args)
+
+
+def _lifecycle(me: Session | Client, op: Operation, args: argparse.Namespace) -> Any:
     """A lifecycle action, and with ``--wait`` the wait for its state, shown on stderr while it lasts."""
     action = args.words[-1]
     if args.wait is None:
@@ -133,7 +177,7 @@ def _lifecycle(me: Session, op: Operation, args: argparse.Namespace) -> Any:
 def _lifecycle_text(result: Any, args: argparse.Namespace) -> int:
     action = args.words[-1]
     if hasattr(result, "waited_seconds"):
-        print(f"{result.result.stdout.strip() or action + ': done'}; {result.state} after "
+        print(f"{result.stdout.strip() or action + ': done'}; {result.state} after "
               f"{result.waited_seconds:.1f} s")
     else:
         print(result.stdout.strip() or f"{action}: done")
@@ -144,7 +188,7 @@ def _agents_text(agents: Any, _args: argparse.Namespace) -> int:
     print(f"{'ID':>5}  {'NAME':<24} {'ADDRESS':<32} {'USER':<16} HOST KEY")
     for a in agents:
         address = f"{a.hostname}:{a.port}"
-        pinned = a.host_key.fingerprint if a.host_key else "(not pinned)"
+        pinned = a.host_key_fingerprint or "(not pinned)"
         print(f"{a.id:>5}  {a.name[:24]:<24} {address[:32]:<32} {a.username[:16]:<16} {pinned}")
     return 0
 
@@ -157,8 +201,8 @@ def _vms_text(vms: Any, _args: argparse.Namespace) -> int:
 
 
 def _dominfo_text(info: Any, _args: argparse.Namespace) -> int:
-    for key, value in info.dominfo.items():
-        print(f"{key:<16} {value if value is not None else '-'}")
+    for key, value in info.dominfo.text.items():
+        print(f"{key:<16} {value}")
     return 0
 
 
@@ -168,8 +212,9 @@ def _fields_text(value: Any, _args: argparse.Namespace) -> int:
     return 0
 
 
-def _public_key_text(agent: Any, _args: argparse.Namespace) -> int:
-    print(PublicKeyView.of(agent).authorized_keys_line)
+def _public_key_text(view: Any, _args: argparse.Namespace) -> int:
+    """The authorized_keys line of a ``PublicKeyView``, or of an ``AgentView`` (a rotated key)."""
+    print((view if isinstance(view, PublicKeyView) else PublicKeyView.of_view(view)).authorized_keys_line)
     return 0
 
 
@@ -211,7 +256,7 @@ def _keys_text(keys: Any, _args: argparse.Namespace) -> int:
     print(f"{'ID':>5}  {'NAME':<24} {'PREFIX':<18} {'SCOPES':<40} {'AGENTS':<12} {'EXPIRES':<20} LAST USED")
     for key in keys:
         agents = "all" if key.agents is None else ",".join(str(a) for a in sorted(key.agents))
-        scopes = "all (full key)" if key.full else " ".join(sorted(s.value for s in key.scopes))
+        scopes = "all (full key)" if key.full else " ".join(key.scopes)
         expires = key.expires_at.strftime("%Y-%m-%d %H:%M") if key.expires_at else "never"
         used = key.last_used_at.strftime("%Y-%m-%d %H:%M") if key.last_used_at else "never"
         print(f"{key.id:>5}  {key.name[:24]:<24} {key.prefix:<18} {scopes:<40} {agents[:12]:<12} {expires:<20} {used}")
@@ -219,7 +264,7 @@ def _keys_text(keys: Any, _args: argparse.Namespace) -> int:
 
 
 def _new_key_text(created: Any, _args: argparse.Namespace) -> int:
-    print(f"API key {created.key.id} ({created.key.name}); shown once, keep it now:")
+    print(f"API key {created.id} ({created.name}); shown once, keep it now:")
     print(created.api_key)
     return 0
 
@@ -230,7 +275,7 @@ USER_COMMANDS: tuple[UserCommand, ...] = (
                                                             "to the agent shell)", _public_key_text),
     UserCommand(("agents", "rotate-key"), "rotate_agent_key", "replace the agent's key with a new generated pair; "
                 "prints the new authorized_keys line (re-run scripts/agent-install.sh on the host)", _public_key_text,
-                json=lambda agent, _args: PublicKeyView.of(agent)),
+                json=lambda agent, _args: PublicKeyView.of_view(agent)),
     UserCommand(("agents", "host"), "get_host", "the host's name, processors, memory and libvirt/QEMU versions",
                 _fields_text),
     UserCommand(("agents", "check"), "check_agent", "can the portal reach the host, log in and reach libvirt? "
@@ -243,11 +288,11 @@ USER_COMMANDS: tuple[UserCommand, ...] = (
                          ("force-stop", "virsh destroy"), ("reboot", "reboot the VM"),
                          ("suspend", "pause the VM (virsh suspend)"), ("resume", "resume a paused VM"))),
     UserCommand(("vms", "autostart"), "set_autostart", "start the VM with the host, or not",
-                _printed(lambda args: f"autostart {args.enabled}"), body=(("enabled", {"choices": ["on", "off"]}),),
+                _said(lambda done, args: done.result.stdout.strip() or f"autostart {args.enabled}"),
+                body=(("enabled", {"choices": ["on", "off"]}),),
                 make_body=lambda args: {"enabled": args.enabled == "on"}),
     UserCommand(("vms", "stats"), "get_vm_stats", "virsh domstats", _fields_text),
-    UserCommand(("vms", "fleet"), "list_fleet", "every VM on every agent of yours", _fleet_text,
-                run=lambda me, _op, args: me.fleet(agent_ids=args.agent, states=args.state)),
+    UserCommand(("vms", "fleet"), "list_fleet", "every VM on every agent of yours", _fleet_text),
     UserCommand(("vms", "snapshots", "list"), "list_snapshots", "list the VM's snapshots", _snapshots_text),
     UserCommand(("vms", "snapshots", "create"), "create_snapshot", "take a snapshot",
                 _said(lambda created, _args: f"snapshot {created.name} created ({created.state})"),
@@ -282,9 +327,26 @@ USER_COMMANDS: tuple[UserCommand, ...] = (
 # ---------------------------------------------------------------------- the parser
 
 
+def _remote_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``--url`` and friends, before the command or after it (``default``: SUPPRESS after it, so a
+    value given before is kept)."""
+    group = parser.add_argument_group("remote use (docs/client.md)")
+    group.add_argument("--url", default=default, help="the portal's URL: run through its HTTP API (default: "
+                                                      "MANAGEMENT_URL, then the configuration file)")
+    group.add_argument("--api-key", default=default, help="your API key (default: MANAGEMENT_API_KEY, then the "
+                                                          "configuration file; on the command line other local "
+                                                          "users may see it)")
+    group.add_argument("--ca-file", default=default, help="CA certificate(s) to verify the portal's TLS certificate "
+                                                          "with (default: MANAGEMENT_CA_FILE, the system's CAs)")
+    group.add_argument("--timeout", type=float, default=default, metavar="SECONDS",
+                       help="time-out of each request to the portal (default 30; --wait adds its own)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="manage-playrservers",
-                                     description="PlayrServers QEMU Management Portal")
+    parser = argparse.ArgumentParser(
+        prog="manage-playrservers", description="PlayrServers QEMU Management Portal",
+        epilog="exit codes: " + "; ".join(f"{code} {text}" for code, text in remote.EXIT_CODES))
+    _remote_options(parser, None)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the HTTP server (gunicorn with ASGI workers)").set_defaults(
         handler=_serve)
@@ -333,22 +395,44 @@ def build_parser() -> argparse.ArgumentParser:
             flag, options = _QUERY_OPTIONS[q.name]
             one.add_argument(flag, dest=q.name, **options)
         one.add_argument("--json", action="store_true", help="print JSON")
-        one.set_defaults(handler=_run_user_command(command), words=command.words)
+        _remote_options(one, argparse.SUPPRESS)
+        one.set_defaults(user_command=command, words=command.words)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from entrypoints.client import ApiError, TransportError
+
     try:
-        settings = Settings.from_env()
+        command: UserCommand | None = getattr(args, "user_command", None)
+        if command is not None:
+            choice = remote.choose(args, os.environ)
+            if choice.target is not None:
+                return _run_remote(command, args, choice.target)
+            return _run_local(command, args, Settings.from_env(), choice.api_key)
+        asked = remote.explicit_url(args, os.environ)
+        if asked is not None:
+            words = " ".join(w for w in (args.command, getattr(args, "action", None)) if w)
+            print(f"error: '{words}' is an operator command: it runs only on the portal host, against its database, "
+                  f"never through the HTTP API; unset {asked} to run it here", file=sys.stderr)
+            return remote.EXIT_USAGE
         handler: Handler = args.handler
-        return handler(args, settings)
+        return handler(args, Settings.from_env())
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
-        return 2
+        return remote.EXIT_USAGE
     except PortalError as error:
-        print(f"error: {error.code}: {error.detail}", file=sys.stderr)
-        return 1
+        from entrypoints.http.errors import status_of
+
+        print(f"error: {error.code}: {' '.join(error.detail.splitlines())}", file=sys.stderr)
+        return remote.exit_code(error.status if isinstance(error, ApiError) else status_of(error))
+    except TransportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return remote.EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 # ---------------------------------------------------------------------- the operator's commands (local only)

@@ -33,7 +33,7 @@ from core.ports import CommandResult
 from core.results import FleetEntry, NewApiKey, WaitedAction
 from core.virsh import VmAction
 from entrypoints import bootstrap
-from entrypoints.operations import BY_NAME, OPERATIONS, Call, Operation
+from entrypoints.operations import ALIASES, BY_NAME, OPERATIONS, Call, Operation
 from entrypoints.settings import Settings
 from entrypoints.shapes import structure
 
@@ -85,12 +85,6 @@ class PortalLibrary:
     def create_user(self, name: str, email: str | None = None) -> NewApiKey:
         """Create a user as the host's operator (the sign-up policy does not apply here)."""
         return self.portal.users.create_user(structure({"name": name, "email": email}, NewUser), _origin())
-
-
-# Library names kept from before the operation table (``session.vms(1)`` is ``session.list_vms(1)``).
-ALIASES = {"agents": "list_agents", "agent": "get_agent", "credentials": "read_credentials", "vms": "list_vms",
-           "vm_info": "get_vm", "vm_stats": "get_vm_stats", "snapshots": "list_snapshots", "host": "get_host",
-           "audit_events": "list_audit_events"}
 
 
 class Session:

@@ -478,3 +478,11 @@ BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
 
 def operation(name: str) -> Operation:
     return BY_NAME[name]
+
+
+# --- method names of the library and the HTTP client (issue 15)
+# Names kept from before the operation table (``session.vms(1)`` is ``session.list_vms(1)``); the
+# in-process library (entrypoints/library.py) and the HTTP client (entrypoints/client.py) both take them.
+ALIASES = {"agents": "list_agents", "agent": "get_agent", "credentials": "read_credentials", "vms": "list_vms",
+           "vm_info": "get_vm", "vm_stats": "get_vm_stats", "snapshots": "list_snapshots", "host": "get_host",
+           "audit_events": "list_audit_events"}

@@ -37,13 +37,22 @@ def _strict(kind: type, label: str) -> Any:
     return structure
 
 
-def make_converter() -> cattrs.Converter:
-    converter = cattrs.Converter(forbid_extra_keys=True)
+def make_converter(*, forbid_extra_keys: bool = True) -> cattrs.Converter:
+    """The JSON rules: strict types both ways, times in ISO 8601 (UTC as ``Z``). The HTTP client
+    (entrypoints/client.py) reads answers with ``forbid_extra_keys=False``: a newer server's fields."""
+    converter = cattrs.Converter(forbid_extra_keys=forbid_extra_keys)
     converter.register_structure_hook(str, _strict(str, "a string"))
     converter.register_structure_hook(int, _strict(int, "an integer"))
     converter.register_structure_hook(bool, _strict(bool, "true or false"))
     converter.register_unstructure_hook(datetime, lambda value: value.isoformat().replace("+00:00", "Z"))
+    converter.register_structure_hook(datetime, _datetime)
     return converter
+
+
+def _datetime(value: Any, _type: Any) -> datetime:
+    if type(value) is not str:
+        raise TypeError("must be a date-time string")
+    return datetime.fromisoformat(value)
 
 
 converter = make_converter()
@@ -169,9 +178,13 @@ class PublicKeyView:
 
     @classmethod
     def of(cls, agent: Agent) -> PublicKeyView:
-        return cls(agent_id=agent.id, public_key=agent.client_key.public_key,
-                   key_fingerprint=agent.client_key.fingerprint,
-                   authorized_keys_line=f'restrict,command="{AGENT_SHELL}" {agent.client_key.public_key} '
+        return cls.of_view(AgentView.of(agent))
+
+    @classmethod
+    def of_view(cls, agent: AgentView) -> PublicKeyView:
+        """From the agent's view (what the command line has, locally or through the HTTP client)."""
+        return cls(agent_id=agent.id, public_key=agent.public_key, key_fingerprint=agent.key_fingerprint,
+                   authorized_keys_line=f'restrict,command="{AGENT_SHELL}" {agent.public_key} '
                                         f"playr-portal-agent-{agent.id}")
 
 
@@ -273,10 +286,10 @@ class DomInfoView:
 
     @classmethod
     def of(cls, dominfo: dict[str, str | int | None]) -> DomInfoView:
-        text = {key: str(value) for key, value in dominfo.items() if isinstance(value, str)}
         raw_id = dominfo.get("id")
-        if "id" in dominfo:
-            text["id"] = "-" if raw_id is None else str(raw_id)
+        # in the order virsh printed them (the command line prints ``text``)
+        text = {key: str(value) if isinstance(value, str) else "-" if value is None else str(value)
+                for key, value in dominfo.items() if isinstance(value, str) or key == "id"}
         return cls(id=raw_id if isinstance(raw_id, int) else None, name=text.get("name"), uuid=text.get("uuid"),
                    os_type=text.get("os_type"), state=text.get("state"), cpus=_count(text.get("cpus")),
                    cpu_time_seconds=_seconds(text.get("cpu_time")), max_memory_kib=_kib(text.get("max_memory")),

@@ -176,3 +176,19 @@ class Server:
         for task in Path(f"/proc/{self.process.pid}/task").iterdir():
             pids += [int(pid) for pid in (task / "children").read_text().split()]
         return sorted(pids)
+
+
+def run_cli(monkeypatch: Any, capsys: Any, command: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """The command line in this process (``entrypoints.cli.main``) with exactly the ``MANAGEMENT_*``
+    variables of ``env``: (exit code, stdout, stderr). Cheaper than a subprocess where many commands
+    are compared (issue 15: the same output locally and remotely)."""
+    from entrypoints.cli import main
+
+    with monkeypatch.context() as patched:
+        for name in [name for name in os.environ if name.startswith("MANAGEMENT_")]:
+            patched.delenv(name)
+        for name, value in env.items():
+            patched.setenv(name, value)
+        status = main(command)
+    out, err = capsys.readouterr()
+    return status, out, err

@@ -53,12 +53,12 @@ def test_rotate_key_replaces_a_users_key(tmp_path: Path) -> None:
     new = json.loads(rotated.stdout)
     assert new["api_key"] != first["api_key"] and new["api_key_prefix"] != first["api_key_prefix"]
     missing = cli(tmp_path, "users", "rotate-key", "--id", "999")
-    assert missing.returncode == 1 and "user_not_found" in missing.stderr
+    assert missing.returncode == 3 and "user_not_found" in missing.stderr  # 3: not found
 
 
 def test_invalid_input_is_reported_with_its_code(tmp_path: Path) -> None:
     result = cli(tmp_path, "users", "create", "--name", "alice", "--email", "nope")
-    assert result.returncode == 1
+    assert result.returncode == 2  # 2: input refused (422), like a usage error
     assert "validation_failed" in result.stderr and "email" in result.stderr
 
 
@@ -110,4 +110,4 @@ def test_agents_public_key_and_rotate_key_print_the_authorized_keys_line(tmp_pat
     assert new["agent_id"] == agent.id and new["public_key"] != agent.client_key.public_key
     assert new["public_key"] in cli(tmp_path, "agents", "public-key", str(agent.id), MANAGEMENT_API_KEY=api_key).stdout
     other = cli(tmp_path, "agents", "rotate-key", "999", MANAGEMENT_API_KEY=api_key)
-    assert other.returncode == 1 and "agent_not_found" in other.stderr
+    assert other.returncode == 3 and "agent_not_found" in other.stderr

@@ -415,7 +415,7 @@ def test_the_command_line_drives_the_new_operations(portal: Server, api_key: str
     assert cli(portal, api_key, "vms", "snapshots", "revert", agent_id, DISK, "cli snap").returncode == 0
     assert cli(portal, api_key, "vms", "snapshots", "delete", agent_id, DISK, "cli snap").returncode == 0
     missing = cli(portal, api_key, "vms", "snapshots", "delete", agent_id, DISK, "cli snap")
-    assert missing.returncode == 1 and "snapshot_not_found" in missing.stderr
+    assert missing.returncode == 3 and "snapshot_not_found" in missing.stderr
 
 
 def test_the_library_drives_the_new_operations(portal: Server, api_key: str, agent: dict[str, Any],
