@@ -139,4 +139,4 @@ def test_the_cli_creates_lists_and_revokes_keys(two_workers: Server) -> None:
     assert revoked.returncode == 0, revoked.stderr
     assert two_workers.request("GET", "/agents", key["api_key"])[0] == 401
     refused = run("keys", "revoke", str(key["id"]))
-    assert refused.returncode == 1 and "api_key_not_found" in refused.stderr
+    assert refused.returncode == 3 and "api_key_not_found" in refused.stderr  # 3: not found (docs/client.md)

@@ -269,11 +269,12 @@ def test_a_config_file_of_another_user_is_refused_even_if_private(tmp_path: Path
 
 
 def test_an_operation_added_to_the_table_is_a_client_method_with_no_other_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.model import Scope
     from entrypoints.operations import Operation
     from entrypoints.shapes import CommandView
 
     added = Operation("frobnicate_vm", "POST", "/agents/{agent_id}/vms/{vm}/frobnicate", "vms", "Frobnicate",
-                      None, response=CommandView)
+                      None, response=CommandView, scope=Scope.OPERATE)
     monkeypatch.setitem(BY_NAME, added.name, added)
     script = Script(httpx.Response(200, json={"command": ["virsh"], "exit_status": 0, "stdout": "ok", "stderr": ""}))
     assert client(script).frobnicate_vm(1, "web 1") == CommandView(["virsh"], 0, "ok", "")
