@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import resource
 import time
 
 import attrs
@@ -148,6 +149,21 @@ def server_key(settings: Settings) -> bytes:
     return key
 
 
+# --- scale (issue 22)
+FDS_RESERVED = 256  # descriptors kept for everything but the fleet view's new SSH connections
+
+
+def fleet_parallelism(settings: Settings, open_files_limit: int | None = None) -> int:
+    """Agents the fleet view asks at once: ``MANAGEMENT_FLEET_PARALLELISM``, but never more than
+    half the descriptors the process may open past a reserve (each agent asked on a cold pool opens
+    a connection, a descriptor; the other half is for pooled connections, the database and clients).
+    scripts/install.sh gives the unit a LimitNOFILE that leaves the setting whole."""
+    limit = open_files_limit if open_files_limit is not None else resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return settings.fleet_parallelism
+    return max(1, min(settings.fleet_parallelism, (limit - FDS_RESERVED) // 2))
+
+
 def build_runtime(
     settings: Settings,
     *,
@@ -169,6 +185,7 @@ def build_runtime(
         max_output_bytes=settings.max_output_bytes,
         max_operations_per_user=settings.max_operations_per_user,
         networks=settings.agent_networks,
+        failure_ttl=settings.ssh_failure_ttl,
     )
     api_keys: KeyHasher = hasher or key_hasher(settings)
     secret_store: SecretBox = secrets or secret_box(settings)
@@ -178,7 +195,8 @@ def build_runtime(
                                                               timeout=settings.ssh_connect_timeout)
     portal = assemble(storage=storage, hasher=api_keys, secrets=secret_store, ssh_keys=key_parser,
                       clock=system_clock, signup=settings.signup, shell=remote_shell,
-                      max_agents=settings.max_agents_per_user, addresses=agent_addresses)
+                      max_agents=settings.max_agents_per_user, addresses=agent_addresses,
+                      fleet_parallelism=fleet_parallelism(settings))
     try:
         portal.agents.check_secret_key()
     except SecretUnreadable as error:

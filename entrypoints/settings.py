@@ -108,6 +108,11 @@ class Settings:
     max_operations_per_user: int = 16
     # credential-bearing requests that a proxy received over plain HTTP are refused unless this is true
     allow_plain_http: bool = False
+    # --- scale (issue 22): agents the fleet view asks at once (also bounded by RLIMIT_NOFILE, see
+    # bootstrap.fleet_parallelism), and seconds a host that could not be connected to is answered
+    # with its error without trying again (0: never remembered)
+    fleet_parallelism: int = 256
+    ssh_failure_ttl: float = 15.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -158,6 +163,8 @@ class Settings:
             agent_networks=reader.networks("MANAGEMENT_AGENT_NETWORKS"),
             max_operations_per_user=reader.number("MANAGEMENT_MAX_OPERATIONS_PER_USER", 16, int, 1, 10_000),
             allow_plain_http=reader.flag("MANAGEMENT_ALLOW_PLAIN_HTTP", False),
+            fleet_parallelism=reader.number("MANAGEMENT_FLEET_PARALLELISM", 256, int, 1, 10_000),
+            ssh_failure_ttl=reader.number("MANAGEMENT_SSH_FAILURE_TTL", 15.0, float, 0, 3600),
         )
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import resource
 import shlex
 import threading
@@ -468,6 +469,7 @@ class SimulatedFleet:
         for i in range(hosts):
             domains = [SimDomain(f"vm-{i}-{j}", state="running" if j == 0 else "shut off", id=1 if j == 0 else None,
                                  reason=REASON_BOOTED if j == 0 else REASON_UNKNOWN,
+                                 cpu_time_ns=700_000_000 if j == 0 else 0,
                                  disk=f"/var/lib/libvirt/images/vm-{i}-{j}.qcow2")
                        for j in range(domains_per_host)]
             state = SimHost(f"sim-host-{i}", domains=domains, shutdown_delay=shutdown_delay)
@@ -476,6 +478,7 @@ class SimulatedFleet:
         self._servers: list[asyncio.AbstractServer | asyncssh.SSHAcceptor] = []
         self._silent_sockets: list[asyncio.StreamWriter] = []
         self._sessions: set[asyncio.Task[None]] = set()
+        self.most_open = 0  # the most connections (silent hosts' included) open at once so far
 
     @property
     def client_private_key(self) -> str:
@@ -500,7 +503,7 @@ class SimulatedFleet:
         authorized = asyncssh.import_authorized_keys(self.client_key.export_public_key("openssh").decode())
         for host in self.hosts:
             if host.silent:
-                server = await asyncio.start_server(self._stay_silent, "127.0.0.1", 0)
+                server = await asyncio.start_server(functools.partial(self._stay_silent, host), "127.0.0.1", 0)
             else:
                 key = asyncssh.generate_private_key("ssh-ed25519")
                 host.host_key = " ".join(key.export_public_key("openssh").decode().split()[:2])
@@ -512,8 +515,23 @@ class SimulatedFleet:
             self._servers.append(server)
         return self
 
-    async def _stay_silent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._silent_sockets.append(writer)  # accepted, never answered, closed by close()
+    def opened(self, host: SimulatedHost) -> None:
+        host.connections += 1
+        host.open_connections += 1
+        self.most_open = max(self.most_open, self.connections_open())
+
+    async def _stay_silent(self, host: SimulatedHost, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+        """Accept, never answer; counted open until the client hangs up (or ``close``)."""
+        self.opened(host)
+        self._silent_sockets.append(writer)
+        try:
+            while await reader.read(4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            host.open_connections -= 1
 
     async def close(self) -> None:
         for server in self._servers:
@@ -536,8 +554,7 @@ class _Server(asyncssh.SSHServer):
         self.counted = False
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
-        self.host.connections += 1
-        self.host.open_connections += 1
+        self.fleet.opened(self.host)
         self.counted = True
 
     def connection_lost(self, exc: Exception | None) -> None:

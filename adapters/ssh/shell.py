@@ -26,6 +26,12 @@
 - A host that accepts the connection but does not speak SSH is ``NotSsh`` (item 13).
 - At most ``max_operations_per_user`` commands per user run (or wait for a connection) at once;
   more is ``TooManyOperations`` (429) at once, so one user cannot take every channel (item 5).
+  Commands run with ``counted=False`` (the fleet view's, bounded by its own parallelism) are not
+  counted.
+- A host that could not be connected to (time-out, refused, not SSH) is remembered with its error
+  for ``failure_ttl`` seconds (issue 22): until then its commands fail at once with the same error,
+  so a silent host costs one connect time-out, not one per request. ``fresh=True`` (an agent check)
+  tries again; a successful connection, ``discard`` or new agent settings (revision) forget it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
+import functools
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -65,6 +73,11 @@ OPENSSH_MAX_SESSIONS = 10
 DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_OPERATIONS_PER_USER = 16
 _READ_CHUNK = 64 * 1024
+# AES-GCM first: asyncssh's ChaCha20-Poly1305 builds six cipher contexts per packet in Python and
+# was the largest cost of a warm command (issue 22); AES-GCM is one C call per packet (AES-NI).
+# Every OpenSSH since 6.2 offers both; the rest is asyncssh's default order.
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+           "aes256-ctr", "aes192-ctr", "aes128-ctr")
 
 _T = TypeVar("_T")
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
@@ -132,6 +145,10 @@ class _Probe(asyncssh.SSHClient):
         return self.conn is not None and self.conn.get_extra_info("server_version") is not None
 
 
+# What a host that could not be connected to raised: remembered for ``failure_ttl`` seconds.
+_CONNECT_FAILURES = (AgentConnectTimeout, AgentUnreachable, NotSsh)
+
+
 class _TooMuchOutput(Exception):
     """The command's output passed the cap."""
 
@@ -158,6 +175,7 @@ class AsyncsshShell:
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
         max_operations_per_user: int = DEFAULT_MAX_OPERATIONS_PER_USER,
         networks: AgentNetworks | None = None,
+        failure_ttl: float = 0.0,
         resolver: Resolver = resolve,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -169,11 +187,14 @@ class AsyncsshShell:
         self.max_output_bytes = max_output_bytes
         self.max_operations_per_user = max_operations_per_user
         self.networks = networks if networks is not None else AgentNetworks()
+        self.failure_ttl = failure_ttl
         self._resolve = resolver
         self._now = monotonic
         self._pools: dict[int, list[_Slot]] = {}
         self._client_keys: dict[_ClientKeyId, _ClientKey] = {}
         self._operations: dict[int, int] = {}  # owner id -> operations running now
+        # agent id -> (owner, revision, the connect error, until when it stands): a negative cache
+        self._failures: dict[int, tuple[tuple[int, datetime], int, RemoteError, float]] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connections_opened = 0  # for tests and benchmarks
@@ -181,7 +202,14 @@ class AsyncsshShell:
     # ------------------------------------------------------------------ the port
 
     async def run(self, target: AgentCredentials, argv: Sequence[str], *,
-                  pin: PinHostKey | None = None, stdin: bytes | None = None) -> CommandResult:
+                  pin: PinHostKey | None = None, stdin: bytes | None = None,
+                  counted: bool = True, fresh: bool = False) -> CommandResult:
+        if not fresh:
+            self._raise_remembered_failure(target.agent)
+        if not counted:
+            deadline = asyncio.get_running_loop().time() + self.command_timeout
+            async with self._channel(target, argv, pin, stdin=stdin is not None, pty=False) as (slot, conn, process):
+                return await self._finish(slot, conn, process, tuple(argv), target.agent, deadline, stdin)
         owner = target.agent.owner_id
         running = self._operations.get(owner, 0)
         if running >= self.max_operations_per_user:
@@ -203,6 +231,7 @@ class AsyncsshShell:
     @contextlib.asynccontextmanager
     async def stream(self, target: AgentCredentials, argv: Sequence[str], *, pin: PinHostKey | None = None,
                      pty: bool = False) -> AsyncIterator[RemoteStream]:
+        self._raise_remembered_failure(target.agent)
         async with self._channel(target, argv, pin, stdin=True, pty=pty) as (_slot, _conn, process):
             stream = _Stream(process, target.agent)
             try:
@@ -211,6 +240,26 @@ class AsyncsshShell:
                 process.close()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(process.wait_closed(), timeout=5)
+
+    def _raise_remembered_failure(self, agent: Agent) -> None:
+        remembered = self._failures.get(agent.id)
+        if remembered is None:
+            return
+        owner, revision, error, until = remembered
+        if owner == (agent.owner_id, agent.created_at) and revision == agent.revision and self._now() < until:
+            raise copy.copy(error)
+        del self._failures[agent.id]  # expired, or the agent's settings changed since
+
+    def _note_connect(self, agent: Agent, opened: asyncio.Future[asyncssh.SSHClientConnection]) -> None:
+        """Remember a host that could not be connected to; forget it once a connection opens."""
+        if opened.cancelled():
+            return
+        error = opened.exception()
+        if error is None:
+            self._failures.pop(agent.id, None)
+        elif self.failure_ttl > 0 and isinstance(error, _CONNECT_FAILURES):
+            self._failures[agent.id] = ((agent.owner_id, agent.created_at), agent.revision, error,
+                                        self._now() + self.failure_ttl)
 
     def operations_running(self, owner_id: int) -> int:
         """How many commands of this user run (or wait for a connection) now (tests, metrics)."""
@@ -281,6 +330,7 @@ class AsyncsshShell:
         for slot in list(self._pools.get(agent_id, [])):
             self._retire(slot)
         self._pools.pop(agent_id, None)
+        self._failures.pop(agent_id, None)
         for key in [k for k in self._client_keys if k[0] == agent_id]:
             del self._client_keys[key]
 
@@ -319,8 +369,10 @@ class AsyncsshShell:
             # (A slot of a *newer* revision is left alone: this request just read the agent first.)
             if slot.owner != owner or slot.revision < agent.revision or failed or closed:
                 self._retire(slot)
-        for key_id in [k for k in self._client_keys if k[0] == agent.id and (k[1:3] != owner or k[3] < agent.revision)]:
-            del self._client_keys[key_id]  # an older revision's key, or another agent's under a recycled id
+        if (agent.id, *owner, agent.revision) not in self._client_keys:  # else older ones are gone already
+            for key_id in [k for k in self._client_keys
+                           if k[0] == agent.id and (k[1:3] != owner or k[3] < agent.revision)]:
+                del self._client_keys[key_id]  # an older revision's key, or another agent's under a recycled id
         candidates = [s for s in pool if s.revision == agent.revision
                       and s.in_use < min(s.capacity, self.max_sessions)]
         if candidates:
@@ -328,6 +380,7 @@ class AsyncsshShell:
         else:
             slot = _Slot(agent.id, owner, agent.revision, asyncio.ensure_future(self._connect(target, pin)))
             slot.opened.add_done_callback(_consume_exception)
+            slot.opened.add_done_callback(functools.partial(self._note_connect, agent))
             pool.append(slot)
         slot.in_use += 1
         return slot
@@ -400,6 +453,7 @@ class AsyncsshShell:
                 login_timeout=self.connect_timeout,
                 keepalive_interval=self.keepalive_interval,
                 keepalive_count_max=3,
+                encryption_algs=CIPHERS,
             )
 
         try:
