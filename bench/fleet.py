@@ -1,4 +1,3 @@
-# ruff: noqa: S603, S607 - a benchmark harness: it runs the portal by design
 """Cost curves of the fleet view (issue 22): for N simulated agents (tests/simulator.py), what one
 portal worker pays for ``GET /vms`` cold (no pooled connection) and warm, with 10 % of the hosts
 silent (they accept TCP and never answer), in memory, file descriptors, SSH connections and host
@@ -29,14 +28,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from support import REPO, HttpConnection, Portal, call, log, median, proc_status_kib  # noqa: E402
+from support import REPO, HttpConnection, Portal, call, log, median, proc_status_kib
 
-from tests.simulator import SimulatedFleet, SimulatedHost, raise_fd_limit  # noqa: E402
+from tests.simulator import SimulatedFleet, SimulatedHost, raise_fd_limit
 
 CONNECT_TIMEOUT = 2.0  # MANAGEMENT_SSH_CONNECT_TIMEOUT of the measured portals
 LATENCY = 0.02  # seconds each simulated virsh takes, about what `virsh list` takes on the lab
@@ -58,6 +56,12 @@ class Point:
     ssh_connections: int  # open from the worker once A's and B's views ran
     connections_opened_warm: int  # during A's warm views (0: all reused)
     commands_per_view: float  # host commands one warm view of A sent
+    cpu_ms_per_agent: float  # the worker's CPU time (user + system) per agent in a warm view
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def worker_fds(pid: int) -> int:
@@ -117,8 +121,9 @@ async def measure_point(repo: Path, workdir: Path, agents: int, warm_views: int,
 
         cold = await fleet_view(conn_a, agents, 0)
         log(f"N={agents}: cold view {cold:.2f} s, {fleet.connections_open()} SSH connections")
-        accepted, commands = fleet.connections_accepted(), fleet.commands_run()
+        accepted, commands, cpu = fleet.connections_accepted(), fleet.commands_run(), cpu_seconds(pid)
         warm = [await fleet_view(conn_a, agents, 0) for _ in range(warm_views)]
+        cpu_ms = (cpu_seconds(pid) - cpu) * 1000 / warm_views / agents
         opened_warm = fleet.connections_accepted() - accepted
         commands_per_view = (fleet.commands_run() - commands) / warm_views
         rss_warm, fds_warm, open_now = proc_status_kib(pid, "VmRSS"), worker_fds(pid), fleet.connections_open()
@@ -137,7 +142,8 @@ async def measure_point(repo: Path, workdir: Path, agents: int, warm_views: int,
                      rss_warm_mib=round(rss_warm / 1024, 1),
                      kib_per_connection=round((rss_warm - rss_start) / max(1, open_now), 1),
                      fds_start=fds_start, fds_warm=fds_warm, ssh_connections=connections,
-                     connections_opened_warm=opened_warm, commands_per_view=commands_per_view)
+                     connections_opened_warm=opened_warm, commands_per_view=commands_per_view,
+                     cpu_ms_per_agent=round(cpu_ms, 2))
     finally:
         await asyncio.to_thread(portal.stop)
         await fleet.close()
@@ -145,12 +151,13 @@ async def measure_point(repo: Path, workdir: Path, agents: int, warm_views: int,
 
 def table(points: list[Point]) -> str:
     header = ["N", "cold s", "warm s", "warm / warm(10)", "10% silent: 1st s", "then s", "RSS MiB start→warm",
-              "KiB/conn", "fds start→warm", "SSH conns", "new conns warm", "cmds/view"]
+              "KiB/conn", "fds start→warm", "SSH conns", "new conns warm", "cmds/view", "worker CPU ms/agent"]
     base = points[0].warm_s
     rows = [[str(p.agents), f"{p.cold_s:.2f}", f"{p.warm_s:.3f}", f"{p.warm_s / base:.1f}",
              f"{p.silent_first_s:.2f}", f"{p.silent_warm_s:.2f}", f"{p.rss_start_mib}→{p.rss_warm_mib}",
              f"{p.kib_per_connection:.0f}", f"{p.fds_start}→{p.fds_warm}", str(p.ssh_connections),
-             str(p.connections_opened_warm), f"{p.commands_per_view:g}"] for p in points]
+             str(p.connections_opened_warm), f"{p.commands_per_view:g}", f"{p.cpu_ms_per_agent:.2f}"]
+            for p in points]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in [header, *rows]]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -187,7 +194,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def as_rows(points: list[Point]) -> list[dict[str, Any]]:
-    return [asdict(p) for p in points]

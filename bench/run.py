@@ -76,6 +76,8 @@ def check(condition: bool) -> str:
 
 # ----------------------------------------------------------------------------------------- setup
 
+FLEET_SIZES = (10, 100, 500, 1000)  # figure 8 (bench/fleet.py)
+
 
 class Bench:
     def __init__(self, args: argparse.Namespace, lab: Lab, portal: Portal, workdir: Path) -> None:
@@ -169,6 +171,30 @@ class Bench:
             f"target {row.target} -> {row.met} {row.note}")
 
     # --------------------------------------------------------------------------------- figures
+
+    async def figure_8(self) -> None:
+        """The fleet view's cost for 10 to 1000 simulated agents (bench/fleet.py, issue 22): warm
+        view of 500 / warm view of 10, memory per pooled connection, and the view with 10 % of 500
+        hosts silent against one connect time-out + 1 s."""
+        import fleet  # bench/fleet.py: imports the simulator, only needed here
+
+        points = {p.agents: p for p in await fleet.curves(self.args.repo.resolve(), self.workdir / "fleet",
+                                                           list(FLEET_SIZES), warm_views=5)}
+        print(fleet.table(list(points.values())), file=sys.stderr)
+        ten, five_hundred = points[10], points[500]
+        ratio = five_hundred.warm_s / ten.warm_s
+        self.add(Row("8a warm fleet view, 500 agents / 10 agents", "s", five_hundred.warm_s, ten.warm_s, ratio,
+                     "<= 10", check(ratio <= 10), "simulated hosts (tests/simulator.py), 1 worker; "
+                     + "; ".join(f"N={n}: cold {p.cold_s:g} s, warm {p.warm_s:g} s" for n, p in points.items())))
+        worst = max(p.kib_per_connection for n, p in points.items() if n >= 100)
+        self.add(Row("8b worker memory per pooled SSH connection", "KiB", worst, None, None, "<= 100",
+                     check(worst <= 100), "largest of N >= 100: (RSS after the warm views - RSS before) / "
+                     "open connections"))
+        limit = fleet.CONNECT_TIMEOUT + 1
+        self.add(Row("8c fleet view of 500 with 50 silent hosts", "s", five_hundred.silent_warm_s, limit,
+                     five_hundred.silent_warm_s / limit, "<= 1", check(five_hundred.silent_warm_s <= limit),
+                     f"after a first view ({five_hundred.silent_first_s:g} s); reference: one connect "
+                     f"time-out + 1 s"))
 
     async def setup(self) -> None:
         self.started_rss = {pid: proc_status_kib(pid, "VmRSS") for pid in self.portal.worker_pids()}
@@ -521,6 +547,7 @@ async def measure(bench: Bench) -> None:
         ("figure 6a (memory)", bench.figure_6_memory),
         ("figure 6b (writes)", bench.figure_6_writes),
         ("figure 7 (PostgreSQL)", bench.figure_7),
+        ("figure 8 (fleet cost curves)", bench.figure_8),
     ]
     wanted = set(bench.args.figures.split(","))
     for name, step in steps:
@@ -546,7 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--writes", type=int, default=300, help="figure 6b agents created")
     parser.add_argument("--writers", type=int, default=16, help="figure 6b concurrent clients")
     parser.add_argument("--pg-rounds", type=int, default=5, help="figure 7a and 7c wrk rounds")
-    parser.add_argument("--figures", default="1,2,3,4,6,7", help="which figures to measure (4 includes 5)")
+    parser.add_argument("--figures", default="1,2,3,4,6,7",
+                        help="which figures to measure (4 includes 5; 8, the fleet cost curves of bench/fleet.py, "
+                             "only when asked: several minutes)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     args = parser.parse_args(argv)

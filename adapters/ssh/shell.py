@@ -28,6 +28,8 @@
   more is ``TooManyOperations`` (429) at once, so one user cannot take every channel (item 5).
   Commands run with ``counted=False`` (the fleet view's, bounded by its own parallelism) are not
   counted.
+- At most ``max_connecting`` (16) connections are being opened at once per worker; the others
+  wait their turn before their connect time-out starts (a handshake is CPU-bound).
 - A host that could not be connected to (time-out, refused, not SSH) is remembered with its error
   for ``failure_ttl`` seconds (issue 22): until then its commands fail at once with the same error,
   so a silent host costs one connect time-out, not one per request. ``fresh=True`` (an agent check)
@@ -72,6 +74,7 @@ from core.virsh import command_line
 OPENSSH_MAX_SESSIONS = 10
 DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_OPERATIONS_PER_USER = 16
+MAX_CONNECTING = 16  # SSH handshakes a worker runs at once (issue 22): see _connect_gated
 _READ_CHUNK = 64 * 1024
 # AES-GCM first: asyncssh's ChaCha20-Poly1305 builds six cipher contexts per packet in Python and
 # was the largest cost of a warm command (issue 22); AES-GCM is one C call per packet (AES-NI).
@@ -176,6 +179,7 @@ class AsyncsshShell:
         max_operations_per_user: int = DEFAULT_MAX_OPERATIONS_PER_USER,
         networks: AgentNetworks | None = None,
         failure_ttl: float = 0.0,
+        max_connecting: int = MAX_CONNECTING,
         resolver: Resolver = resolve,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -188,6 +192,8 @@ class AsyncsshShell:
         self.max_operations_per_user = max_operations_per_user
         self.networks = networks if networks is not None else AgentNetworks()
         self.failure_ttl = failure_ttl
+        self.max_connecting = max_connecting
+        self._connecting: asyncio.Semaphore | None = None
         self._resolve = resolver
         self._now = monotonic
         self._pools: dict[int, list[_Slot]] = {}
@@ -378,7 +384,7 @@ class AsyncsshShell:
         if candidates:
             slot = max(candidates, key=lambda s: s.in_use)  # fill one connection before the next
         else:
-            slot = _Slot(agent.id, owner, agent.revision, asyncio.ensure_future(self._connect(target, pin)))
+            slot = _Slot(agent.id, owner, agent.revision, asyncio.ensure_future(self._connect_gated(target, pin)))
             slot.opened.add_done_callback(_consume_exception)
             slot.opened.add_done_callback(functools.partial(self._note_connect, agent))
             pool.append(slot)
@@ -423,6 +429,16 @@ class AsyncsshShell:
                     del self._client_keys[key_id]
 
     # ------------------------------------------------------------------ SSH
+
+    async def _connect_gated(self, target: AgentCredentials, pin: PinHostKey | None) -> asyncssh.SSHClientConnection:
+        """``_connect``, at most ``max_connecting`` at once: a handshake is CPU (key exchange,
+        signatures), and a cold fleet view of hundreds starting every handshake together would have
+        each take hundreds of times longer and miss its connect time-out (then be remembered as
+        failed). The time-out runs from the moment a connection gets its turn."""
+        if self._connecting is None:
+            self._connecting = asyncio.Semaphore(self.max_connecting)
+        async with self._connecting:
+            return await self._connect(target, pin)
 
     async def _connect(self, target: AgentCredentials, pin: PinHostKey | None) -> asyncssh.SSHClientConnection:
         agent = target.agent

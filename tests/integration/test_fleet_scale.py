@@ -115,7 +115,8 @@ def test_the_fleet_view_asks_as_many_agents_at_once_as_its_parallelism(paralleli
     """40 silent hosts: every agent asked holds a connection open until its time-out, so the most
     connections open at once is the parallelism (8 was the constant before issue 22)."""
     async def scenario() -> None:
-        w = await world(40, silent=40, parallelism=parallelism, connect_timeout=0.5, failure_ttl=60)
+        w = await world(40, silent=40, parallelism=parallelism, connect_timeout=0.5, failure_ttl=60,
+                        max_connecting=100)
         try:
             entries = await w.portal.fleet.fleet(w.caller)
             assert [e.error.code if e.error else None for e in entries] == ["agent_connect_timeout"] * 40
@@ -123,6 +124,21 @@ def test_the_fleet_view_asks_as_many_agents_at_once_as_its_parallelism(paralleli
             again = await w.portal.fleet.fleet(w.caller)  # remembered: nobody is asked again
             assert [e.error for e in again] == [e.error for e in entries]
             assert w.fleet.connections_accepted() == 40
+        finally:
+            await w.shell.close()
+            await w.fleet.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_cold_fleet_view_opens_at_most_max_connecting_connections_at_once() -> None:
+    """Handshakes are CPU: hundreds started together would all miss their time-out."""
+    async def scenario() -> None:
+        w = await world(20, silent=20, parallelism=20, connect_timeout=0.3, failure_ttl=60, max_connecting=5)
+        try:
+            entries = await w.portal.fleet.fleet(w.caller)
+            assert {e.error.code for e in entries if e.error} == {"agent_connect_timeout"}
+            assert w.fleet.most_open == 5 and w.fleet.connections_accepted() == 20
         finally:
             await w.shell.close()
             await w.fleet.close()
