@@ -28,7 +28,7 @@
   more is ``TooManyOperations`` (429) at once, so one user cannot take every channel (item 5).
   Commands run with ``counted=False`` (the fleet view's, bounded by its own parallelism) are not
   counted.
-- At most ``max_connecting`` (16) connections are being opened at once per worker; the others
+- At most ``max_connecting`` (32) connections are being opened at once per worker; the others
   wait their turn before their connect time-out starts (a handshake is CPU-bound).
 - A host that could not be connected to (time-out, refused, not SSH) is remembered with its error
   for ``failure_ttl`` seconds (issue 22): until then its commands fail at once with the same error,
@@ -74,7 +74,7 @@ from core.virsh import command_line
 OPENSSH_MAX_SESSIONS = 10
 DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_OPERATIONS_PER_USER = 16
-MAX_CONNECTING = 16  # SSH handshakes a worker runs at once (issue 22): see _connect_gated
+MAX_CONNECTING = 32  # SSH handshakes a worker runs at once (issue 22): see _connect_gated
 _READ_CHUNK = 64 * 1024
 # AES-GCM first: asyncssh's ChaCha20-Poly1305 builds six cipher contexts per packet in Python and
 # was the largest cost of a warm command (issue 22); AES-GCM is one C call per packet (AES-NI).
