@@ -76,7 +76,6 @@ def check(condition: bool) -> str:
 
 # ----------------------------------------------------------------------------------------- setup
 
-FLEET_SIZES = (10, 100, 500, 1000)  # figure 8 (bench/fleet.py)
 
 
 class Bench:
@@ -178,20 +177,24 @@ class Bench:
         hosts silent against one connect time-out + 1 s."""
         import fleet  # bench/fleet.py: imports the simulator, only needed here
 
-        points = {p.agents: p for p in await fleet.curves(self.args.repo.resolve(), self.workdir / "fleet",
-                                                           list(FLEET_SIZES), warm_views=5)}
+        sizes = [int(n) for n in self.args.fleet_sizes.split(",")]
+        points = {p.agents: p for p in await fleet.curves(self.args.repo.resolve(), self.workdir / "fleet", sizes,
+                                                           warm_views=5)}
         print(fleet.table(list(points.values())), file=sys.stderr)
-        ten, five_hundred = points[10], points[500]
+        # 500 and 10 as the issue asks; with other --fleet-sizes, the largest and the smallest
+        ten, five_hundred = points.get(10, points[min(points)]), points.get(500, points[max(points)])
         ratio = five_hundred.warm_s / ten.warm_s
-        self.add(Row("8a warm fleet view, 500 agents / 10 agents", "s", five_hundred.warm_s, ten.warm_s, ratio,
+        self.add(Row(f"8a warm fleet view, {five_hundred.agents} agents / {ten.agents} agents", "s",
+                     five_hundred.warm_s, ten.warm_s, ratio,
                      "<= 10", check(ratio <= 10), "simulated hosts (tests/simulator.py), 1 worker; "
                      + "; ".join(f"N={n}: cold {p.cold_s:g} s, warm {p.warm_s:g} s" for n, p in points.items())))
-        worst = max(p.kib_per_connection for n, p in points.items() if n >= 100)
+        worst = max(p.kib_per_connection for n, p in points.items() if n >= 100 or n == max(points))
         self.add(Row("8b worker memory per pooled SSH connection", "KiB", worst, None, None, "<= 100",
                      check(worst <= 100), "largest of N >= 100: (RSS after the warm views - RSS before) / "
                      "open connections"))
         limit = fleet.CONNECT_TIMEOUT + 1
-        self.add(Row("8c fleet view of 500 with 50 silent hosts", "s", five_hundred.silent_warm_s, limit,
+        self.add(Row(f"8c fleet view of {five_hundred.agents} with {five_hundred.silent_agents} silent hosts", "s",
+                     five_hundred.silent_warm_s, limit,
                      five_hundred.silent_warm_s / limit, "<= 1", check(five_hundred.silent_warm_s <= limit),
                      f"after a first view ({five_hundred.silent_first_s:g} s); reference: one connect "
                      f"time-out + 1 s"))
@@ -576,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures", default="1,2,3,4,6,7",
                         help="which figures to measure (4 includes 5; 8, the fleet cost curves of bench/fleet.py, "
                              "only when asked: several minutes)")
+    parser.add_argument("--fleet-sizes", default="10,100,500,1000", help="figure 8: agents per curve point")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     args = parser.parse_args(argv)
