@@ -259,11 +259,19 @@ class ScriptedShell:
         self.results: dict[tuple[str, ...], CommandResult] = {}
         self.inputs: list[bytes | None] = []  # the stdin of each call, in order
         self.streams: dict[tuple[str, ...], bytes] = {}  # argv -> what a stream of it prints
+        self.uncounted: list[tuple[str, ...]] = []
+        self.fresh: list[tuple[str, ...]] = []
 
     async def run(self, target: AgentCredentials, argv: Sequence[str], *,
-                  pin: PinHostKey | None = None, stdin: bytes | None = None) -> CommandResult:
+                  pin: PinHostKey | None = None, stdin: bytes | None = None,
+                  counted: bool = True, fresh: bool = False) -> CommandResult:
         """Answers from ``results``; a scripted result's ``host_key`` is the key the (pretend)
-        connection saw, offered to ``pin`` as a real connection would."""
+        connection saw, offered to ``pin`` as a real connection would. ``uncounted`` and ``fresh``
+        record the calls run with ``counted=False`` and ``fresh=True``."""
+        if not counted:
+            self.uncounted.append(tuple(argv))
+        if fresh:
+            self.fresh.append(tuple(argv))
         command = tuple(argv)
         result = self.results.get(command, CommandResult(command=command, exit_status=0, stdout="", stderr=""))
         if pin is not None and result.host_key is not None:

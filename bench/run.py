@@ -77,6 +77,7 @@ def check(condition: bool) -> str:
 # ----------------------------------------------------------------------------------------- setup
 
 
+
 class Bench:
     def __init__(self, args: argparse.Namespace, lab: Lab, portal: Portal, workdir: Path) -> None:
         self.args = args
@@ -169,6 +170,34 @@ class Bench:
             f"target {row.target} -> {row.met} {row.note}")
 
     # --------------------------------------------------------------------------------- figures
+
+    async def figure_9(self) -> None:
+        """The fleet view's cost for 10 to 1000 simulated agents (bench/fleet.py, issue 22): warm
+        view of 500 / warm view of 10, memory per pooled connection, and the view with 10 % of 500
+        hosts silent against one connect time-out + 1 s."""
+        import fleet  # bench/fleet.py: imports the simulator, only needed here
+
+        sizes = [int(n) for n in self.args.fleet_sizes.split(",")]
+        points = {p.agents: p for p in await fleet.curves(self.args.repo.resolve(), self.workdir / "fleet", sizes,
+                                                           warm_views=5)}
+        print(fleet.table(list(points.values())), file=sys.stderr)
+        # 500 and 10 as the issue asks; with other --fleet-sizes, the largest and the smallest
+        ten, five_hundred = points.get(10, points[min(points)]), points.get(500, points[max(points)])
+        ratio = five_hundred.warm_s / ten.warm_s
+        self.add(Row(f"8a warm fleet view, {five_hundred.agents} agents / {ten.agents} agents", "s",
+                     five_hundred.warm_s, ten.warm_s, ratio,
+                     "<= 10", check(ratio <= 10), "simulated hosts (tests/simulator.py), 1 worker; "
+                     + "; ".join(f"N={n}: cold {p.cold_s:g} s, warm {p.warm_s:g} s" for n, p in points.items())))
+        worst = max(p.kib_per_connection for n, p in points.items() if n >= 100 or n == max(points))
+        self.add(Row("8b worker memory per pooled SSH connection", "KiB", worst, None, None, "<= 100",
+                     check(worst <= 100), "largest of N >= 100: (RSS after the warm views - RSS before) / "
+                     "open connections"))
+        limit = fleet.CONNECT_TIMEOUT + 1
+        self.add(Row(f"8c fleet view of {five_hundred.agents} with {five_hundred.silent_agents} silent hosts", "s",
+                     five_hundred.silent_warm_s, limit,
+                     five_hundred.silent_warm_s / limit, "<= 1", check(five_hundred.silent_warm_s <= limit),
+                     f"after a first view ({five_hundred.silent_first_s:g} s); reference: one connect "
+                     f"time-out + 1 s"))
 
     async def setup(self) -> None:
         self.started_rss = {pid: proc_status_kib(pid, "VmRSS") for pid in self.portal.worker_pids()}
@@ -546,11 +575,12 @@ async def measure(bench: Bench) -> None:
         ("figure 6b (writes)", bench.figure_6_writes),
         ("figure 7 (PostgreSQL)", bench.figure_7),
         ("figure 8 (scoped key)", bench.figure_8),  # issue 20
+        ("figure 9 (fleet cost curves)", bench.figure_9),  # issue 22
     ]
     wanted = set(bench.args.figures.split(","))
     for name, step in steps:
         number = name.split()[1] if name != "setup" else "setup"
-        if number != "setup" and number[0] not in wanted:
+        if number != "setup" and re.sub(r"[a-z]+$", "", number) not in wanted:
             continue
         started = time.monotonic()
         log(f"{name} ...")
@@ -571,7 +601,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--writes", type=int, default=300, help="figure 6b agents created")
     parser.add_argument("--writers", type=int, default=16, help="figure 6b concurrent clients")
     parser.add_argument("--pg-rounds", type=int, default=5, help="figure 7a and 7c wrk rounds")
-    parser.add_argument("--figures", default="1,2,3,4,6,7,8", help="which figures to measure (4 includes 5)")
+    parser.add_argument("--figures", default="1,2,3,4,6,7,8",
+                        help="which figures to measure (4 includes 5; 9, the fleet cost curves of bench/fleet.py, "
+                             "only when asked: several minutes)")
+    parser.add_argument("--fleet-sizes", default="10,100,500,1000", help="figure 9: agents per curve point")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     args = parser.parse_args(argv)

@@ -15,7 +15,7 @@ from core.remote import RemoteCommands, parse_output
 from core.results import AgentCheck, Failure, FleetEntry, HostFacts
 from core.validation import collect
 
-FLEET_PARALLELISM = 8  # agents asked at once by the fleet view
+FLEET_PARALLELISM = 8  # agents asked at once by the fleet view, unless told (MANAGEMENT_FLEET_PARALLELISM)
 
 
 class FleetService:
@@ -33,7 +33,9 @@ class FleetService:
                     states: Sequence[str] = ()) -> list[FleetEntry]:
         """Every VM on every agent of the caller (or on ``agent_ids`` of them), at most
         ``fleet_parallelism`` agents at a time. An agent that fails is an entry with its error, so
-        one dead host never fails the answer; ``states`` keeps only VMs in those states."""
+        one dead host never fails the answer; ``states`` keeps only VMs in those states. Its
+        commands are not counted one by one against the owner's operations: the parallelism bounds
+        them (a fleet of hundreds would otherwise be refused past the per-user limit)."""
         errors = collect(*[("agent", None if 1 <= a <= 2**31 - 1 else "must be a positive agent id")
                            for a in agent_ids],
                          *[("state", None if s in virsh.VM_STATES
@@ -49,7 +51,8 @@ class FleetService:
                 return FleetEntry(agent.id, agent.name, None, Failure.of(target))
             try:
                 async with gate:
-                    result = await self.remote.run(caller, target, virsh.list_command(agent.libvirt_uri))
+                    result = await self.remote.run(caller, target, virsh.list_command(agent.libvirt_uri),
+                                                   counted=False)
                 virsh.raise_for_failure(result)
             except PortalError as error:
                 return FleetEntry(agent.id, agent.name, None, Failure.of(error))
@@ -74,14 +77,16 @@ class FleetService:
 
     async def check_agent(self, caller: Caller, agent_id: int) -> AgentCheck:
         """Can the portal reach the agent, log in, and reach libvirt (``virsh uri``)? A failing host
-        answers with the reason instead of raising. Not audited: it changes nothing (except that a
-        first connection may pin the host key, which is audited as ``agent.pin_host_key``)."""
+        answers with the reason instead of raising. It always tries to connect, even to a host
+        remembered as unreachable (``fresh``), and a success makes the portal forget that. Not
+        audited: it changes nothing (except that a first connection may pin the host key, which is
+        audited as ``agent.pin_host_key``)."""
         target = await self.remote.target(caller, agent_id)
         started = self._monotonic()
         error: RemoteError | AgentAddressRefused | None = None
         host_key = target.agent.host_key
         try:
-            result = await self.remote.run(caller, target, virsh.check_command(target.agent.libvirt_uri))
+            result = await self.remote.run(caller, target, virsh.check_command(target.agent.libvirt_uri), fresh=True)
             host_key = host_key or result.host_key
             virsh.raise_for_failure(result)
         except (RemoteError, AgentAddressRefused) as failed:  # a refused address: nothing was sent

@@ -114,7 +114,8 @@ class RemoteShell(Protocol):
     """Runs argument vectors on an agent over SSH."""
 
     async def run(self, target: AgentCredentials, argv: Sequence[str], *,
-                  pin: PinHostKey | None = None, stdin: bytes | None = None) -> CommandResult:
+                  pin: PinHostKey | None = None, stdin: bytes | None = None,
+                  counted: bool = True, fresh: bool = False) -> CommandResult:
         """Run ``argv`` on the agent; raise ``core.errors.RemoteError`` subclasses on failure.
         A connection made without a pinned key calls ``pin`` before it runs anything and is
         refused (``host_key_mismatch``) unless the pinned key is the one it saw. Also raises
@@ -122,7 +123,10 @@ class RemoteShell(Protocol):
         sent) and ``TooManyOperations`` (the agent's owner already runs the most commands allowed
         at once). ``stdin``, when given, is sent to the command's standard input, then end of
         file (e.g. ``virsh define /dev/stdin``, ``virsh vol-upload``): no file is written on the
-        portal host and no second transfer channel is opened."""
+        portal host and no second transfer channel is opened. ``counted=False``: not counted as an
+        operation of the owner (the fleet view bounds its own parallelism). A host that could not
+        be connected to may be remembered for a short while and its commands refused at once with
+        the same error; ``fresh=True`` (an agent check) tries to connect again regardless."""
         ...
 
     def stream(self, target: AgentCredentials, argv: Sequence[str], *, pin: PinHostKey | None = None,

@@ -67,16 +67,19 @@ class RemoteCommands:
                 targets.append((agent, error))
         return targets
 
-    async def run(self, caller: Caller, target: AgentCredentials, argv: tuple[str, ...]) -> CommandResult:
+    async def run(self, caller: Caller, target: AgentCredentials, argv: tuple[str, ...], *,
+                  counted: bool = True, fresh: bool = False) -> CommandResult:
         """Run ``argv`` on the agent; a first connection to an agent that trusts on first use pins
-        the key it saw before anything runs."""
+        the key it saw before anything runs. ``counted`` and ``fresh``: see ``RemoteShell.run``."""
         if self.shell is None:
             raise RuntimeError("this portal was built without a remote shell")
         pin: PinHostKey | None = None
         if target.agent.host_key is None and target.agent.allow_unknown_hosts:
             async def pin(seen: HostKey) -> HostKey:
                 return await asyncio.to_thread(self.pin_host_key, caller, target.agent, seen)
-        return await self.shell.run(target, argv, pin=pin)
+        if counted and not fresh:
+            return await self.shell.run(target, argv, pin=pin)
+        return await self.shell.run(target, argv, pin=pin, counted=counted, fresh=fresh)
 
     def pin_host_key(self, caller: Caller, agent: Agent, host_key: HostKey) -> HostKey:
         """Trust on first use: pin ``host_key`` for an agent that has none, and return the key

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import resource
 import time
 from collections.abc import Callable
 
@@ -168,6 +169,21 @@ def server_key(settings: Settings) -> bytes:
     return key
 
 
+# --- scale (issue 22)
+FDS_RESERVED = 256  # descriptors kept for everything but the fleet view's new SSH connections
+
+
+def fleet_parallelism(settings: Settings, open_files_limit: int | None = None) -> int:
+    """Agents the fleet view asks at once: ``MANAGEMENT_FLEET_PARALLELISM``, but never more than
+    half the descriptors the process may open past a reserve (each agent asked on a cold pool opens
+    a connection, a descriptor; the other half is for pooled connections, the database and clients).
+    scripts/install.sh gives the unit a LimitNOFILE that leaves the setting whole."""
+    limit = open_files_limit if open_files_limit is not None else resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return settings.fleet_parallelism
+    return max(1, min(settings.fleet_parallelism, (limit - FDS_RESERVED) // 2))
+
+
 def build_runtime(
     settings: Settings,
     *,
@@ -193,6 +209,7 @@ def build_runtime(
         max_operations_per_user=settings.max_operations_per_user,
         networks=settings.agent_networks,
         observer=observer,
+        failure_ttl=settings.ssh_failure_ttl,
     )
     api_keys: KeyHasher = hasher or key_hasher(settings)
     secret_store: SecretBox = secrets or secret_box(settings)
@@ -203,7 +220,8 @@ def build_runtime(
     portal = assemble(storage=storage, hasher=api_keys, secrets=secret_store, ssh_keys=key_parser,
                       clock=system_clock, signup=settings.signup, shell=remote_shell,
                       max_agents=settings.max_agents_per_user, addresses=agent_addresses,
-                      metrics_min_interval=settings.metrics_min_interval, observer=observer)
+                      metrics_min_interval=settings.metrics_min_interval, observer=observer,
+                      fleet_parallelism=fleet_parallelism(settings))
     try:
         portal.agents.check_secret_key()
     except SecretUnreadable as error:

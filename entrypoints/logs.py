@@ -83,5 +83,8 @@ def gunicorn_json_logging(level: str) -> dict[str, Any]:
             # plain-text line for every request.)
             "gunicorn.access": {"handlers": [], "level": level.upper(), "propagate": False},
             "uvicorn.error": {"handlers": ["console"], "level": level.upper(), "propagate": False},
+            # asyncssh logs every connection and channel at INFO: lines per host command, which a
+            # fleet view of hundreds of agents multiplies (issue 22); its warnings stay.
+            "asyncssh": {"level": "DEBUG" if level.lower() == "debug" else "WARNING"},
         },
     }

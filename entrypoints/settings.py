@@ -113,6 +113,11 @@ class Settings:
     metrics_token: str | None = attrs.field(default=None, repr=False)
     metrics_min_interval: float = 10.0
     metrics_dir: Path | None = None
+    # --- scale (issue 22): agents the fleet view asks at once (also bounded by RLIMIT_NOFILE, see
+    # bootstrap.fleet_parallelism), and seconds a host that could not be connected to is answered
+    # with its error without trying again (0: never remembered)
+    fleet_parallelism: int = 256
+    ssh_failure_ttl: float = 15.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -166,6 +171,8 @@ class Settings:
             metrics_token=reader.token("MANAGEMENT_METRICS_TOKEN"),
             metrics_min_interval=reader.number("MANAGEMENT_METRICS_MIN_INTERVAL", 10.0, float, 0, 3600),
             metrics_dir=Path(env["MANAGEMENT_METRICS_DIR"]) if env.get("MANAGEMENT_METRICS_DIR", "").strip() else None,
+            fleet_parallelism=reader.number("MANAGEMENT_FLEET_PARALLELISM", 256, int, 1, 10_000),
+            ssh_failure_ttl=reader.number("MANAGEMENT_SSH_FAILURE_TTL", 15.0, float, 0, 3600),
         )
 
 

@@ -488,6 +488,22 @@ exec_start() { printf '%s %s' "$VENV/bin/python" "$APP_DIR/main.py"; }
 IP_ALLOW_V4="0.0.0.0/1 128.0.0.0/3 160.0.0.0/5 168.0.0.0/8 169.0.0.0/9 169.128.0.0/10 169.192.0.0/11 169.224.0.0/12 169.240.0.0/13 169.248.0.0/14 169.252.0.0/15 169.255.0.0/16 170.0.0.0/7 172.0.0.0/6 176.0.0.0/4 192.0.0.0/3"
 IP_ALLOW_V6="::/1 8000::/2 c000::/3 e000::/4 f000::/5 f800::/6 fc00::/7 fe00::/9 fec0::/10"
 
+# --- scale (issue 22)
+# open_files_limit: the unit's LimitNOFILE. Each worker keeps an SSH connection (a descriptor) per
+# agent it talks to, and the fleet view opens up to MANAGEMENT_FLEET_PARALLELISM at once; the
+# portal asks at most (limit - 256) / 2 agents at once (entrypoints/bootstrap.py
+# fleet_parallelism), so the limit is at least 256 + 2 x the setting, and never below 65536
+# (the systemd default soft limit of 1024 would cap a fleet view at 384 agents and the pool at
+# about 1000 connections per worker).
+open_files_limit() {
+    local parallelism
+    [[ -r $APP_ENV_FILE ]] && load_env
+    parallelism=$(env_value MANAGEMENT_FLEET_PARALLELISM)
+    [[ $parallelism =~ ^[0-9]+$ ]] || parallelism=256
+    local need=$((256 + 2 * parallelism))
+    printf '%s' $((need > 65536 ? need : 65536))
+}
+
 unit_text() {
     cat <<EOF
 # $UNIT_FILE - written by scripts/install.sh (re-running it rewrites this file;
@@ -511,6 +527,8 @@ RestartSec=5
 RestartPreventExitStatus=2
 TimeoutStopSec=45
 UMask=0077
+# descriptors: one per pooled SSH connection (one per agent and worker), see open_files_limit
+LimitNOFILE=$(open_files_limit)
 
 # Hardening (systemd-analyze security $APP_NAME; docs/operations.md "The systemd unit")
 NoNewPrivileges=yes

@@ -26,6 +26,14 @@
 - A host that accepts the connection but does not speak SSH is ``NotSsh`` (item 13).
 - At most ``max_operations_per_user`` commands per user run (or wait for a connection) at once;
   more is ``TooManyOperations`` (429) at once, so one user cannot take every channel (item 5).
+  Commands run with ``counted=False`` (the fleet view's, bounded by its own parallelism) are not
+  counted.
+- At most ``max_connecting`` (32) connections are being opened at once per worker; the others
+  wait their turn before their connect time-out starts (a handshake is CPU-bound).
+- A host that could not be connected to (time-out, refused, not SSH) is remembered with its error
+  for ``failure_ttl`` seconds (issue 22): until then its commands fail at once with the same error,
+  so a silent host costs one connect time-out, not one per request. ``fresh=True`` (an agent check)
+  tries again; a successful connection, ``discard`` or new agent settings (revision) forget it.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
+import functools
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -65,7 +75,13 @@ from core.virsh import command_line, subcommand_of
 OPENSSH_MAX_SESSIONS = 10
 DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_OPERATIONS_PER_USER = 16
+MAX_CONNECTING = 32  # SSH handshakes a worker runs at once (issue 22): see _connect_gated
 _READ_CHUNK = 64 * 1024
+# AES-GCM first: asyncssh's ChaCha20-Poly1305 builds six cipher contexts per packet in Python and
+# was the largest cost of a warm command (issue 22); AES-GCM is one C call per packet (AES-NI).
+# Every OpenSSH since 6.2 offers both; the rest is asyncssh's default order.
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+           "aes256-ctr", "aes192-ctr", "aes128-ctr")
 
 _T = TypeVar("_T")
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
@@ -133,6 +149,10 @@ class _Probe(asyncssh.SSHClient):
         return self.conn is not None and self.conn.get_extra_info("server_version") is not None
 
 
+# What a host that could not be connected to raised: remembered for ``failure_ttl`` seconds.
+_CONNECT_FAILURES = (AgentConnectTimeout, AgentUnreachable, NotSsh)
+
+
 class _TooMuchOutput(Exception):
     """The command's output passed the cap."""
 
@@ -159,6 +179,8 @@ class AsyncsshShell:
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
         max_operations_per_user: int = DEFAULT_MAX_OPERATIONS_PER_USER,
         networks: AgentNetworks | None = None,
+        failure_ttl: float = 0.0,
+        max_connecting: int = MAX_CONNECTING,
         resolver: Resolver = resolve,
         monotonic: Callable[[], float] = time.monotonic,
         observer: Observer | None = None,
@@ -171,11 +193,16 @@ class AsyncsshShell:
         self.max_output_bytes = max_output_bytes
         self.max_operations_per_user = max_operations_per_user
         self.networks = networks if networks is not None else AgentNetworks()
+        self.failure_ttl = failure_ttl
+        self.max_connecting = max_connecting
+        self._connecting: asyncio.Semaphore | None = None
         self._resolve = resolver
         self._now = monotonic
         self._pools: dict[int, list[_Slot]] = {}
         self._client_keys: dict[_ClientKeyId, _ClientKey] = {}
         self._operations: dict[int, int] = {}  # owner id -> operations running now
+        # agent id -> (owner, revision, the connect error, until when it stands): a negative cache
+        self._failures: dict[int, tuple[tuple[int, datetime], int, RemoteError, float]] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connections_opened = 0  # for tests and benchmarks
@@ -188,7 +215,14 @@ class AsyncsshShell:
     # ------------------------------------------------------------------ the port
 
     async def run(self, target: AgentCredentials, argv: Sequence[str], *,
-                  pin: PinHostKey | None = None, stdin: bytes | None = None) -> CommandResult:
+                  pin: PinHostKey | None = None, stdin: bytes | None = None,
+                  counted: bool = True, fresh: bool = False) -> CommandResult:
+        if not fresh:
+            self._raise_remembered_failure(target.agent)
+        if not counted:
+            deadline = asyncio.get_running_loop().time() + self.command_timeout
+            async with self._channel(target, argv, pin, stdin=stdin is not None, pty=False) as (slot, conn, process):
+                return await self._finish(slot, conn, process, tuple(argv), target.agent, deadline, stdin)
         owner = target.agent.owner_id
         running = self._operations.get(owner, 0)
         if running >= self.max_operations_per_user:
@@ -218,6 +252,7 @@ class AsyncsshShell:
     @contextlib.asynccontextmanager
     async def stream(self, target: AgentCredentials, argv: Sequence[str], *, pin: PinHostKey | None = None,
                      pty: bool = False) -> AsyncIterator[RemoteStream]:
+        self._raise_remembered_failure(target.agent)
         async with self._channel(target, argv, pin, stdin=True, pty=pty) as (_slot, _conn, process):
             stream = _Stream(process, target.agent)
             try:
@@ -226,6 +261,26 @@ class AsyncsshShell:
                 process.close()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(process.wait_closed(), timeout=5)
+
+    def _raise_remembered_failure(self, agent: Agent) -> None:
+        remembered = self._failures.get(agent.id)
+        if remembered is None:
+            return
+        owner, revision, error, until = remembered
+        if owner == (agent.owner_id, agent.created_at) and revision == agent.revision and self._now() < until:
+            raise copy.copy(error)
+        del self._failures[agent.id]  # expired, or the agent's settings changed since
+
+    def _note_connect(self, agent: Agent, opened: asyncio.Future[asyncssh.SSHClientConnection]) -> None:
+        """Remember a host that could not be connected to; forget it once a connection opens."""
+        if opened.cancelled():
+            return
+        error = opened.exception()
+        if error is None:
+            self._failures.pop(agent.id, None)
+        elif self.failure_ttl > 0 and isinstance(error, _CONNECT_FAILURES):
+            self._failures[agent.id] = ((agent.owner_id, agent.created_at), agent.revision, error,
+                                        self._now() + self.failure_ttl)
 
     def operations_running(self, owner_id: int) -> int:
         """How many commands of this user run (or wait for a connection) now (tests, metrics)."""
@@ -300,6 +355,7 @@ class AsyncsshShell:
         for slot in list(self._pools.get(agent_id, [])):
             self._retire(slot)
         self._pools.pop(agent_id, None)
+        self._failures.pop(agent_id, None)
         for key in [k for k in self._client_keys if k[0] == agent_id]:
             del self._client_keys[key]
 
@@ -339,16 +395,19 @@ class AsyncsshShell:
             # (A slot of a *newer* revision is left alone: this request just read the agent first.)
             if slot.owner != owner or slot.revision < agent.revision or failed or closed:
                 self._retire(slot)
-        for key_id in [k for k in self._client_keys if k[0] == agent.id and (k[1:3] != owner or k[3] < agent.revision)]:
-            del self._client_keys[key_id]  # an older revision's key, or another agent's under a recycled id
+        if (agent.id, *owner, agent.revision) not in self._client_keys:  # else older ones are gone already
+            for key_id in [k for k in self._client_keys
+                           if k[0] == agent.id and (k[1:3] != owner or k[3] < agent.revision)]:
+                del self._client_keys[key_id]  # an older revision's key, or another agent's under a recycled id
         candidates = [s for s in pool if s.revision == agent.revision
                       and s.in_use < min(s.capacity, self.max_sessions)]
         if candidates:
             slot = max(candidates, key=lambda s: s.in_use)  # fill one connection before the next
         else:
-            slot = _Slot(agent.id, owner, agent.revision, asyncio.ensure_future(self._connect_observed(target, pin)))
+            slot = _Slot(agent.id, owner, agent.revision, asyncio.ensure_future(self._connect_gated(target, pin)))
             slot.opened.add_done_callback(_consume_exception)
             slot.opened.add_done_callback(lambda _task: self._recount_connections())
+            slot.opened.add_done_callback(functools.partial(self._note_connect, agent))
             pool.append(slot)
             self._recount_connections()
         slot.in_use += 1
@@ -425,6 +484,15 @@ class AsyncsshShell:
             raise
         finally:
             self._observer.ssh_connect(outcome, time.perf_counter() - started)
+    async def _connect_gated(self, target: AgentCredentials, pin: PinHostKey | None) -> asyncssh.SSHClientConnection:
+        """``_connect``, at most ``max_connecting`` at once: a handshake is CPU (key exchange,
+        signatures), and a cold fleet view of hundreds starting every handshake together would have
+        each take hundreds of times longer and miss its connect time-out (then be remembered as
+        failed). The time-out runs from the moment a connection gets its turn."""
+        if self._connecting is None:
+            self._connecting = asyncio.Semaphore(self.max_connecting)
+        async with self._connecting:
+            return await self._connect_observed(target, pin)
 
     async def _connect(self, target: AgentCredentials, pin: PinHostKey | None) -> asyncssh.SSHClientConnection:
         agent = target.agent
@@ -455,6 +523,7 @@ class AsyncsshShell:
                 login_timeout=self.connect_timeout,
                 keepalive_interval=self.keepalive_interval,
                 keepalive_count_max=3,
+                encryption_algs=CIPHERS,
             )
 
         try:

@@ -348,6 +348,8 @@ def assert_unit(port: int) -> None:
     assert unit["Service.WorkingDirectory"] == [str(DATA_DIR)]
     assert unit["Service.ExecStart"] == [f"{APP_DIR}/.venv/bin/python {APP_DIR}/main.py"]
     assert unit["Service.RestartPreventExitStatus"] == ["2"]  # a configuration error does not loop
+    # issue 22: descriptors for a pooled SSH connection per agent, and the fleet view's parallelism whole
+    assert int(unit["Service.LimitNOFILE"][0]) >= max(65536, 256 + 2 * 256)
     for key, value in HARDENING.items():
         assert unit[f"Service.{key}"] == [value], key
     assert str(DATA_DIR) in " ".join(unit["Service.ReadWritePaths"]).split()

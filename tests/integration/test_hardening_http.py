@@ -71,7 +71,8 @@ def test_item4_an_agent_outside_the_allowed_networks_is_refused_at_connect_time_
 
 
 class BusyShell(ScriptedShell):
-    async def run(self, target: Any, argv: Any, *, pin: Any = None) -> CommandResult:
+    async def run(self, target: Any, argv: Any, *, pin: Any = None, counted: bool = True,
+                  fresh: bool = False) -> CommandResult:
         raise TooManyOperations("you already have 16 SSH operations running", retry_after=3)
 
 

@@ -25,7 +25,8 @@ class Shell(ScriptedShell):
         super().__init__()
         self.dead: set[int] = set()
 
-    async def run(self, target: Any, argv: Any, *, pin: Any = None) -> CommandResult:
+    async def run(self, target: Any, argv: Any, *, pin: Any = None, counted: bool = True,
+                  fresh: bool = False) -> CommandResult:
         if target.agent.id in self.dead:
             raise AgentUnreachable(f"{target.agent.hostname}:{target.agent.port} refused the connection")
         return await super().run(target, argv, pin=pin)

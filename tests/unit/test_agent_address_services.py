@@ -33,7 +33,7 @@ class RefusingShell(ScriptedShell):
     """A shell whose every connection finds the address refused (the adapter's connect-time check)."""
 
     async def run(self, target: AgentCredentials, argv: Sequence[str], *,
-                  pin: PinHostKey | None = None) -> CommandResult:
+                  pin: PinHostKey | None = None, counted: bool = True, fresh: bool = False) -> CommandResult:
         raise AgentAddressRefused(f"{target.agent.hostname} resolves to 127.0.0.1, which agents may not point at")
 
 

@@ -492,7 +492,8 @@ def test_a_check_that_pinned_the_key_and_then_failed_still_reports_the_pinned_ke
 
     class PinsThenTimesOut(FakeShell):
         async def run(self, target: AgentCredentials, argv: Sequence[str], *,
-                      pin: PinHostKey | None = None) -> CommandResult:
+                      pin: PinHostKey | None = None, counted: bool = True,
+                      fresh: bool = False) -> CommandResult:
             assert pin is not None
             await pin(seen)
             raise CommandTimeout("virsh did not finish within 60 s")

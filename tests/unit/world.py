@@ -74,7 +74,7 @@ class FakeShell(ScriptedShell):
         self.most_running = 0
 
     async def run(self, target: AgentCredentials, argv: Sequence[str], *,
-                  pin: PinHostKey | None = None) -> CommandResult:
+                  pin: PinHostKey | None = None, counted: bool = True, fresh: bool = False) -> CommandResult:
         command = tuple(argv)
         self.targets.append(target)
         self.running += 1
