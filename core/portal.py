@@ -20,7 +20,8 @@ from core.audit import AuditLog
 from core.credentials import Keyring
 from core.fleet import FLEET_PARALLELISM, FleetService
 from core.model import SignupPolicy
-from core.ports import AgentAddresses, Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage
+from core.ports import AgentAddresses, Clock, KeyHasher, RemoteShell, SecretBox, SeedImages, SshKeys, Storage
+from core.provisioning import ProvisioningService
 from core.remote import RemoteCommands
 from core.snapshots import SnapshotService
 from core.users import UserService
@@ -38,6 +39,7 @@ class Portal:
     fleet: FleetService
     audit: AuditLog
     remote: RemoteCommands
+    provisioning: ProvisioningService  # issue 16
 
 
 def assemble(
@@ -56,19 +58,24 @@ def assemble(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     max_agents: int = MAX_AGENTS_PER_USER,
     addresses: AgentAddresses | None = None,
+    seeds: SeedImages | None = None,
+    domain_type: str = "kvm",
 ) -> Portal:
     """The services over these ports; each gets only the ports it uses."""
     audit = AuditLog(storage=storage, clock=clock)
     keyring = Keyring(secrets)
     remote = RemoteCommands(storage=storage, keyring=keyring, clock=clock, audit=audit, shell=shell)
+    vms = VmService(remote=remote, poll_interval=poll_interval, poll_grace=poll_grace, monotonic=monotonic,
+                    sleep=sleep)
     return Portal(
         users=UserService(storage=storage, hasher=hasher, clock=clock, audit=audit, signup=signup),
         agents=AgentService(storage=storage, keyring=keyring, ssh_keys=ssh_keys, clock=clock, audit=audit,
                             shell=shell, max_agents=max_agents, addresses=addresses),
-        vms=VmService(remote=remote, poll_interval=poll_interval, poll_grace=poll_grace, monotonic=monotonic,
-                      sleep=sleep),
+        vms=vms,
         snapshots=SnapshotService(remote=remote),
         fleet=FleetService(remote=remote, fleet_parallelism=fleet_parallelism, monotonic=monotonic),
         audit=audit,
         remote=remote,
+        provisioning=ProvisioningService(remote=remote, vms=vms, seeds=seeds, ssh_keys=ssh_keys,
+                                         domain_type=domain_type),
     )

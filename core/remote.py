@@ -66,15 +66,19 @@ class RemoteCommands:
                 targets.append((agent, error))
         return targets
 
-    async def run(self, caller: Caller, target: AgentCredentials, argv: tuple[str, ...]) -> CommandResult:
-        """Run ``argv`` on the agent; a first connection to an agent that trusts on first use pins
-        the key it saw before anything runs."""
+    async def run(self, caller: Caller, target: AgentCredentials, argv: tuple[str, ...], *,
+                  stdin: bytes | None = None) -> CommandResult:
+        """Run ``argv`` on the agent (with ``stdin`` sent to its standard input, then end of file);
+        a first connection to an agent that trusts on first use pins the key it saw before
+        anything runs."""
         if self.shell is None:
             raise RuntimeError("this portal was built without a remote shell")
         pin: PinHostKey | None = None
         if target.agent.host_key is None and target.agent.allow_unknown_hosts:
             async def pin(seen: HostKey) -> HostKey:
                 return await asyncio.to_thread(self.pin_host_key, caller, target.agent, seen)
+        if stdin is not None:
+            return await self.shell.run(target, argv, pin=pin, stdin=stdin)
         return await self.shell.run(target, argv, pin=pin)
 
     def pin_host_key(self, caller: Caller, agent: Agent, host_key: HostKey) -> HostKey:

@@ -16,6 +16,7 @@ import structlog
 from adapters.clock import SystemClock
 from adapters.hashing import HmacKeyHasher, api_key_pepper
 from adapters.sealing import AesGcmSecretBox, SecretKeyError, decode_key, generate_key, load_or_create_key_file
+from adapters.seed_iso import PycdlibSeedImages
 from adapters.sql import migrations
 from adapters.sql.storage import SqlStorage
 from adapters.ssh import AsyncsshShell, ResolvingAgentAddresses
@@ -178,7 +179,8 @@ def build_runtime(
                                                               timeout=settings.ssh_connect_timeout)
     portal = assemble(storage=storage, hasher=api_keys, secrets=secret_store, ssh_keys=key_parser,
                       clock=system_clock, signup=settings.signup, shell=remote_shell,
-                      max_agents=settings.max_agents_per_user, addresses=agent_addresses)
+                      max_agents=settings.max_agents_per_user, addresses=agent_addresses,
+                      seeds=PycdlibSeedImages(), domain_type=settings.vm_domain_type)
     try:
         portal.agents.check_secret_key()
     except SecretUnreadable as error:

@@ -108,6 +108,9 @@ class Settings:
     max_operations_per_user: int = 16
     # credential-bearing requests that a proxy received over plain HTTP are refused unless this is true
     allow_plain_http: bool = False
+    # Provisioning (issue 16): the libvirt domain type of the VMs the portal creates: kvm on real
+    # hypervisors, qemu (TCG, no hardware virtualization) where KVM is missing or unusable (the lab).
+    vm_domain_type: str = "kvm"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -158,6 +161,7 @@ class Settings:
             agent_networks=reader.networks("MANAGEMENT_AGENT_NETWORKS"),
             max_operations_per_user=reader.number("MANAGEMENT_MAX_OPERATIONS_PER_USER", 16, int, 1, 10_000),
             allow_plain_http=reader.flag("MANAGEMENT_ALLOW_PLAIN_HTTP", False),
+            vm_domain_type=reader.choice_text("MANAGEMENT_VM_DOMAIN_TYPE", "kvm", ("kvm", "qemu")),
         )
 
 
