@@ -214,10 +214,12 @@ def user_data(hostname: str, keys: Sequence[str], extra: str | None) -> str:
     if extra is None:
         return ours
     message = MIMEMultipart()
-    message.attach(MIMEText(ours, "cloud-config", "utf-8"))
+    # no charset given: ASCII text (ours always is: JSON escapes the rest) travels as it is, 7bit;
+    # other text as UTF-8 in base64
+    message.attach(MIMEText(ours, "cloud-config"))
     subtype = "cloud-config" if extra.startswith("#cloud-config") else \
         "x-shellscript" if extra.startswith("#!") else "plain"
-    message.attach(MIMEText(extra, subtype, "utf-8"))
+    message.attach(MIMEText(extra, subtype))
     return message.as_string()
 
 

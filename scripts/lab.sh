@@ -715,6 +715,7 @@ PROV_BRIDGE=virbr-playr
 PROV_SUBNET=192.168.123
 PROV_BASE=lab-cloud-base.qcow2
 PROV_INITRD=$CACHE_DIR/cloud-initrd.img
+PROV_IMAGE_VERSION=2  # bump when write_cloud_init or PROV_MODULES change (both are rebuilt)
 # the portal attaches the seed CD on virtio-scsi (Debian's cloud kernel has no AHCI driver)
 PROV_MODULES=(scsi_common scsi_mod cdrom sr_mod isofs virtio virtio_ring virtio_pci_legacy_dev
               virtio_pci_modern_dev virtio_pci virtio_scsi failover net_failover virtio_net)
@@ -751,7 +752,7 @@ if [ -z "$seed" ]; then
 else
     name=$(sed -n 's/^local-hostname: *//p' /seed/meta-data | head -n1)
     [ -n "$name" ] && hostname "$name"
-    echo "playr-cloud: seed $seed instance-id=$(sed -n 's/^instance-id: *//p' /seed/meta-data | head -n1)"
+    echo "playr-cloud: seed $seed (uptime $(cut -d' ' -f1 /proc/uptime)s) instance-id=$(sed -n 's/^instance-id: *//p' /seed/meta-data | head -n1)"
     echo "playr-cloud: hostname=$(hostname)"
     grep -o 'ssh-[a-z0-9-]* [A-Za-z0-9+/=]*' /seed/user-data | sed 's/^/playr-cloud: key=/'
 fi
@@ -766,7 +767,7 @@ for e in /sys/class/net/e*; do
         echo "playr-cloud: dhcp on $n: no lease"
     fi
 done
-echo "playr-cloud: ready"
+echo "playr-cloud: ready (uptime $(cut -d' ' -f1 /proc/uptime)s)"
 for d in /dev/input/event*; do
     ( dd if="$d" of=/dev/null bs=24 count=1 2>/dev/null && poweroff -f ) &
 done
@@ -776,7 +777,7 @@ EOF
 }
 
 ensure_cloud_initrd() {
-    [[ -s $PROV_INITRD && $(cat "$CACHE_DIR/.cloud-complete" 2>/dev/null) == "${PROV_MODULES[*]}" ]] && return 0
+    [[ -s $PROV_INITRD && $(cat "$CACHE_DIR/.cloud-complete" 2>/dev/null) == "$PROV_IMAGE_VERSION" ]] && return 0
     local pkg tmp deb m
     pkg=$(cat "$CACHE_DIR/.complete")
     log "building the cloud image's initrd from $pkg"
@@ -799,7 +800,7 @@ ensure_cloud_initrd() {
         cpio --null --create --format=newc --owner=0:0 --quiet) |
         gzip -9 >"$PROV_INITRD.new"
     mv -f "$PROV_INITRD.new" "$PROV_INITRD"
-    printf '%s\n' "${PROV_MODULES[*]}" >"$CACHE_DIR/.cloud-complete"
+    printf '%s\n' "$PROV_IMAGE_VERSION" >"$CACHE_DIR/.cloud-complete"
     rm -rf "$tmp"
     BUILD_TMP=
 }
@@ -839,7 +840,12 @@ EOF
 }
 
 ensure_cloud_image() {
-    virsh -c "$URI" vol-info --pool "$PROV_POOL" --vol "$PROV_BASE" >/dev/null 2>&1 && return 0
+    # rebuilt when the image's recipe (init, modules) changes: its version is kept beside the pool
+    if virsh -c "$URI" vol-info --pool "$PROV_POOL" --vol "$PROV_BASE" >/dev/null 2>&1; then
+        [[ $(cat "$STATE_DIR/cloud-image.version" 2>/dev/null) == "$PROV_IMAGE_VERSION" ]] && return 0
+        log "cloud image recipe changed; rebuilding $PROV_BASE"
+        vsh vol-delete --pool "$PROV_POOL" --vol "$PROV_BASE" >/dev/null
+    fi
     ensure_cloud_initrd
     local tmp=$STATE_DIR/cloud-build
     rm -rf "$tmp"; mkdir -p "$tmp"
@@ -860,6 +866,7 @@ EOF
     qemu-img convert -q -f raw -O qcow2 "$tmp/disk.img" "$PROV_POOL_DIR/$PROV_BASE"
     vsh pool-refresh --pool "$PROV_POOL" >/dev/null
     rm -rf "$tmp"
+    printf '%s\n' "$PROV_IMAGE_VERSION" >"$STATE_DIR/cloud-image.version"
     log "cloud image $PROV_BASE in pool $PROV_POOL"
 }
 
