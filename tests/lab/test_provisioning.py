@@ -9,6 +9,7 @@ Every VM and volume made here is named ``prov-…`` and removed, whatever happen
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -265,3 +266,32 @@ def test_a_cut_upload_or_a_refused_define_leaves_no_volume_and_the_audit_says_so
     assert event["outcome"] == "virsh_failed"
     assert f"removed {POOL}/{name}-seed.iso, {POOL}/{name}.qcow2" in event["detail"]
 
+
+
+def test_the_command_line_lists_creates_with_progress_and_deletes(portal: Server, api_key: str,
+                                                                  agent: dict[str, Any], lab: Lab) -> None:
+    before = pool_volumes(lab)
+    env = {**portal.env, "MANAGEMENT_API_KEY": api_key}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "entrypoints.cli", *args], cwd=portal.workdir, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    pools = cli("pools", "list", str(agent["id"]))
+    assert pools.returncode == 0, pools.stderr
+    assert pools.stdout.splitlines()[0].split()[:3] == ["NAME", "STATE", "AUTOSTART"] and POOL in pools.stdout
+    networks = cli("networks", "list", str(agent["id"]), "--json")
+    assert {"name": NETWORK, "state": "active", "autostart": False, "bridge": "virbr-playr"} in \
+        json.loads(networks.stdout)
+    assert BASE in cli("volumes", "list", str(agent["id"]), POOL).stdout
+    name = f"prov-{uuid.uuid4().hex[:6]}"
+    created = cli("vms", "create", str(agent["id"]), name, "--memory-mib", "128", "--pool", POOL, "--size-gib", "1",
+                  "--base-volume", BASE, "--network", NETWORK, "--no-start")
+    assert created.returncode == 0, created.stderr
+    assert f"{name}: creating the disk" in created.stderr and f"{name}: defining the VM" in created.stderr
+    assert f"volume {POOL}/{name}.qcow2" in created.stdout and f"{name}-seed.iso" in created.stdout
+    deleted = cli("vms", "delete", str(agent["id"]), name, "--remove-storage")
+    assert deleted.returncode == 0, deleted.stderr
+    assert pool_volumes(lab) == before
+    refused = cli("vms", "create", str(agent["id"]), "--help-me", "--pool", POOL, "--size-gib", "1")
+    assert refused.returncode != 0
