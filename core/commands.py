@@ -147,3 +147,71 @@ class NewKey:
     expires_at: str | None = attrs.field(default=None, metadata=doc(
         "When the key stops working (RFC 3339 with a zone, e.g. 2027-01-31T00:00:00Z); then 401 "
         "api_key_expired. Omit: never (or the creating key's expiry, if it has one).", format="date-time"))
+
+
+# ---------------------------------------------------------------------- provisioning (issue 16)
+
+
+@attrs.frozen(kw_only=True)
+class DiskRequest:
+    """The VM's disk: a new qcow2 volume in ``pool``, an overlay on ``base_volume`` (a volume of the
+    same pool, e.g. a cloud image) grown to ``size_gib``, or a blank disk of that size."""
+
+    pool: str = attrs.field(metadata=doc("Storage pool on the host (GET /agents/{id}/pools).", minLength=1,
+                                         maxLength=200))
+    size_gib: int = attrs.field(metadata=doc("Disk size in GiB (at least the base volume's size).", minimum=1,
+                                             maximum=65536))
+    base_volume: str | None = attrs.field(
+        default=None, metadata=doc("A volume of the same pool the disk starts from (copy-on-write overlay); "
+                                   "without it the disk is blank.", minLength=1, maxLength=200))
+
+
+@attrs.frozen(kw_only=True)
+class BridgeRequest:
+    """Attach the VM to a host bridge instead of a libvirt network."""
+
+    bridge: str = attrs.field(metadata=doc("Name of a bridge on the host (e.g. br0).", minLength=1, maxLength=15))
+
+
+@attrs.frozen(kw_only=True)
+class CloudInitRequest:
+    """What the NoCloud seed (a CD labelled ``cidata``) gives the guest's cloud-init."""
+
+    hostname: str | None = attrs.field(
+        default=None, metadata=doc("Guest host name (RFC 1123; default: the VM name when it is one).", maxLength=253))
+    ssh_authorized_keys: list[str] = attrs.field(
+        factory=list, metadata=doc("OpenSSH public keys for the default user, one per item.", maxItems=100))
+    user_data: str | None = attrs.field(
+        default=None, metadata=doc("User data (at most 64 KiB): '#cloud-config' YAML (checked) or a script; merged "
+                                   "with hostname and keys as a multipart message.", maxLength=65536))
+    network_config: str | None = attrs.field(
+        default=None, metadata=doc("cloud-init network-config (version 1 or 2) as YAML text, at most 64 KiB.",
+                                   maxLength=65536))
+
+
+@attrs.frozen(kw_only=True)
+class NewVm:
+    """A VM to create on an agent. The portal writes its domain XML from these fields (never from
+    a client's XML): virtio disk and network, a serial console, VNC on the host's loopback, a
+    qemu-guest-agent channel, and the cloud-init seed as a CD-ROM."""
+
+    name: str = attrs.field(metadata=doc("VM name (same rules as the {vm} path parameter).", minLength=1,
+                                         maxLength=200))
+    vcpus: int = attrs.field(metadata=doc("Virtual CPUs (at most the host's CPUs).", minimum=1, maximum=1024))
+    memory_mib: int = attrs.field(metadata=doc("Memory in MiB (at least 64, at most the host's memory).", minimum=64,
+                                               maximum=16777216))
+    disk: DiskRequest = attrs.field(metadata=doc("The VM's disk."))
+    network: str | BridgeRequest | None = attrs.field(
+        default=None, metadata=doc("A libvirt network name (GET /agents/{id}/networks), or {\"bridge\": NAME}; "
+                                   "none: no network interface."))
+    cloud_init: CloudInitRequest | None = attrs.field(default=None, metadata=doc("Build and attach a NoCloud seed."))
+    start: bool = attrs.field(default=True, metadata=doc("Start the VM once defined (default true)."))
+    autostart: bool = attrs.field(default=False, metadata=doc("Start the VM with the host (default false)."))
+
+
+@attrs.frozen(kw_only=True)
+class CloneRequest:
+    """A copy of a shut-off VM: its disks copied as new volumes, new UUID and MAC addresses."""
+
+    name: str = attrs.field(metadata=doc("The new VM's name.", minLength=1, maxLength=200))
+    start: bool = attrs.field(default=False, metadata=doc("Start the clone once defined (default false)."))

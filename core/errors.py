@@ -462,6 +462,8 @@ class FullKeyNotRevocable(Conflict):
 
 class ApiKeyLimitReached(Conflict):
     code = "api_key_limit_reached"
+
+
 # ---------------------------------------------------------------------- metrics (issue 21)
 
 
@@ -477,3 +479,44 @@ class MetricsForbidden(Forbidden):
             "'Authorization: Bearer <MANAGEMENT_METRICS_TOKEN>' (set that variable on the portal to scrape it "
             "from elsewhere)")) -> None:
         super().__init__(detail)
+
+
+# ---------------------------------------------------------------------- provisioning (issue 16)
+
+
+class PoolNotFound(NotFound):
+    code = "pool_not_found"
+
+
+class VolumeNotFound(NotFound):
+    code = "volume_not_found"
+
+
+class NetworkNotFound(NotFound):
+    code = "network_not_found"
+
+
+class VmNameTaken(Conflict):
+    code = "vm_name_taken"
+
+
+class VolumeNameTaken(Conflict):
+    """A volume the request would create already exists in the pool (left by someone else)."""
+
+    code = "volume_name_taken"
+
+
+class InsufficientStorage(Conflict):
+    code = "insufficient_storage"
+
+
+class VolumeInUse(Conflict):
+    """A volume another defined VM uses (as its disk, or as the backing file of one of its disks)."""
+
+    code = "volume_in_use"
+
+
+class VmRunning(Conflict):
+    """Deleting (or cloning) needs the VM shut off; ``?force=true`` destroys it first (delete only)."""
+
+    code = "vm_running"

@@ -22,7 +22,8 @@ from core.fleet import FLEET_PARALLELISM, FleetService
 from core.keys import KeyService
 from core.metrics import MIN_INTERVAL, FleetMetrics
 from core.model import SignupPolicy
-from core.ports import AgentAddresses, Clock, KeyHasher, Observer, RemoteShell, SecretBox, SshKeys, Storage
+from core.ports import AgentAddresses, Clock, KeyHasher, Observer, RemoteShell, SecretBox, SeedImages, SshKeys, Storage
+from core.provisioning import ProvisioningService
 from core.remote import RemoteCommands
 from core.snapshots import SnapshotService
 from core.users import UserService
@@ -42,6 +43,7 @@ class Portal:
     remote: RemoteCommands
     keys: KeyService  # API keys and scopes (issue 20)
     metrics: FleetMetrics  # the fleet for Prometheus (issue 21)
+    provisioning: ProvisioningService  # issue 16
 
 
 def assemble(
@@ -62,17 +64,20 @@ def assemble(
     addresses: AgentAddresses | None = None,
     metrics_min_interval: float = MIN_INTERVAL,
     observer: Observer | None = None,
+    seeds: SeedImages | None = None,
+    domain_type: str = "kvm",
 ) -> Portal:
     """The services over these ports; each gets only the ports it uses."""
     audit = AuditLog(storage=storage, clock=clock)
     keyring = Keyring(secrets)
     remote = RemoteCommands(storage=storage, keyring=keyring, clock=clock, audit=audit, shell=shell)
+    vms = VmService(remote=remote, poll_interval=poll_interval, poll_grace=poll_grace, monotonic=monotonic,
+                    sleep=sleep)
     return Portal(
         users=UserService(storage=storage, hasher=hasher, clock=clock, audit=audit, signup=signup),
         agents=AgentService(storage=storage, keyring=keyring, ssh_keys=ssh_keys, clock=clock, audit=audit,
                             shell=shell, max_agents=max_agents, addresses=addresses),
-        vms=VmService(remote=remote, poll_interval=poll_interval, poll_grace=poll_grace, monotonic=monotonic,
-                      sleep=sleep),
+        vms=vms,
         snapshots=SnapshotService(remote=remote),
         fleet=FleetService(remote=remote, fleet_parallelism=fleet_parallelism, monotonic=monotonic),
         audit=audit,
@@ -80,4 +85,6 @@ def assemble(
         keys=KeyService(storage=storage, hasher=hasher, clock=clock, audit=audit),
         metrics=FleetMetrics(remote=remote, min_interval=metrics_min_interval, monotonic=monotonic,
                              observer=observer),
+        provisioning=ProvisioningService(remote=remote, vms=vms, seeds=seeds, ssh_keys=ssh_keys,
+                                         domain_type=domain_type),
     )

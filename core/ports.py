@@ -7,7 +7,7 @@ isolation between users holds by construction, not by remembering to filter.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from datetime import datetime
 from typing import Protocol
@@ -281,3 +281,18 @@ class NullObserver:
 
     def fleet_host_sampled(self, outcome: str, seconds: float) -> None:
         return None
+
+
+# ---------------------------------------------------------------------- provisioning (issue 16)
+
+
+class SeedImages(Protocol):
+    """Packs cloud-init NoCloud seeds, and checks the YAML the guest's cloud-init will read."""
+
+    def iso(self, files: Mapping[str, bytes], label: str) -> bytes:
+        """An ISO 9660 image (Joliet and Rock Ridge names) holding ``files`` under volume ``label``."""
+        ...
+
+    def yaml_problem(self, text: str) -> str | None:
+        """Why ``text`` is not valid YAML (with the line), or None when it parses."""
+        ...

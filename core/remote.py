@@ -68,18 +68,25 @@ class RemoteCommands:
         return targets
 
     async def run(self, caller: Caller, target: AgentCredentials, argv: tuple[str, ...], *,
-                  counted: bool = True, fresh: bool = False) -> CommandResult:
-        """Run ``argv`` on the agent; a first connection to an agent that trusts on first use pins
-        the key it saw before anything runs. ``counted`` and ``fresh``: see ``RemoteShell.run``."""
+                  counted: bool = True, fresh: bool = False, stdin: bytes | None = None) -> CommandResult:
+        """Run ``argv`` on the agent (with ``stdin`` sent to its standard input, then end of file);
+        a first connection to an agent that trusts on first use pins the key it saw before
+        anything runs. ``counted`` and ``fresh``: see ``RemoteShell.run``."""
         if self.shell is None:
             raise RuntimeError("this portal was built without a remote shell")
         pin: PinHostKey | None = None
         if target.agent.host_key is None and target.agent.allow_unknown_hosts:
             async def pin(seen: HostKey) -> HostKey:
                 return await asyncio.to_thread(self.pin_host_key, caller, target.agent, seen)
-        if counted and not fresh:
-            return await self.shell.run(target, argv, pin=pin)
-        return await self.shell.run(target, argv, pin=pin, counted=counted, fresh=fresh)
+        # Keywords only when they differ from their defaults: doubles of the port need not know them.
+        extra: dict[str, Any] = {}
+        if not counted:
+            extra["counted"] = False
+        if fresh:
+            extra["fresh"] = True
+        if stdin is not None:
+            extra["stdin"] = stdin
+        return await self.shell.run(target, argv, pin=pin, **extra)
 
     def pin_host_key(self, caller: Caller, agent: Agent, host_key: HostKey) -> HostKey:
         """Trust on first use: pin ``host_key`` for an agent that has none, and return the key

@@ -81,3 +81,27 @@ class AgentCheck:
     libvirt_reachable: bool
     round_trip_ms: float | None
     error: Failure | None
+
+
+# ---------------------------------------------------------------------- provisioning (issue 16)
+
+
+@attrs.frozen
+class CreatedVolume:
+    """A volume a provisioning request created on the host."""
+
+    pool: str
+    name: str
+    format: str
+    capacity_bytes: int
+
+
+@attrs.frozen
+class CreatedVm:
+    """A VM just created (or cloned): as ``GET /agents/{id}/vms/{vm}`` shows it, the volumes made
+    for it, and with ``?wait=`` the state reached and how long it took."""
+
+    info: VmInfo
+    volumes: list[CreatedVolume]
+    state: str | None = None
+    waited_seconds: float | None = None

@@ -10,13 +10,17 @@ import enum
 import re
 import shlex
 import unicodedata
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import attrs
 
 from core.errors import (
     LibvirtUnavailable,
+    NetworkNotFound,
+    PoolNotFound,
     SnapshotNameTaken,
     SnapshotNotFound,
     SnapshotUnsupported,
@@ -27,6 +31,8 @@ from core.errors import (
     VmNotFound,
     VmNotRunning,
     VmStateConflict,
+    VolumeNameTaken,
+    VolumeNotFound,
 )
 from core.ports import CommandResult
 
@@ -764,3 +770,338 @@ def subcommand_of(argv: Sequence[str]) -> str:
         if 0 < len(word) <= 32 and word.isascii() and all(c.islower() or c == "-" for c in word):
             return word
     return "other"
+
+
+# ---------------------------------------------------------------------- provisioning (issue 16)
+# Storage pools, volumes, networks, guest addresses, and the commands that create, clone and
+# delete VMs. Pool, volume and network names follow the VM-name character rules (so none can be
+# read as an option, and the agent's restricted shell checks them the same way); each goes after
+# its option (--pool, --vol, --network). XML and seed images travel on the command's stdin
+# (``--file /dev/stdin``), never as an argument or a file on the portal host.
+
+STDIN = "/dev/stdin"
+INTERFACE_SOURCES = ("agent", "lease", "arp")
+
+
+@attrs.frozen
+class Pool:
+    """A storage pool (``virsh pool-info --bytes``); sizes in bytes, None when virsh printed none
+    (an inactive pool)."""
+
+    name: str
+    state: str | None
+    autostart: bool | None
+    capacity_bytes: int | None
+    allocation_bytes: int | None
+    available_bytes: int | None
+
+
+@attrs.frozen
+class Volume:
+    """A storage volume (``virsh vol-dumpxml``); ``backing_path`` is its qcow2 backing file."""
+
+    name: str
+    path: str | None
+    format: str | None
+    capacity_bytes: int | None
+    allocation_bytes: int | None
+    backing_path: str | None = None
+
+
+@attrs.frozen
+class Network:
+    """A libvirt network (``virsh net-info``)."""
+
+    name: str
+    state: str | None
+    autostart: bool | None
+    bridge: str | None
+
+
+@attrs.frozen
+class GuestAddress:
+    type: str
+    address: str
+    prefix: int | None
+
+
+@attrs.frozen
+class GuestInterface:
+    """One row group of ``virsh domifaddr``: an interface of the guest and its addresses."""
+
+    name: str
+    mac: str | None
+    network: str | None
+    addresses: list[GuestAddress]
+
+
+@attrs.frozen
+class DiskDevice:
+    """A disk of a domain: its target (``vda``), kind (``disk``, ``cdrom``) and source, either a
+    pool volume or a file (None for an empty CD-ROM drive)."""
+
+    target: str | None
+    device: str
+    pool: str | None = None
+    volume: str | None = None
+    file: str | None = None
+
+
+@attrs.frozen
+class InterfaceDevice:
+    mac: str | None
+    network: str | None
+    bridge: str | None
+    target: str | None  # the host-side device (vnetN) while the VM runs
+
+
+@attrs.frozen
+class DomainDevices:
+    """What the portal reads from a domain's XML: its UUID, disks, interfaces, and whether it has
+    a UEFI variables file (``--nvram`` on undefine)."""
+
+    uuid: str | None
+    disks: list[DiskDevice]
+    interfaces: list[InterfaceDevice]
+    nvram: bool = False
+
+
+def check_object_name(name: str) -> str | None:
+    """A pool, volume or network name: the snapshot-name rules (VM-name characters; a volume
+    called ``1.qcow2`` is fine, nothing is looked up by id)."""
+    return _check_name(name)
+
+
+def require_object_name(name: str, field: str) -> str:
+    problem = check_object_name(name)
+    if problem is not None:
+        raise ValidationFailed.one(field, problem)
+    return name
+
+
+def pool_names_command(uri: str) -> tuple[str, ...]:
+    return _virsh(uri, "pool-list", "--all", "--name")
+
+
+def pool_info_command(uri: str, pool: str) -> tuple[str, ...]:
+    return _virsh(uri, "pool-info", "--pool", require_object_name(pool, "pool"), "--bytes")
+
+
+def volume_names_command(uri: str, pool: str) -> tuple[str, ...]:
+    return _virsh(uri, "vol-list", "--pool", require_object_name(pool, "pool"))
+
+
+def volume_xml_command(uri: str, pool: str, volume: str) -> tuple[str, ...]:
+    return _virsh(uri, "vol-dumpxml", "--pool", require_object_name(pool, "pool"),
+                  "--vol", require_object_name(volume, "volume"))
+
+
+def network_names_command(uri: str) -> tuple[str, ...]:
+    return _virsh(uri, "net-list", "--all", "--name")
+
+
+def network_info_command(uri: str, network: str) -> tuple[str, ...]:
+    return _virsh(uri, "net-info", "--network", require_object_name(network, "network"))
+
+
+def volume_create_command(uri: str, pool: str, volume: str, capacity_bytes: int, fmt: str,
+                          backing: tuple[str, str] | None = None) -> tuple[str, ...]:
+    """A new volume; with ``backing`` (volume name, its format) a qcow2 overlay on that volume."""
+    if fmt not in ("qcow2", "raw"):
+        raise ValidationFailed.one("format", "must be qcow2 or raw")
+    extra: tuple[str, ...] = ()
+    if backing is not None:
+        if backing[1] not in ("qcow2", "raw"):
+            raise ValidationFailed.one("base_volume", "must be a qcow2 or raw volume")
+        extra = ("--backing-vol", require_object_name(backing[0], "base_volume"), "--backing-vol-format", backing[1])
+    return _virsh(uri, "vol-create-as", "--pool", require_object_name(pool, "pool"),
+                  "--name", require_object_name(volume, "volume"), "--capacity", str(int(capacity_bytes)),
+                  "--format", fmt, *extra)
+
+
+def volume_upload_command(uri: str, pool: str, volume: str) -> tuple[str, ...]:
+    """Upload the command's stdin into the volume."""
+    return _virsh(uri, "vol-upload", "--pool", require_object_name(pool, "pool"),
+                  "--vol", require_object_name(volume, "volume"), "--file", STDIN)
+
+
+def volume_clone_command(uri: str, pool: str, volume: str, new_name: str) -> tuple[str, ...]:
+    return _virsh(uri, "vol-clone", "--pool", require_object_name(pool, "pool"),
+                  "--vol", require_object_name(volume, "volume"), "--newname", require_object_name(new_name, "name"))
+
+
+def volume_delete_command(uri: str, pool: str, volume: str) -> tuple[str, ...]:
+    return _virsh(uri, "vol-delete", "--pool", require_object_name(pool, "pool"),
+                  "--vol", require_object_name(volume, "volume"))
+
+
+def define_command(uri: str) -> tuple[str, ...]:
+    """Define a domain from the XML on the command's stdin."""
+    return _virsh(uri, "define", "--file", STDIN)
+
+
+def domain_xml_command(uri: str, vm: str, inactive: bool = True) -> tuple[str, ...]:
+    """The VM's XML as defined (``--inactive``), or as it runs (with its vnet devices)."""
+    return _virsh(uri, "dumpxml", "--domain", require_vm_name(vm), *(("--inactive",) if inactive else ()))
+
+
+def undefine_command(uri: str, vm: str, nvram: bool) -> tuple[str, ...]:
+    """Undefine with the snapshots' metadata (and the UEFI variables file when the VM has one:
+    ``--nvram`` fails on a VM without)."""
+    return _virsh(uri, "undefine", "--domain", require_vm_name(vm), "--snapshots-metadata",
+                  *(("--nvram",) if nvram else ()))
+
+
+def interfaces_command(uri: str, vm: str, source: str) -> tuple[str, ...]:
+    if source not in INTERFACE_SOURCES:
+        raise ValidationFailed.one("source", "must be one of " + ", ".join(INTERFACE_SOURCES))
+    return _virsh(uri, "domifaddr", "--domain", require_vm_name(vm), "--source", source)
+
+
+def parse_names(stdout: str) -> list[str]:
+    """One name a line (``--name`` listings), blank lines skipped."""
+    return [line.strip() for line in stdout.splitlines() if line.strip()]
+
+
+def parse_pool_info(stdout: str, name: str) -> Pool:
+    f = _key_values(stdout)
+    return Pool(name=f.get("Name") or name, state=f.get("State") or None, autostart=_yes_no(f.get("Autostart")),
+                capacity_bytes=_whole_int(f.get("Capacity")), allocation_bytes=_whole_int(f.get("Allocation")),
+                available_bytes=_whole_int(f.get("Available")))
+
+
+def parse_network_info(stdout: str, name: str) -> Network:
+    f = _key_values(stdout)
+    active = _yes_no(f.get("Active"))
+    return Network(name=f.get("Name") or name, state=None if active is None else ("active" if active else "inactive"),
+                   autostart=_yes_no(f.get("Autostart")), bridge=f.get("Bridge") or None)
+
+
+def _yes_no(value: str | None) -> bool | None:
+    return {"yes": True, "no": False}.get((value or "").strip().lower())
+
+
+def parse_volume_list(stdout: str) -> list[tuple[str, str]]:
+    """``(name, path)`` of each row of ``virsh vol-list`` (``Name  Path``), cut at the header's
+    column positions (display cells), so names and paths with spaces keep their columns."""
+    lines = stdout.splitlines()
+    separator = _separator(lines)
+    if separator is None or separator == 0:
+        return []
+    starts = _column_starts(lines[separator - 1], _HEADER_CELL)
+    if not starts:
+        return []
+    rows = []
+    for line in lines[separator + 1:]:
+        cells = [cell.strip() for cell in _cut(line, starts, min(len(starts), 2))]
+        if cells and cells[0]:
+            rows.append((cells[0], cells[1] if len(cells) > 1 else ""))
+    return rows
+
+
+XML_MAX = 1024 * 1024  # characters of XML a host may answer with that the portal parses
+
+
+def _xml_root(text: str) -> Any:
+    """Parse XML from a host; None for anything with a DOCTYPE (entities), oversized or malformed."""
+    if len(text) > XML_MAX or "<!DOCTYPE" in text.upper() or "<!ENTITY" in text.upper():
+        return None
+    try:
+        # No DOCTYPE, so no entity can be declared (expat also bounds amplification itself).
+        return ElementTree.fromstring(text)  # noqa: S314
+    except ElementTree.ParseError:
+        return None
+
+
+def parse_volume_xml(stdout: str, name: str) -> Volume:
+    root = _xml_root(stdout)
+    if root is None:
+        return Volume(name=name, path=None, format=None, capacity_bytes=None, allocation_bytes=None)
+    fmt = root.find("target/format")
+    backing = root.find("backingStore/path")
+    path = (root.findtext("target/path") or "").strip() or None
+    return Volume(name=(root.findtext("name") or name).strip(), path=path,
+                  format=fmt.get("type") if fmt is not None else None,
+                  capacity_bytes=_bytes(root.find("capacity")), allocation_bytes=_bytes(root.find("allocation")),
+                  backing_path=(backing.text or "").strip() or None if backing is not None else None)
+
+
+_UNITS = {"": 1, "b": 1, "bytes": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2, "mb": 10**6,
+          "g": 1024**3, "gib": 1024**3, "gb": 10**9, "t": 1024**4, "tib": 1024**4, "tb": 10**12}
+
+
+def _bytes(element: Any) -> int | None:
+    if element is None:
+        return None
+    number = _whole_int((element.text or "").strip())
+    scale = _UNITS.get((element.get("unit") or "").lower())
+    return None if number is None or scale is None else number * scale
+
+
+def parse_domain_xml(stdout: str) -> DomainDevices:
+    """The disks and interfaces of ``virsh dumpxml`` output (nothing when it is not XML)."""
+    root = _xml_root(stdout)
+    if root is None:
+        return DomainDevices(uuid=None, disks=[], interfaces=[])
+    disks = []
+    for disk in root.findall("devices/disk"):
+        source = disk.find("source")
+        target = disk.find("target")
+        device = disk.get("device") or "disk"
+        dev = target.get("dev") if target is not None else None
+        if source is None:
+            disks.append(DiskDevice(target=dev, device=device))
+        elif disk.get("type") == "volume":
+            disks.append(DiskDevice(target=dev, device=device, pool=source.get("pool"), volume=source.get("volume")))
+        else:
+            disks.append(DiskDevice(target=dev, device=device, file=source.get("file") or source.get("dev")))
+    interfaces = []
+    for interface in root.findall("devices/interface"):
+        mac, source, target = interface.find("mac"), interface.find("source"), interface.find("target")
+        interfaces.append(InterfaceDevice(mac=mac.get("address") if mac is not None else None,
+                                          network=source.get("network") if source is not None else None,
+                                          bridge=source.get("bridge") if source is not None else None,
+                                          target=target.get("dev") if target is not None else None))
+    return DomainDevices(uuid=(root.findtext("uuid") or "").strip() or None, disks=disks, interfaces=interfaces,
+                         nvram=root.find("os/nvram") is not None)
+
+
+def parse_domifaddr(stdout: str) -> list[GuestInterface]:
+    """Parse ``virsh domifaddr``: `` Name  MAC address  Protocol  Address`` rows; a row with an
+    empty name (``-``) continues the interface above (another address)."""
+    lines = stdout.splitlines()
+    separator = _separator(lines)
+    rows = lines[separator + 1:] if separator is not None else []
+    found: dict[str, GuestInterface] = {}
+    last: GuestInterface | None = None
+    for line in rows:
+        cells = line.split()
+        if len(cells) < 4:
+            continue
+        name, mac, kind, address = cells[0], cells[1], cells[2], cells[3]
+        if name == "-" and last is not None:
+            interface = last
+        else:
+            interface = found.setdefault(name, GuestInterface(name=name, mac=None if mac == "-" else mac, network=None,
+                                                              addresses=[]))
+        ip, _, prefix = address.partition("/")
+        interface.addresses.append(GuestAddress(type=kind, address=ip, prefix=_whole_int(prefix) if prefix else None))
+        last = interface
+    return list(found.values())
+
+
+def raise_for_provisioning_failure(result: CommandResult, *, vm: str | None = None, pool: str | None = None,
+                                   volume: str | None = None, network: str | None = None) -> None:
+    """``raise_for_failure``, knowing storage and network errors first."""
+    if result.exit_status == 0:
+        return
+    _, lowered = _failure_text(result)
+    if "storage pool not found" in lowered or "no storage pool with matching" in lowered:
+        raise PoolNotFound(f"no storage pool named {pool!r} on this agent")
+    if "storage volume not found" in lowered or "no storage vol with matching" in lowered:
+        raise VolumeNotFound(f"no volume named {volume!r} in pool {pool!r}")
+    if "network not found" in lowered or "no network with matching" in lowered:
+        raise NetworkNotFound(f"no network named {network!r} on this agent")
+    if ("storage volume" in lowered and "exists already" in lowered) or "volume already exists" in lowered:
+        raise VolumeNameTaken(f"pool {pool!r} already has a volume named {volume!r}")
+    raise_for_failure(result, vm)

@@ -136,3 +136,11 @@ class VmService:
         result = await self.remote.run(caller, target, virsh.stats_command(target.agent.libvirt_uri, vm))
         virsh.raise_for_failure(result, vm)
         return await parse_output(virsh.parse_stats, result.stdout, vm)
+
+    async def wait_for_state(self, caller: Caller, target: AgentCredentials, vm: str, wanted: str, wait: float,
+                             progress: Progress | None = None,
+                             abandoned: asyncio.Event | None = None) -> tuple[str, float]:
+        """Poll the VM's state until it is ``wanted`` (as ``vm_action_and_wait`` does after an
+        action): the state reached and the seconds it took, or ``WaitTimedOut``. Used by
+        provisioning (issue 16) after creating or cloning a VM."""
+        return await self._wait_for_state(caller, target, vm, wanted, wait, progress, abandoned)

@@ -19,6 +19,7 @@ from adapters.clock import SystemClock
 from adapters.hashing import HmacKeyHasher, api_key_pepper
 from adapters.prometheus import PrometheusObserver, mark_process_dead
 from adapters.sealing import AesGcmSecretBox, SecretKeyError, decode_key, generate_key, load_or_create_key_file
+from adapters.seed_iso import PycdlibSeedImages
 from adapters.sql import migrations
 from adapters.sql.storage import SqlStorage
 from adapters.ssh import AsyncsshShell, ResolvingAgentAddresses
@@ -221,7 +222,8 @@ def build_runtime(
                       clock=system_clock, signup=settings.signup, shell=remote_shell,
                       max_agents=settings.max_agents_per_user, addresses=agent_addresses,
                       metrics_min_interval=settings.metrics_min_interval, observer=observer,
-                      fleet_parallelism=fleet_parallelism(settings))
+                      fleet_parallelism=fleet_parallelism(settings),
+                      seeds=PycdlibSeedImages(), domain_type=settings.vm_domain_type)
     try:
         portal.agents.check_secret_key()
     except SecretUnreadable as error:

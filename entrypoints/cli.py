@@ -42,6 +42,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -92,6 +93,7 @@ _PATH_ARGUMENTS: dict[str, tuple[str, dict[str, Any]]] = {
     "vm": ("vm", {"help": "VM name"}),
     "snapshot": ("snapshot", {"help": "snapshot name"}),
     "key_id": ("key", {"type": int, "help": "API key id (keys list shows it)"}),
+    "pool": ("pool", {"help": "storage pool name"}),
 }
 _QUERY_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "wait": ("--wait", {"type": int, "metavar": "SECONDS",
@@ -101,6 +103,12 @@ _QUERY_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "limit": ("--limit", {"type": int, "metavar": "N", "help": "at most N of them"}),
     "state": ("--state", {"action": "append", "default": [],
                           "help": "only VMs in this state, e.g. running, 'shut off' (repeatable)"}),
+    "force": ("--force", {"action": "store_const", "const": "true",
+                          "help": "destroy a running VM first"}),
+    "remove_storage": ("--remove-storage", {"action": "store_const", "const": "true",
+                                            "help": "also delete the pool volumes its disks use"}),
+    "source": ("--source", {"choices": ["agent", "lease", "arp"],
+                            "help": "where addresses come from (default: guest agent, then DHCP lease)"}),
 }
 
 
@@ -269,6 +277,95 @@ def _new_key_text(created: Any, _args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- provisioning (issue 16)
+
+_NEW_VM_ARGUMENTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("name", {"help": "the new VM's name"}),
+    ("--vcpus", {"type": int, "default": 1, "help": "virtual CPUs (default 1)"}),
+    ("--memory-mib", {"type": int, "default": 1024, "help": "memory in MiB (default 1024)"}),
+    ("--pool", {"required": True, "help": "storage pool for the disk (and the seed)"}),
+    ("--size-gib", {"type": int, "required": True, "help": "disk size in GiB"}),
+    ("--base-volume", {"help": "a volume of the pool to start from (e.g. a cloud image); else a blank disk"}),
+    ("--network", {"help": "libvirt network to attach to"}),
+    ("--bridge", {"help": "host bridge to attach to (instead of --network)"}),
+    ("--hostname", {"help": "guest host name (cloud-init; default: the VM name)"}),
+    ("--ssh-key", {"action": "append", "default": [], "help": "an OpenSSH public key line (repeatable)"}),
+    ("--ssh-key-file", {"action": "append", "default": [], "help": "a file of public keys on this machine"}),
+    ("--user-data-file", {"help": "cloud-init user data from a file on this machine (#cloud-config or script)"}),
+    ("--network-config-file", {"help": "cloud-init network-config (YAML) from a file on this machine"}),
+    ("--no-cloud-init", {"action": "store_true", "help": "no seed at all"}),
+    ("--no-start", {"action": "store_true", "help": "define only, do not start"}),
+    ("--autostart", {"action": "store_true", "help": "start with the host"}),
+)
+
+
+def _read(path: str | None) -> str | None:
+    return None if path is None else Path(path).read_text(encoding="utf-8")
+
+
+def _new_vm_body(args: argparse.Namespace) -> dict[str, Any]:
+    keys = list(args.ssh_key)
+    for path in args.ssh_key_file:
+        keys += [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
+                 if line.strip() and not line.startswith("#")]
+    body: dict[str, Any] = {"name": args.name, "vcpus": args.vcpus, "memory_mib": args.memory_mib,
+                            "disk": {"pool": args.pool, "size_gib": args.size_gib, "base_volume": args.base_volume},
+                            "network": {"bridge": args.bridge} if args.bridge else args.network,
+                            "start": not args.no_start, "autostart": args.autostart}
+    if not args.no_cloud_init:
+        body["cloud_init"] = {"hostname": args.hostname, "ssh_authorized_keys": keys,
+                              "user_data": _read(args.user_data_file),
+                              "network_config": _read(args.network_config_file)}
+    return body
+
+
+class _Steps:
+    """Shows the steps of a creation on stderr (then the wait for 'running', like _Progress)."""
+
+    def __init__(self, vm: str) -> None:
+        self.vm = vm
+
+    def __call__(self, step: str | None, elapsed: float) -> None:
+        print(f"{self.vm}: {step or 'unknown'} ({elapsed:.1f} s)", file=sys.stderr, flush=True)
+
+
+def _create(me: Session | Client, op: Operation, args: argparse.Namespace) -> Any:
+    body = _new_vm_body(args)
+    if isinstance(me, Session):  # in-process: every step is shown as it happens
+        call = me.prepare(op, args.agent, **body)
+        return me.create_vm_and_watch(args.agent, call.body, wait=args.wait, progress=_Steps(args.name))
+    print(f"{args.name}: creating through {me.url}" + (f", waiting up to {args.wait} s" if args.wait else ""),
+          file=sys.stderr, flush=True)
+    return me.create_vm(args.agent, **body, **({"wait": args.wait} if args.wait is not None else {}))
+
+
+def _created_text(created: Any, _args: argparse.Namespace) -> int:
+    state = f"; {created.state} after {created.waited_seconds:.1f} s" if created.state else ""
+    print(f"{created.dominfo.name}: {created.dominfo.state}{state}")
+    for volume in created.volumes:
+        print(f"  volume {volume.pool}/{volume.name} ({volume.format}, {volume.capacity_bytes} bytes)")
+    return 0
+
+
+def _interfaces_text(interfaces: Any, _args: argparse.Namespace) -> int:
+    print(f"{'NAME':<12} {'MAC':<18} {'NETWORK':<20} ADDRESSES")
+    for i in interfaces:
+        addresses = ", ".join(f"{a.address}/{a.prefix}" if a.prefix is not None else a.address
+                              for a in i.addresses) or "-"
+        print(f"{i.name:<12} {i.mac or '-':<18} {i.network or '-':<20} {addresses}")
+    return 0
+
+
+def _table(rows: Any, *columns: tuple[str, str]) -> int:
+    """Rows as aligned columns (None as '-')."""
+    cells = [[str(title) for title, _ in columns]] + [
+        ["-" if getattr(row, field) is None else str(getattr(row, field)) for _, field in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
 USER_COMMANDS: tuple[UserCommand, ...] = (
     UserCommand(("agents", "list"), "list_agents", "list your agents", _agents_text),
     UserCommand(("agents", "public-key"), "get_public_key", "print the agent's authorized_keys line (restricted "
@@ -293,6 +390,27 @@ USER_COMMANDS: tuple[UserCommand, ...] = (
                 make_body=lambda args: {"enabled": args.enabled == "on"}),
     UserCommand(("vms", "stats"), "get_vm_stats", "virsh domstats", _fields_text),
     UserCommand(("vms", "fleet"), "list_fleet", "every VM on every agent of yours", _fleet_text),
+    UserCommand(("vms", "fleet"), "list_fleet", "every VM on every agent of yours", _fleet_text,
+                run=lambda me, _op, args: me.fleet(agent_ids=args.agent, states=args.state)),
+    # --- provisioning (issue 16)
+    UserCommand(("pools", "list"), "list_pools", "the host's storage pools", lambda pools, _args: _table(
+        pools, ("NAME", "name"), ("STATE", "state"), ("AUTOSTART", "autostart"), ("CAPACITY", "capacity_bytes"),
+        ("ALLOCATED", "allocation_bytes"), ("AVAILABLE", "available_bytes"))),
+    UserCommand(("volumes", "list"), "list_volumes", "the volumes of a storage pool", lambda volumes, _args: _table(
+        volumes, ("NAME", "name"), ("FORMAT", "format"), ("CAPACITY", "capacity_bytes"),
+        ("ALLOCATED", "allocation_bytes"), ("PATH", "path"))),
+    UserCommand(("networks", "list"), "list_networks", "the host's libvirt networks", lambda nets, _args: _table(
+        nets, ("NAME", "name"), ("STATE", "state"), ("AUTOSTART", "autostart"), ("BRIDGE", "bridge"))),
+    UserCommand(("vms", "create"), "create_vm", "create a VM from a base image (cloud-init seed, started)",
+                _created_text, body=_NEW_VM_ARGUMENTS, make_body=_new_vm_body, run=_create),
+    UserCommand(("vms", "delete"), "delete_vm", "undefine a VM (--remove-storage: and its volumes)",
+                _said(lambda _result, args: f"{args.vm} deleted"), json=lambda _result, args: {"deleted": args.vm}),
+    UserCommand(("vms", "clone"), "clone_vm", "copy a shut-off VM (new disks, UUID and MAC addresses)",
+                _created_text, body=(("name", {"help": "the clone's name"}),
+                                     ("--start", {"action": "store_true", "help": "start the clone"})),
+                make_body=lambda args: {"name": args.name, "start": args.start}),
+    UserCommand(("vms", "interfaces"), "list_vm_interfaces", "the guest's interfaces and addresses",
+                _interfaces_text),
     UserCommand(("vms", "snapshots", "list"), "list_snapshots", "list the VM's snapshots", _snapshots_text),
     UserCommand(("vms", "snapshots", "create"), "create_snapshot", "take a snapshot",
                 _said(lambda created, _args: f"snapshot {created.name} created ({created.state})"),
@@ -379,7 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     groups: dict[tuple[str, ...], Any] = {}
     for area, text in (("agents", "your agents (needs MANAGEMENT_API_KEY)"),
                        ("vms", "drive VMs on an agent (needs MANAGEMENT_API_KEY)"),
-                       ("keys", "your API keys and their scopes (needs MANAGEMENT_API_KEY)")):
+                       ("keys", "your API keys and their scopes (needs MANAGEMENT_API_KEY)"),
+                       ("pools", "storage pools of an agent (needs MANAGEMENT_API_KEY)"),
+                       ("volumes", "volumes of a storage pool (needs MANAGEMENT_API_KEY)"),
+                       ("networks", "libvirt networks of an agent (needs MANAGEMENT_API_KEY)")):
         groups[(area,)] = commands.add_parser(area, help=text).add_subparsers(dest="action", required=True)
     groups[("vms", "snapshots")] = groups[("vms",)].add_parser(
         "snapshots", help="internal snapshots of a VM").add_subparsers(dest="snapshot_action", required=True)

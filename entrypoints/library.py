@@ -25,12 +25,12 @@ from typing import Any, TypeVar
 
 import attrs
 
-from core.commands import NewUser
+from core.commands import NewUser, NewVm
 from core.errors import ValidationFailed
 from core.model import ApiKey, Caller, Origin, User
 from core.portal import Portal
 from core.ports import CommandResult
-from core.results import FleetEntry, NewApiKey, WaitedAction
+from core.results import CreatedVm, FleetEntry, NewApiKey, WaitedAction
 from core.virsh import VmAction
 from entrypoints import bootstrap
 from entrypoints.operations import ALIASES, BY_NAME, OPERATIONS, Call, Operation
@@ -183,6 +183,15 @@ class Session:
             raise ValidationFailed.one("agent", "must be a sequence of agent ids (integers)")
         caller = self._caller("list_fleet")
         return self._library._await(self.portal.fleet.fleet(caller, agent_ids=agent_ids, states=states))
+
+
+    # --- provisioning (issue 16)
+    def create_vm_and_watch(self, agent_id: int, request: NewVm, *, wait: int | None = None,
+                            progress: Callable[[str | None, float], None] | None = None) -> CreatedVm:
+        """``create_vm``, telling ``progress(step, elapsed_seconds)`` of every step (disk, seed,
+        upload, define, start) and, with ``wait``, of every poll of the new VM's state."""
+        return self._library._await(self.portal.provisioning.create_vm(self._caller(), agent_id, request, wait=wait,
+                                                                       progress=progress))
 
 
 def _action(action: VmAction | str) -> VmAction:

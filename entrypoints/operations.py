@@ -22,12 +22,12 @@ import attrs
 from core import errors
 from core.agents import AGENT_PAGE_MAX
 from core.audit import AUDIT_PAGE_DEFAULT, AUDIT_PAGE_MAX
-from core.commands import AgentChanges, AutostartChange, NewAgent, NewKey, NewSnapshot, NewUser
+from core.commands import AgentChanges, AutostartChange, CloneRequest, NewAgent, NewKey, NewSnapshot, NewUser, NewVm
 from core.errors import PortalError, ValidationFailed
 from core.model import Caller, Origin, Scope, User
 from core.portal import Portal
 from core.results import NewApiKey, WaitedAction
-from core.virsh import VM_NAME_MAX, VM_STATES, WAIT_MAX, VmAction
+from core.virsh import INTERFACE_SOURCES, VM_NAME_MAX, VM_STATES, WAIT_MAX, VmAction
 from entrypoints.exposition import Exposition
 from entrypoints.shapes import (
     AgentCheckView,
@@ -37,10 +37,14 @@ from entrypoints.shapes import (
     AuditPage,
     AutostartView,
     CommandView,
+    CreatedVmView,
     CredentialsView,
     FleetEntryView,
+    GuestInterfaceView,
     HostFactsView,
+    NetworkView,
     NewApiKeyView,
+    PoolView,
     PublicKeyView,
     SnapshotView,
     UserView,
@@ -48,6 +52,7 @@ from entrypoints.shapes import (
     VmInfoView,
     VmStatsView,
     VmView,
+    VolumeView,
     WaitedActionView,
 )
 
@@ -86,6 +91,10 @@ class Call:
     @property
     def key_id(self) -> int:
         return int(self.path["key_id"])
+
+    @property
+    def pool(self) -> str:
+        return str(self.path["pool"])
 
 
 Run = Callable[[Portal, Call], Coroutine[Any, Any, Any]]
@@ -260,6 +269,9 @@ PATH_PARAMETERS: dict[str, dict[str, Any]] = {
     "snapshot": {"name": "snapshot", "in": "path", "required": True,
                  "description": "Snapshot name (same rules as VM names). Percent-encode spaces.",
                  "schema": {"type": "string", "minLength": 1, "maxLength": VM_NAME_MAX}},
+    "pool": {"name": "pool", "in": "path", "required": True,
+             "description": "Storage pool name (same character rules as VM names). Percent-encode spaces.",
+             "schema": {"type": "string", "minLength": 1, "maxLength": VM_NAME_MAX}},
 }
 
 
@@ -325,6 +337,77 @@ _ACTIONS = {
     VmAction.SUSPEND: ("suspend_vm", "Pause a VM's CPUs, keeping its memory (virsh suspend)"),
     VmAction.RESUME: ("resume_vm", "Resume a paused VM (virsh resume)"),
 }
+
+# --- provisioning (issue 16)
+
+PROVISIONING_ERRORS: tuple[type[PortalError], ...] = (*REMOTE_ERRORS, errors.PoolNotFound, errors.VolumeNotFound,
+                                                      errors.NetworkNotFound)
+CREATE_WAIT = Query("wait", "Seconds to wait for the new VM to be running (when it is started). 201 with the state "
+                            "once reached; 504 wait_timeout otherwise (the VM stays). Give it once.",
+                    {"type": "integer", "minimum": 0, "maximum": WAIT_MAX})
+FORCE = Query("force", "true: destroy a running VM first (else a running VM is refused with 409 vm_running).",
+              {"type": "string", "enum": ["true", "false"], "default": "false"})
+REMOVE_STORAGE = Query("remove_storage", "true: also delete the pool volumes the VM's disks use (refused with 409 "
+                                         "volume_in_use when another defined VM uses one, e.g. a base image).",
+                       {"type": "string", "enum": ["true", "false"], "default": "false"})
+INTERFACE_SOURCE = Query("source", "Where addresses come from: agent (qemu guest agent), lease (the libvirt "
+                                   "network's DHCP leases) or arp (the host's ARP table). Default: the agent, then "
+                                   "the leases.",
+                         {"type": "string", "enum": list(INTERFACE_SOURCES)})
+
+
+def _true(call: Call, name: str) -> bool:
+    value = call.query.get(name)
+    if value not in (None, "true", "false"):
+        raise ValidationFailed.one(name, "must be true or false")
+    return value == "true"
+
+
+async def _create_vm(portal: Portal, call: Call) -> Any:
+    return await portal.provisioning.create_vm(call.me, call.agent_id, call.body, wait=call.query.get("wait"),
+                                               abandoned=call.abandoned)
+
+
+async def _delete_vm(portal: Portal, call: Call) -> Any:
+    return await portal.provisioning.delete_vm(call.me, call.agent_id, call.vm, force=_true(call, "force"),
+                                               remove_storage=_true(call, "remove_storage"))
+
+
+PROVISIONING_OPERATIONS: tuple[Operation, ...] = (
+    Operation("list_pools", "GET", "/agents/{agent_id}/pools", "provisioning",
+              "The host's storage pools with their sizes (virsh pool-list, pool-info)",
+              lambda p, c: invoke(p.provisioning.list_pools, c.me, c.agent_id), _each(PoolView.of), list[PoolView],
+              errors=PROVISIONING_ERRORS, scope=Scope.READ),
+    Operation("list_volumes", "GET", "/agents/{agent_id}/pools/{pool}/volumes", "provisioning",
+              "The volumes of a storage pool (virsh vol-list, vol-dumpxml)",
+              lambda p, c: invoke(p.provisioning.list_volumes, c.me, c.agent_id, c.pool), _each(VolumeView.of),
+              list[VolumeView], errors=PROVISIONING_ERRORS, scope=Scope.READ),
+    Operation("list_networks", "GET", "/agents/{agent_id}/networks", "provisioning",
+              "The host's libvirt networks (virsh net-list, net-info)",
+              lambda p, c: invoke(p.provisioning.list_networks, c.me, c.agent_id), _each(NetworkView.of),
+              list[NetworkView], errors=PROVISIONING_ERRORS, scope=Scope.READ),
+    Operation("create_vm", "POST", "/agents/{agent_id}/vms", "provisioning",
+              "Create a VM: a disk from a base image, a cloud-init seed, domain XML written by the portal",
+              _create_vm, _one(CreatedVmView.of_created), CreatedVmView, NewVm, ok=201,
+              errors=(*BODY_ERRORS, *PROVISIONING_ERRORS, errors.VmNameTaken, errors.VolumeNameTaken,
+                      errors.InsufficientStorage, errors.WaitTimedOut),
+              query=(CREATE_WAIT,), long_running=True, scope=Scope.PROVISION),
+    Operation("delete_vm", "DELETE", "/agents/{agent_id}/vms/{vm}", "provisioning",
+              "Undefine a VM (snapshots' metadata, NVRAM), optionally with its volumes",
+              _delete_vm, ok=204, errors=(*PROVISIONING_ERRORS, errors.VmRunning, errors.VolumeInUse),
+              query=(FORCE, REMOVE_STORAGE), scope=Scope.PROVISION),
+    Operation("clone_vm", "POST", "/agents/{agent_id}/vms/{vm}/clone", "provisioning",
+              "Clone a shut-off VM: disks copied as new volumes, new UUID and MAC addresses",
+              lambda p, c: invoke(p.provisioning.clone_vm, c.me, c.agent_id, c.vm, c.body),
+              _one(CreatedVmView.of_created), CreatedVmView, CloneRequest, ok=201,
+              errors=(*BODY_ERRORS, *PROVISIONING_ERRORS, errors.VmNameTaken, errors.VolumeNameTaken,
+                      errors.VmRunning), scope=Scope.PROVISION),
+    Operation("list_vm_interfaces", "GET", "/agents/{agent_id}/vms/{vm}/interfaces", "provisioning",
+              "The guest's interfaces and addresses (virsh domifaddr: guest agent, then DHCP lease)",
+              lambda p, c: invoke(p.provisioning.interfaces, c.me, c.agent_id, c.vm, c.query.get("source")),
+              _each(GuestInterfaceView.of), list[GuestInterfaceView],
+              errors=(*REMOTE_ERRORS, *VM_STATE_ERRORS), query=(INTERFACE_SOURCE,), scope=Scope.READ),
+)
 
 # ---------------------------------------------------------------------- the table
 
@@ -472,6 +555,8 @@ OPERATIONS: tuple[Operation, ...] = (
               "once per MANAGEMENT_METRICS_MIN_INTERVAL; an unreachable one is playr_agent_up 0",
               _fleet_exposition, lambda exposition, _call: exposition, Exposition, scope=Scope.READ),
 )
+
+OPERATIONS += PROVISIONING_OPERATIONS  # issue 16
 
 BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
 

@@ -118,6 +118,9 @@ class Settings:
     # with its error without trying again (0: never remembered)
     fleet_parallelism: int = 256
     ssh_failure_ttl: float = 15.0
+    # Provisioning (issue 16): the libvirt domain type of the VMs the portal creates: kvm on real
+    # hypervisors, qemu (TCG, no hardware virtualization) where KVM is missing or unusable (the lab).
+    vm_domain_type: str = "kvm"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -173,6 +176,7 @@ class Settings:
             metrics_dir=Path(env["MANAGEMENT_METRICS_DIR"]) if env.get("MANAGEMENT_METRICS_DIR", "").strip() else None,
             fleet_parallelism=reader.number("MANAGEMENT_FLEET_PARALLELISM", 256, int, 1, 10_000),
             ssh_failure_ttl=reader.number("MANAGEMENT_SSH_FAILURE_TTL", 15.0, float, 0, 3600),
+            vm_domain_type=reader.choice_text("MANAGEMENT_VM_DOMAIN_TYPE", "kvm", ("kvm", "qemu")),
         )
 
 

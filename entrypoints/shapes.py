@@ -14,11 +14,12 @@ import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
+from core.commands import BridgeRequest
 from core.errors import FieldError, ValidationFailed
 from core.model import Agent, AgentCredentials, ApiKey, AuditEvent, User
 from core.ports import CommandResult
-from core.results import AgentCheck, Failure, FleetEntry, HostFacts, VmInfo, WaitedAction
-from core.virsh import INT_DIGITS_MAX, Snapshot, VmStats, VmSummary
+from core.results import AgentCheck, CreatedVm, Failure, FleetEntry, HostFacts, VmInfo, WaitedAction
+from core.virsh import INT_DIGITS_MAX, GuestInterface, Network, Pool, Snapshot, VmStats, VmSummary, Volume
 
 T = TypeVar("T")
 
@@ -599,3 +600,113 @@ def _key_fields(key: ApiKey) -> dict[str, Any]:
             "scopes": sorted(scope.value for scope in key.scopes),
             "agents": None if key.agents is None else sorted(key.agents), "expires_at": key.expires_at,
             "created_at": key.created_at, "last_used_at": key.last_used_at, "full": key.full}
+
+
+# ---------------------------------------------------------------------- provisioning (issue 16)
+
+
+def _network_choice(value: Any, _type: Any) -> str | BridgeRequest | None:
+    """``network``: a libvirt network's name, or ``{"bridge": NAME}``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return str(_strict(str, "a string")(value, str))
+    if isinstance(value, dict):
+        return converter.structure(value, BridgeRequest)
+    raise TypeError('must be a libvirt network name or {"bridge": NAME}')
+
+
+converter.register_structure_hook(str | BridgeRequest | None, _network_choice)
+
+
+@attrs.frozen
+class PoolView:
+    """A storage pool; sizes in bytes (null when the pool is inactive)."""
+
+    name: str
+    state: str | None
+    autostart: bool | None
+    capacity_bytes: int | None
+    allocation_bytes: int | None
+    available_bytes: int | None
+
+    @classmethod
+    def of(cls, pool: Pool) -> PoolView:
+        return _by_keyword(cls, pool)
+
+
+@attrs.frozen
+class VolumeView:
+    """A volume of a pool; sizes in bytes."""
+
+    name: str
+    path: str | None
+    format: str | None
+    capacity_bytes: int | None
+    allocation_bytes: int | None
+
+    @classmethod
+    def of(cls, volume: Volume) -> VolumeView:
+        return _by_keyword(cls, volume)
+
+
+@attrs.frozen
+class NetworkView:
+    """A libvirt network: ``state`` active or inactive, ``bridge`` its host bridge."""
+
+    name: str
+    state: str | None
+    autostart: bool | None
+    bridge: str | None
+
+    @classmethod
+    def of(cls, network: Network) -> NetworkView:
+        return _by_keyword(cls, network)
+
+
+@attrs.frozen
+class GuestAddressView:
+    type: str
+    address: str
+    prefix: int | None
+
+
+@attrs.frozen
+class GuestInterfaceView:
+    """A guest interface: its name (the host's vnet device), MAC, libvirt network (or bridge) and
+    addresses (empty until the guest agent or a DHCP lease knows one)."""
+
+    name: str
+    mac: str | None
+    network: str | None
+    addresses: list[GuestAddressView]
+
+    @classmethod
+    def of(cls, interface: GuestInterface) -> GuestInterfaceView:
+        return cls(name=interface.name, mac=interface.mac, network=interface.network,
+                   addresses=[_by_keyword(GuestAddressView, a) for a in interface.addresses])
+
+
+@attrs.frozen
+class CreatedVolumeView:
+    pool: str
+    name: str
+    format: str
+    capacity_bytes: int
+
+
+@attrs.frozen
+class CreatedVmView(VmInfoView):
+    """The new VM as ``GET /agents/{id}/vms/{vm}`` shows it, the volumes created for it, and with
+    ``?wait=`` the state it reached and how long that took (else null)."""
+
+    volumes: list[CreatedVolumeView] = attrs.field(kw_only=True)
+    state: str | None = attrs.field(kw_only=True)
+    waited_seconds: float | None = attrs.field(kw_only=True)
+
+    @classmethod
+    def of_created(cls, created: CreatedVm) -> CreatedVmView:
+        info = VmInfoView.of(created.info)
+        return cls(dominfo=info.dominfo, raw=info.raw,
+                   volumes=[_by_keyword(CreatedVolumeView, v) for v in created.volumes], state=created.state,
+                   waited_seconds=None if created.waited_seconds is None else round(created.waited_seconds, 3))

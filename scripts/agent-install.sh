@@ -28,6 +28,8 @@
 #   --ssh-port PORT       sshd port the portal uses (default: sshd's configured Port, else 22)
 #   --user USER           system user the portal logs in as (default: playr-agent)
 #   --libvirt-uri URI     libvirt URI the portal drives (default: qemu:///system)
+#   --pools LIST          storage pools the portal may create, upload, clone and delete volumes in,
+#                         comma-separated (default: default); VM disks must be volumes of these
 #   --host-key FILE       this host's public host key (default: /etc/ssh/ssh_host_ed25519_key.pub,
 #                         then the ecdsa and rsa ones)
 #   --insecure-http       allow a plain http:// portal that is not on loopback (the key would cross
@@ -47,6 +49,7 @@ address=""
 ssh_port=""
 agent_user=playr-agent
 libvirt_uri="qemu:///system"
+pools="default"
 host_key_file=""
 uninstall=false
 insecure_http=false
@@ -62,6 +65,7 @@ while [ $# -gt 0 ]; do
         --ssh-port) ssh_port="${2:?--ssh-port needs a value}"; shift 2 ;;
         --user) agent_user="${2:?--user needs a value}"; shift 2 ;;
         --libvirt-uri) libvirt_uri="${2:?--libvirt-uri needs a value}"; shift 2 ;;
+        --pools) pools="${2?--pools needs a list (may be empty)}"; shift 2 ;;
         --host-key) host_key_file="${2:?--host-key needs a file}"; shift 2 ;;
         --uninstall) uninstall=true; shift ;;
         --insecure-http) insecure_http=true; shift ;;
@@ -73,6 +77,7 @@ done
 [ "$(id -u)" = 0 ] || die "run as root (it creates a system user and writes to /etc)"
 command -v python3 >/dev/null || die "python3 is needed (apt-get install python3-minimal)"
 [[ "$agent_user" =~ ^[a-z_][a-z0-9_-]{0,30}$ ]] || die "--user must be a plain system user name"
+[[ "$pools" =~ ^[A-Za-z0-9_.,:@=%+-]*$ ]] || die "--pools must be comma-separated pool names"
 
 # The portal's HTTP API, spoken by python3 (no curl needed, and the key stays in the environment).
 # Usage: portal_call METHOD PATH [JSON_BODY]; prints the status code, a newline, then the body.
@@ -246,6 +251,7 @@ python=/usr/bin/python3
 put_file "$SHELL_PATH" 0755 root:root "$(sed "1s|^#!.*|#!$python -IS|" "$here/agent_shell.py")"
 put_file "$CONFIG_DIR/shell.conf" 0644 root:root "# playr-agent-shell settings (written by agent-install.sh)
 libvirt_uris = $libvirt_uri
+pools = $pools
 log_file = $LOG_DIR/commands.log
 virsh = $virsh_path"
 

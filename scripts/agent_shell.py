@@ -31,6 +31,7 @@ import unicodedata
 CONFIG_FILE = "/etc/playr-agent/shell.conf"
 DEFAULTS = {
     "libvirt_uris": "qemu:///system",
+    "pools": "",  # storage pools the portal may create, upload, clone and delete volumes in (comma-separated)
     "log_file": "/var/log/playr-agent/commands.log",
     "virsh": "/usr/bin/virsh",
 }
@@ -43,6 +44,11 @@ _VM_NAME = re.compile(r"^\w[\w .+:@,=%-]*$")
 DESCRIPTION_MAX = 1000
 
 FLAG, VM, SNAPSHOT, TEXT = "flag", "vm", "snapshot", "text"
+# provisioning (issue 16): pools, volumes and networks are named by the snapshot-name rules; a
+# pool that is written to (a new, uploaded, cloned or deleted volume) must be one of the pools
+# configured in shell.conf; sizes are whole numbers of bytes; XML and uploads come on stdin.
+POOL, WRITE_POOL, VOLUME, NETWORK, BYTES, FORMAT, STDIN, SOURCE = (
+    "pool", "write-pool", "volume", "network", "bytes", "format", "stdin", "source")
 _DOMAIN = {"--domain": VM}
 # subcommand -> the options it may take and the kind of value each carries. This is every
 # command the portal sends (core/virsh.py); tests/unit/test_agent_shell.py checks both agree.
@@ -67,6 +73,22 @@ COMMANDS: dict[str, dict[str, str]] = {
     "version": {"--daemon": FLAG},
     "hostname": {},
     "uri": {},
+    # provisioning (issue 16)
+    "pool-list": {"--all": FLAG, "--name": FLAG},
+    "pool-info": {"--pool": POOL, "--bytes": FLAG},
+    "vol-list": {"--pool": POOL},
+    "vol-dumpxml": {"--pool": POOL, "--vol": VOLUME},
+    "net-list": {"--all": FLAG, "--name": FLAG},
+    "net-info": {"--network": NETWORK},
+    "vol-create-as": {"--pool": WRITE_POOL, "--name": VOLUME, "--capacity": BYTES, "--format": FORMAT,
+                      "--backing-vol": VOLUME, "--backing-vol-format": FORMAT},
+    "vol-upload": {"--pool": WRITE_POOL, "--vol": VOLUME, "--file": STDIN},
+    "vol-clone": {"--pool": WRITE_POOL, "--vol": VOLUME, "--newname": VOLUME},
+    "vol-delete": {"--pool": WRITE_POOL, "--vol": VOLUME},
+    "define": {"--file": STDIN},
+    "dumpxml": {**_DOMAIN, "--inactive": FLAG},
+    "undefine": {**_DOMAIN, "--snapshots-metadata": FLAG, "--nvram": FLAG},
+    "domifaddr": {**_DOMAIN, "--source": SOURCE},
 }
 # subcommand -> the options the portal always sends with it (core/virsh.py builds no command
 # without them; tests/unit/test_agent_shell.py derives this from core/virsh.py and compares): a
@@ -92,6 +114,20 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "version": ("--daemon",),
     "hostname": (),
     "uri": (),
+    "pool-list": ("--all", "--name"),
+    "pool-info": ("--pool", "--bytes"),
+    "vol-list": ("--pool",),
+    "vol-dumpxml": ("--pool", "--vol"),
+    "net-list": ("--all", "--name"),
+    "net-info": ("--network",),
+    "vol-create-as": ("--pool", "--name", "--capacity", "--format"),
+    "vol-upload": ("--pool", "--vol", "--file"),
+    "vol-clone": ("--pool", "--vol", "--newname"),
+    "vol-delete": ("--pool", "--vol"),
+    "define": ("--file",),
+    "dumpxml": ("--domain",),
+    "undefine": ("--domain", "--snapshots-metadata"),
+    "domifaddr": ("--domain", "--source"),
 }
 # subcommand -> the options it must carry when it names no --domain and so reports on every VM of
 # the host: only the fleet's metrics (GET /metrics/vms, issue 21) ask that, always with every
@@ -139,8 +175,40 @@ def check_text(text: str) -> str | None:
     return None
 
 
-def parse(command: str | None, allowed_uris: frozenset[str]) -> list[str]:
-    """The argv to run for ``command`` (sshd's SSH_ORIGINAL_COMMAND), or ``Refused``."""
+def check_bytes(text: str) -> str | None:
+    if not (text.isascii() and text.isdigit() and len(text) <= 20):
+        return "must be a whole number of bytes"
+    return None
+
+
+def check_format(text: str) -> str | None:
+    return None if text in ("qcow2", "raw") else "must be qcow2 or raw"
+
+
+def check_stdin(text: str) -> str | None:
+    return None if text == "/dev/stdin" else "must be /dev/stdin (the portal sends data on the channel)"
+
+
+def check_source(text: str) -> str | None:
+    return None if text in ("agent", "lease", "arp") else "must be agent, lease or arp"
+
+
+def _checks(pools: frozenset[str]) -> dict[str, object]:
+    def write_pool(name: str) -> str | None:
+        problem = check_snapshot_name(name)
+        if problem is None and name not in pools:
+            configured = ", ".join(sorted(pools)) or "none"
+            return f"is not a pool this host lets the portal write to (configured: {configured}; see {CONFIG_FILE})"
+        return problem
+
+    return {TEXT: check_text, VM: check_vm_name, SNAPSHOT: check_snapshot_name, POOL: check_snapshot_name,
+            VOLUME: check_snapshot_name, NETWORK: check_snapshot_name, WRITE_POOL: write_pool, BYTES: check_bytes,
+            FORMAT: check_format, STDIN: check_stdin, SOURCE: check_source}
+
+
+def parse(command: str | None, allowed_uris: frozenset[str], pools: frozenset[str] = frozenset()) -> list[str]:
+    """The argv to run for ``command`` (sshd's SSH_ORIGINAL_COMMAND), or ``Refused``. ``pools``
+    are the storage pools the portal may write to (create, upload, clone, delete volumes)."""
     if command is None:
         raise Refused("this key may only run the portal's virsh commands (no login shell, no file transfer)")
     try:
@@ -155,6 +223,7 @@ def parse(command: str | None, allowed_uris: frozenset[str]) -> list[str]:
     spec = COMMANDS.get(subcommand)
     if spec is None:
         raise Refused(f"virsh {subcommand!r} is not a command the portal uses")
+    checks = _checks(pools)
     seen: set[str] = set()
     position = 0
     while position < len(options):
@@ -171,7 +240,7 @@ def parse(command: str | None, allowed_uris: frozenset[str]) -> list[str]:
         if position == len(options):
             raise Refused(f"{option} needs a value")
         value = options[position]
-        problem = {TEXT: check_text, VM: check_vm_name, SNAPSHOT: check_snapshot_name}[kind](value)
+        problem = checks[kind](value)  # type: ignore[operator]
         if problem is not None:
             raise Refused(f"{option} value {value!r} {problem}")
         position += 1
@@ -182,6 +251,147 @@ def parse(command: str | None, allowed_uris: frozenset[str]) -> list[str]:
     if missing:
         raise Refused(f"virsh {subcommand} from the portal always has {', '.join(missing)}")
     return words
+
+
+# ---------------------------------------------------------------------- domain XML (issue 16)
+# ``virsh define`` reads the XML from stdin; the shell reads it first (bounded), checks it here and
+# hands virsh an in-memory copy. What passes can only describe a VM made of the configured pools'
+# volumes: nothing that reads or writes a host file, runs a host program, passes a host device
+# through, listens beyond loopback or drops the VM's confinement. Everything not listed is refused.
+
+XML_MAX = 1024 * 1024
+DOMAIN_CHILDREN = frozenset({
+    "name", "uuid", "genid", "title", "description", "metadata", "maxMemory", "memory", "currentMemory", "vcpu",
+    "vcpus", "iothreads", "cputune", "numatune", "resource", "os", "features", "cpu", "clock", "on_poweroff",
+    "on_reboot", "on_crash", "on_lockfailure", "pm", "devices", "sysinfo", "memtune", "blkiotune", "keywrap",
+    "perf", "iothreadids"})
+OS_CHILDREN = frozenset({"type", "boot", "bootmenu", "smbios", "bios", "loader", "nvram", "firmware"})
+DEVICES = frozenset({"emulator", "disk", "controller", "interface", "serial", "console", "channel", "graphics",
+                     "video", "input", "sound", "memballoon", "rng", "watchdog", "panic", "tpm", "hub", "vsock",
+                     "iommu", "audio"})
+CHARDEV_TYPES = frozenset({"pty", "unix", "spicevmc"})
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+SERIAL_LOG_DIR = "/var/log/libvirt/qemu/"
+_EMULATOR = re.compile(r"^/usr/(?:bin|libexec)/(?:qemu-system-[a-z0-9_]+|qemu-kvm)$")
+
+
+def _safe_path(path: str, directory: str) -> bool:
+    return path.startswith(directory) and "/../" not in path and not path.endswith("/..") and "\x00" not in path
+
+
+def check_domain_xml(text: str, pools: frozenset[str]) -> None:
+    """Raise ``Refused`` unless ``text`` is domain XML the portal may define (see above)."""
+    import xml.etree.ElementTree as ElementTree  # only define needs it
+
+    if len(text) > XML_MAX:
+        raise Refused(f"the domain XML is longer than {XML_MAX} characters")
+    upper = text.upper()
+    if "<!DOCTYPE" in upper or "<!ENTITY" in upper:
+        raise Refused("the domain XML must not have a DOCTYPE or entities")
+    try:
+        domain = ElementTree.fromstring(text)  # noqa: S314 - no DOCTYPE, so no entities
+    except ElementTree.ParseError as error:
+        raise Refused(f"the domain XML does not parse: {error}") from None
+    if domain.tag != "domain":
+        raise Refused("the XML is not a <domain>")
+    if domain.get("type") not in ("kvm", "qemu"):
+        raise Refused("the domain type must be kvm or qemu")
+    in_metadata = {id(element) for meta in domain.findall("metadata") for element in meta.iter()}
+    for element in domain.iter():
+        if (not isinstance(element.tag, str) or "{" in element.tag) and id(element) not in in_metadata:
+            raise Refused(f"element {element.tag!r} is not allowed (namespaced elements only inside <metadata>)")
+    for child in domain:
+        if child.tag not in DOMAIN_CHILDREN:
+            raise Refused(f"<{child.tag}> is not allowed in the domain")
+    os_element = domain.find("os")
+    if os_element is not None:
+        for child in os_element:
+            if child.tag not in OS_CHILDREN:
+                raise Refused(f"<os><{child.tag}> is not allowed (no host kernel, initrd, DTB or ACPI tables)")
+        for loader in os_element.findall("loader"):
+            if not _safe_path((loader.text or "").strip(), "/usr/share/"):
+                raise Refused("the firmware <loader> must be a file under /usr/share/")
+        for nvram in os_element.findall("nvram"):
+            path = (nvram.text or "").strip()
+            if path and not _safe_path(path, "/var/lib/libvirt/qemu/nvram/"):
+                raise Refused("<nvram> must be under /var/lib/libvirt/qemu/nvram/")
+            if nvram.get("template") and not _safe_path(nvram.get("template", ""), "/usr/share/"):
+                raise Refused("the <nvram> template must be a file under /usr/share/")
+            if len(nvram):
+                raise Refused("<nvram> must not have a source")
+    devices = domain.find("devices")
+    for device in devices if devices is not None else []:
+        _check_device(device, pools)
+
+
+def _check_device(device: object, pools: frozenset[str]) -> None:
+    tag = device.tag  # type: ignore[attr-defined]
+    get = device.get  # type: ignore[attr-defined]
+    find = device.find  # type: ignore[attr-defined]
+    findall = device.findall  # type: ignore[attr-defined]
+    if tag not in DEVICES:
+        raise Refused(f"device <{tag}> is not allowed (no host devices, filesystems, shared memory or redirection)")
+    if tag == "emulator" and not _EMULATOR.fullmatch((device.text or "").strip()):  # type: ignore[attr-defined]
+        raise Refused("<emulator> must be the host's qemu-system binary")
+    if tag == "disk":
+        source = find("source")
+        if get("type") == "volume":
+            if source is None or source.get("pool") not in pools:
+                raise Refused("a disk must be a volume of a pool configured for the portal "
+                              f"({', '.join(sorted(pools)) or 'none configured'})")
+            if check_snapshot_name(source.get("volume") or "") is not None:
+                raise Refused("a disk's volume name is not valid")
+        elif source is not None:
+            raise Refused("a disk must be a volume of a configured pool (no host files or block devices)")
+        elif get("device") not in ("cdrom", "floppy"):
+            raise Refused("only a CD-ROM or floppy drive may be empty")
+        if find("backingStore") is not None and len(find("backingStore")):
+            raise Refused("a disk must not name its backing store")
+    if tag == "interface":
+        if get("type") not in ("network", "bridge"):
+            raise Refused("an interface must be on a libvirt network or a bridge (no direct, hostdev, ethernet or "
+                          "vhost-user)")
+        if find("script") is not None or find("backend") is not None:
+            raise Refused("an interface must not name a script or backend")
+    if tag in ("serial", "console", "channel"):
+        if get("type") not in CHARDEV_TYPES:
+            raise Refused(f"<{tag}> must be a pty (or a unix socket libvirt names itself)")
+        if get("type") == "unix" and find("source") is not None:
+            raise Refused(f"<{tag}> unix sockets are named by libvirt, not the XML")
+        for log in findall("log"):
+            if not _safe_path(log.get("file") or "", SERIAL_LOG_DIR) or "/" in (log.get("file") or "")[
+                    len(SERIAL_LOG_DIR):]:
+                raise Refused(f"a console log must be a file directly in {SERIAL_LOG_DIR}")
+    if tag == "graphics":
+        if get("type") not in ("vnc", "spice"):
+            raise Refused("graphics must be VNC or SPICE")
+        if get("listen") is not None and get("listen") not in LOOPBACK:
+            raise Refused("graphics may only listen on the host's loopback")
+        listens = findall("listen")
+        if get("listen") is None and not listens:
+            raise Refused("graphics must say they listen on the host's loopback")
+        for listen in listens:
+            if listen.get("type") != "address" or listen.get("address", "127.0.0.1") not in LOOPBACK:
+                raise Refused("graphics may only listen on the host's loopback address")
+        if get("socket") is not None:
+            raise Refused("graphics must not name a socket")
+    if tag == "input" and (get("type") not in ("tablet", "mouse", "keyboard") or find("source") is not None):
+        raise Refused("an input must be a virtual tablet, mouse or keyboard")
+    if tag == "rng":
+        backend = find("backend")
+        if backend is None or backend.get("model") != "random" or \
+                (backend.text or "/dev/urandom").strip() not in ("/dev/urandom", "/dev/random"):
+            raise Refused("an RNG must read the host's /dev/urandom")
+    if tag == "tpm":
+        backend = find("backend")
+        if backend is None or backend.get("type") != "emulator":
+            raise Refused("a TPM must be emulated (no passthrough)")
+    if tag == "audio" and get("type") not in ("none", "spice"):
+        raise Refused("audio must be none or spice (no host files or sound servers)")
+    for element in device.iter():  # type: ignore[attr-defined]
+        if element.tag == "source" and tag != "disk" and any(
+                key in element.attrib for key in ("path", "file", "dev", "dir", "socket")):
+            raise Refused(f"<{tag}> must not name a host path")
 
 
 def clip(text: str, limit: int = LOG_TEXT_MAX) -> str:
@@ -220,13 +430,34 @@ def log(config: dict[str, str], verdict: str, command: str | None, reason: str =
         print(f"playr-agent-shell: cannot write {config['log_file']}: {error}", file=sys.stderr)
 
 
+def _checked_definition(stream: object, pools: frozenset[str]) -> int:
+    """Read the domain XML from ``stream`` (at most XML_MAX bytes), check it, and answer a file
+    descriptor of an in-memory file holding it (``/dev/stdin`` for virsh once it is fd 0)."""
+    data = stream.read(XML_MAX * 4 + 1)  # type: ignore[attr-defined]
+    if len(data) > XML_MAX * 4:
+        raise Refused("the domain XML is too long")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Refused("the domain XML is not UTF-8") from None
+    check_domain_xml(text, pools)
+    fd = os.memfd_create("playr-domain-xml")
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
 def main(args: list[str]) -> int:
     # The forced command in authorized_keys fixes the arguments: only "--config PATH" (tests) is read.
     config = read_config(args[1] if len(args) == 2 and args[0] == "--config" else CONFIG_FILE)
     command = os.environ.get("SSH_ORIGINAL_COMMAND")
     allowed = frozenset(uri.strip() for uri in config["libvirt_uris"].split(",") if uri.strip())
+    pools = frozenset(pool.strip() for pool in config["pools"].split(",") if pool.strip())
     try:
-        argv = parse(command, allowed)
+        argv = parse(command, allowed, pools)
+        if argv[3] == "define":
+            # virsh reads the XML from an in-memory file that holds exactly what was checked
+            os.dup2(_checked_definition(sys.stdin.buffer, pools), 0)
     except Refused as refusal:
         log(config, "refused", command, str(refusal))
         print(f"playr-agent-shell: refused: {clip(str(refusal))}", file=sys.stderr)

@@ -23,7 +23,8 @@ ALL_GUESTS=("${BOOT_GUESTS[@]}" "$DISK_GUEST")
 GUEST_MEM_MIB=${LAB_GUEST_MEM_MIB:-128}
 GUEST_CMDLINE="console=ttyS0 quiet loglevel=3"
 PACKAGES=(openssh-server libvirt-daemon-system libvirt-clients qemu-system-x86
-          busybox-static qemu-utils cpio)
+          busybox-static qemu-utils cpio
+          mtools syslinux syslinux-common dosfstools dnsmasq-base)  # provisioning (issue 16)
 
 SSHD_CONF=$STATE_DIR/sshd_config
 SSHD_PID=$STATE_DIR/sshd.pid
@@ -701,6 +702,180 @@ remove_guests() {
     rm -f "$STATE_DIR/$DISK_GUEST.qcow2"
 }
 
+# ------------------------------------------------ provisioning: pool, network, cloud image (issue 16)
+# A dir storage pool, an ISOLATED network (no <forward>: DHCP on its own bridge, nothing leaves the
+# machine) and a tiny bootable "cloud image" in the pool: a partitionless FAT disk (syslinux
+# installed by mtools, no loop mount) holding the lab kernel and an initrd whose init mounts the
+# cloud-init "cidata" CD, applies the hostname, prints what it read on the serial console and asks
+# DHCP. The portal's provisioning tests create VMs over it (tests/lab/test_provisioning.py).
+PROV_POOL=playr-lab-pool
+PROV_POOL_DIR=$STATE_DIR/pool
+PROV_NET=playr-lab-net
+PROV_BRIDGE=virbr-playr
+PROV_SUBNET=192.168.123
+PROV_BASE=lab-cloud-base.qcow2
+PROV_INITRD=$CACHE_DIR/cloud-initrd.img
+PROV_IMAGE_VERSION=2  # bump when write_cloud_init or PROV_MODULES change (both are rebuilt)
+# the portal attaches the seed CD on virtio-scsi (Debian's cloud kernel has no AHCI driver)
+PROV_MODULES=(scsi_common scsi_mod cdrom sr_mod isofs virtio virtio_ring virtio_pci_legacy_dev
+              virtio_pci_modern_dev virtio_pci virtio_scsi failover net_failover virtio_net)
+
+write_cloud_init() {
+    cat >"$1" <<'EOF'
+#!/bin/busybox sh
+# playr-lab cloud image init: read the NoCloud seed (label cidata), apply the hostname, say what
+# was read on the serial console, ask DHCP, then idle (the ACPI power button powers off).
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+for m in $(cat /lib/modules/order); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
+insmod /lib/modules/evdev.ko 2>/dev/null
+insmod /lib/modules/button.ko 2>/dev/null
+mkdir -p /seed
+i=0
+seed=
+while [ -z "$seed" ] && [ "$i" -lt 100 ]; do
+    for d in /dev/sr0 /dev/sr1; do
+        [ -b "$d" ] || continue
+        if mount -t iso9660 -o ro "$d" /seed 2>/dev/null; then
+            if [ -r /seed/meta-data ]; then seed=$d; break; fi
+            umount /seed
+        fi
+    done
+    [ -n "$seed" ] || { i=$((i + 1)); sleep 0.1; }
+done
+if [ -z "$seed" ]; then
+    echo "playr-cloud: no cidata seed found"
+else
+    name=$(sed -n 's/^local-hostname: *//p' /seed/meta-data | head -n1)
+    [ -n "$name" ] && hostname "$name"
+    echo "playr-cloud: seed $seed (uptime $(cut -d' ' -f1 /proc/uptime)s) instance-id=$(sed -n 's/^instance-id: *//p' /seed/meta-data | head -n1)"
+    echo "playr-cloud: hostname=$(hostname)"
+    grep -o 'ssh-[a-z0-9-]* [A-Za-z0-9+/=]*' /seed/user-data | sed 's/^/playr-cloud: key=/'
+fi
+ip link set lo up
+for e in /sys/class/net/e*; do
+    [ -e "$e" ] || continue
+    n=${e##*/}
+    ip link set "$n" up
+    if udhcpc -i "$n" -n -q -t 10 -T 1 -s /bin/true >/dev/null 2>&1; then
+        echo "playr-cloud: dhcp on $n: ok"
+    else
+        echo "playr-cloud: dhcp on $n: no lease"
+    fi
+done
+echo "playr-cloud: ready (uptime $(cut -d' ' -f1 /proc/uptime)s)"
+for d in /dev/input/event*; do
+    ( dd if="$d" of=/dev/null bs=24 count=1 2>/dev/null && poweroff -f ) &
+done
+while :; do sleep 3600; done
+EOF
+    chmod 0755 "$1"
+}
+
+ensure_cloud_initrd() {
+    [[ -s $PROV_INITRD && $(cat "$CACHE_DIR/.cloud-complete" 2>/dev/null) == "$PROV_IMAGE_VERSION" ]] && return 0
+    local pkg tmp deb m
+    pkg=$(cat "$CACHE_DIR/.complete")
+    log "building the cloud image's initrd from $pkg"
+    tmp=$(mktemp -d "$CACHE_DIR/build.XXXXXX")
+    BUILD_TMP=$tmp
+    (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2)
+    deb=$(find "$tmp" -maxdepth 1 -name '*.deb' | head -n1)
+    [[ -n $deb ]] || die "apt-get download $pkg produced no .deb"
+    dpkg-deb -x "$deb" "$tmp/root"
+    local ird=$tmp/initrd
+    mkdir -p "$ird"/{bin,dev,proc,sys,lib/modules}
+    cp /bin/busybox "$ird/bin/busybox"
+    for m in "${PROV_MODULES[@]}" evdev button; do
+        extract_module "$tmp/root" "$m" "$ird/lib/modules/$m.ko"
+    done
+    printf '%s\n' "${PROV_MODULES[@]}" >"$ird/lib/modules/order"
+    mknod -m 0600 "$ird/dev/console" c 5 1
+    write_cloud_init "$ird/init"
+    (cd "$ird" && find . -print0 |
+        cpio --null --create --format=newc --owner=0:0 --quiet) |
+        gzip -9 >"$PROV_INITRD.new"
+    mv -f "$PROV_INITRD.new" "$PROV_INITRD"
+    printf '%s\n' "$PROV_IMAGE_VERSION" >"$CACHE_DIR/.cloud-complete"
+    rm -rf "$tmp"
+    BUILD_TMP=
+}
+
+ensure_prov_pool() {
+    if ! virsh -c "$URI" pool-info --pool "$PROV_POOL" >/dev/null 2>&1; then
+        mkdir -p "$PROV_POOL_DIR"
+        vsh pool-define-as --name "$PROV_POOL" --type dir --target "$PROV_POOL_DIR" >/dev/null
+        log "defined pool $PROV_POOL ($PROV_POOL_DIR)"
+    fi
+    if [[ $(virsh -c "$URI" pool-info --pool "$PROV_POOL" | awk '$1 == "State:" { print $2 }') != running ]]; then
+        mkdir -p "$PROV_POOL_DIR"
+        vsh pool-start --pool "$PROV_POOL" >/dev/null
+    fi
+    vsh pool-autostart --pool "$PROV_POOL" >/dev/null
+}
+
+ensure_prov_network() {
+    if ! virsh -c "$URI" net-info --network "$PROV_NET" >/dev/null 2>&1; then
+        cat >"$STATE_DIR/$PROV_NET.xml" <<EOF
+<network>
+  <name>$PROV_NET</name>
+  <bridge name='$PROV_BRIDGE' stp='on' delay='0'/>
+  <ip address='$PROV_SUBNET.1' netmask='255.255.255.0'>
+    <dhcp>
+      <range start='$PROV_SUBNET.10' end='$PROV_SUBNET.200'/>
+    </dhcp>
+  </ip>
+</network>
+EOF
+        vsh net-define --file "$STATE_DIR/$PROV_NET.xml" >/dev/null
+        log "defined isolated network $PROV_NET ($PROV_BRIDGE, $PROV_SUBNET.0/24)"
+    fi
+    if [[ $(virsh -c "$URI" net-info --network "$PROV_NET" | awk '$1 == "Active:" { print $2 }') != yes ]]; then
+        vsh net-start --network "$PROV_NET" >/dev/null
+    fi
+}
+
+ensure_cloud_image() {
+    # rebuilt when the image's recipe (init, modules) changes: its version is kept beside the pool
+    if virsh -c "$URI" vol-info --pool "$PROV_POOL" --vol "$PROV_BASE" >/dev/null 2>&1; then
+        [[ $(cat "$STATE_DIR/cloud-image.version" 2>/dev/null) == "$PROV_IMAGE_VERSION" ]] && return 0
+        log "cloud image recipe changed; rebuilding $PROV_BASE"
+        vsh vol-delete --pool "$PROV_POOL" --vol "$PROV_BASE" >/dev/null
+    fi
+    ensure_cloud_initrd
+    local tmp=$STATE_DIR/cloud-build
+    rm -rf "$tmp"; mkdir -p "$tmp"
+    mkfs.fat -C -n PLAYRCLOUD "$tmp/disk.img" 65536 >/dev/null  # 64 MiB, no partition table
+    cat >"$tmp/syslinux.cfg" <<EOF
+DEFAULT cloud
+PROMPT 0
+TIMEOUT 1
+LABEL cloud
+  KERNEL vmlinuz
+  INITRD initrd.img
+  APPEND $GUEST_CMDLINE
+EOF
+    cp "$KERNEL" "$tmp/vmlinuz"
+    cp "$PROV_INITRD" "$tmp/initrd.img"
+    mcopy -i "$tmp/disk.img" "$tmp/vmlinuz" "$tmp/initrd.img" "$tmp/syslinux.cfg" ::/
+    syslinux --install "$tmp/disk.img"
+    qemu-img convert -q -f raw -O qcow2 "$tmp/disk.img" "$PROV_POOL_DIR/$PROV_BASE"
+    vsh pool-refresh --pool "$PROV_POOL" >/dev/null
+    rm -rf "$tmp"
+    printf '%s\n' "$PROV_IMAGE_VERSION" >"$STATE_DIR/cloud-image.version"
+    log "cloud image $PROV_BASE in pool $PROV_POOL"
+}
+
+ensure_provisioning() {
+    ensure_prov_pool
+    ensure_prov_network
+    ensure_cloud_image
+}
+
 # --------------------------------------------------------------------- env
 print_env() {
     local hostkey
@@ -716,6 +891,9 @@ LAB_SSHD_LOG=$SSHD_LOG
 LAB_URI=$URI
 LAB_GUESTS='${ALL_GUESTS[*]}'
 LAB_STATE_DIR=$STATE_DIR
+LAB_POOL=$PROV_POOL
+LAB_NETWORK=$PROV_NET
+LAB_BASE_VOLUME=$PROV_BASE
 EOF
 }
 
@@ -735,6 +913,7 @@ cmd_up() {
         die "ssh $LAB_USER@127.0.0.1 virsh list failed: $(libvirt_access_hint)"
     log "ssh as $LAB_USER + virsh list: ok ($(since "$t")s)"
     t=$(now); ensure_guests; log "guests: $(since "$t")s"
+    t=$(now); ensure_provisioning; log "provisioning pool, network, image: $(since "$t")s"
     print_env >"$ENV_FILE.new"
     mv -f "$ENV_FILE.new" "$ENV_FILE"
     log "up done in $(since "$t0")s; env in $ENV_FILE"

@@ -29,6 +29,7 @@ TAGS = (
     ("vms", "A VM's lifecycle: list, inspect, start, stop, reboot, suspend, autostart, statistics"),
     ("snapshots", "A VM's internal snapshots"),
     ("fleet", "Every VM on every agent at once"),
+    ("provisioning", "Storage pools, volumes and networks; creating, cloning and deleting VMs; guest addresses"),
     ("service", "The portal itself"),
 )
 

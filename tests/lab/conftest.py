@@ -113,7 +113,8 @@ def portal(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
     """The portal under gunicorn with one worker (so one SSH pool serves every request)."""
     server = Server(tmp_path_factory.mktemp("portal"), MANAGEMENT_WORKERS="1",
                     MANAGEMENT_SSH_CONNECT_TIMEOUT="3", MANAGEMENT_SSH_COMMAND_TIMEOUT="30",
-                    MANAGEMENT_SIGNUP="open", MANAGEMENT_AGENT_NETWORKS=LAB_AGENT_NETWORKS).start()
+                    MANAGEMENT_SIGNUP="open", MANAGEMENT_AGENT_NETWORKS=LAB_AGENT_NETWORKS,
+                    MANAGEMENT_VM_DOMAIN_TYPE="qemu").start()  # TCG guests: nested KVM hangs here (issue 16)
     yield server
     server.stop()
 

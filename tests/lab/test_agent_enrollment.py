@@ -36,6 +36,7 @@ INSTALLED = [Path("/usr/local/libexec"), Path("/etc/playr-agent"), Path("/var/lo
 ACCOUNT_FILES = [Path("/etc/passwd"), Path("/etc/group"), Path("/etc/shadow"), Path("/etc/gshadow")]
 GUEST = "lab-guest2"
 DISK_GUEST = "lab-disk"  # the lab guest with a qcow2 disk (snapshots)
+PROV_POOL = "playr-lab-pool"  # the lab's storage pool with its cloud image (issue 16): the shell may write to it
 
 
 @attrs.define
@@ -109,7 +110,8 @@ class Enrollment:
 
     def enroll(self) -> subprocess.CompletedProcess[str]:
         return self.run("--portal", f"http://127.0.0.1:{self.portal.port}", "--name", "enrolled-hv",
-                        "--address", "127.0.0.1", "--ssh-port", str(self.hypervisor.port))
+                        "--address", "127.0.0.1", "--ssh-port", str(self.hypervisor.port),
+                        "--pools", PROV_POOL)
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         status, answer, _ = self.portal.request(method, path, self.api_key, body)
@@ -226,6 +228,30 @@ def test_every_vm_route_works_through_the_restricted_shell(enrolled: Enrollment,
     call("POST", "/agents/{agent_id}/vms/{vm}/snapshots/{snapshot}/revert", f"{snapshots}/enrolled/revert")
     call("DELETE", "/agents/{agent_id}/vms/{vm}/snapshots/{snapshot}", f"{snapshots}/enrolled", expected=204)
 
+    # Provisioning (issue 16): the shell checks define's XML and writes only into its configured pool.
+    assert PROV_POOL in {p["name"] for p in call("GET", "/agents/{agent_id}/pools", f"{agent}/pools")}
+    assert call("GET", "/agents/{agent_id}/pools/{pool}/volumes", f"{agent}/pools/{PROV_POOL}/volumes")
+    assert call("GET", "/agents/{agent_id}/networks", f"{agent}/networks")
+    prov = "prov-enrolled"
+    for leftover in (f"{prov}-copy", prov):
+        lab.virsh("destroy", "--domain", leftover)
+        lab.virsh("undefine", "--domain", leftover)
+        for volume in (f"{leftover}.qcow2", f"{leftover}-seed.iso"):
+            lab.virsh("vol-delete", "--pool", PROV_POOL, "--vol", volume)
+    created = call("POST", "/agents/{agent_id}/vms", f"{agent}/vms", {
+        "name": prov, "vcpus": 1, "memory_mib": 128, "network": "playr-lab-net",
+        "disk": {"pool": PROV_POOL, "size_gib": 1, "base_volume": "lab-cloud-base.qcow2"},
+        "cloud_init": {"hostname": "enrolled"}}, expected=201)
+    assert [v["name"] for v in created["volumes"]] == [f"{prov}.qcow2", f"{prov}-seed.iso"]
+    call("GET", "/agents/{agent_id}/vms/{vm}/interfaces", enrolled.vm(prov, "interfaces"))
+    call("POST", "/agents/{agent_id}/vms/{vm}/force-stop", enrolled.vm(prov, "force-stop"))
+    call("POST", "/agents/{agent_id}/vms/{vm}/clone", enrolled.vm(prov, "clone"), {"name": f"{prov}-copy"},
+         expected=201)
+    for vm in (f"{prov}-copy", prov):
+        call("DELETE", "/agents/{agent_id}/vms/{vm}", enrolled.vm(vm) + "?remove_storage=true", expected=204)
+    assert lab.virsh("dominfo", "--domain", prov).returncode != 0
+    assert f"{prov}.qcow2" not in lab.virsh("vol-list", "--pool", PROV_POOL).stdout
+
     fleet = call("GET", "/vms", f"/vms?agent={enrolled.agent_id}")
     assert [(e["agent_id"], e["error"]) for e in fleet] == [(enrolled.agent_id, None)]
     assert call("GET", "/agents/{agent_id}/host", f"{agent}/host")
@@ -238,11 +264,14 @@ def test_every_vm_route_works_through_the_restricted_shell(enrolled: Enrollment,
                        "shutdown --domain", "suspend --domain", "resume --domain", "domstats --domain",
                        "autostart --domain", "snapshot-create-as --domain", "snapshot-list --domain",
                        "snapshot-revert --domain", "snapshot-delete --domain", "nodeinfo", "version --daemon",
-                       "hostname", "uri"):
+                       "hostname", "uri", "pool-list --all", "pool-info --pool", "vol-list --pool",
+                       "vol-dumpxml --pool", "net-list --all", "net-info --network", "vol-create-as --pool",
+                       "vol-upload --pool", "define --file", "dumpxml --domain", "domifaddr --domain",
+                       "vol-clone --pool", "undefine --domain", "vol-delete --pool"):
         assert f"qemu:///system {subcommand}" in log, subcommand
     routes = {(op.method.upper(), op.path) for op in OPERATIONS
               if op.path.startswith(("/agents/{agent_id}/vms", "/agents/{agent_id}/host", "/agents/{agent_id}/check",
-                                     "/vms"))}
+                                     "/vms", "/agents/{agent_id}/pools", "/agents/{agent_id}/networks"))}
     assert exercised == routes, f"not exercised through the restricted shell: {routes - exercised}"
 
 

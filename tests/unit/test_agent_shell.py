@@ -23,6 +23,8 @@ from tests.support import REPO
 SHELL_FILE = REPO / "scripts" / "agent_shell.py"
 URI = "qemu:///system"
 ALLOWED = frozenset({URI})
+POOL = "images"  # the pool the portal may write to in these tests (shell.conf's pools)
+POOLS = frozenset({POOL})
 
 
 def _load() -> ModuleType:
@@ -55,6 +57,17 @@ def portal_commands(vm: str, snapshot: str, description: str) -> list[tuple[str,
         virsh.nodeinfo_command(URI), virsh.version_command(URI), virsh.hostname_command(URI),
         virsh.check_command(URI),
         virsh.host_stats_command(URI),  # issue 21: every VM of the host, for GET /metrics/vms
+        # provisioning (issue 16): volumes and networks named like snapshots
+        virsh.pool_names_command(URI), virsh.pool_info_command(URI, POOL), virsh.volume_names_command(URI, POOL),
+        virsh.volume_xml_command(URI, POOL, snapshot), virsh.network_names_command(URI),
+        virsh.network_info_command(URI, snapshot),
+        virsh.volume_create_command(URI, POOL, snapshot, 1 << 30, "qcow2"),
+        virsh.volume_create_command(URI, POOL, snapshot, 1 << 30, "qcow2", (snapshot, "raw")),
+        virsh.volume_upload_command(URI, POOL, snapshot), virsh.volume_clone_command(URI, POOL, snapshot, snapshot),
+        virsh.volume_delete_command(URI, POOL, snapshot), virsh.define_command(URI),
+        virsh.domain_xml_command(URI, vm), virsh.domain_xml_command(URI, vm, inactive=False),
+        virsh.undefine_command(URI, vm, True), virsh.undefine_command(URI, vm, False),
+        *(virsh.interfaces_command(URI, vm, source) for source in virsh.INTERFACE_SOURCES),
     ]
 
 
@@ -76,7 +89,7 @@ def test_every_command_the_portal_sends_runs_exactly_as_sent(vm: str, snapshot: 
     except ValidationFailed:
         return  # the portal refuses to send it
     for argv in commands:
-        assert shell.parse(virsh.command_line(argv), ALLOWED) == list(argv)
+        assert shell.parse(virsh.command_line(argv), ALLOWED, POOLS) == list(argv)
 
 
 def test_the_shell_knows_no_subcommand_the_portal_does_not_use() -> None:
