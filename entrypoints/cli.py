@@ -390,8 +390,6 @@ USER_COMMANDS: tuple[UserCommand, ...] = (
                 make_body=lambda args: {"enabled": args.enabled == "on"}),
     UserCommand(("vms", "stats"), "get_vm_stats", "virsh domstats", _fields_text),
     UserCommand(("vms", "fleet"), "list_fleet", "every VM on every agent of yours", _fleet_text),
-    UserCommand(("vms", "fleet"), "list_fleet", "every VM on every agent of yours", _fleet_text,
-                run=lambda me, _op, args: me.fleet(agent_ids=args.agent, states=args.state)),
     # --- provisioning (issue 16)
     UserCommand(("pools", "list"), "list_pools", "the host's storage pools", lambda pools, _args: _table(
         pools, ("NAME", "name"), ("STATE", "state"), ("AUTOSTART", "autostart"), ("CAPACITY", "capacity_bytes"),
