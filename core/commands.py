@@ -126,3 +126,14 @@ class AutostartChange:
     """Whether libvirt starts the VM when the host (libvirtd) starts."""
 
     enabled: bool = attrs.field(metadata=doc("true: start with the host (virsh autostart); false: do not."))
+
+
+# --- consoles (issue 17)
+
+
+@attrs.frozen(kw_only=True)
+class NewConsole:
+    """Which console of the VM to open: its serial console, or its VNC display (raw RFB)."""
+
+    kind: str = attrs.field(metadata=doc("serial (virsh console) or vnc (RFB, for noVNC).",
+                                         enum=["serial", "vnc"]))

@@ -409,3 +409,27 @@ class KeyNotExportable(Conflict):
             "in the agent's public_key (install that on the hypervisor). Upload a key of your own with "
             "PATCH /agents/{id} if you need to hold the private half")) -> None:
         super().__init__(detail)
+
+
+# ---------------------------------------------------------------------- consoles (issue 17)
+
+
+class ConsoleUnavailable(Conflict):
+    """The VM has no console of the kind asked for: no serial device (``virsh ttyconsole``
+    finds none), or no VNC graphics the host's loopback reaches (``virsh domdisplay``)."""
+
+    code = "console_unavailable"
+
+
+class TooManyConsoles(TooManyRequests):
+    """The caller already has the most consoles open at once (``MANAGEMENT_MAX_CONSOLES_PER_USER``)."""
+
+    code = "too_many_consoles"
+
+
+class TunnelRefused(RemoteError):
+    """The agent's sshd refused to forward a TCP connection (``restrict`` or
+    ``AllowTcpForwarding no``, as on hosts enrolled with agent-install.sh): the VNC console then
+    goes through the restricted shell's own relay instead."""
+
+    code = "tunnel_refused"

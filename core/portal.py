@@ -17,10 +17,16 @@ import attrs
 
 from core.agents import MAX_AGENTS_PER_USER, AgentService
 from core.audit import AuditLog
+from core.consoles import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONSOLES_PER_USER,
+    DEFAULT_MAX_SECONDS,
+    ConsoleService,
+)
 from core.credentials import Keyring
 from core.fleet import FLEET_PARALLELISM, FleetService
 from core.model import SignupPolicy
-from core.ports import AgentAddresses, Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage
+from core.ports import AgentAddresses, Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage, TicketDigests
 from core.remote import RemoteCommands
 from core.snapshots import SnapshotService
 from core.users import UserService
@@ -38,6 +44,7 @@ class Portal:
     fleet: FleetService
     audit: AuditLog
     remote: RemoteCommands
+    consoles: ConsoleService  # issue 17
 
 
 def assemble(
@@ -56,6 +63,10 @@ def assemble(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     max_agents: int = MAX_AGENTS_PER_USER,
     addresses: AgentAddresses | None = None,
+    tickets: TicketDigests | None = None,
+    max_consoles: int = DEFAULT_MAX_CONSOLES_PER_USER,
+    console_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    console_max_seconds: float = DEFAULT_MAX_SECONDS,
 ) -> Portal:
     """The services over these ports; each gets only the ports it uses."""
     audit = AuditLog(storage=storage, clock=clock)
@@ -71,4 +82,7 @@ def assemble(
         fleet=FleetService(remote=remote, fleet_parallelism=fleet_parallelism, monotonic=monotonic),
         audit=audit,
         remote=remote,
+        consoles=ConsoleService(storage=storage, clock=clock, tickets=tickets, remote=remote,
+                                max_per_user=max_consoles, idle_timeout=console_idle_timeout,
+                                max_seconds=console_max_seconds, monotonic=monotonic, sleep=sleep),
     )

@@ -22,7 +22,7 @@ import attrs
 from core import errors
 from core.agents import AGENT_PAGE_MAX
 from core.audit import AUDIT_PAGE_DEFAULT, AUDIT_PAGE_MAX
-from core.commands import AgentChanges, AutostartChange, NewAgent, NewSnapshot, NewUser
+from core.commands import AgentChanges, AutostartChange, NewAgent, NewConsole, NewSnapshot, NewUser
 from core.errors import PortalError, ValidationFailed
 from core.model import Caller, Origin, User
 from core.portal import Portal
@@ -35,6 +35,7 @@ from entrypoints.shapes import (
     AuditPage,
     AutostartView,
     CommandView,
+    ConsoleTicketView,
     CredentialsView,
     FleetEntryView,
     HostFactsView,
@@ -385,6 +386,14 @@ OPERATIONS: tuple[Operation, ...] = (
               lambda p, c: invoke(p.fleet.fleet, c.me, agent_ids=c.query["agent"], states=c.query["state"]),
               _each(FleetEntryView.of), list[FleetEntryView], errors=(ValidationFailed,),
               query=(FLEET_AGENT, FLEET_STATE)),
+    # --- consoles (issue 17)
+    # scope: operate
+    Operation("open_console", "POST", "/agents/{agent_id}/vms/{vm}/console", "consoles",
+              "A one-time ticket (30 s) to open the VM's serial or VNC console as a WebSocket at GET /console/{ticket}",
+              lambda p, c: invoke(p.consoles.open_ticket, c.me, c.agent_id, c.vm, c.body.kind),
+              _one(ConsoleTicketView.of), ConsoleTicketView, NewConsole, ok=201, no_store=True,
+              errors=(*BODY_ERRORS, *REMOTE_ERRORS, errors.VmNotRunning, errors.ConsoleUnavailable,
+                      errors.TooManyConsoles)),
 )
 
 BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}

@@ -108,6 +108,10 @@ class Settings:
     max_operations_per_user: int = 16
     # credential-bearing requests that a proxy received over plain HTTP are refused unless this is true
     allow_plain_http: bool = False
+    # consoles (issue 17): open at once per user (counted in the database), idle time-out, longest session
+    max_consoles_per_user: int = 4
+    console_idle_timeout: float = 900.0
+    console_max_seconds: float = 8 * 3600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -158,6 +162,9 @@ class Settings:
             agent_networks=reader.networks("MANAGEMENT_AGENT_NETWORKS"),
             max_operations_per_user=reader.number("MANAGEMENT_MAX_OPERATIONS_PER_USER", 16, int, 1, 10_000),
             allow_plain_http=reader.flag("MANAGEMENT_ALLOW_PLAIN_HTTP", False),
+            max_consoles_per_user=reader.number("MANAGEMENT_MAX_CONSOLES_PER_USER", 4, int, 1, 10_000),
+            console_idle_timeout=reader.number("MANAGEMENT_CONSOLE_IDLE_TIMEOUT", 900.0, float, 1, 86400),
+            console_max_seconds=reader.number("MANAGEMENT_CONSOLE_MAX_SECONDS", 8 * 3600.0, float, 1, 7 * 86400),
         )
 
 

@@ -14,6 +14,7 @@ import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
+from core.consoles import IssuedTicket
 from core.errors import FieldError, ValidationFailed
 from core.model import Agent, AgentCredentials, AuditEvent, User
 from core.ports import CommandResult
@@ -542,3 +543,23 @@ class AgentCheckView:
 
 def dump(value: Any) -> Any:
     return converter.unstructure(value)
+
+
+# --- consoles (issue 17)
+
+
+@attrs.frozen
+class ConsoleTicketView:
+    """A one-time console ticket: open ``url`` (relative to the portal's base URL, as ws:// or
+    wss://) as a WebSocket within 30 s; it works once. ``vnc`` speaks raw RFB (subprotocol
+    ``binary``, for noVNC); ``serial`` carries the serial console's bytes."""
+
+    ticket: str
+    url: str
+    expires_at: datetime
+    kind: str
+
+    @classmethod
+    def of(cls, issued: IssuedTicket) -> ConsoleTicketView:
+        return cls(ticket=issued.ticket, url=f"/console/{issued.ticket}", expires_at=issued.expires_at,
+                   kind=issued.kind.value)
