@@ -103,7 +103,7 @@ class ConsoleService:
 
     def __init__(self, *, storage: Storage, clock: Clock, tickets: TicketDigests | None, remote: RemoteCommands,
                  max_per_user: int = DEFAULT_MAX_CONSOLES_PER_USER, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                 max_seconds: float = DEFAULT_MAX_SECONDS,
+                 max_seconds: float = DEFAULT_MAX_SECONDS, ticket_seconds: int = TICKET_SECONDS,
                  monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.storage = storage
@@ -113,6 +113,7 @@ class ConsoleService:
         self.max_per_user = max_per_user
         self.idle_timeout = idle_timeout
         self.max_seconds = max_seconds
+        self.ticket_seconds = ticket_seconds  # 30 s (the contract); shorter only in tests
         self._monotonic = monotonic
         self._sleep = sleep  # the time-outs' clock is injectable: tests run hours of idleness at once
 
@@ -149,7 +150,7 @@ class ConsoleService:
         ticket, digest = self.tickets.new_ticket()
         now = self.clock.now()
         stored = ConsoleTicket(id=0, user_id=caller.user.id, agent_id=agent_id, vm=vm, kind=kind, digest=digest,
-                               created_at=now, expires_at=now + timedelta(seconds=TICKET_SECONDS))
+                               created_at=now, expires_at=now + timedelta(seconds=self.ticket_seconds))
         await asyncio.to_thread(self._store, stored)
         return IssuedTicket(ticket=ticket, kind=kind, agent_id=agent_id, vm=vm, expires_at=stored.expires_at)
 

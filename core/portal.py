@@ -21,6 +21,7 @@ from core.consoles import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONSOLES_PER_USER,
     DEFAULT_MAX_SECONDS,
+    TICKET_SECONDS,
     ConsoleService,
 )
 from core.credentials import Keyring
@@ -67,6 +68,7 @@ def assemble(
     max_consoles: int = DEFAULT_MAX_CONSOLES_PER_USER,
     console_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     console_max_seconds: float = DEFAULT_MAX_SECONDS,
+    console_ticket_seconds: int = TICKET_SECONDS,
 ) -> Portal:
     """The services over these ports; each gets only the ports it uses."""
     audit = AuditLog(storage=storage, clock=clock)
@@ -84,5 +86,6 @@ def assemble(
         remote=remote,
         consoles=ConsoleService(storage=storage, clock=clock, tickets=tickets, remote=remote,
                                 max_per_user=max_consoles, idle_timeout=console_idle_timeout,
-                                max_seconds=console_max_seconds, monotonic=monotonic, sleep=sleep),
+                                max_seconds=console_max_seconds, ticket_seconds=console_ticket_seconds,
+                                monotonic=monotonic, sleep=sleep),
     )

@@ -183,7 +183,8 @@ def build_runtime(
                       max_agents=settings.max_agents_per_user, addresses=agent_addresses,
                       tickets=console_tickets, max_consoles=settings.max_consoles_per_user,
                       console_idle_timeout=settings.console_idle_timeout,
-                      console_max_seconds=settings.console_max_seconds)
+                      console_max_seconds=settings.console_max_seconds,
+                      console_ticket_seconds=settings.console_ticket_seconds)
     try:
         portal.agents.check_secret_key()
     except SecretUnreadable as error:

@@ -154,6 +154,7 @@ def _v7_console_tickets(conn: sa.Connection) -> None:
     """Consoles (issue 17): one-time tickets, stored as keyed digests, and the consoles they opened
     (open ones are counted per user across every worker and instance)."""
     md = sa.MetaData()
+    sa.Table("users", md, sa.Column("id", sa.Integer, primary_key=True))  # exists: create_all skips it
     sa.Table(
         "console_tickets", md,
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
