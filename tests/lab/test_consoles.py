@@ -145,7 +145,7 @@ async def rfb_handshake(url: str, key: str, agent_id: int) -> tuple[bytes, bytes
             header = await console.expect(re_any(4), timeout=30)
         rectangles = struct.unpack(">H", header[2:4])[0]
         assert rectangles >= 1
-        x, y, w, h, encoding = struct.unpack(">HHHHi", await console.expect(re_any(12), timeout=30))
+        _x, _y, w, h, encoding = struct.unpack(">HHHHi", await console.expect(re_any(12), timeout=30))
         bits_per_pixel = init[4]
         pixels = await console.expect(re_any(w * h * bits_per_pixel // 8), timeout=60)
         assert encoding == 0
@@ -159,7 +159,7 @@ def re_any(count: int) -> Any:
 
 def test_a_vnc_console_completes_the_rfb_handshake_and_sends_pixels(console_portal: Server, key: str,
                                                                     agent_id: int, guest: str) -> None:
-    version, init, pixels = asyncio.run(rfb_handshake(base(console_portal), key, agent_id))
+    version, _init, pixels = asyncio.run(rfb_handshake(base(console_portal), key, agent_id))
     assert version.startswith(b"RFB 003.")
     assert pixels > 0
 
