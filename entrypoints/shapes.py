@@ -172,7 +172,7 @@ class PublicKeyView:
     def of(cls, agent: Agent) -> PublicKeyView:
         return cls(agent_id=agent.id, public_key=agent.client_key.public_key,
                    key_fingerprint=agent.client_key.fingerprint,
-                   authorized_keys_line=f'restrict,command="{AGENT_SHELL}" {agent.client_key.public_key} '
+                   authorized_keys_line=f'restrict,pty,command="{AGENT_SHELL}" {agent.client_key.public_key} '
                                         f"playr-portal-agent-{agent.id}")
 
 
