@@ -169,8 +169,8 @@ def test_enrollment_registers_the_real_host_key_and_a_generated_key(enrolled: En
     assert (agent["name"], agent["hostname"], agent["port"], agent["username"]) == \
         ("enrolled-hv", "127.0.0.1", enrolled.hypervisor.port, AGENT_USER)
     authorized = Path("/var/lib/playr-agent/.ssh/authorized_keys")
-    assert authorized.read_text() == (f'restrict,pty,command="/usr/local/libexec/playr-agent-shell" {agent["public_key"]} '
-                                      f"playr-portal-agent-{enrolled.agent_id}\n")
+    assert authorized.read_text() == ('restrict,pty,command="/usr/local/libexec/playr-agent-shell" '
+                                      f"{agent['public_key']} playr-portal-agent-{enrolled.agent_id}\n")
     # root's file in root's directory: the account cannot change which keys log into it
     assert (stat.S_IMODE(authorized.stat().st_mode), authorized.stat().st_uid) == (0o644, 0)
     assert (stat.S_IMODE(authorized.parent.stat().st_mode), authorized.parent.stat().st_uid) == (0o755, 0)
