@@ -17,6 +17,8 @@
     manage-playrservers vms snapshots revert|delete AGENT VM NAME [--json]
     manage-playrservers vms fleet [--agent ID]... [--state STATE]... [--json]
     manage-playrservers agents host|check AGENT [--json]   (check exits 1 when the host fails)
+    manage-playrservers vms console AGENT VM [--url URL]   (the serial console, through the HTTP API;
+                                                          Ctrl-] detaches)
 
 It reads the same ``MANAGEMENT_*`` variables as the server. Commands that act as a user take that
 user's API key from ``MANAGEMENT_API_KEY`` (never from the command line, where other local users
@@ -294,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
             one.add_argument(flag, dest=q.name, **options)
         one.add_argument("--json", action="store_true", help="print JSON")
         one.set_defaults(handler=_run_user_command(command), words=command.words)
+    # --- consoles (issue 17)
+    console = groups[("vms",)].add_parser(
+        "console", help="attach this terminal to a VM's serial console through the portal's HTTP API (Ctrl-] "
+                        "detaches); needs MANAGEMENT_API_KEY, and the portal's URL in --url or MANAGEMENT_URL")
+    console.add_argument("agent", type=int, help="agent id")
+    console.add_argument("vm", help="VM name")
+    console.add_argument("--url", help="the portal's base URL (default: MANAGEMENT_URL, else this host's portal "
+                                       "on 127.0.0.1:MANAGEMENT_PORT)")
+    console.set_defaults(handler=_vms_console)
     return parser
 
 
@@ -424,5 +435,28 @@ def _print_json(value: Any) -> None:
     print(json.dumps(dump(value), indent=2))
 
 
+# ---------------------------------------------------------------------- consoles (issue 17)
+
+
+def _vms_console(args: argparse.Namespace, settings: Settings) -> int:
+    """``vms console AGENT VM``: works from any machine that reaches the portal's HTTP API."""
+    import asyncio
+
+    from entrypoints.console_client import ConsoleError, attach_terminal
+
+    api_key = os.environ.get("MANAGEMENT_API_KEY", "").strip()
+    if not api_key:
+        raise MissingApiKey("set MANAGEMENT_API_KEY to your API key")
+    url = args.url or os.environ.get("MANAGEMENT_URL", "").strip() or f"http://127.0.0.1:{settings.port}"
+    try:
+        ended = asyncio.run(attach_terminal(url, api_key, args.agent, args.vm))
+    except ConsoleError as error:
+        print(f"error: {error.code}: {error.detail}", file=sys.stderr)
+        return 1
+    print(f"console of {args.vm}: {ended}", file=sys.stderr)
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+

@@ -6,6 +6,7 @@ its serial port (a pty) and VNC graphics on 127.0.0.1. Tickets live 3 s here
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import time
 import uuid
@@ -211,3 +212,51 @@ def test_a_vm_that_is_not_running_gets_no_ticket(console_portal: Server, key: st
     status, problem, _ = console_portal.request("POST", f"/agents/{agent_id}/vms/lab-disk/console", key,
                                                 {"kind": "serial"})
     assert status == 409 and problem["code"] in ("vm_not_running", "console_unavailable"), problem
+
+
+def test_the_command_line_attaches_a_terminal_to_the_serial_console_and_ctrl_bracket_detaches(
+        console_portal: Server, key: str, agent_id: int, guest: str) -> None:
+    import os
+    import pty
+    import select
+    import sys
+
+    marker = f"console-{uuid.uuid4().hex[:12]}".encode()
+    env = {**os.environ, "MANAGEMENT_API_KEY": key, "MANAGEMENT_URL": base(console_portal)}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command line on a terminal, as an operator runs it
+        os.execve(sys.executable, [sys.executable, "-m", "entrypoints.cli", "vms", "console", str(agent_id), GUEST],
+                  env)
+    seen = bytearray()
+
+    def until(needle: bytes, timeout: float, poke: bytes = b"") -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in seen:
+            assert time.monotonic() < deadline, f"{needle!r} not seen: {bytes(seen[-500:])!r}"
+            if poke:
+                os.write(fd, poke)
+            ready, _, _ = select.select([fd], [], [], 1)
+            if ready:
+                seen.extend(os.read(fd, 65536))
+
+    try:
+        until(b"escape character is ^]", 60)
+        until(b"# ", 60, poke=b"\r")
+        os.write(fd, b"echo " + marker + b"\r")
+        until(b"\n" + marker, 30)
+        os.write(fd, b"\x1d")
+        deadline = time.monotonic() + 30
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            assert time.monotonic() < deadline, "Ctrl-] did not detach"
+            with contextlib.suppress(OSError):
+                if select.select([fd], [], [], 0.2)[0]:
+                    seen.extend(os.read(fd, 65536))
+        assert os.waitstatus_to_exitcode(status) == 0, bytes(seen[-500:])
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
