@@ -28,6 +28,8 @@ TAGS = (
     ("snapshots", "A VM's internal snapshots"),
     ("fleet", "Every VM on every agent at once"),
     ("service", "The portal itself"),
+    # consoles (issue 17)
+    ("consoles", "A VM's serial or VNC console: a one-time ticket here, then a WebSocket at GET /console/{ticket}"),
 )
 
 # Errors any authenticated request can meet, and those of every request.
