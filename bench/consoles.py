@@ -30,8 +30,8 @@ import asyncssh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from entrypoints.console_client import Console, open_console  # noqa: E402
-from tests.support import Server  # noqa: E402
+from entrypoints.console_client import Console, open_console
+from tests.support import Server
 
 GUEST = "console-guest"
 LAB_ENV = Path("/var/tmp/playr-lab/lab.env")
