@@ -134,3 +134,18 @@ def test_a_ticket_relays_bytes_both_ways_once_and_the_console_is_audited(
 
     assert console_events(), "no vm.console audit event"
     assert "bytes_to_vm=5" in console_events()[0]["detail"]
+
+
+def test_a_ticket_that_crossed_the_proxy_over_plain_http_is_refused(
+        app: falcon.asgi.App[Any, Any], client: Api, key: str, agent: dict[str, Any]) -> None:
+    issued = ticket(client, key, agent)
+
+    async def attempt() -> bool:
+        async with testing.ASGIConductor(app) as conductor:
+            try:
+                async with conductor.simulate_ws(issued["url"], headers={"X-Forwarded-Proto": "http"}):
+                    return False
+            except falcon.WebSocketDisconnected:
+                return True
+
+    assert asyncio.run(attempt())
