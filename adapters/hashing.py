@@ -87,3 +87,31 @@ class HmacKeyHasher:
         if stored_digest.startswith(LEGACY):
             return REKEYED_LEGACY + self._mac(stored_digest)
         return stored_digest
+
+
+# --- consoles (issue 17)
+_TICKET_PEPPER_INFO = b"manage-playrservers/console-ticket-digest/v1"
+
+
+def console_ticket_pepper(server_key: bytes) -> bytes:
+    """The pepper console-ticket digests are keyed with: HKDF-SHA256 of the server's secret key
+    (another ``info`` than API keys', so neither digest can stand for the other)."""
+    return HKDF(algorithm=hashes.SHA256(), length=PEPPER_BYTES, salt=None, info=_TICKET_PEPPER_INFO).derive(server_key)
+
+
+class HmacTicketDigests:
+    """Implements ``core.ports.TicketDigests``: 256-bit tickets from ``secrets``, stored only as
+    HMAC-SHA256 keyed with a pepper of the server key. Tickets are random and live 30 s, so a fast
+    hash is enough; keyed so that whoever can write the database cannot mint a ticket."""
+
+    def __init__(self, pepper: bytes) -> None:
+        if len(pepper) < 16:
+            raise ValueError("the console-ticket pepper must be at least 16 bytes")
+        self._pepper = pepper
+
+    def new_ticket(self) -> tuple[str, str]:
+        ticket = secrets.token_urlsafe(32)
+        return ticket, self.digest(ticket)
+
+    def digest(self, ticket: str) -> str:
+        return KEYED + hmac.new(self._pepper, ticket.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()

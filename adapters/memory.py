@@ -4,18 +4,20 @@ touch no disk, network or real cryptography."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import hashlib
 import hmac
 import itertools
+import secrets
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import attrs
 
-from core.errors import AgentAddressRefused, EmailTaken, HostKeyMismatch, SecretUnreadable
+from core.errors import AgentAddressRefused, EmailTaken, HostKeyMismatch, SecretUnreadable, TunnelRefused
 from core.model import (
     API_KEY_SCHEME,
     Agent,
@@ -23,6 +25,7 @@ from core.model import (
     ApiKey,
     AuditEvent,
     ClientKey,
+    ConsoleTicket,
     HostKey,
     IssuedApiKey,
     User,
@@ -114,7 +117,8 @@ class _State:
     keys: dict[int, ApiKey] = attrs.Factory(dict)  # key id -> key
     agents: dict[int, Agent] = attrs.Factory(dict)
     events: dict[int, AuditEvent] = attrs.Factory(dict)
-    next_id: dict[str, int] = attrs.Factory(lambda: {"user": 1, "agent": 1, "event": 1, "key": 1})
+    consoles: dict[int, ConsoleTicket] = attrs.Factory(dict)  # issue 17
+    next_id: dict[str, int] = attrs.Factory(lambda: {"user": 1, "agent": 1, "event": 1, "key": 1, "console": 1})
 
     def take_id(self, kind: str) -> int:
         value = self.next_id[kind]
@@ -248,6 +252,43 @@ class InMemoryTransaction:
         ]
         return events[:limit]
 
+    # consoles (issue 17)
+    def add_console_ticket(self, ticket: ConsoleTicket) -> ConsoleTicket:
+        stored = attrs.evolve(ticket, id=self.s.take_id("console"))
+        self.s.consoles[stored.id] = stored
+        return stored
+
+    def redeem_console_ticket(self, digest: str, at: datetime) -> ConsoleTicket | None:
+        found = next((t for t in self.s.consoles.values() if t.digest == digest), None)
+        if found is None or found.opened_at is not None or found.expires_at <= at:
+            return None
+        self.s.consoles[found.id] = attrs.evolve(found, opened_at=at)
+        return self.s.consoles[found.id]
+
+    def count_open_consoles(self, user_id: int, opened_after: datetime) -> int:
+        return sum(1 for t in self.s.consoles.values() if t.user_id == user_id and t.opened_at is not None
+                   and t.opened_at > opened_after and t.closed_at is None)
+
+    def close_console(self, ticket_id: int, at: datetime) -> None:
+        ticket = self.s.consoles.get(ticket_id)
+        if ticket is not None and ticket.closed_at is None:
+            self.s.consoles[ticket_id] = attrs.evolve(ticket, closed_at=at)
+
+
+class CountingTicketDigests:
+    """Implements ``core.ports.TicketDigests``: sequential tickets, digests anyone can recompute."""
+
+    def __init__(self) -> None:
+        self.issued = 0
+
+    def new_ticket(self) -> tuple[str, str]:
+        self.issued += 1
+        ticket = f"ticket-{self.issued:012d}-{secrets.token_hex(8)}"
+        return ticket, self.digest(ticket)
+
+    def digest(self, ticket: str) -> str:
+        return "fake:" + hashlib.sha256(ticket.encode("utf-8", "surrogatepass")).hexdigest()
+
 
 class ScriptedShell:
     """A remote shell that records every argv and answers from a script of results."""
@@ -261,6 +302,12 @@ class ScriptedShell:
         self.streams: dict[tuple[str, ...], bytes] = {}  # argv -> what a stream of it prints
         self.uncounted: list[tuple[str, ...]] = []
         self.fresh: list[tuple[str, ...]] = []
+        # consoles (issue 17): streams stay open after their output until closed when this is set;
+        # ``tunnels`` maps (host, port) -> what a connection there prints (absent: TunnelRefused)
+        self.hold_streams_open = False
+        self.tunnels: dict[tuple[str, int], bytes] = {}
+        self.opened: list[ScriptedStream] = []
+        self.ptys: list[bool] = []
 
     async def run(self, target: AgentCredentials, argv: Sequence[str], *,
                   pin: PinHostKey | None = None, stdin: bytes | None = None,
@@ -287,7 +334,27 @@ class ScriptedShell:
                      pty: bool = False) -> AsyncIterator[RemoteStream]:
         """A stream that prints ``streams[argv]`` and keeps what is written to it (``written``)."""
         self.calls.append((target.agent.id, tuple(argv)))
-        yield ScriptedStream(self.streams.get(tuple(argv), b""))
+        self.ptys.append(pty)
+        stream = ScriptedStream(self.streams.get(tuple(argv), b""), hold_open=self.hold_streams_open)
+        self.opened.append(stream)
+        try:
+            yield stream
+        finally:
+            stream.close()
+
+    @contextlib.asynccontextmanager
+    async def connect(self, target: AgentCredentials, host: str, port: int, *,
+                      pin: PinHostKey | None = None) -> AsyncIterator[RemoteStream]:
+        """A tunnel printing ``tunnels[(host, port)]``; ``TunnelRefused`` for any other address."""
+        self.calls.append((target.agent.id, ("direct-tcpip", host, str(port))))
+        if (host, port) not in self.tunnels:
+            raise TunnelRefused(f"{target.agent.hostname} refused to forward to {host}:{port}")
+        stream = ScriptedStream(self.tunnels[(host, port)], hold_open=self.hold_streams_open)
+        self.opened.append(stream)
+        try:
+            yield stream
+        finally:
+            stream.close()
 
     def discard(self, agent_id: int) -> None:
         self.discarded.append(agent_id)
@@ -299,12 +366,16 @@ class ScriptedShell:
 class ScriptedStream:
     """Implements ``core.ports.RemoteStream``: prints ``output``, then ends; keeps what it is sent."""
 
-    def __init__(self, output: bytes) -> None:
+    def __init__(self, output: bytes, *, hold_open: bool = False) -> None:
         self._output = output
         self.written = bytearray()
         self.closed = False
+        self._hold_open = hold_open  # after its output, wait for close() instead of ending
+        self._closing = asyncio.Event()
 
     async def read(self, limit: int = 65536) -> bytes:
+        if not self._output and self._hold_open and not self.closed:
+            await self._closing.wait()
         chunk, self._output = self._output[:limit], self._output[limit:]
         return chunk
 
@@ -319,6 +390,7 @@ class ScriptedStream:
 
     def close(self) -> None:
         self.closed = True
+        self._closing.set()
 
     async def wait_closed(self) -> int | None:
         return 0

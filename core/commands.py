@@ -215,3 +215,14 @@ class CloneRequest:
 
     name: str = attrs.field(metadata=doc("The new VM's name.", minLength=1, maxLength=200))
     start: bool = attrs.field(default=False, metadata=doc("Start the clone once defined (default false)."))
+
+
+# --- consoles (issue 17)
+
+
+@attrs.frozen(kw_only=True)
+class NewConsole:
+    """Which console of the VM to open: its serial console, or its VNC display (raw RFB)."""
+
+    kind: str = attrs.field(metadata=doc("serial (virsh console) or vnc (RFB, for noVNC).",
+                                         enum=["serial", "vnc"]))

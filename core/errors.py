@@ -520,3 +520,27 @@ class VmRunning(Conflict):
     """Deleting (or cloning) needs the VM shut off; ``?force=true`` destroys it first (delete only)."""
 
     code = "vm_running"
+
+
+# ---------------------------------------------------------------------- consoles (issue 17)
+
+
+class ConsoleUnavailable(Conflict):
+    """The VM has no console of the kind asked for: no serial device (``virsh ttyconsole``
+    finds none), or no VNC graphics the host's loopback reaches (``virsh domdisplay``)."""
+
+    code = "console_unavailable"
+
+
+class TooManyConsoles(TooManyRequests):
+    """The caller already has the most consoles open at once (``MANAGEMENT_MAX_CONSOLES_PER_USER``)."""
+
+    code = "too_many_consoles"
+
+
+class TunnelRefused(RemoteError):
+    """The agent's sshd refused to forward a TCP connection (``restrict`` or
+    ``AllowTcpForwarding no``, as on hosts enrolled with agent-install.sh): the VNC console then
+    goes through the restricted shell's own relay instead."""
+
+    code = "tunnel_refused"

@@ -270,3 +270,31 @@ def api_key_prefix(text: str) -> str | None:
     if not 40 <= len(secret) <= 64 or any(c not in _URLSAFE for c in secret):
         return None
     return f"{API_KEY_SCHEME}_{prefix}"
+
+
+# ---------------------------------------------------------------------- consoles (issue 17)
+
+
+class ConsoleKind(enum.Enum):
+    """What a console carries: the VM's serial console (``virsh console``) or its VNC server (RFB)."""
+
+    SERIAL = "serial"
+    VNC = "vnc"
+
+
+@attrs.frozen
+class ConsoleTicket:
+    """A one-time permission to open one console: bound to its user, agent, VM and kind; kept only
+    as the digest of its secret. ``opened_at`` is set once, when it is redeemed (single use);
+    ``closed_at`` when that console ends (open consoles are those opened and not closed)."""
+
+    id: int
+    user_id: int
+    agent_id: int
+    vm: str
+    kind: ConsoleKind
+    digest: str = attrs.field(repr=False)
+    created_at: datetime
+    expires_at: datetime
+    opened_at: datetime | None = None
+    closed_at: datetime | None = None

@@ -17,12 +17,30 @@ import attrs
 
 from core.agents import MAX_AGENTS_PER_USER, AgentService
 from core.audit import AuditLog
+from core.consoles import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONSOLES_PER_USER,
+    DEFAULT_MAX_SECONDS,
+    TICKET_SECONDS,
+    ConsoleService,
+)
 from core.credentials import Keyring
 from core.fleet import FLEET_PARALLELISM, FleetService
 from core.keys import KeyService
 from core.metrics import MIN_INTERVAL, FleetMetrics
 from core.model import SignupPolicy
-from core.ports import AgentAddresses, Clock, KeyHasher, Observer, RemoteShell, SecretBox, SeedImages, SshKeys, Storage
+from core.ports import (
+    AgentAddresses,
+    Clock,
+    KeyHasher,
+    Observer,
+    RemoteShell,
+    SecretBox,
+    SeedImages,
+    SshKeys,
+    Storage,
+    TicketDigests,
+)
 from core.provisioning import ProvisioningService
 from core.remote import RemoteCommands
 from core.snapshots import SnapshotService
@@ -44,6 +62,7 @@ class Portal:
     keys: KeyService  # API keys and scopes (issue 20)
     metrics: FleetMetrics  # the fleet for Prometheus (issue 21)
     provisioning: ProvisioningService  # issue 16
+    consoles: ConsoleService  # issue 17
 
 
 def assemble(
@@ -66,6 +85,11 @@ def assemble(
     observer: Observer | None = None,
     seeds: SeedImages | None = None,
     domain_type: str = "kvm",
+    tickets: TicketDigests | None = None,
+    max_consoles: int = DEFAULT_MAX_CONSOLES_PER_USER,
+    console_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    console_max_seconds: float = DEFAULT_MAX_SECONDS,
+    console_ticket_seconds: int = TICKET_SECONDS,
 ) -> Portal:
     """The services over these ports; each gets only the ports it uses."""
     audit = AuditLog(storage=storage, clock=clock)
@@ -87,4 +111,8 @@ def assemble(
                              observer=observer),
         provisioning=ProvisioningService(remote=remote, vms=vms, seeds=seeds, ssh_keys=ssh_keys,
                                          domain_type=domain_type),
+        consoles=ConsoleService(storage=storage, clock=clock, tickets=tickets, remote=remote,
+                                max_per_user=max_consoles, idle_timeout=console_idle_timeout,
+                                max_seconds=console_max_seconds, ticket_seconds=console_ticket_seconds,
+                                monotonic=monotonic, sleep=sleep),
     )

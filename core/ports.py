@@ -14,7 +14,17 @@ from typing import Protocol
 
 import attrs
 
-from core.model import Agent, AgentCredentials, ApiKey, AuditEvent, ClientKey, HostKey, IssuedApiKey, User
+from core.model import (
+    Agent,
+    AgentCredentials,
+    ApiKey,
+    AuditEvent,
+    ClientKey,
+    ConsoleTicket,
+    HostKey,
+    IssuedApiKey,
+    User,
+)
 
 
 class Clock(Protocol):
@@ -139,6 +149,15 @@ class RemoteShell(Protocol):
         raises."""
         ...
 
+    def connect(self, target: AgentCredentials, host: str, port: int, *,
+                pin: PinHostKey | None = None) -> AbstractAsyncContextManager[RemoteStream]:
+        """A TCP connection from the agent to ``host:port`` (an SSH ``direct-tcpip`` channel of the
+        pooled connection: the VM's VNC server on the host's loopback), as a stream until the
+        ``async with`` block ends. ``TunnelRefused`` when the host's sshd does not forward (a key
+        under ``restrict``); otherwise raises what ``stream`` raises. ``read_stderr`` answers
+        ``b""``, ``wait_closed`` None."""
+        ...
+
     def discard(self, agent_id: int) -> None:
         """Drop every pooled connection to ``agent_id`` (deleted, or its settings changed).
         Safe to call from any thread; connections still running a command close when it ends."""
@@ -146,6 +165,18 @@ class RemoteShell(Protocol):
 
     async def close(self) -> None:
         """Close every connection (on shutdown)."""
+        ...
+
+
+class TicketDigests(Protocol):
+    """Console tickets (issue 17): random secrets the database only ever holds a keyed digest of."""
+
+    def new_ticket(self) -> tuple[str, str]:
+        """A new ticket (at least 128 random bits, URL-safe text) and its digest."""
+        ...
+
+    def digest(self, ticket: str) -> str:
+        """The digest stored for ``ticket`` (deterministic: redeeming looks it up by digest)."""
         ...
 
 
@@ -203,6 +234,22 @@ class Transaction(Protocol):
                           agent_ids: frozenset[int] | None = None) -> list[AuditEvent]:
         """Newest first; with ``agent_ids``, only the events about those agents."""
         ...
+
+    # consoles (issue 17)
+    def add_console_ticket(self, ticket: ConsoleTicket) -> ConsoleTicket:
+        """Store a new ticket (and forget tickets and consoles that ended long ago)."""
+        ...
+
+    def redeem_console_ticket(self, digest: str, at: datetime) -> ConsoleTicket | None:
+        """Mark the ticket with this digest opened at ``at`` if it is unused and unexpired, in one
+        conditional update (two redeemers cannot both win); the ticket, or None."""
+        ...
+
+    def count_open_consoles(self, user_id: int, opened_after: datetime) -> int:
+        """The user's consoles opened after ``opened_after`` and not closed yet."""
+        ...
+
+    def close_console(self, ticket_id: int, at: datetime) -> None: ...
 
 
 class Storage(Protocol):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 import attrs
@@ -17,7 +18,7 @@ from core.audit import AuditLog
 from core.credentials import Keyring, owned_agent
 from core.errors import AgentChanged, PortalError
 from core.model import DEFAULT_LIBVIRT_URI, Agent, AgentCredentials, Caller, HostKey
-from core.ports import Clock, CommandResult, PinHostKey, RemoteShell, Storage
+from core.ports import Clock, CommandResult, PinHostKey, RemoteShell, RemoteStream, Storage
 
 T = TypeVar("T")
 
@@ -72,12 +73,6 @@ class RemoteCommands:
         """Run ``argv`` on the agent (with ``stdin`` sent to its standard input, then end of file);
         a first connection to an agent that trusts on first use pins the key it saw before
         anything runs. ``counted`` and ``fresh``: see ``RemoteShell.run``."""
-        if self.shell is None:
-            raise RuntimeError("this portal was built without a remote shell")
-        pin: PinHostKey | None = None
-        if target.agent.host_key is None and target.agent.allow_unknown_hosts:
-            async def pin(seen: HostKey) -> HostKey:
-                return await asyncio.to_thread(self.pin_host_key, caller, target.agent, seen)
         # Keywords only when they differ from their defaults: doubles of the port need not know them.
         extra: dict[str, Any] = {}
         if not counted:
@@ -86,7 +81,29 @@ class RemoteCommands:
             extra["fresh"] = True
         if stdin is not None:
             extra["stdin"] = stdin
-        return await self.shell.run(target, argv, pin=pin, **extra)
+        return await self._shell().run(target, argv, pin=self._pin(caller, target), **extra)
+
+    def _shell(self) -> RemoteShell:
+        if self.shell is None:
+            raise RuntimeError("this portal was built without a remote shell")
+        return self.shell
+
+    def _pin(self, caller: Caller, target: AgentCredentials) -> PinHostKey | None:
+        if target.agent.host_key is None and target.agent.allow_unknown_hosts:
+            async def pin(seen: HostKey) -> HostKey:
+                return await asyncio.to_thread(self.pin_host_key, caller, target.agent, seen)
+            return pin
+        return None
+
+    def stream(self, caller: Caller, target: AgentCredentials, argv: tuple[str, ...], *,
+               pty: bool = False) -> AbstractAsyncContextManager[RemoteStream]:
+        """A long-lived command on the agent (a console), pinning the host key on first use like ``run``."""
+        return self._shell().stream(target, argv, pin=self._pin(caller, target), pty=pty)
+
+    def connect(self, caller: Caller, target: AgentCredentials, host: str,
+                port: int) -> AbstractAsyncContextManager[RemoteStream]:
+        """A TCP connection from the agent to ``host:port`` (a VNC server on its loopback)."""
+        return self._shell().connect(target, host, port, pin=self._pin(caller, target))
 
     def pin_host_key(self, caller: Caller, agent: Agent, host_key: HostKey) -> HostKey:
         """Trust on first use: pin ``host_key`` for an agent that has none, and return the key

@@ -1105,3 +1105,51 @@ def raise_for_provisioning_failure(result: CommandResult, *, vm: str | None = No
     if ("storage volume" in lowered and "exists already" in lowered) or "volume already exists" in lowered:
         raise VolumeNameTaken(f"pool {pool!r} already has a volume named {volume!r}")
     raise_for_failure(result, vm)
+
+
+# ---------------------------------------------------------------------- consoles (issue 17)
+
+# The loopback names ``virsh domdisplay`` may print for a VNC server the host itself can reach
+# (libvirt prints "localhost" for a server listening on every address).
+_VNC_LOOPBACK = {"127.0.0.1": "127.0.0.1", "localhost": "127.0.0.1", "::1": "::1", "[::1]": "::1"}
+VNC_BASE_PORT = 5900
+
+
+def serial_console_command(uri: str, vm: str) -> tuple[str, ...]:
+    """The VM's serial console; ``--force`` takes it over from another session (like the web
+    consoles of every peer), which virsh ends."""
+    return _virsh(uri, "console", "--domain", require_vm_name(vm), "--force")
+
+
+def ttyconsole_command(uri: str, vm: str) -> tuple[str, ...]:
+    """The pty of the VM's serial console: fails (or prints nothing) when it has none."""
+    return _virsh(uri, "ttyconsole", "--domain", require_vm_name(vm))
+
+
+def vnc_display_command(uri: str, vm: str) -> tuple[str, ...]:
+    """The VM's VNC display as a URI (``vnc://127.0.0.1:0``); nothing when it has no VNC graphics."""
+    return _virsh(uri, "domdisplay", "--domain", require_vm_name(vm), "--type", "vnc")
+
+
+def vnc_relay_command(uri: str, vm: str) -> tuple[str, ...]:
+    """Not a virsh command: the restricted shell of an enrolled host (scripts/agent_shell.py)
+    answers it itself, finding the VM's VNC port with ``domdisplay`` and relaying that socket to
+    the channel, because its key may not forward ports."""
+    return _virsh(uri, "console-vnc", "--domain", require_vm_name(vm))
+
+
+def parse_vnc_display(stdout: str) -> tuple[str, int] | None:
+    """The loopback address and TCP port of a ``virsh domdisplay --type vnc`` answer, or None when
+    there is no VNC display the host's loopback reaches (none, a socket, another address)."""
+    line = stdout.strip().splitlines()[0].strip() if stdout.strip() else ""
+    if not line.startswith("vnc://") or len(line) > 200:
+        return None
+    rest = line[len("vnc://"):].split("/", 1)[0].split("?", 1)[0]
+    host, sep, display = rest.rpartition(":")
+    if not sep or not display.isascii() or not display.isdigit() or len(display) > 5:
+        return None
+    address = _VNC_LOOPBACK.get(host)
+    port = VNC_BASE_PORT + int(display)
+    if address is None or port > 65535:
+        return None
+    return address, port

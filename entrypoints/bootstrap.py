@@ -16,7 +16,7 @@ import sqlalchemy
 import structlog
 
 from adapters.clock import SystemClock
-from adapters.hashing import HmacKeyHasher, api_key_pepper
+from adapters.hashing import HmacKeyHasher, HmacTicketDigests, api_key_pepper, console_ticket_pepper
 from adapters.prometheus import PrometheusObserver, mark_process_dead
 from adapters.sealing import AesGcmSecretBox, SecretKeyError, decode_key, generate_key, load_or_create_key_file
 from adapters.seed_iso import PycdlibSeedImages
@@ -36,6 +36,7 @@ from core.ports import (
     SecretBox,
     SshKeys,
     Storage,
+    TicketDigests,
 )
 from entrypoints.settings import ConfigError, Settings, secrets_of_url, shown_url
 
@@ -218,12 +219,18 @@ def build_runtime(
     system_clock: Clock = clock or SystemClock()
     agent_addresses: AgentAddresses = ResolvingAgentAddresses(settings.agent_networks,
                                                               timeout=settings.ssh_connect_timeout)
+    # consoles (issue 17): ticket digests keyed with the server key, like API keys'
+    console_tickets: TicketDigests = HmacTicketDigests(console_ticket_pepper(server_key(settings)))
     portal = assemble(storage=storage, hasher=api_keys, secrets=secret_store, ssh_keys=key_parser,
                       clock=system_clock, signup=settings.signup, shell=remote_shell,
                       max_agents=settings.max_agents_per_user, addresses=agent_addresses,
                       metrics_min_interval=settings.metrics_min_interval, observer=observer,
                       fleet_parallelism=fleet_parallelism(settings),
-                      seeds=PycdlibSeedImages(), domain_type=settings.vm_domain_type)
+                      seeds=PycdlibSeedImages(), domain_type=settings.vm_domain_type,
+                      tickets=console_tickets, max_consoles=settings.max_consoles_per_user,
+                      console_idle_timeout=settings.console_idle_timeout,
+                      console_max_seconds=settings.console_max_seconds,
+                      console_ticket_seconds=settings.console_ticket_seconds)
     try:
         portal.agents.check_secret_key()
     except SecretUnreadable as error:

@@ -20,6 +20,8 @@
     manage-playrservers keys list|current [--json]
     manage-playrservers keys create NAME --scope S [--scope S]... [--agent ID]... [--expires-at TIME] [--json]
     manage-playrservers keys revoke KEY [--json]
+    manage-playrservers vms console AGENT VM [--url URL]   (the serial console, through the HTTP API;
+                                                          Ctrl-] detaches)
 
 Commands that act as a user (the ``USER_COMMANDS`` table) take that user's API key from
 ``MANAGEMENT_API_KEY`` (or ``--api-key``, or the configuration file). With a portal URL
@@ -516,6 +518,14 @@ def build_parser() -> argparse.ArgumentParser:
         one.add_argument("--json", action="store_true", help="print JSON")
         _remote_options(one, argparse.SUPPRESS)
         one.set_defaults(user_command=command, words=command.words)
+    # --- consoles (issue 17)
+    console = groups[("vms",)].add_parser(
+        "console", help="attach this terminal to a VM's serial console through the portal's HTTP API (Ctrl-] "
+                        "detaches); needs MANAGEMENT_API_KEY, and the portal's URL in --url or MANAGEMENT_URL")
+    console.add_argument("agent", type=int, help="agent id")
+    console.add_argument("vm", help="VM name")
+    _remote_options(console, argparse.SUPPRESS)  # default: MANAGEMENT_URL, the config file, else this host's portal
+    console.set_defaults(handler=_vms_console, anywhere=True)
     return parser
 
 
@@ -531,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _run_remote(command, args, choice.target)
             return _run_local(command, args, Settings.from_env(), choice.api_key)
         asked = remote.explicit_url(args, os.environ)
-        if asked is not None:
+        if asked is not None and not getattr(args, "anywhere", False):
             words = " ".join(w for w in (args.command, getattr(args, "action", None)) if w)
             print(f"error: '{words}' is an operator command: it runs only on the portal host, against its database, "
                   f"never through the HTTP API; unset {asked} to run it here", file=sys.stderr)
@@ -667,5 +677,30 @@ def _print_json(value: Any) -> None:
     print(json.dumps(dump(value), indent=2))
 
 
+# ---------------------------------------------------------------------- consoles (issue 17)
+
+
+def _vms_console(args: argparse.Namespace, settings: Settings) -> int:
+    """``vms console AGENT VM``: works from any machine that reaches the portal's HTTP API."""
+    import asyncio
+
+    from entrypoints.console_client import ConsoleError, attach_terminal
+
+    choice = remote.choose(args, os.environ)  # --url, MANAGEMENT_URL or the config file, as every user command
+    api_key = choice.api_key
+    if not api_key:
+        raise ConfigError("MANAGEMENT_API_KEY", "set it (or --api-key, or api_key in the configuration file) to "
+                                                "your API key")
+    url = choice.target.url if choice.target is not None else f"http://127.0.0.1:{settings.port}"
+    try:
+        ended = asyncio.run(attach_terminal(url, api_key, args.agent, args.vm))
+    except ConsoleError as error:
+        print(f"error: {error.code}: {error.detail}", file=sys.stderr)
+        return 1
+    print(f"console of {args.vm}: {ended}", file=sys.stderr)
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+

@@ -22,7 +22,17 @@ import attrs
 from core import errors
 from core.agents import AGENT_PAGE_MAX
 from core.audit import AUDIT_PAGE_DEFAULT, AUDIT_PAGE_MAX
-from core.commands import AgentChanges, AutostartChange, CloneRequest, NewAgent, NewKey, NewSnapshot, NewUser, NewVm
+from core.commands import (
+    AgentChanges,
+    AutostartChange,
+    CloneRequest,
+    NewAgent,
+    NewConsole,
+    NewKey,
+    NewSnapshot,
+    NewUser,
+    NewVm,
+)
 from core.errors import PortalError, ValidationFailed
 from core.model import Caller, Origin, Scope, User
 from core.portal import Portal
@@ -37,6 +47,7 @@ from entrypoints.shapes import (
     AuditPage,
     AutostartView,
     CommandView,
+    ConsoleTicketView,
     CreatedVmView,
     CredentialsView,
     FleetEntryView,
@@ -554,6 +565,13 @@ OPERATIONS: tuple[Operation, ...] = (
               "per VM state, vCPUs, memory, CPU time, disk and network counters. Each host is asked at most "
               "once per MANAGEMENT_METRICS_MIN_INTERVAL; an unreachable one is playr_agent_up 0",
               _fleet_exposition, lambda exposition, _call: exposition, Exposition, scope=Scope.READ),
+    # --- consoles (issue 17)
+    Operation("open_console", "POST", "/agents/{agent_id}/vms/{vm}/console", "consoles",
+              "A one-time ticket (30 s) to open the VM's serial or VNC console as a WebSocket at GET /console/{ticket}",
+              lambda p, c: invoke(p.consoles.open_ticket, c.me, c.agent_id, c.vm, c.body.kind),
+              _one(ConsoleTicketView.of), ConsoleTicketView, NewConsole, ok=201, no_store=True,
+              errors=(*BODY_ERRORS, *REMOTE_ERRORS, errors.VmNotRunning, errors.ConsoleUnavailable,
+                      errors.TooManyConsoles), scope=Scope.OPERATE),
 )
 
 OPERATIONS += PROVISIONING_OPERATIONS  # issue 16

@@ -121,6 +121,11 @@ class Settings:
     # Provisioning (issue 16): the libvirt domain type of the VMs the portal creates: kvm on real
     # hypervisors, qemu (TCG, no hardware virtualization) where KVM is missing or unusable (the lab).
     vm_domain_type: str = "kvm"
+    # consoles (issue 17): open at once per user (counted in the database), idle time-out, longest session
+    max_consoles_per_user: int = 4
+    console_idle_timeout: float = 900.0
+    console_max_seconds: float = 8 * 3600.0
+    console_ticket_seconds: int = 30  # the contract's 30 s; the lab tests shorten it to see tickets expire
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -177,6 +182,10 @@ class Settings:
             fleet_parallelism=reader.number("MANAGEMENT_FLEET_PARALLELISM", 256, int, 1, 10_000),
             ssh_failure_ttl=reader.number("MANAGEMENT_SSH_FAILURE_TTL", 15.0, float, 0, 3600),
             vm_domain_type=reader.choice_text("MANAGEMENT_VM_DOMAIN_TYPE", "kvm", ("kvm", "qemu")),
+            max_consoles_per_user=reader.number("MANAGEMENT_MAX_CONSOLES_PER_USER", 4, int, 1, 10_000),
+            console_idle_timeout=reader.number("MANAGEMENT_CONSOLE_IDLE_TIMEOUT", 900.0, float, 1, 86400),
+            console_ticket_seconds=reader.number("MANAGEMENT_CONSOLE_TICKET_SECONDS", 30, int, 1, 30),
+            console_max_seconds=reader.number("MANAGEMENT_CONSOLE_MAX_SECONDS", 8 * 3600.0, float, 1, 7 * 86400),
         )
 
 

@@ -15,6 +15,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 from core.commands import BridgeRequest
+from core.consoles import IssuedTicket
 from core.errors import FieldError, ValidationFailed
 from core.model import Agent, AgentCredentials, ApiKey, AuditEvent, User
 from core.ports import CommandResult
@@ -185,7 +186,7 @@ class PublicKeyView:
     def of_view(cls, agent: AgentView) -> PublicKeyView:
         """From the agent's view (what the command line has, locally or through the HTTP client)."""
         return cls(agent_id=agent.id, public_key=agent.public_key, key_fingerprint=agent.key_fingerprint,
-                   authorized_keys_line=f'restrict,command="{AGENT_SHELL}" {agent.public_key} '
+                   authorized_keys_line=f'restrict,pty,command="{AGENT_SHELL}" {agent.public_key} '
                                         f"playr-portal-agent-{agent.id}")
 
 
@@ -710,3 +711,23 @@ class CreatedVmView(VmInfoView):
         return cls(dominfo=info.dominfo, raw=info.raw,
                    volumes=[_by_keyword(CreatedVolumeView, v) for v in created.volumes], state=created.state,
                    waited_seconds=None if created.waited_seconds is None else round(created.waited_seconds, 3))
+
+
+# --- consoles (issue 17)
+
+
+@attrs.frozen
+class ConsoleTicketView:
+    """A one-time console ticket: open ``url`` (relative to the portal's base URL, as ws:// or
+    wss://) as a WebSocket within 30 s; it works once. ``vnc`` speaks raw RFB (subprotocol
+    ``binary``, for noVNC); ``serial`` carries the serial console's bytes."""
+
+    ticket: str
+    url: str
+    expires_at: datetime
+    kind: str
+
+    @classmethod
+    def of(cls, issued: IssuedTicket) -> ConsoleTicketView:
+        return cls(ticket=issued.ticket, url=f"/console/{issued.ticket}", expires_at=issued.expires_at,
+                   kind=issued.kind.value)

@@ -12,7 +12,7 @@
 #   - creates the system user (default playr-agent) in group libvirt, home /var/lib/playr-agent;
 #   - registers the host with the portal (POST /agents with generate_key: true and this host's own
 #     SSH host key from /etc/ssh, so the portal pins the real key: no trust on first use);
-#   - writes the portal's public key into the user's authorized_keys with restrict,command="<shell>":
+#   - writes the portal's public key into the user's authorized_keys with restrict,pty,command="<shell>":
 #     that key can run the portal's virsh commands and nothing else;
 #   - records the agent id and portal URL in /etc/playr-agent/agent.conf and prints AGENT_ID=<id>.
 # After POST /agents/{id}/rotate-key in the portal, run it again to install the new public key.
@@ -310,13 +310,14 @@ print(json.dumps({"name": os.environ["NAME"], "hostname": os.environ["ADDRESS"],
 fi
 write_state
 
-# 4. The portal's public key, forced through the restricted shell.
+# 4. The portal's public key, forced through the restricted shell. ``pty``: the serial console
+#    (issue 17) needs a terminal; the shell refuses every other command that gets one.
 answer=$(portal_call GET "/agents/$agent_id/public-key")
 [ "$(head -n 1 <<<"$answer")" = 200 ] || die "cannot read the agent's public key: $(tail -n +2 <<<"$answer" | problem_text)"
 public_key=$(tail -n +2 <<<"$answer" | json_field public_key)
 [[ "$public_key" =~ ^(ssh|ecdsa|sk)-[A-Za-z0-9@.-]+\ [A-Za-z0-9+/=]+$ ]] || die "the portal answered an unexpected public key"
 put_file "$HOME_DIR/.ssh/authorized_keys" 0644 root:root \
-    "restrict,command=\"$SHELL_PATH\" $public_key playr-portal-agent-$agent_id"
+    "restrict,pty,command=\"$SHELL_PATH\" $public_key playr-portal-agent-$agent_id"
 
 say "enrolled as agent $agent_id: the portal will log in as $agent_user@$address:$ssh_port"
 say "confirm from the portal side with POST /agents/$agent_id/check (authenticated, libvirt_reachable)"

@@ -10,8 +10,12 @@ sshd passes the client's command in ``SSH_ORIGINAL_COMMAND``. It is split like a
 would (the portal shell-quotes each argument) but never given to one: the words must be
 ``virsh --connect URI SUBCOMMAND OPTION…`` with an allowed URI, an allowed subcommand, and only
 that subcommand's options, each value checked (VM and snapshot names by the portal's own rules).
-virsh then replaces this process (no shell, same exit status). Every command, run or refused, is
-logged to syslog (auth facility) and to a log file. Refusals exit 126 with the reason on stderr.
+virsh then replaces this process (no shell, same exit status). Consoles (issue 17): ``console``
+(the serial console) is the one command allowed on a terminal (the key's ``restrict,pty`` lets sshd
+allocate one; any other command on a terminal is refused), and ``console-vnc`` is answered by this
+shell itself: it relays the VM's VNC socket on loopback, since the key may not forward ports.
+Every command, run or refused, is logged to syslog (auth facility) and to a log file. Refusals exit
+126 with the reason on stderr.
 virsh runs with a fixed environment (C locale, so its output is the English the portal parses).
 
 Standard library only: it runs on the hypervisor, where the portal is not installed.
@@ -23,7 +27,10 @@ import datetime
 import os
 import pwd
 import re
+import select
 import shlex
+import socket
+import subprocess
 import sys
 import syslog
 import unicodedata
@@ -49,6 +56,7 @@ FLAG, VM, SNAPSHOT, TEXT = "flag", "vm", "snapshot", "text"
 # configured in shell.conf; sizes are whole numbers of bytes; XML and uploads come on stdin.
 POOL, WRITE_POOL, VOLUME, NETWORK, BYTES, FORMAT, STDIN, SOURCE = (
     "pool", "write-pool", "volume", "network", "bytes", "format", "stdin", "source")
+VNC_TYPE = "vnc-type"  # consoles (issue 17): domdisplay --type, only ever "vnc"
 _DOMAIN = {"--domain": VM}
 # subcommand -> the options it may take and the kind of value each carries. This is every
 # command the portal sends (core/virsh.py); tests/unit/test_agent_shell.py checks both agree.
@@ -89,6 +97,12 @@ COMMANDS: dict[str, dict[str, str]] = {
     "dumpxml": {**_DOMAIN, "--inactive": FLAG},
     "undefine": {**_DOMAIN, "--snapshots-metadata": FLAG, "--nvram": FLAG},
     "domifaddr": {**_DOMAIN, "--source": SOURCE},
+    # --- consoles (issue 17): the serial console (the only command given a terminal), the checks
+    # made before a ticket is issued, and console-vnc, which this shell answers itself (below)
+    "console": {**_DOMAIN, "--force": FLAG},
+    "ttyconsole": _DOMAIN,
+    "domdisplay": {**_DOMAIN, "--type": VNC_TYPE},
+    "console-vnc": _DOMAIN,
 }
 # subcommand -> the options the portal always sends with it (core/virsh.py builds no command
 # without them; tests/unit/test_agent_shell.py derives this from core/virsh.py and compares): a
@@ -134,7 +148,18 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 # statistics group (core/virsh.py host_stats_command; tests/unit/test_agent_shell.py compares).
 WHOLE_HOST: dict[str, tuple[str, ...]] = {
     "domstats": ("--state", "--cpu-total", "--balloon", "--vcpu", "--interface", "--block"),
+    # --- consoles (issue 17)
+    "console": ("--domain", "--force"),
+    "ttyconsole": ("--domain",),
+    "domdisplay": ("--domain", "--type"),
+    "console-vnc": ("--domain",),
 }
+# The one command that may run on a terminal (sshd allocates one only when the client asks, which
+# the portal does for the serial console alone): anything else on a terminal is refused.
+TERMINAL_COMMANDS = frozenset({"console"})
+# console-vnc: the VNC server must be on the host's loopback (what ``virsh domdisplay`` prints for it)
+VNC_LOOPBACK = {"127.0.0.1": "127.0.0.1", "localhost": "127.0.0.1", "::1": "::1", "[::1]": "::1"}
+VNC_BASE_PORT = 5900
 LOG_TEXT_MAX = 1024  # characters of a command or reason written to the logs (the rest is counted)
 
 
@@ -203,7 +228,73 @@ def _checks(pools: frozenset[str]) -> dict[str, object]:
 
     return {TEXT: check_text, VM: check_vm_name, SNAPSHOT: check_snapshot_name, POOL: check_snapshot_name,
             VOLUME: check_snapshot_name, NETWORK: check_snapshot_name, WRITE_POOL: write_pool, BYTES: check_bytes,
-            FORMAT: check_format, STDIN: check_stdin, SOURCE: check_source}
+            FORMAT: check_format, STDIN: check_stdin, SOURCE: check_source, VNC_TYPE: check_vnc_type}
+
+
+def check_vnc_type(value: str) -> str | None:
+    return None if value == "vnc" else "must be vnc"
+
+
+def check_terminal(words: list[str], on_terminal: bool) -> None:
+    """A terminal only for the serial console: ``Refused`` for any other command given one."""
+    if on_terminal and words[3] not in TERMINAL_COMMANDS:
+        raise Refused(f"virsh {words[3]} may not run on a terminal (only the serial console may)")
+
+
+def parse_vnc_display(stdout: str) -> tuple[str, int] | None:
+    """The loopback address and port of ``virsh domdisplay --type vnc`` output, or None (the same
+    rule as the portal's core/virsh.py; tests/unit/test_agent_shell.py proves it)."""
+    line = stdout.strip().splitlines()[0].strip() if stdout.strip() else ""
+    if not line.startswith("vnc://") or len(line) > 200:
+        return None
+    rest = line[len("vnc://"):].split("/", 1)[0].split("?", 1)[0]
+    host, sep, display = rest.rpartition(":")
+    if not sep or not display.isascii() or not display.isdigit() or len(display) > 5:
+        return None
+    address = VNC_LOOPBACK.get(host)
+    port = VNC_BASE_PORT + int(display)
+    if address is None or port > 65535:
+        return None
+    return address, port
+
+
+def relay_vnc(config: dict[str, str], words: list[str], environment: dict[str, str]) -> int:
+    """``console-vnc``: find the VM's VNC port (``virsh domdisplay``) and relay that TCP socket to
+    this channel's stdin/stdout until either side closes. The portal's key cannot forward ports
+    (``restrict``), so this is the only way it reaches a VNC server, and only a VM's, on loopback."""
+    uri, vm = words[2], words[words.index("--domain") + 1]
+    display = subprocess.run([config["virsh"], "--connect", uri, "domdisplay", "--domain", vm, "--type", "vnc"],  # noqa: S603
+                             capture_output=True, text=True, env=environment, timeout=60, check=False)
+    address = parse_vnc_display(display.stdout) if display.returncode == 0 else None
+    if address is None:
+        print(f"playr-agent-shell: VM {vm!r} has no VNC display on loopback {display.stderr.strip()[:200]}",
+              file=sys.stderr)
+        return 1
+    try:
+        return _relay(address)
+    except (OSError, ValueError) as error:
+        print(f"playr-agent-shell: VNC of {vm!r} at {address[0]}:{address[1]}: {error}", file=sys.stderr)
+        return 1
+
+
+def _relay(address: tuple[str, int]) -> int:
+    with socket.create_connection(address, timeout=10) as vnc:
+        vnc.settimeout(None)
+        stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+        while True:
+            ready, _, _ = select.select([stdin, vnc], [], [])
+            if stdin in ready:
+                data = os.read(stdin, 65536)
+                if not data:
+                    return 0
+                vnc.sendall(data)
+            if vnc in ready:
+                data = vnc.recv(65536)
+                if not data:
+                    return 0
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(stdout, view):]
 
 
 def parse(command: str | None, allowed_uris: frozenset[str], pools: frozenset[str] = frozenset()) -> list[str]:
@@ -453,8 +544,11 @@ def main(args: list[str]) -> int:
     command = os.environ.get("SSH_ORIGINAL_COMMAND")
     allowed = frozenset(uri.strip() for uri in config["libvirt_uris"].split(",") if uri.strip())
     pools = frozenset(pool.strip() for pool in config["pools"].split(",") if pool.strip())
+    # A terminal: sshd allocated one (the client asked; ``restrict,pty`` allows it for the console).
+    on_terminal = os.isatty(0) or "SSH_TTY" in os.environ
     try:
         argv = parse(command, allowed, pools)
+        check_terminal(argv, on_terminal)
         if argv[3] == "define":
             # virsh reads the XML from an in-memory file that holds exactly what was checked
             os.dup2(_checked_definition(sys.stdin.buffer, pools), 0)
@@ -467,6 +561,10 @@ def main(args: list[str]) -> int:
         # A fixed environment: nothing of the session's (PAM may set LANG from /etc/default/locale,
         # and translated virsh output would not parse in the portal).
         environment = {**VIRSH_ENVIRONMENT, "HOME": pwd.getpwuid(os.getuid()).pw_dir}
+        if argv[3] == "console-vnc":
+            return relay_vnc(config, argv, environment)
+        if argv[3] == "console":
+            environment["TERM"] = os.environ.get("TERM", "xterm")[:64]
         os.execve(config["virsh"], [config["virsh"], *argv[1:]], environment)  # noqa: S606 - no shell
     except OSError as error:
         print(f"playr-agent-shell: cannot run {config['virsh']}: {error}", file=sys.stderr)

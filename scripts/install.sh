@@ -693,6 +693,13 @@ proxy_timeout() {
             WAIT_MAX + POLL_GRACE + PROXY_MARGIN))
 }
 
+# --- consoles (issue 17): a console's WebSocket lives as long as the portal lets it
+# (MANAGEMENT_CONSOLE_MAX_SECONDS, 8 h by default; idle ones end after MANAGEMENT_CONSOLE_IDLE_TIMEOUT):
+# nginx must never cut one first, whichever side stays silent.
+console_timeout() {
+    echo $(($(seconds_of MANAGEMENT_CONSOLE_MAX_SECONDS 28800) + PROXY_MARGIN))
+}
+
 nginx_site_text() {
     local addr listen="" timeout
     for addr in $NGINX_LISTEN; do
@@ -737,6 +744,25 @@ $listen    server_name $APP_DOMAIN;
         proxy_connect_timeout 10s;
         proxy_send_timeout 90s;
         proxy_read_timeout ${timeout}s;
+    }
+
+    # consoles (issue 17): GET /console/{ticket} upgrades to a WebSocket (serial bytes, or RFB for
+    # noVNC); the one-time ticket in the path is its credential
+    location /console/ {
+        proxy_pass http://127.0.0.1:$APP_PORT;
+        proxy_http_version 1.1;
+        proxy_set_header Upgrade \$http_upgrade;
+        proxy_set_header Connection "upgrade";
+        proxy_set_header Host \$host;
+        proxy_set_header X-Real-IP \$remote_addr;
+        proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto \$scheme;
+        proxy_set_header X-Forwarded-Host \$host;
+        proxy_buffering off;
+        # a session may last MANAGEMENT_CONSOLE_MAX_SECONDS (+${PROXY_MARGIN} s); the portal ends idle ones itself
+        proxy_connect_timeout 10s;
+        proxy_send_timeout $(console_timeout)s;
+        proxy_read_timeout $(console_timeout)s;
     }
 }
 EOF

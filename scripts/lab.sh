@@ -20,6 +20,8 @@ URI=qemu:///system
 BOOT_GUESTS=(lab-guest1 lab-guest2)
 DISK_GUEST=lab-disk
 ALL_GUESTS=("${BOOT_GUESTS[@]}" "$DISK_GUEST")
+# --- consoles (issue 17): a guest with a shell on its serial port (a pty) and VNC on loopback
+CONSOLE_GUEST=console-guest
 GUEST_MEM_MIB=${LAB_GUEST_MEM_MIB:-128}
 GUEST_CMDLINE="console=ttyS0 quiet loglevel=3"
 PACKAGES=(openssh-server libvirt-daemon-system libvirt-clients qemu-system-x86
@@ -39,6 +41,7 @@ VIRTLOGD_PID=$STATE_DIR/virtlogd.pid
 ENV_FILE=$STATE_DIR/lab.env
 KERNEL=$CACHE_DIR/vmlinuz
 INITRD=$CACHE_DIR/initrd.img
+CONSOLE_INITRD=$CACHE_DIR/console-initrd.img
 
 log() { printf '[lab] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -659,6 +662,83 @@ EOF
 
 domain_defined() { virsh -c "$URI" dominfo --domain "$1" >/dev/null 2>&1; }
 
+# --- consoles (issue 17) ---------------------------------------------------------------------
+# The console guest boots the same kernel with the lab initrd plus one more cpio archive appended
+# (the kernel unpacks concatenated archives in order) holding /console-init: a busybox shell on
+# ttyS0, started again whenever it exits. Its serial port is a pty (what `virsh console` needs)
+# and it has VNC graphics on 127.0.0.1 (autoport), so both console kinds have something to reach.
+write_console_init() {
+    cat >"$1" <<'EOF'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "playr-lab: console ready" >/dev/ttyS0
+while :; do
+    setsid cttyhack sh -i </dev/ttyS0 >/dev/ttyS0 2>&1
+done
+EOF
+    chmod 0755 "$1"
+}
+
+ensure_console_initrd() {
+    [[ -s $CONSOLE_INITRD && $CONSOLE_INITRD -nt $INITRD ]] && return 0
+    local tmp
+    tmp=$(mktemp -d "$CACHE_DIR/console.XXXXXX")
+    write_console_init "$tmp/console-init"
+    (cd "$tmp" && printf 'console-init\0' |
+        cpio --null --create --format=newc --owner=0:0 --quiet | gzip -9 >"$tmp/extra.img")
+    cat "$INITRD" "$tmp/extra.img" >"$CONSOLE_INITRD.new"
+    mv -f "$CONSOLE_INITRD.new" "$CONSOLE_INITRD"
+    rm -rf "$tmp"
+    log "console guest initrd built"
+}
+
+console_domain_xml() {
+    cat <<EOF
+<domain type='qemu'>
+  <name>$CONSOLE_GUEST</name>
+  <description>playr lab console guest (scripts/lab.sh): a shell on ttyS0, VNC on 127.0.0.1</description>
+  <memory unit='MiB'>$GUEST_MEM_MIB</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>$KERNEL</kernel>
+    <initrd>$CONSOLE_INITRD</initrd>
+    <cmdline>console=ttyS0 quiet loglevel=3 rdinit=/console-init</cmdline>
+  </os>
+  <features><acpi/></features>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <controller type='usb' model='none'/>
+    <serial type='pty'>
+      <target port='0'/>
+    </serial>
+    <console type='pty'>
+      <target type='serial' port='0'/>
+    </console>
+    <graphics type='vnc' listen='127.0.0.1' autoport='yes'/>
+    <video><model type='vga'/></video>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+EOF
+}
+
+ensure_console_guest() {
+    ensure_console_initrd
+    domain_defined "$CONSOLE_GUEST" && return 0
+    console_domain_xml >"$STATE_DIR/$CONSOLE_GUEST.xml"
+    vsh define --file "$STATE_DIR/$CONSOLE_GUEST.xml" >/dev/null
+    log "defined $CONSOLE_GUEST"
+}
+
 define_domain() {
     local xml=$STATE_DIR/$1.xml
     domain_xml "$@" >"$xml"
@@ -691,7 +771,7 @@ ensure_guests() {
 remove_guests() {
     local g
     libvirt_ok || { log "libvirt not reachable; cannot remove guests"; return 0; }
-    for g in "${ALL_GUESTS[@]}"; do
+    for g in "${ALL_GUESTS[@]}" "$CONSOLE_GUEST"; do
         domain_defined "$g" || continue
         if [[ $(virsh -c "$URI" domstate --domain "$g" 2>/dev/null) != "shut off" ]]; then
             vsh destroy --domain "$g" >/dev/null 2>&1 || true
@@ -894,6 +974,7 @@ LAB_STATE_DIR=$STATE_DIR
 LAB_POOL=$PROV_POOL
 LAB_NETWORK=$PROV_NET
 LAB_BASE_VOLUME=$PROV_BASE
+LAB_CONSOLE_GUEST=$CONSOLE_GUEST
 EOF
 }
 
@@ -914,6 +995,7 @@ cmd_up() {
     log "ssh as $LAB_USER + virsh list: ok ($(since "$t")s)"
     t=$(now); ensure_guests; log "guests: $(since "$t")s"
     t=$(now); ensure_provisioning; log "provisioning pool, network, image: $(since "$t")s"
+    ensure_console_guest  # consoles (issue 17)
     print_env >"$ENV_FILE.new"
     mv -f "$ENV_FILE.new" "$ENV_FILE"
     log "up done in $(since "$t0")s; env in $ENV_FILE"

@@ -195,8 +195,31 @@ def _v6_scoped_api_keys(conn: sa.Connection) -> None:
     conn.execute(sa.text("ALTER TABLE audit_events ADD COLUMN key_name VARCHAR(100)"))
 
 
+def _v7_console_tickets(conn: sa.Connection) -> None:
+    """Consoles (issue 17): one-time tickets, stored as keyed digests, and the consoles they opened
+    (open ones are counted per user across every worker and instance)."""
+    md = sa.MetaData()
+    sa.Table("users", md, sa.Column("id", sa.Integer, primary_key=True))  # exists: create_all skips it
+    sa.Table(
+        "console_tickets", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("digest", sa.String(128), nullable=False, unique=True),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("agent_id", sa.Integer, nullable=False),
+        sa.Column("vm", sa.String(255), nullable=False),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("created_at", UtcDateTime, nullable=False),
+        sa.Column("expires_at", UtcDateTime, nullable=False),
+        sa.Column("opened_at", UtcDateTime, nullable=True),
+        sa.Column("closed_at", UtcDateTime, nullable=True),
+        sa.Index("ix_console_tickets_user_id_opened_at", "user_id", "opened_at"),
+    )
+    md.create_all(conn)
+
+
 STEPS: tuple[Step, ...] = (_v1_initial, _v2_agent_revision, _v3_agent_ids_never_reused,
-                           _v4_keyed_api_key_digests, _v5_agent_key_generated, _v6_scoped_api_keys)
+                           _v4_keyed_api_key_digests, _v5_agent_key_generated, _v6_scoped_api_keys,
+                           _v7_console_tickets)
 LATEST = len(STEPS)
 
 

@@ -168,3 +168,20 @@ audit_events = sa.Table(
     sa.Column("key_id", sa.Integer, nullable=True),  # the API key that acted (migration 6); no foreign key
     sa.Column("key_name", ScrubbedString(100), nullable=True),
 )
+
+# --- consoles (issue 17): one-time console tickets, and the consoles they opened (migration 7)
+console_tickets = sa.Table(
+    "console_tickets",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("digest", SafeString(128), nullable=False, unique=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("agent_id", sa.Integer, nullable=False),  # no foreign key: the audit outlives the agent
+    sa.Column("vm", SafeString(255), nullable=False),
+    sa.Column("kind", SafeString(16), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.Column("opened_at", UtcDateTime, nullable=True),
+    sa.Column("closed_at", UtcDateTime, nullable=True),
+    sa.Index("ix_console_tickets_user_id_opened_at", "user_id", "opened_at"),
+)

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,21 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from adapters.sql import migrations
-from adapters.sql.schema import agents, api_keys, audit_events, users
+from adapters.sql.schema import agents, api_keys, audit_events, console_tickets, users
 from core.errors import AgentNameTaken, DatabaseBusy, DatabaseUnavailable, EmailTaken
-from core.model import ALL_SCOPES, Agent, ApiKey, AuditEvent, ClientKey, HostKey, IssuedApiKey, Scope, User
+from core.model import (
+    ALL_SCOPES,
+    Agent,
+    ApiKey,
+    AuditEvent,
+    ClientKey,
+    ConsoleKind,
+    ConsoleTicket,
+    HostKey,
+    IssuedApiKey,
+    Scope,
+    User,
+)
 from core.ports import NullObserver, Observer
 from core.validation import normalize_email
 
@@ -489,6 +501,44 @@ class SqlTransaction:
             query = query.where(audit_events.c.id < before)
         rows = self._execute(query.order_by(audit_events.c.id.desc()).limit(limit))
         return [AuditEvent(**row._mapping) for row in rows]
+
+    # ------------------------------------------------------------------ consoles (issue 17)
+
+    def add_console_ticket(self, ticket: ConsoleTicket) -> ConsoleTicket:
+        # Housekeeping on the way: tickets never used and consoles closed a day ago are forgotten
+        # (the audit keeps what happened).
+        old = ticket.created_at - CONSOLE_ROWS_KEPT
+        self._execute(console_tickets.delete().where(
+            sa.or_(sa.and_(console_tickets.c.opened_at.is_(None), console_tickets.c.expires_at < old),
+                   console_tickets.c.closed_at < old)))
+        ticket_id = _inserted_id(self._execute(console_tickets.insert().values(
+            digest=ticket.digest, user_id=ticket.user_id, agent_id=ticket.agent_id, vm=ticket.vm,
+            kind=ticket.kind.value, created_at=ticket.created_at, expires_at=ticket.expires_at)))
+        return attrs.evolve(ticket, id=ticket_id)
+
+    def redeem_console_ticket(self, digest: str, at: datetime) -> ConsoleTicket | None:
+        # One conditional update: of two workers redeeming the same ticket, one changes the row.
+        redeemed = self._execute(console_tickets.update().where(
+            console_tickets.c.digest == digest, console_tickets.c.opened_at.is_(None),
+            console_tickets.c.expires_at > at).values(opened_at=at))
+        if redeemed.rowcount != 1:
+            return None
+        row = self._execute(sa.select(console_tickets).where(console_tickets.c.digest == digest)).one()._mapping
+        return ConsoleTicket(id=row["id"], user_id=row["user_id"], agent_id=row["agent_id"], vm=row["vm"],
+                             kind=ConsoleKind(row["kind"]), digest=row["digest"], created_at=row["created_at"],
+                             expires_at=row["expires_at"], opened_at=row["opened_at"], closed_at=row["closed_at"])
+
+    def count_open_consoles(self, user_id: int, opened_after: datetime) -> int:
+        return int(self._execute(sa.select(sa.func.count()).select_from(console_tickets).where(
+            console_tickets.c.user_id == user_id, console_tickets.c.opened_at > opened_after,
+            console_tickets.c.closed_at.is_(None))).scalar_one())
+
+    def close_console(self, ticket_id: int, at: datetime) -> None:
+        self._execute(console_tickets.update().where(console_tickets.c.id == ticket_id,
+                                                     console_tickets.c.closed_at.is_(None)).values(closed_at=at))
+
+
+CONSOLE_ROWS_KEPT = timedelta(days=1)
 
 
 _SCOPES_BY_NAME = {scope.value: scope for scope in Scope}

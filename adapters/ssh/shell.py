@@ -66,6 +66,7 @@ from core.errors import (
     PortalError,
     RemoteError,
     TooManyOperations,
+    TunnelRefused,
 )
 from core.model import Agent, AgentCredentials, HostKey
 from core.networks import AgentNetworks, IPAddress
@@ -281,6 +282,37 @@ class AsyncsshShell:
         elif self.failure_ttl > 0 and isinstance(error, _CONNECT_FAILURES):
             self._failures[agent.id] = ((agent.owner_id, agent.created_at), agent.revision, error,
                                         self._now() + self.failure_ttl)
+    @contextlib.asynccontextmanager
+    async def connect(self, target: AgentCredentials, host: str, port: int, *,
+                      pin: PinHostKey | None = None) -> AsyncIterator[RemoteStream]:
+        """A ``direct-tcpip`` channel of the pooled connection to ``host:port`` as seen from the
+        agent (consoles, issue 17). A refusal by the server is ``TunnelRefused``: nothing was
+        opened, and the caller may take another way (the restricted shell's relay)."""
+        self._start_reaper()
+        slot = self._acquire(target, pin)
+        try:
+            conn = await self._ready(slot)
+            try:
+                reader, writer = await asyncio.wait_for(conn.open_connection(host, port),
+                                                        timeout=self.command_timeout)
+            except TimeoutError:
+                raise CommandTimeout(f"{target.agent.hostname} did not open a tunnel within "
+                                     f"{self.command_timeout:g} s") from None
+            except asyncssh.ChannelOpenError as error:
+                if conn.is_closed():
+                    raise _lost(target.agent, error) from None
+                raise TunnelRefused(f"{target.agent.hostname} refused to forward to {host}:{port} "
+                                    f"({_reason(error)})") from None
+            except (asyncssh.DisconnectError, OSError) as error:
+                raise _lost(target.agent, error) from None
+            slot.channels += 1
+            try:
+                yield _Tunnel(reader, writer, target.agent)
+            finally:
+                slot.channels -= 1
+                writer.close()
+        finally:
+            self._release(slot)
 
     def operations_running(self, owner_id: int) -> int:
         """How many commands of this user run (or wait for a connection) now (tests, metrics)."""
@@ -760,6 +792,43 @@ class _Stream:
     async def wait_closed(self) -> int | None:
         await self._guarded(self._process.wait_closed())
         return self._process.exit_status
+
+    async def _guarded(self, step: Awaitable[_T]) -> _T:
+        try:
+            return await step
+        except (asyncssh.DisconnectError, asyncssh.ChannelOpenError, BrokenPipeError, OSError) as error:
+            raise _lost(self._agent, error) from None
+
+
+class _Tunnel:
+    """Implements ``core.ports.RemoteStream`` over a ``direct-tcpip`` channel (no stderr, no exit
+    status)."""
+
+    def __init__(self, reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes], agent: Agent) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._agent = agent
+
+    async def read(self, limit: int = _READ_CHUNK) -> bytes:
+        return await self._guarded(self._reader.read(limit))
+
+    async def read_stderr(self, limit: int = _READ_CHUNK) -> bytes:
+        return b""
+
+    async def write(self, data: bytes) -> None:
+        self._writer.write(data)
+        await self._guarded(self._writer.drain())
+
+    def write_eof(self) -> None:
+        self._writer.write_eof()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    async def wait_closed(self) -> int | None:
+        with contextlib.suppress(Exception):
+            await self._writer.channel.wait_closed()
+        return None
 
     async def _guarded(self, step: Awaitable[_T]) -> _T:
         try:

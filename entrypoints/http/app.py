@@ -13,6 +13,7 @@ import falcon.asgi
 from entrypoints.bootstrap import Runtime
 from entrypoints.http import errors, openapi
 from entrypoints.http.cache import UntilChanged
+from entrypoints.http.console import ConsoleResource
 from entrypoints.http.metrics import PortalMetrics
 from entrypoints.http.middleware import (
     Authentication,
@@ -62,4 +63,6 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
         app.add_route(template, OperationsResource(
             portal, operations, document_body=document_body,
             lists=UntilChanged(data_version, max_entries=1_000) if cached else None, metrics=metrics))
+    # consoles (issue 17): the WebSocket a console ticket opens (its ticket is its credential)
+    app.add_route("/console/{ticket}", ConsoleResource(portal))
     return app

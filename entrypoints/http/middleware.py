@@ -61,6 +61,19 @@ class RequestContext:
         if len(headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in headers.items()) > MAX_HEADER_BYTES:
             raise errors.HeadersTooLarge(f"send at most {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes of them")
 
+    async def process_request_ws(self, req: falcon.asgi.Request, ws: falcon.asgi.WebSocket) -> None:
+        """The same context for a WebSocket (consoles, issue 17). Nothing is raised here: a refused
+        upgrade is the route's to answer (403 without detail), so limits only mark the request."""
+        supplied = req.get_header("X-Request-Id") or ""
+        req.context.request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        req.context.client_address = req.remote_addr or "unknown"
+        req.context.started = time.perf_counter()
+        req.context.user = None
+        structlog.contextvars.bind_contextvars(request_id=req.context.request_id)
+        headers = req.headers
+        if len(headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in headers.items()) > MAX_HEADER_BYTES:
+            req.context.refused = True
+
     async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
                                resource: object, req_succeeded: bool) -> None:
         user = getattr(req.context, "user", None)
@@ -131,6 +144,14 @@ class HttpsRequired:
                                resource: object, params: dict[str, Any]) -> None:
         if resource is not None and (req.method, req.uri_template) in self.ISSUING_KEYS:
             self.check(req)
+
+    async def process_request_ws(self, req: falcon.asgi.Request, ws: falcon.asgi.WebSocket) -> None:
+        """A console ticket is a credential too: one that crossed the network in clear through the
+        proxy is not redeemed (the upgrade is refused; issue 17)."""
+        try:
+            self.check(req)
+        except errors.HttpsRequired:
+            req.context.refused = True
 
     def check(self, req: falcon.asgi.Request) -> None:
         if self.allow_plain_http:

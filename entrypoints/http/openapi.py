@@ -31,6 +31,8 @@ TAGS = (
     ("fleet", "Every VM on every agent at once"),
     ("provisioning", "Storage pools, volumes and networks; creating, cloning and deleting VMs; guest addresses"),
     ("service", "The portal itself"),
+    # consoles (issue 17)
+    ("consoles", "A VM's serial or VNC console: a one-time ticket here, then a WebSocket at GET /console/{ticket}"),
 )
 
 # Errors any authenticated request can meet, and those of every request.

@@ -374,6 +374,16 @@ def assert_unit(port: int) -> None:
         assert line in site, line
     read_timeout = next(line for line in site.splitlines() if "proxy_read_timeout" in line)
     assert int(read_timeout.split()[1].rstrip("s;")) >= 75
+    # consoles (issue 17): /console/ upgrades to a WebSocket, and nginx never cuts a console the
+    # portal keeps (MANAGEMENT_CONSOLE_MAX_SECONDS, 8 h by default)
+    console = site.split("location /console/ {", 1)[1].split("}", 1)[0]
+    for line in (f"proxy_pass http://127.0.0.1:{port};", "proxy_http_version 1.1;",
+                 "proxy_set_header Upgrade $http_upgrade;", 'proxy_set_header Connection "upgrade";',
+                 "proxy_set_header X-Forwarded-Proto $scheme;", "proxy_buffering off;"):
+        assert line in console, line
+    for directive in ("proxy_read_timeout", "proxy_send_timeout"):
+        value = next(line for line in console.splitlines() if directive in line)
+        assert int(value.split()[1].rstrip("s;")) >= 8 * 3600, value
 
 
 def assert_owners_and_modes(service: Service) -> None:

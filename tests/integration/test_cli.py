@@ -102,8 +102,8 @@ def test_agents_public_key_and_rotate_key_print_the_authorized_keys_line(tmp_pat
                                                      generate_key=True)
     shown = cli(tmp_path, "agents", "public-key", str(agent.id), MANAGEMENT_API_KEY=api_key)
     assert shown.returncode == 0, shown.stderr
-    assert shown.stdout == (f'restrict,command="/usr/local/libexec/playr-agent-shell" {agent.client_key.public_key} '
-                            f"playr-portal-agent-{agent.id}\n")
+    assert shown.stdout == ('restrict,pty,command="/usr/local/libexec/playr-agent-shell" '
+                            f"{agent.client_key.public_key} playr-portal-agent-{agent.id}\n")
     rotated = cli(tmp_path, "agents", "rotate-key", str(agent.id), "--json", MANAGEMENT_API_KEY=api_key)
     assert rotated.returncode == 0, rotated.stderr
     new = json.loads(rotated.stdout)

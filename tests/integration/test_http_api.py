@@ -483,7 +483,7 @@ def test_generated_key_agent_exposes_its_public_key_and_keeps_the_private_key_se
     assert published.json["public_key"] == agent["public_key"]
     assert published.json["key_fingerprint"] == agent["key_fingerprint"]
     assert published.json["authorized_keys_line"] == (
-        f'restrict,command="/usr/local/libexec/playr-agent-shell" {agent["public_key"]} '
+        f'restrict,pty,command="/usr/local/libexec/playr-agent-shell" {agent["public_key"]} '
         f"playr-portal-agent-{agent['id']}")
     # The private key is never exported, and the sealed one is the one the public key belongs to.
     assert_problem(api.call("GET", f"/agents/{agent['id']}/credentials", key), 409, "key_not_exportable")

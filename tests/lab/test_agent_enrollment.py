@@ -6,6 +6,7 @@ second sshd that uses this machine's real host key from /etc/ssh, as an enrolled
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -170,8 +171,8 @@ def test_enrollment_registers_the_real_host_key_and_a_generated_key(enrolled: En
     assert (agent["name"], agent["hostname"], agent["port"], agent["username"]) == \
         ("enrolled-hv", "127.0.0.1", enrolled.hypervisor.port, AGENT_USER)
     authorized = Path("/var/lib/playr-agent/.ssh/authorized_keys")
-    assert authorized.read_text() == (f'restrict,command="/usr/local/libexec/playr-agent-shell" {agent["public_key"]} '
-                                      f"playr-portal-agent-{enrolled.agent_id}\n")
+    assert authorized.read_text() == ('restrict,pty,command="/usr/local/libexec/playr-agent-shell" '
+                                      f"{agent['public_key']} playr-portal-agent-{enrolled.agent_id}\n")
     # root's file in root's directory: the account cannot change which keys log into it
     assert (stat.S_IMODE(authorized.stat().st_mode), authorized.stat().st_uid) == (0o644, 0)
     assert (stat.S_IMODE(authorized.parent.stat().st_mode), authorized.parent.stat().st_uid) == (0o755, 0)
@@ -318,8 +319,12 @@ def test_the_key_gets_no_shell_no_file_transfer_and_no_forwarding(enrolled: Enro
                                                                   tmp_path: Path) -> None:
     login = ssh(enrolled, portal_key, f"{AGENT_USER}@127.0.0.1")
     assert login.returncode == 126 and "no login shell" in login.stderr
+    # A terminal is allowed for the serial console (issue 17), so sshd gives one; the shell still
+    # gives no login on it, and refuses every other command that comes with one.
     terminal = ssh(enrolled, portal_key, "-tt", f"{AGENT_USER}@127.0.0.1")
-    assert terminal.returncode != 0 and "PTY allocation request failed" in terminal.stderr
+    assert terminal.returncode == 126 and "no login shell" in terminal.stdout + terminal.stderr
+    listing = ssh(enrolled, portal_key, "-tt", f"{AGENT_USER}@127.0.0.1", "virsh --connect qemu:///system list --all")
+    assert listing.returncode == 126 and "terminal" in listing.stdout + listing.stderr
     batch = tmp_path / "batch"
     batch.write_text("get /etc/passwd\n")
     common = ["-i", str(portal_key), "-P", str(enrolled.hypervisor.port), "-o", "BatchMode=yes",
@@ -402,3 +407,29 @@ def test_refused_enrollments_say_why_and_leave_nothing_behind(enrollment: Enroll
     assert enrollment.run("--uninstall", api_key=False).returncode == 0
     assert trace() == enrollment.before
 
+
+
+# ---------------------------------------------------------------------------------------- consoles (issue 17)
+
+
+def test_consoles_work_through_the_restricted_shell(enrolled: Enrollment, lab: Lab) -> None:
+    """Serial (virsh console on the terminal the key may have) and VNC (the shell's own relay: the
+    key may not forward ports) through the enrolled host; closing the WebSocket ends virsh console."""
+    from tests.lab.test_consoles import GUEST as CONSOLE_GUEST
+    from tests.lab.test_consoles import console_processes, rfb_handshake, serial_echo, wait_for
+
+    started = lab.virsh("domstate", "--domain", CONSOLE_GUEST).stdout.strip() != "running"
+    if started:
+        assert lab.virsh("start", "--domain", CONSOLE_GUEST).returncode == 0
+    try:
+        url = f"http://127.0.0.1:{enrolled.portal.port}"
+        asyncio.run(serial_echo(url, enrolled.api_key, enrolled.agent_id))
+        wait_for(lambda: not console_processes(CONSOLE_GUEST), 15, "virsh console still runs on the host")
+        version, _init, pixels = asyncio.run(rfb_handshake(url, enrolled.api_key, enrolled.agent_id))
+        assert version.startswith(b"RFB 003.") and pixels > 0
+        log = Path("/var/log/playr-agent/commands.log").read_text().splitlines()
+        assert any("console --domain console-guest --force" in line and line.split()[2] == "run" for line in log)
+        assert any("console-vnc --domain console-guest" in line and line.split()[2] == "run" for line in log)
+    finally:
+        if started:
+            lab.virsh("destroy", "--domain", CONSOLE_GUEST)

@@ -68,6 +68,9 @@ def portal_commands(vm: str, snapshot: str, description: str) -> list[tuple[str,
         virsh.domain_xml_command(URI, vm), virsh.domain_xml_command(URI, vm, inactive=False),
         virsh.undefine_command(URI, vm, True), virsh.undefine_command(URI, vm, False),
         *(virsh.interfaces_command(URI, vm, source) for source in virsh.INTERFACE_SOURCES),
+        # consoles (issue 17)
+        virsh.serial_console_command(URI, vm), virsh.ttyconsole_command(URI, vm),
+        virsh.vnc_display_command(URI, vm), virsh.vnc_relay_command(URI, vm),
     ]
 
 
@@ -124,6 +127,16 @@ def test_the_shell_knows_no_subcommand_the_portal_does_not_use() -> None:
     "virsh --connect qemu:///system 'list' \"--all\" '",
     "virsh -c qemu:///system list --all",
     "/usr/bin/virsh --connect qemu:///system list --all",
+    # consoles (issue 17): exact arguments only
+    "virsh --connect qemu:///system console --domain guest1",
+    "virsh --connect qemu:///system console --domain guest1 --force --devname serial1",
+    "virsh --connect qemu:///system console --domain 'guest1; id' --force",
+    "virsh --connect qemu:///system domdisplay --domain guest1 --type spice",
+    "virsh --connect qemu:///system domdisplay --domain guest1",
+    "virsh --connect qemu:///system domdisplay --domain guest1 --type vnc --include-password",
+    "virsh --connect qemu:///system console-vnc",
+    "virsh --connect qemu:///system console-vnc --domain guest1 --port 22",
+    "virsh --connect qemu:///system ttyconsole --domain -x",
 ])
 def test_anything_else_is_refused(command: str | None) -> None:
     with pytest.raises(shell.Refused):
@@ -259,3 +272,45 @@ def test_a_whole_host_domstats_must_carry_exactly_the_groups_the_portal_sends() 
     for dropped in argv[4:]:
         with pytest.raises(shell.Refused):
             shell.parse(virsh.command_line([word for word in argv if word != dropped]), ALLOWED)
+
+
+# ---------------------------------------------------------------------------------------- consoles (issue 17)
+
+
+@given(vm=names, snapshot=names, description=names)
+def test_only_the_serial_console_may_run_on_a_terminal(vm: str, snapshot: str, description: str) -> None:
+    try:
+        commands = portal_commands(vm, snapshot, description)
+    except ValidationFailed:
+        return
+    for argv in commands:
+        words = shell.parse(virsh.command_line(argv), ALLOWED)
+        shell.check_terminal(words, False)
+        if argv[3] == "console":
+            shell.check_terminal(words, True)
+        else:
+            with pytest.raises(shell.Refused):
+                shell.check_terminal(words, True)
+
+
+@given(st.text(max_size=60) | st.builds(lambda host, display: f"vnc://{host}:{display}",
+                                         st.sampled_from(["127.0.0.1", "localhost", "[::1]", "::1", "10.0.0.1", ""]),
+                                         st.text("0123456789٣", max_size=7)))
+def test_the_shell_and_the_portal_read_vnc_displays_alike(text: str) -> None:
+    assert shell.parse_vnc_display(text) == virsh.parse_vnc_display(text)
+
+
+def test_a_command_given_a_terminal_is_refused_unless_it_is_the_serial_console(tmp_path: Path) -> None:
+    log = tmp_path / "commands.log"
+    config = tmp_path / "shell.conf"
+    config.write_text(f"libvirt_uris = {URI}\nlog_file = {log}\nvirsh = /bin/echo\n")
+    env = {"PATH": "/usr/bin:/bin", "SSH_CONNECTION": "192.0.2.9 50000 192.0.2.1 22", "SSH_TTY": "/dev/pts/9"}
+    listing = subprocess.run([sys.executable, str(SHELL_FILE), "--config", str(config)], capture_output=True,
+                             env={**env, "SSH_ORIGINAL_COMMAND": f"virsh --connect {URI} list --all"}, text=True,
+                             timeout=30)
+    assert listing.returncode == 126 and "terminal" in listing.stderr
+    console = subprocess.run([sys.executable, str(SHELL_FILE), "--config", str(config)], capture_output=True,
+                             env={**env, "SSH_ORIGINAL_COMMAND": f"virsh --connect {URI} console --domain g1 --force"},
+                             text=True, timeout=30)
+    assert console.returncode == 0 and console.stdout.split() == ["--connect", URI, "console", "--domain", "g1",
+                                                                  "--force"]
