@@ -142,17 +142,17 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "dumpxml": ("--domain",),
     "undefine": ("--domain", "--snapshots-metadata"),
     "domifaddr": ("--domain", "--source"),
+    # --- consoles (issue 17)
+    "console": ("--domain", "--force"),
+    "ttyconsole": ("--domain",),
+    "domdisplay": ("--domain", "--type"),
+    "console-vnc": ("--domain",),
 }
 # subcommand -> the options it must carry when it names no --domain and so reports on every VM of
 # the host: only the fleet's metrics (GET /metrics/vms, issue 21) ask that, always with every
 # statistics group (core/virsh.py host_stats_command; tests/unit/test_agent_shell.py compares).
 WHOLE_HOST: dict[str, tuple[str, ...]] = {
     "domstats": ("--state", "--cpu-total", "--balloon", "--vcpu", "--interface", "--block"),
-    # --- consoles (issue 17)
-    "console": ("--domain", "--force"),
-    "ttyconsole": ("--domain",),
-    "domdisplay": ("--domain", "--type"),
-    "console-vnc": ("--domain",),
 }
 # The one command that may run on a terminal (sshd allocates one only when the client asks, which
 # the portal does for the serial console alone): anything else on a terminal is refused.

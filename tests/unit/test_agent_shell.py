@@ -284,7 +284,7 @@ def test_only_the_serial_console_may_run_on_a_terminal(vm: str, snapshot: str, d
     except ValidationFailed:
         return
     for argv in commands:
-        words = shell.parse(virsh.command_line(argv), ALLOWED)
+        words = shell.parse(virsh.command_line(argv), ALLOWED, POOLS)
         shell.check_terminal(words, False)
         if argv[3] == "console":
             shell.check_terminal(words, True)
