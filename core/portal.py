@@ -18,6 +18,7 @@ import attrs
 from core.agents import MAX_AGENTS_PER_USER, AgentService
 from core.audit import AuditLog
 from core.credentials import Keyring
+from core.events import EVENT_RETENTION, EventLog
 from core.fleet import FLEET_PARALLELISM, FleetService
 from core.model import SignupPolicy
 from core.ports import AgentAddresses, Clock, KeyHasher, RemoteShell, SecretBox, SshKeys, Storage
@@ -25,6 +26,7 @@ from core.remote import RemoteCommands
 from core.snapshots import SnapshotService
 from core.users import UserService
 from core.vms import POLL_GRACE, POLL_INTERVAL, VmService
+from core.watch import LEASE_SECONDS, MAX_AGE, RENEW_EVERY, WatchService
 
 
 @attrs.frozen
@@ -38,6 +40,8 @@ class Portal:
     fleet: FleetService
     audit: AuditLog
     remote: RemoteCommands
+    events: EventLog
+    watch: WatchService
 
 
 def assemble(
@@ -56,19 +60,28 @@ def assemble(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     max_agents: int = MAX_AGENTS_PER_USER,
     addresses: AgentAddresses | None = None,
+    event_retention: int = EVENT_RETENTION,
+    mirror_max_age: float = MAX_AGE,
+    lease_seconds: float = LEASE_SECONDS,
+    renew_every: float = RENEW_EVERY,
 ) -> Portal:
     """The services over these ports; each gets only the ports it uses."""
-    audit = AuditLog(storage=storage, clock=clock)
+    events = EventLog(storage=storage, clock=clock, retention=event_retention)
+    audit = AuditLog(storage=storage, clock=clock, events=events)
     keyring = Keyring(secrets)
     remote = RemoteCommands(storage=storage, keyring=keyring, clock=clock, audit=audit, shell=shell)
+    watch = WatchService(storage=storage, keyring=keyring, shell=shell, clock=clock, events=events,
+                         lease_seconds=lease_seconds, renew_every=renew_every, max_age=mirror_max_age)
     return Portal(
         users=UserService(storage=storage, hasher=hasher, clock=clock, audit=audit, signup=signup),
         agents=AgentService(storage=storage, keyring=keyring, ssh_keys=ssh_keys, clock=clock, audit=audit,
                             shell=shell, max_agents=max_agents, addresses=addresses),
         vms=VmService(remote=remote, poll_interval=poll_interval, poll_grace=poll_grace, monotonic=monotonic,
-                      sleep=sleep),
+                      sleep=sleep, live=watch),
         snapshots=SnapshotService(remote=remote),
-        fleet=FleetService(remote=remote, fleet_parallelism=fleet_parallelism, monotonic=monotonic),
+        fleet=FleetService(remote=remote, fleet_parallelism=fleet_parallelism, monotonic=monotonic, live=watch),
         audit=audit,
         remote=remote,
+        events=events,
+        watch=watch,
     )

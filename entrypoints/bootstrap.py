@@ -178,7 +178,11 @@ def build_runtime(
                                                               timeout=settings.ssh_connect_timeout)
     portal = assemble(storage=storage, hasher=api_keys, secrets=secret_store, ssh_keys=key_parser,
                       clock=system_clock, signup=settings.signup, shell=remote_shell,
-                      max_agents=settings.max_agents_per_user, addresses=agent_addresses)
+                      max_agents=settings.max_agents_per_user, addresses=agent_addresses,
+                      # issue 18
+                      event_retention=settings.event_retention, mirror_max_age=settings.mirror_max_age,
+                      lease_seconds=settings.watch_lease_seconds,
+                      renew_every=min(settings.watch_lease_seconds / 4, max(0.2, settings.mirror_max_age / 3)))
     try:
         portal.agents.check_secret_key()
     except SecretUnreadable as error:

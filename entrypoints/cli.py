@@ -80,6 +80,9 @@ _QUERY_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "limit": ("--limit", {"type": int, "metavar": "N", "help": "at most N of them"}),
     "state": ("--state", {"action": "append", "default": [],
                           "help": "only VMs in this state, e.g. running, 'shut off' (repeatable)"}),
+    # issue 18
+    "fresh": ("--fresh", {"action": "store_const", "const": "true",
+                          "help": "ask the host even when the agent's live mirror is fresh"}),
 }
 
 

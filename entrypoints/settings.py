@@ -108,6 +108,12 @@ class Settings:
     max_operations_per_user: int = 16
     # credential-bearing requests that a proxy received over plain HTTP are refused unless this is true
     allow_plain_http: bool = False
+    # Live state and events (issue 18): events kept per user, whether this instance runs watchers,
+    # how old a mirror may be and still answer lists, how long a watcher's lease lasts unrenewed.
+    event_retention: int = 10_000
+    watchers: bool = True
+    mirror_max_age: float = 5.0
+    watch_lease_seconds: float = 6.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -158,6 +164,11 @@ class Settings:
             agent_networks=reader.networks("MANAGEMENT_AGENT_NETWORKS"),
             max_operations_per_user=reader.number("MANAGEMENT_MAX_OPERATIONS_PER_USER", 16, int, 1, 10_000),
             allow_plain_http=reader.flag("MANAGEMENT_ALLOW_PLAIN_HTTP", False),
+            # issue 18
+            event_retention=reader.number("MANAGEMENT_EVENT_RETENTION", 10_000, int, 100, 10_000_000),
+            watchers=reader.flag("MANAGEMENT_WATCHERS", True),
+            mirror_max_age=reader.number("MANAGEMENT_MIRROR_MAX_AGE", 5.0, float, 0, 3600),
+            watch_lease_seconds=reader.number("MANAGEMENT_WATCH_LEASE_SECONDS", 6.0, float, 1, 600),
         )
 
 

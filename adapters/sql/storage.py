@@ -32,8 +32,9 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from adapters.sql import migrations
-from adapters.sql.schema import agents, api_keys, audit_events, users
+from adapters.sql.schema import agents, api_keys, audit_events, events, mirrored_vms, users, watches
 from core.errors import AgentNameTaken, DatabaseBusy, DatabaseUnavailable, EmailTaken
+from core.live import Event, EventFilter, MirroredVm, WatchStatus
 from core.model import Agent, ApiKey, AuditEvent, ClientKey, HostKey, IssuedApiKey, User
 from core.validation import normalize_email
 
@@ -441,6 +442,95 @@ class SqlTransaction:
             query = query.where(audit_events.c.id < before)
         rows = self._execute(query.order_by(audit_events.c.id.desc()).limit(limit))
         return [AuditEvent(**row._mapping) for row in rows]
+
+    # ------------------------------------------------------------------ events and the live mirror (issue 18)
+
+    def add_event(self, event: Event) -> Event:
+        values = {"user_id": event.user_id, "at": event.at, "agent_id": event.agent_id, "vm": event.vm,
+                  "type": event.type, "detail": event.detail}
+        event_id = _inserted_id(self._execute(events.insert().values(**values)))
+        return attrs.evolve(event, id=event_id)
+
+    def list_events(self, user_id: int, wanted: EventFilter, limit: int) -> list[Event]:
+        query = sa.select(events).where(events.c.user_id == user_id, events.c.id > wanted.after)
+        if wanted.agent_id is not None:
+            query = query.where(events.c.agent_id == wanted.agent_id)
+        if wanted.vm is not None:
+            query = query.where(events.c.vm == wanted.vm)
+        if wanted.types:
+            query = query.where(events.c.type.in_(wanted.types))
+        rows = self._execute(query.order_by(events.c.id).limit(limit))
+        return [Event(**row._mapping) for row in rows]
+
+    def last_event_id(self, user_id: int) -> int:
+        query = sa.select(sa.func.max(events.c.id)).where(events.c.user_id == user_id)
+        return int(self._execute(query).scalar() or 0)
+
+    def prune_events(self, user_id: int, keep: int) -> None:
+        boundary = self._execute(sa.select(events.c.id).where(events.c.user_id == user_id)
+                                 .order_by(events.c.id.desc()).offset(keep).limit(1)).scalar()
+        if boundary is not None:
+            self._execute(events.delete().where(events.c.user_id == user_id, events.c.id <= boundary))
+
+    def watched_agents(self) -> list[Agent]:
+        return [_agent_from_row(row._mapping) for row in self._execute(sa.select(agents).order_by(agents.c.id))]
+
+    def claim_watches(self, holder: str, agent_ids: list[int], now: datetime, until: datetime,
+                      alive: list[int]) -> list[int]:
+        if not agent_ids:
+            return []
+        rows = {row.agent_id: row for row in self._execute(
+            sa.select(watches).where(watches.c.agent_id.in_(agent_ids)))}
+        held: list[int] = []
+        for agent_id in agent_ids:
+            row = rows.get(agent_id)
+            if row is None:
+                self._execute(watches.insert().values(agent_id=agent_id, holder=holder, expires_at=until,
+                                                      connected=False, alive_at=None))
+            elif row.holder == holder or row.expires_at <= now:
+                values: dict[str, Any] = {"holder": holder, "expires_at": until}
+                if row.holder != holder:
+                    values.update(connected=False, alive_at=None)
+                elif agent_id in alive:
+                    values["alive_at"] = now
+                self._execute(watches.update().where(watches.c.agent_id == agent_id).values(**values))
+            else:
+                continue
+            held.append(agent_id)
+        return held
+
+    def release_watches(self, holder: str, agent_ids: list[int]) -> None:
+        if agent_ids:
+            self._execute(watches.delete().where(watches.c.holder == holder, watches.c.agent_id.in_(agent_ids)))
+
+    def set_watch_connected(self, holder: str, agent_id: int, connected: bool, now: datetime) -> bool:
+        result = self._execute(watches.update().where(watches.c.agent_id == agent_id, watches.c.holder == holder)
+                               .values(connected=connected, alive_at=now if connected else None))
+        return bool(result.rowcount)
+
+    def watch_status(self, agent_id: int) -> WatchStatus | None:
+        row = self._execute(sa.select(watches).where(watches.c.agent_id == agent_id)).one_or_none()
+        return None if row is None else WatchStatus(agent_id=row.agent_id, holder=row.holder,
+                                                    expires_at=row.expires_at, connected=bool(row.connected),
+                                                    alive_at=row.alive_at)
+
+    def mirrored_vms(self, agent_id: int) -> list[MirroredVm]:
+        rows = self._execute(sa.select(mirrored_vms).where(mirrored_vms.c.agent_id == agent_id)
+                             .order_by(mirrored_vms.c.name))
+        return [MirroredVm(name=row.name, state=row.state, id=row.domain_id) for row in rows]
+
+    def replace_mirror(self, agent_id: int, vms: list[MirroredVm], now: datetime) -> None:
+        self._execute(mirrored_vms.delete().where(mirrored_vms.c.agent_id == agent_id))
+        if vms:
+            self._execute(mirrored_vms.insert(), [  # type: ignore[arg-type]
+                {"agent_id": agent_id, "name": vm.name, "state": vm.state, "domain_id": vm.id, "changed_at": now}
+                for vm in vms])
+
+    def mirror_vm(self, agent_id: int, vm: MirroredVm | None, name: str, now: datetime) -> None:
+        self._execute(mirrored_vms.delete().where(mirrored_vms.c.agent_id == agent_id, mirrored_vms.c.name == name))
+        if vm is not None:
+            self._execute(mirrored_vms.insert().values(agent_id=agent_id, name=vm.name, state=vm.state,
+                                                       domain_id=vm.id, changed_at=now))
 
 
 def _inserted_id(result: sa.CursorResult[Any]) -> int:

@@ -27,6 +27,7 @@ TAGS = (
     ("vms", "A VM's lifecycle: list, inspect, start, stop, reboot, suspend, autostart, statistics"),
     ("snapshots", "A VM's internal snapshots"),
     ("fleet", "Every VM on every agent at once"),
+    ("events", "What happened on your agents and VMs: history, stream (issue 18)"),
     ("service", "The portal itself"),
 )
 
