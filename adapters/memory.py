@@ -4,6 +4,7 @@ touch no disk, network or real cryptography."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import hashlib
@@ -301,6 +302,8 @@ class ScriptedShell:
         self.results: dict[tuple[str, ...], CommandResult] = {}
         self.inputs: list[bytes | None] = []  # the stdin of each call, in order
         self.streams: dict[tuple[str, ...], bytes] = {}  # argv -> what a stream of it prints
+        # set: streams stay open once they printed their script, until this event is set (a watcher)
+        self.hold: asyncio.Event | None = None
 
     async def run(self, target: AgentCredentials, argv: Sequence[str], *,
                   pin: PinHostKey | None = None, stdin: bytes | None = None) -> CommandResult:
@@ -321,7 +324,7 @@ class ScriptedShell:
                      pty: bool = False) -> AsyncIterator[RemoteStream]:
         """A stream that prints ``streams[argv]`` and keeps what is written to it (``written``)."""
         self.calls.append((target.agent.id, tuple(argv)))
-        yield ScriptedStream(self.streams.get(tuple(argv), b""))
+        yield ScriptedStream(self.streams.get(tuple(argv), b""), self.hold)
 
     def discard(self, agent_id: int) -> None:
         self.discarded.append(agent_id)
@@ -333,13 +336,16 @@ class ScriptedShell:
 class ScriptedStream:
     """Implements ``core.ports.RemoteStream``: prints ``output``, then ends; keeps what it is sent."""
 
-    def __init__(self, output: bytes) -> None:
+    def __init__(self, output: bytes, hold: asyncio.Event | None = None) -> None:
         self._output = output
+        self._hold = hold
         self.written = bytearray()
         self.closed = False
 
     async def read(self, limit: int = 65536) -> bytes:
         chunk, self._output = self._output[:limit], self._output[limit:]
+        if not chunk and self._hold is not None:
+            await self._hold.wait()
         return chunk
 
     async def read_stderr(self, limit: int = 65536) -> bytes:

@@ -275,7 +275,8 @@ class WatchService:
             tx.replace_mirror(agent.id, vms, now)
             if reconnected:
                 tx.set_watch_connected(holder, agent.id, True, now)
-                changed = differences(before, vms)
+                # (a first watch has nothing to compare with: every VM would read as changed)
+                changed = differences(before, vms) if before else []
                 for name, old, new in changed:
                     self.events.add(tx, self.events.new(agent.owner_id, agent.id, name, "vm.changed",
                                                         f"{old} -> {new} (seen when the watcher (re)connected)", now))
