@@ -67,6 +67,8 @@ COMMANDS: dict[str, dict[str, str]] = {
     "version": {"--daemon": FLAG},
     "hostname": {},
     "uri": {},
+    # issue 18: the agent's watcher (one long-lived stream of every VM's events)
+    "event": {"--all": FLAG, "--loop": FLAG, "--timestamp": FLAG},
 }
 # subcommand -> the options the portal always sends with it (core/virsh.py builds no command
 # without them; tests/unit/test_agent_shell.py derives this from core/virsh.py and compares): a
@@ -92,6 +94,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "version": ("--daemon",),
     "hostname": (),
     "uri": (),
+    "event": ("--all", "--loop", "--timestamp"),
 }
 LOG_TEXT_MAX = 1024  # characters of a command or reason written to the logs (the rest is counted)
 

@@ -22,6 +22,7 @@ from entrypoints.http.middleware import (
     RequestContext,
 )
 from entrypoints.http.resources import OperationsResource
+from entrypoints.http.stream import EventStreamResource
 from entrypoints.operations import OPERATIONS, Operation
 
 # Falcon converters for the path parameters of the table (a bad agent id is a 404 like an unknown one).
@@ -58,4 +59,6 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
         app.add_route(template, OperationsResource(
             portal, operations, document_body=document_body,
             lists=UntilChanged(data_version, max_entries=1_000) if cached else None))
+    # issue 18: the event stream (text/event-stream, not a JSON operation)
+    app.add_route("/events/stream", EventStreamResource(portal))
     return app

@@ -53,7 +53,7 @@ def portal_commands(vm: str, snapshot: str, description: str) -> list[tuple[str,
         virsh.snapshot_create_command(URI, vm, snapshot), virsh.snapshot_create_command(URI, vm, snapshot, description),
         virsh.snapshot_revert_command(URI, vm, snapshot), virsh.snapshot_delete_command(URI, vm, snapshot),
         virsh.nodeinfo_command(URI), virsh.version_command(URI), virsh.hostname_command(URI),
-        virsh.check_command(URI),
+        virsh.check_command(URI), virsh.event_command(URI),
     ]
 
 
