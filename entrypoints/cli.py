@@ -38,7 +38,7 @@ import attrs
 from core.errors import MissingApiKey, PortalError
 from entrypoints.operations import BY_NAME, Operation
 from entrypoints.settings import ConfigError, Settings
-from entrypoints.shapes import PublicKeyView, UserView, UserWithKeyView, dump
+from entrypoints.shapes import EventView, PublicKeyView, UserView, UserWithKeyView, dump
 
 if TYPE_CHECKING:
     from entrypoints.library import Session
@@ -83,6 +83,14 @@ _QUERY_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     # issue 18
     "fresh": ("--fresh", {"action": "store_const", "const": "true",
                           "help": "ask the host even when the agent's live mirror is fresh"}),
+    "vm": ("--vm", {"help": "only events of this VM"}),
+    "type": ("--type", {"action": "append", "default": [], "help": "only events of this type, e.g. vm.started "
+                                                                   "(repeatable)"}),
+}
+# Query options whose meaning differs for one operation (issue 18: the events' single --agent).
+_QUERY_OPTIONS_OF: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {
+    ("list_events", "agent"): ("--agent", {"type": int, "help": "only events of this agent"}),
+    ("list_events", "after"): ("--after", {"type": int, "metavar": "ID", "help": "only events with an id above ID"}),
 }
 
 
@@ -206,6 +214,31 @@ def _said(message: Callable[[Any, argparse.Namespace], str]) -> Callable[[Any, a
     return text
 
 
+def _events_text(events: Any, _args: argparse.Namespace) -> int:
+    for event in events:
+        _print_event(event)
+    return 0
+
+
+def _print_event(event: Any) -> None:
+    print(f"{event.id:>8}  {event.at.isoformat(timespec='milliseconds')}  agent {event.agent_id or '-':<4} "
+          f"{event.type:<20} {event.vm or '-':<24} {event.detail}", flush=True)
+
+
+def _tail(me: Session, _op: Operation, args: argparse.Namespace) -> list[Any]:
+    """Follow the events (the library's iterator) until interrupted; prints each as it comes."""
+    try:
+        for event in me.follow_events(after=args.after, agent_id=args.agent, vm=args.vm, types=args.type):
+            if args.json:
+                _print_json(EventView.of(event))
+            else:
+                _print_event(event)
+    except KeyboardInterrupt:
+        pass
+    args.json = False  # every event was printed as it came
+    return []
+
+
 USER_COMMANDS: tuple[UserCommand, ...] = (
     UserCommand(("agents", "list"), "list_agents", "list your agents", _agents_text),
     UserCommand(("agents", "public-key"), "get_public_key", "print the agent's authorized_keys line (restricted "
@@ -241,6 +274,11 @@ USER_COMMANDS: tuple[UserCommand, ...] = (
     UserCommand(("vms", "snapshots", "delete"), "delete_snapshot", "delete a snapshot",
                 _said(lambda _result, args: f"snapshot {args.snapshot} deleted"),
                 json=lambda _result, args: {"deleted": args.snapshot}),
+    # issue 18
+    UserCommand(("events", "list"), "list_events", "your events after an id (--after), oldest first",
+                _events_text),
+    UserCommand(("events", "tail"), "list_events", "follow your events as they happen (Ctrl-C ends)",
+                lambda _result, _args: 0, run=_tail, json=lambda _result, _args: None),
 )
 
 # ---------------------------------------------------------------------- the parser
@@ -280,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     groups: dict[tuple[str, ...], Any] = {}
     for area, text in (("agents", "your agents (needs MANAGEMENT_API_KEY)"),
-                       ("vms", "drive VMs on an agent (needs MANAGEMENT_API_KEY)")):
+                       ("vms", "drive VMs on an agent (needs MANAGEMENT_API_KEY)"),
+                       ("events", "what happened on your agents and VMs (needs MANAGEMENT_API_KEY)")):
         groups[(area,)] = commands.add_parser(area, help=text).add_subparsers(dest="action", required=True)
     groups[("vms", "snapshots")] = groups[("vms",)].add_parser(
         "snapshots", help="internal snapshots of a VM").add_subparsers(dest="snapshot_action", required=True)
@@ -293,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         for flag, options in command.body:
             one.add_argument(flag, **options)
         for q in op.query:
-            flag, options = _QUERY_OPTIONS[q.name]
+            flag, options = _QUERY_OPTIONS_OF.get((op.name, q.name)) or _QUERY_OPTIONS[q.name]
             one.add_argument(flag, dest=q.name, **options)
         one.add_argument("--json", action="store_true", help="print JSON")
         one.set_defaults(handler=_run_user_command(command), words=command.words)
