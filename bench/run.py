@@ -321,6 +321,109 @@ class Bench:
                      r5, "<= 1.25", check(r5 <= 1.25),
                      f"warm pools, one SSH connection per agent, one request each; {spread5}"))
 
+    # --------------------------------------------------------------- figure 8: live state (issue 18)
+
+    def host_commands(self) -> int:
+        """Commands the lab's sshd has started so far (one per exec channel: every virsh the portal,
+        its watcher or the reference ran)."""
+        return self.lab.sshd_log.read_text(errors="replace").count(f"Starting session: command for {self.lab.user}")
+
+    async def wait_live(self, conn: HttpConnection, agent_id: int) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            response = await conn.request("GET", f"/agents/{agent_id}/vms")
+            rows = json.loads(response.body)
+            if response.status == 200 and rows and all(row["source"] == "live" for row in rows):
+                return
+            await asyncio.sleep(0.2)  # the watcher connects in the background
+        raise RuntimeError("the agent's mirror never became live")
+
+    async def figure_8(self) -> None:
+        """Live mirror: warm list ÷ ssh ControlMaster; 20 concurrent lists ÷ 20 ssh; event latency
+        from ``virsh start`` on the host to an SSE client; host commands per minute for a dashboard
+        polling GET /vms every second, with ``?fresh=true`` (before: what every list cost) and
+        from the mirror (after)."""
+        agent = self.agents[0]
+        conn = await self.connection()
+        await self.wait_live(conn, agent)
+        self.cm.start()
+        for _ in range(5):
+            await self.vms(conn, agent)
+            timed_commands(self.cm.command(), 1, self.errlog)
+        commands = self.host_commands()
+        live, reference = [], []
+        for _ in range(self.args.samples):
+            live.append(await self.vms(conn, agent))
+            reference.append(timed_commands(self.cm.command(), 1, self.errlog))
+        portal_commands = self.host_commands() - commands - len(reference)
+        p, r = median(live) * 1000, median(reference) * 1000
+        self.add(Row("8a warm GET /agents/{id}/vms from the live mirror, median", "ms", round(p, 2), round(r, 1),
+                     p / r, "<= 0.2", check(p / r <= 0.2), f"{len(live)} samples each, interleaved; "
+                     f"{portal_commands} host commands by the portal meanwhile (0 = nothing ran on the host)"))
+        conns = [await self.connection() for _ in range(BURST)]
+        pairs = [(c, agent) for c in conns]
+        await self.burst(pairs)
+        ours, theirs = [], []
+        for _ in range(self.args.burst_rounds):
+            ours.append(await self.burst(pairs))
+            theirs.append(timed_commands(self.cm.command(), BURST, self.errlog))
+        for c in conns:
+            await c.close()
+        ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
+        self.add(Row(f"8b {BURST} concurrent lists from the mirror: wall", "ms", round(median(ours) * 1000, 1),
+                     round(median(theirs) * 1000, 1), median(ratios), "<= 0.2", check(median(ratios) <= 0.2),
+                     f"reference {BURST} concurrent ssh over a ControlMaster; per-round {min(ratios):.3f}-"
+                     f"{max(ratios):.3f}"))
+        await self.event_latency()
+        for label, query in (("before: ?fresh=true (every list asks the host)", "?fresh=true"),
+                             ("after: from the live mirror", "")):
+            before = self.host_commands()
+            started = time.monotonic()
+            while time.monotonic() - started < self.args.dashboard_seconds:
+                tick = time.monotonic()
+                response = await conn.request("GET", "/vms" + query)
+                if response.status != 200:
+                    raise RuntimeError(f"GET /vms: {response.status}")
+                await asyncio.sleep(max(0.0, 1 - (time.monotonic() - tick)))
+            per_minute = (self.host_commands() - before) * 60 / (time.monotonic() - started)
+            self.add(Row(f"8d dashboard polling GET /vms each second, {label}", "cmd/min", round(per_minute, 1),
+                         None, None, "report", "-", f"{len(self.agents)} agents; hypervisor commands counted in "
+                         f"the lab sshd's log over {self.args.dashboard_seconds} s"))
+        await conn.close()
+
+    async def event_latency(self) -> None:
+        import httpx
+
+        xml = self.workdir / "ev-bench.xml"
+        xml.write_text("<domain type='qemu'><name>ev-bench</name><memory unit='KiB'>131072</memory><vcpu>1</vcpu>"
+                       "<os><type arch='x86_64'>hvm</type><kernel>/var/cache/playr-lab/vmlinuz</kernel>"
+                       "<initrd>/var/cache/playr-lab/initrd.img</initrd></os><on_poweroff>destroy</on_poweroff>"
+                       "<devices><serial type='null'/></devices></domain>")
+        virsh = ["virsh", "-c", "qemu:///system"]
+        subprocess.run([*virsh, "define", str(xml)], capture_output=True, check=True)
+        latencies: list[float] = []
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(30)) as client, client.stream(
+                    "GET", f"http://127.0.0.1:{self.portal.port}/events/stream?vm=ev-bench&type=vm.started",
+                    headers={"Authorization": f"Bearer {self.key}"}) as response:
+                lines = response.aiter_lines()
+                await lines.__anext__()  # the stream's opening comment: it is listening
+                for _ in range(self.args.event_samples):
+                    started = time.perf_counter()
+                    subprocess.run([*virsh, "start", "ev-bench"], capture_output=True, check=True)
+                    async for line in lines:
+                        if line.startswith("data: "):
+                            break
+                    latencies.append(time.perf_counter() - started)
+                    subprocess.run([*virsh, "destroy", "ev-bench"], capture_output=True, check=False)
+        finally:
+            subprocess.run([*virsh, "destroy", "ev-bench"], capture_output=True, check=False)
+            subprocess.run([*virsh, "undefine", "ev-bench"], capture_output=True, check=False)
+        self.add(Row("8c event latency: virsh start on the host -> SSE client, median", "ms",
+                     round(median(latencies) * 1000, 1), None, None, "report", "-",
+                     f"{len(latencies)} starts; includes virsh start itself (QEMU launch) and the stream's "
+                     f"{0.25:g} s poll; max {max(latencies) * 1000:.0f} ms"))
+
     async def figure_6_memory(self) -> None:
         """Peak RSS per worker with 50 agents pooled in every worker."""
         while len(self.agents) < POOLED_AGENTS:
@@ -521,6 +624,7 @@ async def measure(bench: Bench) -> None:
         ("figure 6a (memory)", bench.figure_6_memory),
         ("figure 6b (writes)", bench.figure_6_writes),
         ("figure 7 (PostgreSQL)", bench.figure_7),
+        ("figure 8 (live state)", bench.figure_8),
     ]
     wanted = set(bench.args.figures.split(","))
     for name, step in steps:
@@ -546,7 +650,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--writes", type=int, default=300, help="figure 6b agents created")
     parser.add_argument("--writers", type=int, default=16, help="figure 6b concurrent clients")
     parser.add_argument("--pg-rounds", type=int, default=5, help="figure 7a and 7c wrk rounds")
-    parser.add_argument("--figures", default="1,2,3,4,6,7", help="which figures to measure (4 includes 5)")
+    parser.add_argument("--figures", default="1,2,3,4,6,7,8", help="which figures to measure (4 includes 5)")
+    parser.add_argument("--event-samples", type=int, default=5, help="figure 8c VM starts")
+    parser.add_argument("--dashboard-seconds", type=int, default=30, help="figure 8d polling time, each")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     args = parser.parse_args(argv)
