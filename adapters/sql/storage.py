@@ -241,6 +241,34 @@ class SqlStorage:
             except sqlite3.Error:
                 return None
 
+    # PostgreSQL: every commit that added events wakes the event streams of every instance
+    # (issue 18). The channel carries no data: a woken stream reads the events table after its id.
+    EVENTS_CHANNEL = "playr_events"
+
+    def listen_events(self, wake: Callable[[], None], stop: threading.Event) -> bool:
+        """Call ``wake`` (from a thread of its own) whenever another connection commits events,
+        until ``stop`` is set; False (nothing started) unless the database is PostgreSQL. A lost
+        listening connection is opened again after a second; streams keep their short poll meanwhile."""
+        if not self.is_postgresql:
+            return False
+        import psycopg
+
+        conninfo = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+        def listen() -> None:
+            while not stop.is_set():
+                try:
+                    with psycopg.connect(conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+                        conn.execute(f"LISTEN {self.EVENTS_CHANNEL}")
+                        while not stop.is_set():
+                            for _ in conn.notifies(timeout=1.0, stop_after=1):
+                                wake()
+                except psycopg.Error:
+                    stop.wait(1.0)
+
+        threading.Thread(target=listen, name="events-listener", daemon=True).start()
+        return True
+
     def dispose(self) -> None:
         with self._watch_lock:
             if self._watch is not None:
@@ -449,6 +477,8 @@ class SqlTransaction:
         values = {"user_id": event.user_id, "at": event.at, "agent_id": event.agent_id, "vm": event.vm,
                   "type": event.type, "detail": event.detail}
         event_id = _inserted_id(self._execute(events.insert().values(**values)))
+        if self.storage.is_postgresql:  # delivered to the listeners when this transaction commits
+            self._execute(sa.select(sa.func.pg_notify(SqlStorage.EVENTS_CHANNEL, "")))
         return attrs.evolve(event, id=event_id)
 
     def list_events(self, user_id: int, wanted: EventFilter, limit: int) -> list[Event]:

@@ -60,5 +60,6 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
             portal, operations, document_body=document_body,
             lists=UntilChanged(data_version, max_entries=1_000) if cached else None))
     # issue 18: the event stream (text/event-stream, not a JSON operation)
-    app.add_route("/events/stream", EventStreamResource(portal))
+    app.add_route("/events/stream", EventStreamResource(portal, listen=getattr(runtime.storage, "listen_events",
+                                                                               None)))
     return app

@@ -15,10 +15,10 @@ is cut off (it resumes with ``Last-Event-ID``); one that disconnects ends it at 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
@@ -33,7 +33,12 @@ from entrypoints.operations import _whole_number
 from entrypoints.shapes import EventView, dump
 
 BATCH = 100
-POLL = 0.25  # seconds between two reads of the events table while nothing happens
+POLL = 0.25  # seconds between two reads of the events table while nothing happens (SQLite)
+LISTENING_POLL = 2.0  # the same on PostgreSQL, where NOTIFY wakes the stream at each commit of events
+
+# Starts a listener that calls its first argument on every commit of events until the event is set;
+# False when the database has no such signal (``SqlStorage.listen_events``).
+Listen = Callable[[Callable[[], None], threading.Event], bool]
 HEARTBEAT = 15.0
 SLOW_READER = 30.0
 
@@ -51,11 +56,30 @@ class EventStreamResource:
     """The stream, filtered like ``GET /events`` (``agent``, ``vm``, ``type`` repeatable)."""
 
     def __init__(self, portal: Portal, *, poll: float = POLL, heartbeat: float = HEARTBEAT,
-                 slow_reader: float = SLOW_READER) -> None:
+                 slow_reader: float = SLOW_READER, listen: Listen | None = None) -> None:
         self.portal = portal
         self.poll = poll
         self.heartbeat = heartbeat
         self.slow_reader = slow_reader
+        self._listen = listen
+        self._listening: bool | None = None  # started on the first stream (it needs the running loop)
+        self._woken: set[asyncio.Event] = set()
+        self._stop_listening = threading.Event()
+
+    def _start_listening(self) -> None:
+        """PostgreSQL: wake this worker's streams on every commit of events (LISTEN/NOTIFY), so
+        they need not poll often; SQLite has no such signal and keeps the short poll."""
+        if self._listening is not None:
+            return
+        self._listening = False
+        if self._listen is not None:
+            loop = asyncio.get_running_loop()
+
+            def wake() -> None:
+                for woken in list(self._woken):
+                    loop.call_soon_threadsafe(woken.set)
+
+            self._listening = self._listen(wake, self._stop_listening)
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         user_id: int = req.context.user.id
@@ -76,9 +100,15 @@ class EventStreamResource:
                       watcher: asyncio.Task[Any]) -> AsyncIterator[bytes]:
         cursor = wanted.after
         quiet_since = time.monotonic()
+        self._start_listening()
+        woken = asyncio.Event()
+        self._woken.add(woken)
+        # woken by NOTIFY: poll only as a safety net (a lost listening connection)
+        poll = LISTENING_POLL if self._listening else self.poll
         try:
             yield b": stream of events; resume with Last-Event-ID\nretry: 2000\n\n"
             while not left.is_set():
+                woken.clear()  # before the read: a commit after it wakes the wait below
                 events = await asyncio.to_thread(self.portal.events.read, user_id,
                                                  attrs.evolve(wanted, after=cursor), BATCH)
                 if events:
@@ -92,7 +122,10 @@ class EventStreamResource:
                 if time.monotonic() - quiet_since >= self.heartbeat:
                     yield b": heartbeat\n\n"
                     quiet_since = time.monotonic()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(left.wait(), timeout=self.poll)
+                waits = [asyncio.ensure_future(left.wait()), asyncio.ensure_future(woken.wait())]
+                await asyncio.wait(waits, timeout=poll, return_when=asyncio.FIRST_COMPLETED)
+                for waiting in waits:
+                    waiting.cancel()
         finally:
+            self._woken.discard(woken)
             watcher.cancel()

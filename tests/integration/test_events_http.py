@@ -116,3 +116,35 @@ def test_the_stream_resumes_after_last_event_id_and_a_user_sees_only_their_event
         assert status == 200 and page["events"] == []
     finally:
         server.stop()
+
+
+@pytest.mark.postgres
+def test_on_postgresql_a_commit_of_events_wakes_the_listeners_of_every_instance(postgres_url: str,
+                                                                               tmp_path: Path) -> None:
+    import threading
+    from datetime import UTC, datetime
+
+    from adapters.memory import CountingKeyHasher
+    from adapters.sql.storage import SqlStorage, sqlite_url
+
+    listening, writing = SqlStorage(postgres_url), SqlStorage(postgres_url)
+    stop, woken = threading.Event(), threading.Event()
+    try:
+        listening.upgrade()
+        assert listening.listen_events(woken.set, stop) is True
+        with writing.transaction(write=True) as tx:
+            user = tx.add_user("alice", None, CountingKeyHasher().issue(), datetime.now(UTC))
+        for _ in range(100):  # the listener connects in its thread: commit until one wakes it (bounded)
+            with writing.transaction(write=True) as tx:
+                tx.add_event(Event(id=0, user_id=user.id, at=datetime.now(UTC), agent_id=None, vm=None,
+                                   type="agent.watching", detail=""))
+            if woken.wait(0.1):
+                break
+        assert woken.is_set()
+        sqlite = SqlStorage(sqlite_url(tmp_path / "db.sqlite3"))
+        assert sqlite.listen_events(woken.set, stop) is False  # SQLite has no such signal: streams poll
+        sqlite.dispose()
+    finally:
+        stop.set()
+        listening.dispose()
+        writing.dispose()
