@@ -148,3 +148,40 @@ def test_on_postgresql_a_commit_of_events_wakes_the_listeners_of_every_instance(
         stop.set()
         listening.dispose()
         writing.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_sql_leases_give_each_agent_one_holder_until_it_expires_and_cascade_with_the_agent(
+        backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    import attrs
+
+    from adapters.memory import CountingKeyHasher
+    from adapters.sql.storage import SqlStorage, sqlite_url
+    from core.live import MirroredVm
+    from tests.unit.world import make_caller, make_world, register
+
+    url = request.getfixturevalue("postgres_url") if backend == "postgresql" else sqlite_url(tmp_path / "db.sqlite3")
+    storage = SqlStorage(url)
+    try:
+        storage.upgrade()
+        world = make_world()  # an agent value made by the use cases, stored below
+        agent = register(world, make_caller(world, "alice"))
+        now = datetime.now(UTC)
+        with storage.transaction(write=True) as tx:
+            user = tx.add_user("alice", None, CountingKeyHasher().issue(), now)
+            stored = tx.add_agent(attrs.evolve(agent, id=0, owner_id=user.id))
+            later = now + timedelta(seconds=7)
+            assert tx.claim_watches("a", [stored.id], now, now + timedelta(seconds=6), []) == [stored.id]
+            assert tx.claim_watches("b", [stored.id], now, now + timedelta(seconds=6), []) == []
+            assert tx.set_watch_connected("a", stored.id, True, now) and not tx.set_watch_connected("b", stored.id,
+                                                                                                    True, now)
+            tx.replace_mirror(stored.id, [MirroredVm("web", "running", 3)], now)
+            assert tx.claim_watches("b", [stored.id], later, later + timedelta(seconds=6), []) == [stored.id]
+            status = tx.watch_status(stored.id)
+            assert status is not None and status.holder == "b" and not status.connected
+            tx.delete_agent(user.id, stored.id)
+            assert tx.watch_status(stored.id) is None and tx.mirrored_vms(stored.id) == []
+    finally:
+        storage.dispose()

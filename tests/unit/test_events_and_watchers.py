@@ -173,3 +173,34 @@ def test_the_mirror_of_another_users_agent_is_not_found(world: World, alice: Cal
                                                         agent: Agent) -> None:
     with pytest.raises(AgentNotFound):
         asyncio.run(world.portal.vms.list_vms(bob, agent.id))
+
+
+def test_a_host_that_cannot_be_reached_is_one_unreachable_event_and_the_watcher_retries(
+        world: World, alice: Caller, agent: Agent) -> None:
+    from core.errors import AgentUnreachable
+
+    class DeadHost(type(world.shell)):  # type: ignore[misc]
+        def stream(self, target: object, argv: object, **_: object) -> object:
+            self.calls.append((agent.id, ("stream",)))
+            raise AgentUnreachable("192.0.2.15:22 refused the connection")
+
+    world.shell.__class__ = DeadHost
+    delays: list[int] = []
+
+    async def no_wait(_seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    watch = WatchService(storage=world.storage, keyring=world.portal.watch.keyring, shell=world.shell,
+                         clock=world.clock, events=world.portal.events,
+                         backoff=lambda failures: delays.append(failures) or 0.0, sleep=no_wait)
+
+    async def scenario() -> None:
+        await watch.tick("worker-1")
+        await until(lambda: len(delays) >= 3)  # retried, with growing failure counts
+        for _, task in watch.tasks.values():
+            task.cancel()
+
+    asyncio.run(scenario())
+    assert delays[:3] == [1, 2, 3]
+    unreachable = [e for e in world.portal.events.list_events(alice) if e.type == "agent.unreachable"]
+    assert len(unreachable) == 1 and "agent_unreachable" in unreachable[0].detail
