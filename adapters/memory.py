@@ -121,6 +121,7 @@ class _State:
     live_events: dict[int, Event] = attrs.Factory(dict)
     watches: dict[int, WatchStatus] = attrs.Factory(dict)
     mirror: dict[int, dict[str, MirroredVm]] = attrs.Factory(dict)
+    demand: dict[int, datetime] = attrs.Factory(dict)
 
     def take_id(self, kind: str) -> int:
         value = self.next_id[kind]
@@ -210,6 +211,7 @@ class InMemoryTransaction:
         del self.s.agents[agent_id]
         self.s.watches.pop(agent_id, None)  # the database cascades these
         self.s.mirror.pop(agent_id, None)
+        self.s.demand.pop(agent_id, None)
         return True
 
     def add_audit_event(self, event: AuditEvent) -> AuditEvent:
@@ -243,8 +245,13 @@ class InMemoryTransaction:
         for event_id in mine[:max(0, len(mine) - keep)]:
             del self.s.live_events[event_id]
 
-    def watched_agents(self) -> list[Agent]:
-        return [a for _, a in sorted(self.s.agents.items())]
+    def watched_agents(self, now: datetime) -> list[Agent]:
+        return [a for i, a in sorted(self.s.agents.items()) if self.s.demand.get(i, now) > now]
+
+    def want_watch(self, agent_ids: list[int], until: datetime) -> None:
+        for agent_id in agent_ids:
+            if agent_id in self.s.agents:
+                self.s.demand[agent_id] = max(until, self.s.demand.get(agent_id, until))
 
     def claim_watches(self, holder: str, agent_ids: list[int], now: datetime, until: datetime,
                       alive: list[int]) -> list[int]:

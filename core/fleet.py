@@ -47,6 +47,8 @@ class FleetService:
         if errors:
             raise ValidationFailed(errors)
         targets = await asyncio.to_thread(self.remote.targets, caller, set(agent_ids))
+        if self.live is not None:  # the listed agents are in use: they get (or keep) a watcher
+            await asyncio.to_thread(self.live.want, [agent.id for agent, _ in targets])
         gate = asyncio.Semaphore(max(1, self.fleet_parallelism))
 
         async def one(agent: Agent, target: AgentCredentials | PortalError) -> FleetEntry:

@@ -26,7 +26,7 @@ from core.remote import RemoteCommands
 from core.snapshots import SnapshotService
 from core.users import UserService
 from core.vms import POLL_GRACE, POLL_INTERVAL, VmService
-from core.watch import LEASE_SECONDS, MAX_AGE, RENEW_EVERY, WatchService
+from core.watch import LEASE_SECONDS, MAX_AGE, RENEW_EVERY, WATCH_IDLE, WatchService
 
 
 @attrs.frozen
@@ -64,6 +64,7 @@ def assemble(
     mirror_max_age: float = MAX_AGE,
     lease_seconds: float = LEASE_SECONDS,
     renew_every: float = RENEW_EVERY,
+    watch_idle: float = WATCH_IDLE,
 ) -> Portal:
     """The services over these ports; each gets only the ports it uses."""
     events = EventLog(storage=storage, clock=clock, retention=event_retention)
@@ -71,7 +72,8 @@ def assemble(
     keyring = Keyring(secrets)
     remote = RemoteCommands(storage=storage, keyring=keyring, clock=clock, audit=audit, shell=shell)
     watch = WatchService(storage=storage, keyring=keyring, shell=shell, clock=clock, events=events,
-                         lease_seconds=lease_seconds, renew_every=renew_every, max_age=mirror_max_age)
+                         lease_seconds=lease_seconds, renew_every=renew_every, max_age=mirror_max_age,
+                         idle=watch_idle)
     return Portal(
         users=UserService(storage=storage, hasher=hasher, clock=clock, audit=audit, signup=signup),
         agents=AgentService(storage=storage, keyring=keyring, ssh_keys=ssh_keys, clock=clock, audit=audit,

@@ -195,8 +195,11 @@ class Transaction(Protocol):
         ...
 
     # watchers and the live mirror (issue 18); not scoped by owner: the watchers serve every owner
-    def watched_agents(self) -> list[Agent]:
-        """Every agent that gets a watcher (every registered agent: docs/events.md)."""
+    def watched_agents(self, now: datetime) -> list[Agent]:
+        """The agents in use at ``now`` (``want_watch``'d until later): those that get a watcher."""
+        ...
+    def want_watch(self, agent_ids: list[int], until: datetime) -> None:
+        """The agents are in use until ``until`` (never shortens a later time)."""
         ...
     def claim_watches(self, holder: str, agent_ids: list[int], now: datetime, until: datetime,
                       alive: list[int]) -> list[int]:

@@ -49,8 +49,8 @@ class VmService:
         """Every VM the agent's libvirt knows: from the agent's live mirror while its watcher is
         healthy (``source="live"``, nothing runs on the host), otherwise or with ``fresh`` from
         ``virsh list --all`` (``source="host"``). Each row says when it was known true."""
-        if not fresh and self.live is not None:
-            mirrored = await asyncio.to_thread(self._mirrored, caller, agent_id)
+        if self.live is not None:
+            mirrored = await asyncio.to_thread(self._mirrored, caller, agent_id, fresh)
             if mirrored is not None:
                 return mirrored
         target = await self.remote.target(caller, agent_id)
@@ -59,11 +59,12 @@ class VmService:
         now = self.remote.clock.now()
         return [attrs.evolve(vm, observed_at=now) for vm in await parse_output(virsh.parse_list, result.stdout)]
 
-    def _mirrored(self, caller: Caller, agent_id: int) -> list[VmSummary] | None:
+    def _mirrored(self, caller: Caller, agent_id: int, fresh: bool) -> list[VmSummary] | None:
         assert self.live is not None
         with self.remote.storage.transaction() as tx:
             owned_agent(tx, caller, agent_id)
-        return live_rows(self.live, agent_id)
+        self.live.want([agent_id])  # the agent is in use: it gets (or keeps) a watcher
+        return None if fresh else live_rows(self.live, agent_id)
 
     async def vm_info(self, caller: Caller, agent_id: int, vm: str) -> VmInfo:
         """``virsh dominfo`` for one VM; ``VmNotFound`` if the agent has no such VM."""

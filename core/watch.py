@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import ClassVar
@@ -46,6 +47,8 @@ MAX_AGE = 5.0  # seconds a mirror may go unconfirmed and still answer lists
 RESYNC_DELAY = 0.3  # seconds after a lifecycle event before the watcher lists the VMs again
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 30.0
+WATCH_IDLE = 600.0  # seconds an agent stays "in use" (watched) after it was last used
+MARK_EVERY = 60.0  # a worker records an agent's use at most once a minute (a write each time)
 
 log = logging.getLogger("manage_playrservers.watch")
 
@@ -109,8 +112,12 @@ class WatchService:
                  events: EventLog, lease_seconds: float = LEASE_SECONDS, renew_every: float = RENEW_EVERY,
                  max_age: float = MAX_AGE, resync_delay: float = RESYNC_DELAY,
                  backoff: Callable[[int], float] = backoff_delay,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, idle: float = WATCH_IDLE,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.storage = storage
+        self.idle = idle
+        self._monotonic = monotonic
+        self._marked: dict[int, float] = {}  # agent id -> when this worker last recorded its use
         self.keyring = keyring
         self.shell = shell
         self.clock = clock
@@ -123,6 +130,27 @@ class WatchService:
         self._sleep = sleep
         self._connected: set[int] = set()  # agents whose stream (of this worker) is up
         self.tasks: dict[int, tuple[int, asyncio.Task[None]]] = {}  # agent id -> (revision, watcher)
+
+    # ------------------------------------------------------------------ agents in use
+
+    def want(self, agent_ids: list[int]) -> None:
+        """The agents were just used (listed, acted on, streamed): keep a watcher on them for the
+        next ``idle`` seconds. Recorded at most once per ``MARK_EVERY`` seconds per agent and
+        worker, so a dashboard polling every second costs one small write a minute, not one each."""
+        now = self._monotonic()
+        due = [a for a in agent_ids if now - self._marked.get(a, -MARK_EVERY - 1) > MARK_EVERY]
+        if not due:
+            return
+        with self.storage.transaction(write=True) as tx:
+            tx.want_watch(due, self.clock.now() + timedelta(seconds=self.idle))
+        for agent_id in due:
+            self._marked[agent_id] = now
+
+    def want_for_user(self, user_id: int, agent_id: int | None = None) -> None:
+        """A user follows their events (a stream): their agents (or that one) are in use."""
+        with self.storage.transaction() as tx:
+            ids = [a.id for a in tx.list_agents(user_id) if agent_id is None or a.id == agent_id]
+        self.want(ids)
 
     # ------------------------------------------------------------------ the read side
 
@@ -158,8 +186,9 @@ class WatchService:
 
     async def tick(self, holder: str) -> list[int]:
         """One renewal: claim and renew leases, start and stop watchers; the agent ids held."""
-        agents, held = await asyncio.to_thread(self._claim, holder)
-        for agent_id in [a for a in self.tasks if a not in held]:
+        agents, held = await asyncio.to_thread(self._claim, holder, list(self.tasks))
+        unwanted = [a for a in self.tasks if a not in held]
+        for agent_id in unwanted:
             self._stop(agent_id)
         for agent in agents:
             if agent.id not in held:
@@ -173,11 +202,13 @@ class WatchService:
                                                                             name=f"watch-agent-{agent.id}"))
         return sorted(held)
 
-    def _claim(self, holder: str) -> tuple[list[Agent], set[int]]:
+    def _claim(self, holder: str, running: list[int]) -> tuple[list[Agent], set[int]]:
         now = self.clock.now()
         with self.storage.transaction(write=True) as tx:
-            agents = [a for a in tx.watched_agents() if a.host_key is not None]
-            held = tx.claim_watches(holder, [a.id for a in agents], now,
+            agents = [a for a in tx.watched_agents(now) if a.host_key is not None]
+            wanted = {a.id for a in agents}
+            tx.release_watches(holder, [a for a in running if a not in wanted])  # no longer in use
+            held = tx.claim_watches(holder, sorted(wanted), now,
                                     now + timedelta(seconds=self.lease_seconds), sorted(self._connected))
         return agents, set(held)
 

@@ -181,7 +181,7 @@ def build_runtime(
                       max_agents=settings.max_agents_per_user, addresses=agent_addresses,
                       # issue 18
                       event_retention=settings.event_retention, mirror_max_age=settings.mirror_max_age,
-                      lease_seconds=settings.watch_lease_seconds,
+                      lease_seconds=settings.watch_lease_seconds, watch_idle=settings.watch_idle,
                       renew_every=min(settings.watch_lease_seconds / 4, max(0.2, settings.mirror_max_age / 3)))
     try:
         portal.agents.check_secret_key()

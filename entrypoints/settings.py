@@ -114,6 +114,7 @@ class Settings:
     watchers: bool = True
     mirror_max_age: float = 5.0
     watch_lease_seconds: float = 6.0
+    watch_idle: float = 600.0  # seconds an agent stays watched after its last use
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -169,6 +170,7 @@ class Settings:
             watchers=reader.flag("MANAGEMENT_WATCHERS", True),
             mirror_max_age=reader.number("MANAGEMENT_MIRROR_MAX_AGE", 5.0, float, 0, 3600),
             watch_lease_seconds=reader.number("MANAGEMENT_WATCH_LEASE_SECONDS", 6.0, float, 1, 600),
+            watch_idle=reader.number("MANAGEMENT_WATCH_IDLE", 600.0, float, 1, 30 * 86400),
         )
 
 

@@ -151,8 +151,8 @@ def _v5_agent_key_generated(conn: sa.Connection) -> None:
 
 
 def _v8_events_and_live_mirror(conn: sa.Connection) -> None:
-    """Issue 18: each user's events (ids never reused), each agent's watcher lease, and the mirror
-    of its VMs that the watcher keeps."""
+    """Issue 18: each user's events (ids never reused), each agent's watcher lease, the mirror
+    of its VMs that the watcher keeps, and until when each agent is in use (wants a watcher)."""
     md = sa.MetaData()
     sa.Table("users", md, sa.Column("id", sa.Integer, primary_key=True))
     sa.Table("agents", md, sa.Column("id", sa.Integer, primary_key=True))
@@ -186,7 +186,13 @@ def _v8_events_and_live_mirror(conn: sa.Connection) -> None:
         sa.Column("domain_id", sa.Integer, nullable=True),
         sa.Column("changed_at", UtcDateTime, nullable=False),
     )
-    for name in ("events", "watches", "mirrored_vms"):
+    sa.Table(
+        "watch_demand", md,
+        sa.Column("agent_id", sa.Integer, sa.ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True,
+                  autoincrement=False),
+        sa.Column("until", UtcDateTime, nullable=False),
+    )
+    for name in ("events", "watches", "mirrored_vms", "watch_demand"):
         md.tables[name].create(conn)
 
 

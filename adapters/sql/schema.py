@@ -192,3 +192,12 @@ mirrored_vms = sa.Table(
     sa.Column("domain_id", sa.Integer, nullable=True),
     sa.Column("changed_at", UtcDateTime, nullable=False),
 )
+
+# agents in use: a watcher runs for an agent while somebody used it recently (lists, actions, streams)
+watch_demand = sa.Table(
+    "watch_demand",
+    metadata,
+    sa.Column("agent_id", sa.Integer, sa.ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True,
+              autoincrement=False),
+    sa.Column("until", UtcDateTime, nullable=False),
+)

@@ -32,7 +32,16 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from adapters.sql import migrations
-from adapters.sql.schema import agents, api_keys, audit_events, events, mirrored_vms, users, watches
+from adapters.sql.schema import (
+    agents,
+    api_keys,
+    audit_events,
+    events,
+    mirrored_vms,
+    users,
+    watch_demand,
+    watches,
+)
 from core.errors import AgentNameTaken, DatabaseBusy, DatabaseUnavailable, EmailTaken
 from core.live import Event, EventFilter, MirroredVm, WatchStatus
 from core.model import Agent, ApiKey, AuditEvent, ClientKey, HostKey, IssuedApiKey, User
@@ -502,8 +511,24 @@ class SqlTransaction:
         if boundary is not None:
             self._execute(events.delete().where(events.c.user_id == user_id, events.c.id <= boundary))
 
-    def watched_agents(self) -> list[Agent]:
-        return [_agent_from_row(row._mapping) for row in self._execute(sa.select(agents).order_by(agents.c.id))]
+    def watched_agents(self, now: datetime) -> list[Agent]:
+        query = (sa.select(agents).join(watch_demand, watch_demand.c.agent_id == agents.c.id)
+                 .where(watch_demand.c.until > now).order_by(agents.c.id))
+        return [_agent_from_row(row._mapping) for row in self._execute(query)]
+
+    def want_watch(self, agent_ids: list[int], until: datetime) -> None:
+        if not agent_ids:
+            return
+        known = {row.agent_id: row.until for row in self._execute(
+            sa.select(watch_demand).where(watch_demand.c.agent_id.in_(agent_ids)))}
+        existing = {row.id for row in self._execute(sa.select(agents.c.id).where(agents.c.id.in_(agent_ids)))}
+        for agent_id in agent_ids:
+            if agent_id not in existing:
+                continue
+            if agent_id not in known:
+                self._execute(watch_demand.insert().values(agent_id=agent_id, until=until))
+            elif known[agent_id] < until:
+                self._execute(watch_demand.update().where(watch_demand.c.agent_id == agent_id).values(until=until))
 
     def claim_watches(self, holder: str, agent_ids: list[int], now: datetime, until: datetime,
                       alive: list[int]) -> list[int]:

@@ -89,6 +89,8 @@ class EventStreamResource:
                               vm=req.get_param("vm"), types=req.get_param_as_list("type") or [])
         if after is None:
             wanted = attrs.evolve(wanted, after=await asyncio.to_thread(self.portal.events.last_id, user_id))
+        # the agents a stream follows are in use: they get (or keep) a watcher
+        await asyncio.to_thread(self.portal.watch.want_for_user, user_id, wanted.agent_id)
         left = asyncio.Event()
         watcher = asyncio.create_task(_until_client_leaves(req, left))
         resp.content_type = "text/event-stream"
@@ -120,6 +122,7 @@ class EventStreamResource:
                     quiet_since = time.monotonic()
                     continue
                 if time.monotonic() - quiet_since >= self.heartbeat:
+                    await asyncio.to_thread(self.portal.watch.want_for_user, user_id, wanted.agent_id)
                     yield b": heartbeat\n\n"
                     quiet_since = time.monotonic()
                 waits = [asyncio.ensure_future(left.wait()), asyncio.ensure_future(woken.wait())]

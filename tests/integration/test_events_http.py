@@ -172,6 +172,9 @@ def test_sql_leases_give_each_agent_one_holder_until_it_expires_and_cascade_with
         with storage.transaction(write=True) as tx:
             user = tx.add_user("alice", None, CountingKeyHasher().issue(), now)
             stored = tx.add_agent(attrs.evolve(agent, id=0, owner_id=user.id))
+            assert tx.watched_agents(now) == []  # registered, not in use
+            tx.want_watch([stored.id], now + timedelta(seconds=600))
+            assert [a.id for a in tx.watched_agents(now)] == [stored.id]
             later = now + timedelta(seconds=7)
             assert tx.claim_watches("a", [stored.id], now, now + timedelta(seconds=6), []) == [stored.id]
             assert tx.claim_watches("b", [stored.id], now, now + timedelta(seconds=6), []) == []

@@ -129,6 +129,8 @@ def test_a_watcher_resyncs_mirrors_host_events_and_lists_come_from_the_mirror(
 
     async def scenario() -> None:
         world.shell.hold = asyncio.Event()
+        assert await watch.tick("worker-1") == []  # registered, never used: not watched
+        watch.want([agent.id])  # used (a list, an action, a stream): watched from the next renewal
         assert await watch.tick("worker-1") == [agent.id]
         await until(lambda: types_of(world, alice)[:3] == ["agent.watching", "vm.started", "vm.suspended"])
         # the burst of lifecycle events is followed by one list (ids, transient VMs)
@@ -157,6 +159,7 @@ def test_a_stream_that_ends_is_one_unreachable_event_and_lists_fall_back_to_the_
     watch = service(world)  # the scripted stream prints nothing and ends
 
     async def scenario() -> None:
+        watch.want([agent.id])
         await watch.tick("worker-1")
         await until(lambda: "agent.unreachable" in types_of(world, alice))
         world.portal.vms.live = watch
@@ -195,6 +198,7 @@ def test_a_host_that_cannot_be_reached_is_one_unreachable_event_and_the_watcher_
                          backoff=lambda failures: delays.append(failures) or 0.0, sleep=no_wait)
 
     async def scenario() -> None:
+        watch.want([agent.id])
         await watch.tick("worker-1")
         await until(lambda: len(delays) >= 3)  # retried, with growing failure counts
         for _, task in watch.tasks.values():
@@ -204,3 +208,15 @@ def test_a_host_that_cannot_be_reached_is_one_unreachable_event_and_the_watcher_
     assert delays[:3] == [1, 2, 3]
     unreachable = [e for e in world.portal.events.list_events(alice) if e.type == "agent.unreachable"]
     assert len(unreachable) == 1 and "agent_unreachable" in unreachable[0].detail
+
+
+def test_an_agent_stops_being_watched_once_unused_for_the_idle_time(world: World, alice: Caller, agent: Agent) -> None:
+    watch = WatchService(storage=world.storage, keyring=world.portal.watch.keyring, shell=None, clock=world.clock,
+                         events=world.portal.events, idle=600)
+    watch.want([agent.id])
+    assert [a.id for a in watch._claim("w", [])[0]] == [agent.id]
+    world.clock.current += timedelta(seconds=601)
+    agents, held = watch._claim("w", [agent.id])
+    assert agents == [] and held == set()
+    with world.storage.transaction() as tx:
+        assert tx.watch_status(agent.id) is None  # its lease was released: another worker need not wait
