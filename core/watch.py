@@ -1,8 +1,9 @@
 """Watchers and the live mirror: one ``virsh event --all --loop --timestamp`` per agent, across every
 worker and instance, keeping a copy of each agent's VMs in the database.
 
-- **Which agents**: every registered agent whose host key is pinned (the first request to an agent
-  that trusts on first use pins it; a watcher never pins a key itself: that is the owner's act).
+- **Which agents**: those in use — listed, in a fleet view or followed by a stream within the last
+  ``idle`` seconds (``want``) — whose host key is pinned (a watcher never pins a key itself: that
+  is the owner's act).
 - **Exactly one watcher per agent**: a lease row per agent (``watches``) with an expiry. Every
   worker runs ``WatchService.run``, which every ``renew_every`` seconds takes the leases that are
   free or expired and renews its own, in one write transaction (the database's write lock
