@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 import attrs
 
 from core.errors import AgentAddressRefused, EmailTaken, HostKeyMismatch, SecretUnreadable, TunnelRefused
+from core.live import Event, EventFilter, MirroredVm, WatchStatus
 from core.model import (
     API_KEY_SCHEME,
     Agent,
@@ -118,7 +119,13 @@ class _State:
     agents: dict[int, Agent] = attrs.Factory(dict)
     events: dict[int, AuditEvent] = attrs.Factory(dict)
     consoles: dict[int, ConsoleTicket] = attrs.Factory(dict)  # issue 17
-    next_id: dict[str, int] = attrs.Factory(lambda: {"user": 1, "agent": 1, "event": 1, "key": 1, "console": 1})
+    next_id: dict[str, int] = attrs.Factory(lambda: {"user": 1, "agent": 1, "event": 1, "key": 1, "console": 1,
+                                                     "live": 1})
+    # issue 18: events, watcher leases and the live mirror
+    live_events: dict[int, Event] = attrs.Factory(dict)
+    watches: dict[int, WatchStatus] = attrs.Factory(dict)
+    mirror: dict[int, dict[str, MirroredVm]] = attrs.Factory(dict)
+    demand: dict[int, datetime] = attrs.Factory(dict)
 
     def take_id(self, kind: str) -> int:
         value = self.next_id[kind]
@@ -236,6 +243,9 @@ class InMemoryTransaction:
         if self.get_agent(owner_id, agent_id) is None:
             return False
         del self.s.agents[agent_id]
+        self.s.watches.pop(agent_id, None)  # the database cascades these
+        self.s.mirror.pop(agent_id, None)
+        self.s.demand.pop(agent_id, None)
         return True
 
     def add_audit_event(self, event: AuditEvent) -> AuditEvent:
@@ -274,6 +284,78 @@ class InMemoryTransaction:
         if ticket is not None and ticket.closed_at is None:
             self.s.consoles[ticket_id] = attrs.evolve(ticket, closed_at=at)
 
+    # ------------------------------------------------------------------ events and the live mirror (issue 18)
+
+    def add_event(self, event: Event) -> Event:
+        stored = attrs.evolve(event, id=self.s.take_id("live"))
+        self.s.live_events[stored.id] = stored
+        return stored
+
+    def list_events(self, user_id: int, wanted: EventFilter, limit: int) -> list[Event]:
+        found = [e for _, e in sorted(self.s.live_events.items()) if e.user_id == user_id and wanted.matches(e)]
+        return found[:limit]
+
+    def last_event_id(self, user_id: int) -> int:
+        return max((i for i, e in self.s.live_events.items() if e.user_id == user_id), default=0)
+
+    def prune_events(self, user_id: int, keep: int) -> None:
+        mine = sorted(i for i, e in self.s.live_events.items() if e.user_id == user_id)
+        for event_id in mine[:max(0, len(mine) - keep)]:
+            del self.s.live_events[event_id]
+
+    def watched_agents(self, now: datetime) -> list[Agent]:
+        return [a for i, a in sorted(self.s.agents.items()) if self.s.demand.get(i, now) > now]
+
+    def want_watch(self, agent_ids: list[int], until: datetime) -> None:
+        for agent_id in agent_ids:
+            if agent_id in self.s.agents:
+                self.s.demand[agent_id] = max(until, self.s.demand.get(agent_id, until))
+
+    def claim_watches(self, holder: str, agent_ids: list[int], now: datetime, until: datetime,
+                      alive: list[int]) -> list[int]:
+        held = []
+        for agent_id in agent_ids:
+            current = self.s.watches.get(agent_id)
+            if current is not None and current.holder != holder and current.expires_at > now:
+                continue
+            if current is None or current.holder != holder:
+                current = WatchStatus(agent_id=agent_id, holder=holder, expires_at=until, connected=False,
+                                      alive_at=None)
+            else:
+                current = attrs.evolve(current, expires_at=until,
+                                       alive_at=now if agent_id in alive else current.alive_at)
+            self.s.watches[agent_id] = current
+            held.append(agent_id)
+        return held
+
+    def release_watches(self, holder: str, agent_ids: list[int]) -> None:
+        for agent_id in agent_ids:
+            current = self.s.watches.get(agent_id)
+            if current is not None and current.holder == holder:
+                del self.s.watches[agent_id]
+
+    def set_watch_connected(self, holder: str, agent_id: int, connected: bool, now: datetime) -> bool:
+        current = self.s.watches.get(agent_id)
+        if current is None or current.holder != holder:
+            return False
+        self.s.watches[agent_id] = attrs.evolve(current, connected=connected, alive_at=now if connected else None)
+        return True
+
+    def watch_status(self, agent_id: int) -> WatchStatus | None:
+        return self.s.watches.get(agent_id)
+
+    def mirrored_vms(self, agent_id: int) -> list[MirroredVm]:
+        return [vm for _, vm in sorted(self.s.mirror.get(agent_id, {}).items())]
+
+    def replace_mirror(self, agent_id: int, vms: list[MirroredVm], now: datetime) -> None:
+        self.s.mirror[agent_id] = {vm.name: vm for vm in vms}
+
+    def mirror_vm(self, agent_id: int, vm: MirroredVm | None, name: str, now: datetime) -> None:
+        vms = self.s.mirror.setdefault(agent_id, {})
+        vms.pop(name, None)
+        if vm is not None:
+            vms[vm.name] = vm
+
 
 class CountingTicketDigests:
     """Implements ``core.ports.TicketDigests``: sequential tickets, digests anyone can recompute."""
@@ -308,6 +390,8 @@ class ScriptedShell:
         self.tunnels: dict[tuple[str, int], bytes] = {}
         self.opened: list[ScriptedStream] = []
         self.ptys: list[bool] = []
+        # set: streams stay open once they printed their script, until this event is set (a watcher)
+        self.hold: asyncio.Event | None = None
 
     async def run(self, target: AgentCredentials, argv: Sequence[str], *,
                   pin: PinHostKey | None = None, stdin: bytes | None = None,
@@ -335,7 +419,7 @@ class ScriptedShell:
         """A stream that prints ``streams[argv]`` and keeps what is written to it (``written``)."""
         self.calls.append((target.agent.id, tuple(argv)))
         self.ptys.append(pty)
-        stream = ScriptedStream(self.streams.get(tuple(argv), b""), hold_open=self.hold_streams_open)
+        stream = ScriptedStream(self.streams.get(tuple(argv), b""), self.hold, hold_open=self.hold_streams_open)
         self.opened.append(stream)
         try:
             yield stream
@@ -366,8 +450,9 @@ class ScriptedShell:
 class ScriptedStream:
     """Implements ``core.ports.RemoteStream``: prints ``output``, then ends; keeps what it is sent."""
 
-    def __init__(self, output: bytes, *, hold_open: bool = False) -> None:
+    def __init__(self, output: bytes, hold: asyncio.Event | None = None, *, hold_open: bool = False) -> None:
         self._output = output
+        self._hold = hold
         self.written = bytearray()
         self.closed = False
         self._hold_open = hold_open  # after its output, wait for close() instead of ending
@@ -377,6 +462,8 @@ class ScriptedStream:
         if not self._output and self._hold_open and not self.closed:
             await self._closing.wait()
         chunk, self._output = self._output[:limit], self._output[limit:]
+        if not chunk and self._hold is not None:
+            await self._hold.wait()
         return chunk
 
     async def read_stderr(self, limit: int = 65536) -> bytes:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -30,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -184,16 +186,16 @@ class Bench:
         # 500 and 10 as the issue asks; with other --fleet-sizes, the largest and the smallest
         ten, five_hundred = points.get(10, points[min(points)]), points.get(500, points[max(points)])
         ratio = five_hundred.warm_s / ten.warm_s
-        self.add(Row(f"8a warm fleet view, {five_hundred.agents} agents / {ten.agents} agents", "s",
+        self.add(Row(f"9a warm fleet view, {five_hundred.agents} agents / {ten.agents} agents", "s",
                      five_hundred.warm_s, ten.warm_s, ratio,
                      "<= 10", check(ratio <= 10), "simulated hosts (tests/simulator.py), 1 worker; "
                      + "; ".join(f"N={n}: cold {p.cold_s:g} s, warm {p.warm_s:g} s" for n, p in points.items())))
         worst = max(p.kib_per_connection for n, p in points.items() if n >= 100 or n == max(points))
-        self.add(Row("8b worker memory per pooled SSH connection", "KiB", worst, None, None, "<= 100",
+        self.add(Row("9b worker memory per pooled SSH connection", "KiB", worst, None, None, "<= 100",
                      check(worst <= 100), "largest of N >= 100: (RSS after the warm views - RSS before) / "
                      "open connections"))
         limit = fleet.CONNECT_TIMEOUT + 1
-        self.add(Row(f"8c fleet view of {five_hundred.agents} with {five_hundred.silent_agents} silent hosts", "s",
+        self.add(Row(f"9c fleet view of {five_hundred.agents} with {five_hundred.silent_agents} silent hosts", "s",
                      five_hundred.silent_warm_s, limit,
                      five_hundred.silent_warm_s / limit, "<= 1", check(five_hundred.silent_warm_s <= limit),
                      f"after a first view ({five_hundred.silent_first_s:g} s); reference: one connect "
@@ -373,6 +375,142 @@ class Bench:
         self.add(Row(f"5 VM lists across {BURST} agents at once: wall / figure 4", "ms", round(m, 1), round(o, 1),
                      r5, "<= 1.25", check(r5 <= 1.25),
                      f"warm pools, one SSH connection per agent, one request each; {spread5}"))
+
+    # --------------------------------------------------------------- figure 10: live state (issue 18)
+
+    def portal_ssh_ports(self) -> set[int]:
+        """Local ports of the portal workers' SSH connections to the lab (to tell their commands
+        from those of anybody else using the lab's sshd meanwhile)."""
+        inodes = set()
+        for pid in self.portal.worker_pids():
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+        ports = set()
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            parts = line.split()
+            if int(parts[2].rsplit(":", 1)[1], 16) == self.lab.port and parts[9] in inodes:
+                ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+        return ports
+
+    def log_size(self) -> int:
+        return self.lab.sshd_log.stat().st_size
+
+    def host_commands(self, ports: set[int], since: int) -> int:
+        """Commands the lab's sshd started (one per exec channel) after byte ``since`` of its log,
+        on connections from ``ports`` (the portal's: other users of the lab's sshd do not count)."""
+        with self.lab.sshd_log.open("rb") as log_file:
+            log_file.seek(since)
+            text = log_file.read().decode(errors="replace")
+        started = re.findall(rf"Starting session: command for {re.escape(self.lab.user)} from \S+ port (\d+)", text)
+        return sum(1 for port in started if int(port) in ports)
+
+    async def wait_live(self, conn: HttpConnection, agent_id: int) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            response = await conn.request("GET", f"/agents/{agent_id}/vms")
+            rows = json.loads(response.body)
+            if response.status == 200 and rows and all(row["source"] == "live" for row in rows):
+                return
+            await asyncio.sleep(0.2)  # the watcher connects in the background
+        raise RuntimeError("the agent's mirror never became live")
+
+    async def figure_10(self) -> None:
+        """Live mirror: warm list ÷ ssh ControlMaster; 20 concurrent lists ÷ 20 ssh; event latency
+        from ``virsh start`` on the host to an SSE client; host commands per minute for a dashboard
+        polling GET /vms every second, with ``?fresh=true`` (before: what every list cost) and
+        from the mirror (after)."""
+        agent = self.agents[0]
+        conn = await self.connection()
+        await self.wait_live(conn, agent)
+        self.cm.start()
+        for _ in range(5):
+            await self.vms(conn, agent)
+            timed_commands(self.cm.command(), 1, self.errlog)
+        ports = self.portal_ssh_ports()
+        since = self.log_size()
+        live, reference = [], []
+        for _ in range(self.args.samples):
+            live.append(await self.vms(conn, agent))
+            reference.append(timed_commands(self.cm.command(), 1, self.errlog))
+        portal_commands = self.host_commands(ports | self.portal_ssh_ports(), since)
+        p, r = median(live) * 1000, median(reference) * 1000
+        self.add(Row("10a warm GET /agents/{id}/vms from the live mirror, median", "ms", round(p, 2), round(r, 1),
+                     p / r, "<= 0.2", check(p / r <= 0.2), f"{len(live)} samples each, interleaved; "
+                     f"{portal_commands} host commands by the portal meanwhile (0 = nothing ran on the host)"))
+        conns = [await self.connection() for _ in range(BURST)]
+        pairs = [(c, agent) for c in conns]
+        await self.burst(pairs)
+        ours, theirs = [], []
+        for _ in range(self.args.burst_rounds):
+            ours.append(await self.burst(pairs))
+            theirs.append(timed_commands(self.cm.command(), BURST, self.errlog))
+        for c in conns:
+            await c.close()
+        ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
+        self.add(Row(f"10b {BURST} concurrent lists from the mirror: wall", "ms", round(median(ours) * 1000, 1),
+                     round(median(theirs) * 1000, 1), median(ratios), "<= 0.2", check(median(ratios) <= 0.2),
+                     f"reference {BURST} concurrent ssh over a ControlMaster; per-round {min(ratios):.3f}-"
+                     f"{max(ratios):.3f}"))
+        await self.event_latency()
+        for label, query in (("before: ?fresh=true (every list asks the host)", "?fresh=true"),
+                             ("after: from the live mirror", "")):
+            ports = self.portal_ssh_ports()
+            since = self.log_size()
+            started = time.monotonic()
+            while time.monotonic() - started < self.args.dashboard_seconds:
+                tick = time.monotonic()
+                response = await conn.request("GET", "/vms" + query)
+                if response.status != 200:
+                    raise RuntimeError(f"GET /vms: {response.status}")
+                await asyncio.sleep(max(0.0, 1 - (time.monotonic() - tick)))
+            ports |= self.portal_ssh_ports()
+            per_minute = self.host_commands(ports, since) * 60 / (time.monotonic() - started)
+            self.add(Row(f"10d dashboard polling GET /vms each second, {label}", "cmd/min", round(per_minute, 1),
+                         None, None, "report", "-", f"{len(self.agents)} agents; hypervisor commands counted in "
+                         f"the lab sshd's log (the portal's connections only) over {self.args.dashboard_seconds} s"))
+        await conn.close()
+
+    async def event_latency(self) -> None:
+        import httpx
+
+        xml = self.workdir / "ev-bench.xml"
+        xml.write_text("<domain type='qemu'><name>ev-bench</name><memory unit='KiB'>131072</memory><vcpu>1</vcpu>"
+                       "<os><type arch='x86_64'>hvm</type><kernel>/var/cache/playr-lab/vmlinuz</kernel>"
+                       "<initrd>/var/cache/playr-lab/initrd.img</initrd></os><on_poweroff>destroy</on_poweroff>"
+                       "<devices><serial type='null'/></devices></domain>")
+        virsh = ["virsh", "-c", "qemu:///system"]
+        subprocess.run([*virsh, "define", str(xml)], capture_output=True, check=True)
+        latencies: list[float] = []
+        pipeline: list[float] = []  # from the host's event timestamp (same machine, same clock)
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(30)) as client, client.stream(
+                    "GET", f"http://127.0.0.1:{self.portal.port}/events/stream?vm=ev-bench&type=vm.started",
+                    headers={"Authorization": f"Bearer {self.key}"}) as response:
+                lines = response.aiter_lines()
+                await lines.__anext__()  # the stream's opening comment: it is listening
+                for _ in range(self.args.event_samples):
+                    started = time.perf_counter()
+                    subprocess.run([*virsh, "start", "ev-bench"], capture_output=True, check=True)
+                    async for line in lines:
+                        if line.startswith("data: "):
+                            break
+                    latencies.append(time.perf_counter() - started)
+                    at = datetime.fromisoformat(json.loads(line[6:])["at"].replace("Z", "+00:00"))
+                    pipeline.append(time.time() - at.timestamp())
+                    subprocess.run([*virsh, "destroy", "ev-bench"], capture_output=True, check=False)
+        finally:
+            subprocess.run([*virsh, "destroy", "ev-bench"], capture_output=True, check=False)
+            subprocess.run([*virsh, "undefine", "ev-bench"], capture_output=True, check=False)
+        self.add(Row("10c' event latency: libvirt's event timestamp -> SSE client, median", "ms",
+                     round(median(pipeline) * 1000, 1), None, None, "report", "-",
+                     f"watcher read, database write, stream poll (0.25 s); max {max(pipeline) * 1000:.0f} ms"))
+        self.add(Row("10c event latency: virsh start on the host -> SSE client, median", "ms",
+                     round(median(latencies) * 1000, 1), None, None, "report", "-",
+                     f"{len(latencies)} starts; includes virsh start itself (QEMU launch) and the stream's "
+                     f"{0.25:g} s poll; max {max(latencies) * 1000:.0f} ms"))
 
     async def figure_6_memory(self) -> None:
         """Peak RSS per worker with 50 agents pooled in every worker."""
@@ -576,6 +714,7 @@ async def measure(bench: Bench) -> None:
         ("figure 7 (PostgreSQL)", bench.figure_7),
         ("figure 8 (scoped key)", bench.figure_8),  # issue 20
         ("figure 9 (fleet cost curves)", bench.figure_9),  # issue 22
+        ("figure 10 (live state)", bench.figure_10),  # issue 18
     ]
     wanted = set(bench.args.figures.split(","))
     for name, step in steps:
@@ -601,10 +740,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--writes", type=int, default=300, help="figure 6b agents created")
     parser.add_argument("--writers", type=int, default=16, help="figure 6b concurrent clients")
     parser.add_argument("--pg-rounds", type=int, default=5, help="figure 7a and 7c wrk rounds")
-    parser.add_argument("--figures", default="1,2,3,4,6,7,8",
+    parser.add_argument("--figures", default="1,2,3,4,6,7,8,10",
                         help="which figures to measure (4 includes 5; 9, the fleet cost curves of bench/fleet.py, "
                              "only when asked: several minutes)")
     parser.add_argument("--fleet-sizes", default="10,100,500,1000", help="figure 9: agents per curve point")
+    parser.add_argument("--event-samples", type=int, default=5, help="figure 10c VM starts")
+    parser.add_argument("--dashboard-seconds", type=int, default=30, help="figure 10d polling time, each")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     args = parser.parse_args(argv)

@@ -15,6 +15,7 @@ from typing import ClassVar
 import attrs
 
 from core.errors import PortalError, ValidationFailed
+from core.events import EventLog
 from core.model import AuditEvent, Caller
 from core.ports import Clock, Storage, Transaction
 from core.validation import collect
@@ -28,9 +29,10 @@ class AuditLog:
 
     runs_on_event_loop: ClassVar[bool] = False
 
-    def __init__(self, *, storage: Storage, clock: Clock) -> None:
+    def __init__(self, *, storage: Storage, clock: Clock, events: EventLog | None = None) -> None:
         self.storage = storage
         self.clock = clock
+        self.events = events
 
     def audit_events(self, caller: Caller, *, limit: int = AUDIT_PAGE_DEFAULT,
                      before: int | None = None) -> list[AuditEvent]:
@@ -62,10 +64,19 @@ class AuditLog:
 
     def record(self, caller: Caller, action: str, agent_id: int, vm: str | None, outcome: str,
                detail: str | None) -> None:
-        """Record one finished action (a remote command) in a transaction of its own."""
+        """Record one finished action (a remote command) in a transaction of its own; an action on
+        a VM is also an event of the caller's (``action.start``…: a script sees its own action
+        next to the host's confirmation)."""
         with self.storage.transaction(write=True) as tx:
-            tx.add_audit_event(attrs.evolve(self.caller_event(caller, action), agent_id=agent_id, vm=vm,
-                                            outcome=outcome, detail=detail or None))
+            audited = tx.add_audit_event(attrs.evolve(self.caller_event(caller, action), agent_id=agent_id, vm=vm,
+                                                      outcome=outcome, detail=detail or None))
+            if self.events is not None and action.startswith("vm.") and vm is not None:
+                words = outcome if outcome == "ok" else f"{outcome}: {detail or ''}".rstrip(": ")
+                if outcome == "ok" and detail:
+                    words = f"ok: {detail}"
+                self.events.add(tx, self.events.new(caller.user.id, agent_id, vm,
+                                                    "action." + action[3:].replace("_", "-").replace(".", "-"),
+                                                    f"{words} (request {caller.request_id})", audited.created_at))
 
     def caller_event(self, caller: Caller, action: str) -> AuditEvent:
         event = self.event(caller.user.id, action, caller.request_id, caller.client_address)

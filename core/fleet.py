@@ -8,12 +8,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
+import attrs
+
 from core import virsh
 from core.errors import AgentAddressRefused, PortalError, RemoteError, ValidationFailed
 from core.model import Agent, AgentCredentials, Caller
 from core.remote import RemoteCommands, parse_output
 from core.results import AgentCheck, Failure, FleetEntry, HostFacts
 from core.validation import collect
+from core.vms import live_rows
+from core.watch import WatchService
 
 FLEET_PARALLELISM = 8  # agents asked at once by the fleet view, unless told (MANAGEMENT_FLEET_PARALLELISM)
 
@@ -24,13 +28,14 @@ class FleetService:
     runs_on_event_loop: ClassVar[bool] = True
 
     def __init__(self, *, remote: RemoteCommands, fleet_parallelism: int = FLEET_PARALLELISM,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, live: WatchService | None = None) -> None:
         self.remote = remote
+        self.live = live
         self.fleet_parallelism = fleet_parallelism
         self._monotonic = monotonic
 
     async def fleet(self, caller: Caller, *, agent_ids: Sequence[int] = (),
-                    states: Sequence[str] = ()) -> list[FleetEntry]:
+                    states: Sequence[str] = (), fresh: bool = False) -> list[FleetEntry]:
         """Every VM on every agent of the caller (or on ``agent_ids`` of them), at most
         ``fleet_parallelism`` agents at a time. An agent that fails is an entry with its error, so
         one dead host never fails the answer; ``states`` keeps only VMs in those states. Its
@@ -44,9 +49,15 @@ class FleetService:
         if errors:
             raise ValidationFailed(errors)
         targets = await asyncio.to_thread(self.remote.targets, caller, set(agent_ids))
+        if self.live is not None:  # the listed agents are in use: they get (or keep) a watcher
+            await asyncio.to_thread(self.live.want, [agent.id for agent, _ in targets])
         gate = asyncio.Semaphore(max(1, self.fleet_parallelism))
 
         async def one(agent: Agent, target: AgentCredentials | PortalError) -> FleetEntry:
+            mirrored = None if fresh or self.live is None else await asyncio.to_thread(live_rows, self.live, agent.id)
+            if mirrored is not None:
+                return FleetEntry(agent.id, agent.name, [vm for vm in mirrored if not states or vm.state in states],
+                                  None)
             if isinstance(target, PortalError):
                 return FleetEntry(agent.id, agent.name, None, Failure.of(target))
             try:
@@ -56,7 +67,9 @@ class FleetService:
                 virsh.raise_for_failure(result)
             except PortalError as error:
                 return FleetEntry(agent.id, agent.name, None, Failure.of(error))
-            vms = [vm for vm in await parse_output(virsh.parse_list, result.stdout) if not states or vm.state in states]
+            now = self.remote.clock.now()
+            vms = [attrs.evolve(vm, observed_at=now) for vm in await parse_output(virsh.parse_list, result.stdout)
+                   if not states or vm.state in states]
             return FleetEntry(agent.id, agent.name, vms, None)
 
         return list(await asyncio.gather(*(one(agent, target) for agent, target in targets)))

@@ -25,6 +25,7 @@ from core.consoles import (
     ConsoleService,
 )
 from core.credentials import Keyring
+from core.events import EVENT_RETENTION, EventLog
 from core.fleet import FLEET_PARALLELISM, FleetService
 from core.keys import KeyService
 from core.metrics import MIN_INTERVAL, FleetMetrics
@@ -46,6 +47,7 @@ from core.remote import RemoteCommands
 from core.snapshots import SnapshotService
 from core.users import UserService
 from core.vms import POLL_GRACE, POLL_INTERVAL, VmService
+from core.watch import LEASE_SECONDS, MAX_AGE, RENEW_EVERY, WATCH_IDLE, WatchService
 
 
 @attrs.frozen
@@ -63,6 +65,8 @@ class Portal:
     metrics: FleetMetrics  # the fleet for Prometheus (issue 21)
     provisioning: ProvisioningService  # issue 16
     consoles: ConsoleService  # issue 17
+    events: EventLog  # live state and events (issue 18)
+    watch: WatchService
 
 
 def assemble(
@@ -90,20 +94,29 @@ def assemble(
     console_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     console_max_seconds: float = DEFAULT_MAX_SECONDS,
     console_ticket_seconds: int = TICKET_SECONDS,
+    event_retention: int = EVENT_RETENTION,
+    mirror_max_age: float = MAX_AGE,
+    lease_seconds: float = LEASE_SECONDS,
+    renew_every: float = RENEW_EVERY,
+    watch_idle: float = WATCH_IDLE,
 ) -> Portal:
     """The services over these ports; each gets only the ports it uses."""
-    audit = AuditLog(storage=storage, clock=clock)
+    events = EventLog(storage=storage, clock=clock, retention=event_retention)
+    audit = AuditLog(storage=storage, clock=clock, events=events)
     keyring = Keyring(secrets)
     remote = RemoteCommands(storage=storage, keyring=keyring, clock=clock, audit=audit, shell=shell)
+    watch = WatchService(storage=storage, keyring=keyring, shell=shell, clock=clock, events=events,
+                         lease_seconds=lease_seconds, renew_every=renew_every, max_age=mirror_max_age,
+                         idle=watch_idle)
     vms = VmService(remote=remote, poll_interval=poll_interval, poll_grace=poll_grace, monotonic=monotonic,
-                    sleep=sleep)
+                    sleep=sleep, live=watch)
     return Portal(
         users=UserService(storage=storage, hasher=hasher, clock=clock, audit=audit, signup=signup),
         agents=AgentService(storage=storage, keyring=keyring, ssh_keys=ssh_keys, clock=clock, audit=audit,
                             shell=shell, max_agents=max_agents, addresses=addresses),
         vms=vms,
         snapshots=SnapshotService(remote=remote),
-        fleet=FleetService(remote=remote, fleet_parallelism=fleet_parallelism, monotonic=monotonic),
+        fleet=FleetService(remote=remote, fleet_parallelism=fleet_parallelism, monotonic=monotonic, live=watch),
         audit=audit,
         remote=remote,
         keys=KeyService(storage=storage, hasher=hasher, clock=clock, audit=audit),
@@ -115,4 +128,6 @@ def assemble(
                                 max_per_user=max_consoles, idle_timeout=console_idle_timeout,
                                 max_seconds=console_max_seconds, ticket_seconds=console_ticket_seconds,
                                 monotonic=monotonic, sleep=sleep),
+        events=events,
+        watch=watch,
     )

@@ -75,6 +75,11 @@ class VmSummary:
     name: str
     state: str
     id: int | None
+    # Where the row comes from (issue 18): "host" (virsh just ran) or "live" (the agent's watcher
+    # mirror), and when it was known to be true (None: just parsed, not yet stamped).
+    # (Not part of equality: two rows saying the same of a VM are equal whatever their origin.)
+    source: str = attrs.field(default="host", eq=False)
+    observed_at: datetime | None = attrs.field(default=None, eq=False)
 
 
 def check_vm_name(name: str) -> str | None:
@@ -1153,3 +1158,109 @@ def parse_vnc_display(stdout: str) -> tuple[str, int] | None:
     if address is None or port > 65535:
         return None
     return address, port
+
+
+# ---------------------------------------------------------------------- events (issue 18)
+# ``virsh event --all --loop --timestamp`` prints one line per event, e.g.
+#   2026-12-01 06:16:37.638+0000: event 'lifecycle' for domain 'ev-probe': Started Booted
+#   2026-12-01 06:16:40.001+0000: event 'reboot' for domain 'ev-probe'
+# and a few event kinds (tunable, job-completed) continue on lines that start with a tab.
+
+# libvirt's lifecycle events (the first word virsh prints) and the state a VM is in after each;
+# None: the state does not follow from the event (a list tells).
+LIFECYCLE_STATES: dict[str, str | None] = {
+    "defined": None, "undefined": None, "started": "running", "suspended": "paused", "resumed": "running",
+    "stopped": "shut off", "shutdown": None, "pmsuspended": "pmsuspended", "crashed": "crashed",
+}
+HOST_EVENT_MAX_DETAIL = 1000
+_EVENT_LINE = re.compile(
+    r"^(?:(?P<at>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d{1,6})?)(?P<tz>[+-]\d{4})?: )?"
+    r"event '(?P<kind>[A-Za-z0-9_-]{1,40})' for domain '(?P<vm>[^'\n]{1,255}?)'(?::[ \t]?(?P<detail>.*))?$")
+
+
+def event_command(uri: str) -> tuple[str, ...]:
+    """Every event of every VM, one per line with the host's time, until the channel closes."""
+    return _virsh(uri, "event", "--all", "--loop", "--timestamp")
+
+
+@attrs.frozen
+class HostEvent:
+    """One event a host's libvirt reported: ``type`` is ``vm.<lifecycle event>`` (``vm.started``,
+    ``vm.stopped``…) for lifecycle events and ``vm.<event>`` for the others (``vm.reboot``)."""
+
+    at: datetime | None
+    vm: str
+    type: str
+    detail: str
+
+    @property
+    def state(self) -> str | None:
+        """The VM's state after this event, when the event says it."""
+        if not self.type.startswith("vm."):
+            return None
+        return LIFECYCLE_STATES.get(self.type[3:])
+
+
+def parse_event_line(line: str) -> HostEvent | None:
+    """One line of ``virsh event --timestamp``; None for anything else (a continuation line, a
+    banner, garbage). Linear in the line (one anchored regex without nested repeats)."""
+    match = _EVENT_LINE.match(line.rstrip("\r"))
+    if match is None:
+        return None
+    kind = match.group("kind").lower()
+    detail = (match.group("detail") or "").strip()
+    if kind == "lifecycle":
+        first, _, rest = detail.partition(" ")
+        event = first.lower()
+        if event not in LIFECYCLE_STATES:
+            event = "lifecycle"
+        else:
+            detail = rest.strip()
+    else:
+        event = kind.replace("_", "-")
+    at = None
+    if match.group("at"):
+        try:
+            at = datetime.strptime(match.group("at") + (match.group("tz") or "+0000"),
+                                   "%Y-%m-%d %H:%M:%S.%f%z" if "." in match.group("at") else "%Y-%m-%d %H:%M:%S%z")
+            at = at.astimezone(UTC)
+        except ValueError:
+            at = None
+    return HostEvent(at=at, vm=match.group("vm"), type=f"vm.{event}", detail=detail[:HOST_EVENT_MAX_DETAIL])
+
+
+class EventLines:
+    """Cuts the bytes a ``virsh event`` stream delivers, in chunks of any size, into events.
+    Continuation lines (tab-indented) are appended to the previous event's detail; a line longer
+    than ``max_line`` is dropped whole (a hostile host cannot make the buffer grow)."""
+
+    def __init__(self, max_line: int = 8192) -> None:
+        self.max_line = max_line
+        self._buffer = b""
+        self._dropping = False
+        self.skipped = 0  # lines that were no event
+
+    def feed(self, chunk: bytes) -> list[HostEvent]:
+        self._buffer += chunk
+        events: list[HostEvent] = []
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > self.max_line:
+                    self._buffer, self._dropping = b"", True
+                return events
+            raw, self._buffer = self._buffer[:end], self._buffer[end + 1:]
+            if self._dropping or len(raw) > self.max_line:
+                self._dropping = False
+                self.skipped += 1
+                continue
+            line = raw.decode("utf-8", "replace")
+            if line.startswith("\t") and events:
+                last = events[-1]
+                events[-1] = attrs.evolve(last, detail=(last.detail + " " + line.strip())[:HOST_EVENT_MAX_DETAIL])
+                continue
+            event = parse_event_line(line)
+            if event is None:
+                self.skipped += 1
+            else:
+                events.append(event)

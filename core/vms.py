@@ -9,13 +9,17 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import ClassVar
 
+import attrs
+
 from core import virsh
+from core.credentials import owned_agent
 from core.errors import ValidationFailed, VmNotFound, WaitTimedOut
 from core.model import AgentCredentials, Caller
 from core.ports import CommandResult
 from core.remote import RemoteCommands, parse_output
 from core.results import VmInfo, WaitedAction
 from core.virsh import VmAction, VmStats, VmSummary
+from core.watch import WatchService
 
 POLL_INTERVAL = 0.25  # seconds between two state polls while waiting
 POLL_GRACE = 2.0  # seconds one state poll may run past the wait's deadline before the wait gives up
@@ -31,8 +35,9 @@ class VmService:
 
     def __init__(self, *, remote: RemoteCommands, poll_interval: float = POLL_INTERVAL,
                  poll_grace: float = POLL_GRACE, monotonic: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, live: WatchService | None = None) -> None:
         self.remote = remote
+        self.live = live
         # Waiting on a VM's state: how often to poll, and the clock and sleep to do it with
         # (injectable, so tests wait on a fake clock instead of the wall clock).
         self.poll_interval = poll_interval
@@ -40,12 +45,26 @@ class VmService:
         self._monotonic = monotonic
         self._sleep = sleep
 
-    async def list_vms(self, caller: Caller, agent_id: int) -> list[VmSummary]:
-        """Every VM the agent's libvirt knows (``virsh list --all``)."""
+    async def list_vms(self, caller: Caller, agent_id: int, *, fresh: bool = False) -> list[VmSummary]:
+        """Every VM the agent's libvirt knows: from the agent's live mirror while its watcher is
+        healthy (``source="live"``, nothing runs on the host), otherwise or with ``fresh`` from
+        ``virsh list --all`` (``source="host"``). Each row says when it was known true."""
+        if self.live is not None:
+            mirrored = await asyncio.to_thread(self._mirrored, caller, agent_id, fresh)
+            if mirrored is not None:
+                return mirrored
         target = await self.remote.target(caller, agent_id)
         result = await self.remote.run(caller, target, virsh.list_command(target.agent.libvirt_uri))
         virsh.raise_for_failure(result)
-        return await parse_output(virsh.parse_list, result.stdout)
+        now = self.remote.clock.now()
+        return [attrs.evolve(vm, observed_at=now) for vm in await parse_output(virsh.parse_list, result.stdout)]
+
+    def _mirrored(self, caller: Caller, agent_id: int, fresh: bool) -> list[VmSummary] | None:
+        assert self.live is not None
+        with self.remote.storage.transaction() as tx:
+            owned_agent(tx, caller, agent_id)
+        self.live.want([agent_id])  # the agent is in use: it gets (or keeps) a watcher
+        return None if fresh else live_rows(self.live, agent_id)
 
     async def vm_info(self, caller: Caller, agent_id: int, vm: str) -> VmInfo:
         """``virsh dominfo`` for one VM; ``VmNotFound`` if the agent has no such VM."""
@@ -144,3 +163,12 @@ class VmService:
         action): the state reached and the seconds it took, or ``WaitTimedOut``. Used by
         provisioning (issue 16) after creating or cloning a VM."""
         return await self._wait_for_state(caller, target, vm, wanted, wait, progress, abandoned)
+
+
+def live_rows(live: WatchService, agent_id: int) -> list[VmSummary] | None:
+    """The agent's VMs from its fresh mirror, as list rows (None: the mirror is not fresh)."""
+    mirrored = live.fresh_mirror(agent_id)
+    if mirrored is None:
+        return None
+    vms, observed_at = mirrored
+    return [VmSummary(name=vm.name, state=vm.state, id=vm.id, source="live", observed_at=observed_at) for vm in vms]

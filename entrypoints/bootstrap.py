@@ -230,7 +230,11 @@ def build_runtime(
                       tickets=console_tickets, max_consoles=settings.max_consoles_per_user,
                       console_idle_timeout=settings.console_idle_timeout,
                       console_max_seconds=settings.console_max_seconds,
-                      console_ticket_seconds=settings.console_ticket_seconds)
+                      console_ticket_seconds=settings.console_ticket_seconds,
+                      # issue 18
+                      event_retention=settings.event_retention, mirror_max_age=settings.mirror_max_age,
+                      lease_seconds=settings.watch_lease_seconds, watch_idle=settings.watch_idle,
+                      renew_every=min(settings.watch_lease_seconds / 4, max(0.2, settings.mirror_max_age / 3)))
     try:
         portal.agents.check_secret_key()
     except SecretUnreadable as error:

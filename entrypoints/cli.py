@@ -53,7 +53,7 @@ from core.errors import PortalError
 from entrypoints import remote
 from entrypoints.operations import BY_NAME, Operation
 from entrypoints.settings import ConfigError, Settings
-from entrypoints.shapes import PublicKeyView, UserView, UserWithKeyView, dump
+from entrypoints.shapes import EventView, PublicKeyView, UserView, UserWithKeyView, dump
 
 if TYPE_CHECKING:
     from entrypoints.client import Client
@@ -111,6 +111,17 @@ _QUERY_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
                                             "help": "also delete the pool volumes its disks use"}),
     "source": ("--source", {"choices": ["agent", "lease", "arp"],
                             "help": "where addresses come from (default: guest agent, then DHCP lease)"}),
+    # issue 18
+    "fresh": ("--fresh", {"action": "store_const", "const": "true",
+                          "help": "ask the host even when the agent's live mirror is fresh"}),
+    "vm": ("--vm", {"help": "only events of this VM"}),
+    "type": ("--type", {"action": "append", "default": [], "help": "only events of this type, e.g. vm.started "
+                                                                   "(repeatable)"}),
+}
+# Query options whose meaning differs for one operation (issue 18: the events' single --agent).
+_QUERY_OPTIONS_OF: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {
+    ("list_events", "agent"): ("--agent", {"type": int, "help": "only events of this agent"}),
+    ("list_events", "after"): ("--after", {"type": int, "metavar": "ID", "help": "only events with an id above ID"}),
 }
 
 
@@ -368,6 +379,52 @@ def _table(rows: Any, *columns: tuple[str, str]) -> int:
     return 0
 
 
+def _events_text(page: Any, _args: argparse.Namespace) -> int:
+    for event in page.events:
+        _print_event(event)
+    return 0
+
+
+def _print_event(event: Any) -> None:
+    print(f"{event.id:>8}  {event.at.isoformat(timespec='milliseconds')}  agent {event.agent_id or '-':<4} "
+          f"{event.type:<20} {event.vm or '-':<24} {event.detail}", flush=True)
+
+
+def _tail(me: Session | Client, _op: Operation, args: argparse.Namespace) -> Any:
+    """Follow the events until interrupted; prints each as it comes. In-process through the
+    library's iterator; remotely by asking ``GET /events?after=`` every second (from the newest
+    event when no ``--after`` is given)."""
+    def show(event: EventView) -> None:
+        if args.json:
+            print(json.dumps(dump(event)), flush=True)
+        else:
+            _print_event(event)
+
+    try:
+        if isinstance(me, Session):
+            for event in me.follow_events(after=args.after, agent_id=args.agent, vm=args.vm, types=args.type):
+                show(EventView.of(event))
+        else:
+            import time
+
+            filters = {"agent": args.agent, "vm": args.vm, "type": args.type}
+            filters = {name: value for name, value in filters.items() if value not in (None, [])}
+            cursor, catching_up = (args.after, False) if args.after is not None else (0, True)
+            while True:
+                page = me.list_events(after=cursor, limit=500, **filters)
+                if not catching_up:
+                    for event in page.events:
+                        show(event)
+                cursor = page.last_id
+                if not page.events:
+                    catching_up = False
+                    time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    args.json = False  # every event was printed as it came
+    return []
+
+
 USER_COMMANDS: tuple[UserCommand, ...] = (
     UserCommand(("agents", "list"), "list_agents", "list your agents", _agents_text),
     UserCommand(("agents", "public-key"), "get_public_key", "print the agent's authorized_keys line (restricted "
@@ -440,6 +497,11 @@ USER_COMMANDS: tuple[UserCommand, ...] = (
     UserCommand(("keys", "revoke"), "revoke_api_key", "revoke a key: refused at its next request everywhere",
                 _said(lambda _result, args: f"key {args.key} revoked"),
                 json=lambda _result, args: {"revoked": args.key}),
+    # issue 18
+    UserCommand(("events", "list"), "list_events", "your events after an id (--after), oldest first",
+                _events_text),
+    UserCommand(("events", "tail"), "list_events", "follow your events as they happen (Ctrl-C ends)",
+                lambda _result, _args: 0, run=_tail, json=lambda _result, _args: None),
 )
 
 # ---------------------------------------------------------------------- the parser
@@ -500,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("keys", "your API keys and their scopes (needs MANAGEMENT_API_KEY)"),
                        ("pools", "storage pools of an agent (needs MANAGEMENT_API_KEY)"),
                        ("volumes", "volumes of a storage pool (needs MANAGEMENT_API_KEY)"),
-                       ("networks", "libvirt networks of an agent (needs MANAGEMENT_API_KEY)")):
+                       ("networks", "libvirt networks of an agent (needs MANAGEMENT_API_KEY)"),
+                       ("events", "what happened on your agents and VMs (needs MANAGEMENT_API_KEY)")):
         groups[(area,)] = commands.add_parser(area, help=text).add_subparsers(dest="action", required=True)
     groups[("vms", "snapshots")] = groups[("vms",)].add_parser(
         "snapshots", help="internal snapshots of a VM").add_subparsers(dest="snapshot_action", required=True)
@@ -513,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
         for flag, options in command.body:
             one.add_argument(flag, **options)
         for q in op.query:
-            flag, options = _QUERY_OPTIONS[q.name]
+            flag, options = _QUERY_OPTIONS_OF.get((op.name, q.name)) or _QUERY_OPTIONS[q.name]
             one.add_argument(flag, dest=q.name, **options)
         one.add_argument("--json", action="store_true", help="print JSON")
         _remote_options(one, argparse.SUPPRESS)

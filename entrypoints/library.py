@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
 
 from core.commands import NewUser, NewVm
 from core.errors import ValidationFailed
+from core.events import EVENT_PAGE_MAX, check_filter
+from core.live import Event
 from core.model import ApiKey, Caller, Origin, User
 from core.portal import Portal
 from core.ports import CommandResult
@@ -174,6 +177,21 @@ class Session:
         ``progress(state, elapsed_seconds)`` is called after every poll."""
         return self._library._await(
             self.portal.vms.vm_action_and_wait(self._caller("start_vm"), agent_id, vm, _action(action), wait, progress))
+
+    def follow_events(self, *, after: int | None = None, agent_id: int | None = None, vm: str | None = None,
+                      types: Sequence[str] = (), poll: float = 0.5) -> Iterator[Event]:
+        """Your events as they happen, forever (break out of the loop to stop): those after
+        ``after`` (default: from now on), filtered like ``list_events``. Reads the database every
+        ``poll`` seconds while nothing happens, so it sees what every instance's watchers record."""
+        wanted = check_filter(after=after, agent_id=agent_id, vm=vm, types=types)
+        cursor = wanted.after if after is not None else self.portal.events.last_id(self.user.id)
+        while True:
+            events = self.portal.events.read(self.user.id, attrs.evolve(wanted, after=cursor), EVENT_PAGE_MAX)
+            yield from events
+            if events:
+                cursor = events[-1].id
+            else:
+                time.sleep(poll)
 
     def fleet(self, *, agent_ids: Sequence[int] = (), states: Sequence[str] = ()) -> list[FleetEntry]:
         """Every VM on every agent of yours (or of ``agent_ids``), agents asked in parallel; an agent

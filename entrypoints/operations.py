@@ -34,6 +34,7 @@ from core.commands import (
     NewVm,
 )
 from core.errors import PortalError, ValidationFailed
+from core.events import EVENT_PAGE_DEFAULT, EVENT_PAGE_MAX
 from core.model import Caller, Origin, Scope, User
 from core.portal import Portal
 from core.results import NewApiKey, WaitedAction
@@ -50,6 +51,8 @@ from entrypoints.shapes import (
     ConsoleTicketView,
     CreatedVmView,
     CredentialsView,
+    EventPage,
+    EventView,
     FleetEntryView,
     GuestInterfaceView,
     HostFactsView,
@@ -265,6 +268,27 @@ FLEET_AGENT = Query("agent", "Only these agents (repeat the parameter for severa
                     repeat=True)
 FLEET_STATE = Query("state", "Only VMs in these states (repeatable), as virsh prints them.",
                     {"type": "array", "items": {"type": "string", "enum": list(VM_STATES)}}, repeat=True)
+
+# issue 18
+FRESH = Query("fresh", "true: ask the host (virsh list) even when the agent's live mirror is fresh.",
+              {"type": "string", "enum": ["true", "false"], "default": "false"})
+EVENTS_AFTER = Query("after", "Only events with an id above this (the last id you saw; the stream's Last-Event-ID).",
+                     {"type": "integer", "minimum": 0, "default": 0})
+EVENTS_AGENT = Query("agent", "Only events of this agent.", {"type": "integer", "minimum": 1, "maximum": 2147483647})
+EVENTS_VM = Query("vm", "Only events of this VM.", {"type": "string", "minLength": 1, "maxLength": VM_NAME_MAX})
+EVENTS_TYPE = Query("type", "Only events of these types (repeatable), e.g. vm.started, agent.unreachable, "
+                            "action.start.",
+                    {"type": "array", "items": {"type": "string", "maxLength": 64}}, repeat=True)
+EVENTS_LIMIT = Query("limit", "How many events at most.",
+                     {"type": "integer", "minimum": 1, "maximum": EVENT_PAGE_MAX, "default": EVENT_PAGE_DEFAULT})
+
+
+def _fresh(call: Call) -> bool:
+    value = call.query.get("fresh") or "false"
+    if value not in ("true", "false"):
+        raise ValidationFailed.one("fresh", "must be true or false")
+    return bool(value == "true")
+
 
 # Path parameters, as OpenAPI describes them.
 PATH_PARAMETERS: dict[str, dict[str, Any]] = {
@@ -488,8 +512,8 @@ OPERATIONS: tuple[Operation, ...] = (
               errors=(errors.AgentNotFound, errors.AgentChanged, errors.TooManyOperations), scope=Scope.READ),
     # VMs: lifecycle
     Operation("list_vms", "GET", "/agents/{agent_id}/vms", "vms", "List the agent's VMs (virsh list --all)",
-              lambda p, c: invoke(p.vms.list_vms, c.me, c.agent_id), _each(VmView.of), list[VmView],
-              errors=REMOTE_ERRORS, scope=Scope.READ),
+              lambda p, c: invoke(p.vms.list_vms, c.me, c.agent_id, fresh=_fresh(c)), _each(VmView.of),
+              list[VmView], errors=REMOTE_ERRORS, query=(FRESH,), scope=Scope.READ),
     Operation("get_vm", "GET", "/agents/{agent_id}/vms/{vm}", "vms", "virsh dominfo for a VM, typed and raw",
               lambda p, c: invoke(p.vms.vm_info, c.me, c.agent_id, c.vm), _one(VmInfoView.of), VmInfoView,
               errors=REMOTE_ERRORS, scope=Scope.READ),
@@ -529,9 +553,10 @@ OPERATIONS: tuple[Operation, ...] = (
     # the fleet
     Operation("list_fleet", "GET", "/vms", "fleet", "Every VM on every agent of the caller; a failing agent "
                                                     "carries its error",
-              lambda p, c: invoke(p.fleet.fleet, c.me, agent_ids=c.query["agent"], states=c.query["state"]),
+              lambda p, c: invoke(p.fleet.fleet, c.me, agent_ids=c.query["agent"], states=c.query["state"],
+                                  fresh=_fresh(c)),
               _each(FleetEntryView.of), list[FleetEntryView], errors=(ValidationFailed,),
-              query=(FLEET_AGENT, FLEET_STATE), scope=Scope.READ),
+              query=(FLEET_AGENT, FLEET_STATE, FRESH), scope=Scope.READ),
     # --- API keys and scopes (issue 20)
     Operation("list_api_keys", "GET", "/users/me/keys", "users",
               "Your API keys (those the calling key covers), oldest first; never the keys themselves",
@@ -572,6 +597,19 @@ OPERATIONS: tuple[Operation, ...] = (
               _one(ConsoleTicketView.of), ConsoleTicketView, NewConsole, ok=201, no_store=True,
               errors=(*BODY_ERRORS, *REMOTE_ERRORS, errors.VmNotRunning, errors.ConsoleUnavailable,
                       errors.TooManyConsoles), scope=Scope.OPERATE),
+)
+
+# --- live state and events (issue 18)
+OPERATIONS += (
+    Operation("list_events", "GET", "/events", "events",
+              "The caller's events (host events, watcher events, the portal's own VM actions), oldest first, "
+              "after an id",
+              lambda p, c: invoke(p.events.list_events, c.me, after=c.query["after"], agent_id=c.query["agent"],
+                                  vm=c.query["vm"], types=c.query["type"], limit=c.query["limit"]),
+              lambda events, c: EventPage(events=[EventView.of(e) for e in events],
+                                          last_id=events[-1].id if events else c.query["after"] or 0),
+              EventPage, errors=(ValidationFailed,),
+              query=(EVENTS_AFTER, EVENTS_AGENT, EVENTS_VM, EVENTS_TYPE, EVENTS_LIMIT), scope=Scope.READ),
 )
 
 OPERATIONS += PROVISIONING_OPERATIONS  # issue 16

@@ -126,6 +126,13 @@ class Settings:
     console_idle_timeout: float = 900.0
     console_max_seconds: float = 8 * 3600.0
     console_ticket_seconds: int = 30  # the contract's 30 s; the lab tests shorten it to see tickets expire
+    # Live state and events (issue 18): events kept per user, whether this instance runs watchers,
+    # how old a mirror may be and still answer lists, how long a watcher's lease lasts unrenewed.
+    event_retention: int = 10_000
+    watchers: bool = True
+    mirror_max_age: float = 5.0
+    watch_lease_seconds: float = 6.0
+    watch_idle: float = 600.0  # seconds an agent stays watched after its last use
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -186,6 +193,12 @@ class Settings:
             console_idle_timeout=reader.number("MANAGEMENT_CONSOLE_IDLE_TIMEOUT", 900.0, float, 1, 86400),
             console_ticket_seconds=reader.number("MANAGEMENT_CONSOLE_TICKET_SECONDS", 30, int, 1, 30),
             console_max_seconds=reader.number("MANAGEMENT_CONSOLE_MAX_SECONDS", 8 * 3600.0, float, 1, 7 * 86400),
+            # issue 18
+            event_retention=reader.number("MANAGEMENT_EVENT_RETENTION", 10_000, int, 100, 10_000_000),
+            watchers=reader.flag("MANAGEMENT_WATCHERS", True),
+            mirror_max_age=reader.number("MANAGEMENT_MIRROR_MAX_AGE", 5.0, float, 0, 3600),
+            watch_lease_seconds=reader.number("MANAGEMENT_WATCH_LEASE_SECONDS", 6.0, float, 1, 600),
+            watch_idle=reader.number("MANAGEMENT_WATCH_IDLE", 600.0, float, 1, 30 * 86400),
         )
 
 

@@ -17,6 +17,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from core.commands import BridgeRequest
 from core.consoles import IssuedTicket
 from core.errors import FieldError, ValidationFailed
+from core.live import Event
 from core.model import Agent, AgentCredentials, ApiKey, AuditEvent, User
 from core.ports import CommandResult
 from core.results import AgentCheck, CreatedVm, Failure, FleetEntry, HostFacts, VmInfo, WaitedAction
@@ -240,15 +241,19 @@ class AuditPage:
 
 @attrs.frozen
 class VmView:
-    """A VM as ``virsh list --all`` shows it; ``id`` is null when it is not running."""
+    """A VM as ``virsh list --all`` shows it; ``id`` is null when it is not running. ``source``
+    says where the row comes from: ``live`` (the agent's watcher mirror) or ``host`` (virsh ran for
+    this answer); ``observed_at`` when it was known to be true."""
 
     name: str
     state: str
     id: int | None
+    source: str = "host"
+    observed_at: datetime | None = None
 
     @classmethod
     def of(cls, vm: VmSummary) -> VmView:
-        return cls(vm.name, vm.state, vm.id)
+        return cls(vm.name, vm.state, vm.id, vm.source, vm.observed_at)
 
 
 @attrs.frozen
@@ -556,6 +561,35 @@ class AgentCheckView:
     @classmethod
     def of(cls, check: AgentCheck) -> AgentCheckView:
         return _by_keyword(cls, check, error=FailureView.of(check.error))
+
+
+# ---------------------------------------------------------------------- events (issue 18)
+
+
+@attrs.frozen
+class EventView:
+    """One event: ``type`` is ``vm.<libvirt event>`` (vm.started, vm.stopped…), ``agent.<what>``
+    (agent.watching, agent.unreachable) or ``action.<action>`` (the portal's own VM actions)."""
+
+    id: int
+    at: datetime
+    agent_id: int | None
+    vm: str | None
+    type: str
+    detail: str
+
+    @classmethod
+    def of(cls, event: Event) -> EventView:
+        return cls(id=event.id, at=event.at, agent_id=event.agent_id, vm=event.vm, type=event.type,
+                   detail=event.detail)
+
+
+@attrs.frozen
+class EventPage:
+    """Events oldest first; pass ``last_id`` as ``after`` to read on from here."""
+
+    events: list[EventView]
+    last_id: int
 
 
 def dump(value: Any) -> Any:

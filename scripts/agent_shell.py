@@ -103,6 +103,8 @@ COMMANDS: dict[str, dict[str, str]] = {
     "ttyconsole": _DOMAIN,
     "domdisplay": {**_DOMAIN, "--type": VNC_TYPE},
     "console-vnc": _DOMAIN,
+    # issue 18: the agent's watcher (one long-lived stream of every VM's events)
+    "event": {"--all": FLAG, "--loop": FLAG, "--timestamp": FLAG},
 }
 # subcommand -> the options the portal always sends with it (core/virsh.py builds no command
 # without them; tests/unit/test_agent_shell.py derives this from core/virsh.py and compares): a
@@ -147,6 +149,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "ttyconsole": ("--domain",),
     "domdisplay": ("--domain", "--type"),
     "console-vnc": ("--domain",),
+    "event": ("--all", "--loop", "--timestamp"),
 }
 # subcommand -> the options it must carry when it names no --domain and so reports on every VM of
 # the host: only the fleet's metrics (GET /metrics/vms, issue 21) ask that, always with every

@@ -217,9 +217,55 @@ def _v7_console_tickets(conn: sa.Connection) -> None:
     md.create_all(conn)
 
 
+def _v8_events_and_live_mirror(conn: sa.Connection) -> None:
+    """Issue 18: each user's events (ids never reused), each agent's watcher lease, the mirror
+    of its VMs that the watcher keeps, and until when each agent is in use (wants a watcher)."""
+    md = sa.MetaData()
+    sa.Table("users", md, sa.Column("id", sa.Integer, primary_key=True))
+    sa.Table("agents", md, sa.Column("id", sa.Integer, primary_key=True))
+    sa.Table(
+        "events", md,
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("at", UtcDateTime, nullable=False),
+        sa.Column("agent_id", sa.Integer, nullable=True),
+        sa.Column("vm", sa.String(255), nullable=True),
+        sa.Column("type", sa.String(64), nullable=False),
+        sa.Column("detail", sa.Text, nullable=False),
+        sa.Index("ix_events_user_id_id", "user_id", "id"),
+        sqlite_autoincrement=True,
+    )
+    sa.Table(
+        "watches", md,
+        sa.Column("agent_id", sa.Integer, sa.ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True,
+                  autoincrement=False),
+        sa.Column("holder", sa.String(128), nullable=False),
+        sa.Column("expires_at", UtcDateTime, nullable=False),
+        sa.Column("connected", sa.Boolean, nullable=False),
+        sa.Column("alive_at", UtcDateTime, nullable=True),
+    )
+    sa.Table(
+        "mirrored_vms", md,
+        sa.Column("agent_id", sa.Integer, sa.ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True,
+                  autoincrement=False),
+        sa.Column("name", sa.String(255), primary_key=True),
+        sa.Column("state", sa.String(32), nullable=False),
+        sa.Column("domain_id", sa.Integer, nullable=True),
+        sa.Column("changed_at", UtcDateTime, nullable=False),
+    )
+    sa.Table(
+        "watch_demand", md,
+        sa.Column("agent_id", sa.Integer, sa.ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True,
+                  autoincrement=False),
+        sa.Column("until", UtcDateTime, nullable=False),
+    )
+    for name in ("events", "watches", "mirrored_vms", "watch_demand"):
+        md.tables[name].create(conn)
+
+
 STEPS: tuple[Step, ...] = (_v1_initial, _v2_agent_revision, _v3_agent_ids_never_reused,
                            _v4_keyed_api_key_digests, _v5_agent_key_generated, _v6_scoped_api_keys,
-                           _v7_console_tickets)
+                           _v7_console_tickets, _v8_events_and_live_mirror)
 LATEST = len(STEPS)
 
 

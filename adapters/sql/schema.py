@@ -185,3 +185,50 @@ console_tickets = sa.Table(
     sa.Column("closed_at", UtcDateTime, nullable=True),
     sa.Index("ix_console_tickets_user_id_opened_at", "user_id", "opened_at"),
 )
+
+# ---------------------------------------------------------------------- events and the live mirror (issue 18)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("at", UtcDateTime, nullable=False),
+    sa.Column("agent_id", sa.Integer, nullable=True),  # no foreign key: history outlives the agent
+    sa.Column("vm", ScrubbedString(255), nullable=True),
+    sa.Column("type", ScrubbedString(64), nullable=False),
+    sa.Column("detail", ScrubbedText, nullable=False),
+    sa.Index("ix_events_user_id_id", "user_id", "id"),
+    sqlite_autoincrement=True,  # ids never come back: a reader resumes after the last one it saw
+)
+
+watches = sa.Table(
+    "watches",
+    metadata,
+    sa.Column("agent_id", sa.Integer, sa.ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True,
+              autoincrement=False),
+    sa.Column("holder", SafeString(128), nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.Column("connected", sa.Boolean, nullable=False),
+    sa.Column("alive_at", UtcDateTime, nullable=True),
+)
+
+mirrored_vms = sa.Table(
+    "mirrored_vms",
+    metadata,
+    sa.Column("agent_id", sa.Integer, sa.ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True,
+              autoincrement=False),
+    sa.Column("name", SafeString(255), primary_key=True),
+    sa.Column("state", SafeString(32), nullable=False),
+    sa.Column("domain_id", sa.Integer, nullable=True),
+    sa.Column("changed_at", UtcDateTime, nullable=False),
+)
+
+# agents in use: a watcher runs for an agent while somebody used it recently (lists, actions, streams)
+watch_demand = sa.Table(
+    "watch_demand",
+    metadata,
+    sa.Column("agent_id", sa.Integer, sa.ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True,
+              autoincrement=False),
+    sa.Column("until", UtcDateTime, nullable=False),
+)

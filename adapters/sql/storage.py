@@ -32,8 +32,19 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from adapters.sql import migrations
-from adapters.sql.schema import agents, api_keys, audit_events, console_tickets, users
+from adapters.sql.schema import (
+    agents,
+    api_keys,
+    audit_events,
+    console_tickets,
+    events,
+    mirrored_vms,
+    users,
+    watch_demand,
+    watches,
+)
 from core.errors import AgentNameTaken, DatabaseBusy, DatabaseUnavailable, EmailTaken
+from core.live import Event, EventFilter, MirroredVm, WatchStatus
 from core.model import (
     ALL_SCOPES,
     Agent,
@@ -265,6 +276,34 @@ class SqlStorage:
                 return self._watches, int(self._watch.execute("PRAGMA data_version").fetchone()[0])
             except sqlite3.Error:
                 return None
+
+    # PostgreSQL: every commit that added events wakes the event streams of every instance
+    # (issue 18). The channel carries no data: a woken stream reads the events table after its id.
+    EVENTS_CHANNEL = "playr_events"
+
+    def listen_events(self, wake: Callable[[], None], stop: threading.Event) -> bool:
+        """Call ``wake`` (from a thread of its own) whenever another connection commits events,
+        until ``stop`` is set; False (nothing started) unless the database is PostgreSQL. A lost
+        listening connection is opened again after a second; streams keep their short poll meanwhile."""
+        if not self.is_postgresql:
+            return False
+        import psycopg
+
+        conninfo = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+        def listen() -> None:
+            while not stop.is_set():
+                try:
+                    with psycopg.connect(conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+                        conn.execute(f"LISTEN {self.EVENTS_CHANNEL}")
+                        while not stop.is_set():
+                            for _ in conn.notifies(timeout=1.0, stop_after=1):
+                                wake()
+                except psycopg.Error:
+                    stop.wait(1.0)
+
+        threading.Thread(target=listen, name="events-listener", daemon=True).start()
+        return True
 
     def dispose(self) -> None:
         with self._watch_lock:
@@ -538,8 +577,117 @@ class SqlTransaction:
                                                      console_tickets.c.closed_at.is_(None)).values(closed_at=at))
 
 
-CONSOLE_ROWS_KEPT = timedelta(days=1)
+    # ------------------------------------------------------------------ events and the live mirror (issue 18)
 
+    def add_event(self, event: Event) -> Event:
+        values = {"user_id": event.user_id, "at": event.at, "agent_id": event.agent_id, "vm": event.vm,
+                  "type": event.type, "detail": event.detail}
+        event_id = _inserted_id(self._execute(events.insert().values(**values)))
+        if self.storage.is_postgresql:  # delivered to the listeners when this transaction commits
+            self._execute(sa.select(sa.func.pg_notify(SqlStorage.EVENTS_CHANNEL, "")))
+        return attrs.evolve(event, id=event_id)
+
+    def list_events(self, user_id: int, wanted: EventFilter, limit: int) -> list[Event]:
+        query = sa.select(events).where(events.c.user_id == user_id, events.c.id > wanted.after)
+        if wanted.agent_id is not None:
+            query = query.where(events.c.agent_id == wanted.agent_id)
+        if wanted.agent_ids is not None:
+            query = query.where(events.c.agent_id.in_(sorted(wanted.agent_ids)))
+        if wanted.vm is not None:
+            query = query.where(events.c.vm == wanted.vm)
+        if wanted.types:
+            query = query.where(events.c.type.in_(wanted.types))
+        rows = self._execute(query.order_by(events.c.id).limit(limit))
+        return [Event(**row._mapping) for row in rows]
+
+    def last_event_id(self, user_id: int) -> int:
+        query = sa.select(sa.func.max(events.c.id)).where(events.c.user_id == user_id)
+        return int(self._execute(query).scalar() or 0)
+
+    def prune_events(self, user_id: int, keep: int) -> None:
+        boundary = self._execute(sa.select(events.c.id).where(events.c.user_id == user_id)
+                                 .order_by(events.c.id.desc()).offset(keep).limit(1)).scalar()
+        if boundary is not None:
+            self._execute(events.delete().where(events.c.user_id == user_id, events.c.id <= boundary))
+
+    def watched_agents(self, now: datetime) -> list[Agent]:
+        query = (sa.select(agents).join(watch_demand, watch_demand.c.agent_id == agents.c.id)
+                 .where(watch_demand.c.until > now).order_by(agents.c.id))
+        return [_agent_from_row(row._mapping) for row in self._execute(query)]
+
+    def want_watch(self, agent_ids: list[int], until: datetime) -> None:
+        if not agent_ids:
+            return
+        known = {row.agent_id: row.until for row in self._execute(
+            sa.select(watch_demand).where(watch_demand.c.agent_id.in_(agent_ids)))}
+        existing = {row.id for row in self._execute(sa.select(agents.c.id).where(agents.c.id.in_(agent_ids)))}
+        for agent_id in agent_ids:
+            if agent_id not in existing:
+                continue
+            if agent_id not in known:
+                self._execute(watch_demand.insert().values(agent_id=agent_id, until=until))
+            elif known[agent_id] < until:
+                self._execute(watch_demand.update().where(watch_demand.c.agent_id == agent_id).values(until=until))
+
+    def claim_watches(self, holder: str, agent_ids: list[int], now: datetime, until: datetime,
+                      alive: list[int]) -> list[int]:
+        if not agent_ids:
+            return []
+        rows = {row.agent_id: row for row in self._execute(
+            sa.select(watches).where(watches.c.agent_id.in_(agent_ids)))}
+        held: list[int] = []
+        for agent_id in agent_ids:
+            row = rows.get(agent_id)
+            if row is None:
+                self._execute(watches.insert().values(agent_id=agent_id, holder=holder, expires_at=until,
+                                                      connected=False, alive_at=None))
+            elif row.holder == holder or row.expires_at <= now:
+                values: dict[str, Any] = {"holder": holder, "expires_at": until}
+                if row.holder != holder:
+                    values.update(connected=False, alive_at=None)
+                elif agent_id in alive:
+                    values["alive_at"] = now
+                self._execute(watches.update().where(watches.c.agent_id == agent_id).values(**values))
+            else:
+                continue
+            held.append(agent_id)
+        return held
+
+    def release_watches(self, holder: str, agent_ids: list[int]) -> None:
+        if agent_ids:
+            self._execute(watches.delete().where(watches.c.holder == holder, watches.c.agent_id.in_(agent_ids)))
+
+    def set_watch_connected(self, holder: str, agent_id: int, connected: bool, now: datetime) -> bool:
+        result = self._execute(watches.update().where(watches.c.agent_id == agent_id, watches.c.holder == holder)
+                               .values(connected=connected, alive_at=now if connected else None))
+        return bool(result.rowcount)
+
+    def watch_status(self, agent_id: int) -> WatchStatus | None:
+        row = self._execute(sa.select(watches).where(watches.c.agent_id == agent_id)).one_or_none()
+        return None if row is None else WatchStatus(agent_id=row.agent_id, holder=row.holder,
+                                                    expires_at=row.expires_at, connected=bool(row.connected),
+                                                    alive_at=row.alive_at)
+
+    def mirrored_vms(self, agent_id: int) -> list[MirroredVm]:
+        rows = self._execute(sa.select(mirrored_vms).where(mirrored_vms.c.agent_id == agent_id)
+                             .order_by(mirrored_vms.c.name))
+        return [MirroredVm(name=row.name, state=row.state, id=row.domain_id) for row in rows]
+
+    def replace_mirror(self, agent_id: int, vms: list[MirroredVm], now: datetime) -> None:
+        self._execute(mirrored_vms.delete().where(mirrored_vms.c.agent_id == agent_id))
+        if vms:
+            self._execute(mirrored_vms.insert(), [  # type: ignore[arg-type]
+                {"agent_id": agent_id, "name": vm.name, "state": vm.state, "domain_id": vm.id, "changed_at": now}
+                for vm in vms])
+
+    def mirror_vm(self, agent_id: int, vm: MirroredVm | None, name: str, now: datetime) -> None:
+        self._execute(mirrored_vms.delete().where(mirrored_vms.c.agent_id == agent_id, mirrored_vms.c.name == name))
+        if vm is not None:
+            self._execute(mirrored_vms.insert().values(agent_id=agent_id, name=vm.name, state=vm.state,
+                                                       domain_id=vm.id, changed_at=now))
+
+
+CONSOLE_ROWS_KEPT = timedelta(days=1)
 
 _SCOPES_BY_NAME = {scope.value: scope for scope in Scope}
 

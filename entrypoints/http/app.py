@@ -24,6 +24,7 @@ from entrypoints.http.middleware import (
     RequestContext,
 )
 from entrypoints.http.resources import OperationsResource
+from entrypoints.http.stream import EventStreamResource
 from entrypoints.operations import OPERATIONS, Operation
 
 # Falcon converters for the path parameters of the table (a bad agent id is a 404 like an unknown one).
@@ -65,4 +66,7 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
             lists=UntilChanged(data_version, max_entries=1_000) if cached else None, metrics=metrics))
     # consoles (issue 17): the WebSocket a console ticket opens (its ticket is its credential)
     app.add_route("/console/{ticket}", ConsoleResource(portal))
+    # issue 18: the event stream (text/event-stream, not a JSON operation)
+    app.add_route("/events/stream", EventStreamResource(portal, listen=getattr(runtime.storage, "listen_events",
+                                                                               None)))
     return app

@@ -5,8 +5,11 @@ access-log line per request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
 import re
+import socket
 import time
 import uuid
 from collections import deque
@@ -197,12 +200,25 @@ class FailureLimiter:
 
 
 class Lifespan:
-    """Closes the worker's pooled SSH connections when the server shuts down."""
+    """Runs the worker's share of the agents' watchers (issue 18, ``core/watch.py``) while it
+    serves, and closes its pooled SSH connections when the server shuts down."""
 
     def __init__(self, runtime: Any) -> None:
         self.runtime = runtime
+        self._stop = asyncio.Event()
+        self._watchers: asyncio.Task[None] | None = None
+
+    async def process_startup(self, scope: dict[str, Any], event: dict[str, Any]) -> None:
+        if self.runtime.settings.watchers:
+            holder = f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+            self._watchers = asyncio.create_task(self.runtime.portal.watch.run(holder, self._stop),
+                                                 name="watchers")
 
     async def process_shutdown(self, scope: dict[str, Any], event: dict[str, Any]) -> None:
+        if self._watchers is not None:
+            self._stop.set()
+            with contextlib.suppress(Exception):  # the leases expire anyway
+                await asyncio.wait_for(self._watchers, timeout=5)
         await self.runtime.close_connections()
         self.runtime.close()
 

@@ -30,6 +30,7 @@ TAGS = (
     ("snapshots", "A VM's internal snapshots"),
     ("fleet", "Every VM on every agent at once"),
     ("provisioning", "Storage pools, volumes and networks; creating, cloning and deleting VMs; guest addresses"),
+    ("events", "What happened on your agents and VMs: history and stream"),
     ("service", "The portal itself"),
     # consoles (issue 17)
     ("consoles", "A VM's serial or VNC console: a one-time ticket here, then a WebSocket at GET /console/{ticket}"),

@@ -71,6 +71,7 @@ def portal_commands(vm: str, snapshot: str, description: str) -> list[tuple[str,
         # consoles (issue 17)
         virsh.serial_console_command(URI, vm), virsh.ttyconsole_command(URI, vm),
         virsh.vnc_display_command(URI, vm), virsh.vnc_relay_command(URI, vm),
+        virsh.check_command(URI), virsh.event_command(URI),
     ]
 
 

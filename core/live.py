@@ -1,0 +1,78 @@
+"""Values of the live state: events, and the mirror of each agent's VMs that its watcher keeps
+(``core/watch.py``). Plain attrs classes: storage (``core/ports.py``) and the services share them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import attrs
+
+from core.model import printable
+
+EVENT_TYPE_MAX = 64
+EVENT_DETAIL_MAX = 1000
+
+
+def _vm(text: str | None) -> str | None:
+    return None if text is None else printable(text, 255)
+
+
+def _type(text: str) -> str:
+    return printable(text, EVENT_TYPE_MAX)
+
+
+def _detail(text: str | None) -> str:
+    return printable(text or "", EVENT_DETAIL_MAX)
+
+
+@attrs.frozen
+class Event:
+    """One event: ``at`` is when it happened (the host's time for host events), ``agent_id`` and
+    ``vm`` what it is about, ``type`` what happened, ``detail`` libvirt's or the portal's words."""
+
+    id: int
+    user_id: int
+    at: datetime
+    agent_id: int | None
+    vm: str | None = attrs.field(converter=_vm)
+    type: str = attrs.field(converter=_type)
+    detail: str = attrs.field(converter=_detail)
+
+
+@attrs.frozen
+class EventFilter:
+    """Which events a reader wants: those after ``after`` (an id), of one agent, one VM, some types."""
+
+    after: int = 0
+    agent_id: int | None = None
+    vm: str | None = None
+    types: tuple[str, ...] = ()
+    # the only agents the reader's API key sees (issue 20), or None: every agent of the user
+    agent_ids: frozenset[int] | None = None
+
+    def matches(self, event: Event) -> bool:
+        return (event.id > self.after and (self.agent_id is None or event.agent_id == self.agent_id)
+                and (self.agent_ids is None or event.agent_id in self.agent_ids)
+                and (self.vm is None or event.vm == self.vm) and (not self.types or event.type in self.types))
+
+
+
+@attrs.frozen
+class MirroredVm:
+    """One VM as the agent's watcher last knew it; ``id`` is None when it is not running."""
+
+    name: str
+    state: str
+    id: int | None
+
+
+@attrs.frozen
+class WatchStatus:
+    """An agent's watcher as the database knows it: who holds its lease until when, whether its
+    stream is up, and the last time it confirmed the mirror current (``alive_at``)."""
+
+    agent_id: int
+    holder: str
+    expires_at: datetime
+    connected: bool
+    alive_at: datetime | None

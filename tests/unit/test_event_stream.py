@@ -1,0 +1,52 @@
+"""The event stream's generator (``entrypoints/http/stream.py``) over the in-memory world: a
+client that keeps the stream blocked longer than ``slow_reader`` is cut off after the batch it
+blocked on (it resumes with Last-Event-ID) instead of the portal reading on for it; a client that
+leaves ends the stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+from core.live import EventFilter
+from core.model import Caller
+from entrypoints.http.stream import EventStreamResource
+from tests.unit.world import World
+
+
+def seed(world: World, caller: Caller, count: int) -> None:
+    log = world.portal.events
+    with world.storage.transaction(write=True) as tx:
+        for n in range(count):
+            log.add(tx, log.new(caller.user.id, 1, f"vm{n}", "vm.started", "Booted"))
+
+
+async def chunks(resource: EventStreamResource, user_id: int, left: asyncio.Event, *, block: float) -> list[bytes]:
+    async def idle() -> None:
+        await asyncio.Event().wait()
+
+    watcher = asyncio.create_task(idle())
+    got: list[bytes] = []
+    stream = resource._events(user_id, EventFilter(), left, watcher)
+    async for chunk in stream:
+        got.append(chunk)
+        if len(got) >= 3:
+            left.set()  # the client goes away
+        await asyncio.sleep(block)  # the client reads slowly: the stream's send blocks this long
+    return got
+
+
+def test_a_reader_that_blocks_the_stream_too_long_is_cut_off_after_its_batch(world: World, alice: Caller) -> None:
+    seed(world, alice, 3)
+    resource = EventStreamResource(world.portal, poll=0.01, slow_reader=0.05)
+    # bounded: a stream that was not cut off would wait for more events until the time-out
+    got = asyncio.run(asyncio.wait_for(chunks(resource, alice.user.id, asyncio.Event(), block=0.1), 10))
+    assert len(got) == 2 and got[1].count(b"\nevent: vm.started\n") == 3  # the opening comment, one batch, cut
+
+
+def test_a_reader_that_keeps_up_gets_everything_until_it_leaves(world: World, alice: Caller, bob: Caller) -> None:
+    seed(world, alice, 3)
+    seed(world, bob, 2)
+    resource = EventStreamResource(world.portal, poll=0.01, heartbeat=0.0, slow_reader=10)
+    got = asyncio.run(asyncio.wait_for(chunks(resource, alice.user.id, asyncio.Event(), block=0), 10))
+    assert b"".join(got).count(b"event: vm.started") == 3  # alice's only
+    assert any(chunk.startswith(b": heartbeat") for chunk in got)
