@@ -344,6 +344,8 @@ class _Steps:
 
 def _create(me: Session | Client, op: Operation, args: argparse.Namespace) -> Any:
     body = _new_vm_body(args)
+    from entrypoints.library import Session
+
     if isinstance(me, Session):  # in-process: every step is shown as it happens
         call = me.prepare(op, args.agent, **body)
         return me.create_vm_and_watch(args.agent, call.body, wait=args.wait, progress=_Steps(args.name))
@@ -399,6 +401,8 @@ def _tail(me: Session | Client, _op: Operation, args: argparse.Namespace) -> Any
             print(json.dumps(dump(event)), flush=True)
         else:
             _print_event(event)
+
+    from entrypoints.library import Session
 
     try:
         if isinstance(me, Session):
