@@ -409,3 +409,20 @@ class KeyNotExportable(Conflict):
             "in the agent's public_key (install that on the hypervisor). Upload a key of your own with "
             "PATCH /agents/{id} if you need to hold the private half")) -> None:
         super().__init__(detail)
+
+
+# --- web console (issue 19)
+
+
+class SessionEnded(Unauthenticated):
+    """The browser's session cookie names no live session: signed out, expired or idle too long (401)."""
+
+    code = "session_ended"
+    title = "Signed out"
+
+
+class CsrfRefused(Forbidden):
+    """A state change through the pages without this session's form token, or from another site (403)."""
+
+    code = "csrf_refused"
+    title = "Cross-site request refused"

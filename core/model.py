@@ -210,3 +210,19 @@ def api_key_prefix(text: str) -> str | None:
     if not 40 <= len(secret) <= 64 or any(c not in _URLSAFE for c in secret):
         return None
     return f"{API_KEY_SCHEME}_{prefix}"
+
+
+# --- web console sessions (issue 19)
+
+
+@attrs.frozen
+class WebSession:
+    """A browser's signed-in session: stored by the digest of its token (the token itself lives only
+    in the browser's cookie), with an absolute end and the last time it was used (idle time-out)."""
+
+    id: int
+    user_id: int
+    digest: str
+    created_at: datetime
+    last_seen_at: datetime
+    expires_at: datetime

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 
 import attrs
 
@@ -25,6 +26,7 @@ from core.remote import RemoteCommands
 from core.snapshots import SnapshotService
 from core.users import UserService
 from core.vms import POLL_GRACE, POLL_INTERVAL, VmService
+from core.web_sessions import SESSION_IDLE, SESSION_LIFETIME, WebSessionService
 
 
 @attrs.frozen
@@ -38,6 +40,7 @@ class Portal:
     fleet: FleetService
     audit: AuditLog
     remote: RemoteCommands
+    sessions: WebSessionService  # the web console's browser sessions (issue 19)
 
 
 def assemble(
@@ -56,13 +59,16 @@ def assemble(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     max_agents: int = MAX_AGENTS_PER_USER,
     addresses: AgentAddresses | None = None,
+    session_lifetime: timedelta = SESSION_LIFETIME,
+    session_idle: timedelta = SESSION_IDLE,
 ) -> Portal:
     """The services over these ports; each gets only the ports it uses."""
     audit = AuditLog(storage=storage, clock=clock)
     keyring = Keyring(secrets)
     remote = RemoteCommands(storage=storage, keyring=keyring, clock=clock, audit=audit, shell=shell)
+    users = UserService(storage=storage, hasher=hasher, clock=clock, audit=audit, signup=signup)
     return Portal(
-        users=UserService(storage=storage, hasher=hasher, clock=clock, audit=audit, signup=signup),
+        users=users,
         agents=AgentService(storage=storage, keyring=keyring, ssh_keys=ssh_keys, clock=clock, audit=audit,
                             shell=shell, max_agents=max_agents, addresses=addresses),
         vms=VmService(remote=remote, poll_interval=poll_interval, poll_grace=poll_grace, monotonic=monotonic,
@@ -71,4 +77,6 @@ def assemble(
         fleet=FleetService(remote=remote, fleet_parallelism=fleet_parallelism, monotonic=monotonic),
         audit=audit,
         remote=remote,
+        sessions=WebSessionService(storage=storage, clock=clock, audit=audit, users=users,
+                                   lifetime=session_lifetime, idle=session_idle),
     )

@@ -14,7 +14,17 @@ from typing import Protocol
 
 import attrs
 
-from core.model import Agent, AgentCredentials, ApiKey, AuditEvent, ClientKey, HostKey, IssuedApiKey, User
+from core.model import (
+    Agent,
+    AgentCredentials,
+    ApiKey,
+    AuditEvent,
+    ClientKey,
+    HostKey,
+    IssuedApiKey,
+    User,
+    WebSession,
+)
 
 
 class Clock(Protocol):
@@ -183,6 +193,16 @@ class Transaction(Protocol):
     # audit, scoped by owner
     def add_audit_event(self, event: AuditEvent) -> AuditEvent: ...
     def list_audit_events(self, user_id: int, limit: int, before: int | None) -> list[AuditEvent]: ...
+
+    # --- web console sessions (issue 19), found by the digest of their token
+    def add_web_session(self, user_id: int, digest: str, at: datetime, expires_at: datetime) -> WebSession: ...
+    def find_web_session(self, digest: str) -> WebSession | None: ...
+    def touch_web_session(self, session_id: int, at: datetime) -> None: ...
+    def delete_web_session(self, digest: str) -> bool: ...
+    def delete_web_sessions_of(self, user_id: int) -> int: ...
+    def delete_web_sessions_ended(self, expired_before: datetime, idle_since: datetime) -> int:
+        """Forget sessions past their end or idle since before ``idle_since``; how many."""
+        ...
 
 
 class Storage(Protocol):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from datetime import timedelta
 
 import attrs
 import sqlalchemy
@@ -178,7 +179,10 @@ def build_runtime(
                                                               timeout=settings.ssh_connect_timeout)
     portal = assemble(storage=storage, hasher=api_keys, secrets=secret_store, ssh_keys=key_parser,
                       clock=system_clock, signup=settings.signup, shell=remote_shell,
-                      max_agents=settings.max_agents_per_user, addresses=agent_addresses)
+                      max_agents=settings.max_agents_per_user, addresses=agent_addresses,
+                      # web console sessions (issue 19)
+                      session_lifetime=timedelta(seconds=settings.session_lifetime),
+                      session_idle=timedelta(seconds=settings.session_idle))
     try:
         portal.agents.check_secret_key()
     except SecretUnreadable as error:

@@ -108,6 +108,9 @@ class Settings:
     max_operations_per_user: int = 16
     # credential-bearing requests that a proxy received over plain HTTP are refused unless this is true
     allow_plain_http: bool = False
+    # --- web console (issue 19): a browser session's absolute lifetime and idle time-out, in seconds
+    session_lifetime: float = 12 * 3600.0
+    session_idle: float = 30 * 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -158,6 +161,9 @@ class Settings:
             agent_networks=reader.networks("MANAGEMENT_AGENT_NETWORKS"),
             max_operations_per_user=reader.number("MANAGEMENT_MAX_OPERATIONS_PER_USER", 16, int, 1, 10_000),
             allow_plain_http=reader.flag("MANAGEMENT_ALLOW_PLAIN_HTTP", False),
+            # --- web console (issue 19)
+            session_lifetime=reader.number("MANAGEMENT_SESSION_LIFETIME", 12 * 3600.0, float, 1, 30 * 86400),
+            session_idle=reader.number("MANAGEMENT_SESSION_IDLE", 30 * 60.0, float, 1, 30 * 86400),
         )
 
 

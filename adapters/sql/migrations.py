@@ -150,8 +150,29 @@ def _v5_agent_key_generated(conn: sa.Connection) -> None:
     conn.execute(sa.text("ALTER TABLE agents ADD COLUMN key_generated BOOLEAN NOT NULL DEFAULT false"))
 
 
+# --- web console (issue 19): version 9 once versions 6-8 (issues 20, 17, 18) are in
+
+
+def _v9_web_sessions(conn: sa.Connection) -> None:
+    """Browser sessions of the web console, stored by the SHA-256 digest of their token only."""
+    md = sa.MetaData()
+    sa.Table("users", md, sa.Column("id", sa.Integer, primary_key=True))
+    sa.Table(
+        "web_sessions", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("digest", sa.String(64), nullable=False, unique=True),
+        sa.Column("created_at", UtcDateTime, nullable=False),
+        sa.Column("last_seen_at", UtcDateTime, nullable=False),
+        sa.Column("expires_at", UtcDateTime, nullable=False),
+        sa.Index("ix_web_sessions_user_id", "user_id"),
+    )
+    md.tables["web_sessions"].create(conn)
+
+
 STEPS: tuple[Step, ...] = (_v1_initial, _v2_agent_revision, _v3_agent_ids_never_reused,
-                           _v4_keyed_api_key_digests, _v5_agent_key_generated)
+                           _v4_keyed_api_key_digests, _v5_agent_key_generated,
+                           _v9_web_sessions)
 LATEST = len(STEPS)
 
 

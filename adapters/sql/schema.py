@@ -154,3 +154,16 @@ audit_events = sa.Table(
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Index("ix_audit_events_user_id_id", "user_id", "id"),
 )
+
+# --- web console sessions (issue 19, migration 9): found by the SHA-256 digest of their token
+web_sessions = sa.Table(
+    "web_sessions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("digest", SafeString(64), nullable=False, unique=True),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("last_seen_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.Index("ix_web_sessions_user_id", "user_id"),
+)

@@ -32,9 +32,9 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from adapters.sql import migrations
-from adapters.sql.schema import agents, api_keys, audit_events, users
+from adapters.sql.schema import agents, api_keys, audit_events, users, web_sessions
 from core.errors import AgentNameTaken, DatabaseBusy, DatabaseUnavailable, EmailTaken
-from core.model import Agent, ApiKey, AuditEvent, ClientKey, HostKey, IssuedApiKey, User
+from core.model import Agent, ApiKey, AuditEvent, ClientKey, HostKey, IssuedApiKey, User, WebSession
 from core.validation import normalize_email
 
 # The reads behind every authenticated request and agent lookup, built once: building a statement
@@ -441,6 +441,34 @@ class SqlTransaction:
             query = query.where(audit_events.c.id < before)
         rows = self._execute(query.order_by(audit_events.c.id.desc()).limit(limit))
         return [AuditEvent(**row._mapping) for row in rows]
+
+
+    # ------------------------------------------------------------------ web console sessions (issue 19)
+
+    def add_web_session(self, user_id: int, digest: str, at: datetime, expires_at: datetime) -> WebSession:
+        session_id = _inserted_id(self._execute(web_sessions.insert().values(
+            user_id=user_id, digest=digest, created_at=at, last_seen_at=at, expires_at=expires_at)))
+        return WebSession(id=session_id, user_id=user_id, digest=digest, created_at=at, last_seen_at=at,
+                          expires_at=expires_at)
+
+    def find_web_session(self, digest: str) -> WebSession | None:
+        row = self._execute(sa.select(web_sessions).where(web_sessions.c.digest == digest)).one_or_none()
+        return None if row is None else WebSession(id=row.id, user_id=row.user_id, digest=row.digest,
+                                                   created_at=row.created_at, last_seen_at=row.last_seen_at,
+                                                   expires_at=row.expires_at)
+
+    def touch_web_session(self, session_id: int, at: datetime) -> None:
+        self._execute(web_sessions.update().where(web_sessions.c.id == session_id).values(last_seen_at=at))
+
+    def delete_web_session(self, digest: str) -> bool:
+        return bool(self._execute(web_sessions.delete().where(web_sessions.c.digest == digest)).rowcount)
+
+    def delete_web_sessions_of(self, user_id: int) -> int:
+        return int(self._execute(web_sessions.delete().where(web_sessions.c.user_id == user_id)).rowcount)
+
+    def delete_web_sessions_ended(self, expired_before: datetime, idle_since: datetime) -> int:
+        return int(self._execute(web_sessions.delete().where(
+            sa.or_(web_sessions.c.expires_at <= expired_before, web_sessions.c.last_seen_at <= idle_since))).rowcount)
 
 
 def _inserted_id(result: sa.CursorResult[Any]) -> int:

@@ -23,6 +23,8 @@ from entrypoints.http.middleware import (
 )
 from entrypoints.http.resources import OperationsResource
 from entrypoints.operations import OPERATIONS, Operation
+from entrypoints.web import pages
+from entrypoints.web.guard import SecurityHeaders
 
 # Falcon converters for the path parameters of the table (a bad agent id is a 404 like an unknown one).
 _CONVERTERS = {"{agent_id}": "{agent_id:int(min=1, max=2147483647)}"}
@@ -35,6 +37,7 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
     data_version = getattr(runtime.storage, "data_version", None)
     middleware: list[Any] = [
         RequestContext(),
+        SecurityHeaders(),  # web console (issue 19): CSP, no framing, nosniff on every answer
         BodyLimit(settings.max_body_bytes),
         # before authentication: a key that came over plain HTTP is refused, never looked up
         HttpsRequired(settings.allow_plain_http),
@@ -58,4 +61,5 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
         app.add_route(template, OperationsResource(
             portal, operations, document_body=document_body,
             lists=UntilChanged(data_version, max_entries=1_000) if cached else None))
+    pages.add_routes(app, portal, settings)  # the web console (issue 19), same origin as the API
     return app

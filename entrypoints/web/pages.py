@@ -1,0 +1,550 @@
+"""The pages of the web console, one small Falcon resource each.
+
+Every page reads and acts through the operation table (``entrypoints/operations.py``): it builds a
+``Call`` with the signed-in user as caller and runs the operation as the HTTP API and the library
+do, so validation, isolation and audit are the API's. What a page shows is the operation's view
+(the JSON the API answers), rendered by Jinja2 with autoescaping on everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import falcon
+import falcon.asgi
+import jinja2
+
+from core.errors import PortalError, SessionEnded, ValidationFailed
+from core.model import Caller, Origin
+from core.portal import Portal
+from core.virsh import VM_STATES
+from entrypoints.http.errors import status_of
+from entrypoints.http.middleware import HttpsRequired
+from entrypoints.operations import BY_NAME, Call
+from entrypoints.settings import Settings
+from entrypoints.shapes import dump, structure
+from entrypoints.web import guard
+from entrypoints.web.guard import SignedInUser
+
+HERE = Path(__file__).parent
+STATIC_DIR = HERE / "static"
+VENDOR_DIR = STATIC_DIR / "vendor"
+
+# Actions that lose work or availability: asked again on a page of their own before they run.
+DESTRUCTIVE = {"shutdown": "Shut down", "force-stop": "Force off", "reboot": "Reboot", "suspend": "Suspend"}
+ACTIONS = {"start": "Start", "resume": "Resume", **DESTRUCTIVE}
+ACTION_OPERATION = {"start": "start_vm", "shutdown": "shutdown_vm", "force-stop": "force_stop_vm",
+                    "reboot": "reboot_vm", "suspend": "suspend_vm", "resume": "resume_vm"}
+ACTION_WAIT = 30  # seconds a page waits for the state an action leads to (the API's ?wait=)
+
+
+def segment(value: object) -> str:
+    """A path segment for a URL (VM and snapshot names may hold spaces, %, :, @ ...)."""
+    return quote(str(value), safe="")
+
+
+def templates() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["seg"] = segment
+    return env
+
+
+def feature(operation: str) -> bool:
+    """Whether the operation a page needs exists in this build (pages of features still being
+    merged stay hidden until then, and their routes answer 404)."""
+    return operation in BY_NAME
+
+
+class Pages:
+    """What every page needs: the portal, the settings, the templates, and running an operation."""
+
+    def __init__(self, portal: Portal, settings: Settings) -> None:
+        self.portal = portal
+        self.settings = settings
+        self.env = templates()
+        self.https = HttpsRequired(settings.allow_plain_http)
+
+    async def run(self, name: str, who: SignedInUser | None, req: falcon.asgi.Request, *,
+                  path: Mapping[str, Any] | None = None, body: Mapping[str, Any] | None = None,
+                  query: Mapping[str, list[str]] | None = None) -> Any:
+        """Run the operation ``name`` as ``who``; answers its view as the API's JSON would be."""
+        op = BY_NAME[name]
+        assert op.run is not None
+        command = structure(dict(body or {}), op.request) if op.request is not None else None
+        parsed = {q.name: q.parse((query or {}).get(q.name, [])) for q in op.query}
+        call = Call(caller=who.caller if who is not None else None,
+                    origin=Origin(request_id=req.context.request_id, client_address=req.context.client_address),
+                    path=dict(path or {}), body=command, query=parsed)
+        result = await op.run(self.portal, call)
+        return dump(op.view(result, call)) if op.view is not None else None
+
+    async def attempt(self, name: str, who: SignedInUser, req: falcon.asgi.Request,
+                      **kwargs: Any) -> tuple[Any, dict[str, Any] | None]:
+        """``run``, with a failure as ``(None, {code, detail})`` for pages that show it inline."""
+        try:
+            return await self.run(name, who, req, **kwargs), None
+        except PortalError as error:
+            return None, failure(error)
+
+    def render(self, resp: falcon.asgi.Response, template: str, who: SignedInUser | None, *,
+               status: int = 200, **context: Any) -> None:
+        resp.status = falcon.code_to_http_status(status)
+        resp.content_type = falcon.MEDIA_HTML
+        resp.set_header("Cache-Control", "no-store")
+        resp.text = self.env.get_template(template).render(
+            me=who.user if who is not None else None, csrf=who.form_token if who is not None else "",
+            features={"console": feature("open_console"), "create_vm": feature("create_vm"),
+                      "keys": feature("create_api_key"), "interfaces": feature("list_interfaces")},
+            **context)
+
+    def error_page(self, resp: falcon.asgi.Response, who: SignedInUser | None, error: PortalError) -> None:
+        self.render(resp, "error.html", who, status=status_of(error), error=failure(error))
+
+    async def who(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> SignedInUser | None:
+        """The signed-in user, or None after sending the browser to the sign-in page."""
+        try:
+            return await guard.signed_in(self.portal, req)
+        except SessionEnded:
+            guard.clear_session_cookie(req, resp)
+            resp.status = falcon.HTTP_303
+            resp.location = "/ui/sign-in"
+            return None
+
+    async def changing(self, req: falcon.asgi.Request, resp: falcon.asgi.Response
+                       ) -> tuple[SignedInUser, dict[str, str]] | None:
+        """A state change: same origin, signed in, with the session's form token; else refused
+        with a page that says why (403) or sent to sign in (401)."""
+        try:
+            guard.check_same_origin(req)
+            self.https.check(req)
+            form = await guard.read_form(req)
+            who = await guard.signed_in(self.portal, req)
+            guard.check_form_token(self.portal, who, form)
+        except SessionEnded as error:
+            guard.clear_session_cookie(req, resp)
+            self.render(resp, "sign_in.html", None, status=401, error=failure(error), signup=False)
+            return None
+        except PortalError as error:
+            self.error_page(resp, None, error)
+            return None
+        return who, form
+
+
+def failure(error: PortalError) -> dict[str, Any]:
+    fields = {e.field: e.message for e in error.errors} if isinstance(error, ValidationFailed) else {}
+    return {"code": error.code, "detail": error.detail, "status": status_of(error), "fields": fields}
+
+
+class Page:
+    """A page resource. Pages authenticate by session cookie themselves (``Pages.who``,
+    ``Pages.changing``): the API's Bearer authentication skips them (``public_methods``)."""
+
+    public_methods: ClassVar[frozenset[str]] = frozenset({"GET", "POST"})
+
+    def __init__(self, pages: Pages) -> None:
+        self.pages = pages
+
+
+# ---------------------------------------------------------------------- signing in and out
+
+
+class SignIn(Page):
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        signup = await asyncio.to_thread(self.pages.portal.users.signup_possible)
+        notice = "You are signed out." if req.get_param("signed_out") == "1" else None
+        self.pages.render(resp, "sign_in.html", None, error=None, signup=signup, notice=notice)
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        try:
+            guard.check_same_origin(req)
+            self.pages.https.check(req)  # the key crosses the wire in this form: as with the API
+            form = await guard.read_form(req)
+            signed = await asyncio.to_thread(
+                self.pages.portal.sessions.sign_in, form.get("api_key", "").strip(),
+                Origin(request_id=req.context.request_id, client_address=req.context.client_address))
+        except PortalError as error:
+            self.pages.render(resp, "sign_in.html", None, status=status_of(error), error=failure(error),
+                              signup=False, notice=None)
+            return
+        guard.set_session_cookie(req, resp, signed.token, int(self.pages.settings.session_lifetime))
+        resp.status = falcon.HTTP_303
+        resp.location = "/"
+
+
+class SignUp(Page):
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        self.pages.render(resp, "sign_up.html", None, error=None, form={})
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        form: dict[str, str] = {}
+        try:
+            guard.check_same_origin(req)
+            self.pages.https.check(req)  # the answer carries a new key, as POST /users
+            form = await guard.read_form(req)
+            body = {"name": form.get("name", ""), "email": form.get("email") or None}
+            created = await self.pages.run("sign_up", None, req, body=body)
+            signed = await asyncio.to_thread(
+                self.pages.portal.sessions.sign_in, created["api_key"],
+                Origin(request_id=req.context.request_id, client_address=req.context.client_address))
+        except PortalError as error:
+            self.pages.render(resp, "sign_up.html", None, status=status_of(error), error=failure(error), form=form)
+            return
+        guard.set_session_cookie(req, resp, signed.token, int(self.pages.settings.session_lifetime))
+        who = SignedInUser(user=signed.user, token=signed.token,
+                           form_token=self.pages.portal.sessions.form_token(signed.token),
+                           caller=Caller(user=signed.user, request_id=req.context.request_id,
+                                         client_address=req.context.client_address))
+        self.pages.render(resp, "new_key.html", who, status=201, api_key=created["api_key"],
+                          title="Your account is ready")
+
+
+class SignOut(Page):
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        changing = await self.pages.changing(req, resp)
+        if changing is None:
+            return
+        who, _form = changing
+        await asyncio.to_thread(self.pages.portal.sessions.sign_out, who.token,
+                                Origin(request_id=req.context.request_id, client_address=req.context.client_address))
+        guard.clear_session_cookie(req, resp)
+        resp.status = falcon.HTTP_303
+        resp.location = "/ui/sign-in?signed_out=1"
+
+
+# ---------------------------------------------------------------------- fleet
+
+
+def fleet_filters(req: falcon.asgi.Request) -> dict[str, list[str]]:
+    states = [s for s in req.get_param_as_list("state") or [] if s in VM_STATES]
+    agents = [a for a in req.get_param_as_list("agent") or [] if a.isascii() and a.isdigit() and len(a) < 10]
+    return {"state": states, "agent": agents}
+
+
+class Fleet(Page):
+    """``/``: every agent with its VMs; ``/ui/fleet/rows``: the same table's body, for polling."""
+
+    def __init__(self, pages: Pages, *, rows_only: bool = False) -> None:
+        super().__init__(pages)
+        self.rows_only = rows_only
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        who = await self.pages.who(req, resp)
+        if who is None:
+            if self.rows_only:
+                resp.status = falcon.HTTP_401
+                resp.text = ""
+            return
+        query = fleet_filters(req)
+        try:
+            entries = await self.pages.run("list_fleet", who, req, query=query)
+            agents = await self.pages.run("list_agents", who, req)
+        except PortalError as error:
+            self.pages.error_page(resp, who, error)
+            return
+        template = "fleet_rows.html" if self.rows_only else "fleet.html"
+        self.pages.render(resp, template, who, entries=entries, agents=agents, states=VM_STATES,
+                          chosen_states=query["state"], chosen_agents=[int(a) for a in query["agent"]])
+
+
+# ---------------------------------------------------------------------- agents
+
+
+def _agent_body(form: Mapping[str, str], *, new: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"name": form.get("name", ""), "hostname": form.get("hostname", ""),
+                            "username": form.get("username", "")}
+    port = form.get("port", "").strip()
+    if port:
+        body["port"] = int(port) if port.isascii() and port.isdigit() and len(port) < 7 else port
+    if new or "allow_unknown_hosts_shown" in form:
+        body["allow_unknown_hosts"] = form.get("allow_unknown_hosts") == "on"
+    if new:
+        host_key = form.get("host_key", "").strip()
+        if host_key:
+            body["host_key"] = host_key
+        private_key = form.get("private_key", "").strip()
+        if private_key:
+            body["private_key"] = private_key + "\n"
+            if form.get("private_key_passphrase"):
+                body["private_key_passphrase"] = form["private_key_passphrase"]
+        else:
+            body["generate_key"] = True
+    return body
+
+
+class NewAgent(Page):
+    """``/ui/agents/new``: the enrollment command to copy, or a form to register a host by hand."""
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        who = await self.pages.who(req, resp)
+        if who is not None:
+            self.pages.render(resp, "agent_new.html", who, error=None, form={}, portal_url=guard.own_origin(req))
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        changing = await self.pages.changing(req, resp)
+        if changing is None:
+            return
+        who, form = changing
+        try:
+            agent = await self.pages.run("register_agent", who, req, body=_agent_body(form, new=True))
+        except PortalError as error:
+            self.pages.render(resp, "agent_new.html", who, status=status_of(error), error=failure(error), form=form,
+                              portal_url=guard.own_origin(req))
+            return
+        resp.status = falcon.HTTP_303
+        resp.location = f"/ui/agents/{agent['id']}"
+
+
+class Agent(Page):
+    """``/ui/agents/{id}``: host facts, check, VMs, edit, delete, key rotation."""
+
+    VERBS = {"edit", "delete", "rotate-key", "check"}
+
+    async def _show(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, who: SignedInUser, agent_id: int,
+                    *, status: int = 200, **extra: Any) -> None:
+        path = {"agent_id": agent_id}
+        try:
+            agent = await self.pages.run("get_agent", who, req, path=path)
+        except PortalError as error:
+            self.pages.error_page(resp, who, error)
+            return
+        (vms, vms_error), (host, host_error) = await asyncio.gather(
+            self.pages.attempt("list_vms", who, req, path=path), self.pages.attempt("get_host", who, req, path=path))
+        context: dict[str, Any] = {"check": None, "result": None, "error": None, "form": {}, "new_key": False}
+        context.update(extra)
+        self.pages.render(resp, "agent.html", who, status=status, agent=agent, vms=vms, vms_error=vms_error,
+                          host=host, host_error=host_error, portal_url=guard.own_origin(req), **context)
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
+        who = await self.pages.who(req, resp)
+        if who is not None:
+            await self._show(req, resp, who, agent_id)
+
+    async def on_post_verb(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int,
+                           verb: str) -> None:
+        if verb not in self.VERBS:
+            raise falcon.HTTPNotFound()
+        changing = await self.pages.changing(req, resp)
+        if changing is None:
+            return
+        who, form = changing
+        path = {"agent_id": agent_id}
+        try:
+            if verb == "delete":
+                await self.pages.run("delete_agent", who, req, path=path)
+                resp.status = falcon.HTTP_303
+                resp.location = "/"
+                return
+            if verb == "check":
+                check = await self.pages.run("check_agent", who, req, path=path)
+                await self._show(req, resp, who, agent_id, check=check)
+            elif verb == "rotate-key":
+                await self.pages.run("rotate_agent_key", who, req, path=path)
+                await self._show(req, resp, who, agent_id, result="A new key pair was generated. Install the new "
+                                 "public key on the host (run agent-install.sh again) before the next connection.",
+                                 new_key=True)
+            else:
+                await self.pages.run("update_agent", who, req, path=path, body=_agent_body(form, new=False))
+                await self._show(req, resp, who, agent_id, result="Saved.")
+        except PortalError as error:
+            await self._show(req, resp, who, agent_id, status=status_of(error), error=failure(error), form=form)
+
+
+# ---------------------------------------------------------------------- VMs
+
+
+class Vm(Page):
+    """``/ui/agents/{id}/vms/{vm}``: dominfo, live stats, actions, autostart, snapshots."""
+
+    async def _show(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, who: SignedInUser, agent_id: int,
+                    vm: str, *, status: int = 200, **extra: Any) -> None:
+        path = {"agent_id": agent_id, "vm": vm}
+        try:
+            agent = await self.pages.run("get_agent", who, req, path={"agent_id": agent_id})
+        except PortalError as error:
+            self.pages.error_page(resp, who, error)
+            return
+        (info, info_error), (snapshots, snapshots_error) = await asyncio.gather(
+            self.pages.attempt("get_vm", who, req, path=path),
+            self.pages.attempt("list_snapshots", who, req, path=path))
+        if info_error is not None and info_error["code"] in ("vm_not_found", "validation_failed") and not extra:
+            status = info_error["status"]
+        context: dict[str, Any] = {"result": None, "error": None}
+        context.update(extra)
+        self.pages.render(resp, "vm.html", who, status=status, agent=agent, vm=vm, info=info, info_error=info_error,
+                          snapshots=snapshots, snapshots_error=snapshots_error, actions=ACTIONS,
+                          destructive=DESTRUCTIVE, **context)
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str) -> None:
+        who = await self.pages.who(req, resp)
+        if who is not None:
+            await self._show(req, resp, who, agent_id, vm)
+
+    async def on_get_confirm(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str,
+                             action: str) -> None:
+        if action not in ACTIONS:
+            raise falcon.HTTPNotFound()
+        who = await self.pages.who(req, resp)
+        if who is not None:
+            agent, error = await self.pages.attempt("get_agent", who, req, path={"agent_id": agent_id})
+            if agent is None:
+                self.pages.render(resp, "error.html", who, status=error["status"] if error else 404, error=error)
+                return
+            self.pages.render(resp, "confirm.html", who, agent=agent, vm=vm, action=action, label=ACTIONS[action])
+
+    async def on_get_stats(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int,
+                           vm: str) -> None:
+        """The VM's stats as the API answers them, for the page's live chart (session, not key)."""
+        try:
+            who = await guard.signed_in(self.pages.portal, req)
+            stats = await self.pages.run("get_vm_stats", who, req, path={"agent_id": agent_id, "vm": vm})
+        except PortalError as error:
+            resp.status = falcon.code_to_http_status(status_of(error))
+            stats = {"error": {"code": error.code, "detail": error.detail}}
+        resp.content_type = falcon.MEDIA_JSON
+        resp.set_header("Cache-Control", "no-store")
+        resp.text = json.dumps(stats)
+
+    async def on_post_action(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str,
+                             action: str) -> None:
+        if action not in ACTIONS:
+            raise falcon.HTTPNotFound()
+        changing = await self.pages.changing(req, resp)
+        if changing is None:
+            return
+        who, _form = changing
+        path = {"agent_id": agent_id, "vm": vm}
+        wait = [] if action == "reboot" else [str(ACTION_WAIT)]
+        try:
+            done = await self.pages.run(ACTION_OPERATION[action], who, req, path=path, query={"wait": wait})
+        except PortalError as error:
+            await self._show(req, resp, who, agent_id, vm, status=status_of(error), error=failure(error),
+                             did=ACTIONS[action])
+            return
+        state = done.get("state")
+        message = f"{ACTIONS[action]}: done" + (f", the VM is now {state}." if state else ".")
+        await self._show(req, resp, who, agent_id, vm, result=message, output=done.get("stdout", ""))
+
+    async def on_post_autostart(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int,
+                                vm: str) -> None:
+        changing = await self.pages.changing(req, resp)
+        if changing is None:
+            return
+        who, form = changing
+        enabled = form.get("enabled") == "true"
+        try:
+            await self.pages.run("set_autostart", who, req, path={"agent_id": agent_id, "vm": vm},
+                                 body={"enabled": enabled})
+        except PortalError as error:
+            await self._show(req, resp, who, agent_id, vm, status=status_of(error), error=failure(error))
+            return
+        await self._show(req, resp, who, agent_id, vm,
+                         result="Autostart is on: the VM starts with its host." if enabled
+                         else "Autostart is off.")
+
+    async def on_post_snapshots(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int,
+                                vm: str) -> None:
+        changing = await self.pages.changing(req, resp)
+        if changing is None:
+            return
+        who, form = changing
+        body = {"name": form.get("name", ""), "description": form.get("description") or None}
+        try:
+            taken = await self.pages.run("create_snapshot", who, req, path={"agent_id": agent_id, "vm": vm}, body=body)
+        except PortalError as error:
+            await self._show(req, resp, who, agent_id, vm, status=status_of(error), error=failure(error))
+            return
+        await self._show(req, resp, who, agent_id, vm, result=f"Snapshot {taken['name']} taken.")
+
+    async def on_post_snapshot(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str,
+                               snapshot: str, verb: str) -> None:
+        if verb not in ("revert", "delete"):
+            raise falcon.HTTPNotFound()
+        changing = await self.pages.changing(req, resp)
+        if changing is None:
+            return
+        who, _form = changing
+        path = {"agent_id": agent_id, "vm": vm, "snapshot": snapshot}
+        try:
+            await self.pages.run("revert_snapshot" if verb == "revert" else "delete_snapshot", who, req, path=path)
+        except PortalError as error:
+            await self._show(req, resp, who, agent_id, vm, status=status_of(error), error=failure(error))
+            return
+        done = "reverted to" if verb == "revert" else "deleted"
+        await self._show(req, resp, who, agent_id, vm, result=f"Snapshot {snapshot} {done}.")
+
+
+# ---------------------------------------------------------------------- audit and account
+
+
+class Audit(Page):
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        who = await self.pages.who(req, resp)
+        if who is None:
+            return
+        before = req.get_param("before")
+        try:
+            page = await self.pages.run("list_audit_events", who, req,
+                                        query={"limit": ["50"], "before": [before] if before else []})
+        except PortalError as error:
+            self.pages.error_page(resp, who, error)
+            return
+        self.pages.render(resp, "audit.html", who, page=page)
+
+
+class Account(Page):
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        who = await self.pages.who(req, resp)
+        if who is not None:
+            self.pages.render(resp, "account.html", who)
+
+    async def on_post_rotate(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        changing = await self.pages.changing(req, resp)
+        if changing is None:
+            return
+        who, _form = changing
+        try:
+            rotated = await self.pages.run("rotate_api_key", who, req)
+            # rotating ends every session of the user (core.users): this browser signs in anew
+            signed = await asyncio.to_thread(
+                self.pages.portal.sessions.sign_in, rotated["api_key"],
+                Origin(request_id=req.context.request_id, client_address=req.context.client_address))
+        except PortalError as error:
+            self.pages.error_page(resp, who, error)
+            return
+        guard.set_session_cookie(req, resp, signed.token, int(self.pages.settings.session_lifetime))
+        fresh = SignedInUser(user=signed.user, token=signed.token,
+                             form_token=self.pages.portal.sessions.form_token(signed.token), caller=who.caller)
+        self.pages.render(resp, "new_key.html", fresh, api_key=rotated["api_key"], title="Your new API key")
+
+
+def add_routes(app: falcon.asgi.App[Any, Any], portal: Portal, settings: Settings) -> None:
+    """Mount the pages and their static files on the app (beside the API's routes)."""
+    pages = Pages(portal, settings)
+    agent, vm, account = Agent(pages), Vm(pages), Account(pages)
+    vm_path = "/ui/agents/{agent_id:int(min=1, max=2147483647)}/vms/{vm}"
+    app.add_route("/", Fleet(pages))
+    app.add_route("/ui/fleet/rows", Fleet(pages, rows_only=True))
+    app.add_route("/ui/sign-in", SignIn(pages))
+    app.add_route("/ui/sign-up", SignUp(pages))
+    app.add_route("/ui/sign-out", SignOut(pages))
+    app.add_route("/ui/agents/new", NewAgent(pages))
+    app.add_route("/ui/agents/{agent_id:int(min=1, max=2147483647)}", agent)
+    app.add_route("/ui/agents/{agent_id:int(min=1, max=2147483647)}/{verb}", agent, suffix="verb")
+    app.add_route(vm_path, vm)
+    app.add_route(vm_path + "/confirm/{action}", vm, suffix="confirm")
+    app.add_route(vm_path + "/do/{action}", vm, suffix="action")
+    app.add_route(vm_path + "/stats.json", vm, suffix="stats")
+    app.add_route(vm_path + "/autostart", vm, suffix="autostart")
+    app.add_route(vm_path + "/snapshots", vm, suffix="snapshots")
+    app.add_route(vm_path + "/snapshots/{snapshot}/{verb}", vm, suffix="snapshot")
+    app.add_route("/ui/audit", Audit(pages))
+    app.add_route("/ui/account", account)
+    app.add_route("/ui/account/rotate-key", account, suffix="rotate")
+    app.add_static_route("/static", str(STATIC_DIR))
+
