@@ -36,7 +36,7 @@ MAX_TARBALL = 32 * 1024 * 1024
 def fetch(url: str) -> bytes:
     if not url.startswith(REGISTRY):
         raise SystemExit(f"error: {url} is not on {REGISTRY}")
-    request = urllib.request.Request(url, headers={"User-Agent": "manage-playrservers web_assets"})
+    request = urllib.request.Request(url, headers={"User-Agent": "manage-playrservers web_assets"})  # noqa: S310 - https registry only
     with urllib.request.urlopen(request, timeout=60) as answer:  # noqa: S310 - https registry only
         data: bytes = answer.read(MAX_TARBALL + 1)
     if len(data) > MAX_TARBALL:

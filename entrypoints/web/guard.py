@@ -30,12 +30,19 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'se
                            "form-action 'self'; frame-ancestors 'none'")
 
 
+def policy_with_style_nonce(nonce: str) -> str:
+    """The policy for a page whose library adds ``<style>`` elements at run time (xterm.js): those
+    must carry this response's nonce (console.js sets it); still no inline script at all."""
+    return CONTENT_SECURITY_POLICY.replace("style-src 'self'", f"style-src 'self' 'nonce-{nonce}'")
+
+
 class SecurityHeaders:
     """Headers every answer carries, pages and API alike (a JSON body is never framed either)."""
 
     async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
                                resource: object, req_succeeded: bool) -> None:
-        resp.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        if resp.get_header("Content-Security-Policy") is None:  # the console page sets its own
+            resp.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         resp.set_header("X-Frame-Options", "DENY")
         resp.set_header("X-Content-Type-Options", "nosniff")
         resp.set_header("Referrer-Policy", "same-origin")

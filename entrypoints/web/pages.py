@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,7 +26,7 @@ from core.portal import Portal
 from core.virsh import VM_STATES
 from entrypoints.http.errors import status_of
 from entrypoints.http.middleware import HttpsRequired
-from entrypoints.operations import BY_NAME, Call
+from entrypoints.operations import BY_NAME, OPERATIONS, Call
 from entrypoints.settings import Settings
 from entrypoints.shapes import dump, structure
 from entrypoints.web import guard
@@ -55,10 +56,26 @@ def templates() -> jinja2.Environment:
     return env
 
 
-def feature(operation: str) -> bool:
-    """Whether the operation a page needs exists in this build (pages of features still being
-    merged stay hidden until then, and their routes answer 404)."""
-    return operation in BY_NAME
+# Operations of features built in parallel (issues 16, 17, 20), found by their contract's route: a
+# page of a feature this build does not have stays hidden, and its route answers 404.
+CONSOLE = ("POST", "/agents/{agent_id}/vms/{vm}/console")
+CREATE_VM = ("POST", "/agents/{agent_id}/vms")
+POOLS = ("GET", "/agents/{agent_id}/pools")
+NETWORKS = ("GET", "/agents/{agent_id}/networks")
+INTERFACES = ("GET", "/agents/{agent_id}/vms/{vm}/interfaces")
+API_KEYS = ("GET", "/users/me/keys")
+NEW_API_KEY = ("POST", "/users/me/keys")
+REVOKE_API_KEY = ("DELETE", "/users/me/keys/{key_id}")
+
+
+def operation_at(route: tuple[str, str]) -> str | None:
+    """The name of the operation answering ``route`` (method, path template), if this build has one."""
+    method, path = route
+    return next((op.name for op in OPERATIONS if op.method == method and op.path == path), None)
+
+
+def feature(route: tuple[str, str]) -> bool:
+    return operation_at(route) is not None
 
 
 class Pages:
@@ -99,8 +116,8 @@ class Pages:
         resp.set_header("Cache-Control", "no-store")
         resp.text = self.env.get_template(template).render(
             me=who.user if who is not None else None, csrf=who.form_token if who is not None else "",
-            features={"console": feature("open_console"), "create_vm": feature("create_vm"),
-                      "keys": feature("create_api_key"), "interfaces": feature("list_interfaces")},
+            features={"console": feature(CONSOLE), "create_vm": feature(CREATE_VM),
+                      "api_keys": feature(API_KEYS), "interfaces": feature(INTERFACES)},
             **context)
 
     def error_page(self, resp: falcon.asgi.Response, who: SignedInUser | None, error: PortalError) -> None:
@@ -372,12 +389,16 @@ class Vm(Page):
         (info, info_error), (snapshots, snapshots_error) = await asyncio.gather(
             self.pages.attempt("get_vm", who, req, path=path),
             self.pages.attempt("list_snapshots", who, req, path=path))
+        interfaces_op = operation_at(INTERFACES)  # issue 16: shown once that feature is in
+        interfaces, interfaces_error = (await self.pages.attempt(interfaces_op, who, req, path=path)
+                                        if interfaces_op is not None else (None, None))
         if info_error is not None and info_error["code"] in ("vm_not_found", "validation_failed") and not extra:
             status = info_error["status"]
         context: dict[str, Any] = {"result": None, "error": None}
         context.update(extra)
         self.pages.render(resp, "vm.html", who, status=status, agent=agent, vm=vm, info=info, info_error=info_error,
-                          snapshots=snapshots, snapshots_error=snapshots_error, actions=ACTIONS,
+                          snapshots=snapshots, snapshots_error=snapshots_error, interfaces=interfaces,
+                          interfaces_error=interfaces_error, actions=ACTIONS,
                           destructive=DESTRUCTIVE, **context)
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str) -> None:
@@ -546,5 +567,189 @@ def add_routes(app: falcon.asgi.App[Any, Any], portal: Portal, settings: Setting
     app.add_route("/ui/audit", Audit(pages))
     app.add_route("/ui/account", account)
     app.add_route("/ui/account/rotate-key", account, suffix="rotate")
+    add_parallel_feature_routes(app, pages, vm_path)
     app.add_static_route("/static", str(STATIC_DIR))
 
+
+
+# ---------------------------------------------------------------------- features built in parallel
+# (issues 16, 17, 20): written against their contracts; hidden until their operations exist
+
+
+class Console(Page):
+    """``…/vms/{vm}/console``: the serial console in xterm.js or the screen in noVNC, over the
+    console WebSocket of issue 17 (a one-use ticket asked for by the page, with the form token)."""
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str) -> None:
+        if not feature(CONSOLE):
+            raise falcon.HTTPNotFound()
+        who = await self.pages.who(req, resp)
+        if who is None:
+            return
+        kind = "vnc" if req.get_param("kind") == "vnc" else "serial"
+        agent, error = await self.pages.attempt("get_agent", who, req, path={"agent_id": agent_id})
+        if agent is None:
+            self.pages.render(resp, "error.html", who, status=error["status"] if error else 404, error=error)
+            return
+        nonce = secrets.token_urlsafe(16)
+        resp.set_header("Content-Security-Policy", guard.policy_with_style_nonce(nonce))
+        self.pages.render(resp, "console.html", who, agent=agent, vm=vm, kind=kind, nonce=nonce)
+
+    async def on_post_ticket(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int,
+                             vm: str) -> None:
+        name = operation_at(CONSOLE)
+        if name is None:
+            raise falcon.HTTPNotFound()
+        changing = await self.pages.changing(req, resp)
+        if changing is None:
+            return
+        who, form = changing
+        kind = "vnc" if form.get("kind") == "vnc" else "serial"
+        try:
+            answer = await self.pages.run(name, who, req, path={"agent_id": agent_id, "vm": vm}, body={"kind": kind})
+        except PortalError as error:
+            resp.status = falcon.code_to_http_status(status_of(error))
+            answer = {"error": {"code": error.code, "detail": error.detail}}
+        resp.content_type = falcon.MEDIA_JSON
+        resp.set_header("Cache-Control", "no-store")
+        resp.text = json.dumps(answer, default=str)
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _number(text: str) -> int | str:
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 10 else text
+
+
+class CreateVm(Page):
+    """``/ui/agents/{id}/vms/new``: the create form of issue 16; the API's 422 details are shown next
+    to the fields, which carry the API's own (dotted) field names."""
+
+    async def _choices(self, req: falcon.asgi.Request, who: SignedInUser, agent_id: int) -> dict[str, Any]:
+        path = {"agent_id": agent_id}
+        pools_op, networks_op = operation_at(POOLS), operation_at(NETWORKS)
+        pools = (await self.pages.attempt(pools_op, who, req, path=path))[0] if pools_op else None
+        networks = (await self.pages.attempt(networks_op, who, req, path=path))[0] if networks_op else None
+        return {"pools": pools or [], "networks": networks or []}
+
+    async def _form(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, who: SignedInUser, agent_id: int,
+                    *, status: int = 200, error: dict[str, Any] | None = None, form: Mapping[str, str] | None = None
+                    ) -> None:
+        agent, failed = await self.pages.attempt("get_agent", who, req, path={"agent_id": agent_id})
+        if agent is None:
+            self.pages.render(resp, "error.html", who, status=failed["status"] if failed else 404, error=failed)
+            return
+        self.pages.render(resp, "vm_new.html", who, status=status, agent=agent, error=error, form=form or {},
+                          **await self._choices(req, who, agent_id))
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
+        if not feature(CREATE_VM):
+            raise falcon.HTTPNotFound()
+        who = await self.pages.who(req, resp)
+        if who is not None:
+            await self._form(req, resp, who, agent_id)
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int) -> None:
+        name = operation_at(CREATE_VM)
+        if name is None:
+            raise falcon.HTTPNotFound()
+        changing = await self.pages.changing(req, resp)
+        if changing is None:
+            return
+        who, form = changing
+        disk: dict[str, Any] = {"pool": form.get("disk.pool", ""), "size_gib": _number(form.get("disk.size_gib", ""))}
+        if form.get("disk.base_volume"):
+            disk["base_volume"] = form["disk.base_volume"]
+        cloud_init: dict[str, Any] = {}
+        if form.get("cloud_init.hostname"):
+            cloud_init["hostname"] = form["cloud_init.hostname"]
+        if _lines(form.get("cloud_init.ssh_authorized_keys", "")):
+            cloud_init["ssh_authorized_keys"] = _lines(form["cloud_init.ssh_authorized_keys"])
+        body: dict[str, Any] = {"name": form.get("name", ""), "vcpus": _number(form.get("vcpus", "")),
+                                "memory_mib": _number(form.get("memory_mib", "")), "disk": disk,
+                                "start": form.get("start") == "on", "autostart": form.get("autostart") == "on"}
+        if form.get("network"):
+            body["network"] = form["network"]
+        if cloud_init:
+            body["cloud_init"] = cloud_init
+        try:
+            created = await self.pages.run(name, who, req, path={"agent_id": agent_id}, body=body)
+        except PortalError as error:
+            await self._form(req, resp, who, agent_id, status=status_of(error), error=failure(error), form=form)
+            return
+        vm_name = created.get("name", body["name"]) if isinstance(created, dict) else body["name"]
+        resp.status = falcon.HTTP_303
+        resp.location = f"/ui/agents/{agent_id}/vms/{segment(vm_name)}"
+
+
+SCOPES = ("read", "operate", "provision", "agents", "credentials", "keys")
+
+
+class ApiKeys(Page):
+    """``/ui/keys``: the scoped keys of issue 20 (list, create with scopes, revoke)."""
+
+    async def _show(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, who: SignedInUser, *,
+                    status: int = 200, **extra: Any) -> None:
+        name = operation_at(API_KEYS)
+        assert name is not None
+        keys, error = await self.pages.attempt(name, who, req)
+        context: dict[str, Any] = {"error": error, "form": {}, "new_key": None, "result": None}
+        context.update(extra)
+        self.pages.render(resp, "keys.html", who, status=status, keys=keys or [], scopes=SCOPES, **context)
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        if not feature(API_KEYS):
+            raise falcon.HTTPNotFound()
+        who = await self.pages.who(req, resp)
+        if who is not None:
+            await self._show(req, resp, who)
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        name = operation_at(NEW_API_KEY)
+        if name is None:
+            raise falcon.HTTPNotFound()
+        changing = await self.pages.changing(req, resp)
+        if changing is None:
+            return
+        who, form = changing
+        body: dict[str, Any] = {"name": form.get("name", ""),
+                                "scopes": [scope for scope in SCOPES if form.get(f"scope.{scope}") == "on"]}
+        agents = [a.strip() for a in form.get("agents", "").split(",") if a.strip()]
+        if agents:
+            body["agents"] = [_number(a) for a in agents]
+        if form.get("expires_at"):
+            body["expires_at"] = form["expires_at"]
+        try:
+            created = await self.pages.run(name, who, req, body=body)
+        except PortalError as error:
+            await self._show(req, resp, who, status=status_of(error), error=failure(error), form=form)
+            return
+        await self._show(req, resp, who, status=201, new_key=created.get("api_key"))
+
+    async def on_post_revoke(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, key_id: int) -> None:
+        name = operation_at(REVOKE_API_KEY)
+        if name is None:
+            raise falcon.HTTPNotFound()
+        changing = await self.pages.changing(req, resp)
+        if changing is None:
+            return
+        who, _form = changing
+        try:
+            await self.pages.run(name, who, req, path={"key_id": key_id})
+        except PortalError as error:
+            await self._show(req, resp, who, status=status_of(error), error=failure(error))
+            return
+        await self._show(req, resp, who, result="The key was revoked: it stops working at once.")
+
+
+def add_parallel_feature_routes(app: falcon.asgi.App[Any, Any], pages: Pages, vm_path: str) -> None:
+    """Routes of the pages above; each answers 404 while its feature is missing from the build."""
+    console, keys = Console(pages), ApiKeys(pages)
+    app.add_route(vm_path + "/console", console)
+    app.add_route(vm_path + "/console/ticket", console, suffix="ticket")
+    app.add_route("/ui/agents/{agent_id:int(min=1, max=2147483647)}/vms/new", CreateVm(pages))
+    app.add_route("/ui/keys", keys)
+    app.add_route("/ui/keys/{key_id:int(min=1, max=2147483647)}/revoke", keys, suffix="revoke")

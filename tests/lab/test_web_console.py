@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 import pytest
 
+from entrypoints.web.pages import CONSOLE, feature
 from tests.lab.conftest import LAB_AGENT_NETWORKS, Lab, register
 from tests.support import REPO, Server
 
@@ -237,7 +238,7 @@ def test_the_session_cookie_does_not_authenticate_the_json_api(
 class _OtherSite(http.server.BaseHTTPRequestHandler):
     target = ""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         body = (f'<form id="f" method="post" action="{self.target}"><input name="csrf" value="guess"></form>'
                 '<button id="go" form="f">go</button>').encode()
         self.send_response(200)
@@ -333,8 +334,7 @@ def test_a_session_ends_after_its_lifetime_on_the_server_side(
         server.stop()
 
 
-@pytest.mark.skipif("open_console" not in __import__("entrypoints.operations").operations.BY_NAME,
-                    reason="the console page needs the consoles feature (issue 17) merged")
+@pytest.mark.skipif(not feature(CONSOLE), reason="the console page needs the consoles feature (issue 17) merged")
 def test_the_serial_console_shows_the_guests_output(browser: Any, portal: Server, api_key: str,
                                                      agent: dict[str, Any], lab: Lab) -> None:
     guest = "console-guest" if "console-guest" in lab.virsh("list", "--all", "--name").stdout.split() else None

@@ -112,6 +112,7 @@ function statsChart() {
       text.textContent = `No statistics (${error.message}).`;
     }
   }
+  draw();
   sample();
   setInterval(sample, seconds * 1000);
 }
