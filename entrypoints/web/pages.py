@@ -93,7 +93,7 @@ class Pages:
         """Run the operation ``name`` as ``who``; answers its view as the API's JSON would be."""
         op = BY_NAME[name]
         assert op.run is not None
-        command = structure(dict(body or {}), op.request) if op.request is not None else None
+        command = structure(dict(body or {}), op.request) if op.request is not None else body
         parsed = {q.name: q.parse((query or {}).get(q.name, [])) for q in op.query}
         call = Call(caller=who.caller if who is not None else None,
                     origin=Origin(request_id=req.context.request_id, client_address=req.context.client_address),
