@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,7 +21,7 @@ import falcon
 import falcon.asgi
 import jinja2
 
-from core.errors import PortalError, SessionEnded, ValidationFailed
+from core.errors import PortalError, SessionEnded, ValidationFailed, VmNotFound
 from core.model import Caller, Origin
 from core.portal import Portal
 from core.virsh import VM_STATES
@@ -53,6 +54,7 @@ def templates() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["seg"] = segment
+    env.filters["shell"] = shlex.quote  # commands to copy into a shell: a name may hold ; $( ) ...
     return env
 
 
@@ -392,7 +394,7 @@ class Vm(Page):
         interfaces_op = operation_at(INTERFACES)  # issue 16: shown once that feature is in
         interfaces, interfaces_error = (await self.pages.attempt(interfaces_op, who, req, path=path)
                                         if interfaces_op is not None else (None, None))
-        if info_error is not None and info_error["code"] in ("vm_not_found", "validation_failed") and not extra:
+        if info_error is not None and info_error["code"] in (VmNotFound.code, ValidationFailed.code) and not extra:
             status = info_error["status"]
         context: dict[str, Any] = {"result": None, "error": None}
         context.update(extra)

@@ -138,6 +138,15 @@ def test_a_hostile_agent_name_is_escaped_on_every_page(web: Api) -> None:
         assert XSS not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
 
 
+def test_the_enrollment_command_to_copy_quotes_the_agents_name_for_the_shell(web: Api) -> None:
+    key, cookie, _csrf = session(web)
+    created = web.call("POST", "/agents", key, json={"name": "hv; touch /tmp/owned", "hostname": "192.0.2.9",
+                                                     "username": "u", "generate_key": True,
+                                                     "allow_unknown_hosts": True}).json
+    html = web.client.simulate_get(f"/ui/agents/{created['id']}", cookies={COOKIE: cookie}).text
+    assert "--name &#39;hv; touch /tmp/owned&#39;</code>" in html
+
+
 def test_the_first_user_signs_up_on_the_page_and_sees_the_key_once(web: Api) -> None:
     result = web.client.simulate_post("/ui/sign-up", body="name=first", headers=FORM)
     assert result.status_code == 201
