@@ -158,6 +158,8 @@ def test_a_guest_is_started_and_forced_off_from_its_page_and_its_state_shown_in_
     playwright_api.expect(page.locator("#result")).to_contain_text("Start: done, the VM is now running",
                                                                     timeout=STATE_TIMEOUT_MS)
     playwright_api.expect(page.locator(".vm-state")).to_contain_text("running")
+    # the live chart: two samples of /stats through the session make the first point
+    playwright_api.expect(page.locator(".stats-text")).to_contain_text("CPU", timeout=20_000)
     shot(page, "vm")
     page.get_by_role("link", name="Force off…").click()
     shot(page, "confirm")

@@ -104,6 +104,8 @@ function statsChart() {
         if (points.length > 60) points.shift();
         text.textContent = `State ${stats.state || "unknown"}: CPU ${cpu.toFixed(1)} % of ${vcpus} vCPU, network ${kib.toFixed(1)} KiB/s.`;
         draw();
+      } else if (cpuNs === null) {
+        text.textContent = `State ${stats.state || "unknown"}: no CPU figures while the VM is not running.`;
       } else {
         text.textContent = `State ${stats.state || "unknown"}; measuring…`;
       }
