@@ -35,14 +35,15 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
     portal = runtime.portal
     # SQLite's data version, when the storage has one: reads are kept until the database changes.
     data_version = getattr(runtime.storage, "data_version", None)
+    # failed authentications per address: API keys, and keys typed on the sign-in page, count together
+    limiter = FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window)
     middleware: list[Any] = [
         RequestContext(),
         SecurityHeaders(),  # web console (issue 19): CSP, no framing, nosniff on every answer
         BodyLimit(settings.max_body_bytes),
         # before authentication: a key that came over plain HTTP is refused, never looked up
         HttpsRequired(settings.allow_plain_http),
-        Authentication(portal, FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window),
-                       UntilChanged(data_version)),
+        Authentication(portal, limiter, UntilChanged(data_version)),
         Lifespan(runtime),
     ]
     app = falcon.asgi.App(middleware=middleware)
@@ -61,5 +62,5 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
         app.add_route(template, OperationsResource(
             portal, operations, document_body=document_body,
             lists=UntilChanged(data_version, max_entries=1_000) if cached else None))
-    pages.add_routes(app, portal, settings)  # the web console (issue 19), same origin as the API
+    pages.add_routes(app, portal, settings, limiter)  # the web console (issue 19), same origin as the API
     return app

@@ -12,6 +12,7 @@ import asyncio
 import json
 import secrets
 import shlex
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,12 +22,19 @@ import falcon
 import falcon.asgi
 import jinja2
 
-from core.errors import PortalError, SessionEnded, ValidationFailed, VmNotFound
+from core.errors import (
+    PortalError,
+    SessionEnded,
+    TooManyAuthFailures,
+    Unauthenticated,
+    ValidationFailed,
+    VmNotFound,
+)
 from core.model import Caller, Origin
 from core.portal import Portal
 from core.virsh import VM_STATES
 from entrypoints.http.errors import status_of
-from entrypoints.http.middleware import HttpsRequired
+from entrypoints.http.middleware import FailureLimiter, HttpsRequired
 from entrypoints.operations import BY_NAME, OPERATIONS, Call
 from entrypoints.settings import Settings
 from entrypoints.shapes import dump, structure
@@ -83,9 +91,10 @@ def feature(route: tuple[str, str]) -> bool:
 class Pages:
     """What every page needs: the portal, the settings, the templates, and running an operation."""
 
-    def __init__(self, portal: Portal, settings: Settings) -> None:
+    def __init__(self, portal: Portal, settings: Settings, limiter: FailureLimiter) -> None:
         self.portal = portal
         self.settings = settings
+        self.limiter = limiter
         self.env = templates()
         self.https = HttpsRequired(settings.allow_plain_http)
 
@@ -184,9 +193,19 @@ class SignIn(Page):
             guard.check_same_origin(req)
             self.pages.https.check(req)  # the key crosses the wire in this form: as with the API
             form = await guard.read_form(req)
-            signed = await asyncio.to_thread(
-                self.pages.portal.sessions.sign_in, form.get("api_key", "").strip(),
-                Origin(request_id=req.context.request_id, client_address=req.context.client_address))
+            address = req.context.client_address
+            try:
+                signed = await asyncio.to_thread(
+                    self.pages.portal.sessions.sign_in, form.get("api_key", "").strip(),
+                    Origin(request_id=req.context.request_id, client_address=address))
+            except Unauthenticated:
+                # as the API does: only failures are limited, a valid key always gets through
+                wait = self.pages.limiter.retry_after(address, time.monotonic())
+                if wait is not None:
+                    raise TooManyAuthFailures(f"too many failed sign-ins from {address}; retry in {wait} s",
+                                              retry_after=wait) from None
+                self.pages.limiter.record_failure(address, time.monotonic())
+                raise
         except PortalError as error:
             self.pages.render(resp, "sign_in.html", None, status=status_of(error), error=failure(error),
                               signup=False, notice=None)
@@ -546,9 +565,12 @@ class Account(Page):
         self.pages.render(resp, "new_key.html", fresh, api_key=rotated["api_key"], title="Your new API key")
 
 
-def add_routes(app: falcon.asgi.App[Any, Any], portal: Portal, settings: Settings) -> None:
-    """Mount the pages and their static files on the app (beside the API's routes)."""
-    pages = Pages(portal, settings)
+def add_routes(app: falcon.asgi.App[Any, Any], portal: Portal, settings: Settings,
+               limiter: FailureLimiter | None = None) -> None:
+    """Mount the pages and their static files on the app (beside the API's routes). ``limiter`` is
+    the API's limiter of failed authentications: a key typed on the sign-in page counts there too."""
+    pages = Pages(portal, settings, limiter or FailureLimiter(settings.auth_failure_limit,
+                                                              settings.auth_failure_window))
     agent, vm, account = Agent(pages), Vm(pages), Account(pages)
     vm_path = "/ui/agents/{agent_id:int(min=1, max=2147483647)}/vms/{vm}"
     app.add_route("/", Fleet(pages))

@@ -68,6 +68,20 @@ def test_a_wrong_key_is_refused_on_the_sign_in_page_without_a_cookie(web: Api) -
     assert "invalid_api_key" in result.text
 
 
+def test_failed_sign_ins_count_against_the_addresss_limit_of_failed_authentications(tmp_path: Path) -> None:
+    runtime = bootstrap.build_runtime(make_settings(tmp_path, MANAGEMENT_SIGNUP="open",
+                                                    MANAGEMENT_AUTH_FAILURE_LIMIT="2"))
+    try:
+        web = Api(portal_client(create_app(runtime)))
+        key = web.sign_up()["api_key"]
+        assert [sign_in(web, "mgmt_000000000000_wrong").status_code for _ in range(2)] == [401, 401]
+        assert sign_in(web, "mgmt_000000000000_wrong").status_code == 429
+        assert web.call("GET", "/agents", "mgmt_000000000000_wrong").status_code == 429  # one limit for both doors
+        assert sign_in(web, key).status_code == 303  # as the API: a valid key still gets through
+    finally:
+        runtime.close()
+
+
 def test_the_json_api_does_not_accept_the_session_cookie(web: Api) -> None:
     _key, cookie, _csrf = session(web)
     result = web.client.simulate_get("/agents", cookies={COOKIE: cookie})
