@@ -173,6 +173,24 @@ def test_a_guest_is_started_and_forced_off_from_its_page_and_its_state_shown_in_
     context.close()
 
 
+def test_the_fleet_page_follows_a_state_change_made_elsewhere_without_a_reload(
+        browser: Any, portal: Server, api_key: str, agent: dict[str, Any], guest: str, lab: Lab) -> None:
+    lab.virsh("destroy", guest)
+    context, page = signed_in(browser, portal, api_key)
+    row = page.locator("table.fleet tr", has=page.get_by_role("link", name=guest, exact=True))
+    playwright_api.expect(row.locator(".state")).to_have_text("shut off")
+    loaded = page.evaluate("performance.timeOrigin")
+    try:
+        assert lab.virsh("start", guest).returncode == 0  # behind the portal's back
+        # the table polls its rows every 10 s
+        playwright_api.expect(row.locator(".state")).to_have_text("running", timeout=STATE_TIMEOUT_MS)
+        assert page.evaluate("performance.timeOrigin") == loaded  # the same page, not a reload
+        playwright_api.expect(page.locator("#fleet-status")).to_contain_text("Updated at")
+    finally:
+        lab.virsh("destroy", guest)
+        context.close()
+
+
 def test_a_snapshot_is_taken_reverted_and_deleted_from_the_vm_page(
         browser: Any, portal: Server, api_key: str, agent: dict[str, Any], guest: str) -> None:
     name = f"web-{uuid.uuid4().hex[:8]}"
