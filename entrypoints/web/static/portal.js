@@ -83,6 +83,13 @@ function statsChart() {
         if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
       });
       ctx.stroke();
+      const last = points[points.length - 1];
+      if (last) {  // the newest sample as a dot (the first one has no line yet)
+        ctx.beginPath();
+        ctx.fillStyle = colours[key];
+        ctx.arc(width - 4, height - 4 - (Math.min(last[key], max) / max) * (height - 8), 3, 0, 2 * Math.PI);
+        ctx.fill();
+      }
     }
   }
 
