@@ -387,7 +387,7 @@ fetch_code() {
         tar -C "$src" -cf - \
             --anchored --exclude=./.venv --exclude=./.git --exclude=./data --exclude=./.lab \
             --exclude=./.tox --exclude=./build --exclude=./dist --exclude=./.pytest_cache \
-            --exclude=./.mypy_cache --exclude=./.ruff_cache --exclude=./.hypothesis \
+            --exclude=./.mypy_cache --exclude=./.ruff_cache --exclude=./.hypothesis --exclude=./.screenshots \
             --no-anchored --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' . |
             tar -C "$APP_DIR" -xf - --no-same-owner --no-same-permissions
     fi
