@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import shlex
 import time
@@ -78,10 +79,16 @@ NEW_API_KEY = ("POST", "/users/me/keys")
 REVOKE_API_KEY = ("DELETE", "/users/me/keys/{key_id}")
 
 
+def _shape(path: str) -> str:
+    """A path template with its parameters unnamed (``/users/me/keys/{id}`` is ``/users/me/keys/{}``)."""
+    return re.sub(r"\{[^}]*\}", "{}", path)
+
+
 def operation_at(route: tuple[str, str]) -> str | None:
-    """The name of the operation answering ``route`` (method, path template), if this build has one."""
+    """The name of the operation answering ``route`` (method, path template, whatever its parameters
+    are named), if this build has one."""
     method, path = route
-    return next((op.name for op in OPERATIONS if op.method == method and op.path == path), None)
+    return next((op.name for op in OPERATIONS if op.method == method and _shape(op.path) == _shape(path)), None)
 
 
 def feature(route: tuple[str, str]) -> bool:
@@ -762,7 +769,7 @@ class ApiKeys(Page):
             return
         who, _form = changing
         try:
-            await self.pages.run(name, who, req, path={"key_id": key_id})
+            await self.pages.run(name, who, req, path={BY_NAME[name].path_parameters[-1]: key_id})
         except PortalError as error:
             await self._show(req, resp, who, status=status_of(error), error=failure(error))
             return

@@ -191,15 +191,20 @@ def stand_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Call]]:
         return [{"id": 3, "name": XSS, "prefix": "mgmt_abc", "scopes": ["read"], "agents": None,
                  "expires_at": None, "created_at": "2026-01-01", "last_used_at": None}]
 
+    async def revoke(_portal: Any, call: Call) -> Any:
+        calls.append(call)
+
     extra = [Operation("create_vm", "POST", "/agents/{agent_id}/vms", "vms", "stand-in", create_vm,
                        lambda r, c: r),
              Operation("open_console", "POST", "/agents/{agent_id}/vms/{vm}/console", "vms", "stand-in", console,
                        lambda r, c: r, request=None),
-             Operation("list_api_keys", "GET", "/users/me/keys", "users", "stand-in", keys, lambda r, c: r)]
+             Operation("list_api_keys", "GET", "/users/me/keys", "users", "stand-in", keys, lambda r, c: r),
+             Operation("revoke_api_key", "DELETE", "/users/me/keys/{id}", "users", "stand-in", revoke, ok=204)]
     monkeypatch.setattr(pages, "OPERATIONS", (*pages.OPERATIONS, *extra))
     monkeypatch.setitem(BY_NAME, "create_vm", extra[0])
     monkeypatch.setitem(BY_NAME, "open_console", extra[1])
     monkeypatch.setitem(BY_NAME, "list_api_keys", extra[2])
+    monkeypatch.setitem(BY_NAME, "revoke_api_key", extra[3])
     # (the stand-ins take no command class: the body reaches them as the page built it)
     yield calls
 
@@ -251,3 +256,12 @@ def test_the_api_keys_page_lists_keys_escaped(web: Api, stand_in: list[Call]) ->
     assert page.status_code == 200
     assert "&lt;img src=x onerror=alert(1)&gt;" in page.text and XSS not in page.text
     assert 'href="/ui/keys"' in page.text  # the navigation shows the page once the feature exists
+
+
+def test_revoking_a_key_on_the_page_calls_the_operation_with_its_own_path_parameter(
+        web: Api, stand_in: list[Call]) -> None:
+    _key, cookie, csrf = session(web)
+    result = web.client.simulate_post("/ui/keys/3/revoke", body=f"csrf={csrf}", cookies={COOKIE: cookie},
+                                      headers=FORM)
+    assert result.status_code == 200 and "The key was revoked" in result.text
+    assert [c.path for c in stand_in if c.path] == [{"id": 3}]
