@@ -51,6 +51,10 @@ DESTRUCTIVE = {"shutdown": "Shut down", "force-stop": "Force off", "reboot": "Re
 ACTIONS = {"start": "Start", "resume": "Resume", **DESTRUCTIVE}
 ACTION_OPERATION = {"start": "start_vm", "shutdown": "shutdown_vm", "force-stop": "force_stop_vm",
                     "reboot": "reboot_vm", "suspend": "suspend_vm", "resume": "resume_vm"}
+# What makes sense in each state (virsh's words); in any other state, or unknown, every action is offered
+ACTIONS_IN_STATE = {"running": ("shutdown", "force-stop", "reboot", "suspend"), "idle": ("shutdown", "force-stop",
+                    "reboot", "suspend"), "shut off": ("start",), "crashed": ("start", "force-stop"),
+                    "paused": ("resume", "force-stop"), "pmsuspended": ("start", "force-stop")}
 ACTION_WAIT = 30  # seconds a page waits for the state an action leads to (the API's ?wait=)
 
 
@@ -424,7 +428,10 @@ class Vm(Page):
             status = info_error["status"]
         context: dict[str, Any] = {"result": None, "error": None}
         context.update(extra)
+        state = info["dominfo"]["state"] if info is not None else None
+        offered = ACTIONS_IN_STATE.get(state or "", tuple(ACTIONS))
         self.pages.render(resp, "vm.html", who, status=status, agent=agent, vm=vm, info=info, info_error=info_error,
+                          offered=offered,
                           snapshots=snapshots, snapshots_error=snapshots_error, interfaces=interfaces,
                           interfaces_error=interfaces_error, actions=ACTIONS,
                           destructive=DESTRUCTIVE, **context)

@@ -154,6 +154,8 @@ def test_a_guest_is_started_and_forced_off_from_its_page_and_its_state_shown_in_
     context, page = signed_in(browser, portal, api_key)
     page.goto(f"{base(portal)}/ui/agents/{agent['id']}/vms/{guest}")
     playwright_api.expect(page.locator(".vm-state")).to_contain_text("shut off")
+    # only what the state allows: a shut-off VM can be started, not forced off
+    playwright_api.expect(page.get_by_role("link", name="Force off…")).to_have_count(0)
     page.get_by_role("button", name="Start", exact=True).click()
     playwright_api.expect(page.locator("#result")).to_contain_text("Start: done, the VM is now running",
                                                                     timeout=STATE_TIMEOUT_MS)
