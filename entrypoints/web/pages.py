@@ -112,7 +112,10 @@ class Pages:
     async def run(self, name: str, who: SignedInUser | None, req: falcon.asgi.Request, *,
                   path: Mapping[str, Any] | None = None, body: Mapping[str, Any] | None = None,
                   query: Mapping[str, list[str]] | None = None) -> Any:
-        """Run the operation ``name`` as ``who``; answers its view as the API's JSON would be."""
+        """Run the operation ``name`` as ``who``; answers its view as the API's JSON would be.
+
+        Scoped keys (issue 20): wherever the HTTP layer checks ``op.scope`` against the calling key,
+        the same check belongs here against the key the session was signed in with."""
         op = BY_NAME[name]
         assert op.run is not None
         command = structure(dict(body or {}), op.request) if op.request is not None else body
