@@ -220,9 +220,10 @@ class InMemoryTransaction:
 
 
     # web console sessions (issue 19)
-    def add_web_session(self, user_id: int, digest: str, at: datetime, expires_at: datetime) -> WebSession:
+    def add_web_session(self, user_id: int, digest: str, at: datetime, expires_at: datetime,
+                        key_prefix: str) -> WebSession:
         session = WebSession(id=self.s.take_id("web_session"), user_id=user_id, digest=digest, created_at=at,
-                             last_seen_at=at, expires_at=expires_at)
+                             last_seen_at=at, expires_at=expires_at, key_prefix=key_prefix)
         self.s.web_sessions[digest] = session
         return session
 

@@ -226,3 +226,4 @@ class WebSession:
     created_at: datetime
     last_seen_at: datetime
     expires_at: datetime
+    key_prefix: str  # the API key it was signed in with: the session lives no longer than that key

@@ -20,7 +20,7 @@ import attrs
 
 from core.audit import AuditLog
 from core.errors import SessionEnded
-from core.model import Origin, User, WebSession
+from core.model import Origin, User, WebSession, api_key_prefix
 from core.ports import Clock, Storage
 from core.users import UserService
 
@@ -60,11 +60,13 @@ class WebSessionService:
     def sign_in(self, api_key: str, origin: Origin) -> SignedIn:
         """A new session for the owner of ``api_key`` (``Unauthenticated`` if it is not valid)."""
         user = self.users.authenticate(api_key)
+        prefix = api_key_prefix(api_key)
+        assert prefix is not None  # authenticate refuses a malformed key
         token = secrets.token_urlsafe(32)
         now = self.clock.now()
         with self.storage.transaction(write=True) as tx:
             tx.delete_web_sessions_ended(now, now - self.idle)
-            session = tx.add_web_session(user.id, session_digest(token), now, now + self.lifetime)
+            session = tx.add_web_session(user.id, session_digest(token), now, now + self.lifetime, prefix)
             tx.add_audit_event(self.audit.event(user.id, "user.sign_in", origin.request_id, origin.client_address))
         return SignedIn(token=token, user=user, session=session)
 
@@ -76,7 +78,10 @@ class WebSessionService:
         with self.storage.transaction() as tx:
             session = tx.find_web_session(digest)
             user = tx.get_user(session.user_id) if session is not None else None
-        if session is None or user is None or not hmac.compare_digest(session.digest, digest):
+            # the key it was signed in with is still live and still its user's (rotated or revoked: ended)
+            key = tx.find_api_key(session.key_prefix) if session is not None else None
+        if session is None or user is None or key is None or key.user_id != session.user_id \
+                or not hmac.compare_digest(session.digest, digest):
             raise SessionEnded("sign in again: this session has ended or never existed")
         if now >= session.expires_at or now - session.last_seen_at >= self.idle:
             with self.storage.transaction(write=True) as tx:

@@ -165,6 +165,7 @@ def _v9_web_sessions(conn: sa.Connection) -> None:
         sa.Column("created_at", UtcDateTime, nullable=False),
         sa.Column("last_seen_at", UtcDateTime, nullable=False),
         sa.Column("expires_at", UtcDateTime, nullable=False),
+        sa.Column("key_prefix", sa.String(32), nullable=False),
         sa.Index("ix_web_sessions_user_id", "user_id"),
     )
     md.tables["web_sessions"].create(conn)

@@ -165,5 +165,6 @@ web_sessions = sa.Table(
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Column("last_seen_at", UtcDateTime, nullable=False),
     sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.Column("key_prefix", SafeString(32), nullable=False),  # the API key it was signed in with
     sa.Index("ix_web_sessions_user_id", "user_id"),
 )

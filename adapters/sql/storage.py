@@ -445,17 +445,19 @@ class SqlTransaction:
 
     # ------------------------------------------------------------------ web console sessions (issue 19)
 
-    def add_web_session(self, user_id: int, digest: str, at: datetime, expires_at: datetime) -> WebSession:
+    def add_web_session(self, user_id: int, digest: str, at: datetime, expires_at: datetime,
+                        key_prefix: str) -> WebSession:
         session_id = _inserted_id(self._execute(web_sessions.insert().values(
-            user_id=user_id, digest=digest, created_at=at, last_seen_at=at, expires_at=expires_at)))
+            user_id=user_id, digest=digest, created_at=at, last_seen_at=at, expires_at=expires_at,
+            key_prefix=key_prefix)))
         return WebSession(id=session_id, user_id=user_id, digest=digest, created_at=at, last_seen_at=at,
-                          expires_at=expires_at)
+                          expires_at=expires_at, key_prefix=key_prefix)
 
     def find_web_session(self, digest: str) -> WebSession | None:
         row = self._execute(sa.select(web_sessions).where(web_sessions.c.digest == digest)).one_or_none()
         return None if row is None else WebSession(id=row.id, user_id=row.user_id, digest=row.digest,
                                                    created_at=row.created_at, last_seen_at=row.last_seen_at,
-                                                   expires_at=row.expires_at)
+                                                   expires_at=row.expires_at, key_prefix=row.key_prefix)
 
     def touch_web_session(self, session_id: int, at: datetime) -> None:
         self._execute(web_sessions.update().where(web_sessions.c.id == session_id).values(last_seen_at=at))

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from adapters.memory import CountingKeyHasher
 from core.errors import SessionEnded, Unauthenticated
 from core.model import Caller
 from core.web_sessions import WebSessionService, session_digest
@@ -101,3 +102,14 @@ def test_only_the_sessions_own_form_token_matches(given_token: str) -> None:
     form_token = WebSessionService.form_token(token)
     assert world.portal.sessions.form_token_matches(token, given_token) == (given_token == form_token)
     assert world.portal.sessions.form_token_matches(token, form_token)
+
+
+def test_a_session_lives_no_longer_than_the_key_it_was_signed_in_with(world: World, alice: Caller) -> None:
+    """Even when nothing deletes the session (a key revoked by another path, e.g. scoped keys)."""
+    sessions = world.portal.sessions
+    signed = sessions.sign_in(_key(world, alice), OPERATOR)
+    with world.storage.transaction(write=True) as tx:  # the key replaced behind the sessions' back
+        tx.replace_api_key(alice.user.id, CountingKeyHasher().issue(), world.clock.now())
+    assert list(world.storage.state.web_sessions.values())  # still stored...
+    with pytest.raises(SessionEnded):  # ...and refused
+        sessions.resolve(signed.token)
