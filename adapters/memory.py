@@ -30,6 +30,7 @@ from core.model import (
     HostKey,
     IssuedApiKey,
     User,
+    WebSession,
 )
 from core.networks import AgentNetworks, ip_literal
 from core.ports import CommandResult, PinHostKey, RemoteStream
@@ -120,12 +121,13 @@ class _State:
     events: dict[int, AuditEvent] = attrs.Factory(dict)
     consoles: dict[int, ConsoleTicket] = attrs.Factory(dict)  # issue 17
     next_id: dict[str, int] = attrs.Factory(lambda: {"user": 1, "agent": 1, "event": 1, "key": 1, "console": 1,
-                                                     "live": 1})
+                                                     "live": 1, "web_session": 1})
     # issue 18: events, watcher leases and the live mirror
     live_events: dict[int, Event] = attrs.Factory(dict)
     watches: dict[int, WatchStatus] = attrs.Factory(dict)
     mirror: dict[int, dict[str, MirroredVm]] = attrs.Factory(dict)
     demand: dict[int, datetime] = attrs.Factory(dict)
+    web_sessions: dict[str, WebSession] = attrs.Factory(dict)  # by digest (issue 19)
 
     def take_id(self, kind: str) -> int:
         value = self.next_id[kind]
@@ -355,6 +357,39 @@ class InMemoryTransaction:
         vms.pop(name, None)
         if vm is not None:
             vms[vm.name] = vm
+
+    # web console sessions (issue 19)
+    def add_web_session(self, user_id: int, digest: str, at: datetime, expires_at: datetime,
+                        key_prefix: str) -> WebSession:
+        session = WebSession(id=self.s.take_id("web_session"), user_id=user_id, digest=digest, created_at=at,
+                             last_seen_at=at, expires_at=expires_at, key_prefix=key_prefix)
+        self.s.web_sessions[digest] = session
+        return session
+
+    def find_web_session(self, digest: str) -> WebSession | None:
+        session = self.s.web_sessions.get(digest)
+        return session if session is not None and session.user_id in self.s.users else None
+
+    def touch_web_session(self, session_id: int, at: datetime) -> None:
+        for digest, session in self.s.web_sessions.items():
+            if session.id == session_id:
+                self.s.web_sessions[digest] = attrs.evolve(session, last_seen_at=at)
+
+    def delete_web_session(self, digest: str) -> bool:
+        return self.s.web_sessions.pop(digest, None) is not None
+
+    def delete_web_sessions_of(self, user_id: int) -> int:
+        ended = [d for d, s in self.s.web_sessions.items() if s.user_id == user_id]
+        for digest in ended:
+            del self.s.web_sessions[digest]
+        return len(ended)
+
+    def delete_web_sessions_ended(self, expired_before: datetime, idle_since: datetime) -> int:
+        ended = [d for d, s in self.s.web_sessions.items()
+                 if s.expires_at <= expired_before or s.last_seen_at <= idle_since]
+        for digest in ended:
+            del self.s.web_sessions[digest]
+        return len(ended)
 
 
 class CountingTicketDigests:

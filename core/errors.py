@@ -544,3 +544,20 @@ class TunnelRefused(RemoteError):
     goes through the restricted shell's own relay instead."""
 
     code = "tunnel_refused"
+
+
+# --- web console (issue 19)
+
+
+class SessionEnded(Unauthenticated):
+    """The browser's session cookie names no live session: signed out, expired or idle too long (401)."""
+
+    code = "session_ended"
+    title = "Signed out"
+
+
+class CsrfRefused(Forbidden):
+    """A state change through the pages without this session's form token, or from another site (403)."""
+
+    code = "csrf_refused"
+    title = "Cross-site request refused"

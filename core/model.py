@@ -298,3 +298,20 @@ class ConsoleTicket:
     expires_at: datetime
     opened_at: datetime | None = None
     closed_at: datetime | None = None
+
+
+# --- web console sessions (issue 19)
+
+
+@attrs.frozen
+class WebSession:
+    """A browser's signed-in session: stored by the digest of its token (the token itself lives only
+    in the browser's cookie), with an absolute end and the last time it was used (idle time-out)."""
+
+    id: int
+    user_id: int
+    digest: str
+    created_at: datetime
+    last_seen_at: datetime
+    expires_at: datetime
+    key_prefix: str  # the API key it was signed in with: the session lives no longer than that key

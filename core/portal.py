@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 
 import attrs
 
@@ -48,6 +49,7 @@ from core.snapshots import SnapshotService
 from core.users import UserService
 from core.vms import POLL_GRACE, POLL_INTERVAL, VmService
 from core.watch import LEASE_SECONDS, MAX_AGE, RENEW_EVERY, WATCH_IDLE, WatchService
+from core.web_sessions import SESSION_IDLE, SESSION_LIFETIME, WebSessionService
 
 
 @attrs.frozen
@@ -67,6 +69,7 @@ class Portal:
     consoles: ConsoleService  # issue 17
     events: EventLog  # live state and events (issue 18)
     watch: WatchService
+    sessions: WebSessionService  # the web console's browser sessions (issue 19)
 
 
 def assemble(
@@ -99,6 +102,8 @@ def assemble(
     lease_seconds: float = LEASE_SECONDS,
     renew_every: float = RENEW_EVERY,
     watch_idle: float = WATCH_IDLE,
+    session_lifetime: timedelta = SESSION_LIFETIME,
+    session_idle: timedelta = SESSION_IDLE,
 ) -> Portal:
     """The services over these ports; each gets only the ports it uses."""
     events = EventLog(storage=storage, clock=clock, retention=event_retention)
@@ -110,8 +115,9 @@ def assemble(
                          idle=watch_idle)
     vms = VmService(remote=remote, poll_interval=poll_interval, poll_grace=poll_grace, monotonic=monotonic,
                     sleep=sleep, live=watch)
+    users = UserService(storage=storage, hasher=hasher, clock=clock, audit=audit, signup=signup)
     return Portal(
-        users=UserService(storage=storage, hasher=hasher, clock=clock, audit=audit, signup=signup),
+        users=users,
         agents=AgentService(storage=storage, keyring=keyring, ssh_keys=ssh_keys, clock=clock, audit=audit,
                             shell=shell, max_agents=max_agents, addresses=addresses),
         vms=vms,
@@ -130,4 +136,6 @@ def assemble(
                                 monotonic=monotonic, sleep=sleep),
         events=events,
         watch=watch,
+        sessions=WebSessionService(storage=storage, clock=clock, audit=audit, users=users,
+                                   lifetime=session_lifetime, idle=session_idle),
     )

@@ -72,6 +72,15 @@ class UserService:
         if self.signup is SignupPolicy.FIRST and tx.count_users() > 0:
             raise SignupRefused(f"sign-up is closed: this portal already has its first user; {_HOW_TO_GET_AN_ACCOUNT}")
 
+    def signup_possible(self) -> bool:
+        """Whether an unauthenticated sign-up would be accepted now (the sign-in page offers it)."""
+        if self.signup is SignupPolicy.CLOSED:
+            return False
+        if self.signup is SignupPolicy.OPEN:
+            return True
+        with self.storage.transaction() as tx:
+            return tx.count_users() == 0
+
     def list_users(self) -> list[User]:
         """Every user of the portal (for the host's operator, on the command line)."""
         with self.storage.transaction() as tx:
@@ -124,6 +133,8 @@ class UserService:
         with self.audit.audited(caller, "user.rotate_api_key") as change, change.write() as tx:
             key_id = None if caller.key is None or caller.key.full else caller.key.id
             tx.replace_api_key(caller.user.id, key, self.clock.now(), key_id=key_id)
+            # a browser signed in with the old key must not outlive it (issue 19)
+            tx.delete_web_sessions_of(caller.user.id)
             user = tx.get_user(caller.user.id)
         assert user is not None
         return NewApiKey(user, key.plaintext)

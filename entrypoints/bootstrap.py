@@ -10,6 +10,7 @@ import os
 import resource
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 import attrs
 import sqlalchemy
@@ -234,7 +235,10 @@ def build_runtime(
                       # issue 18
                       event_retention=settings.event_retention, mirror_max_age=settings.mirror_max_age,
                       lease_seconds=settings.watch_lease_seconds, watch_idle=settings.watch_idle,
-                      renew_every=min(settings.watch_lease_seconds / 4, max(0.2, settings.mirror_max_age / 3)))
+                      renew_every=min(settings.watch_lease_seconds / 4, max(0.2, settings.mirror_max_age / 3)),
+                      # web console sessions (issue 19)
+                      session_lifetime=timedelta(seconds=settings.session_lifetime),
+                      session_idle=timedelta(seconds=settings.session_idle))
     try:
         portal.agents.check_secret_key()
     except SecretUnreadable as error:

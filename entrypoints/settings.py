@@ -133,6 +133,9 @@ class Settings:
     mirror_max_age: float = 5.0
     watch_lease_seconds: float = 6.0
     watch_idle: float = 600.0  # seconds an agent stays watched after its last use
+    # --- web console (issue 19): a browser session's absolute lifetime and idle time-out, in seconds
+    session_lifetime: float = 12 * 3600.0
+    session_idle: float = 30 * 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -199,6 +202,9 @@ class Settings:
             mirror_max_age=reader.number("MANAGEMENT_MIRROR_MAX_AGE", 5.0, float, 0, 3600),
             watch_lease_seconds=reader.number("MANAGEMENT_WATCH_LEASE_SECONDS", 6.0, float, 1, 600),
             watch_idle=reader.number("MANAGEMENT_WATCH_IDLE", 600.0, float, 1, 30 * 86400),
+            # --- web console (issue 19)
+            session_lifetime=reader.number("MANAGEMENT_SESSION_LIFETIME", 12 * 3600.0, float, 1, 30 * 86400),
+            session_idle=reader.number("MANAGEMENT_SESSION_IDLE", 30 * 60.0, float, 1, 30 * 86400),
         )
 
 

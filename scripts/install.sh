@@ -387,7 +387,7 @@ fetch_code() {
         tar -C "$src" -cf - \
             --anchored --exclude=./.venv --exclude=./.git --exclude=./data --exclude=./.lab \
             --exclude=./.tox --exclude=./build --exclude=./dist --exclude=./.pytest_cache \
-            --exclude=./.mypy_cache --exclude=./.ruff_cache --exclude=./.hypothesis \
+            --exclude=./.mypy_cache --exclude=./.ruff_cache --exclude=./.hypothesis --exclude=./.screenshots \
             --no-anchored --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' . |
             tar -C "$APP_DIR" -xf - --no-same-owner --no-same-permissions
     fi
@@ -409,6 +409,9 @@ build_venv() {
     else
         log "refreshing the virtual environment $VENV (Python $have)"
     fi
+    # web console (issue 19): xterm.js and noVNC from the npm registry, pinned and verified by sha512
+    log "putting the web console's browser libraries in place (scripts/web_assets.py)"
+    "$PYTHON" "$APP_DIR/scripts/web_assets.py" || die "could not fetch the web console's browser libraries"
     log "installing the package into $VENV (pip install $APP_DIR)"
     local pip_log=$APP_DIR/.pip-install.log
     # a local directory is always rebuilt and reinstalled, even when its version did not change

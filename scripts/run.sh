@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/venv.sh
+# the web console's browser libraries (xterm.js, noVNC), pinned and verified; the pages work without them
+python3 scripts/web_assets.py || echo "warning: the console page's libraries could not be fetched (scripts/web_assets.py)" >&2
 exec .venv/bin/python main.py

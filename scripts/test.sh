@@ -5,6 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/venv.sh test,dev
+# web console (issue 19): its browser libraries (pinned, verified), and Debian's chromium for the
+# browser tests (Playwright drives it; no browser download)
+python3 scripts/web_assets.py
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+fi
 .venv/bin/ruff check core adapters entrypoints tests main.py scripts/agent_shell.py
 .venv/bin/mypy
 .venv/bin/lint-imports --no-cache

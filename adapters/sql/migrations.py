@@ -263,9 +263,30 @@ def _v8_events_and_live_mirror(conn: sa.Connection) -> None:
         md.tables[name].create(conn)
 
 
+# --- web console (issue 19)
+
+
+def _v9_web_sessions(conn: sa.Connection) -> None:
+    """Browser sessions of the web console, stored by the SHA-256 digest of their token only."""
+    md = sa.MetaData()
+    sa.Table("users", md, sa.Column("id", sa.Integer, primary_key=True))
+    sa.Table(
+        "web_sessions", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("digest", sa.String(64), nullable=False, unique=True),
+        sa.Column("created_at", UtcDateTime, nullable=False),
+        sa.Column("last_seen_at", UtcDateTime, nullable=False),
+        sa.Column("expires_at", UtcDateTime, nullable=False),
+        sa.Column("key_prefix", sa.String(32), nullable=False),
+        sa.Index("ix_web_sessions_user_id", "user_id"),
+    )
+    md.tables["web_sessions"].create(conn)
+
+
 STEPS: tuple[Step, ...] = (_v1_initial, _v2_agent_revision, _v3_agent_ids_never_reused,
                            _v4_keyed_api_key_digests, _v5_agent_key_generated, _v6_scoped_api_keys,
-                           _v7_console_tickets, _v8_events_and_live_mirror)
+                           _v7_console_tickets, _v8_events_and_live_mirror, _v9_web_sessions)
 LATEST = len(STEPS)
 
 

@@ -232,3 +232,17 @@ watch_demand = sa.Table(
               autoincrement=False),
     sa.Column("until", UtcDateTime, nullable=False),
 )
+
+# --- web console sessions (issue 19, migration 9): found by the SHA-256 digest of their token
+web_sessions = sa.Table(
+    "web_sessions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("digest", SafeString(64), nullable=False, unique=True),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("last_seen_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.Column("key_prefix", SafeString(32), nullable=False),  # the API key it was signed in with
+    sa.Index("ix_web_sessions_user_id", "user_id"),
+)

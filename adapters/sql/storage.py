@@ -42,6 +42,7 @@ from adapters.sql.schema import (
     users,
     watch_demand,
     watches,
+    web_sessions,
 )
 from core.errors import AgentNameTaken, DatabaseBusy, DatabaseUnavailable, EmailTaken
 from core.live import Event, EventFilter, MirroredVm, WatchStatus
@@ -57,6 +58,7 @@ from core.model import (
     IssuedApiKey,
     Scope,
     User,
+    WebSession,
 )
 from core.ports import NullObserver, Observer
 from core.validation import normalize_email
@@ -685,6 +687,35 @@ class SqlTransaction:
         if vm is not None:
             self._execute(mirrored_vms.insert().values(agent_id=agent_id, name=vm.name, state=vm.state,
                                                        domain_id=vm.id, changed_at=now))
+
+    # ------------------------------------------------------------------ web console sessions (issue 19)
+
+    def add_web_session(self, user_id: int, digest: str, at: datetime, expires_at: datetime,
+                        key_prefix: str) -> WebSession:
+        session_id = _inserted_id(self._execute(web_sessions.insert().values(
+            user_id=user_id, digest=digest, created_at=at, last_seen_at=at, expires_at=expires_at,
+            key_prefix=key_prefix)))
+        return WebSession(id=session_id, user_id=user_id, digest=digest, created_at=at, last_seen_at=at,
+                          expires_at=expires_at, key_prefix=key_prefix)
+
+    def find_web_session(self, digest: str) -> WebSession | None:
+        row = self._execute(sa.select(web_sessions).where(web_sessions.c.digest == digest)).one_or_none()
+        return None if row is None else WebSession(id=row.id, user_id=row.user_id, digest=row.digest,
+                                                   created_at=row.created_at, last_seen_at=row.last_seen_at,
+                                                   expires_at=row.expires_at, key_prefix=row.key_prefix)
+
+    def touch_web_session(self, session_id: int, at: datetime) -> None:
+        self._execute(web_sessions.update().where(web_sessions.c.id == session_id).values(last_seen_at=at))
+
+    def delete_web_session(self, digest: str) -> bool:
+        return bool(self._execute(web_sessions.delete().where(web_sessions.c.digest == digest)).rowcount)
+
+    def delete_web_sessions_of(self, user_id: int) -> int:
+        return int(self._execute(web_sessions.delete().where(web_sessions.c.user_id == user_id)).rowcount)
+
+    def delete_web_sessions_ended(self, expired_before: datetime, idle_since: datetime) -> int:
+        return int(self._execute(web_sessions.delete().where(
+            sa.or_(web_sessions.c.expires_at <= expired_before, web_sessions.c.last_seen_at <= idle_since))).rowcount)
 
 
 CONSOLE_ROWS_KEPT = timedelta(days=1)

@@ -26,6 +26,8 @@ from entrypoints.http.middleware import (
 from entrypoints.http.resources import OperationsResource
 from entrypoints.http.stream import EventStreamResource
 from entrypoints.operations import OPERATIONS, Operation
+from entrypoints.web import pages
+from entrypoints.web.guard import SecurityHeaders
 
 # Falcon converters for the path parameters of the table (a bad agent id is a 404 like an unknown one).
 _CONVERTERS = {"{agent_id}": "{agent_id:int(min=1, max=2147483647)}",
@@ -38,13 +40,15 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
     # SQLite's data version, when the storage has one: reads are kept until the database changes.
     data_version = getattr(runtime.storage, "data_version", None)
     observer = runtime.observer
+    # failed authentications per address: API keys, and keys typed on the sign-in page, count together
+    limiter = FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window)
     middleware: list[Any] = [
         RequestContext(observer),
+        SecurityHeaders(),  # web console (issue 19): CSP, no framing, nosniff on every answer
         BodyLimit(settings.max_body_bytes),
         # before authentication: a key that came over plain HTTP is refused, never looked up
         HttpsRequired(settings.allow_plain_http),
-        Authentication(portal, FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window),
-                       UntilChanged(data_version), observer=observer),
+        Authentication(portal, limiter, UntilChanged(data_version), observer=observer),
         Lifespan(runtime),
     ]
     app = falcon.asgi.App(middleware=middleware)
@@ -69,4 +73,5 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
     # issue 18: the event stream (text/event-stream, not a JSON operation)
     app.add_route("/events/stream", EventStreamResource(portal, listen=getattr(runtime.storage, "listen_events",
                                                                                None)))
+    pages.add_routes(app, portal, settings, limiter)  # the web console (issue 19), same origin as the API
     return app

@@ -1,0 +1,132 @@
+// Progressive enhancement for the portal's pages: every page works without it.
+// Served as a static module; the Content-Security-Policy forbids inline script.
+
+function copyButtons() {
+  for (const button of document.querySelectorAll("button[data-copy]")) {
+    button.addEventListener("click", async () => {
+      const source = document.getElementById(button.dataset.copy);
+      if (!source) return;
+      try {
+        await navigator.clipboard.writeText(source.textContent.trim());
+        button.textContent = "Copied";
+      } catch {
+        const range = document.createRange();
+        range.selectNodeContents(source);
+        getSelection().removeAllRanges();
+        getSelection().addRange(range);
+        button.textContent = "Selected: press Ctrl+C";
+      }
+    });
+  }
+}
+
+function confirmations() {
+  for (const button of document.querySelectorAll("button[data-confirm]")) {
+    button.addEventListener("click", (event) => {
+      if (!window.confirm(button.dataset.confirm)) event.preventDefault();
+    });
+  }
+}
+
+// Fleet: refresh the table's rows from the server's HTML fragment (escaped there) every few seconds.
+function fleetPolling() {
+  const table = document.querySelector("table[data-poll]");
+  if (!table) return;
+  const status = document.getElementById("fleet-status");
+  const seconds = Number(table.dataset.pollSeconds || "10");
+  const url = table.dataset.poll + window.location.search;
+  async function refresh() {
+    if (document.hidden) return;
+    try {
+      const answer = await fetch(url, { credentials: "same-origin", headers: { Accept: "text/html" } });
+      if (answer.status === 401 || answer.redirected) { window.location.assign("/ui/sign-in"); return; }
+      if (!answer.ok) throw new Error(`HTTP ${answer.status}`);
+      const holder = document.createElement("template");
+      holder.innerHTML = (await answer.text()).trim();
+      const rows = holder.content.querySelector("tbody");
+      if (rows) table.querySelector("tbody").replaceWith(rows);
+      if (status) status.textContent = `Updated at ${new Date().toLocaleTimeString()}.`;
+    } catch (error) {
+      if (status) status.textContent = `Could not refresh (${error.message}); retrying.`;
+    }
+  }
+  setInterval(refresh, seconds * 1000);
+}
+
+// VM: a small live chart of CPU % and network throughput from the VM's /stats.
+function statsChart() {
+  const box = document.querySelector("[data-stats]");
+  if (!box) return;
+  const canvas = box.querySelector("canvas");
+  const text = box.querySelector(".stats-text");
+  const seconds = Number(box.dataset.statsSeconds || "3");
+  const points = [];
+  let previous = null;
+  const style = getComputedStyle(document.documentElement);
+  const colours = { cpu: style.getPropertyValue("--cpu").trim() || "#1565c0",
+                    net: style.getPropertyValue("--net").trim() || "#ef6c00" };
+
+  function draw() {
+    const ctx = canvas.getContext("2d");
+    const { width, height } = canvas;
+    ctx.clearRect(0, 0, width, height);
+    ctx.strokeStyle = "#ccc";
+    ctx.strokeRect(0.5, 0.5, width - 1, height - 1);
+    const netMax = Math.max(1, ...points.map((p) => p.net));
+    for (const [key, max] of [["cpu", 100], ["net", netMax]]) {
+      ctx.beginPath();
+      ctx.strokeStyle = colours[key];
+      ctx.lineWidth = 2;
+      points.forEach((p, i) => {
+        const x = width - (points.length - 1 - i) * (width / 60);
+        const y = height - 4 - (Math.min(p[key], max) / max) * (height - 8);
+        if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+      });
+      ctx.stroke();
+      const last = points[points.length - 1];
+      if (last) {  // the newest sample as a dot (the first one has no line yet)
+        ctx.beginPath();
+        ctx.fillStyle = colours[key];
+        ctx.arc(width - 4, height - 4 - (Math.min(last[key], max) / max) * (height - 8), 3, 0, 2 * Math.PI);
+        ctx.fill();
+      }
+    }
+  }
+
+  async function sample() {
+    if (document.hidden) return;
+    try {
+      const answer = await fetch(box.dataset.stats, { credentials: "same-origin" });
+      const stats = await answer.json();
+      if (!answer.ok) { text.textContent = `No statistics: ${stats.error ? stats.error.detail : answer.status}`; return; }
+      const now = performance.now() / 1000;
+      const cpuNs = stats.cpu.time_ns;
+      const net = stats.net.reduce((sum, n) => sum + (n.rx_bytes || 0) + (n.tx_bytes || 0), 0);
+      const vcpus = stats.vcpus.current || 1;
+      if (previous && cpuNs !== null && previous.cpuNs !== null) {
+        const dt = now - previous.at;
+        const cpu = Math.max(0, (cpuNs - previous.cpuNs) / 1e9 / dt / vcpus * 100);
+        const kib = Math.max(0, (net - previous.net) / 1024 / dt);
+        points.push({ cpu, net: kib });
+        if (points.length > 60) points.shift();
+        text.textContent = `State ${stats.state || "unknown"}: CPU ${cpu.toFixed(1)} % of ${vcpus} vCPU, network ${kib.toFixed(1)} KiB/s.`;
+        draw();
+      } else if (cpuNs === null) {
+        text.textContent = `State ${stats.state || "unknown"}: no CPU figures while the VM is not running.`;
+      } else {
+        text.textContent = `State ${stats.state || "unknown"}; measuring…`;
+      }
+      previous = { at: now, cpuNs, net };
+    } catch (error) {
+      text.textContent = `No statistics (${error.message}).`;
+    }
+  }
+  draw();
+  sample();
+  setInterval(sample, seconds * 1000);
+}
+
+copyButtons();
+confirmations();
+fleetPolling();
+statsChart();
