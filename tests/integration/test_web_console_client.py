@@ -23,6 +23,7 @@ import falcon.asgi
 import pytest
 import uvicorn
 
+from core.model import Scope
 from entrypoints import bootstrap
 from entrypoints.http.app import create_app
 from entrypoints.operations import BY_NAME, Call, Operation
@@ -58,8 +59,8 @@ def console_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
         return {"ticket": "t1", "url": "/console/t1", "expires_at": "2026-01-01T00:00:30Z", "kind": call.body["kind"]}
 
     stand_in = Operation("open_console", "POST", "/agents/{agent_id}/vms/{vm}/console", "vms", "stand-in", console,
-                         lambda r, c: r)
-    monkeypatch.setattr(pages, "OPERATIONS", (*pages.OPERATIONS, stand_in))
+                         lambda r, c: r, scope=Scope.OPERATE)
+    monkeypatch.setattr(pages, "OPERATIONS", (stand_in, *pages.OPERATIONS))
     monkeypatch.setitem(BY_NAME, "open_console", stand_in)
     runtime = bootstrap.build_runtime(make_settings(tmp_path, MANAGEMENT_SIGNUP="open"))
     app = create_app(runtime)

@@ -14,6 +14,7 @@ import pytest
 from falcon import testing
 
 from core.errors import FieldError, ValidationFailed
+from core.model import Scope
 from entrypoints import bootstrap
 from entrypoints.http.app import create_app
 from entrypoints.operations import BY_NAME, Call, Operation
@@ -194,13 +195,16 @@ def stand_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Call]]:
     async def revoke(_portal: Any, call: Call) -> Any:
         calls.append(call)
 
+    # the stand-ins come first: the pages find an operation by its route, and the real ones exist now
     extra = [Operation("create_vm", "POST", "/agents/{agent_id}/vms", "vms", "stand-in", create_vm,
-                       lambda r, c: r),
+                       lambda r, c: r, scope=Scope.PROVISION),
              Operation("open_console", "POST", "/agents/{agent_id}/vms/{vm}/console", "vms", "stand-in", console,
-                       lambda r, c: r, request=None),
-             Operation("list_api_keys", "GET", "/users/me/keys", "users", "stand-in", keys, lambda r, c: r),
-             Operation("revoke_api_key", "DELETE", "/users/me/keys/{id}", "users", "stand-in", revoke, ok=204)]
-    monkeypatch.setattr(pages, "OPERATIONS", (*pages.OPERATIONS, *extra))
+                       lambda r, c: r, request=None, scope=Scope.OPERATE),
+             Operation("list_api_keys", "GET", "/users/me/keys", "users", "stand-in", keys, lambda r, c: r,
+                       scope=Scope.KEYS),
+             Operation("revoke_api_key", "DELETE", "/users/me/keys/{key_id}", "users", "stand-in", revoke, ok=204,
+                       scope=Scope.KEYS)]
+    monkeypatch.setattr(pages, "OPERATIONS", (*extra, *pages.OPERATIONS))
     monkeypatch.setitem(BY_NAME, "create_vm", extra[0])
     monkeypatch.setitem(BY_NAME, "open_console", extra[1])
     monkeypatch.setitem(BY_NAME, "list_api_keys", extra[2])
@@ -264,4 +268,4 @@ def test_revoking_a_key_on_the_page_calls_the_operation_with_its_own_path_parame
     result = web.client.simulate_post("/ui/keys/3/revoke", body=f"csrf={csrf}", cookies={COOKIE: cookie},
                                       headers=FORM)
     assert result.status_code == 200 and "The key was revoked" in result.text
-    assert [c.path for c in stand_in if c.path] == [{"id": 3}]
+    assert [c.path for c in stand_in if c.path] == [{"key_id": 3}]
