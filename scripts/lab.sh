@@ -787,7 +787,7 @@ remove_guests() {
 # machine) and a tiny bootable "cloud image" in the pool: a partitionless FAT disk (syslinux
 # installed by mtools, no loop mount) holding the lab kernel and an initrd whose init mounts the
 # cloud-init "cidata" CD, applies the hostname, prints what it read on the serial console and asks
-# DHCP. The portal's provisioning tests create VMs over it (tests/lab/test_provisioning.py).
+# DHCP. The portal's provisioning tests create VMs over it (tests/lab/test_provisioning_lab.py).
 PROV_POOL=playr-lab-pool
 PROV_POOL_DIR=$STATE_DIR/pool
 PROV_NET=playr-lab-net
