@@ -128,7 +128,11 @@ class Server:
         self.workdir = workdir
         self.port = free_port()
         self.env = {**os.environ, "MANAGEMENT_HOST": "127.0.0.1", "MANAGEMENT_PORT": str(self.port),
-                    "MANAGEMENT_LOG_FORMAT": "json", "MANAGEMENT_AGENT_NETWORKS": TEST_AGENT_NETWORKS, **env}
+                    "MANAGEMENT_LOG_FORMAT": "json", "MANAGEMENT_AGENT_NETWORKS": TEST_AGENT_NETWORKS,
+                    # Watchers (issue 18) open a `virsh event` stream per agent in use: tests that count
+                    # logins or commands on a host would count theirs too. The live-state tests
+                    # (tests/lab/test_live_events.py) turn them on.
+                    "MANAGEMENT_WATCHERS": "false", **env}
         self.process: subprocess.Popen[str] | None = None
         self.log = workdir / f"server-{self.port}.log"
 

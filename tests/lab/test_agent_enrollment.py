@@ -272,8 +272,33 @@ def test_every_vm_route_works_through_the_restricted_shell(enrolled: Enrollment,
         assert f"qemu:///system {subcommand}" in log, subcommand
     routes = {(op.method.upper(), op.path) for op in OPERATIONS
               if op.path.startswith(("/agents/{agent_id}/vms", "/agents/{agent_id}/host", "/agents/{agent_id}/check",
-                                     "/vms", "/agents/{agent_id}/pools", "/agents/{agent_id}/networks"))}
+                                     "/vms", "/agents/{agent_id}/pools", "/agents/{agent_id}/networks"))
+              # the console ticket: test_consoles_work_through_the_restricted_shell drives it end to end
+              and op.path != "/agents/{agent_id}/vms/{vm}/console"}
     assert exercised == routes, f"not exercised through the restricted shell: {routes - exercised}"
+
+
+def test_consoles_work_through_the_restricted_shell(enrolled: Enrollment, lab: Lab) -> None:
+    """Serial (virsh console on the terminal the key may have) and VNC (the shell's own relay: the
+    key may not forward ports) through the enrolled host; closing the WebSocket ends virsh console."""
+    from tests.lab.test_consoles_lab import GUEST as CONSOLE_GUEST
+    from tests.lab.test_consoles_lab import console_processes, rfb_handshake, serial_echo, wait_for
+
+    started = lab.virsh("domstate", "--domain", CONSOLE_GUEST).stdout.strip() != "running"
+    if started:
+        assert lab.virsh("start", "--domain", CONSOLE_GUEST).returncode == 0
+    try:
+        url = f"http://127.0.0.1:{enrolled.portal.port}"
+        asyncio.run(serial_echo(url, enrolled.api_key, enrolled.agent_id))
+        wait_for(lambda: not console_processes(CONSOLE_GUEST), 15, "virsh console still runs on the host")
+        version, _init, pixels = asyncio.run(rfb_handshake(url, enrolled.api_key, enrolled.agent_id))
+        assert version.startswith(b"RFB 003.") and pixels > 0
+        log = Path("/var/log/playr-agent/commands.log").read_text().splitlines()
+        assert any("console --domain console-guest --force" in line and line.split()[2] == "run" for line in log)
+        assert any("console-vnc --domain console-guest" in line and line.split()[2] == "run" for line in log)
+    finally:
+        if started:
+            lab.virsh("destroy", "--domain", CONSOLE_GUEST)
 
 
 def ssh(enrolled: Enrollment, key_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -410,26 +435,3 @@ def test_refused_enrollments_say_why_and_leave_nothing_behind(enrollment: Enroll
 
 
 # ---------------------------------------------------------------------------------------- consoles (issue 17)
-
-
-def test_consoles_work_through_the_restricted_shell(enrolled: Enrollment, lab: Lab) -> None:
-    """Serial (virsh console on the terminal the key may have) and VNC (the shell's own relay: the
-    key may not forward ports) through the enrolled host; closing the WebSocket ends virsh console."""
-    from tests.lab.test_consoles import GUEST as CONSOLE_GUEST
-    from tests.lab.test_consoles import console_processes, rfb_handshake, serial_echo, wait_for
-
-    started = lab.virsh("domstate", "--domain", CONSOLE_GUEST).stdout.strip() != "running"
-    if started:
-        assert lab.virsh("start", "--domain", CONSOLE_GUEST).returncode == 0
-    try:
-        url = f"http://127.0.0.1:{enrolled.portal.port}"
-        asyncio.run(serial_echo(url, enrolled.api_key, enrolled.agent_id))
-        wait_for(lambda: not console_processes(CONSOLE_GUEST), 15, "virsh console still runs on the host")
-        version, _init, pixels = asyncio.run(rfb_handshake(url, enrolled.api_key, enrolled.agent_id))
-        assert version.startswith(b"RFB 003.") and pixels > 0
-        log = Path("/var/log/playr-agent/commands.log").read_text().splitlines()
-        assert any("console --domain console-guest --force" in line and line.split()[2] == "run" for line in log)
-        assert any("console-vnc --domain console-guest" in line and line.split()[2] == "run" for line in log)
-    finally:
-        if started:
-            lab.virsh("destroy", "--domain", CONSOLE_GUEST)

@@ -94,7 +94,7 @@ def own_vm(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def live_portal(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server = Server(tmp_path_factory.mktemp("live"), MANAGEMENT_WORKERS="2", MANAGEMENT_SIGNUP="open",
                     MANAGEMENT_SSH_CONNECT_TIMEOUT="3", MANAGEMENT_SSH_COMMAND_TIMEOUT="30",
-                    MANAGEMENT_AGENT_NETWORKS=LAB_AGENT_NETWORKS).start()
+                    MANAGEMENT_AGENT_NETWORKS=LAB_AGENT_NETWORKS, MANAGEMENT_WATCHERS="true").start()
     yield server
     server.stop()
 
@@ -155,7 +155,7 @@ def pg_instances(postgres: PostgresServer, live_portal: Server, tmp_path_factory
     url = postgres.create_database()
     env = {"MANAGEMENT_DATABASE_URL": url, "MANAGEMENT_SECRET_KEY": generate_key(), "MANAGEMENT_SIGNUP": "open",
            "MANAGEMENT_WORKERS": "2", "MANAGEMENT_SSH_CONNECT_TIMEOUT": "3",
-           "MANAGEMENT_AGENT_NETWORKS": LAB_AGENT_NETWORKS}
+           "MANAGEMENT_AGENT_NETWORKS": LAB_AGENT_NETWORKS, "MANAGEMENT_WATCHERS": "true"}
     a = Server(tmp_path_factory.mktemp("pg-a"), **env).start()
     b = Server(tmp_path_factory.mktemp("pg-b"), **env).start()
     yield a, b
