@@ -132,7 +132,8 @@ def scenario(call: Call, agent_id: int, ready: Callable[[], None]) -> list[tuple
 
 
 # What differs between any two hosts, or two runs on one host.
-_VARIABLE_KEYS = {"uuid", "created_at", "waited_seconds", "round_trip_ms", "host_key_fingerprint", "hostname",
+_VARIABLE_KEYS = {"uuid", "created_at", "observed_at", "waited_seconds", "round_trip_ms", "host_key_fingerprint",
+                  "hostname",
                   "time_ns", "user_ns", "system_ns", "rss_kib", "cpu_mhz", "memory_kib", "cpus", "cores_per_socket",
                   "instance", "agent_id", "agent", "id", "read_requests", "read_bytes", "allocation", "physical",
                   "request_id", "path", "cpu_time_seconds", "cpu_time", "agent_name"}
