@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import urllib.parse
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -345,6 +346,19 @@ def _next_agents_page(agents: Any, call: Call) -> dict[str, str]:
     return {"Link": f'</agents?after={agents[-1].id}&limit={limit}>; rel="next"'}
 
 
+def _path_part(text: str) -> str:
+    return urllib.parse.quote(text, safe="")
+
+
+def _new_vm_location(_created: Any, call: Call) -> dict[str, str]:
+    """Where the new VM (created or cloned) is read from now (``Location`` of the 201)."""
+    return {"Location": f"/agents/{call.agent_id}/vms/{_path_part(call.body.name)}"}
+
+
+def _new_snapshot_location(_snapshot: Any, call: Call) -> dict[str, str]:
+    return {"Location": f"/agents/{call.agent_id}/vms/{_path_part(call.vm)}/snapshots/{_path_part(call.body.name)}"}
+
+
 def _each(view: Callable[[Any], Any]) -> View:
     return lambda values, _call: [view(value) for value in values]
 
@@ -426,7 +440,7 @@ PROVISIONING_OPERATIONS: tuple[Operation, ...] = (
               _create_vm, _one(CreatedVmView.of_created), CreatedVmView, NewVm, ok=201,
               errors=(*BODY_ERRORS, *PROVISIONING_ERRORS, errors.VmNameTaken, errors.VolumeNameTaken,
                       errors.InsufficientStorage, errors.WaitTimedOut),
-              query=(CREATE_WAIT,), long_running=True, scope=Scope.PROVISION),
+              query=(CREATE_WAIT,), long_running=True, headers=_new_vm_location, scope=Scope.PROVISION),
     Operation("delete_vm", "DELETE", "/agents/{agent_id}/vms/{vm}", "provisioning",
               "Undefine a VM (snapshots' metadata, NVRAM), optionally with its volumes",
               _delete_vm, ok=204, errors=(*PROVISIONING_ERRORS, errors.VmRunning, errors.VolumeInUse),
@@ -436,7 +450,7 @@ PROVISIONING_OPERATIONS: tuple[Operation, ...] = (
               lambda p, c: invoke(p.provisioning.clone_vm, c.me, c.agent_id, c.vm, c.body),
               _one(CreatedVmView.of_created), CreatedVmView, CloneRequest, ok=201,
               errors=(*BODY_ERRORS, *PROVISIONING_ERRORS, errors.VmNameTaken, errors.VolumeNameTaken,
-                      errors.VmRunning), scope=Scope.PROVISION),
+                      errors.VmRunning), headers=_new_vm_location, scope=Scope.PROVISION),
     Operation("list_vm_interfaces", "GET", "/agents/{agent_id}/vms/{vm}/interfaces", "provisioning",
               "The guest's interfaces and addresses (virsh domifaddr: guest agent, then DHCP lease)",
               lambda p, c: invoke(p.provisioning.interfaces, c.me, c.agent_id, c.vm, c.query.get("source")),
@@ -541,7 +555,7 @@ OPERATIONS: tuple[Operation, ...] = (
               "Take an internal snapshot (virsh snapshot-create-as)",
               lambda p, c: invoke(p.snapshots.create_snapshot, c.me, c.agent_id, c.vm, c.body),
               _one(SnapshotView.of), SnapshotView, NewSnapshot, ok=201, errors=(*BODY_ERRORS, *SNAPSHOT_ERRORS),
-              scope=Scope.OPERATE),
+              headers=_new_snapshot_location, scope=Scope.OPERATE),
     Operation("delete_snapshot", "DELETE", "/agents/{agent_id}/vms/{vm}/snapshots/{snapshot}", "snapshots",
               "Delete a snapshot (virsh snapshot-delete)",
               lambda p, c: invoke(p.snapshots.delete_snapshot, c.me, c.agent_id, c.vm, c.snapshot), ok=204,

@@ -46,11 +46,12 @@ def body(**changes: Any) -> dict[str, Any]:
             "cloud_init": {"hostname": "web1"}, **changes}
 
 
-def test_create_answers_201_with_the_vm_and_its_volumes(client: Api, key: str, agent: dict[str, Any],
+def test_create_answers_201_with_the_vm_its_volumes_and_where_it_lives(client: Api, key: str, agent: dict[str, Any],
                                                         host: FakeHost) -> None:
     result = client.call("POST", f"/agents/{agent['id']}/vms", key, json=body(network={"bridge": "br0"}))
     assert result.status_code == 201, result.text
     assert result.json["dominfo"]["name"] == "web1" and result.json["state"] is None
+    assert result.headers["Location"] == f"/agents/{agent['id']}/vms/web1"
     assert [v["name"] for v in result.json["volumes"]] == ["web1.qcow2", "web1-seed.iso"]
     assert "<domain type=\"qemu\">" in host.stdins["define"].decode()
 

@@ -113,8 +113,8 @@ def test_autostart_takes_a_boolean(client: Api, key: str, agent: dict[str, Any])
     assert_problem(client.call("PUT", path, key, json={"enabled": True, "x": 1}), 422, "validation_failed")
 
 
-def test_snapshot_create_is_201_delete_204_and_a_missing_one_404(client: Api, shell: Shell, key: str,
-                                                                 agent: dict[str, Any]) -> None:
+def test_snapshot_create_is_201_with_its_location_delete_204_and_a_missing_one_404(
+        client: Api, shell: Shell, key: str, agent: dict[str, Any]) -> None:
     base = f"/agents/{agent['id']}/vms/lab-disk/snapshots"
     script(shell, "snapshot-list", "--domain", "lab-disk", "--parent",
            stdout=" Name   Creation Time               State     Parent\n"
@@ -123,6 +123,7 @@ def test_snapshot_create_is_201_delete_204_and_a_missing_one_404(client: Api, sh
     script(shell, "snapshot-current", "--domain", "lab-disk", "--name", stdout="s 1\n")
     created = client.call("POST", base, key, json={"name": "s 1", "description": "before the upgrade"})
     assert created.status_code == 201, created.text
+    assert created.headers["Location"] == f"{base}/s%201"
     assert created.json == {"name": "s 1", "created_at": "2026-11-26T15:48:22Z", "state": "shutoff",
                             "parent": None, "current": True}
     assert client.call("GET", base, key).json == [created.json]
