@@ -176,16 +176,85 @@ def test_a_guest_is_started_and_forced_off_from_its_page_and_its_state_shown_in_
     context.close()
 
 
-def test_the_fleet_page_follows_a_state_change_made_elsewhere_without_a_reload(
+@pytest.fixture
+def watching_portal(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A portal whose watchers are on (the module's portal has them off): what virsh does on the host
+    becomes events on the stream. Only for the time of one test: a watcher is an SSH session on the
+    shared lab's host."""
+    server = Server(tmp_path_factory.mktemp("web-live"), MANAGEMENT_WORKERS="1", MANAGEMENT_SIGNUP="open",
+                    MANAGEMENT_SSH_CONNECT_TIMEOUT="3", MANAGEMENT_SSH_COMMAND_TIMEOUT="30",
+                    MANAGEMENT_AGENT_NETWORKS=LAB_AGENT_NETWORKS, MANAGEMENT_WATCHERS="true").start()
+    yield server
+    server.stop()
+
+
+def _watched(server: Server, key: str, agent: dict[str, Any], vm: str) -> bool:
+    """The agent's watcher is up: its VM list comes from the live mirror."""
+    status, vms, _ = server.request("GET", f"/agents/{agent['id']}/vms", key)
+    return status == 200 and any(v["name"] == vm and v["source"] == "live" for v in vms)
+
+
+def test_the_fleet_and_vm_pages_follow_the_event_stream_without_a_reload(
+        browser: Any, watching_portal: Server, guest: str, lab: Lab) -> None:
+    lab.virsh("destroy", guest)
+    status, user, _ = watching_portal.request("POST", "/users", body={"name": "web live"})
+    assert status == 201, user
+    key = user["api_key"]
+    agent = register(watching_portal, key, lab, name="web-live")
+    context, page = signed_in(browser, watching_portal, key)
+    streams: list[str] = []
+    page.on("request", lambda r: streams.append(r.url) if "/ui/events/stream" in r.url else None)
+    try:
+        page.reload()  # the agent is in use now: its watcher starts
+        for _attempt in range(200):  # until the watcher is up (bounded), so what follows is its events
+            if _watched(watching_portal, key, agent, guest):
+                break
+            page.wait_for_timeout(100)
+        assert _watched(watching_portal, key, agent, guest)
+        row = page.locator("table.fleet tr", has=page.get_by_role("link", name=guest, exact=True))
+        playwright_api.expect(row.locator(".state")).to_have_text("shut off")
+        playwright_api.expect(page.locator("#fleet-status")).to_have_text("Live: changes appear as they happen.")
+        vm_page = context.new_page()
+        vm_page.goto(f"{base(watching_portal)}/ui/agents/{agent['id']}/vms/{guest}")
+        playwright_api.expect(vm_page.locator("#vm-live-status")).to_have_text(
+            "Live: state changes appear as they happen.")
+        loaded = page.evaluate("performance.timeOrigin")
+        assert lab.virsh("start", guest).returncode == 0  # behind the portal's back
+        # the event (not a poll: only an event names itself in the status) changes the row
+        playwright_api.expect(row.locator(".state")).to_have_text("running", timeout=STATE_TIMEOUT_MS)
+        playwright_api.expect(page.locator("#fleet-status")).to_contain_text(f"{guest}: vm.started")
+        playwright_api.expect(vm_page.locator(".vm-state")).to_contain_text("running", timeout=STATE_TIMEOUT_MS)
+        playwright_api.expect(vm_page.get_by_role("link", name="Force off…")).to_have_count(1)
+        shot(page, "fleet-live")
+        assert lab.virsh("destroy", guest).returncode == 0
+        playwright_api.expect(row.locator(".state")).to_have_text("shut off", timeout=STATE_TIMEOUT_MS)
+        playwright_api.expect(page.locator("#fleet-status")).to_contain_text(f"{guest}: vm.stopped")
+        playwright_api.expect(vm_page.locator(".vm-state")).to_contain_text("shut off", timeout=STATE_TIMEOUT_MS)
+        playwright_api.expect(vm_page.locator("#vm-live-status")).to_contain_text(f"{guest}: vm.stopped")
+        assert page.evaluate("performance.timeOrigin") == loaded  # the same page, not a reload
+        assert any("/ui/events/stream?after=" in url for url in streams)
+    finally:
+        lab.virsh("destroy", guest)
+        context.close()
+
+
+def test_the_fleet_page_falls_back_to_polling_when_the_stream_is_refused(
         browser: Any, portal: Server, api_key: str, agent: dict[str, Any], guest: str, lab: Lab) -> None:
     lab.virsh("destroy", guest)
-    context, page = signed_in(browser, portal, api_key)
+    context = browser.new_context()
+    # the stream refused (a proxy that does not pass it, say): the page says so and polls the rows
+    context.route("**/ui/events/stream*", lambda route: route.fulfill(status=502, body="no"))
+    page = context.new_page()
+    page.goto(base(portal) + "/ui/sign-in")
+    page.get_by_label("API key").fill(api_key)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(base(portal) + "/")
     row = page.locator("table.fleet tr", has=page.get_by_role("link", name=guest, exact=True))
     playwright_api.expect(row.locator(".state")).to_have_text("shut off")
+    playwright_api.expect(page.locator("#fleet-status")).to_contain_text("refreshing every 10 s")
     loaded = page.evaluate("performance.timeOrigin")
     try:
-        assert lab.virsh("start", guest).returncode == 0  # behind the portal's back
-        # the table polls its rows every 10 s
+        assert lab.virsh("start", guest).returncode == 0  # behind the portal's back (its watchers are off)
         playwright_api.expect(row.locator(".state")).to_have_text("running", timeout=STATE_TIMEOUT_MS)
         assert page.evaluate("performance.timeOrigin") == loaded  # the same page, not a reload
         playwright_api.expect(page.locator("#fleet-status")).to_contain_text("Updated at")
