@@ -96,7 +96,8 @@ class EventStreamResource:
     async def respond(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, who: Caller, *,
                       named: bool = True, still_allowed: StillAllowed | None = None) -> None:
         """The stream for ``who`` (the API's key holder, or a page's session: ``entrypoints.web``).
-        ``still_allowed`` is asked at each heartbeat; the stream ends when it answers False."""
+        ``still_allowed`` is asked every ``heartbeat`` seconds, busy or idle; the stream ends when it
+        answers False."""
         if Scope.READ not in who.scopes:  # the stream is read like GET /events (issue 20)
             raise InsufficientScope(Scope.READ.value)
         user_id: int = who.user.id
@@ -120,7 +121,7 @@ class EventStreamResource:
                       watcher: asyncio.Task[Any], *, named: bool = True,
                       still_allowed: StillAllowed | None = None) -> AsyncIterator[bytes]:
         cursor = wanted.after
-        quiet_since = time.monotonic()
+        quiet_since = checked_at = time.monotonic()
         self._start_listening()
         woken = asyncio.Event()
         self._woken.add(woken)
@@ -129,6 +130,12 @@ class EventStreamResource:
         try:
             yield b": stream of events; resume with Last-Event-ID\nretry: 2000\n\n"
             while not left.is_set():
+                if still_allowed is not None and time.monotonic() - checked_at >= self.heartbeat:
+                    # every heartbeat interval, busy or idle: signed out, expired, key rotated ends the
+                    # stream, and the client's reconnection is refused
+                    if not await still_allowed():
+                        return
+                    checked_at = time.monotonic()
                 woken.clear()  # before the read: a commit after it wakes the wait below
                 events = await asyncio.to_thread(self.portal.events.read, user_id,
                                                  attrs.evolve(wanted, after=cursor), BATCH)
@@ -141,8 +148,6 @@ class EventStreamResource:
                     quiet_since = time.monotonic()
                     continue
                 if time.monotonic() - quiet_since >= self.heartbeat:
-                    if still_allowed is not None and not await still_allowed():
-                        return  # signed out, expired, key rotated: the client's reconnection is refused
                     await asyncio.to_thread(self.portal.watch.want_for_user, user_id, wanted.agent_id)
                     yield b": heartbeat\n\n"
                     quiet_since = time.monotonic()

@@ -316,9 +316,9 @@ class LiveEvents(Page):
     same filters, ``Last-Event-ID``, heartbeats, the same resource), for the fleet and VM pages'
     live updates. A page's ``EventSource`` cannot send a Bearer key, so this endpoint takes the
     session cookie like every page; it only reads, so it needs no form token, but a request another
-    site started is refused. Events come as plain ``message`` events (their type in the data). At
-    each heartbeat the session is checked again: signed out, expired or rotated ends the stream, and
-    the browser's reconnection is refused (401)."""
+    site started is refused. Events come as plain ``message`` events (their type in the data).
+    Every heartbeat interval, busy or idle, the session is checked again: signed out, expired or
+    rotated ends the stream, and the browser's reconnection is refused (401)."""
 
     public_methods: ClassVar[frozenset[str]] = frozenset({"GET"})
 

@@ -226,6 +226,16 @@ def test_the_fleet_and_vm_pages_follow_the_event_stream_without_a_reload(
         playwright_api.expect(vm_page.locator(".vm-state")).to_contain_text("running", timeout=STATE_TIMEOUT_MS)
         playwright_api.expect(vm_page.get_by_role("link", name="Force off…")).to_have_count(1)
         shot(page, "fleet-live")
+        # an action on the VM page (its address is now the form's, …/do/force-stop) is an event too
+        vm_page.get_by_role("link", name="Force off…").click()
+        vm_page.get_by_role("button", name="Yes, force off").click()
+        playwright_api.expect(vm_page.locator("#result")).to_contain_text("Force off: done", timeout=STATE_TIMEOUT_MS)
+        playwright_api.expect(row.locator(".state")).to_have_text("shut off", timeout=STATE_TIMEOUT_MS)
+        # and that page still follows what happens on the host
+        assert lab.virsh("start", guest).returncode == 0
+        playwright_api.expect(vm_page.locator(".vm-state")).to_contain_text("running", timeout=STATE_TIMEOUT_MS)
+        playwright_api.expect(vm_page.locator("#vm-live-status")).to_contain_text(f"{guest}: vm.")
+        playwright_api.expect(row.locator(".state")).to_have_text("running", timeout=STATE_TIMEOUT_MS)
         assert lab.virsh("destroy", guest).returncode == 0
         playwright_api.expect(row.locator(".state")).to_have_text("shut off", timeout=STATE_TIMEOUT_MS)
         playwright_api.expect(page.locator("#fleet-status")).to_contain_text(f"{guest}: vm.stopped")

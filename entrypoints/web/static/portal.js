@@ -32,10 +32,14 @@ function confirmations() {
 // GET /events/stream under the page's session) and call `refresh` after each burst of events.
 // If the stream cannot be followed, fall back to calling it every `seconds` while the page is shown;
 // the browser keeps trying the stream meanwhile (and resumes after the last event it saw).
+// A hidden page holds no stream (a browser has ~6 connections per site over HTTP/1.1, and the
+// proxy limits connections per address): it closes it and, shown again, resumes after its last event.
 function followEvents(url, seconds, refresh, say) {
   let timer = null;
   let pending = null;
   let polling = null;
+  let source = null;
+  let lastId = null;
   function startPolling() {
     if (polling !== null) return;
     polling = setInterval(() => { if (!document.hidden) refresh(null); }, seconds * 1000);
@@ -44,24 +48,38 @@ function followEvents(url, seconds, refresh, say) {
     if (polling !== null) clearInterval(polling);
     polling = null;
   }
-  if (!url || !window.EventSource) { startPolling(); say("refreshing every " + seconds + " s"); return; }
-  const source = new EventSource(url);
-  source.onopen = () => { stopPolling(); say("live"); };
-  source.onerror = () => {
-    // CONNECTING: the browser retries by itself; CLOSED (refused, not a stream): it has given up
-    startPolling();
-    say(source.readyState === EventSource.CLOSED ? "stream refused; refreshing every " + seconds + " s"
-                                                 : "stream interrupted; refreshing every " + seconds + " s until it is back");
-    // a session that ended: the next refresh sends the browser to the sign-in page
-  };
-  source.onmessage = (message) => {
-    let event = null;
-    try { event = JSON.parse(message.data); } catch { return; }
-    pending = event;
-    if (timer !== null) return;  // a burst (vm.started, action.start, …) makes one refresh
-    timer = setTimeout(() => { timer = null; refresh(pending); }, 250);
-  };
-  window.addEventListener("pagehide", () => source.close());
+  function open() {
+    const from = new URL(url, window.location.href);
+    if (lastId !== null) from.searchParams.set("after", lastId);
+    source = new EventSource(from.pathname + from.search);
+    source.onopen = () => { stopPolling(); say("live"); };
+    source.onerror = () => {
+      // CONNECTING: the browser retries by itself; CLOSED (refused, not a stream): it has given up.
+      // A session that ended: the next refresh sends the browser to the sign-in page.
+      startPolling();
+      say(source.readyState === EventSource.CLOSED ? `stream refused; refreshing every ${seconds} s`
+                                                   : `stream interrupted; refreshing every ${seconds} s until it is back`);
+    };
+    source.onmessage = (message) => {
+      let event = null;
+      try { event = JSON.parse(message.data); } catch { return; }
+      if (message.lastEventId) lastId = message.lastEventId;
+      pending = event;
+      if (timer !== null) return;  // a burst (vm.started, action.start, …) makes one refresh
+      timer = setTimeout(() => { timer = null; refresh(pending); }, 250);
+    };
+  }
+  function close() {
+    if (source !== null) source.close();
+    source = null;
+  }
+  if (!url || !window.EventSource) { startPolling(); say(`refreshing every ${seconds} s`); return; }
+  open();
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) close();
+    else if (source === null || source.readyState === EventSource.CLOSED) { close(); open(); }
+  });
+  window.addEventListener("pagehide", close);
 }
 
 function describe(event) {
@@ -104,7 +122,8 @@ function vmUpdates() {
   const status = document.getElementById("vm-live-status");
   async function refresh(event) {
     try {
-      const answer = await fetch(window.location.pathname, { credentials: "same-origin", headers: { Accept: "text/html" } });
+      // the VM's own page (after an action or a form, the address is the form's: /do/start, …)
+      const answer = await fetch(region.dataset.page, { credentials: "same-origin", headers: { Accept: "text/html" } });
       if (answer.redirected) { window.location.assign("/ui/sign-in"); return; }
       const fresh = new DOMParser().parseFromString(await answer.text(), "text/html").querySelector("[data-live-vm]");
       if (fresh) region.replaceChildren(...fresh.childNodes);
