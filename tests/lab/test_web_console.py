@@ -206,6 +206,7 @@ def test_the_fleet_and_vm_pages_follow_the_event_stream_without_a_reload(
     page.on("request", lambda r: streams.append(r.url) if "/ui/events/stream" in r.url else None)
     try:
         page.reload()  # the agent is in use now: its watcher starts
+        problems = console_sockets(page)  # e.g. the policy refusing the stream
         for _attempt in range(200):  # until the watcher is up (bounded), so what follows is its events
             if _watched(watching_portal, key, agent, guest):
                 break
@@ -215,6 +216,7 @@ def test_the_fleet_and_vm_pages_follow_the_event_stream_without_a_reload(
         playwright_api.expect(row.locator(".state")).to_have_text("shut off")
         playwright_api.expect(page.locator("#fleet-status")).to_have_text("Live: changes appear as they happen.")
         vm_page = context.new_page()
+        console_sockets(vm_page, problems)
         vm_page.goto(f"{base(watching_portal)}/ui/agents/{agent['id']}/vms/{guest}")
         playwright_api.expect(vm_page.locator("#vm-live-status")).to_have_text(
             "Live: state changes appear as they happen.")
@@ -243,6 +245,7 @@ def test_the_fleet_and_vm_pages_follow_the_event_stream_without_a_reload(
         playwright_api.expect(vm_page.locator("#vm-live-status")).to_contain_text(f"{guest}: vm.stopped")
         assert page.evaluate("performance.timeOrigin") == loaded  # the same page, not a reload
         assert any("/ui/events/stream?after=" in url for url in streams)
+        assert problems == []
     finally:
         lab.virsh("destroy", guest)
         context.close()
@@ -456,9 +459,10 @@ def console_guest(lab: Lab) -> Iterator[str]:
     lab.virsh("undefine", CONSOLE_GUEST)
 
 
-def console_sockets(page: Any) -> list[str]:
-    """Every WebSocket problem the page meets (a refused handshake is only a console message)."""
-    problems: list[str] = []
+def console_sockets(page: Any, problems: list[str] | None = None) -> list[str]:
+    """Every error the page logs (a policy violation, a refused stream) and every WebSocket problem it
+    meets (a refused handshake is only a console message), into ``problems``."""
+    problems = [] if problems is None else problems
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
     page.on("websocket", lambda ws: ws.on("socketerror", lambda error: problems.append(str(error))))
     return problems
