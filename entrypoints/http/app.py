@@ -71,7 +71,8 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
     # consoles (issue 17): the WebSocket a console ticket opens (its ticket is its credential)
     app.add_route("/console/{ticket}", ConsoleResource(portal))
     # issue 18: the event stream (text/event-stream, not a JSON operation)
-    app.add_route("/events/stream", EventStreamResource(portal, listen=getattr(runtime.storage, "listen_events",
-                                                                               None)))
-    pages.add_routes(app, portal, settings, limiter)  # the web console (issue 19), same origin as the API
+    events = EventStreamResource(portal, listen=getattr(runtime.storage, "listen_events", None))
+    app.add_route("/events/stream", events)
+    # the web console (issue 19), same origin as the API; its pages follow the same event stream
+    pages.add_routes(app, portal, settings, limiter, events)
     return app

@@ -21,12 +21,20 @@ import falcon.asgi
 import structlog
 
 from core.errors import PortalError
-from core.model import ConsoleKind, Origin
+from core.model import Origin
 from core.portal import Portal
 
 log = structlog.get_logger("manage_playrservers.console")
 
 VNC_SUBPROTOCOL = "binary"  # what noVNC asks for (websockify's name for raw RFB in binary messages)
+
+
+def chosen_subprotocol(offered: tuple[str, ...] | list[str]) -> str | None:
+    """The subprotocol the upgrade answers with: ``binary`` when the client offered it, for either kind
+    (every message from the portal is binary), else none. A browser fails the handshake when it
+    offered subprotocols and the answer names none (RFC 6455 4.1), so an offered ``binary`` is
+    never ignored, whatever the console's kind."""
+    return VNC_SUBPROTOCOL if VNC_SUBPROTOCOL in offered else None
 _CLOSE_REASON_MAX = 120  # a WebSocket close reason is at most 123 bytes
 
 
@@ -70,7 +78,7 @@ class ConsoleResource:
             log.info("console_refused", client=origin.client_address)
             await ws.close()  # before accept: the server answers the upgrade with 403
             return
-        wanted = VNC_SUBPROTOCOL if console.kind is ConsoleKind.VNC and VNC_SUBPROTOCOL in ws.subprotocols else None
+        wanted = chosen_subprotocol(ws.subprotocols)
         try:
             async with consoles.connected(console, origin) as vm_end:
                 await ws.accept(subprotocol=wanted)

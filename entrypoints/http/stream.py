@@ -18,7 +18,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -28,7 +28,7 @@ import falcon.asgi
 from core.errors import InsufficientScope
 from core.events import check_filter
 from core.live import EventFilter
-from core.model import Scope
+from core.model import Caller, Scope
 from core.portal import Portal
 from entrypoints.http.resources import _until_client_leaves, caller
 from entrypoints.operations import _whole_number
@@ -49,9 +49,16 @@ def _whole(name: str, raw: str | None) -> int | None:
     return None if raw is None else _whole_number(name, raw.strip())
 
 
-def sse(event: EventView) -> bytes:
-    """One event in the text/event-stream format: its id, its type as the event name, JSON data."""
-    return f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(dump(event))}\n\n".encode()
+def sse(event: EventView, *, named: bool = True) -> bytes:
+    """One event in the text/event-stream format: its id, its type as the event name, JSON data.
+    Unnamed (``named=False``, the web pages' stream) it is a plain ``message`` with its type in the
+    data, so a page's ``EventSource.onmessage`` sees every type without listing them."""
+    name = f"event: {event.type}\n" if named else ""
+    return f"id: {event.id}\n{name}data: {json.dumps(dump(event))}\n\n".encode()
+
+
+# Whether the credential behind a stream still holds (the web pages' session), asked at each heartbeat.
+StillAllowed = Callable[[], Awaitable[bool]]
 
 
 class EventStreamResource:
@@ -84,7 +91,13 @@ class EventStreamResource:
             self._listening = self._listen(wake, self._stop_listening)
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        who = caller(req)
+        await self.respond(req, resp, caller(req))
+
+    async def respond(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, who: Caller, *,
+                      named: bool = True, still_allowed: StillAllowed | None = None) -> None:
+        """The stream for ``who`` (the API's key holder, or a page's session: ``entrypoints.web``).
+        ``still_allowed`` is asked every ``heartbeat`` seconds, busy or idle; the stream ends when it
+        answers False."""
         if Scope.READ not in who.scopes:  # the stream is read like GET /events (issue 20)
             raise InsufficientScope(Scope.READ.value)
         user_id: int = who.user.id
@@ -102,12 +115,13 @@ class EventStreamResource:
         resp.content_type = "text/event-stream"
         resp.set_header("Cache-Control", "no-store")
         resp.set_header("X-Accel-Buffering", "no")  # nginx: pass each event on at once
-        resp.stream = self._events(user_id, wanted, left, watcher)
+        resp.stream = self._events(user_id, wanted, left, watcher, named=named, still_allowed=still_allowed)
 
     async def _events(self, user_id: int, wanted: EventFilter, left: asyncio.Event,
-                      watcher: asyncio.Task[Any]) -> AsyncIterator[bytes]:
+                      watcher: asyncio.Task[Any], *, named: bool = True,
+                      still_allowed: StillAllowed | None = None) -> AsyncIterator[bytes]:
         cursor = wanted.after
-        quiet_since = time.monotonic()
+        quiet_since = checked_at = time.monotonic()
         self._start_listening()
         woken = asyncio.Event()
         self._woken.add(woken)
@@ -116,13 +130,19 @@ class EventStreamResource:
         try:
             yield b": stream of events; resume with Last-Event-ID\nretry: 2000\n\n"
             while not left.is_set():
+                if still_allowed is not None and time.monotonic() - checked_at >= self.heartbeat:
+                    # every heartbeat interval, busy or idle: signed out, expired, key rotated ends the
+                    # stream, and the client's reconnection is refused
+                    if not await still_allowed():
+                        return
+                    checked_at = time.monotonic()
                 woken.clear()  # before the read: a commit after it wakes the wait below
                 events = await asyncio.to_thread(self.portal.events.read, user_id,
                                                  attrs.evolve(wanted, after=cursor), BATCH)
                 if events:
                     cursor = events[-1].id
                     sent = time.monotonic()
-                    yield b"".join(sse(EventView.of(e)) for e in events)
+                    yield b"".join(sse(EventView.of(e), named=named) for e in events)
                     if time.monotonic() - sent > self.slow_reader:
                         return  # the client let the stream block too long: it resumes from its last id
                     quiet_since = time.monotonic()

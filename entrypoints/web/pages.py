@@ -36,6 +36,7 @@ from core.portal import Portal
 from core.virsh import VM_STATES
 from entrypoints.http.errors import status_of
 from entrypoints.http.middleware import FailureLimiter, HttpsRequired
+from entrypoints.http.stream import EventStreamResource
 from entrypoints.operations import BY_NAME, OPERATIONS, Call
 from entrypoints.settings import Settings
 from entrypoints.shapes import dump, structure
@@ -144,6 +145,11 @@ class Pages:
             features={"console": feature(CONSOLE), "create_vm": feature(CREATE_VM),
                       "api_keys": feature(API_KEYS), "interfaces": feature(INTERFACES)},
             **context)
+
+    async def last_event_id(self, who: SignedInUser) -> int:
+        """The user's newest event id, read *before* a page reads what it shows: the page's stream
+        starts after it, so a change between the two reads is replayed, never lost."""
+        return await asyncio.to_thread(self.portal.events.last_id, who.user.id)
 
     def error_page(self, resp: falcon.asgi.Response, who: SignedInUser | None, error: PortalError) -> None:
         self.render(resp, "error.html", who, status=status_of(error), error=failure(error))
@@ -293,6 +299,7 @@ class Fleet(Page):
                 resp.text = ""
             return
         query = fleet_filters(req)
+        after = 0 if self.rows_only else await self.pages.last_event_id(who)
         try:
             entries = await self.pages.run("list_fleet", who, req, query=query)
             agents = await self.pages.run("list_agents", who, req)
@@ -300,8 +307,45 @@ class Fleet(Page):
             self.pages.error_page(resp, who, error)
             return
         template = "fleet_rows.html" if self.rows_only else "fleet.html"
-        self.pages.render(resp, template, who, entries=entries, agents=agents, states=VM_STATES,
+        self.pages.render(resp, template, who, entries=entries, agents=agents, states=VM_STATES, after=after,
                           chosen_states=query["state"], chosen_agents=[int(a) for a in query["agent"]])
+
+
+class LiveEvents(Page):
+    """``/ui/events/stream``: the signed-in user's events, as ``GET /events/stream`` serves them (the
+    same filters, ``Last-Event-ID``, heartbeats, the same resource), for the fleet and VM pages'
+    live updates. A page's ``EventSource`` cannot send a Bearer key, so this endpoint takes the
+    session cookie like every page; it only reads, so it needs no form token, but a request another
+    site started is refused. Events come as plain ``message`` events (their type in the data).
+    Every heartbeat interval, busy or idle, the session is checked again: signed out, expired or
+    rotated ends the stream, and the browser's reconnection is refused (401)."""
+
+    public_methods: ClassVar[frozenset[str]] = frozenset({"GET"})
+
+    def __init__(self, pages: Pages, stream: EventStreamResource) -> None:
+        super().__init__(pages)
+        self.stream = stream
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        guard.check_same_origin(req)
+        portal = self.pages.portal
+        try:
+            who = await guard.signed_in(portal, req)
+        except SessionEnded as error:
+            guard.clear_session_cookie(req, resp)
+            resp.status = falcon.HTTP_401
+            resp.content_type = falcon.MEDIA_JSON
+            resp.text = json.dumps({"error": {"code": error.code, "detail": error.detail}})
+            return
+
+        async def still_signed_in() -> bool:
+            try:
+                await asyncio.to_thread(portal.sessions.resolve_with_key, who.token)
+            except SessionEnded:
+                return False
+            return True
+
+        await self.stream.respond(req, resp, who.caller, named=False, still_allowed=still_signed_in)
 
 
 # ---------------------------------------------------------------------- agents
@@ -416,6 +460,7 @@ class Vm(Page):
     async def _show(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, who: SignedInUser, agent_id: int,
                     vm: str, *, status: int = 200, **extra: Any) -> None:
         path = {"agent_id": agent_id, "vm": vm}
+        after = await self.pages.last_event_id(who)
         try:
             agent = await self.pages.run("get_agent", who, req, path={"agent_id": agent_id})
         except PortalError as error:
@@ -437,7 +482,7 @@ class Vm(Page):
                           offered=offered,
                           snapshots=snapshots, snapshots_error=snapshots_error, interfaces=interfaces,
                           interfaces_error=interfaces_error, actions=ACTIONS,
-                          destructive=DESTRUCTIVE, **context)
+                          destructive=DESTRUCTIVE, after=after, **context)
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, agent_id: int, vm: str) -> None:
         who = await self.pages.who(req, resp)
@@ -583,15 +628,17 @@ class Account(Page):
 
 
 def add_routes(app: falcon.asgi.App[Any, Any], portal: Portal, settings: Settings,
-               limiter: FailureLimiter | None = None) -> None:
+               limiter: FailureLimiter | None = None, events: EventStreamResource | None = None) -> None:
     """Mount the pages and their static files on the app (beside the API's routes). ``limiter`` is
-    the API's limiter of failed authentications: a key typed on the sign-in page counts there too."""
+    the API's limiter of failed authentications: a key typed on the sign-in page counts there too;
+    ``events`` is the API's event stream, which the pages follow with their session."""
     pages = Pages(portal, settings, limiter or FailureLimiter(settings.auth_failure_limit,
                                                               settings.auth_failure_window))
     agent, vm, account = Agent(pages), Vm(pages), Account(pages)
     vm_path = "/ui/agents/{agent_id:int(min=1, max=2147483647)}/vms/{vm}"
     app.add_route("/", Fleet(pages))
     app.add_route("/ui/fleet/rows", Fleet(pages, rows_only=True))
+    app.add_route("/ui/events/stream", LiveEvents(pages, events or EventStreamResource(portal)))
     app.add_route("/ui/sign-in", SignIn(pages))
     app.add_route("/ui/sign-up", SignUp(pages))
     app.add_route("/ui/sign-out", SignOut(pages))

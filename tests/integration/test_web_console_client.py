@@ -1,7 +1,7 @@
 """The console page's client in a real headless Chromium, before the consoles feature (issue 17) is
 merged: the app under uvicorn with a stand-in operation at the contract's route (``POST
 /agents/{id}/vms/{vm}/console`` → ``{ticket, url, expires_at, kind}``) and a stand-in WebSocket at
-``url`` that echoes bytes with the subprotocol ``binary``. It proves what the page itself does:
+``url`` that echoes bytes and answers subprotocols as the real relay does. It proves what the page itself does:
 xterm.js loads from the pinned vendor files under the page's policy (its run-time ``<style>``
 elements admitted by the nonce, no policy violation), asks for a ticket with the form token, and
 relays keystrokes and bytes both ways. The lab test (tests/lab/test_web_console.py) reads a real
@@ -26,6 +26,7 @@ import uvicorn
 from core.model import Scope
 from entrypoints import bootstrap
 from entrypoints.http.app import create_app
+from entrypoints.http.console import chosen_subprotocol
 from entrypoints.operations import BY_NAME, Call, Operation
 from entrypoints.web import pages
 from tests.support import REPO, free_port, make_settings
@@ -36,7 +37,8 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 class EchoConsole:
     public_methods = frozenset({"GET"})  # a stand-in: the real relay checks its one-use ticket
     async def on_websocket(self, req: falcon.asgi.Request, ws: falcon.asgi.WebSocket, ticket: str) -> None:
-        await ws.accept(subprotocol="binary")
+        # the real relay's rule: a browser fails a handshake whose answer names no subprotocol it asked for
+        await ws.accept(subprotocol=chosen_subprotocol(ws.subprotocols))
         await ws.send_data(b"console of web1\r\n# ")
         while True:
             try:

@@ -95,6 +95,30 @@ def test_pages_send_a_browser_without_a_session_to_sign_in(web: Api) -> None:
     assert result.status_code == 303 and result.headers["location"] == "/ui/sign-in"
 
 
+def test_the_pages_event_stream_needs_a_session_and_refuses_another_site(web: Api) -> None:
+    assert web.client.simulate_get("/ui/events/stream").status_code == 401  # EventSource gives up: polling
+    result = web.client.simulate_get("/ui/events/stream", cookies={COOKIE: "forged"})
+    assert result.status_code == 401 and result.json["error"]["code"] == "session_ended"
+    _key, cookie, _csrf = session(web)
+    refused = web.client.simulate_get("/ui/events/stream", cookies={COOKIE: cookie},
+                                      headers={"Sec-Fetch-Site": "same-site"})
+    assert refused.status_code == 403  # a read, but another site may not even start one
+    # the API's filters and their 422s hold on the page's stream too (the same resource)
+    bad = web.client.simulate_get("/ui/events/stream?agent=x", cookies={COOKIE: cookie})
+    assert bad.status_code == 422
+
+
+def test_the_fleet_and_vm_pages_follow_the_stream_from_the_last_event_before_they_were_read(web: Api) -> None:
+    key, cookie, _csrf = session(web)
+    fleet = web.client.simulate_get("/", cookies={COOKIE: cookie})
+    assert 'data-events="/ui/events/stream?after=0"' in fleet.text
+    # a host that refuses at once (port 1 on loopback): the VM page shows its error, and its stream
+    agent = web.call("POST", "/agents", key, json={"name": "hv", "hostname": "127.0.0.1", "port": 1, "username": "u",
+                                                     "generate_key": True, "allow_unknown_hosts": True}).json
+    vm = web.client.simulate_get(f"/ui/agents/{agent['id']}/vms/a%20b", cookies={COOKIE: cookie})
+    assert f'data-live-vm="/ui/events/stream?agent={agent["id"]}&amp;vm=a%20b&amp;after=0"' in vm.text
+
+
 def test_every_answer_carries_a_strict_policy_and_refuses_framing(web: Api) -> None:
     for path in ("/ui/sign-in", "/health"):
         headers = web.client.simulate_get(path).headers

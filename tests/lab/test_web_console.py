@@ -35,6 +35,7 @@ SHOTS = REPO / ".screenshots" / "web"
 XSS = "<img src=x onerror=alert(1)>"
 GUEST = "web-guest"
 GUEST_DISK = Path("/var/tmp/playr-lab/web-guest.qcow2")
+CONSOLE_GUEST = "web-console"
 STATE_TIMEOUT_MS = 60_000
 
 
@@ -175,16 +176,98 @@ def test_a_guest_is_started_and_forced_off_from_its_page_and_its_state_shown_in_
     context.close()
 
 
-def test_the_fleet_page_follows_a_state_change_made_elsewhere_without_a_reload(
+@pytest.fixture
+def watching_portal(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A portal whose watchers are on (the module's portal has them off): what virsh does on the host
+    becomes events on the stream. Only for the time of one test: a watcher is an SSH session on the
+    shared lab's host."""
+    server = Server(tmp_path_factory.mktemp("web-live"), MANAGEMENT_WORKERS="1", MANAGEMENT_SIGNUP="open",
+                    MANAGEMENT_SSH_CONNECT_TIMEOUT="3", MANAGEMENT_SSH_COMMAND_TIMEOUT="30",
+                    MANAGEMENT_AGENT_NETWORKS=LAB_AGENT_NETWORKS, MANAGEMENT_WATCHERS="true").start()
+    yield server
+    server.stop()
+
+
+def _watched(server: Server, key: str, agent: dict[str, Any], vm: str) -> bool:
+    """The agent's watcher is up: its VM list comes from the live mirror."""
+    status, vms, _ = server.request("GET", f"/agents/{agent['id']}/vms", key)
+    return status == 200 and any(v["name"] == vm and v["source"] == "live" for v in vms)
+
+
+def test_the_fleet_and_vm_pages_follow_the_event_stream_without_a_reload(
+        browser: Any, watching_portal: Server, guest: str, lab: Lab) -> None:
+    lab.virsh("destroy", guest)
+    status, user, _ = watching_portal.request("POST", "/users", body={"name": "web live"})
+    assert status == 201, user
+    key = user["api_key"]
+    agent = register(watching_portal, key, lab, name="web-live")
+    context, page = signed_in(browser, watching_portal, key)
+    streams: list[str] = []
+    page.on("request", lambda r: streams.append(r.url) if "/ui/events/stream" in r.url else None)
+    try:
+        page.reload()  # the agent is in use now: its watcher starts
+        problems = console_sockets(page)  # e.g. the policy refusing the stream
+        for _attempt in range(200):  # until the watcher is up (bounded), so what follows is its events
+            if _watched(watching_portal, key, agent, guest):
+                break
+            page.wait_for_timeout(100)
+        assert _watched(watching_portal, key, agent, guest)
+        row = page.locator("table.fleet tr", has=page.get_by_role("link", name=guest, exact=True))
+        playwright_api.expect(row.locator(".state")).to_have_text("shut off")
+        playwright_api.expect(page.locator("#fleet-status")).to_have_text("Live: changes appear as they happen.")
+        vm_page = context.new_page()
+        console_sockets(vm_page, problems)
+        vm_page.goto(f"{base(watching_portal)}/ui/agents/{agent['id']}/vms/{guest}")
+        playwright_api.expect(vm_page.locator("#vm-live-status")).to_have_text(
+            "Live: state changes appear as they happen.")
+        loaded = page.evaluate("performance.timeOrigin")
+        assert lab.virsh("start", guest).returncode == 0  # behind the portal's back
+        # the event (not a poll: only an event names itself in the status) changes the row
+        playwright_api.expect(row.locator(".state")).to_have_text("running", timeout=STATE_TIMEOUT_MS)
+        playwright_api.expect(page.locator("#fleet-status")).to_contain_text(f"{guest}: vm.started")
+        playwright_api.expect(vm_page.locator(".vm-state")).to_contain_text("running", timeout=STATE_TIMEOUT_MS)
+        playwright_api.expect(vm_page.get_by_role("link", name="Force off…")).to_have_count(1)
+        shot(page, "fleet-live")
+        # an action on the VM page (its address is now the form's, …/do/force-stop) is an event too
+        vm_page.get_by_role("link", name="Force off…").click()
+        vm_page.get_by_role("button", name="Yes, force off").click()
+        playwright_api.expect(vm_page.locator("#result")).to_contain_text("Force off: done", timeout=STATE_TIMEOUT_MS)
+        playwright_api.expect(row.locator(".state")).to_have_text("shut off", timeout=STATE_TIMEOUT_MS)
+        # and that page still follows what happens on the host
+        assert lab.virsh("start", guest).returncode == 0
+        playwright_api.expect(vm_page.locator(".vm-state")).to_contain_text("running", timeout=STATE_TIMEOUT_MS)
+        playwright_api.expect(vm_page.locator("#vm-live-status")).to_contain_text(f"{guest}: vm.")
+        playwright_api.expect(row.locator(".state")).to_have_text("running", timeout=STATE_TIMEOUT_MS)
+        assert lab.virsh("destroy", guest).returncode == 0
+        playwright_api.expect(row.locator(".state")).to_have_text("shut off", timeout=STATE_TIMEOUT_MS)
+        playwright_api.expect(page.locator("#fleet-status")).to_contain_text(f"{guest}: vm.stopped")
+        playwright_api.expect(vm_page.locator(".vm-state")).to_contain_text("shut off", timeout=STATE_TIMEOUT_MS)
+        playwright_api.expect(vm_page.locator("#vm-live-status")).to_contain_text(f"{guest}: vm.stopped")
+        assert page.evaluate("performance.timeOrigin") == loaded  # the same page, not a reload
+        assert any("/ui/events/stream?after=" in url for url in streams)
+        assert problems == []
+    finally:
+        lab.virsh("destroy", guest)
+        context.close()
+
+
+def test_the_fleet_page_falls_back_to_polling_when_the_stream_is_refused(
         browser: Any, portal: Server, api_key: str, agent: dict[str, Any], guest: str, lab: Lab) -> None:
     lab.virsh("destroy", guest)
-    context, page = signed_in(browser, portal, api_key)
+    context = browser.new_context()
+    # the stream refused (a proxy that does not pass it, say): the page says so and polls the rows
+    context.route("**/ui/events/stream*", lambda route: route.fulfill(status=502, body="no"))
+    page = context.new_page()
+    page.goto(base(portal) + "/ui/sign-in")
+    page.get_by_label("API key").fill(api_key)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(base(portal) + "/")
     row = page.locator("table.fleet tr", has=page.get_by_role("link", name=guest, exact=True))
     playwright_api.expect(row.locator(".state")).to_have_text("shut off")
+    playwright_api.expect(page.locator("#fleet-status")).to_contain_text("refreshing every 10 s")
     loaded = page.evaluate("performance.timeOrigin")
     try:
-        assert lab.virsh("start", guest).returncode == 0  # behind the portal's back
-        # the table polls its rows every 10 s
+        assert lab.virsh("start", guest).returncode == 0  # behind the portal's back (its watchers are off)
         playwright_api.expect(row.locator(".state")).to_have_text("running", timeout=STATE_TIMEOUT_MS)
         assert page.evaluate("performance.timeOrigin") == loaded  # the same page, not a reload
         playwright_api.expect(page.locator("#fleet-status")).to_contain_text("Updated at")
@@ -356,31 +439,84 @@ def test_a_session_ends_after_its_lifetime_on_the_server_side(
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def console_guest(lab: Lab) -> Iterator[str]:
+    """This module's own console guest, running: the lab's console-guest (a shell on its serial port,
+    VNC on loopback; kernel and initrd, no disk) under another name, since other modules use it."""
+    if "console-guest" not in lab.virsh("list", "--all", "--name").stdout.split():
+        pytest.skip("the lab has no console guest (scripts/lab.sh defines it)")
+    xml = lab.virsh("dumpxml", "console-guest").stdout
+    xml = re.sub(r"<uuid>[^<]*</uuid>", "", xml).replace("<name>console-guest</name>", f"<name>{CONSOLE_GUEST}</name>")
+    lab.virsh("destroy", CONSOLE_GUEST)
+    lab.virsh("undefine", CONSOLE_GUEST)
+    defined = subprocess.run(["virsh", "-c", "qemu:///system", "define", "/dev/stdin"], input=xml, text=True,
+                             capture_output=True, timeout=60)
+    assert defined.returncode == 0, defined.stderr
+    started = lab.virsh("start", CONSOLE_GUEST)
+    assert started.returncode == 0, started.stderr
+    yield CONSOLE_GUEST
+    lab.virsh("destroy", CONSOLE_GUEST)
+    lab.virsh("undefine", CONSOLE_GUEST)
+
+
+def console_sockets(page: Any, problems: list[str] | None = None) -> list[str]:
+    """Every error the page logs (a policy violation, a refused stream) and every WebSocket problem it
+    meets (a refused handshake is only a console message), into ``problems``."""
+    problems = [] if problems is None else problems
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("websocket", lambda ws: ws.on("socketerror", lambda error: problems.append(str(error))))
+    return problems
+
+
 @pytest.mark.skipif(not feature(CONSOLE), reason="the console page needs the consoles feature (issue 17) merged")
-@pytest.mark.xfail(reason="known defect, issue 19 left open: the console tab shows nothing from the real relay "
-                          "(it works against a stand-in echo: tests/integration/test_web_console_client.py; the "
-                          "API's consoles work: tests/lab/test_consoles_lab.py)", strict=False)
 def test_the_serial_console_shows_the_guests_output(browser: Any, portal: Server, api_key: str,
-                                                     agent: dict[str, Any], lab: Lab) -> None:
-    guest = "console-guest" if "console-guest" in lab.virsh("list", "--all", "--name").stdout.split() else None
-    if guest is None:
-        pytest.skip("the lab has no console guest (issue 17 adds it)")
-    lab.virsh("start", guest)
-    try:
-        context, page = signed_in(browser, portal, api_key)
-        page.goto(f"{base(portal)}/ui/agents/{agent['id']}/vms/{guest}/console")
-        page.locator(".xterm").click()
-        # the guest may still be booting: press Enter until its shell answers (as the consoles lab
-        # test does), within the bound
-        for attempt in range(STATE_TIMEOUT_MS // 2_000):
-            page.keyboard.press("Enter")
-            try:
-                playwright_api.expect(page.locator(".xterm-rows")).to_contain_text("#", timeout=2_000)
-                break
-            except AssertionError:
-                if attempt == STATE_TIMEOUT_MS // 2_000 - 1:
-                    raise
-        shot(page, "console")
-        context.close()
-    finally:
-        lab.virsh("destroy", guest)
+                                                     agent: dict[str, Any], console_guest: str) -> None:
+    marker = f"web-{uuid.uuid4().hex[:10]}"
+    context, page = signed_in(browser, portal, api_key)
+    problems = console_sockets(page)
+    page.goto(f"{base(portal)}/ui/agents/{agent['id']}/vms/{console_guest}/console")
+    playwright_api.expect(page.locator("#console-status")).to_have_text("Connected to the serial console.")
+    # virsh's own banner comes through the relay before the guest says anything
+    playwright_api.expect(page.locator(".xterm-rows")).to_contain_text(f"Connected to domain '{console_guest}'")
+    page.locator(".xterm").click()
+    # the guest may still be booting: press Enter until its shell answers (bounded), as the consoles
+    # lab test does
+    prompt = page.locator(".xterm-rows > div", has_text=re.compile(r"#\s*$"))
+    for attempt in range(STATE_TIMEOUT_MS // 2_000):
+        page.keyboard.press("Enter")
+        try:
+            playwright_api.expect(prompt.first).to_be_visible(timeout=2_000)
+            break
+        except AssertionError:
+            if attempt == STATE_TIMEOUT_MS // 2_000 - 1:
+                raise
+    page.keyboard.type(f"echo {marker}\n")
+    # the guest's shell ran it: the output is a row of its own (the typed command is another row)
+    output = page.locator(".xterm-rows > div", has_text=re.compile(rf"^\s*{marker}\s*$"))
+    playwright_api.expect(output).to_have_count(1, timeout=STATE_TIMEOUT_MS)
+    playwright_api.expect(page.locator(".xterm-rows > div", has_text=f"echo {marker}")).to_have_count(1)
+    shot(page, "console")
+    assert problems == []
+    context.close()
+
+
+@pytest.mark.skipif(not feature(CONSOLE), reason="the console page needs the consoles feature (issue 17) merged")
+def test_the_vnc_tab_shows_the_guests_screen(browser: Any, portal: Server, api_key: str, agent: dict[str, Any],
+                                             console_guest: str) -> None:
+    context, page = signed_in(browser, portal, api_key)
+    problems = console_sockets(page)
+    page.goto(f"{base(portal)}/ui/agents/{agent['id']}/vms/{console_guest}/console?kind=vnc")
+    # noVNC says "connect" once the RFB handshake and the server's init are through
+    playwright_api.expect(page.locator("#console-status")).to_have_text("Connected to the VM's screen.",
+                                                                        timeout=STATE_TIMEOUT_MS)
+    size = page.evaluate("[document.querySelector('#console canvas').width,"
+                         " document.querySelector('#console canvas').height]")
+    assert size[0] > 0 and size[1] > 0, size  # the guest's framebuffer size, from its ServerInit
+    # the guest's pixels arrived: its text screen is not all black (polled: the cursor blinks)
+    lit = "(() => { const c = document.querySelector('#console canvas');" \
+          " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;" \
+          " for (let i = 0; i < d.length; i += 4) if (d[i] || d[i + 1] || d[i + 2]) return true; return false; })()"
+    page.wait_for_function(lit, timeout=STATE_TIMEOUT_MS)
+    shot(page, "console-vnc")
+    assert problems == []
+    context.close()

@@ -18,6 +18,7 @@ from core import virsh
 from core.consoles import TICKET_SECONDS, ConsoleRecord
 from core.errors import ConsoleUnavailable, TooManyConsoles, ValidationFailed, VmNotFound, VmNotRunning
 from core.model import Agent, Caller, ConsoleKind, ConsoleTicket, Origin
+from entrypoints.http.console import chosen_subprotocol
 from tests.unit.world import World, events, make_world, script
 
 URI = "qemu:///system"
@@ -302,3 +303,11 @@ def test_a_vnc_display_on_loopback_reads_as_its_tcp_port(host: str, display: int
 def test_any_domdisplay_answer_reads_as_a_loopback_port_or_nothing(text: str) -> None:
     address = virsh.parse_vnc_display(text)
     assert address is None or (address[0] in ("127.0.0.1", "::1") and 5900 <= address[1] <= 65535)
+
+
+@given(st.lists(st.sampled_from(["binary", "base64", "chat", "x-rfb", ""]), max_size=4))
+def test_the_console_upgrade_names_binary_exactly_when_the_client_offered_it(offered: list[str]) -> None:
+    # a browser that offered subprotocols fails the handshake unless the answer names one of them
+    chosen = chosen_subprotocol(offered)
+    assert chosen == ("binary" if "binary" in offered else None)
+    assert chosen is None or chosen in offered

@@ -6,6 +6,7 @@ leaves ends the stream."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from core.live import EventFilter
 from core.model import Caller
@@ -50,3 +51,47 @@ def test_a_reader_that_keeps_up_gets_everything_until_it_leaves(world: World, al
     got = asyncio.run(asyncio.wait_for(chunks(resource, alice.user.id, asyncio.Event(), block=0), 10))
     assert b"".join(got).count(b"event: vm.started") == 3  # alice's only
     assert any(chunk.startswith(b": heartbeat") for chunk in got)
+
+
+async def whole_stream(resource: EventStreamResource, user_id: int, **options: Any) -> list[bytes]:
+    async def idle() -> None:
+        await asyncio.Event().wait()
+
+    watcher = asyncio.create_task(idle())
+    return [chunk async for chunk in resource._events(user_id, EventFilter(), asyncio.Event(), watcher, **options)]
+
+
+def test_a_stream_whose_credential_no_longer_holds_ends_at_its_next_check_even_while_busy(
+        world: World, alice: Caller) -> None:
+    # the web pages' stream: a session signed out (or expired, or rotated) ends the stream; checked
+    # every heartbeat interval (0 here) whether events flow or not
+    seed(world, alice, 2)
+    answers = iter([True, False])
+    asked: list[bool] = []
+
+    async def still_allowed() -> bool:
+        asked.append(next(answers))
+        return asked[-1]
+
+    resource = EventStreamResource(world.portal, poll=0.01, heartbeat=0.0, slow_reader=10)
+    # bounded: a stream that did not end would run until the time-out
+    got = asyncio.run(asyncio.wait_for(whole_stream(resource, alice.user.id, still_allowed=still_allowed), 10))
+    assert asked == [True, False]
+    assert b"".join(got).count(b"data: ") == 2  # the batch sent while it held, then the end
+    assert b"".join(got).count(b": heartbeat") == 0  # it ended right after a busy turn, not when idle
+
+
+def test_the_pages_stream_sends_every_event_as_a_plain_message_with_its_type_in_the_data(
+        world: World, alice: Caller) -> None:
+    seed(world, alice, 1)
+
+    answers = iter([True, False])
+
+    async def ends() -> bool:  # once the first batch is out
+        return next(answers)
+
+    resource = EventStreamResource(world.portal, poll=0.01, heartbeat=0.0, slow_reader=10)
+    got = b"".join(asyncio.run(asyncio.wait_for(
+        whole_stream(resource, alice.user.id, named=False, still_allowed=ends), 10)))
+    assert b"event:" not in got  # EventSource.onmessage sees it whatever its type
+    assert b'"type": "vm.started"' in got and b"\nid: " in got

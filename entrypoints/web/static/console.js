@@ -1,5 +1,6 @@
 // The console page: a one-use ticket from the portal (session + form token), then the console
-// WebSocket (subprotocol "binary") carrying raw serial bytes to xterm.js, or RFB to noVNC.
+// WebSocket carrying raw serial bytes to xterm.js, or RFB to noVNC (which asks for the subprotocol
+// "binary"; the portal answers with it whenever it is offered).
 // Libraries come from static/vendor (scripts/web_assets.py), never from another origin.
 
 const nonce = document.querySelector('meta[name="style-nonce"]')?.content;
@@ -35,7 +36,8 @@ async function serial(url) {
   term.loadAddon(fit);
   term.open(box);
   fit.fit();
-  const socket = new WebSocket(url, ["binary"]);
+  // No subprotocol, as the command-line client: bytes come as binary messages either way.
+  const socket = new WebSocket(url);
   socket.binaryType = "arraybuffer";
   const encoder = new TextEncoder();
   socket.onopen = () => { status.textContent = "Connected to the serial console."; term.focus(); };

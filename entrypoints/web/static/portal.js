@@ -28,15 +28,74 @@ function confirmations() {
   }
 }
 
-// Fleet: refresh the table's rows from the server's HTML fragment (escaped there) every few seconds.
-function fleetPolling() {
+// Live updates: follow the signed-in user's event stream (/ui/events/stream, the API's
+// GET /events/stream under the page's session) and call `refresh` after each burst of events.
+// If the stream cannot be followed, fall back to calling it every `seconds` while the page is shown;
+// the browser keeps trying the stream meanwhile (and resumes after the last event it saw).
+// A hidden page holds no stream (a browser has ~6 connections per site over HTTP/1.1, and the
+// proxy limits connections per address): it closes it and, shown again, resumes after its last event.
+function followEvents(url, seconds, refresh, say) {
+  let timer = null;
+  let pending = null;
+  let polling = null;
+  let source = null;
+  let lastId = null;
+  function startPolling() {
+    if (polling !== null) return;
+    polling = setInterval(() => { if (!document.hidden) refresh(null); }, seconds * 1000);
+  }
+  function stopPolling() {
+    if (polling !== null) clearInterval(polling);
+    polling = null;
+  }
+  function open() {
+    const from = new URL(url, window.location.href);
+    if (lastId !== null) from.searchParams.set("after", lastId);
+    source = new EventSource(from.pathname + from.search);
+    source.onopen = () => { stopPolling(); say("live"); };
+    source.onerror = () => {
+      // CONNECTING: the browser retries by itself; CLOSED (refused, not a stream): it has given up.
+      // A session that ended: the next refresh sends the browser to the sign-in page.
+      startPolling();
+      say(source.readyState === EventSource.CLOSED ? `stream refused; refreshing every ${seconds} s`
+                                                   : `stream interrupted; refreshing every ${seconds} s until it is back`);
+    };
+    source.onmessage = (message) => {
+      let event = null;
+      try { event = JSON.parse(message.data); } catch { return; }
+      if (message.lastEventId) lastId = message.lastEventId;
+      pending = event;
+      if (timer !== null) return;  // a burst (vm.started, action.start, …) makes one refresh
+      timer = setTimeout(() => { timer = null; refresh(pending); }, 250);
+    };
+  }
+  function close() {
+    if (source !== null) source.close();
+    source = null;
+  }
+  if (!url || !window.EventSource) { startPolling(); say(`refreshing every ${seconds} s`); return; }
+  open();
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) close();
+    else if (source === null || source.readyState === EventSource.CLOSED) { close(); open(); }
+  });
+  window.addEventListener("pagehide", close);
+}
+
+function describe(event) {
+  return event ? ` after ${event.vm ? event.vm + ": " : ""}${event.type}` : "";
+}
+
+// Fleet: the table's rows from the server's HTML fragment (escaped there), refreshed when an event
+// arrives, or every few seconds without the stream.
+function fleetUpdates() {
   const table = document.querySelector("table[data-poll]");
   if (!table) return;
   const status = document.getElementById("fleet-status");
   const seconds = Number(table.dataset.pollSeconds || "10");
   const url = table.dataset.poll + window.location.search;
-  async function refresh() {
-    if (document.hidden) return;
+  let mode = "";
+  async function refresh(event) {
     try {
       const answer = await fetch(url, { credentials: "same-origin", headers: { Accept: "text/html" } });
       if (answer.status === 401 || answer.redirected) { window.location.assign("/ui/sign-in"); return; }
@@ -45,12 +104,37 @@ function fleetPolling() {
       holder.innerHTML = (await answer.text()).trim();
       const rows = holder.content.querySelector("tbody");
       if (rows) table.querySelector("tbody").replaceWith(rows);
-      if (status) status.textContent = `Updated at ${new Date().toLocaleTimeString()}.`;
+      if (status) status.textContent = `Updated at ${new Date().toLocaleTimeString()}${describe(event)} (${mode}).`;
     } catch (error) {
       if (status) status.textContent = `Could not refresh (${error.message}); retrying.`;
     }
   }
-  setInterval(refresh, seconds * 1000);
+  followEvents(table.dataset.events, seconds, refresh, (now) => {
+    mode = now;
+    if (status) status.textContent = now === "live" ? "Live: changes appear as they happen." : `Updates: ${now}.`;
+  });
+}
+
+// VM: its state and the actions it allows, re-rendered by the server when one of its events arrives.
+function vmUpdates() {
+  const region = document.querySelector("[data-live-vm]");
+  if (!region) return;
+  const status = document.getElementById("vm-live-status");
+  async function refresh(event) {
+    try {
+      // the VM's own page (after an action or a form, the address is the form's: /do/start, …)
+      const answer = await fetch(region.dataset.page, { credentials: "same-origin", headers: { Accept: "text/html" } });
+      if (answer.redirected) { window.location.assign("/ui/sign-in"); return; }
+      const fresh = new DOMParser().parseFromString(await answer.text(), "text/html").querySelector("[data-live-vm]");
+      if (fresh) region.replaceChildren(...fresh.childNodes);
+      if (status && event) status.textContent = `Updated at ${new Date().toLocaleTimeString()}${describe(event)}.`;
+    } catch (error) {
+      if (status) status.textContent = `Could not refresh (${error.message}).`;
+    }
+  }
+  followEvents(region.dataset.liveVm, Number(region.dataset.pollSeconds || "10"), refresh, (now) => {
+    if (status) status.textContent = now === "live" ? "Live: state changes appear as they happen." : `Updates: ${now}.`;
+  });
 }
 
 // VM: a small live chart of CPU % and network throughput from the VM's /stats.
@@ -128,5 +212,6 @@ function statsChart() {
 
 copyButtons();
 confirmations();
-fleetPolling();
+fleetUpdates();
+vmUpdates();
 statsChart();
