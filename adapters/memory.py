@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 import attrs
 
 from core.errors import AgentAddressRefused, EmailTaken, HostKeyMismatch, SecretUnreadable, TunnelRefused
-from core.live import Event, EventFilter, MirroredVm, WatchStatus
+from core.live import Event, EventFilter, Mirror, MirroredVm, WatchStatus
 from core.model import (
     API_KEY_SCHEME,
     Agent,
@@ -348,6 +348,10 @@ class InMemoryTransaction:
 
     def mirrored_vms(self, agent_id: int) -> list[MirroredVm]:
         return [vm for _, vm in sorted(self.s.mirror.get(agent_id, {}).items())]
+
+    def mirrors(self, agent_ids: list[int]) -> dict[int, Mirror]:
+        return {a: Mirror(status=self.s.watches[a], vms=tuple(vm for _, vm in sorted(self.s.mirror.get(a, {}).items())))
+                for a in agent_ids if a in self.s.watches}
 
     def replace_mirror(self, agent_id: int, vms: list[MirroredVm], now: datetime) -> None:
         self.s.mirror[agent_id] = {vm.name: vm for vm in vms}

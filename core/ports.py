@@ -14,7 +14,7 @@ from typing import Protocol
 
 import attrs
 
-from core.live import Event, EventFilter, MirroredVm, WatchStatus
+from core.live import Event, EventFilter, Mirror, MirroredVm, WatchStatus
 from core.model import (
     Agent,
     AgentCredentials,
@@ -273,7 +273,8 @@ class Transaction(Protocol):
                       alive: list[int]) -> list[int]:
         """Take or renew the lease of each of ``agent_ids`` whose lease is free, expired or already
         ``holder``'s, until ``until``; the ids now held. Leases of agents ``holder`` holds and that
-        are in ``alive`` get ``alive_at = now`` (their mirror is current as of now)."""
+        are in ``alive`` get ``alive_at = now`` (their mirror is current as of now). A constant
+        number of statements, whatever the number of agents (issue 22)."""
         ...
     def release_watches(self, holder: str, agent_ids: list[int]) -> None: ...
     def set_watch_connected(self, holder: str, agent_id: int, connected: bool, now: datetime) -> bool:
@@ -281,6 +282,10 @@ class Transaction(Protocol):
         ...
     def watch_status(self, agent_id: int) -> WatchStatus | None: ...
     def mirrored_vms(self, agent_id: int) -> list[MirroredVm]: ...
+    def mirrors(self, agent_ids: list[int]) -> dict[int, Mirror]:
+        """The lease and the mirrored VMs of each of ``agent_ids`` that has a lease, in one query
+        (issue 22: a fleet view reads hundreds of mirrors at once)."""
+        ...
     def replace_mirror(self, agent_id: int, vms: list[MirroredVm], now: datetime) -> None: ...
     def mirror_vm(self, agent_id: int, vm: MirroredVm | None, name: str, now: datetime) -> None:
         """Set one VM of the mirror (``vm`` None: forget ``name``)."""
