@@ -117,3 +117,34 @@ def test_a_fleet_view_marks_its_agents_in_use_so_they_get_watchers(
     asyncio.run(world.portal.fleet.fleet(alice, agent_ids=[agents[0].id, agents[1].id]))
     with world.storage.transaction() as tx:
         assert [a.id for a in tx.watched_agents(world.clock.now())] == [agents[0].id, agents[1].id]
+
+
+def test_a_worker_taking_many_leases_starts_a_bounded_number_of_watchers_at_once(
+        world: World, alice: Caller, agents: list[Agent]) -> None:
+    world.clock.step = timedelta(0)
+    watch = world.portal.watch
+    live = WatchService(storage=world.storage, keyring=watch.keyring, shell=world.shell, clock=world.clock,
+                        events=world.portal.events, start_limit=2)
+    list_all = ("virsh", "--connect", agents[0].libvirt_uri, "list", "--all")
+    world.shell.hang_after[list_all] = 0  # every first list hangs: the watchers stay "starting"
+
+    def opened() -> list[int]:
+        return [agent_id for agent_id, argv in world.shell.calls if "event" in argv]
+
+    async def until(condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):  # the keys are opened in threads: poll, bounded
+            while not condition():
+                await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        live.want([a.id for a in agents])
+        assert await live.tick("worker-1") == sorted(a.id for a in agents)
+        await until(lambda: len(opened()) == 2)
+        assert live._start_gate().locked()  # the other two wait at the gate, nothing opened for them
+        first = opened()[0]
+        live.tasks[first][1].cancel()  # one starting watcher goes away: the next one starts
+        await until(lambda: len(opened()) == 3)
+        for _, task in live.tasks.values():
+            task.cancel()
+
+    asyncio.run(scenario())
