@@ -174,6 +174,9 @@ class SimHost:
         self._now = now
         self.commands: list[str] = []  # every command line received, in order
         self._listeners: list[Callable[[str], None]] = []  # open ``virsh event`` streams
+        # When set, ``virsh event`` fails with these words (a host whose libvirt refuses event
+        # streams): the portal's watcher of this host never stays up.
+        self.event_failure: str | None = None
 
     # ------------------------------------------------------------------ events
 
@@ -500,6 +503,8 @@ class SimHost:
     def event(self, options: _Options, uri: str) -> Reply:
         if "--all" not in options.flags:  # (the simulator knows no --event TYPE, --domain or --list)
             return Reply(1, "", "error: one of --list, --all, or --event <type> is required\n")
+        if self.event_failure is not None:
+            return Reply(1, "", self.event_failure + "\n")
         return Reply(0, "", follow=EventRequest(timestamp="--timestamp" in options.flags,
                                                 loop="--loop" in options.flags))
 
