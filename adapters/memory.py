@@ -349,6 +349,9 @@ class InMemoryTransaction:
     def mirrored_vms(self, agent_id: int) -> list[MirroredVm]:
         return [vm for _, vm in sorted(self.s.mirror.get(agent_id, {}).items())]
 
+    def agent_names(self, owner_id: int) -> list[tuple[int, str]]:
+        return [(a.id, a.name) for _, a in sorted(self.s.agents.items()) if a.owner_id == owner_id]
+
     def mirrors(self, agent_ids: list[int]) -> dict[int, Mirror]:
         return {a: Mirror(status=self.s.watches[a], vms=tuple(vm for _, vm in sorted(self.s.mirror.get(a, {}).items())))
                 for a in agent_ids if a in self.s.watches}

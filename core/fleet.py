@@ -50,13 +50,10 @@ class FleetService:
                            for s in states])
         if errors:
             raise ValidationFailed(errors)
-        plan = await asyncio.to_thread(self._plan, caller, set(agent_ids), fresh)
+        plan = await asyncio.to_thread(self._plan, caller, set(agent_ids), fresh, tuple(states))
         gate = asyncio.Semaphore(max(1, self.fleet_parallelism))
 
-        async def one(agent: Agent, target: list[VmSummary] | AgentCredentials | PortalError) -> FleetEntry:
-            if isinstance(target, list):  # from the agent's fresh mirror: nothing runs on the host
-                return FleetEntry(agent.id, agent.name, [vm for vm in target if not states or vm.state in states],
-                                  None)
+        async def one(agent: Agent, target: AgentCredentials | PortalError) -> FleetEntry:
             if isinstance(target, PortalError):
                 return FleetEntry(agent.id, agent.name, None, Failure.of(target))
             try:
@@ -71,28 +68,36 @@ class FleetService:
                    if not states or vm.state in states]
             return FleetEntry(agent.id, agent.name, vms, None)
 
-        return list(await asyncio.gather(*(one(agent, target) for agent, target in plan)))
+        # Agents answered from their mirror need no task of their own (hundreds of tasks cost more
+        # than the whole read): only the hosts to ask are awaited, at most ``fleet_parallelism`` at once.
+        asked = iter(await asyncio.gather(*(one(*item) for item in plan if not isinstance(item, FleetEntry))))
+        return [item if isinstance(item, FleetEntry) else next(asked) for item in plan]
 
-    def _plan(self, caller: Caller, only: set[int], fresh: bool) -> list[
-            tuple[Agent, list[VmSummary] | AgentCredentials | PortalError]]:
-        """For each agent of the view: its VMs from its fresh mirror (all agents' mirrors in one
-        read), or else the key to ask its host with (or why it cannot be opened). One thread hop for
-        the whole view, however many agents (issue 22)."""
-        agents = self.remote.agents(caller, only)
+    def _plan(self, caller: Caller, only: set[int], fresh: bool, states: tuple[str, ...]) -> list[
+            FleetEntry | tuple[Agent, AgentCredentials | PortalError]]:
+        """For each agent of the view: its entry from its fresh mirror (every agent's mirror in one
+        read), or else the agent and the key to ask its host with (or why it cannot be opened). One
+        thread hop for the whole view, however many agents; the agents' full rows (and keys) are
+        read only for those whose host is asked (issue 22)."""
+        names = self.remote.agent_names(caller, only)
+        ids = [agent_id for agent_id, _ in names]
         mirrored: dict[int, tuple[list[MirroredVm], datetime]] = {}
         if self.live is not None:  # the listed agents are in use: they get (or keep) a watcher
-            self.live.want([agent.id for agent in agents])
+            self.live.want(ids)
             if not fresh:
-                mirrored = self.live.fresh_mirrors([agent.id for agent in agents])
-        plan: list[tuple[Agent, list[VmSummary] | AgentCredentials | PortalError]] = []
-        for agent in agents:
-            found = mirrored.get(agent.id)
-            if found is None:
-                plan.append((agent, self.remote.open_key(agent)))
-            else:
+                mirrored = self.live.fresh_mirrors(ids)
+        to_ask = {a.id: a for a in self.remote.agents(caller, {i for i in ids if i not in mirrored})} if len(
+            mirrored) < len(ids) else {}
+        plan: list[FleetEntry | tuple[Agent, AgentCredentials | PortalError]] = []
+        for agent_id, name in names:
+            found = mirrored.get(agent_id)
+            if found is not None:
                 vms, observed_at = found
-                plan.append((agent, [VmSummary(name=vm.name, state=vm.state, id=vm.id, source="live",
-                                               observed_at=observed_at) for vm in vms]))
+                plan.append(FleetEntry(agent_id, name, [
+                    VmSummary(name=vm.name, state=vm.state, id=vm.id, source="live", observed_at=observed_at)
+                    for vm in vms if not states or vm.state in states], None))
+            elif agent_id in to_ask:  # (an agent deleted meanwhile is gone from the view)
+                plan.append((to_ask[agent_id], self.remote.open_key(to_ask[agent_id])))
         return plan
 
     async def host_facts(self, caller: Caller, agent_id: int) -> HostFacts:

@@ -64,6 +64,13 @@ class RemoteCommands:
         with self.storage.transaction() as tx:
             return [a for a in tx.list_agents(caller.user.id) if (not only or a.id in only) and caller.sees_agent(a.id)]
 
+    def agent_names(self, caller: Caller, only: set[int]) -> list[tuple[int, str]]:
+        """(id, name) of every agent of the caller (or those in ``only``) that the caller's key
+        sees: the cheap listing of the fleet view, whose mirrored agents need nothing more."""
+        with self.storage.transaction() as tx:
+            return [(agent_id, name) for agent_id, name in tx.agent_names(caller.user.id)
+                    if (not only or agent_id in only) and caller.sees_agent(agent_id)]
+
     def open_key(self, agent: Agent) -> AgentCredentials | PortalError:
         """The agent with its key opened, or the error that kept it closed."""
         try:

@@ -70,6 +70,8 @@ _USER_BY_ID = (sa.select(users, api_keys.c.prefix)
                .join(api_keys, sa.and_(api_keys.c.user_id == users.c.id, api_keys.c.is_full))
                .where(users.c.id == sa.bindparam("user_id")))
 _AGENTS_OF_OWNER = sa.select(agents).where(agents.c.owner_id == sa.bindparam("owner_id")).order_by(agents.c.id)
+_AGENT_NAMES_OF_OWNER = (sa.select(agents.c.id, agents.c.name).where(agents.c.owner_id == sa.bindparam("owner_id"))
+                         .order_by(agents.c.id))
 _NEWEST_AGENT = sa.select(agents).order_by(agents.c.id.desc()).limit(1)
 _AGENT_OF_OWNER = sa.select(agents).where(agents.c.owner_id == sa.bindparam("owner_id"),
                                           agents.c.id == sa.bindparam("agent_id"))
@@ -470,6 +472,10 @@ class SqlTransaction:
         rows = self._execute(_AGENTS_OF_OWNER, {"owner_id": owner_id})
         return [_agent_from_row(row._mapping) for row in rows]
 
+    def agent_names(self, owner_id: int) -> list[tuple[int, str]]:
+        return [(agent_id, name) for agent_id, name in
+                (tuple(row) for row in self._execute(_AGENT_NAMES_OF_OWNER, {"owner_id": owner_id}))]
+
     def count_agents(self, owner_id: int) -> int:
         query = sa.select(sa.func.count()).select_from(agents).where(agents.c.owner_id == owner_id)
         return int(self._execute(query).scalar_one())
@@ -676,22 +682,27 @@ class SqlTransaction:
         return [MirroredVm(name=row.name, state=row.state, id=row.domain_id) for row in rows]
 
     def mirrors(self, agent_ids: list[int]) -> dict[int, Mirror]:
+        # Two statements for any number of agents: the leases, then the VMs of the agents that have
+        # one (a join would convert each lease's two times once per VM; rows read by position).
         if not agent_ids:
             return {}
-        query = (sa.select(watches, mirrored_vms.c.name, mirrored_vms.c.state, mirrored_vms.c.domain_id)
-                 .select_from(watches.outerjoin(mirrored_vms, mirrored_vms.c.agent_id == watches.c.agent_id))
-                 .where(watches.c.agent_id.in_(agent_ids)).order_by(watches.c.agent_id, mirrored_vms.c.name))
-        statuses: dict[int, WatchStatus] = {}
-        vms: dict[int, list[MirroredVm]] = {}
-        for row in self._execute(query):
-            if row.agent_id not in statuses:
-                statuses[row.agent_id] = WatchStatus(agent_id=row.agent_id, holder=row.holder,
-                                                     expires_at=row.expires_at, connected=bool(row.connected),
-                                                     alive_at=row.alive_at)
-                vms[row.agent_id] = []
-            if row.name is not None:
-                vms[row.agent_id].append(MirroredVm(name=row.name, state=row.state, id=row.domain_id))
-        return {a: Mirror(status=status, vms=tuple(vms[a])) for a, status in statuses.items()}
+        leases = self._tuples(sa.select(watches.c.agent_id, watches.c.holder, watches.c.expires_at,
+                                         watches.c.connected, watches.c.alive_at)
+                              .where(watches.c.agent_id.in_(agent_ids)))
+        if not leases:
+            return {}
+        vms: dict[int, list[MirroredVm]] = {row[0]: [] for row in leases}
+        for agent_id, name, state, domain_id in self._tuples(
+                sa.select(mirrored_vms.c.agent_id, mirrored_vms.c.name, mirrored_vms.c.state, mirrored_vms.c.domain_id)
+                .where(mirrored_vms.c.agent_id.in_(list(vms))).order_by(mirrored_vms.c.agent_id, mirrored_vms.c.name)):
+            vms[agent_id].append(MirroredVm(name=name, state=state, id=domain_id))
+        return {agent_id: Mirror(status=WatchStatus(agent_id=agent_id, holder=holder, expires_at=expires_at,
+                                                    connected=bool(connected), alive_at=alive_at),
+                                 vms=tuple(vms[agent_id]))
+                for agent_id, holder, expires_at, connected, alive_at in leases}
+
+    def _tuples(self, query: sa.Select[Any]) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in self._execute(query)]
 
     def replace_mirror(self, agent_id: int, vms: list[MirroredVm], now: datetime) -> None:
         self._execute(mirrored_vms.delete().where(mirrored_vms.c.agent_id == agent_id))
