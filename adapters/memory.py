@@ -352,9 +352,10 @@ class InMemoryTransaction:
     def agent_names(self, owner_id: int) -> list[tuple[int, str]]:
         return [(a.id, a.name) for _, a in sorted(self.s.agents.items()) if a.owner_id == owner_id]
 
-    def mirrors(self, agent_ids: list[int]) -> dict[int, Mirror]:
+    def mirrors(self, owner_id: int) -> dict[int, Mirror]:
+        agent_ids = [a.id for a in self.s.agents.values() if a.owner_id == owner_id]
         return {a: Mirror(status=self.s.watches[a], vms=tuple(vm for _, vm in sorted(self.s.mirror.get(a, {}).items())))
-                for a in agent_ids if a in self.s.watches}
+                for a in sorted(agent_ids) if a in self.s.watches}
 
     def replace_mirror(self, agent_id: int, vms: list[MirroredVm], now: datetime) -> None:
         self.s.mirror[agent_id] = {vm.name: vm for vm in vms}

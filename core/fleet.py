@@ -85,7 +85,7 @@ class FleetService:
         if self.live is not None:  # the listed agents are in use: they get (or keep) a watcher
             self.live.want(ids)
             if not fresh:
-                mirrored = self.live.fresh_mirrors(ids)
+                mirrored = self.live.fresh_mirrors(caller.user.id)  # (only ``names``' are used below)
         to_ask = {a.id: a for a in self.remote.agents(caller, {i for i in ids if i not in mirrored})} if len(
             mirrored) < len(ids) else {}
         plan: list[FleetEntry | tuple[Agent, AgentCredentials | PortalError]] = []

@@ -172,13 +172,11 @@ class WatchService:
             assert status is not None and status.alive_at is not None
             return tx.mirrored_vms(agent_id), status.alive_at
 
-    def fresh_mirrors(self, agent_ids: list[int]) -> dict[int, tuple[list[MirroredVm], datetime]]:
-        """``fresh_mirror`` of many agents in one read (the fleet view's, issue 22): the agents whose
-        mirror is fresh, each with its VMs and last confirmation; the others are missing."""
-        if not agent_ids:
-            return {}
+    def fresh_mirrors(self, owner_id: int) -> dict[int, tuple[list[MirroredVm], datetime]]:
+        """``fresh_mirror`` of every agent of an owner in one read (the fleet view's, issue 22): the
+        agents whose mirror is fresh, each with its VMs and last confirmation; the others are missing."""
         with self.storage.transaction() as tx:
-            mirrors = tx.mirrors(agent_ids)
+            mirrors = tx.mirrors(owner_id)
         now = self.clock.now()
         return {agent_id: (list(mirror.vms), mirror.status.alive_at) for agent_id, mirror in mirrors.items()
                 if mirror.status.alive_at is not None and mirror_fresh(mirror.status, now, self.max_age)}

@@ -72,6 +72,16 @@ _USER_BY_ID = (sa.select(users, api_keys.c.prefix)
 _AGENTS_OF_OWNER = sa.select(agents).where(agents.c.owner_id == sa.bindparam("owner_id")).order_by(agents.c.id)
 _AGENT_NAMES_OF_OWNER = (sa.select(agents.c.id, agents.c.name).where(agents.c.owner_id == sa.bindparam("owner_id"))
                          .order_by(agents.c.id))
+# The fleet view's reads of the live mirror (issue 22): by owner, so one parameter for any number of agents.
+_LEASES_OF_OWNER = (sa.select(watches.c.agent_id, watches.c.holder, watches.c.expires_at, watches.c.connected,
+                              watches.c.alive_at)
+                    .join(agents, agents.c.id == watches.c.agent_id)
+                    .where(agents.c.owner_id == sa.bindparam("owner_id")))
+_MIRRORED_VMS_OF_OWNER = (sa.select(mirrored_vms.c.agent_id, mirrored_vms.c.name, mirrored_vms.c.state,
+                                    mirrored_vms.c.domain_id)
+                          .join(agents, agents.c.id == mirrored_vms.c.agent_id)
+                          .where(agents.c.owner_id == sa.bindparam("owner_id"))
+                          .order_by(mirrored_vms.c.agent_id, mirrored_vms.c.name))
 _NEWEST_AGENT = sa.select(agents).order_by(agents.c.id.desc()).limit(1)
 _AGENT_OF_OWNER = sa.select(agents).where(agents.c.owner_id == sa.bindparam("owner_id"),
                                           agents.c.id == sa.bindparam("agent_id"))
@@ -681,28 +691,24 @@ class SqlTransaction:
                              .order_by(mirrored_vms.c.name))
         return [MirroredVm(name=row.name, state=row.state, id=row.domain_id) for row in rows]
 
-    def mirrors(self, agent_ids: list[int]) -> dict[int, Mirror]:
-        # Two statements for any number of agents: the leases, then the VMs of the agents that have
-        # one (a join would convert each lease's two times once per VM; rows read by position).
-        if not agent_ids:
-            return {}
-        leases = self._tuples(sa.select(watches.c.agent_id, watches.c.holder, watches.c.expires_at,
-                                         watches.c.connected, watches.c.alive_at)
-                              .where(watches.c.agent_id.in_(agent_ids)))
+    def mirrors(self, owner_id: int) -> dict[int, Mirror]:
+        # Two statements for any number of agents, each with one parameter: the owner's leases, then
+        # their VMs (a join of the two would convert each lease's times once per VM).
+        params = {"owner_id": owner_id}
+        leases = self._tuples(_LEASES_OF_OWNER, params)
         if not leases:
             return {}
         vms: dict[int, list[MirroredVm]] = {row[0]: [] for row in leases}
-        for agent_id, name, state, domain_id in self._tuples(
-                sa.select(mirrored_vms.c.agent_id, mirrored_vms.c.name, mirrored_vms.c.state, mirrored_vms.c.domain_id)
-                .where(mirrored_vms.c.agent_id.in_(list(vms))).order_by(mirrored_vms.c.agent_id, mirrored_vms.c.name)):
-            vms[agent_id].append(MirroredVm(name=name, state=state, id=domain_id))
+        for agent_id, name, state, domain_id in self._tuples(_MIRRORED_VMS_OF_OWNER, params):
+            if agent_id in vms:  # (a VM of an agent whose lease was released meanwhile: not read)
+                vms[agent_id].append(MirroredVm(name=name, state=state, id=domain_id))
         return {agent_id: Mirror(status=WatchStatus(agent_id=agent_id, holder=holder, expires_at=expires_at,
                                                     connected=bool(connected), alive_at=alive_at),
                                  vms=tuple(vms[agent_id]))
                 for agent_id, holder, expires_at, connected, alive_at in leases}
 
-    def _tuples(self, query: sa.Select[Any]) -> list[tuple[Any, ...]]:
-        return [tuple(row) for row in self._execute(query)]
+    def _tuples(self, query: sa.Select[Any], params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in self._execute(query, params)]
 
     def replace_mirror(self, agent_id: int, vms: list[MirroredVm], now: datetime) -> None:
         self._execute(mirrored_vms.delete().where(mirrored_vms.c.agent_id == agent_id))

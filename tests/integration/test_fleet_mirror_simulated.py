@@ -50,7 +50,7 @@ def test_a_warm_fleet_view_with_healthy_watchers_runs_nothing_on_the_hosts_and_a
             cold = await portal.fleet.fleet(caller)  # from the hosts; the agents are now in use
             assert {vm.source for e in cold for vm in e.vms or []} == {"host"}
             healthy = ids[:-1]
-            await until(lambda: set(portal.watch.fresh_mirrors(ids)) == set(healthy))
+            await until(lambda: set(portal.watch.fresh_mirrors(caller.user.id)) == set(healthy))
 
             before = [h.commands_run for h in fleet.hosts]
             warm = await portal.fleet.fleet(caller)
