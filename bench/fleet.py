@@ -176,14 +176,14 @@ async def measure_point(repo: Path, workdir: Path, agents: int, warm_views: int,
 
 
 async def sources(conn: HttpConnection, agents: int) -> set[str]:
-    """Where the rows of one view of A came from ("live", "host")."""
+    """Where the rows of one view of A came from ("live", "host"; "error" for an agent that failed)."""
     response = await conn.request("GET", "/vms")
     if response.status != 200:
         raise RuntimeError(f"GET /vms: {response.status} {response.body[:300]!r}")
     entries = response.json()
-    if len(entries) != agents or any(e["error"] is not None for e in entries):
-        raise RuntimeError(f"GET /vms: {len(entries)} entries ({agents} expected) or errors")
-    return {vm["source"] for e in entries for vm in e["vms"]}
+    if len(entries) != agents:
+        raise RuntimeError(f"GET /vms: {len(entries)} entries ({agents} expected)")
+    return {vm["source"] for e in entries for vm in e["vms"] or []} | {"error" for e in entries if e["error"]}
 
 
 async def measure_mirror_point(repo: Path, workdir: Path, agents: int, warm_views: int,
@@ -202,7 +202,8 @@ async def measure_mirror_point(repo: Path, workdir: Path, agents: int, warm_view
         rss_start, fds_start = proc_status_kib(pid, "VmRSS"), worker_fds(pid)
 
         started = time.perf_counter()
-        cold = await fleet_view(conn, agents, 0)
+        await sources(conn, agents)  # (on a loaded machine a few cold handshakes may miss the time-out)
+        cold = time.perf_counter() - started
         deadline = time.monotonic() + 120 + agents * 0.2
         while await sources(conn, agents) != {"live"}:  # until every agent's watcher is up
             if time.monotonic() > deadline:
