@@ -38,11 +38,13 @@ class FleetService:
 
     async def fleet(self, caller: Caller, *, agent_ids: Sequence[int] = (),
                     states: Sequence[str] = (), fresh: bool = False) -> list[FleetEntry]:
-        """Every VM on every agent of the caller (or on ``agent_ids`` of them), at most
-        ``fleet_parallelism`` agents at a time. An agent that fails is an entry with its error, so
-        one dead host never fails the answer; ``states`` keeps only VMs in those states. Its
-        commands are not counted one by one against the owner's operations: the parallelism bounds
-        them (a fleet of hundreds would otherwise be refused past the per-user limit)."""
+        """Every VM on every agent of the caller (or on ``agent_ids`` of them). An agent whose
+        watcher is healthy is answered from its live mirror (every agent's mirror in one read,
+        nothing run on its host); the others, or all with ``fresh``, are asked on their host, at
+        most ``fleet_parallelism`` agents at a time. An agent that fails is an entry with its
+        error, so one dead host never fails the answer; ``states`` keeps only VMs in those states.
+        Its commands are not counted one by one against the owner's operations: the parallelism
+        bounds them (a fleet of hundreds would otherwise be refused past the per-user limit)."""
         errors = collect(*[("agent", None if 1 <= a <= 2**31 - 1 else "must be a positive agent id")
                            for a in agent_ids],
                          *[("state", None if s in virsh.VM_STATES
