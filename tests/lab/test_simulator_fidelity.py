@@ -6,7 +6,12 @@ answers, once what differs between any two hosts (UUIDs, domain ids, times, coun
 and keys) is normalised.
 
 The lab side uses a guest of its own, ``sim-fidelity`` (a copy of lab-disk's definition with a
-qcow2 disk of its own), defined here and removed afterwards: other tests keep the lab's guests."""
+qcow2 disk of its own), defined here and removed afterwards: other tests keep the lab's guests.
+
+Events (issue 18's watchers, issue 22's simulator): ``virsh event --all --loop --timestamp`` read
+over SSH from the lab and from a simulated host while the same VM actions run through the portal on
+a guest of that test's own (``fm-events``, defined and undefined while the streams read) must print
+the same lines once their times are normalised."""
 
 from __future__ import annotations
 
