@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 import attrs
 
 from core.errors import AgentAddressRefused, EmailTaken, HostKeyMismatch, SecretUnreadable, TunnelRefused
-from core.live import Event, EventFilter, MirroredVm, WatchStatus
+from core.live import Event, EventFilter, Mirror, MirroredVm, WatchStatus
 from core.model import (
     API_KEY_SCHEME,
     Agent,
@@ -348,6 +348,14 @@ class InMemoryTransaction:
 
     def mirrored_vms(self, agent_id: int) -> list[MirroredVm]:
         return [vm for _, vm in sorted(self.s.mirror.get(agent_id, {}).items())]
+
+    def agent_names(self, owner_id: int) -> list[tuple[int, str]]:
+        return [(a.id, a.name) for _, a in sorted(self.s.agents.items()) if a.owner_id == owner_id]
+
+    def mirrors(self, owner_id: int) -> dict[int, Mirror]:
+        agent_ids = [a.id for a in self.s.agents.values() if a.owner_id == owner_id]
+        return {a: Mirror(status=self.s.watches[a], vms=tuple(vm for _, vm in sorted(self.s.mirror.get(a, {}).items())))
+                for a in sorted(agent_ids) if a in self.s.watches}
 
     def replace_mirror(self, agent_id: int, vms: list[MirroredVm], now: datetime) -> None:
         self.s.mirror[agent_id] = {vm.name: vm for vm in vms}

@@ -201,6 +201,30 @@ class Bench:
                      f"after a first view ({five_hundred.silent_first_s:g} s); reference: one connect "
                      f"time-out + 1 s"))
 
+    async def figure_9_mirror(self) -> None:
+        """The fleet view from the live mirror (issue 22 on top of issue 18): warm view of 500 /
+        warm view of 10 with every watcher up, host commands per warm view, memory per agent
+        watched (bench/fleet.py ``mirror_curves``)."""
+        import fleet  # bench/fleet.py
+
+        sizes = [int(n) for n in self.args.fleet_mirror_sizes.split(",")]
+        points = {p.agents: p for p in await fleet.mirror_curves(self.args.repo.resolve(), self.workdir / "mirror",
+                                                                  sizes, warm_views=21)}
+        print(fleet.mirror_table(list(points.values())), file=sys.stderr)
+        ten, five_hundred = points.get(10, points[min(points)]), points.get(500, points[max(points)])
+        ratio = five_hundred.warm_s / ten.warm_s
+        self.add(Row(f"9d warm fleet view from the mirror, {five_hundred.agents} agents / {ten.agents} agents", "s",
+                     five_hundred.warm_s, ten.warm_s, ratio, "<= 10", check(ratio <= 10),
+                     "watchers on, every one up; " + "; ".join(
+                         f"N={n}: {p.warm_s:g} s, {p.commands_per_view:g} cmds/view" for n, p in points.items())))
+        commands = max(p.commands_per_view for p in points.values())
+        self.add(Row("9e host commands per warm fleet view from the mirror", "commands", commands, None, None, "0",
+                     check(commands == 0), "most of any N"))
+        worst = max(p.kib_per_agent for n, p in points.items() if n >= 100 or n == max(points))
+        self.add(Row("9f worker memory per watched agent (pooled connection + watcher)", "KiB", worst, None, None,
+                     "report", "-", "largest of N >= 100: (RSS with N watchers up - RSS at start) / N; "
+                     + "; ".join(f"N={n}: {p.rss_warm_mib} MiB, {p.fds_warm} fds" for n, p in points.items())))
+
     async def setup(self) -> None:
         self.started_rss = {pid: proc_status_kib(pid, "VmRSS") for pid in self.portal.worker_pids()}
         user = await call(self.portal.port, "POST", "/users", body={"name": "bench"}, expect=201)
@@ -714,6 +738,7 @@ async def measure(bench: Bench) -> None:
         ("figure 7 (PostgreSQL)", bench.figure_7),
         ("figure 8 (scoped key)", bench.figure_8),  # issue 20
         ("figure 9 (fleet cost curves)", bench.figure_9),  # issue 22
+        ("figure 9d (fleet view from the live mirror)", bench.figure_9_mirror),  # issue 22, with watchers
         ("figure 10 (live state)", bench.figure_10),  # issue 18
     ]
     wanted = set(bench.args.figures.split(","))
@@ -744,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="which figures to measure (4 includes 5; 9, the fleet cost curves of bench/fleet.py, "
                              "only when asked: several minutes)")
     parser.add_argument("--fleet-sizes", default="10,100,500,1000", help="figure 9: agents per curve point")
+    parser.add_argument("--fleet-mirror-sizes", default="10,100,500,1000",
+                        help="figure 9d: agents per point of the curve from the live mirror")
     parser.add_argument("--event-samples", type=int, default=5, help="figure 10c VM starts")
     parser.add_argument("--dashboard-seconds", type=int, default=30, help="figure 10d polling time, each")
     parser.add_argument("--json", type=Path, help="also write the results here")

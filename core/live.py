@@ -76,3 +76,11 @@ class WatchStatus:
     expires_at: datetime
     connected: bool
     alive_at: datetime | None
+
+
+@attrs.frozen
+class Mirror:
+    """An agent's watcher lease and its mirrored VMs (by name), as one read found them."""
+
+    status: WatchStatus
+    vms: tuple[MirroredVm, ...]

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import attrs
 
-from core.live import Event, EventFilter, MirroredVm, WatchStatus
+from core.live import Event, EventFilter, Mirror, MirroredVm, WatchStatus
 from core.model import (
     Agent,
     AgentCredentials,
@@ -273,14 +273,22 @@ class Transaction(Protocol):
                       alive: list[int]) -> list[int]:
         """Take or renew the lease of each of ``agent_ids`` whose lease is free, expired or already
         ``holder``'s, until ``until``; the ids now held. Leases of agents ``holder`` holds and that
-        are in ``alive`` get ``alive_at = now`` (their mirror is current as of now)."""
+        are in ``alive`` get ``alive_at = now`` (their mirror is current as of now). A constant
+        number of statements, whatever the number of agents (issue 22)."""
         ...
     def release_watches(self, holder: str, agent_ids: list[int]) -> None: ...
     def set_watch_connected(self, holder: str, agent_id: int, connected: bool, now: datetime) -> bool:
         """Mark the stream of ``holder``'s watcher up or down; False if the lease is not ``holder``'s."""
         ...
+    def agent_names(self, owner_id: int) -> list[tuple[int, str]]:
+        """(id, name) of each of the owner's agents, oldest first (``list_agents`` without the rest)."""
+        ...
     def watch_status(self, agent_id: int) -> WatchStatus | None: ...
     def mirrored_vms(self, agent_id: int) -> list[MirroredVm]: ...
+    def mirrors(self, owner_id: int) -> dict[int, Mirror]:
+        """The lease and the mirrored VMs of each of the owner's agents that has a lease, in two
+        queries whatever their number (issue 22: a fleet view reads hundreds of mirrors at once)."""
+        ...
     def replace_mirror(self, agent_id: int, vms: list[MirroredVm], now: datetime) -> None: ...
     def mirror_vm(self, agent_id: int, vm: MirroredVm | None, name: str, now: datetime) -> None:
         """Set one VM of the mirror (``vm`` None: forget ``name``)."""

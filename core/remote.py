@@ -57,16 +57,26 @@ class RemoteCommands:
     def targets(self, caller: Caller, only: set[int]) -> list[tuple[Agent, AgentCredentials | PortalError]]:
         """Every agent of the caller (or those in ``only``) with its key opened, or the error that
         kept it closed: one unreadable key fails its own agent only."""
+        return [(agent, self.open_key(agent)) for agent in self.agents(caller, only)]
+
+    def agents(self, caller: Caller, only: set[int]) -> list[Agent]:
+        """Every agent of the caller (or those in ``only``) that the caller's key sees."""
         with self.storage.transaction() as tx:
-            agents = [a for a in tx.list_agents(caller.user.id)
-                      if (not only or a.id in only) and caller.sees_agent(a.id)]
-        targets: list[tuple[Agent, AgentCredentials | PortalError]] = []
-        for agent in agents:
-            try:
-                targets.append((agent, self.keyring.open(agent)))
-            except PortalError as error:
-                targets.append((agent, error))
-        return targets
+            return [a for a in tx.list_agents(caller.user.id) if (not only or a.id in only) and caller.sees_agent(a.id)]
+
+    def agent_names(self, caller: Caller, only: set[int]) -> list[tuple[int, str]]:
+        """(id, name) of every agent of the caller (or those in ``only``) that the caller's key
+        sees: the cheap listing of the fleet view, whose mirrored agents need nothing more."""
+        with self.storage.transaction() as tx:
+            return [(agent_id, name) for agent_id, name in tx.agent_names(caller.user.id)
+                    if (not only or agent_id in only) and caller.sees_agent(agent_id)]
+
+    def open_key(self, agent: Agent) -> AgentCredentials | PortalError:
+        """The agent with its key opened, or the error that kept it closed."""
+        try:
+            return self.keyring.open(agent)
+        except PortalError as error:
+            return error
 
     async def run(self, caller: Caller, target: AgentCredentials, argv: tuple[str, ...], *,
                   counted: bool = True, fresh: bool = False, stdin: bytes | None = None) -> CommandResult:

@@ -17,6 +17,10 @@ worker and instance, keeping a copy of each agent's VMs in the database.
   ``max_age`` seconds old; otherwise the host is asked (``mirror_fresh``).
 - **Faults**: a stream that cannot be opened or ends is an ``agent.unreachable`` event (once per
   outage), then retries after ``backoff_delay``; a reconnection is ``agent.watching``.
+- **Hundreds per worker** (issue 22): at most ``start_limit`` watchers of a worker are starting
+  at once (opening their stream and listing the VMs), so a worker that takes 500 leases does not
+  open 500 streams in one burst; lease renewal is one write transaction of a few statements
+  whatever the number of agents (``Transaction.claim_watches``).
 
 The decisions (freshness, back-off, how an event changes the mirror) are pure functions below; the
 service does the I/O through the ports (storage, remote shell) and is started by the HTTP
@@ -48,6 +52,7 @@ MAX_AGE = 5.0  # seconds a mirror may go unconfirmed and still answer lists
 RESYNC_DELAY = 0.3  # seconds after a lifecycle event before the watcher lists the VMs again
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 30.0
+START_LIMIT = 32  # watchers of one worker starting (stream + first list) at once: the SSH handshake gate's size
 WATCH_IDLE = 600.0  # seconds an agent stays "in use" (watched) after it was last used
 MARK_EVERY = 60.0  # a worker records an agent's use at most once a minute (a write each time)
 
@@ -114,8 +119,10 @@ class WatchService:
                  max_age: float = MAX_AGE, resync_delay: float = RESYNC_DELAY,
                  backoff: Callable[[int], float] = backoff_delay,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, idle: float = WATCH_IDLE,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, start_limit: int = START_LIMIT) -> None:
         self.storage = storage
+        self.start_limit = max(1, start_limit)
+        self._starting: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self.idle = idle
         self._monotonic = monotonic
         self._marked: dict[int, float] = {}  # agent id -> when this worker last recorded its use
@@ -164,6 +171,15 @@ class WatchService:
                 return None
             assert status is not None and status.alive_at is not None
             return tx.mirrored_vms(agent_id), status.alive_at
+
+    def fresh_mirrors(self, owner_id: int) -> dict[int, tuple[list[MirroredVm], datetime]]:
+        """``fresh_mirror`` of every agent of an owner in one read (the fleet view's, issue 22): the
+        agents whose mirror is fresh, each with its VMs and last confirmation; the others are missing."""
+        with self.storage.transaction() as tx:
+            mirrors = tx.mirrors(owner_id)
+        now = self.clock.now()
+        return {agent_id: (list(mirror.vms), mirror.status.alive_at) for agent_id, mirror in mirrors.items()
+                if mirror.status.alive_at is not None and mirror_fresh(mirror.status, now, self.max_age)}
 
     # ------------------------------------------------------------------ the supervisor
 
@@ -236,10 +252,13 @@ class WatchService:
         while True:
             reason = "the event stream ended"
             try:
-                target = await asyncio.to_thread(self.keyring.open, agent)
-                assert self.shell is not None, "watchers need a remote shell"
-                async with self.shell.stream(target, virsh.event_command(agent.libvirt_uri)) as stream:
-                    await self._resync(agent, target, holder, reconnected=True, was_down=down)
+                async with contextlib.AsyncExitStack() as opened:
+                    async with self._start_gate():  # a bounded number start at once (issue 22)
+                        target = await asyncio.to_thread(self.keyring.open, agent)
+                        assert self.shell is not None, "watchers need a remote shell"
+                        stream = await opened.enter_async_context(
+                            self.shell.stream(target, virsh.event_command(agent.libvirt_uri)))
+                        await self._resync(agent, target, holder, reconnected=True, was_down=down)
                     self._connected.add(agent.id)
                     failures, down = 0, False
                     await self._follow(agent, target, holder, stream)
@@ -260,6 +279,12 @@ class WatchService:
                 log.warning("agent %s: could not record the outage: %s", agent.id, error)
             down = True
             await self._sleep(self.backoff(failures))
+
+    def _start_gate(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._starting is None or self._starting[0] is not loop:
+            self._starting = (loop, asyncio.Semaphore(self.start_limit))
+        return self._starting[1]
 
     async def _follow(self, agent: Agent, target: AgentCredentials, holder: str, stream: RemoteStream) -> None:
         lines = EventLines()

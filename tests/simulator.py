@@ -9,6 +9,13 @@ the blank line virsh prints after most commands; ``tests/lab/test_simulator_fide
 same VM scenarios through the portal against the lab and against a simulated host and compares
 the answers.
 
+``virsh event --all --loop --timestamp`` (the watchers', issue 18) is answered as the lab's
+libvirt answers it: one line per event, with the host's time, for every change the state model
+makes (the portal's commands, a guest powering off after an ACPI press, or ``on_host`` — a
+command typed on the host itself), the same events in the same order as libvirt 9.0.0 emits them
+(recorded in ``tests/data/virsh-event-lab.txt`` and by the fidelity test); the stream stays open
+until the client closes the channel.
+
 Some hosts can be *silent*: they accept TCP and never say a word (a hung sshd, a tarpit), so a
 client waits for its connect time-out. Every command waits ``latency`` seconds before answering
 (what virsh takes on a real host). Counters (connections accepted and open, commands run) let a
@@ -117,11 +124,34 @@ class SimDomain:
         return self.state != "shut off"
 
 
+@attrs.frozen
+class EventRequest:
+    """What ``virsh event`` was asked for: every event with its time, until the channel closes
+    (``loop``), or only the first one."""
+
+    timestamp: bool
+    loop: bool
+
+
 @attrs.define
 class Reply:
     exit_status: int
     stdout: str
     stderr: str = ""
+    follow: EventRequest | None = None  # ``virsh event``: the answer is a stream of events
+
+
+# What libvirt 9.0.0 emits (``virsh event``'s words) as the state model changes, recorded on the
+# lab: a start is "Resumed Unpaused" then "Started Booted"; a guest that powers off after an ACPI
+# press is "Shutdown Finished after guest request" then "Stopped Shutdown"; a destroy of an active
+# domain is "Shutdown Finished after host request" then "Stopped Destroyed"; a reboot (ACPI) is two
+# ``reboot`` events from the lab's guest; a snapshot of an active domain saves its memory
+# (``migration-iteration`` events, and a pause around it when running); a revert stops a running
+# domain and starts the snapshot's ("... Snapshot"), and always redefines it ("Defined Snapshot").
+# Autostart and deleting a snapshot emit nothing.
+EVENTS_ON_START = ("Resumed Unpaused", "Started Booted")
+EVENTS_ON_GUEST_POWER_OFF = ("Shutdown Finished after guest request", "Stopped Shutdown")
+EVENTS_ON_DESTROY = ("Shutdown Finished after host request", "Stopped Destroyed")
 
 
 def ok(text: str) -> Reply:
@@ -143,6 +173,60 @@ class SimHost:
         self.next_id = 1
         self._now = now
         self.commands: list[str] = []  # every command line received, in order
+        self._listeners: list[Callable[[str], None]] = []  # open ``virsh event`` streams
+        # When set, ``virsh event`` fails with these words (a host whose libvirt refuses event
+        # streams): the portal's watcher of this host never stays up.
+        self.event_failure: str | None = None
+
+    # ------------------------------------------------------------------ events
+
+    def subscribe(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``listener`` with each event (a line, without its time stamp) until the returned
+        function is called."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    @property
+    def listeners(self) -> int:
+        return len(self._listeners)
+
+    def event_time(self) -> str:
+        """The host's time as ``virsh event --timestamp`` prints it (milliseconds, UTC)."""
+        now = self._now().astimezone(UTC)
+        return now.strftime("%Y-%m-%d %H:%M:%S.") + f"{now.microsecond // 1000:03d}+0000"
+
+    def _emit(self, domain: str, kind: str, *details: str) -> None:
+        """One event per detail (``lifecycle``), or one without detail (``reboot``)."""
+        lines = ([f"event '{kind}' for domain '{domain}': {detail}" for detail in details] if details
+                 else [f"event '{kind}' for domain '{domain}'"])
+        for line in lines:
+            for listener in list(self._listeners):
+                listener(line)
+
+    def _lifecycle(self, domain: SimDomain, *details: str) -> None:
+        self._emit(domain.name, "lifecycle", *details)
+
+    def on_host(self, command: str) -> Reply:
+        """``command`` typed on the host itself (not through the portal): it changes the state and
+        emits events like any other, but is not counted as a command the portal sent."""
+        return self.execute(command, counted=False)
+
+    def define(self, domain: SimDomain) -> SimDomain:
+        """``virsh define`` on the host: a new persistent domain (shut off), "Defined Added"."""
+        self.add_domain(domain)
+        self._lifecycle(domain, "Defined Added")
+        return domain
+
+    def undefine(self, options: _Options, uri: str) -> Reply:
+        """``virsh undefine`` of a shut-off domain (its snapshots' metadata too): "Undefined Removed"."""
+        domain = self.lookup(options.value("--domain"))
+        if domain is None:
+            return fail(_failed_to_get(options.value("--domain")))
+        if domain.active:  # libvirt would keep it running as a transient domain: not simulated
+            return fail(f"error: the simulator cannot undefine the active domain '{domain.name}'")
+        del self.domains[domain.name]
+        self._lifecycle(domain, "Undefined Removed")
+        return ok(f"Domain '{domain.name}' has been undefined\n\n")
 
     def add_domain(self, domain: SimDomain) -> SimDomain:
         self.domains[domain.name] = domain
@@ -150,9 +234,10 @@ class SimHost:
 
     # ------------------------------------------------------------------ dispatch
 
-    def execute(self, command: str) -> Reply:
+    def execute(self, command: str, *, counted: bool = True) -> Reply:
         """What a shell running ``command`` on this host answers (exit status, stdout, stderr)."""
-        self.commands.append(command)
+        if counted:
+            self.commands.append(command)
         try:
             argv = shlex.split(command)
         except ValueError as error:
@@ -213,6 +298,7 @@ class SimHost:
         if domain.active:
             return fail("error: Domain is already active")
         self._boot(domain)
+        self._lifecycle(domain, *EVENTS_ON_START)
         return ok(f"Domain '{domain.name}' started\n\n")
 
     def _boot(self, domain: SimDomain) -> None:
@@ -220,8 +306,10 @@ class SimHost:
         domain.cpu_time_ns += 700_000_000
         self.next_id += 1
 
-    def _power_off(self, domain: SimDomain, reason: int) -> None:
+    def _power_off(self, domain: SimDomain, reason: int, events: tuple[str, ...] = ()) -> None:
         domain.state, domain.reason, domain.id = "shut off", reason, None
+        if events:
+            self._lifecycle(domain, *events)
 
     def shutdown(self, options: _Options, uri: str) -> Reply:
         domain = self.lookup(options.value("--domain"))
@@ -233,7 +321,7 @@ class SimHost:
 
         def power_off() -> None:  # the guest handles the ACPI press a moment later
             if domain.id == booted and domain.state == "running":
-                self._power_off(domain, REASON_SHUTDOWN)
+                self._power_off(domain, REASON_SHUTDOWN, EVENTS_ON_GUEST_POWER_OFF)
 
         asyncio.get_running_loop().call_later(self.shutdown_delay, power_off)
         return ok(f"Domain '{domain.name}' is being shutdown\n\n")
@@ -244,7 +332,7 @@ class SimHost:
             return fail(_failed_to_get(options.value("--domain")))
         if not domain.active:
             return fail(_not_valid("destroy", domain.name, "not running"))
-        self._power_off(domain, REASON_DESTROYED)
+        self._power_off(domain, REASON_DESTROYED, EVENTS_ON_DESTROY)
         return ok(f"Domain '{domain.name}' destroyed\n\n")
 
     def reboot(self, options: _Options, uri: str) -> Reply:
@@ -253,6 +341,8 @@ class SimHost:
             return fail(_failed_to_get(options.value("--domain")))
         if not domain.active:
             return fail(_not_valid("reboot", domain.name, "not running"))
+        self._emit(domain.name, "reboot")
+        self._emit(domain.name, "reboot")
         return ok(f"Domain '{domain.name}' is being rebooted\n\n")
 
     def suspend(self, options: _Options, uri: str) -> Reply:
@@ -261,7 +351,9 @@ class SimHost:
             return fail(_failed_to_get(options.value("--domain")))
         if not domain.active:
             return fail(_not_valid("suspend", domain.name, "not running"))
-        domain.state, domain.reason = "paused", REASON_USER  # suspending a paused domain succeeds too
+        if domain.state != "paused":  # suspending a paused domain succeeds too, and says nothing
+            domain.state, domain.reason = "paused", REASON_USER
+            self._lifecycle(domain, "Suspended Paused")
         return ok(f"Domain '{domain.name}' suspended\n\n")
 
     def resume(self, options: _Options, uri: str) -> Reply:
@@ -273,6 +365,7 @@ class SimHost:
         if domain.state == "running":
             return fail(_not_valid("resume", domain.name, "already running"))
         domain.state, domain.reason = "running", REASON_BOOTED
+        self._lifecycle(domain, "Resumed Unpaused")
         return ok(f"Domain '{domain.name}' resumed\n\n")
 
     def autostart(self, options: _Options, uri: str) -> Reply:
@@ -350,6 +443,12 @@ class SimHost:
             return fail("error: unsupported configuration: internal snapshot of a running VM must include the "
                         "memory state" if domain.active else
                         f"error: unsupported configuration: nothing selected for snapshot of domain '{domain.name}'")
+        if domain.state == "running":
+            self._lifecycle(domain, "Suspended Paused")
+        if domain.active:  # the memory is saved as a migration to a file
+            self._emit(domain.name, "migration-iteration", "iteration: '1'", "iteration: '2'")
+        if domain.state == "running":
+            self._lifecycle(domain, "Resumed Unpaused")
         domain.snapshots[name] = SimSnapshot(name, self._now(), domain.state, domain.current_snapshot,
                                              options.value("--description") or None)
         domain.current_snapshot = name
@@ -363,13 +462,14 @@ class SimHost:
         snapshot = domain.snapshots.get(name)
         if snapshot is None:
             return fail(f"error: Domain snapshot not found: no domain snapshot with matching name '{name}'")
-        if snapshot.state == "shut off":
-            if domain.active:
-                self._power_off(domain, REASON_UNKNOWN)
-        else:
-            if not domain.active:
-                self._boot(domain)
+        if domain.active:  # libvirt stops the running QEMU whatever the snapshot's state
+            self._power_off(domain, REASON_UNKNOWN, ("Stopped Snapshot",))
+        if snapshot.state != "shut off":  # and starts one from the snapshot's memory
+            self._boot(domain)
             domain.state = snapshot.state
+            self._lifecycle(domain, "Started Snapshot",
+                            "Resumed Snapshot" if snapshot.state == "running" else "Suspended Snapshot")
+        self._lifecycle(domain, "Defined Snapshot")
         domain.current_snapshot = name
         return ok(f"Domain snapshot {name} reverted\n\n")
 
@@ -399,6 +499,14 @@ class SimHost:
 
     def uri(self, options: _Options, uri: str) -> Reply:
         return ok(f"{uri}\n\n")
+
+    def event(self, options: _Options, uri: str) -> Reply:
+        if "--all" not in options.flags:  # (the simulator knows no --event TYPE, --domain or --list)
+            return Reply(1, "", "error: one of --list, --all, or --event <type> is required\n")
+        if self.event_failure is not None:
+            return Reply(1, "", self.event_failure + "\n")
+        return Reply(0, "", follow=EventRequest(timestamp="--timestamp" in options.flags,
+                                                loop="--loop" in options.flags))
 
 
 @attrs.frozen
@@ -436,6 +544,7 @@ _COMMANDS: dict[str, Callable[[SimHost, _Options, str], Reply]] = {
     "snapshot-current": SimHost.snapshot_current, "snapshot-create-as": SimHost.snapshot_create,
     "snapshot-revert": SimHost.snapshot_revert, "snapshot-delete": SimHost.snapshot_delete,
     "nodeinfo": SimHost.nodeinfo, "version": SimHost.version, "hostname": SimHost.host_name, "uri": SimHost.uri,
+    "event": SimHost.event, "undefine": SimHost.undefine,
 }
 
 
@@ -577,6 +686,7 @@ class _Session(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self.host = host
         self.command = ""
         self.chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._unsubscribe: Callable[[], None] | None = None
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self.chan = chan
@@ -591,6 +701,11 @@ class _Session(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     def eof_received(self) -> bool:
         return True  # the client's stdin ended (the portal sends none): keep the channel to answer
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._unsubscribe is not None:  # a ``virsh event`` ends with its channel
+            self._unsubscribe()
+            self._unsubscribe = None
+
     def session_started(self) -> None:
         task = asyncio.ensure_future(self._answer())
         self.fleet._sessions.add(task)
@@ -602,12 +717,36 @@ class _Session(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         assert self.chan is not None
         self.host.commands_run += 1
         reply = self.host.state.execute(self.command)
+        if reply.follow is not None:
+            self._follow(reply.follow)
+            return
         with contextlib.suppress(OSError, asyncssh.Error):
             if reply.stdout:
                 self.chan.write(reply.stdout.encode())
             if reply.stderr:
                 self.chan.write_stderr(reply.stderr.encode())
             self.chan.exit(reply.exit_status)
+
+
+    def _follow(self, request: EventRequest) -> None:
+        """Write each event of the host as a line until the channel closes (or, without ``loop``,
+        the first one and the count, as virsh does)."""
+        chan = self.chan
+        assert chan is not None
+        state = self.host.state
+
+        def write(line: str) -> None:
+            text = f"{state.event_time()}: {line}\n" if request.timestamp else f"{line}\n"
+            with contextlib.suppress(OSError, asyncssh.Error):
+                chan.write(text.encode())
+                if not request.loop:
+                    chan.write(b"events received: 1\n\n")
+                    chan.exit(0)
+            if not request.loop and self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = None
+
+        self._unsubscribe = state.subscribe(write)
 
 
 def raise_fd_limit() -> int:
@@ -639,6 +778,16 @@ class ThreadedFleet:
 
     def call(self, coroutine: Coroutine[Any, Any, _T], timeout: float = 120) -> _T:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def on_host(self, index: int, command: str) -> Reply:
+        """``command`` typed on host ``index`` itself (``SimHost.on_host``), run on the fleet's loop."""
+        assert self.fleet is not None
+        state = self.fleet.hosts[index].state
+
+        async def run() -> Reply:
+            return state.on_host(command)
+
+        return self.call(run())
 
     def stop(self) -> None:
         if self.fleet is not None:

@@ -45,7 +45,7 @@ from adapters.sql.schema import (
     web_sessions,
 )
 from core.errors import AgentNameTaken, DatabaseBusy, DatabaseUnavailable, EmailTaken
-from core.live import Event, EventFilter, MirroredVm, WatchStatus
+from core.live import Event, EventFilter, Mirror, MirroredVm, WatchStatus
 from core.model import (
     ALL_SCOPES,
     Agent,
@@ -70,6 +70,18 @@ _USER_BY_ID = (sa.select(users, api_keys.c.prefix)
                .join(api_keys, sa.and_(api_keys.c.user_id == users.c.id, api_keys.c.is_full))
                .where(users.c.id == sa.bindparam("user_id")))
 _AGENTS_OF_OWNER = sa.select(agents).where(agents.c.owner_id == sa.bindparam("owner_id")).order_by(agents.c.id)
+_AGENT_NAMES_OF_OWNER = (sa.select(agents.c.id, agents.c.name).where(agents.c.owner_id == sa.bindparam("owner_id"))
+                         .order_by(agents.c.id))
+# The fleet view's reads of the live mirror (issue 22): by owner, so one parameter for any number of agents.
+_LEASES_OF_OWNER = (sa.select(watches.c.agent_id, watches.c.holder, watches.c.expires_at, watches.c.connected,
+                              watches.c.alive_at)
+                    .join(agents, agents.c.id == watches.c.agent_id)
+                    .where(agents.c.owner_id == sa.bindparam("owner_id")))
+_MIRRORED_VMS_OF_OWNER = (sa.select(mirrored_vms.c.agent_id, mirrored_vms.c.name, mirrored_vms.c.state,
+                                    mirrored_vms.c.domain_id)
+                          .join(agents, agents.c.id == mirrored_vms.c.agent_id)
+                          .where(agents.c.owner_id == sa.bindparam("owner_id"))
+                          .order_by(mirrored_vms.c.agent_id, mirrored_vms.c.name))
 _NEWEST_AGENT = sa.select(agents).order_by(agents.c.id.desc()).limit(1)
 _AGENT_OF_OWNER = sa.select(agents).where(agents.c.owner_id == sa.bindparam("owner_id"),
                                           agents.c.id == sa.bindparam("agent_id"))
@@ -470,6 +482,10 @@ class SqlTransaction:
         rows = self._execute(_AGENTS_OF_OWNER, {"owner_id": owner_id})
         return [_agent_from_row(row._mapping) for row in rows]
 
+    def agent_names(self, owner_id: int) -> list[tuple[int, str]]:
+        return [(agent_id, name) for agent_id, name in
+                (tuple(row) for row in self._execute(_AGENT_NAMES_OF_OWNER, {"owner_id": owner_id}))]
+
     def count_agents(self, owner_id: int) -> int:
         query = sa.select(sa.func.count()).select_from(agents).where(agents.c.owner_id == owner_id)
         return int(self._execute(query).scalar_one())
@@ -618,42 +634,42 @@ class SqlTransaction:
         return [_agent_from_row(row._mapping) for row in self._execute(query)]
 
     def want_watch(self, agent_ids: list[int], until: datetime) -> None:
+        # At most three statements for any number of agents (a fleet view marks hundreds at once).
         if not agent_ids:
             return
         known = {row.agent_id: row.until for row in self._execute(
             sa.select(watch_demand).where(watch_demand.c.agent_id.in_(agent_ids)))}
         existing = {row.id for row in self._execute(sa.select(agents.c.id).where(agents.c.id.in_(agent_ids)))}
-        for agent_id in agent_ids:
-            if agent_id not in existing:
-                continue
-            if agent_id not in known:
-                self._execute(watch_demand.insert().values(agent_id=agent_id, until=until))
-            elif known[agent_id] < until:
-                self._execute(watch_demand.update().where(watch_demand.c.agent_id == agent_id).values(until=until))
+        later = sorted(a for a in existing if a in known and known[a] < until)
+        if later:
+            self._execute(watch_demand.update().where(watch_demand.c.agent_id.in_(later)).values(until=until))
+        new = sorted(a for a in existing if a not in known)
+        if new:
+            self._execute(watch_demand.insert(), [{"agent_id": a, "until": until} for a in new])  # type: ignore[arg-type]
 
     def claim_watches(self, holder: str, agent_ids: list[int], now: datetime, until: datetime,
                       alive: list[int]) -> list[int]:
+        # Four statements for any number of agents (issue 22): renew the holder's leases (stamping
+        # those whose stream is up), take over the expired ones, insert the missing ones, and read
+        # back which are the holder's. The write transaction's lock keeps other claimants out.
         if not agent_ids:
             return []
-        rows = {row.agent_id: row for row in self._execute(
-            sa.select(watches).where(watches.c.agent_id.in_(agent_ids)))}
-        held: list[int] = []
-        for agent_id in agent_ids:
-            row = rows.get(agent_id)
-            if row is None:
-                self._execute(watches.insert().values(agent_id=agent_id, holder=holder, expires_at=until,
-                                                      connected=False, alive_at=None))
-            elif row.holder == holder or row.expires_at <= now:
-                values: dict[str, Any] = {"holder": holder, "expires_at": until}
-                if row.holder != holder:
-                    values.update(connected=False, alive_at=None)
-                elif agent_id in alive:
-                    values["alive_at"] = now
-                self._execute(watches.update().where(watches.c.agent_id == agent_id).values(**values))
-            else:
-                continue
-            held.append(agent_id)
-        return held
+        wanted = watches.c.agent_id.in_(agent_ids)
+        confirmed = sorted(set(alive) & set(agent_ids))
+        renewed: dict[str, Any] = {"expires_at": until}
+        if confirmed:
+            renewed["alive_at"] = sa.case((watches.c.agent_id.in_(confirmed), now), else_=watches.c.alive_at)
+        self._execute(watches.update().where(wanted, watches.c.holder == holder).values(**renewed))
+        self._execute(watches.update().where(wanted, watches.c.holder != holder, watches.c.expires_at <= now)
+                      .values(holder=holder, expires_at=until, connected=False, alive_at=None))
+        holders = {row.agent_id: row.holder for row in self._execute(
+            sa.select(watches.c.agent_id, watches.c.holder).where(wanted))}
+        missing = [a for a in agent_ids if a not in holders]
+        if missing:
+            self._execute(watches.insert(), [  # type: ignore[arg-type]
+                {"agent_id": a, "holder": holder, "expires_at": until, "connected": False, "alive_at": None}
+                for a in missing])
+        return [a for a in agent_ids if holders.get(a, holder) == holder]
 
     def release_watches(self, holder: str, agent_ids: list[int]) -> None:
         if agent_ids:
@@ -674,6 +690,25 @@ class SqlTransaction:
         rows = self._execute(sa.select(mirrored_vms).where(mirrored_vms.c.agent_id == agent_id)
                              .order_by(mirrored_vms.c.name))
         return [MirroredVm(name=row.name, state=row.state, id=row.domain_id) for row in rows]
+
+    def mirrors(self, owner_id: int) -> dict[int, Mirror]:
+        # Two statements for any number of agents, each with one parameter: the owner's leases, then
+        # their VMs (a join of the two would convert each lease's times once per VM).
+        params = {"owner_id": owner_id}
+        leases = self._tuples(_LEASES_OF_OWNER, params)
+        if not leases:
+            return {}
+        vms: dict[int, list[MirroredVm]] = {row[0]: [] for row in leases}
+        for agent_id, name, state, domain_id in self._tuples(_MIRRORED_VMS_OF_OWNER, params):
+            if agent_id in vms:  # (a VM of an agent whose lease was released meanwhile: not read)
+                vms[agent_id].append(MirroredVm(name=name, state=state, id=domain_id))
+        return {agent_id: Mirror(status=WatchStatus(agent_id=agent_id, holder=holder, expires_at=expires_at,
+                                                    connected=bool(connected), alive_at=alive_at),
+                                 vms=tuple(vms[agent_id]))
+                for agent_id, holder, expires_at, connected, alive_at in leases}
+
+    def _tuples(self, query: sa.Select[Any], params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in self._execute(query, params)]
 
     def replace_mirror(self, agent_id: int, vms: list[MirroredVm], now: datetime) -> None:
         self._execute(mirrored_vms.delete().where(mirrored_vms.c.agent_id == agent_id))

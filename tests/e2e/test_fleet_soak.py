@@ -30,8 +30,9 @@ def fleet() -> Iterator[SimulatedFleet]:
 
 @pytest.fixture(scope="module")
 def portal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    # The soak measures the fleet view over pooled connections: with watchers (issue 18) the view
-    # would be answered from the live mirror instead, and the simulator speaks no `virsh event`.
+    # The soak measures the fleet view over pooled connections (every view asks every host): with
+    # watchers (issue 18) the warm views would be answered from the live mirror instead, which
+    # tests/integration/test_fleet_mirror_simulated.py covers.
     server = Server(tmp_path_factory.mktemp("soak"), MANAGEMENT_WORKERS="1", MANAGEMENT_SIGNUP="open",
                     MANAGEMENT_SSH_CONNECT_TIMEOUT="5", MANAGEMENT_SSH_COMMAND_TIMEOUT="30",
                     MANAGEMENT_WATCHERS="false").start()

@@ -6,12 +6,19 @@ answers, once what differs between any two hosts (UUIDs, domain ids, times, coun
 and keys) is normalised.
 
 The lab side uses a guest of its own, ``sim-fidelity`` (a copy of lab-disk's definition with a
-qcow2 disk of its own), defined here and removed afterwards: other tests keep the lab's guests."""
+qcow2 disk of its own), defined here and removed afterwards: other tests keep the lab's guests.
+
+Events (issue 18's watchers, issue 22's simulator): ``virsh event --all --loop --timestamp`` read
+over SSH from the lab and from a simulated host while the same VM actions run through the portal on
+a guest of that test's own (``fm-events``, defined and undefined while the streams read) must print
+the same lines once their times are normalised."""
 
 from __future__ import annotations
 
 import re
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -180,3 +187,157 @@ def test_the_simulator_answers_the_portal_as_the_lab_does(portal: Server, api_ke
     # The scenario did reach the simulated host, and what it saw ends as the lab's guest ends.
     assert host.commands_run >= len(on_simulator)
     assert host.state.domains[GUEST].state == "shut off" and not host.state.domains[GUEST].snapshots
+
+
+# ---------------------------------------------------------------------- events (issue 18's watchers)
+
+EVENT_GUEST = "fm-events"  # a guest of this test's own, defined and undefined while the streams read
+EVENT_COMMAND = "virsh --connect qemu:///system event --all --loop --timestamp"
+_EVENT_TIME = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\+0000: ")
+
+
+class EventReader:
+    """``virsh event --all --loop --timestamp`` run over SSH (OpenSSH's client) on a host, its lines
+    for one guest collected in a thread as they come."""
+
+    def __init__(self, port: int, user: str, key: Path, guest: str) -> None:
+        self.guest = guest
+        self.lines: list[str] = []
+        self.other_lines = 0
+        self.process = subprocess.Popen(
+            ["ssh", "-i", str(key), "-p", str(port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+             "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", f"{user}@127.0.0.1", EVENT_COMMAND],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if f" for domain '{self.guest}'" in line:
+                self.lines.append(line.rstrip("\n"))
+            else:
+                self.other_lines += 1
+
+    def normalised(self) -> list[str]:
+        for line in self.lines:
+            assert _EVENT_TIME.match(line), line  # every line has the host's time, as the lab prints it
+        return [_EVENT_TIME.sub("<time>: ", line) for line in self.lines]
+
+    def wait_for(self, last: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.lines and self.lines[-1].endswith(last):
+                return
+            time.sleep(0.05)  # polling another process's output with a deadline
+        raise AssertionError(f"no {last!r} event within {timeout:g} s: {self.lines}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def wait_until_listening(reader: EventReader, listening: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 20
+    while not listening():
+        assert reader.process.poll() is None, reader.process.stderr.read() if reader.process.stderr else ""
+        assert time.monotonic() < deadline, "the event stream did not open"
+        time.sleep(0.05)
+
+
+def event_scenario(call: Call, agent_id: int, ready: Callable[[], None]) -> None:
+    """VM actions through the portal on ``fm-events`` (shut off, no snapshot), left shut off."""
+    vm = f"/agents/{agent_id}/vms/{quote(EVENT_GUEST)}"
+    for method, path, body in [("POST", f"{vm}/start?wait=30", None), ("POST", f"{vm}/suspend?wait=10", None),
+                               ("POST", f"{vm}/suspend", None), ("POST", f"{vm}/resume?wait=10", None)]:
+        status, answer = call(method, path, body)
+        assert status < 300, (path, answer)
+    ready()
+    for method, path, body in [("POST", f"{vm}/shutdown?wait=30", None),
+                               ("POST", f"{vm}/snapshots", {"name": "s1"}), ("POST", f"{vm}/start?wait=30", None),
+                               ("POST", f"{vm}/snapshots/s1/revert", None), ("POST", f"{vm}/start?wait=30", None),
+                               ("POST", f"{vm}/suspend?wait=10", None), ("POST", f"{vm}/force-stop?wait=10", None),
+                               ("DELETE", f"{vm}/snapshots/s1", None)]:
+        status, answer = call(method, path, body)
+        assert status < 300, (path, answer)
+
+
+def _lab_event_guest_xml(lab: Lab) -> Path:
+    source = lab.virsh("dumpxml", "lab-disk")
+    assert source.returncode == 0, source.stderr
+    xml = re.sub(r"\s*<uuid>[^<]*</uuid>", "", source.stdout.replace("lab-disk", EVENT_GUEST))
+    definition = STATE_DIR / f"{EVENT_GUEST}.xml"
+    definition.write_text(re.sub(r"\s*<address [^>]*/>", "", xml))
+    return definition
+
+
+def _remove_event_guest(lab: Lab) -> None:
+    lab.virsh("destroy", "--domain", EVENT_GUEST)
+    lab.virsh("undefine", "--domain", EVENT_GUEST, "--snapshots-metadata")
+    for leftover in (f"{EVENT_GUEST}.qcow2", f"console-{EVENT_GUEST}.log", f"{EVENT_GUEST}.xml"):
+        (STATE_DIR / leftover).unlink(missing_ok=True)
+
+
+def test_the_simulator_streams_the_events_the_lab_streams_for_the_same_scenario(
+        portal: Server, api_key: str, lab: Lab, tmp_path: Path) -> None:
+    def call(method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        status, answer, _ = portal.request(method, path, api_key, body)
+        return status, answer
+
+    threaded = ThreadedFleet(1, latency=0.005, domains_per_host=0, shutdown_delay=0.3)
+    fleet = threaded.start()
+    host = fleet.hosts[0]
+    sim_key = tmp_path / "sim-key"
+    sim_key.write_text(fleet.client_private_key)
+    sim_key.chmod(0o600)
+    _remove_event_guest(lab)  # left over by an interrupted run
+    streams_before = _lab_streams(lab)
+    on_lab = EventReader(lab.port, lab.user, lab.key_path, EVENT_GUEST)
+    on_simulator = EventReader(host.port, fleet.username, sim_key, EVENT_GUEST)
+    try:
+        wait_until_listening(on_simulator, lambda: host.state.listeners == 1)
+        # The lab's stream is open once one more ``virsh event`` of the lab's user runs on the host
+        # (other portals' watchers run some too).
+        wait_until_listening(on_lab, lambda: _lab_streams(lab) > streams_before)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(STATE_DIR / f"{EVENT_GUEST}.qcow2"), "16M"],
+                       check=True, timeout=60)
+        defined = lab.virsh("define", "--file", str(_lab_event_guest_xml(lab)))
+        assert defined.returncode == 0, defined.stderr
+        threaded.call(_define(fleet, SimDomain(EVENT_GUEST, disk=f"/var/tmp/playr-lab/{EVENT_GUEST}.qcow2")))
+
+        real = register(portal, api_key, lab, name="events-lab")
+        simulated = register(portal, api_key, lab, name="events-sim", port=host.port, username=fleet.username,
+                             private_key=fleet.client_private_key, host_key=host.host_key)
+        event_scenario(call, real["id"], lambda: lab.wait_ready(EVENT_GUEST))
+        event_scenario(call, simulated["id"], lambda: None)
+
+        assert lab.virsh("undefine", "--domain", EVENT_GUEST).returncode == 0
+        threaded.on_host(0, f"virsh undefine --domain {EVENT_GUEST}")
+        on_lab.wait_for("Undefined Removed")
+        on_simulator.wait_for("Undefined Removed")
+    finally:
+        on_lab.stop()
+        on_simulator.stop()
+        _remove_event_guest(lab)
+
+    assert on_simulator.normalised() == on_lab.normalised()
+    lifecycle = f"<time>: event 'lifecycle' for domain '{EVENT_GUEST}': "
+    assert on_lab.normalised()[:3] == [lifecycle + "Defined Added", lifecycle + "Resumed Unpaused",
+                                       lifecycle + "Started Booted"]
+    # The simulated stream ended with its channel.
+    deadline = time.monotonic() + 10
+    while host.state.listeners and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert host.state.listeners == 0
+    threaded.stop()
+
+
+def _lab_streams(lab: Lab) -> int:
+    """How many ``virsh event`` of the lab's user run on the lab host."""
+    found = subprocess.run(["pgrep", "-c", "-u", lab.user, "-f", "^virsh --connect qemu:///system event"],
+                           capture_output=True, text=True)
+    return int(found.stdout.strip() or 0)
+
+
+async def _define(fleet: SimulatedFleet, domain: SimDomain) -> None:
+    fleet.hosts[0].state.define(domain)
