@@ -8,15 +8,22 @@ read-check-write use case cannot interleave with another writer (``core.ports.St
   ``BEGIN IMMEDIATE``.
 - PostgreSQL write transactions begin by taking one transaction-scoped advisory lock, the same for
   every portal instance (READ COMMITTED, so each statement after it sees every earlier writer's
-  commit); ``lock_timeout`` bounds the wait like SQLite's busy time-out. Pooled connections are
-  checked before use (``pool_pre_ping``), and a read that loses its connection is run again once on
-  a fresh one. A write is never re-run: it fails with 503 ``database_unavailable``.
+  commit); ``lock_timeout`` bounds the wait like SQLite's busy time-out. Every round trip that can
+  go does (issue 22): connections are in autocommit, so a read transaction sends only its own
+  statements (each sees every commit before it, as under READ COMMITTED) and a write sends
+  ``BEGIN; SELECT pg_advisory_xact_lock(…)`` as one message and ``NOTIFY …; COMMIT`` as another.
+  Pooled connections are not pinged before use: a read whose connection turns out lost runs again
+  once on a fresh one, and so does a write's first message; a write is never re-run once it has
+  the lock: it fails with 503 ``database_unavailable``.
+- PostgreSQL: every committing write notifies the changes channel (``adapters.sql.changes``), which
+  gives ``data_version`` a value there too, so the per-worker caches stay on.
 
 Waiting too long for the lock (or for a free pooled connection) is 503 ``database_busy`` on both.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import threading
@@ -32,6 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from adapters.sql import migrations
+from adapters.sql.changes import ChangesListener, changes_channel
 from adapters.sql.schema import (
     agents,
     api_keys,
@@ -78,6 +86,8 @@ _AGENT_OF_OWNER = sa.select(agents).where(agents.c.owner_id == sa.bindparam("own
 # counterpart of SQLite's single writer); migrations take their own as well (migrations.py).
 WRITE_LOCK_KEY = 7252018
 _TAKE_WRITE_LOCK = sa.text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=WRITE_LOCK_KEY)
+# The same in one message with the BEGIN (PostgreSQL connections are in autocommit: issue 22).
+_BEGIN_WRITE = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
 # SQLSTATEs that mean "another transaction is in the way, try again": serialization failure,
 # deadlock detected, lock not available (lock_timeout).
 _BUSY_SQLSTATES = {"40001", "40P01", "55P03"}
@@ -104,6 +114,14 @@ class SqlStorage:
         self._watch: sqlite3.Connection | None = None  # answers data_version(), nothing else
         self._watches = 0  # how many it has had: each one counts from its own start
         self._watch_lock = threading.Lock()
+        # PostgreSQL (issue 22): this worker's listening connection, the channel its commits notify,
+        # and how many write transactions it committed itself (its own commits invalidate its
+        # caches at once, without waiting for their notification to come back).
+        self._changes: ChangesListener | None = None
+        self.changes_channel = changes_channel("public")
+        self._notify_and_commit = f'NOTIFY "{self.changes_channel}"; COMMIT'
+        self._commit_counter = itertools.count(1)
+        self._commits = 0
         if self.is_sqlite:
             database = self.url.database or ""
             if database and database != ":memory:":
@@ -122,12 +140,15 @@ class SqlStorage:
                 connect_args = {k: v for k, v in connect_args.items() if k not in self.url.query}
             # A fixed number of connections per process (no overflow), so that instances x workers x
             # pool_size is the most the portal ever opens (docs/scaling.md); a request that finds
-            # none free waits up to the busy time-out, then gets 503 database_busy.
+            # none free waits up to the busy time-out, then gets 503 database_busy. No pre-ping
+            # (a round trip per transaction): a lost connection is handled where it is used.
+            options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if self.is_postgresql else {}
             self.engine = sa.create_engine(self.url, pool_size=pool_size, max_overflow=0,
-                                           pool_timeout=busy_timeout, pool_pre_ping=True,
-                                           connect_args=connect_args)
+                                           pool_timeout=busy_timeout, connect_args=connect_args, **options)
             if self.is_postgresql:
                 self._install_postgresql_hooks(busy_timeout)
+                self._changes = ChangesListener(self.url.set(drivername="postgresql").render_as_string(
+                    hide_password=False), connect_timeout=int(connect_args.get("connect_timeout", CONNECT_TIMEOUT)))
 
     def _install_sqlite_hooks(self, busy_timeout: float) -> None:
         @event.listens_for(self.engine, "connect")
@@ -153,6 +174,10 @@ class SqlStorage:
             dbapi_connection.autocommit = True
             dbapi_connection.execute(f"SET lock_timeout = {max(1, int(busy_timeout * 1000))}")
             dbapi_connection.execute("SET TIME ZONE 'UTC'")
+            # the schema the tables are in names the channel the commits notify (adapters.sql.changes)
+            channel = changes_channel(str(dbapi_connection.execute("SELECT current_schema()").fetchone()[0]))
+            if channel != self.changes_channel:
+                self.changes_channel, self._notify_and_commit = channel, f'NOTIFY "{channel}"; COMMIT'
             dbapi_connection.autocommit = autocommit
 
     @contextmanager
@@ -167,7 +192,8 @@ class SqlStorage:
                 except BaseException:
                     tx.finish(commit=False)
                     raise
-                tx.finish(commit=True)
+                if tx.finish(commit=True):
+                    self._commits = next(self._commit_counter)  # this worker's caches: before it answers
             outcome = "committed"
         except (DatabaseBusy, DatabaseUnavailable) as error:
             outcome = error.code
@@ -187,10 +213,12 @@ class SqlStorage:
     def _begin(self, write: bool) -> sa.Connection:
         conn = self.engine.connect()
         try:
-            conn.execution_options(write=write)
-            conn.begin()
-            if write and self.is_postgresql:
-                conn.execute(_TAKE_WRITE_LOCK)
+            if self.is_postgresql:  # autocommit: a read sends nothing until its first statement
+                if write:
+                    conn.exec_driver_sql(_BEGIN_WRITE)
+            else:
+                conn.execution_options(write=write)
+                conn.begin()
         except BaseException:
             conn.close()
             raise
@@ -222,7 +250,10 @@ class SqlStorage:
             conn = self.begin(write=True)
             try:
                 result = migrations.upgrade(conn, rekey_api_key_digest=rekey_api_key_digest)
+                if self.is_postgresql:
+                    conn.exec_driver_sql(self._notify_and_commit)
                 conn.commit()
+                self._commits = next(self._commit_counter)
                 return result
             finally:
                 conn.close()
@@ -255,14 +286,19 @@ class SqlStorage:
         finally:
             raw.close()
 
-    def data_version(self) -> tuple[int, int] | None:
-        """A value that changes whenever another connection, of this process or another one,
-        commits to the SQLite file (``PRAGMA data_version`` on a connection of its own, which
-        never writes: microseconds, no lock waited for). What was read while it had a value is
-        still true while it has that value. None when it cannot be told: an in-memory database,
-        the file busy at that instant, or PostgreSQL — where another instance's commit could only
-        be seen by asking the server, which costs the same round trip as the read it would save,
-        so every request reads (``entrypoints/http/cache.py``)."""
+    def data_version(self) -> tuple[int, ...] | None:
+        """A value that changes whenever any connection, of this process or another one, commits.
+        What was read while it had a value is still true while it has that value. None when it
+        cannot be told (every request then reads: ``entrypoints/http/cache.py``).
+
+        SQLite: ``PRAGMA data_version`` on a connection of its own, which never writes
+        (microseconds, no lock waited for); None for an in-memory database or the file busy at
+        that instant. PostgreSQL: the worker's listening connection's (generation, notifications
+        received) and this worker's own commits (``adapters.sql.changes``); None while it is not
+        listening. Other databases: None."""
+        if self._changes is not None:
+            listened = self._changes.version()
+            return None if listened is None else (*listened, self._commits)
         if not self.is_sqlite or (self.url.database or ":memory:") == ":memory:":
             return None
         with self._watch_lock:
@@ -308,6 +344,8 @@ class SqlStorage:
         return True
 
     def dispose(self) -> None:
+        if self._changes is not None:
+            self._changes.stop()
         with self._watch_lock:
             if self._watch is not None:
                 self._watch.close()
@@ -342,14 +380,23 @@ class SqlTransaction:
         self.storage = storage
         self.conn = storage.begin(write=write)
         self._may_run_again = not write  # a read transaction, until its first retry or a stray write
+        self._wrote = False  # it ran an INSERT, UPDATE or DELETE
+        # PostgreSQL: a BEGIN was sent (a write transaction, or a read one that came to write)
+        self._open = write and storage.is_postgresql
 
-    def finish(self, *, commit: bool) -> None:
+    def finish(self, *, commit: bool) -> bool:
+        """Commit or roll back, and give the connection back. True: it committed a change."""
         try:
-            if commit:
-                self.conn.commit()
-            else:
+            if not commit:
                 with suppress(sa.exc.DBAPIError):  # a lost connection's transaction is rolled back anyway
                     self.conn.rollback()
+                return False
+            if not self.storage.is_postgresql:
+                self.conn.commit()
+            elif self._open:
+                # Delivered to every listening worker when — and only if — this commits.
+                self.conn.exec_driver_sql(self.storage._notify_and_commit if self._wrote else "COMMIT")
+            return self._wrote
         finally:
             self.conn.close()
 
@@ -359,6 +406,10 @@ class SqlTransaction:
         anyway, so that answer is one this transaction could have given. Writes are never re-run."""
         if statement.is_dml:
             self._may_run_again = False
+            self._wrote = True
+            if not self._open and self.storage.is_postgresql:  # a read transaction's writes stay together
+                self.conn.exec_driver_sql("BEGIN")
+                self._open = True
         try:
             return self.conn.execute(statement, params)
         except sa.exc.DBAPIError as error:
