@@ -315,6 +315,15 @@ class SqlStorage:
             except sqlite3.Error:
                 return None
 
+    async def fenced_data_version(self) -> tuple[int, ...] | None:
+        """``data_version`` for a request that has just arrived: on PostgreSQL, once a round trip
+        on the listening connection that started after this call has ended, so that it counts
+        every commit that returned before (``ChangesListener.fenced_version``); as it is elsewhere."""
+        if self._changes is None:
+            return self.data_version()
+        listened = await self._changes.fenced_version()
+        return None if listened is None else (*listened, self._commits)
+
     # PostgreSQL: every commit that added events wakes the event streams of every instance
     # (issue 18). The channel carries no data: a woken stream reads the events table after its id.
     EVENTS_CHANNEL = "playr_events"

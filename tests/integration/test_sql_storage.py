@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from adapters.sql import migrations
+from adapters.sql.changes import listener_name
 from adapters.sql.schema import UtcDateTime, metadata
 from adapters.sql.storage import SqlStorage, sqlite_url
 from core.errors import Conflict, Unavailable
@@ -469,7 +470,7 @@ def listening_version(storage: SqlStorage, unlike: object = None, timeout: float
 
 def listener_pids(postgres: PostgresServer, url: str, storage: SqlStorage) -> list[int]:
     rows = postgres.sql(url, "SELECT pid FROM pg_stat_activity "
-                             f"WHERE query = 'LISTEN \"{storage.changes_channel}\"'")
+                             f"WHERE application_name = '{listener_name(storage.changes_channel)}'")
     return [int(str(pid)) for (pid,) in rows]
 
 
