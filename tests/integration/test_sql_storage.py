@@ -4,6 +4,7 @@ dialect adds (SQLite's pragmas, backup and data version; PostgreSQL's reconnects
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
 import threading
@@ -501,6 +502,28 @@ def test_postgresql_data_version_moves_when_any_connection_commits(pg: SqlStorag
         with other_instance.transaction(write=True) as tx:
             tx.count_users()
         assert listening_version(pg) == settled
+    finally:
+        other_instance.dispose()
+
+
+@pg_only
+def test_postgresql_fenced_data_version_counts_every_commit_that_returned_before_it(pg: SqlStorage,
+                                                                                    postgres_url: str) -> None:
+    """No polling here: a commit of another instance that has returned is counted by the very next
+    fenced version, however late the server's notification would otherwise reach this worker."""
+    other_instance = SqlStorage(postgres_url)
+
+    async def rounds() -> None:
+        listening_version(pg)
+        for n in range(40):
+            before = await pg.fenced_data_version()
+            assert before is not None and await pg.fenced_data_version() == before  # nothing committed
+            with other_instance.transaction(write=True) as tx:
+                tx.add_user(f"user{n}", None, key(n + 1), NOW)
+            assert await pg.fenced_data_version() not in (before, None)
+
+    try:
+        asyncio.run(rounds())
     finally:
         other_instance.dispose()
 
