@@ -73,7 +73,15 @@ from core.validation import normalize_email
 
 # The reads behind every authenticated request and agent lookup, built once: building a statement
 # (and its cache key) on each call cost SQLAlchemy more than SQLite takes to run it.
-_API_KEY_BY_PREFIX = sa.select(api_keys).where(api_keys.c.prefix == sa.bindparam("prefix"))
+# A key by its prefix, with its user (and the prefix of the user's full key) in the same round trip:
+# an authentication asks for both (issue 22; ``get_user`` answers from it until the next write).
+_full_keys = api_keys.alias("full_keys")
+_API_KEY_WITH_USER = (
+    sa.select(api_keys, users.c.name.label("user_name"), users.c.email.label("user_email"),
+              users.c.created_at.label("user_created_at"), _full_keys.c.prefix.label("user_key_prefix"))
+    .select_from(api_keys.join(users, users.c.id == api_keys.c.user_id)
+                 .outerjoin(_full_keys, sa.and_(_full_keys.c.user_id == users.c.id, _full_keys.c.is_full)))
+    .where(api_keys.c.prefix == sa.bindparam("prefix")))
 _USER_BY_ID = (sa.select(users, api_keys.c.prefix)
                .join(api_keys, sa.and_(api_keys.c.user_id == users.c.id, api_keys.c.is_full))
                .where(users.c.id == sa.bindparam("user_id")))
@@ -390,6 +398,7 @@ class SqlTransaction:
         self.conn = storage.begin(write=write)
         self._may_run_again = not write  # a read transaction, until its first retry or a stray write
         self._wrote = False  # it ran an INSERT, UPDATE or DELETE
+        self._user_read: User | None = None  # read with a key, for the get_user that follows (until a write)
         # PostgreSQL: a BEGIN was sent (a write transaction, or a read one that came to write)
         self._open = write and storage.is_postgresql
 
@@ -416,6 +425,7 @@ class SqlTransaction:
         if statement.is_dml:
             self._may_run_again = False
             self._wrote = True
+            self._user_read = None
             if not self._open and self.storage.is_postgresql:  # a read transaction's writes stay together
                 self.conn.exec_driver_sql("BEGIN")
                 self._open = True
@@ -453,6 +463,8 @@ class SqlTransaction:
     def get_user(self, user_id: int) -> User | None:
         if not 0 < user_id <= MAX_ID:  # `users rotate-key --id 99999999999` on the command line
             return None
+        if self._user_read is not None and self._user_read.id == user_id:  # read with its key just now
+            return self._user_read
         row = self._execute(_USER_BY_ID, {"user_id": user_id}).one_or_none()
         return None if row is None else User(id=row.id, name=row.name, email=row.email, api_key_prefix=row.prefix,
                                              created_at=row.created_at)
@@ -475,8 +487,13 @@ class SqlTransaction:
                      created_at=row.created_at) for row in rows]
 
     def find_api_key(self, prefix: str) -> ApiKey | None:
-        row = self._execute(_API_KEY_BY_PREFIX, {"prefix": prefix}).one_or_none()
-        return None if row is None else _key_from_row(row)
+        row = self._execute(_API_KEY_WITH_USER, {"prefix": prefix}).one_or_none()
+        if row is None:
+            return None
+        if row.user_key_prefix is not None:
+            self._user_read = User(id=row.user_id, name=row.user_name, email=row.user_email,
+                                   api_key_prefix=row.user_key_prefix, created_at=row.user_created_at)
+        return _key_from_row(row)
 
     def replace_api_key(self, user_id: int, key: IssuedApiKey, at: datetime, *, key_id: int | None = None) -> None:
         which = api_keys.c.is_full if key_id is None else api_keys.c.id == key_id

@@ -24,7 +24,7 @@ from adapters.sql.changes import listener_name
 from adapters.sql.schema import UtcDateTime, metadata
 from adapters.sql.storage import SqlStorage, sqlite_url
 from core.errors import Conflict, Unavailable
-from core.model import Agent, AuditEvent, ClientKey, HostKey, IssuedApiKey
+from core.model import Agent, ApiKey, AuditEvent, ClientKey, HostKey, IssuedApiKey, Scope
 from entrypoints import bootstrap, cli
 from entrypoints.settings import ConfigError, Settings
 from tests.postgres import PostgresServer
@@ -103,6 +103,26 @@ def test_round_trip_of_users_agents_and_events(storage: SqlStorage) -> None:
         assert tx.find_api_key(user.api_key_prefix).digest == "sha256:1"
         assert tx.list_audit_events(user.id, 10, None)[0].action == "agent.create"
     assert stored.created_at.tzinfo is not None
+
+
+def test_a_key_found_with_its_user_gives_that_user_until_a_write(storage: SqlStorage) -> None:
+    """Issue 22: ``find_api_key`` reads the key's user in the same statement, and ``get_user``
+    answers from it — the same user as its own query would give, and never one a write has changed."""
+    with storage.transaction(write=True) as tx:
+        user = tx.add_user("alice", None, key(1), NOW)
+        scoped = tx.add_api_key(ApiKey(user_id=user.id, prefix="mgmt_scoped", digest="d", created_at=NOW,
+                                       name="dashboard", scopes=frozenset({Scope.READ}), full=False))
+    with storage.transaction() as tx:
+        found = tx.find_api_key(scoped.prefix)
+        assert found is not None and found.id == scoped.id and not found.full
+        assert tx.get_user(user.id) == user  # the user's full key's prefix, as always
+    with storage.transaction(write=True) as tx:
+        assert tx.find_api_key(user.api_key_prefix) is not None
+        tx.replace_api_key(user.id, key(2), NOW)
+        assert tx.get_user(user.id) == attrs.evolve(user, api_key_prefix=key(2).prefix)
+    with storage.transaction() as tx:
+        assert tx.find_api_key(key(1).prefix) is None
+        assert tx.get_user(user.id) == attrs.evolve(user, api_key_prefix=key(2).prefix)
 
 
 def test_agents_and_events_are_scoped_by_owner(storage: SqlStorage) -> None:
@@ -569,8 +589,9 @@ def _first_words(sql: str) -> str:
 
 @pg_only
 def test_postgresql_round_trips_are_the_statements_alone(pg: SqlStorage, tmp_path: Path) -> None:
-    """Issue 22: no pre-ping, no BEGIN/COMMIT around a read; a write sends BEGIN with its lock and
-    NOTIFY with its COMMIT. Counted on the wire (libpq's trace of the pooled connection)."""
+    """Issue 22: no pre-ping, no BEGIN/COMMIT around a read, one statement for a key and its user;
+    a write sends BEGIN with its lock and NOTIFY with its COMMIT. Counted on the wire (libpq's
+    trace of the pooled connection)."""
     with pg.transaction(write=True) as tx:
         tx.add_user("alice", None, key(1), NOW)
     sent: dict[str, list[str]] = {}
@@ -581,7 +602,8 @@ def test_postgresql_round_trips_are_the_statements_alone(pg: SqlStorage, tmp_pat
             raw.driver_connection.pgconn.trace(handle.fileno())  # type: ignore[union-attr]
             raw.close()
             with pg.transaction(write=write) as tx:
-                assert tx.find_api_key(key(1).prefix) is not None
+                found = tx.find_api_key(key(1).prefix)  # an authentication: the key, then its user
+                assert found is not None and tx.get_user(found.user_id) is not None
                 if write:
                     tx.touch_api_key(1, NOW)
             pooled = pg.engine.raw_connection()
