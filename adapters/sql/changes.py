@@ -151,17 +151,23 @@ class ChangesListener:
     def _run(self, stop: threading.Event) -> None:
         import psycopg
 
+        failed = 0  # attempts in a row that never listened: logged once per outage, not every second
         while not stop.is_set():
             conn: Any = None
             in_flight: list[Any] = []
+            generation = self._generation
             try:
                 conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=self._connect_timeout,
                                        application_name=APPLICATION_NAME)
-                self._listen(conn, stop, in_flight)
+                self._listen(conn, stop, in_flight, back_after=failed)
             except (psycopg.Error, OSError) as error:
                 reason = str(error).strip().splitlines()
-                log.warning("database_listener_lost", reason=reason[0] if reason else type(error).__name__,
-                            retrying_in_seconds=RETRY_AFTER)
+                listened = self._generation != generation
+                if listened or not failed:
+                    log.warning("database_listener_lost" if listened else "database_listener_unavailable",
+                                reason=reason[0] if reason else type(error).__name__,
+                                caches="off until it listens again", retrying_every_seconds=RETRY_AFTER)
+                failed = 0 if listened else failed + 1
             finally:
                 with self._asked_lock:
                     self._fd = -1  # caches off before anything else
@@ -175,9 +181,10 @@ class ChangesListener:
             with contextlib.suppress(OSError):
                 os.close(end)
 
-    def _listen(self, conn: Any, stop: threading.Event, in_flight: list[Any]) -> None:
+    def _listen(self, conn: Any, stop: threading.Event, in_flight: list[Any], *, back_after: int = 0) -> None:
         """Listen until the connection is lost (an exception) or ``stop`` is set. ``in_flight``
-        holds the requests waiting for the round trip in flight (answered None if it never ends)."""
+        holds the requests waiting for the round trip in flight (answered None if it never ends).
+        ``back_after``: attempts that failed before this one (said in the log once listening)."""
         from psycopg import OperationalError, pq
 
         schema = str(conn.execute("SELECT current_schema()").fetchone()[0])
@@ -196,6 +203,8 @@ class ChangesListener:
         self._received = 0
         self._heard_at = sent_at
         self._fd = fd  # listening: caches on
+        if self._generation > 1 or back_after:
+            log.info("database_listener_listening", generation=self._generation, failed_attempts=back_after)
         while not stop.is_set():
             now = time.monotonic()
             if not pinging:
