@@ -18,10 +18,11 @@ writer commits, before its ``COMMIT`` returns, but a listening backend the machi
 scheduled yet sends it milliseconds later (measured here under load: median 15 µs, p99 16 ms). A
 request to another instance right after the writer answered could come first. So the HTTP caches
 ask ``fenced_version``: a round trip on the listening connection (an empty query) that starts after
-the request did. PostgreSQL sends a listening backend's pending notifications before it reads its
-next query, and the writer's signal was sent before its commit returned, so every commit that
-returned before the request arrived is counted when that round trip ends — the version it gives is
-exact. Concurrent requests share one round trip (each waits for the first that starts after it),
+the request did. A listening backend that has been signalled sends its pending notifications as
+soon as it has read its next query, before answering it (``ProcessClientReadInterrupt``), and the
+writer's signal was sent before its commit returned (``AtCommit_Notify`` since PostgreSQL 15,
+before the writer's ``ReadyForQuery`` before that), so every commit that returned before the request
+arrived is counted when that round trip ends: the version it gives is exact. Concurrent requests share one round trip (each waits for the first that starts after it),
 which costs far less than the reads it saves: no pooled connection, no transaction, nothing parsed.
 
 The channel is named after the schema the portal's tables are in (``changes_channel``): two portals
