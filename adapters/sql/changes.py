@@ -22,8 +22,9 @@ the request did. A listening backend that has been signalled sends its pending n
 soon as it has read its next query, before answering it (``ProcessClientReadInterrupt``), and the
 writer's signal was sent before its commit returned (``AtCommit_Notify`` since PostgreSQL 15,
 before the writer's ``ReadyForQuery`` before that), so every commit that returned before the request
-arrived is counted when that round trip ends: the version it gives is exact. Concurrent requests share one round trip (each waits for the first that starts after it),
-which costs far less than the reads it saves: no pooled connection, no transaction, nothing parsed.
+arrived is counted when that round trip ends: the version it gives is exact. Concurrent requests
+share one round trip (each waits for the first that starts after it), which costs far less than the
+reads it saves: no pooled connection, no transaction, nothing parsed.
 
 The channel is named after the schema the portal's tables are in (``changes_channel``): two portals
 sharing one database in different schemas do not wake each other.

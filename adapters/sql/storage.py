@@ -93,8 +93,7 @@ _AGENT_OF_OWNER = sa.select(agents).where(agents.c.owner_id == sa.bindparam("own
 # PostgreSQL: the advisory lock every write transaction of every instance takes first (the
 # counterpart of SQLite's single writer); migrations take their own as well (migrations.py).
 WRITE_LOCK_KEY = 7252018
-_TAKE_WRITE_LOCK = sa.text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=WRITE_LOCK_KEY)
-# The same in one message with the BEGIN (PostgreSQL connections are in autocommit: issue 22).
+# Taken in the message that begins the transaction (PostgreSQL connections are in autocommit: issue 22).
 _BEGIN_WRITE = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
 # SQLSTATEs that mean "another transaction is in the way, try again": serialization failure,
 # deadlock detected, lock not available (lock_timeout).
