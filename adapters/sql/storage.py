@@ -8,15 +8,22 @@ read-check-write use case cannot interleave with another writer (``core.ports.St
   ``BEGIN IMMEDIATE``.
 - PostgreSQL write transactions begin by taking one transaction-scoped advisory lock, the same for
   every portal instance (READ COMMITTED, so each statement after it sees every earlier writer's
-  commit); ``lock_timeout`` bounds the wait like SQLite's busy time-out. Pooled connections are
-  checked before use (``pool_pre_ping``), and a read that loses its connection is run again once on
-  a fresh one. A write is never re-run: it fails with 503 ``database_unavailable``.
+  commit); ``lock_timeout`` bounds the wait like SQLite's busy time-out. Every round trip that can
+  go does (issue 22): connections are in autocommit, so a read transaction sends only its own
+  statements (each sees every commit before it, as under READ COMMITTED) and a write sends
+  ``BEGIN; SELECT pg_advisory_xact_lock(…)`` as one message and ``NOTIFY …; COMMIT`` as another.
+  Pooled connections are not pinged before use: a read whose connection turns out lost runs again
+  once on a fresh one, and so does a write's first message; a write is never re-run once it has
+  the lock: it fails with 503 ``database_unavailable``.
+- PostgreSQL: every committing write notifies the changes channel (``adapters.sql.changes``), which
+  gives ``data_version`` a value there too, so the per-worker caches stay on.
 
 Waiting too long for the lock (or for a free pooled connection) is 503 ``database_busy`` on both.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import threading
@@ -32,6 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from adapters.sql import migrations
+from adapters.sql.changes import ChangesListener, changes_channel
 from adapters.sql.schema import (
     agents,
     api_keys,
@@ -65,7 +73,15 @@ from core.validation import normalize_email
 
 # The reads behind every authenticated request and agent lookup, built once: building a statement
 # (and its cache key) on each call cost SQLAlchemy more than SQLite takes to run it.
-_API_KEY_BY_PREFIX = sa.select(api_keys).where(api_keys.c.prefix == sa.bindparam("prefix"))
+# A key by its prefix, with its user (and the prefix of the user's full key) in the same round trip:
+# an authentication asks for both (issue 22; ``get_user`` answers from it until the next write).
+_full_keys = api_keys.alias("full_keys")
+_API_KEY_WITH_USER = (
+    sa.select(api_keys, users.c.name.label("user_name"), users.c.email.label("user_email"),
+              users.c.created_at.label("user_created_at"), _full_keys.c.prefix.label("user_key_prefix"))
+    .select_from(api_keys.join(users, users.c.id == api_keys.c.user_id)
+                 .outerjoin(_full_keys, sa.and_(_full_keys.c.user_id == users.c.id, _full_keys.c.is_full)))
+    .where(api_keys.c.prefix == sa.bindparam("prefix")))
 _USER_BY_ID = (sa.select(users, api_keys.c.prefix)
                .join(api_keys, sa.and_(api_keys.c.user_id == users.c.id, api_keys.c.is_full))
                .where(users.c.id == sa.bindparam("user_id")))
@@ -89,7 +105,8 @@ _AGENT_OF_OWNER = sa.select(agents).where(agents.c.owner_id == sa.bindparam("own
 # PostgreSQL: the advisory lock every write transaction of every instance takes first (the
 # counterpart of SQLite's single writer); migrations take their own as well (migrations.py).
 WRITE_LOCK_KEY = 7252018
-_TAKE_WRITE_LOCK = sa.text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=WRITE_LOCK_KEY)
+# Taken in the message that begins the transaction (PostgreSQL connections are in autocommit: issue 22).
+_BEGIN_WRITE = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
 # SQLSTATEs that mean "another transaction is in the way, try again": serialization failure,
 # deadlock detected, lock not available (lock_timeout).
 _BUSY_SQLSTATES = {"40001", "40P01", "55P03"}
@@ -116,6 +133,14 @@ class SqlStorage:
         self._watch: sqlite3.Connection | None = None  # answers data_version(), nothing else
         self._watches = 0  # how many it has had: each one counts from its own start
         self._watch_lock = threading.Lock()
+        # PostgreSQL (issue 22): this worker's listening connection, the channel its commits notify,
+        # and how many write transactions it committed itself (its own commits invalidate its
+        # caches at once, without waiting for their notification to come back).
+        self._changes: ChangesListener | None = None
+        self.changes_channel = changes_channel("public")
+        self._notify_and_commit = f'NOTIFY "{self.changes_channel}"; COMMIT'
+        self._commit_counter = itertools.count(1)
+        self._commits = 0
         if self.is_sqlite:
             database = self.url.database or ""
             if database and database != ":memory:":
@@ -134,12 +159,15 @@ class SqlStorage:
                 connect_args = {k: v for k, v in connect_args.items() if k not in self.url.query}
             # A fixed number of connections per process (no overflow), so that instances x workers x
             # pool_size is the most the portal ever opens (docs/scaling.md); a request that finds
-            # none free waits up to the busy time-out, then gets 503 database_busy.
+            # none free waits up to the busy time-out, then gets 503 database_busy. No pre-ping
+            # (a round trip per transaction): a lost connection is handled where it is used.
+            options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if self.is_postgresql else {}
             self.engine = sa.create_engine(self.url, pool_size=pool_size, max_overflow=0,
-                                           pool_timeout=busy_timeout, pool_pre_ping=True,
-                                           connect_args=connect_args)
+                                           pool_timeout=busy_timeout, connect_args=connect_args, **options)
             if self.is_postgresql:
                 self._install_postgresql_hooks(busy_timeout)
+                self._changes = ChangesListener(self.url.set(drivername="postgresql").render_as_string(
+                    hide_password=False), connect_timeout=int(connect_args.get("connect_timeout", CONNECT_TIMEOUT)))
 
     def _install_sqlite_hooks(self, busy_timeout: float) -> None:
         @event.listens_for(self.engine, "connect")
@@ -165,6 +193,10 @@ class SqlStorage:
             dbapi_connection.autocommit = True
             dbapi_connection.execute(f"SET lock_timeout = {max(1, int(busy_timeout * 1000))}")
             dbapi_connection.execute("SET TIME ZONE 'UTC'")
+            # the schema the tables are in names the channel the commits notify (adapters.sql.changes)
+            channel = changes_channel(str(dbapi_connection.execute("SELECT current_schema()").fetchone()[0]))
+            if channel != self.changes_channel:
+                self.changes_channel, self._notify_and_commit = channel, f'NOTIFY "{channel}"; COMMIT'
             dbapi_connection.autocommit = autocommit
 
     @contextmanager
@@ -179,7 +211,8 @@ class SqlStorage:
                 except BaseException:
                     tx.finish(commit=False)
                     raise
-                tx.finish(commit=True)
+                if tx.finish(commit=True):
+                    self._commits = next(self._commit_counter)  # this worker's caches: before it answers
             outcome = "committed"
         except (DatabaseBusy, DatabaseUnavailable) as error:
             outcome = error.code
@@ -199,10 +232,12 @@ class SqlStorage:
     def _begin(self, write: bool) -> sa.Connection:
         conn = self.engine.connect()
         try:
-            conn.execution_options(write=write)
-            conn.begin()
-            if write and self.is_postgresql:
-                conn.execute(_TAKE_WRITE_LOCK)
+            if self.is_postgresql:  # autocommit: a read sends nothing until its first statement
+                if write:
+                    conn.exec_driver_sql(_BEGIN_WRITE)
+            else:
+                conn.execution_options(write=write)
+                conn.begin()
         except BaseException:
             conn.close()
             raise
@@ -234,7 +269,10 @@ class SqlStorage:
             conn = self.begin(write=True)
             try:
                 result = migrations.upgrade(conn, rekey_api_key_digest=rekey_api_key_digest)
+                if self.is_postgresql:
+                    conn.exec_driver_sql(self._notify_and_commit)
                 conn.commit()
+                self._commits = next(self._commit_counter)
                 return result
             finally:
                 conn.close()
@@ -267,14 +305,19 @@ class SqlStorage:
         finally:
             raw.close()
 
-    def data_version(self) -> tuple[int, int] | None:
-        """A value that changes whenever another connection, of this process or another one,
-        commits to the SQLite file (``PRAGMA data_version`` on a connection of its own, which
-        never writes: microseconds, no lock waited for). What was read while it had a value is
-        still true while it has that value. None when it cannot be told: an in-memory database,
-        the file busy at that instant, or PostgreSQL — where another instance's commit could only
-        be seen by asking the server, which costs the same round trip as the read it would save,
-        so every request reads (``entrypoints/http/cache.py``)."""
+    def data_version(self) -> tuple[int, ...] | None:
+        """A value that changes whenever any connection, of this process or another one, commits.
+        What was read while it had a value is still true while it has that value. None when it
+        cannot be told (every request then reads: ``entrypoints/http/cache.py``).
+
+        SQLite: ``PRAGMA data_version`` on a connection of its own, which never writes
+        (microseconds, no lock waited for); None for an in-memory database or the file busy at
+        that instant. PostgreSQL: the worker's listening connection's (generation, notifications
+        received) and this worker's own commits (``adapters.sql.changes``); None while it is not
+        listening. Other databases: None."""
+        if self._changes is not None:
+            listened = self._changes.version()
+            return None if listened is None else (*listened, self._commits)
         if not self.is_sqlite or (self.url.database or ":memory:") == ":memory:":
             return None
         with self._watch_lock:
@@ -290,6 +333,15 @@ class SqlStorage:
                 return self._watches, int(self._watch.execute("PRAGMA data_version").fetchone()[0])
             except sqlite3.Error:
                 return None
+
+    async def fenced_data_version(self) -> tuple[int, ...] | None:
+        """``data_version`` for a request that has just arrived: on PostgreSQL, once a round trip
+        on the listening connection that started after this call has ended, so that it counts
+        every commit that returned before (``ChangesListener.fenced_version``); as it is elsewhere."""
+        if self._changes is None:
+            return self.data_version()
+        listened = await self._changes.fenced_version()
+        return None if listened is None else (*listened, self._commits)
 
     # PostgreSQL: every commit that added events wakes the event streams of every instance
     # (issue 18). The channel carries no data: a woken stream reads the events table after its id.
@@ -320,6 +372,8 @@ class SqlStorage:
         return True
 
     def dispose(self) -> None:
+        if self._changes is not None:
+            self._changes.stop()
         with self._watch_lock:
             if self._watch is not None:
                 self._watch.close()
@@ -354,14 +408,24 @@ class SqlTransaction:
         self.storage = storage
         self.conn = storage.begin(write=write)
         self._may_run_again = not write  # a read transaction, until its first retry or a stray write
+        self._wrote = False  # it ran an INSERT, UPDATE or DELETE
+        self._user_read: User | None = None  # read with a key, for the get_user that follows (until a write)
+        # PostgreSQL: a BEGIN was sent (a write transaction, or a read one that came to write)
+        self._open = write and storage.is_postgresql
 
-    def finish(self, *, commit: bool) -> None:
+    def finish(self, *, commit: bool) -> bool:
+        """Commit or roll back, and give the connection back. True: it committed a change."""
         try:
-            if commit:
-                self.conn.commit()
-            else:
+            if not commit:
                 with suppress(sa.exc.DBAPIError):  # a lost connection's transaction is rolled back anyway
                     self.conn.rollback()
+                return False
+            if not self.storage.is_postgresql:
+                self.conn.commit()
+            elif self._open:
+                # Delivered to every listening worker when — and only if — this commits.
+                self.conn.exec_driver_sql(self.storage._notify_and_commit if self._wrote else "COMMIT")
+            return self._wrote
         finally:
             self.conn.close()
 
@@ -371,6 +435,11 @@ class SqlTransaction:
         anyway, so that answer is one this transaction could have given. Writes are never re-run."""
         if statement.is_dml:
             self._may_run_again = False
+            self._wrote = True
+            self._user_read = None
+            if not self._open and self.storage.is_postgresql:  # a read transaction's writes stay together
+                self.conn.exec_driver_sql("BEGIN")
+                self._open = True
         try:
             return self.conn.execute(statement, params)
         except sa.exc.DBAPIError as error:
@@ -405,6 +474,8 @@ class SqlTransaction:
     def get_user(self, user_id: int) -> User | None:
         if not 0 < user_id <= MAX_ID:  # `users rotate-key --id 99999999999` on the command line
             return None
+        if self._user_read is not None and self._user_read.id == user_id:  # read with its key just now
+            return self._user_read
         row = self._execute(_USER_BY_ID, {"user_id": user_id}).one_or_none()
         return None if row is None else User(id=row.id, name=row.name, email=row.email, api_key_prefix=row.prefix,
                                              created_at=row.created_at)
@@ -427,8 +498,13 @@ class SqlTransaction:
                      created_at=row.created_at) for row in rows]
 
     def find_api_key(self, prefix: str) -> ApiKey | None:
-        row = self._execute(_API_KEY_BY_PREFIX, {"prefix": prefix}).one_or_none()
-        return None if row is None else _key_from_row(row)
+        row = self._execute(_API_KEY_WITH_USER, {"prefix": prefix}).one_or_none()
+        if row is None:
+            return None
+        if row.user_key_prefix is not None:
+            self._user_read = User(id=row.user_id, name=row.user_name, email=row.user_email,
+                                   api_key_prefix=row.user_key_prefix, created_at=row.user_created_at)
+        return _key_from_row(row)
 
     def replace_api_key(self, user_id: int, key: IssuedApiKey, at: datetime, *, key_id: int | None = None) -> None:
         which = api_keys.c.is_full if key_id is None else api_keys.c.id == key_id

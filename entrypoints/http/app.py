@@ -37,8 +37,10 @@ _CONVERTERS = {"{agent_id}": "{agent_id:int(min=1, max=2147483647)}",
 def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
     settings = runtime.settings
     portal = runtime.portal
-    # SQLite's data version, when the storage has one: reads are kept until the database changes.
+    # The database's data version, when the storage has one: reads are kept until the database
+    # changes (entrypoints/http/cache.py; on PostgreSQL a request waits for the fenced one).
     data_version = getattr(runtime.storage, "data_version", None)
+    fenced = getattr(runtime.storage, "fenced_data_version", None)
     observer = runtime.observer
     # failed authentications per address: API keys, and keys typed on the sign-in page, count together
     limiter = FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window)
@@ -48,7 +50,7 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
         BodyLimit(settings.max_body_bytes),
         # before authentication: a key that came over plain HTTP is refused, never looked up
         HttpsRequired(settings.allow_plain_http),
-        Authentication(portal, limiter, UntilChanged(data_version), observer=observer),
+        Authentication(portal, limiter, UntilChanged(data_version, fenced=fenced), observer=observer),
         Lifespan(runtime),
     ]
     app = falcon.asgi.App(middleware=middleware)
@@ -67,7 +69,8 @@ def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:
         cached = any(op.cached_per_user for op in operations)
         app.add_route(template, OperationsResource(
             portal, operations, document_body=document_body,
-            lists=UntilChanged(data_version, max_entries=1_000) if cached else None, metrics=metrics))
+            lists=UntilChanged(data_version, max_entries=1_000, fenced=fenced) if cached else None,
+            metrics=metrics))
     # consoles (issue 17): the WebSocket a console ticket opens (its ticket is its credential)
     app.add_route("/console/{ticket}", ConsoleResource(portal))
     # issue 18: the event stream (text/event-stream, not a JSON operation)

@@ -266,7 +266,8 @@ class Authentication:
         # A valid key always gets through, even from a limited address: many clients can share one
         # (a NAT, an office, a CI runner pool) and one of them guessing must not lock out the rest.
         # Only failures are limited; a guess costs the same indexed lookup as a valid request.
-        version = self.known.version()
+        version = await self.known.fresh_version()
+        req.context.data_version = version  # taken before anything this request reads: its caches share it
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
         found = self.known.get(digest, version)
         if found is None:

@@ -71,6 +71,9 @@ async def _until_client_leaves(req: falcon.asgi.Request, left: asyncio.Event) ->
             return
 
 
+_NOT_TAKEN = object()  # no data version taken for this request yet
+
+
 class OperationsResource:
     """The operations of one path, each answered by an ``on_<method>`` responder made from its
     declaration. ``public_methods`` tells the authentication middleware which need no key."""
@@ -110,12 +113,13 @@ class OperationsResource:
         query = {q.name: q.parse([str(v) for v in req.get_param_as_list(q.name) or []]) for q in op.query}
         call = Call(caller=me, origin=origin(req), path=params, body=body,
                     query=query, abandoned=asyncio.Event() if op.long_running else None)
+        version = getattr(req.context, "data_version", _NOT_TAKEN)  # by the authentication middleware
         if call.abandoned is None:
-            result = await self._run(op, call)
+            result = await self._run(op, call, version)
         else:
             watcher = asyncio.create_task(_until_client_leaves(req, call.abandoned))
             try:
-                result = await self._run(op, call)
+                result = await self._run(op, call, version)
             finally:
                 watcher.cancel()
         if op.no_store:
@@ -134,13 +138,14 @@ class OperationsResource:
             else:
                 resp.media = dump(view)
 
-    async def _run(self, op: Operation, call: Call) -> Any:
+    async def _run(self, op: Operation, call: Call, version: Any = _NOT_TAKEN) -> Any:
         if not op.cached_per_user:
             return await op.execute(self.portal, call)
         op.authorize(call.caller)
         # per user and per agent limitation: keys of one user limited to other agents see other lists
         key = (call.me.user.id, call.me.agent_ids, tuple(sorted(call.query.items())))
-        version = self.lists.version()
+        if version is _NOT_TAKEN:
+            version = await self.lists.fresh_version()
         result = self.lists.get(key, version)
         if result is None:
             result = await op.execute(self.portal, call)

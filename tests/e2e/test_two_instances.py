@@ -1,6 +1,7 @@
 """Two portal instances (``python main.py``, gunicorn, different ports) on one PostgreSQL database
 with the same MANAGEMENT_SECRET_KEY, as behind a load balancer: whatever one instance changes, the
-other acts on at its very next request — users, API keys, agents, and the SSH connections it pools.
+other acts on at its very next request — users, API keys, agents, and the SSH connections it pools —
+with each worker's caches on (issue 22: kept until a NOTIFY says another connection committed).
 
 The hypervisors are fake (asyncssh servers on loopback, in a thread of this test) so that which
 one an instance really connects to can be counted."""
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +27,7 @@ import sqlalchemy as sa
 
 from adapters.sealing import generate_key
 from adapters.sql import migrations
+from adapters.sql.changes import changes_channel, listener_name
 from tests.postgres import PostgresServer
 from tests.support import REPO, Server
 
@@ -114,7 +117,8 @@ def instances(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """Instance A and instance B, one worker each (so each has exactly one SSH pool)."""
     env = {"MANAGEMENT_DATABASE_URL": database, "MANAGEMENT_SECRET_KEY": generate_key(),
            "MANAGEMENT_SIGNUP": "open", "MANAGEMENT_WORKERS": "1", "MANAGEMENT_SSH_CONNECT_TIMEOUT": "5",
-           "MANAGEMENT_SSH_COMMAND_TIMEOUT": "10"}
+           "MANAGEMENT_SSH_COMMAND_TIMEOUT": "10",
+           "MANAGEMENT_AUTH_FAILURE_LIMIT": "1000"}  # the old keys refused on purpose are not an attack
     a = Server(tmp_path_factory.mktemp("instance-a"), **env).start()
     b = Server(tmp_path_factory.mktemp("instance-b"), **env).start()
     yield a, b
@@ -135,6 +139,40 @@ def sign_up(server: Server, name: str) -> str:
     return str(body["api_key"])
 
 
+def reads(server: Server) -> int:
+    """Read transactions the instance has run (its GET /metrics, from loopback)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("playr_portal_database_transaction_duration_seconds_count{")
+               and 'kind="read"' in line)
+
+
+def costs_a_read(server: Server, path: str, key: str) -> bool:
+    before = reads(server)
+    status, body, _ = server.request("GET", path, key)
+    assert status == 200, body
+    return reads(server) > before
+
+
+def until_cached(server: Server, path: str, key: str, timeout: float = 20.0) -> None:
+    """Requests until three in a row are answered without reading the database: the worker's cache
+    is on, and holds this answer (its listener is up; the first requests read and note the key's use)."""
+    deadline = time.monotonic() + timeout
+    in_a_row = 0
+    while in_a_row < 3:
+        assert time.monotonic() < deadline, f"{path} on :{server.port} kept reading the database"
+        in_a_row = 0 if costs_a_read(server, path, key) else in_a_row + 1
+
+
+def listener_pids(postgres: PostgresServer, database: str) -> list[int]:
+    """The listening connections of every worker of both instances (they share the schema)."""
+    schema = str(sa.make_url(database).query["options"]).removeprefix("-csearch_path=")
+    rows = postgres.sql(database, "SELECT pid FROM pg_stat_activity "
+                                  f"WHERE application_name = '{listener_name(changes_channel(schema))}'")
+    return sorted(int(str(pid)) for (pid,) in rows)
+
+
 def test_a_user_created_on_one_instance_authenticates_on_the_other(instances: tuple[Server, Server]) -> None:
     a, b = instances
     key = sign_up(a, "alice")
@@ -147,9 +185,8 @@ def test_a_user_created_on_one_instance_authenticates_on_the_other(instances: tu
 def test_a_key_rotated_on_one_instance_fails_on_the_other_at_once(instances: tuple[Server, Server]) -> None:
     a, b = instances
     old = sign_up(a, "bob")
-    for _ in range(3):  # B has served this key, more than once
-        assert b.request("GET", "/users/me", old)[0] == 200
-        assert b.request("GET", "/agents", old)[0] == 200
+    until_cached(b, "/users/me", old)  # B remembers the key, and the user's agents
+    until_cached(b, "/agents", old)
     status, rotated, _ = a.request("POST", "/users/me/api-key/rotate", old)
     assert status == 200
     new = rotated["api_key"]
@@ -159,6 +196,39 @@ def test_a_key_rotated_on_one_instance_fails_on_the_other_at_once(instances: tup
     assert a.request("GET", "/users/me", old)[0] == 401
     assert b.request("GET", "/users/me", new)[0] == 200
     assert a.request("GET", "/users/me", new)[0] == 200
+
+
+def test_every_key_rotated_on_one_instance_is_refused_by_the_other_at_once_with_its_cache_on(
+        instances: tuple[Server, Server]) -> None:
+    """The race of issue 22, run many times: A commits and answers; B's very next request, made as
+    soon as A has answered, must not be served from B's cache, whether or not B's listener thread has
+    read the notification yet."""
+    a, b = instances
+    key = sign_up(a, "bert")
+    for _ in range(25):
+        until_cached(b, "/users/me", key)
+        status, rotated, _ = a.request("POST", "/users/me/api-key/rotate", key)
+        assert status == 200
+        status, body, _ = b.request("GET", "/users/me", key)
+        assert (status, body["code"]) == (401, "invalid_api_key")
+        key = rotated["api_key"]
+
+
+def test_caches_are_on_with_postgresql_and_off_while_the_listening_connection_is_lost(
+        instances: tuple[Server, Server], postgres: PostgresServer, database: str) -> None:
+    a, b = instances
+    key = sign_up(a, "erin")
+    until_cached(b, "/users/me", key)  # on: repeated requests read nothing
+    assert not costs_a_read(b, "/users/me", key)
+    lost = listener_pids(postgres, database)
+    assert len(lost) == 2  # one per worker: A's and B's
+    postgres.sql(database, f"SELECT pg_terminate_backend(pid) FROM unnest(ARRAY{lost}) AS pid")
+    deadline = time.monotonic() + 10
+    while not costs_a_read(b, "/users/me", key):  # off: every request reads, until it listens again
+        assert time.monotonic() < deadline, "B kept answering from its cache without its listener"
+    until_cached(b, "/users/me", key)  # back on, on a new listening connection
+    assert set(listener_pids(postgres, database)).isdisjoint(lost)
+    assert "database_listener_lost" in b.log.read_text()
 
 
 def test_an_agent_changed_on_one_instance_is_used_with_its_new_settings_by_the_other(

@@ -4,6 +4,8 @@ dialect adds (SQLite's pragmas, backup and data version; PostgreSQL's reconnects
 
 from __future__ import annotations
 
+import asyncio
+import re
 import sqlite3
 import threading
 import time
@@ -18,10 +20,11 @@ import pytest
 import sqlalchemy as sa
 
 from adapters.sql import migrations
+from adapters.sql.changes import listener_name
 from adapters.sql.schema import UtcDateTime, metadata
 from adapters.sql.storage import SqlStorage, sqlite_url
 from core.errors import Conflict, Unavailable
-from core.model import Agent, AuditEvent, ClientKey, HostKey, IssuedApiKey
+from core.model import Agent, ApiKey, AuditEvent, ClientKey, HostKey, IssuedApiKey, Scope
 from entrypoints import bootstrap, cli
 from entrypoints.settings import ConfigError, Settings
 from tests.postgres import PostgresServer
@@ -100,6 +103,26 @@ def test_round_trip_of_users_agents_and_events(storage: SqlStorage) -> None:
         assert tx.find_api_key(user.api_key_prefix).digest == "sha256:1"
         assert tx.list_audit_events(user.id, 10, None)[0].action == "agent.create"
     assert stored.created_at.tzinfo is not None
+
+
+def test_a_key_found_with_its_user_gives_that_user_until_a_write(storage: SqlStorage) -> None:
+    """Issue 22: ``find_api_key`` reads the key's user in the same statement, and ``get_user``
+    answers from it — the same user as its own query would give, and never one a write has changed."""
+    with storage.transaction(write=True) as tx:
+        user = tx.add_user("alice", None, key(1), NOW)
+        scoped = tx.add_api_key(ApiKey(user_id=user.id, prefix="mgmt_scoped", digest="d", created_at=NOW,
+                                       name="dashboard", scopes=frozenset({Scope.READ}), full=False))
+    with storage.transaction() as tx:
+        found = tx.find_api_key(scoped.prefix)
+        assert found is not None and found.id == scoped.id and not found.full
+        assert tx.get_user(user.id) == user  # the user's full key's prefix, as always
+    with storage.transaction(write=True) as tx:
+        assert tx.find_api_key(user.api_key_prefix) is not None
+        tx.replace_api_key(user.id, key(2), NOW)
+        assert tx.get_user(user.id) == attrs.evolve(user, api_key_prefix=key(2).prefix)
+    with storage.transaction() as tx:
+        assert tx.find_api_key(key(1).prefix) is None
+        assert tx.get_user(user.id) == attrs.evolve(user, api_key_prefix=key(2).prefix)
 
 
 def test_agents_and_events_are_scoped_by_owner(storage: SqlStorage) -> None:
@@ -454,9 +477,146 @@ def test_until_changed_gives_values_back_only_at_the_version_they_were_read_at()
 pg_only = pytest.mark.postgres
 
 
+def listening_version(storage: SqlStorage, unlike: object = None, timeout: float = 10.0) -> tuple[int, ...]:
+    """The storage's data version once it has one other than ``unlike`` (PostgreSQL: its listener
+    is up, and has heard what it should), polled with a deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        version = storage.data_version()
+        if version is not None and version != unlike:
+            return version
+        assert time.monotonic() < deadline, f"data version still {version!r}"
+        time.sleep(0.005)  # polling another thread's (and the server's) progress
+
+
+def listener_pids(postgres: PostgresServer, url: str, storage: SqlStorage) -> list[int]:
+    rows = postgres.sql(url, "SELECT pid FROM pg_stat_activity "
+                             f"WHERE application_name = '{listener_name(storage.changes_channel)}'")
+    return [int(str(pid)) for (pid,) in rows]
+
+
 @pg_only
-def test_postgresql_has_no_data_version_so_nothing_is_cached_across_instances(pg: SqlStorage) -> None:
-    assert pg.data_version() is None
+def test_postgresql_data_version_moves_when_any_connection_commits(pg: SqlStorage, postgres_url: str) -> None:
+    other_instance = SqlStorage(postgres_url)
+    try:
+        before = listening_version(pg)
+        with pg.transaction() as tx:  # reading changes nothing
+            tx.count_users()
+        assert listening_version(pg) == before
+        with other_instance.transaction(write=True) as tx:  # e.g. another instance rotating a key
+            tx.add_user("alice", None, key(1), NOW)
+        after_other = listening_version(pg, unlike=before)  # its notification arrives
+        with pg.transaction(write=True) as tx:
+            tx.add_user("bob", None, key(2), NOW)
+        # this worker's own commit moves it at once, before its notification comes back
+        assert pg.data_version() != after_other
+        deadline = time.monotonic() + 10
+        while (settled := listening_version(pg))[1] == after_other[1]:  # and its notification came back
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        with pytest.raises(RuntimeError), pg.transaction(write=True) as tx:  # rolled back: nothing to tell
+            tx.add_user("carol", None, key(3), NOW)
+            raise RuntimeError("changed my mind")
+        with pg.transaction(write=True) as tx:  # a write transaction that wrote nothing
+            tx.count_users()
+        with other_instance.transaction(write=True) as tx:
+            tx.count_users()
+        assert listening_version(pg) == settled
+    finally:
+        other_instance.dispose()
+
+
+@pg_only
+def test_postgresql_fenced_data_version_counts_every_commit_that_returned_before_it(pg: SqlStorage,
+                                                                                    postgres_url: str) -> None:
+    """No polling here: a commit of another instance that has returned is counted by the very next
+    fenced version, however late the server's notification would otherwise reach this worker."""
+    other_instance = SqlStorage(postgres_url)
+
+    async def rounds() -> None:
+        listening_version(pg)
+        for n in range(40):
+            before = await pg.fenced_data_version()
+            assert before is not None and await pg.fenced_data_version() == before  # nothing committed
+            with other_instance.transaction(write=True) as tx:
+                tx.add_user(f"user{n}", None, key(n + 1), NOW)
+            assert await pg.fenced_data_version() not in (before, None)
+
+    try:
+        asyncio.run(rounds())
+    finally:
+        other_instance.dispose()
+
+
+@pg_only
+def test_postgresql_data_version_is_none_while_its_listening_connection_is_lost(
+        pg: SqlStorage, postgres: PostgresServer, postgres_url: str) -> None:
+    before = listening_version(pg)
+    [listener] = listener_pids(postgres, postgres_url, pg)
+    postgres.sql(postgres_url, f"SELECT pg_terminate_backend({listener})")
+    deadline = time.monotonic() + 10
+    while pg.data_version() is not None:  # off from the moment the connection is seen to end
+        assert time.monotonic() < deadline, "the data version outlived its listening connection"
+        time.sleep(0.001)
+    after = listening_version(pg)  # listening again, on a new connection: nothing read before counts
+    assert after[0] == before[0] + 1 and after != before
+    assert listener_pids(postgres, postgres_url, pg) not in ([], [listener])
+
+
+@pg_only
+def test_two_portals_in_two_schemas_of_one_database_notify_apart(postgres_databases: Callable[[], str]) -> None:
+    first, second = SqlStorage(postgres_databases()), SqlStorage(postgres_databases())
+    try:
+        first.upgrade()
+        second.upgrade()
+        assert first.changes_channel != second.changes_channel
+        listening_version(first)
+        quiet = listening_version(second)
+        assert asyncio.run(second.fenced_data_version()) == quiet
+        moved = asyncio.run(first.fenced_data_version())
+        with first.transaction(write=True) as tx:
+            tx.add_user("alice", None, key(1), NOW)
+        with second.transaction() as tx:
+            assert tx.count_users() == 0
+        # fenced: had the notification been sent to second's channel, it would be counted by now
+        assert asyncio.run(second.fenced_data_version()) == quiet
+        assert asyncio.run(first.fenced_data_version()) not in (moved, None)
+    finally:
+        first.dispose()
+        second.dispose()
+
+
+def _first_words(sql: str) -> str:
+    """``SELECT`` for one statement, ``BEGIN; SELECT`` for two sent in one message."""
+    return "; ".join(statement.split()[0].strip('"') for statement in sql.split(";") if statement.strip(' "'))
+
+
+@pg_only
+def test_postgresql_round_trips_are_the_statements_alone(pg: SqlStorage, tmp_path: Path) -> None:
+    """Issue 22: no pre-ping, no BEGIN/COMMIT around a read, one statement for a key and its user;
+    a write sends BEGIN with its lock and NOTIFY with its COMMIT. Counted on the wire (libpq's
+    trace of the pooled connection)."""
+    with pg.transaction(write=True) as tx:
+        tx.add_user("alice", None, key(1), NOW)
+    sent: dict[str, list[str]] = {}
+    for kind, write in (("read", False), ("write", True)):
+        raw = pg.engine.raw_connection()  # the pool's connection the transaction will use (LIFO)
+        trace = tmp_path / f"{kind}.trace"
+        with trace.open("w") as handle:
+            raw.driver_connection.pgconn.trace(handle.fileno())  # type: ignore[union-attr]
+            raw.close()
+            with pg.transaction(write=write) as tx:
+                found = tx.find_api_key(key(1).prefix)  # an authentication: the key, then its user
+                assert found is not None and tx.get_user(found.user_id) is not None
+                if write:
+                    tx.touch_api_key(1, NOW)
+            pooled = pg.engine.raw_connection()
+            pooled.driver_connection.pgconn.untrace()  # type: ignore[union-attr]
+            pooled.close()
+        sent[kind] = [_first_words(found.group(1)) for found in re.finditer(
+            r'\tF\t\d+\t(?:Query\t "|Parse\t "[^"]*" ")([^\n]*)', trace.read_text())]
+    assert sent["read"] == ["SELECT"]
+    assert sent["write"] == ["BEGIN; SELECT", "SELECT", "UPDATE", "NOTIFY; COMMIT"]
 
 
 @pg_only
@@ -512,8 +672,14 @@ def test_pooled_connections_killed_while_idle_are_replaced_unseen(pg: SqlStorage
     with pg.transaction() as tx:
         idle = backend_pid(tx.conn)
     postgres.sql(postgres_url, f"SELECT pg_terminate_backend({idle})")
-    with pg.transaction(write=True) as tx:  # a write too: the pre-ping finds the dead connection first
+    with pg.transaction(write=True) as tx:  # a write: its first message fails, and is sent again
         tx.add_user("alice", None, key(1), NOW)
+        assert backend_pid(tx.conn) != idle
+    with pg.transaction() as tx:
+        idle = backend_pid(tx.conn)
+    postgres.sql(postgres_url, f"SELECT pg_terminate_backend({idle})")
+    with pg.transaction() as tx:  # a read: its first statement runs again on a fresh connection
+        assert tx.count_users() == 1
         assert backend_pid(tx.conn) != idle
 
 
