@@ -445,8 +445,8 @@ _WEBHOOK_ARGUMENTS: tuple[tuple[str, dict[str, Any]], ...] = (
 
 def _webhook_body(args: argparse.Namespace, *, new: bool) -> dict[str, Any]:
     body: dict[str, Any] = {}
-    if getattr(args, "url", None) is not None:
-        body["url"] = args.url
+    if args.webhook_url is not None:  # (--url is the portal's own URL)
+        body["url"] = args.webhook_url
     if args.events or (not new and args.all_events):
         body["events"] = args.events or []
     if args.agents or (not new and args.all_agents):
@@ -564,11 +564,13 @@ USER_COMMANDS: tuple[UserCommand, ...] = (
     UserCommand(("webhooks", "list"), "list_webhooks", "list your webhooks", _webhooks_text),
     UserCommand(("webhooks", "show"), "get_webhook", "one webhook", lambda hook, args: _webhooks_text([hook], args)),
     UserCommand(("webhooks", "create"), "create_webhook", "create a webhook (its secret is printed once)",
-                _new_webhook_text, body=(*_WEBHOOK_ARGUMENTS, ("url", {"help": "http(s) URL to POST events to"})),
+                _new_webhook_text,
+                body=(*_WEBHOOK_ARGUMENTS, ("webhook_url", {"metavar": "URL", "help": "http(s) URL for the events"})),
                 make_body=lambda args: _webhook_body(args, new=True)),
     UserCommand(("webhooks", "update"), "update_webhook", "change a webhook (only what you give changes)",
                 lambda hook, args: _webhooks_text([hook], args),
-                body=(*_WEBHOOK_ARGUMENTS, ("--url", {"help": "a new http(s) URL"}),
+                body=(*_WEBHOOK_ARGUMENTS, ("--set-url", {"dest": "webhook_url", "metavar": "URL",
+                                                                 "help": "a new http(s) URL"}),
                       ("--all-agents", {"action": "store_true", "help": "deliver every agent's events"}),
                       ("--all-events", {"action": "store_true", "help": "deliver every event type"})),
                 make_body=lambda args: _webhook_body(args, new=False)),
@@ -640,7 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("pools", "storage pools of an agent (needs MANAGEMENT_API_KEY)"),
                        ("volumes", "volumes of a storage pool (needs MANAGEMENT_API_KEY)"),
                        ("networks", "libvirt networks of an agent (needs MANAGEMENT_API_KEY)"),
-                       ("events", "what happened on your agents and VMs (needs MANAGEMENT_API_KEY)")):
+                       ("events", "what happened on your agents and VMs (needs MANAGEMENT_API_KEY)"),
+                       ("webhooks", "signed deliveries of your events to your URLs (needs MANAGEMENT_API_KEY)")):
         groups[(area,)] = commands.add_parser(area, help=text).add_subparsers(dest="action", required=True)
     groups[("vms", "snapshots")] = groups[("vms",)].add_parser(
         "snapshots", help="internal snapshots of a VM").add_subparsers(dest="snapshot_action", required=True)
