@@ -162,8 +162,8 @@ def test_a_bad_webhook_allow_list_is_a_configuration_error_naming_the_variable()
     from entrypoints.settings import ConfigError, Settings
 
     with pytest.raises(ConfigError, match=WEBHOOK_VARIABLE):
-        Settings.from_env({"MANAGEMENT_DB_PATH": "/tmp/x.sqlite3", WEBHOOK_VARIABLE: "10.0.0.0/8,nonsense"})  # noqa: S108
-    loaded = Settings.from_env({"MANAGEMENT_DB_PATH": "/tmp/x.sqlite3", WEBHOOK_VARIABLE: "10.0.0.0/8"})  # noqa: S108
+        Settings.from_env({"MANAGEMENT_DB_PATH": "/tmp/x.sqlite3", WEBHOOK_VARIABLE: "10.0.0.0/8,nonsense"})
+    loaded = Settings.from_env({"MANAGEMENT_DB_PATH": "/tmp/x.sqlite3", WEBHOOK_VARIABLE: "10.0.0.0/8"})
     assert loaded.webhook_networks.allows(ipaddress.ip_address("10.1.2.3"))
     assert not loaded.webhook_networks.allows(ipaddress.ip_address("192.0.2.1"))
 
