@@ -50,9 +50,9 @@ def _refusal(host: str, addresses: list[IPAddress], networks: AgentNetworks) -> 
     if not refused:
         return None
     shown = ", ".join(str(a) for a in refused[:4])
-    where = f"is {shown}" if ip_literal(host) is not None else f"resolves to {shown}"
-    return WebhookTargetRefused(f"{host} {where}, where webhooks may not post ({networks.describe()}); the "
-                                "portal's operator decides which networks webhooks may reach")
+    where = "" if ip_literal(host) is not None else f" (it resolves to {shown})"
+    return WebhookTargetRefused(f"{host}{where} is an address webhooks may not post to ({networks.describe()}); "
+                                "the portal's operator decides which networks webhooks may reach")
 
 
 class HttpWebhookSender:

@@ -13,7 +13,10 @@ Events come from the portal's own VM actions: an agent whose port is closed make
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -103,6 +106,17 @@ def test_a_receiver_gets_signed_deliveries_that_verify(server: Server, keys: Key
         assert str(delivery["id"]) == request.headers["X-Playr-Delivery"] and delivery["event_id"] == event["id"]
         assert [(a["number"], a["status_code"]) for a in delivery["attempts"]] == [(1, 200)]
         assert delivery["attempts"][0]["response"] == "thanks"
+    # the same through the HTTP client and the command line, from anywhere
+    environment = {**{k: v for k, v in os.environ.items() if not k.startswith("MANAGEMENT_")},
+                   "PYTHONPATH": str(REPO), "XDG_CONFIG_HOME": str(server.workdir),
+                   "MANAGEMENT_URL": f"http://127.0.0.1:{server.port}", "MANAGEMENT_API_KEY": key}
+    shown = subprocess.run([sys.executable, "-m", "entrypoints.cli", "webhooks", "deliveries", str(hook["id"]),
+                            "--json"], capture_output=True, text=True, env=environment, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert [d["status"] for d in json.loads(shown.stdout)] == ["delivered"]
+    listed = subprocess.run([sys.executable, "-m", "entrypoints.cli", "webhooks", "list"], capture_output=True,
+                            text=True, env=environment, timeout=60)
+    assert listed.returncode == 0 and receiver.url in listed.stdout and hook["secret"] not in listed.stdout
 
 
 def test_a_receiver_failing_three_times_gets_the_event_once_per_attempt_with_one_idempotency_id(
