@@ -53,6 +53,9 @@ from core.ports import Clock, SecretBox, Storage, Transaction, WebhookResponse, 
 MAX_WEBHOOKS_PER_USER = 20
 DELIVERY_PAGE_MAX = 100
 DELIVERY_PAGE_DEFAULT = 20
+# A claimed row is another worker's again after this long: longer than any attempt can take (the
+# POST's time-out is at most 60 s, name resolution at most 5 s), so a live worker never loses it.
+LEASE_SECONDS = 120.0
 POLL_SECONDS = 1.0  # how often an idle worker looks for due deliveries (one indexed read)
 BATCH = 8  # deliveries one worker attempts at once
 DELIVERY_RETENTION = timedelta(days=7)  # finished deliveries (and their attempts) kept this long
@@ -96,7 +99,7 @@ class WebhookService:
     def __init__(self, *, storage: Storage, secrets: SecretBox, clock: Clock, audit: AuditLog,
                  sender: WebhookSender | None, max_attempts: int = rules.MAX_ATTEMPTS,
                  retry_base: float = rules.RETRY_BASE, retry_cap: float = rules.RETRY_CAP,
-                 lease_seconds: float = 60.0, poll_seconds: float = POLL_SECONDS,
+                 lease_seconds: float = LEASE_SECONDS, poll_seconds: float = POLL_SECONDS,
                  max_per_user: int = MAX_WEBHOOKS_PER_USER) -> None:
         self.storage = storage
         self.secrets = secrets
