@@ -222,6 +222,13 @@ class _WebhookTables:
         self.s.attempts.append(attempt)
         return True
 
+    def postpone_deliveries(self, webhook_id: int, until: datetime, now: datetime) -> None:
+        for delivery_id, d in list(self.s.deliveries.items()):
+            lease = self.s.delivery_leases.get(delivery_id)
+            if (d.webhook_id == webhook_id and d.status == DELIVERY_PENDING and d.next_at is not None
+                    and d.next_at < until and (lease is None or lease[1] <= now)):
+                self.s.deliveries[delivery_id] = attrs.evolve(d, next_at=until)
+
     def release_deliveries(self, holder: str) -> None:
         for delivery_id, lease in list(self.s.delivery_leases.items()):
             if lease[0] == holder:

@@ -349,6 +349,10 @@ class Transaction(Protocol):
         """Store ``attempt`` and move its delivery to ``status`` (due again at ``next_at``), releasing
         the lease; only if ``holder`` still holds it (False: another worker took it over)."""
         ...
+    def postpone_deliveries(self, webhook_id: int, until: datetime, now: datetime) -> None:
+        """The webhook's pending deliveries that nobody holds and that are due before ``until`` become
+        due at ``until`` (its receiver just failed an attempt)."""
+        ...
     def release_deliveries(self, holder: str) -> None:
         """Give up ``holder``'s leases (a worker stopping): the rows are due again at once."""
         ...

@@ -255,33 +255,52 @@ class WebhookService:
     # ------------------------------------------------------------------ the delivery worker
 
     async def run(self, holder: str, stop: asyncio.Event) -> None:
-        """Until ``stop`` is set: attempt due deliveries, a batch at a time; idle, look again every
-        ``poll_seconds``. Leases still held on the way out are released (due again at once)."""
+        """Until ``stop`` is set: keep up to ``BATCH`` attempts in flight, claiming due deliveries as
+        slots free up (a slow receiver holds one slot, not the whole worker); idle, look again every
+        ``poll_seconds``. On the way out, attempts in flight are cancelled and the leases still held
+        released (those rows are due again at once: at least once)."""
+        running: set[asyncio.Task[None]] = set()
+        stopping = asyncio.ensure_future(stop.wait())
         last_prune = 0.0
         loop = asyncio.get_running_loop()
         try:
             while not stop.is_set():
+                claimed: list[tuple[Delivery, Webhook]] = []
                 try:
-                    done = await self.deliver_due(holder)
+                    if len(running) < BATCH:
+                        claimed = await asyncio.to_thread(self._claim, holder, BATCH - len(running))
                     if loop.time() - last_prune > PRUNE_EVERY:
                         last_prune = loop.time()
                         await asyncio.to_thread(self._prune)
                 except PortalError as error:  # the database is busy or gone: try again later
-                    log.warning("webhook deliveries not attempted: %s", error)
-                    done = 0
-                if done == 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=self.poll_seconds)
+                    log.warning("webhook deliveries not claimed: %s", error)
+                for delivery, hook in claimed:
+                    running.add(asyncio.create_task(self._attempt_logged(holder, delivery, hook)))
+                if claimed and len(running) < BATCH:
+                    continue  # more may be due at once
+                await asyncio.wait({*running, stopping}, timeout=self.poll_seconds,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                running = {task for task in running if not task.done()}
         finally:
+            stopping.cancel()
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
             with contextlib.suppress(PortalError):
                 await asyncio.to_thread(self._release, holder)
 
     async def deliver_due(self, holder: str) -> int:
         """Claim the deliveries due now (at most a batch) and attempt each once; how many."""
-        claimed = await asyncio.to_thread(self._claim, holder)
+        claimed = await asyncio.to_thread(self._claim, holder, BATCH)
         if claimed:
             await asyncio.gather(*(self.attempt(holder, delivery, hook) for delivery, hook in claimed))
         return len(claimed)
+
+    async def _attempt_logged(self, holder: str, delivery: Delivery, hook: Webhook) -> None:
+        try:
+            await self.attempt(holder, delivery, hook)
+        except PortalError as error:  # not recorded: the lease runs out and the row is attempted again
+            log.warning("delivery %s: attempt not recorded: %s", delivery.id, error)
 
     async def attempt(self, holder: str, delivery: Delivery, hook: Webhook) -> DeliveryAttempt:
         """POST ``delivery`` to its webhook once and record how it went."""
@@ -302,19 +321,19 @@ class WebhookService:
         attempt = DeliveryAttempt(delivery_id=delivery.id, number=number, at=started, seconds=round(answer.seconds, 3),
                                   status_code=answer.status_code, error=rules.excerpt(reason, rules.ERROR_MAX),
                                   response=rules.excerpt(answer.response, rules.RESPONSE_MAX))
-        await asyncio.to_thread(self._record, holder, attempt)
+        await asyncio.to_thread(self._record, holder, delivery, attempt)
         return attempt
 
-    def _claim(self, holder: str) -> list[tuple[Delivery, Webhook]]:
+    def _claim(self, holder: str, limit: int) -> list[tuple[Delivery, Webhook]]:
         now = self.clock.now()
         with self.storage.transaction() as tx:  # a read first: an idle worker never takes the write lock
             due = tx.next_delivery_at()
         if due is None or due > now:
             return []
         with self.storage.transaction(write=True) as tx:
-            return tx.claim_deliveries(holder, now, now + timedelta(seconds=self.lease_seconds), BATCH)
+            return tx.claim_deliveries(holder, now, now + timedelta(seconds=self.lease_seconds), limit)
 
-    def _record(self, holder: str, attempt: DeliveryAttempt) -> None:
+    def _record(self, holder: str, delivery: Delivery, attempt: DeliveryAttempt) -> None:
         now = self.clock.now()
         if attempt.error is None:
             status, next_at = DELIVERY_DELIVERED, None
@@ -325,6 +344,10 @@ class WebhookService:
         with self.storage.transaction(write=True) as tx:
             if not tx.record_attempt(holder, attempt, status, next_at):
                 log.warning("delivery %s: lease lost before its attempt was recorded", attempt.delivery_id)
+            elif next_at is not None:
+                # the receiver is failing: its other due deliveries wait as long as this one, so a
+                # dead receiver with a long queue gets one attempt per back-off step, not its whole queue
+                tx.postpone_deliveries(delivery.webhook_id, next_at, now)
 
     def _release(self, holder: str) -> None:
         with self.storage.transaction(write=True) as tx:

@@ -805,6 +805,12 @@ class SqlTransaction:
             status_code=attempt.status_code, error=attempt.error, response=attempt.response))
         return True
 
+    def postpone_deliveries(self, webhook_id: int, until: datetime, now: datetime) -> None:
+        d = webhook_deliveries
+        self._execute(d.update().where(d.c.webhook_id == webhook_id, d.c.status == DELIVERY_PENDING,
+                                       d.c.next_at < until,
+                                       sa.or_(d.c.lease_until.is_(None), d.c.lease_until <= now)).values(next_at=until))
+
     def release_deliveries(self, holder: str) -> None:
         d = webhook_deliveries
         self._execute(d.update().where(d.c.lease_holder == holder, d.c.status == DELIVERY_PENDING)

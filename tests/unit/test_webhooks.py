@@ -228,3 +228,62 @@ def test_deleting_a_webhook_drops_its_pending_deliveries(world: World, alice: Ca
     world.portal.webhooks.delete_webhook(alice, created.webhook.id)
     assert world.storage.state.deliveries == {}
     assert asyncio.run(world.portal.webhooks.deliver_due("w")) == 0
+
+
+def test_a_failing_receiver_holds_back_its_own_queue_not_other_webhooks(world: World, alice: Caller, agent: Agent,
+                                                                        sender: FakeWebhookSender) -> None:
+    world.clock.step = timedelta(0)
+    failing = world.portal.webhooks.create_webhook(alice, NewWebhook(url=URL, events=["vm.started"])).webhook
+    healthy = world.portal.webhooks.create_webhook(alice, NewWebhook(url=URL + "/ok", events=["vm.stopped"])).webhook
+    for _ in range(20):
+        emit(world, alice, agent.id, "vm.started")
+    emit(world, alice, agent.id, "vm.stopped")
+    sender.answers = ["ConnectError: connection refused"] * 8
+    asyncio.run(world.portal.webhooks.deliver_due("w"))  # one batch: 8 attempts at the failing receiver
+    now = world.clock.current
+    later = [d for d in world.storage.state.deliveries.values() if d.webhook_id == failing.id and d.attempts == 0]
+    assert len(later) == 12 and all(d.next_at is not None and d.next_at > now for d in later)
+    assert asyncio.run(world.portal.webhooks.deliver_due("w")) == 1  # only the healthy webhook's is due
+    assert sender.posted[-1][0] == URL + "/ok"
+    assert [d.status for d in world.storage.state.deliveries.values() if d.webhook_id == healthy.id] == [
+        DELIVERY_DELIVERED]
+
+
+def test_the_worker_keeps_delivering_while_one_receiver_hangs(world: World, alice: Caller, agent: Agent) -> None:
+    from core.ports import WebhookResponse
+
+    class HangingSender(FakeWebhookSender):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = asyncio.Event()
+            self.hanging = False
+
+        async def post(self, url: str, headers: dict[str, str], body: bytes) -> WebhookResponse:
+            if url.endswith("/slow"):
+                self.hanging = True
+                await self.release.wait()
+            return await super().post(url, headers, body)
+
+    sender = HangingSender()
+    service = WebhookService(storage=world.storage, secrets=world.portal.webhooks.secrets, clock=world.clock,
+                             audit=world.portal.audit, sender=sender, poll_seconds=0.01)
+    service.create_webhook(alice, NewWebhook(url=URL + "/slow", events=["vm.started"]))
+    service.create_webhook(alice, NewWebhook(url=URL + "/fast", events=["vm.stopped"]))
+    emit(world, alice, agent.id, "vm.started")
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        worker = asyncio.create_task(service.run("w", stop))
+        async with asyncio.timeout(10):
+            while not sender.hanging:
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(emit, world, alice, agent.id, "vm.stopped")
+            while not any(url.endswith("/fast") for url, _, _ in sender.posted):
+                await asyncio.sleep(0.01)  # delivered while the slow one still hangs
+        assert not sender.release.is_set()
+        stop.set()
+        await worker  # stopping cancels the hanging attempt and releases its lease
+
+    asyncio.run(scenario())
+    assert pending(world) == [d.id for d in world.storage.state.deliveries.values() if d.event_type == "vm.started"]
+    assert world.storage.state.delivery_leases == {}
