@@ -56,7 +56,7 @@ DELIVERY_PAGE_DEFAULT = 20
 # A claimed row is another worker's again after this long: longer than any attempt can take (the
 # POST's time-out is at most 60 s, name resolution at most 5 s), so a live worker never loses it.
 LEASE_SECONDS = 120.0
-POLL_SECONDS = 1.0  # how often an idle worker looks for due deliveries (one indexed read)
+POLL_SECONDS = 0.5  # how often an idle worker looks for due deliveries (one indexed read)
 BATCH = 8  # deliveries one worker attempts at once
 DELIVERY_RETENTION = timedelta(days=7)  # finished deliveries (and their attempts) kept this long
 PRUNE_EVERY = 600.0  # seconds between two prunings by one worker

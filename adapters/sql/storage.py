@@ -77,6 +77,11 @@ _NEWEST_AGENT = sa.select(agents).order_by(agents.c.id.desc()).limit(1)
 _AGENT_OF_OWNER = sa.select(agents).where(agents.c.owner_id == sa.bindparam("owner_id"),
                                           agents.c.id == sa.bindparam("agent_id"))
 
+# Webhooks (issue 18): every stored event reads its owner's webhooks, and each one that wants it adds
+# an outbox row (the statements are built once, like the reads above).
+_WEBHOOKS_OF_USER = sa.select(webhooks).where(webhooks.c.user_id == sa.bindparam("user_id")).order_by(webhooks.c.id)
+_ADD_DELIVERY = webhook_deliveries.insert()
+
 # PostgreSQL: the advisory lock every write transaction of every instance takes first (the
 # counterpart of SQLite's single writer); migrations take their own as well (migrations.py).
 WRITE_LOCK_KEY = 7252018
@@ -728,8 +733,7 @@ class SqlTransaction:
         return attrs.evolve(hook, id=webhook_id)
 
     def list_webhooks(self, user_id: int) -> list[Webhook]:
-        rows = self._execute(sa.select(webhooks).where(webhooks.c.user_id == user_id).order_by(webhooks.c.id))
-        return [_webhook_from_row(row) for row in rows]
+        return [_webhook_from_row(row) for row in self._execute(_WEBHOOKS_OF_USER, {"user_id": user_id})]
 
     def get_webhook(self, user_id: int, webhook_id: int) -> Webhook | None:
         row = self._execute(sa.select(webhooks).where(webhooks.c.user_id == user_id,
@@ -750,10 +754,11 @@ class SqlTransaction:
                                                           webhooks.c.id == webhook_id)).rowcount)
 
     def add_delivery(self, delivery: Delivery) -> Delivery:
-        delivery_id = _inserted_id(self._execute(webhook_deliveries.insert().values(
-            webhook_id=delivery.webhook_id, user_id=delivery.user_id, event_id=delivery.event_id,
-            event_type=delivery.event_type, body=delivery.body, status=delivery.status, attempts=delivery.attempts,
-            next_at=delivery.next_at, created_at=delivery.created_at, finished_at=delivery.finished_at)))
+        delivery_id = _inserted_id(self._execute(_ADD_DELIVERY, {
+            "webhook_id": delivery.webhook_id, "user_id": delivery.user_id, "event_id": delivery.event_id,
+            "event_type": delivery.event_type, "body": delivery.body, "status": delivery.status,
+            "attempts": delivery.attempts, "next_at": delivery.next_at, "created_at": delivery.created_at,
+            "finished_at": delivery.finished_at}))
         return attrs.evolve(delivery, id=delivery_id)
 
     def next_delivery_at(self) -> datetime | None:
