@@ -69,7 +69,7 @@ def verify(secret: str, header: str, body: bytes, now: float, tolerance: float =
         name, _, value = item.strip().partition("=")
         fields.setdefault(name, []).append(value)
     stamps = fields.get("t", [])
-    if len(stamps) != 1 or not stamps[0].isascii() or not stamps[0].isdigit() or len(stamps[0]) > 12:
+    if len(stamps) != 1 or not stamps[0].isascii() or not stamps[0].isdigit() or len(stamps[0]) > 15:
         return False
     timestamp = int(stamps[0])
     if abs(now - timestamp) > tolerance:
