@@ -161,3 +161,36 @@ def test_pending_deliveries_survive_a_restart_and_are_all_delivered(server: Serv
     assert done
     assert {r.headers["X-Playr-Delivery"] for r in seen} == {str(d["id"]) for d in pending}
     assert sorted(json.loads(r.body)["vm"] for r in seen) == ["web1", "web2", "web3"]
+
+
+@pytest.mark.postgres
+def test_two_instances_on_postgresql_deliver_each_event_once(postgres_url: str, tmp_path: Path,
+                                                             keys: KeyMaterial) -> None:
+    """Two instances with two workers each (four delivery workers) share one outbox: every event
+    reaches a healthy receiver exactly once (no row attempted by two workers)."""
+    from entrypoints.bootstrap import new_secret_key
+
+    env = {**SETTINGS, "MANAGEMENT_DATABASE_URL": postgres_url, "MANAGEMENT_SECRET_KEY": new_secret_key()}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = Server(tmp_path / "a", **env)
+    b = Server(tmp_path / "b", **env)
+    a.start()
+    try:
+        b.start()
+        try:
+            key, agent_id = user_with_agent(a, keys)
+            with Receiver() as receiver:
+                hook = webhook(b, key, receiver.url)
+                for n in range(16):
+                    start_vm(a if n % 2 else b, key, agent_id, f"web{n}")
+                until(lambda: len([d for d in deliveries(a, key, hook["id"]) if d["status"] == "delivered"]) == 16,
+                      within=60)
+                seen = list(receiver.requests)
+        finally:
+            b.stop()
+    finally:
+        a.stop()
+    ids = [r.headers["X-Playr-Delivery"] for r in seen]
+    assert len(ids) == 16 and len(set(ids)) == 16
+    assert sorted(json.loads(r.body)["vm"] for r in seen) == sorted(f"web{n}" for n in range(16))
