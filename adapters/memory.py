@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import itertools
 import secrets
+import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -251,19 +252,23 @@ class _WebhookTables:
 
 class InMemoryStorage:
     """Implements ``core.ports.Storage``; a transaction works on a copy that replaces the state on
-    commit, so an exception inside it leaves nothing behind."""
+    commit, so an exception inside it leaves nothing behind. Write transactions take a lock first,
+    as the port promises: two threads writing at once (the webhook worker records its attempts side
+    by side) never lose one another's change."""
 
     def __init__(self) -> None:
         self.state = _State()
         self.transactions = 0
+        self._write_lock = threading.RLock()
 
     @contextmanager
     def transaction(self, *, write: bool = False) -> Iterator[InMemoryTransaction]:
-        working = copy.deepcopy(self.state)
-        yield InMemoryTransaction(working)
-        self.transactions += 1
-        if write:
-            self.state = working
+        with self._write_lock if write else contextlib.nullcontext():
+            working = copy.deepcopy(self.state)
+            yield InMemoryTransaction(working)
+            self.transactions += 1
+            if write:
+                self.state = working
 
 
 class InMemoryTransaction(_WebhookTables):
