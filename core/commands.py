@@ -245,8 +245,8 @@ class NewWebhook:
     agents: list[int] | None = attrs.field(default=None, metadata=doc(
         "Only events of these agents (ids of yours). Omit or null: every agent (a key limited to agents: its "
         "agents)."))
-    active: bool = attrs.field(default=True, metadata=doc("false: no new deliveries are made (and pending ones "
-                                                          "wait) until set true again."))
+    active: bool = attrs.field(default=True, metadata=doc("false: paused; events meanwhile are not queued for it, "
+                                                          "pending deliveries wait until set true again."))
 
 
 @attrs.frozen(kw_only=True)
