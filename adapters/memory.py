@@ -11,14 +11,32 @@ import hashlib
 import hmac
 import itertools
 import secrets
+import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import attrs
 
-from core.errors import AgentAddressRefused, EmailTaken, HostKeyMismatch, SecretUnreadable, TunnelRefused
-from core.live import Event, EventFilter, Mirror, MirroredVm, WatchStatus
+from core.errors import (
+    AgentAddressRefused,
+    EmailTaken,
+    HostKeyMismatch,
+    SecretUnreadable,
+    TunnelRefused,
+    WebhookTargetRefused,
+)
+from core.live import (
+    DELIVERY_PENDING,
+    Delivery,
+    DeliveryAttempt,
+    Event,
+    EventFilter,
+    Mirror,
+    MirroredVm,
+    WatchStatus,
+    Webhook,
+)
 from core.model import (
     API_KEY_SCHEME,
     Agent,
@@ -33,7 +51,7 @@ from core.model import (
     WebSession,
 )
 from core.networks import AgentNetworks, ip_literal
-from core.ports import CommandResult, PinHostKey, RemoteStream
+from core.ports import CommandResult, PinHostKey, RemoteStream, WebhookResponse
 from core.validation import normalize_email
 
 
@@ -128,6 +146,16 @@ class _State:
     mirror: dict[int, dict[str, MirroredVm]] = attrs.Factory(dict)
     demand: dict[int, datetime] = attrs.Factory(dict)
     web_sessions: dict[str, WebSession] = attrs.Factory(dict)  # by digest (issue 19)
+    # webhooks (issue 18): subscriptions, the outbox, leases on its rows, attempts
+    webhooks: dict[int, Webhook] = attrs.Factory(dict)
+    deliveries: dict[int, Delivery] = attrs.Factory(dict)
+    delivery_leases: dict[int, tuple[str, datetime]] = attrs.Factory(dict)
+    attempts: list[DeliveryAttempt] = attrs.Factory(list)
+
+    def take(self, kind: str) -> int:
+        """``take_id`` for kinds added after the first (their counters start at 1 on first use)."""
+        self.next_id.setdefault(kind, 1)
+        return self.take_id(kind)
 
     def take_id(self, kind: str) -> int:
         value = self.next_id[kind]
@@ -135,24 +163,125 @@ class _State:
         return value
 
 
+class _WebhookTables:
+    """The webhook half of ``InMemoryTransaction`` (issue 18)."""
+
+    s: _State
+
+    def add_webhook(self, hook: Webhook) -> Webhook:
+        stored = attrs.evolve(hook, id=self.s.take("webhook"))
+        self.s.webhooks[stored.id] = stored
+        return stored
+
+    def list_webhooks(self, user_id: int) -> list[Webhook]:
+        return [h for _, h in sorted(self.s.webhooks.items()) if h.user_id == user_id]
+
+    def get_webhook(self, user_id: int, webhook_id: int) -> Webhook | None:
+        hook = self.s.webhooks.get(webhook_id)
+        return hook if hook is not None and hook.user_id == user_id else None
+
+    def update_webhook(self, hook: Webhook) -> None:
+        if self.get_webhook(hook.user_id, hook.id) is not None:
+            self.s.webhooks[hook.id] = hook
+
+    def delete_webhook(self, user_id: int, webhook_id: int) -> bool:
+        if self.get_webhook(user_id, webhook_id) is None:
+            return False
+        del self.s.webhooks[webhook_id]
+        gone = {i for i, d in self.s.deliveries.items() if d.webhook_id == webhook_id}
+        for delivery_id in gone:
+            del self.s.deliveries[delivery_id]
+            self.s.delivery_leases.pop(delivery_id, None)
+        self.s.attempts = [a for a in self.s.attempts if a.delivery_id not in gone]
+        return True
+
+    def add_delivery(self, delivery: Delivery) -> Delivery:
+        stored = attrs.evolve(delivery, id=self.s.take("delivery"))
+        self.s.deliveries[stored.id] = stored
+        return stored
+
+    def _claimable(self) -> list[tuple[datetime, Delivery]]:
+        found = []
+        for delivery_id, d in self.s.deliveries.items():
+            hook = self.s.webhooks.get(d.webhook_id)
+            if d.status != DELIVERY_PENDING or d.next_at is None or hook is None or not hook.active:
+                continue
+            lease = self.s.delivery_leases.get(delivery_id)
+            found.append((max(d.next_at, lease[1]) if lease is not None else d.next_at, d))
+        return found
+
+    def next_delivery_at(self) -> datetime | None:
+        return min((when for when, _ in self._claimable()), default=None)
+
+    def claim_deliveries(self, holder: str, now: datetime, until: datetime,
+                         limit: int) -> list[tuple[Delivery, Webhook]]:
+        due = sorted((d for when, d in self._claimable() if when <= now), key=lambda d: (d.next_at, d.id))[:limit]
+        for d in due:
+            self.s.delivery_leases[d.id] = (holder, until)
+        return [(d, self.s.webhooks[d.webhook_id]) for d in due]
+
+    def record_attempt(self, holder: str, attempt: DeliveryAttempt, status: str,
+                       next_at: datetime | None) -> bool:
+        lease = self.s.delivery_leases.get(attempt.delivery_id)
+        delivery = self.s.deliveries.get(attempt.delivery_id)
+        if lease is None or lease[0] != holder or delivery is None or delivery.status != DELIVERY_PENDING:
+            return False
+        del self.s.delivery_leases[attempt.delivery_id]
+        self.s.deliveries[delivery.id] = attrs.evolve(
+            delivery, status=status, attempts=attempt.number, next_at=next_at,
+            finished_at=None if status == DELIVERY_PENDING else attempt.at)
+        self.s.attempts.append(attempt)
+        return True
+
+    def postpone_deliveries(self, webhook_id: int, until: datetime, now: datetime) -> None:
+        for delivery_id, d in list(self.s.deliveries.items()):
+            lease = self.s.delivery_leases.get(delivery_id)
+            if (d.webhook_id == webhook_id and d.status == DELIVERY_PENDING and d.next_at is not None
+                    and d.next_at < until and (lease is None or lease[1] <= now)):
+                self.s.deliveries[delivery_id] = attrs.evolve(d, next_at=until)
+
+    def release_deliveries(self, holder: str) -> None:
+        for delivery_id, lease in list(self.s.delivery_leases.items()):
+            if lease[0] == holder:
+                del self.s.delivery_leases[delivery_id]
+
+    def list_deliveries(self, user_id: int, webhook_id: int, limit: int,
+                        before: int | None) -> list[tuple[Delivery, list[DeliveryAttempt]]]:
+        mine = [d for i, d in sorted(self.s.deliveries.items(), reverse=True)
+                if d.user_id == user_id and d.webhook_id == webhook_id and (before is None or i < before)][:limit]
+        return [(d, [a for a in self.s.attempts if a.delivery_id == d.id]) for d in mine]
+
+    def prune_deliveries(self, finished_before: datetime) -> int:
+        old = {i for i, d in self.s.deliveries.items()
+               if d.finished_at is not None and d.finished_at < finished_before}
+        for delivery_id in old:
+            del self.s.deliveries[delivery_id]
+        self.s.attempts = [a for a in self.s.attempts if a.delivery_id not in old]
+        return len(old)
+
+
 class InMemoryStorage:
     """Implements ``core.ports.Storage``; a transaction works on a copy that replaces the state on
-    commit, so an exception inside it leaves nothing behind."""
+    commit, so an exception inside it leaves nothing behind. Write transactions take a lock first,
+    as the port promises: two threads writing at once (the webhook worker records its attempts side
+    by side) never lose one another's change."""
 
     def __init__(self) -> None:
         self.state = _State()
         self.transactions = 0
+        self._write_lock = threading.RLock()
 
     @contextmanager
     def transaction(self, *, write: bool = False) -> Iterator[InMemoryTransaction]:
-        working = copy.deepcopy(self.state)
-        yield InMemoryTransaction(working)
-        self.transactions += 1
-        if write:
-            self.state = working
+        with self._write_lock if write else contextlib.nullcontext():
+            working = copy.deepcopy(self.state)
+            yield InMemoryTransaction(working)
+            self.transactions += 1
+            if write:
+                self.state = working
 
 
-class InMemoryTransaction:
+class InMemoryTransaction(_WebhookTables):
     def __init__(self, state: _State) -> None:
         self.s = state
 
@@ -545,3 +674,28 @@ class FakeAgentAddresses:
         if refused:
             raise AgentAddressRefused(f"{hostname} resolves to {refused[0]}, which agents may not point at "
                                       f"({self.networks.describe()})")
+
+
+class FakeWebhookSender:
+    """Implements ``core.ports.WebhookSender`` without a network: ``check`` refuses IP-literal hosts
+    outside ``networks`` (names pass); ``post`` records each request and answers what ``answers`` says
+    (status codes, or a string: that error), then 200 once they run out."""
+
+    def __init__(self, networks: AgentNetworks | None = None, answers: list[int | str] | None = None) -> None:
+        self.networks = networks if networks is not None else AgentNetworks(variable="MANAGEMENT_WEBHOOK_ALLOW")
+        self.answers = list(answers or [])
+        self.posted: list[tuple[str, dict[str, str], bytes]] = []
+
+    def check(self, url: str) -> None:
+        from urllib.parse import urlsplit
+
+        literal = ip_literal(urlsplit(url).hostname or "")
+        if literal is not None and not self.networks.allows(literal):
+            raise WebhookTargetRefused(f"{literal} is refused ({self.networks.describe()})")
+
+    async def post(self, url: str, headers: dict[str, str], body: bytes) -> WebhookResponse:
+        self.posted.append((url, dict(headers), body))
+        answer = self.answers.pop(0) if self.answers else 200
+        if isinstance(answer, str):
+            return WebhookResponse(status_code=None, response=None, error=answer, seconds=0.001)
+        return WebhookResponse(status_code=answer, response="ok", error=None, seconds=0.001)

@@ -226,3 +226,34 @@ class NewConsole:
 
     kind: str = attrs.field(metadata=doc("serial (virsh console) or vnc (RFB, for noVNC).",
                                          enum=["serial", "vnc"]))
+
+
+# --- webhooks (issue 18)
+
+
+@attrs.frozen(kw_only=True)
+class NewWebhook:
+    """A webhook: where the portal POSTs your events, signed with a secret shown once."""
+
+    url: str = attrs.field(metadata=doc(
+        "http:// or https:// URL the portal POSTs each event to (no user:password@, no #fragment). Its host must "
+        "be, and resolve to, addresses within MANAGEMENT_WEBHOOK_ALLOW (by default: not loopback, link-local, "
+        "multicast, unspecified or reserved), else 422 webhook_target_refused.", minLength=1, maxLength=2000))
+    events: list[str] = attrs.field(factory=list, metadata=doc(
+        "Event types to deliver (vm.started, agent.unreachable, action.start…) or families (vm.*); empty or "
+        "omitted: every event.", maxItems=50, items={"type": "string", "maxLength": 64}))
+    agents: list[int] | None = attrs.field(default=None, metadata=doc(
+        "Only events of these agents (ids of yours). Omit or null: every agent (a key limited to agents: its "
+        "agents)."))
+    active: bool = attrs.field(default=True, metadata=doc("false: paused; events meanwhile are not queued for it, "
+                                                          "pending deliveries wait until set true again."))
+
+
+@attrs.frozen(kw_only=True)
+class WebhookChanges:
+    """A partial update of a webhook: fields left out keep their value."""
+
+    url: str = attrs.field(default=UNCHANGED, metadata=NewWebhook.__attrs_attrs__.url.metadata)
+    events: list[str] = attrs.field(default=UNCHANGED, metadata=NewWebhook.__attrs_attrs__.events.metadata)
+    agents: list[int] | None = attrs.field(default=UNCHANGED, metadata=NewWebhook.__attrs_attrs__.agents.metadata)
+    active: bool = attrs.field(default=UNCHANGED, metadata=NewWebhook.__attrs_attrs__.active.metadata)

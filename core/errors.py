@@ -561,3 +561,30 @@ class CsrfRefused(Forbidden):
 
     code = "csrf_refused"
     title = "Cross-site request refused"
+
+
+# --- webhooks (issue 18)
+
+
+class WebhookNotFound(NotFound):
+    code = "webhook_not_found"
+
+    def __init__(self, detail: str = "no such webhook") -> None:
+        super().__init__(detail)
+
+
+class WebhookTargetRefused(ValidationFailed):
+    """The webhook's URL names, or resolves to, an address outside ``MANAGEMENT_WEBHOOK_ALLOW``
+    (by default loopback, link-local and the like): the portal never posts there, so a webhook
+    cannot probe the portal's own host or link. Checked on create and change, and again before
+    every delivery (a name may resolve elsewhere later)."""
+
+    code = "webhook_target_refused"
+    title = "Webhook target refused"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__([FieldError("url", detail)])
+
+
+class WebhookLimitReached(Conflict):
+    code = "webhook_limit_reached"

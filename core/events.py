@@ -23,6 +23,7 @@ from core.live import Event, EventFilter
 from core.model import Caller
 from core.ports import Clock, Storage, Transaction
 from core.virsh import check_vm_name
+from core.webhook_rules import enqueue
 
 EVENT_PAGE_MAX = 500
 EVENT_PAGE_DEFAULT = 100
@@ -92,8 +93,10 @@ class EventLog:
 
     def add(self, tx: Transaction, event: Event) -> Event:
         """Record ``event`` inside ``tx`` (the caller's transaction: a mirror update or an audit
-        commits with its event), pruning the user's oldest past the retention now and then."""
+        commits with its event), pruning the user's oldest past the retention now and then. The
+        user's webhooks that want it get their outbox rows in ``tx`` too (issue 18: nothing lost)."""
         stored = tx.add_event(event)
+        enqueue(tx, stored, self.clock.now())
         if stored.id % PRUNE_EVERY == 0:
             tx.prune_events(event.user_id, self.retention)
         return stored

@@ -84,3 +84,60 @@ class Mirror:
 
     status: WatchStatus
     vms: tuple[MirroredVm, ...]
+
+
+# --- webhooks (issue 18): a user's subscriptions, and the outbox of their deliveries
+
+
+@attrs.frozen
+class Webhook:
+    """Where to POST the owner's events: ``types`` says which (empty: every type; ``vm.*`` a whole
+    family), ``agent_ids`` of which agents (None: every agent of the owner; a webhook made with a key
+    limited to agents is limited to them). Its secret is held sealed (``core/webhooks.py``)."""
+
+    id: int
+    user_id: int
+    url: str
+    types: tuple[str, ...]
+    agent_ids: frozenset[int] | None
+    active: bool
+    sealed_secret: str = attrs.field(repr=False)
+    created_at: datetime
+    updated_at: datetime
+
+
+DELIVERY_PENDING = "pending"  # waiting for its next attempt (or being attempted)
+DELIVERY_DELIVERED = "delivered"  # the receiver answered 2xx
+DELIVERY_FAILED = "failed"  # every attempt failed: no more tries
+
+
+@attrs.frozen
+class Delivery:
+    """One event on its way to one webhook (a row of the outbox): the body is fixed when the event
+    is stored, so every attempt sends the same bytes with the same id (``X-Playr-Delivery``)."""
+
+    id: int
+    webhook_id: int
+    user_id: int
+    event_id: int
+    event_type: str
+    body: str
+    status: str
+    attempts: int  # attempts made so far
+    next_at: datetime | None  # when the next attempt is due (None: finished)
+    created_at: datetime
+    finished_at: datetime | None = None
+
+
+@attrs.frozen
+class DeliveryAttempt:
+    """One POST of a delivery and how it ended: the receiver's status code and the start of its
+    answer, or why there was none (time-out, refused address, connection error)."""
+
+    delivery_id: int
+    number: int
+    at: datetime
+    seconds: float
+    status_code: int | None
+    error: str | None
+    response: str | None

@@ -71,21 +71,24 @@ class AgentNetworks:
     default), else every address outside ``REFUSED_BY_DEFAULT``."""
 
     allowed: tuple[IPNetwork, ...] | None = None
+    # the variable the operator sets this policy with (named in refusals): the same rules serve
+    # agents' addresses and webhook targets (``MANAGEMENT_WEBHOOK_ALLOW``, issue 18)
+    variable: str = VARIABLE
 
     @classmethod
-    def parse(cls, text: str | None) -> AgentNetworks:
+    def parse(cls, text: str | None, variable: str = VARIABLE) -> AgentNetworks:
         """Comma-separated networks or addresses (``10.0.0.0/8, 2001:db8::/32, 192.0.2.7``);
         unset or blank means the default. Raises ``ValueError`` naming the item it cannot read."""
         items = [item.strip() for item in (text or "").split(",") if item.strip()]
         if not items:
-            return cls()
+            return cls(variable=variable)
         networks: list[IPNetwork] = []
         for item in items:
             try:
                 networks.append(ipaddress.ip_network(item, strict=False))
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP network (such as 10.0.0.0/8) or address") from None
-        return cls(tuple(networks))
+        return cls(tuple(networks), variable)
 
     @classmethod
     def of(cls, networks: Iterable[str]) -> AgentNetworks:
@@ -111,6 +114,6 @@ class AgentNetworks:
     def describe(self) -> str:
         """The policy in words, for refusals: what the operator set, or what the default is."""
         if self.allowed is None:
-            return (f"{VARIABLE} is not set: loopback, link-local, multicast, unspecified and reserved "
+            return (f"{self.variable} is not set: loopback, link-local, multicast, unspecified and reserved "
                     "addresses are refused")
-        return f"{VARIABLE}={','.join(str(n) for n in self.allowed)}"
+        return f"{self.variable}={','.join(str(n) for n in self.allowed)}"

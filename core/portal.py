@@ -42,6 +42,7 @@ from core.ports import (
     SshKeys,
     Storage,
     TicketDigests,
+    WebhookSender,
 )
 from core.provisioning import ProvisioningService
 from core.remote import RemoteCommands
@@ -50,6 +51,8 @@ from core.users import UserService
 from core.vms import POLL_GRACE, POLL_INTERVAL, VmService
 from core.watch import LEASE_SECONDS, MAX_AGE, RENEW_EVERY, WATCH_IDLE, WatchService
 from core.web_sessions import SESSION_IDLE, SESSION_LIFETIME, WebSessionService
+from core.webhook_rules import MAX_ATTEMPTS, RETRY_BASE
+from core.webhooks import WebhookService
 
 
 @attrs.frozen
@@ -70,6 +73,7 @@ class Portal:
     events: EventLog  # live state and events (issue 18)
     watch: WatchService
     sessions: WebSessionService  # the web console's browser sessions (issue 19)
+    webhooks: WebhookService = attrs.field(kw_only=True)  # signed webhooks (issue 18)
 
 
 def assemble(
@@ -104,6 +108,9 @@ def assemble(
     watch_idle: float = WATCH_IDLE,
     session_lifetime: timedelta = SESSION_LIFETIME,
     session_idle: timedelta = SESSION_IDLE,
+    webhook_sender: WebhookSender | None = None,
+    webhook_max_attempts: int = MAX_ATTEMPTS,
+    webhook_retry_base: float = RETRY_BASE,
 ) -> Portal:
     """The services over these ports; each gets only the ports it uses."""
     events = EventLog(storage=storage, clock=clock, retention=event_retention)
@@ -138,4 +145,6 @@ def assemble(
         watch=watch,
         sessions=WebSessionService(storage=storage, clock=clock, audit=audit, users=users,
                                    lifetime=session_lifetime, idle=session_idle),
+        webhooks=WebhookService(storage=storage, secrets=secrets, clock=clock, audit=audit, sender=webhook_sender,
+                                max_attempts=webhook_max_attempts, retry_base=webhook_retry_base),
     )

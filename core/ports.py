@@ -14,7 +14,7 @@ from typing import Protocol
 
 import attrs
 
-from core.live import Event, EventFilter, Mirror, MirroredVm, WatchStatus
+from core.live import Delivery, DeliveryAttempt, Event, EventFilter, Mirror, MirroredVm, WatchStatus, Webhook
 from core.model import (
     Agent,
     AgentCredentials,
@@ -182,6 +182,34 @@ class TicketDigests(Protocol):
         ...
 
 
+@attrs.frozen
+class WebhookResponse:
+    """How one POST to a webhook ended: the receiver's status code and the start of its answer, or
+    the reason there was none (``error``: time-out, connection refused, refused address…)."""
+
+    status_code: int | None
+    response: str | None
+    error: str | None
+    seconds: float
+
+
+class WebhookSender(Protocol):
+    """POSTs deliveries to webhook URLs within ``MANAGEMENT_WEBHOOK_ALLOW`` (issue 18)."""
+
+    def check(self, url: str) -> None:
+        """Raise ``core.errors.WebhookTargetRefused`` if the URL's host is, or resolves to, an address
+        outside the allowed networks. A name that does not resolve (yet) passes: every delivery checks
+        again."""
+        ...
+
+    async def post(self, url: str, headers: dict[str, str], body: bytes) -> WebhookResponse:
+        """POST ``body`` once: resolve the host, refuse it if any address is outside the allowed
+        networks (an ``error`` naming ``webhook_target_refused``, nothing sent), connect to a checked
+        address only, never follow a redirect, give up after the time-out, read a bounded part of the
+        answer. Never raises for what the network or the receiver did: that is the answer's ``error``."""
+        ...
+
+
 class AgentAddresses(Protocol):
     """Where an agent may point (``MANAGEMENT_AGENT_NETWORKS``, ``core/networks.py``): checked
     when an agent is registered or its address changes, so a refused address is a 422 at once
@@ -303,6 +331,45 @@ class Transaction(Protocol):
     def delete_web_sessions_of(self, user_id: int) -> int: ...
     def delete_web_sessions_ended(self, expired_before: datetime, idle_since: datetime) -> int:
         """Forget sessions past their end or idle since before ``idle_since``; how many."""
+        ...
+
+    # --- webhooks (issue 18), scoped by owner; the outbox is claimed by any worker (not scoped)
+    def add_webhook(self, hook: Webhook) -> Webhook: ...
+    def list_webhooks(self, user_id: int) -> list[Webhook]: ...
+    def get_webhook(self, user_id: int, webhook_id: int) -> Webhook | None: ...
+    def update_webhook(self, hook: Webhook) -> None: ...
+    def delete_webhook(self, user_id: int, webhook_id: int) -> bool:
+        """Delete the webhook with its outbox rows and their attempts."""
+        ...
+    def add_delivery(self, delivery: Delivery) -> Delivery: ...
+    def next_delivery_at(self) -> datetime | None:
+        """When the earliest pending delivery of an active webhook is due (lease or not); None: none pending."""
+        ...
+    def claim_deliveries(self, holder: str, now: datetime, until: datetime,
+                         limit: int) -> list[tuple[Delivery, Webhook]]:
+        """Lease up to ``limit`` pending deliveries of active webhooks that are due at ``now`` and not
+        leased by a live holder, to ``holder`` until ``until`` (oldest due first), with their webhooks.
+        Two claimants never get the same row: the update is conditional (and on PostgreSQL the rows
+        are selected ``FOR UPDATE SKIP LOCKED``)."""
+        ...
+    def record_attempt(self, holder: str, attempt: DeliveryAttempt, status: str,
+                       next_at: datetime | None) -> bool:
+        """Store ``attempt`` and move its delivery to ``status`` (due again at ``next_at``), releasing
+        the lease; only if ``holder`` still holds it (False: another worker took it over)."""
+        ...
+    def postpone_deliveries(self, webhook_id: int, until: datetime, now: datetime) -> None:
+        """The webhook's pending deliveries that nobody holds and that are due before ``until`` become
+        due at ``until`` (its receiver just failed an attempt)."""
+        ...
+    def release_deliveries(self, holder: str) -> None:
+        """Give up ``holder``'s leases (a worker stopping): the rows are due again at once."""
+        ...
+    def list_deliveries(self, user_id: int, webhook_id: int, limit: int,
+                        before: int | None) -> list[tuple[Delivery, list[DeliveryAttempt]]]:
+        """The webhook's deliveries, newest first (ids below ``before``), each with its attempts."""
+        ...
+    def prune_deliveries(self, finished_before: datetime) -> int:
+        """Forget deliveries that finished before ``finished_before`` (with their attempts)."""
         ...
 
 

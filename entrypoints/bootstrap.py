@@ -25,6 +25,7 @@ from adapters.sql import migrations
 from adapters.sql.storage import SqlStorage
 from adapters.ssh import AsyncsshShell, ResolvingAgentAddresses
 from adapters.sshkeys import AsyncsshKeys
+from adapters.webhook_http import HttpWebhookSender
 from core.errors import DatabaseBusy, DatabaseUnavailable, PortalError, SecretUnreadable
 from core.portal import Portal, assemble
 from core.ports import (
@@ -38,6 +39,7 @@ from core.ports import (
     SshKeys,
     Storage,
     TicketDigests,
+    WebhookSender,
 )
 from entrypoints.settings import ConfigError, Settings, secrets_of_url, shown_url
 
@@ -222,6 +224,8 @@ def build_runtime(
                                                               timeout=settings.ssh_connect_timeout)
     # consoles (issue 17): ticket digests keyed with the server key, like API keys'
     console_tickets: TicketDigests = HmacTicketDigests(console_ticket_pepper(server_key(settings)))
+    # webhooks (issue 18): POSTs only to MANAGEMENT_WEBHOOK_ALLOW, checked at each delivery
+    webhook_sender: WebhookSender = HttpWebhookSender(settings.webhook_networks, timeout=settings.webhook_timeout)
     portal = assemble(storage=storage, hasher=api_keys, secrets=secret_store, ssh_keys=key_parser,
                       clock=system_clock, signup=settings.signup, shell=remote_shell,
                       max_agents=settings.max_agents_per_user, addresses=agent_addresses,
@@ -238,7 +242,10 @@ def build_runtime(
                       renew_every=min(settings.watch_lease_seconds / 4, max(0.2, settings.mirror_max_age / 3)),
                       # web console sessions (issue 19)
                       session_lifetime=timedelta(seconds=settings.session_lifetime),
-                      session_idle=timedelta(seconds=settings.session_idle))
+                      session_idle=timedelta(seconds=settings.session_idle),
+                      # webhooks (issue 18)
+                      webhook_sender=webhook_sender, webhook_max_attempts=settings.webhook_max_attempts,
+                      webhook_retry_base=settings.webhook_retry_base)
     try:
         portal.agents.check_secret_key()
     except SecretUnreadable as error:

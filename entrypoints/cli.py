@@ -96,6 +96,7 @@ _PATH_ARGUMENTS: dict[str, tuple[str, dict[str, Any]]] = {
     "snapshot": ("snapshot", {"help": "snapshot name"}),
     "key_id": ("key", {"type": int, "help": "API key id (keys list shows it)"}),
     "pool": ("pool", {"help": "storage pool name"}),
+    "webhook_id": ("webhook", {"type": int, "help": "webhook id (webhooks list shows it)"}),
 }
 _QUERY_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "wait": ("--wait", {"type": int, "metavar": "SECONDS",
@@ -120,6 +121,8 @@ _QUERY_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # Query options whose meaning differs for one operation (issue 18: the events' single --agent).
 _QUERY_OPTIONS_OF: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {
+    ("list_webhook_deliveries", "before"): ("--before", {"type": int, "metavar": "ID",
+                                                         "help": "only deliveries with an id below ID"}),
     ("list_events", "agent"): ("--agent", {"type": int, "help": "only events of this agent"}),
     ("list_events", "after"): ("--after", {"type": int, "metavar": "ID", "help": "only events with an id above ID"}),
 }
@@ -429,6 +432,57 @@ def _tail(me: Session | Client, _op: Operation, args: argparse.Namespace) -> Any
     return []
 
 
+# --- webhooks (issue 18)
+_WEBHOOK_ARGUMENTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--event", {"action": "append", "dest": "events", "metavar": "TYPE",
+                 "help": "deliver this event type or family, e.g. vm.stopped, vm.* (repeatable; default: "
+                         "every event)"}),
+    ("--agent", {"action": "append", "type": int, "dest": "agents", "metavar": "ID",
+                 "help": "only this agent's events (repeatable; default: every agent)"}),
+    ("--active", {"choices": ["true", "false"], "help": "false: make no deliveries until set true again"}),
+)
+
+
+def _webhook_body(args: argparse.Namespace, *, new: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if args.webhook_url is not None:  # (--url is the portal's own URL)
+        body["url"] = args.webhook_url
+    if args.events or (not new and args.all_events):
+        body["events"] = args.events or []
+    if args.agents or (not new and args.all_agents):
+        body["agents"] = args.agents or None
+    if args.active is not None:
+        body["active"] = args.active == "true"
+    return body
+
+
+def _webhooks_text(hooks: Any, _args: argparse.Namespace) -> int:
+    print(f"{'ID':>5}  {'ACTIVE':<6}  {'EVENTS':<30} {'AGENTS':<12} URL")
+    for hook in hooks:
+        agents = "all" if hook.agents is None else ",".join(str(a) for a in hook.agents)
+        events = " ".join(hook.events) or "all"
+        print(f"{hook.id:>5}  {'yes' if hook.active else 'no':<6}  {events[:30]:<30} {agents[:12]:<12} {hook.url}")
+    return 0
+
+
+def _new_webhook_text(created: Any, _args: argparse.Namespace) -> int:
+    print(f"webhook {created.id} -> {created.url}; its signing secret, shown once, keep it now:")
+    print(created.secret)
+    return 0
+
+
+def _deliveries_text(deliveries: Any, _args: argparse.Namespace) -> int:
+    for d in deliveries:
+        when = f"next attempt {d.next_attempt_at.isoformat(timespec='seconds')}" if d.next_attempt_at else (
+            f"finished {d.finished_at.isoformat(timespec='seconds')}" if d.finished_at else "")
+        print(f"delivery {d.id}  event {d.event_id} {d.event_type}  {d.status}  {len(d.attempts)} attempts  {when}")
+        for a in d.attempts:
+            outcome = f"HTTP {a.status_code}" if a.status_code is not None else "no answer"
+            error = f"  {a.error}" if a.error else ""
+            print(f"  #{a.number} {a.at.isoformat(timespec='seconds')} {outcome} in {a.seconds:.3f} s{error}")
+    return 0
+
+
 USER_COMMANDS: tuple[UserCommand, ...] = (
     UserCommand(("agents", "list"), "list_agents", "list your agents", _agents_text),
     UserCommand(("agents", "public-key"), "get_public_key", "print the agent's authorized_keys line (restricted "
@@ -506,6 +560,27 @@ USER_COMMANDS: tuple[UserCommand, ...] = (
                 _events_text),
     UserCommand(("events", "tail"), "list_events", "follow your events as they happen (Ctrl-C ends)",
                 lambda _result, _args: 0, run=_tail, json=lambda _result, _args: None),
+    # --- webhooks (issue 18)
+    UserCommand(("webhooks", "list"), "list_webhooks", "list your webhooks", _webhooks_text),
+    UserCommand(("webhooks", "show"), "get_webhook", "one webhook", lambda hook, args: _webhooks_text([hook], args)),
+    UserCommand(("webhooks", "create"), "create_webhook", "create a webhook (its secret is printed once)",
+                _new_webhook_text,
+                body=(*_WEBHOOK_ARGUMENTS, ("webhook_url", {"metavar": "URL", "help": "http(s) URL for the events"})),
+                make_body=lambda args: _webhook_body(args, new=True)),
+    UserCommand(("webhooks", "update"), "update_webhook", "change a webhook (only what you give changes)",
+                lambda hook, args: _webhooks_text([hook], args),
+                body=(*_WEBHOOK_ARGUMENTS, ("--set-url", {"dest": "webhook_url", "metavar": "URL",
+                                                                 "help": "a new http(s) URL"}),
+                      ("--all-agents", {"action": "store_true", "help": "deliver every agent's events"}),
+                      ("--all-events", {"action": "store_true", "help": "deliver every event type"})),
+                make_body=lambda args: _webhook_body(args, new=False)),
+    UserCommand(("webhooks", "delete"), "delete_webhook", "delete a webhook and its pending deliveries",
+                _said(lambda _result, args: f"webhook {args.webhook} deleted"),
+                json=lambda _result, args: {"deleted": args.webhook}),
+    UserCommand(("webhooks", "rotate-secret"), "rotate_webhook_secret", "give a webhook a new secret (printed once)",
+                _new_webhook_text),
+    UserCommand(("webhooks", "deliveries"), "list_webhook_deliveries", "a webhook's deliveries and their attempts",
+                _deliveries_text),
 )
 
 # ---------------------------------------------------------------------- the parser
@@ -567,7 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("pools", "storage pools of an agent (needs MANAGEMENT_API_KEY)"),
                        ("volumes", "volumes of a storage pool (needs MANAGEMENT_API_KEY)"),
                        ("networks", "libvirt networks of an agent (needs MANAGEMENT_API_KEY)"),
-                       ("events", "what happened on your agents and VMs (needs MANAGEMENT_API_KEY)")):
+                       ("events", "what happened on your agents and VMs (needs MANAGEMENT_API_KEY)"),
+                       ("webhooks", "signed deliveries of your events to your URLs (needs MANAGEMENT_API_KEY)")):
         groups[(area,)] = commands.add_parser(area, help=text).add_subparsers(dest="action", required=True)
     groups[("vms", "snapshots")] = groups[("vms",)].add_parser(
         "snapshots", help="internal snapshots of a VM").add_subparsers(dest="snapshot_action", required=True)

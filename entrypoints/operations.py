@@ -33,6 +33,8 @@ from core.commands import (
     NewSnapshot,
     NewUser,
     NewVm,
+    NewWebhook,
+    WebhookChanges,
 )
 from core.errors import PortalError, ValidationFailed
 from core.events import EVENT_PAGE_DEFAULT, EVENT_PAGE_MAX
@@ -40,6 +42,7 @@ from core.model import Caller, Origin, Scope, User
 from core.portal import Portal
 from core.results import NewApiKey, WaitedAction
 from core.virsh import INTERFACE_SOURCES, VM_NAME_MAX, VM_STATES, WAIT_MAX, VmAction
+from core.webhooks import DELIVERY_PAGE_DEFAULT, DELIVERY_PAGE_MAX
 from entrypoints.exposition import Exposition
 from entrypoints.shapes import (
     AgentCheckView,
@@ -52,6 +55,7 @@ from entrypoints.shapes import (
     ConsoleTicketView,
     CreatedVmView,
     CredentialsView,
+    DeliveryView,
     EventPage,
     EventView,
     FleetEntryView,
@@ -59,6 +63,7 @@ from entrypoints.shapes import (
     HostFactsView,
     NetworkView,
     NewApiKeyView,
+    NewWebhookView,
     PoolView,
     PublicKeyView,
     SnapshotView,
@@ -69,6 +74,7 @@ from entrypoints.shapes import (
     VmView,
     VolumeView,
     WaitedActionView,
+    WebhookView,
 )
 
 
@@ -110,6 +116,10 @@ class Call:
     @property
     def pool(self) -> str:
         return str(self.path["pool"])
+
+    @property
+    def webhook_id(self) -> int:
+        return int(self.path["webhook_id"])
 
 
 Run = Callable[[Portal, Call], Coroutine[Any, Any, Any]]
@@ -305,6 +315,8 @@ PATH_PARAMETERS: dict[str, dict[str, Any]] = {
     "snapshot": {"name": "snapshot", "in": "path", "required": True,
                  "description": "Snapshot name (same rules as VM names). Percent-encode spaces.",
                  "schema": {"type": "string", "minLength": 1, "maxLength": VM_NAME_MAX}},
+    "webhook_id": {"name": "webhook_id", "in": "path", "required": True,
+                   "schema": {"type": "integer", "minimum": 1, "maximum": 2147483647}},
     "pool": {"name": "pool", "in": "path", "required": True,
              "description": "Storage pool name (same character rules as VM names). Percent-encode spaces.",
              "schema": {"type": "string", "minLength": 1, "maxLength": VM_NAME_MAX}},
@@ -624,6 +636,51 @@ OPERATIONS += (
                                           last_id=events[-1].id if events else c.query["after"] or 0),
               EventPage, errors=(ValidationFailed,),
               query=(EVENTS_AFTER, EVENTS_AGENT, EVENTS_VM, EVENTS_TYPE, EVENTS_LIMIT), scope=Scope.READ),
+)
+
+# --- webhooks (issue 18). Reading them needs "read"; making, changing, deleting them and their secrets
+# needs "keys" (and "read"): a webhook hands the caller's events to a URL, a standing grant like a key.
+DELIVERIES_LIMIT = Query("limit", "How many deliveries at most (newest first).",
+                         {"type": "integer", "minimum": 1, "maximum": DELIVERY_PAGE_MAX,
+                          "default": DELIVERY_PAGE_DEFAULT})
+DELIVERIES_BEFORE = Query("before", "Only deliveries with an id below this (the last id of the previous page).",
+                          {"type": "integer", "minimum": 1})
+WEBHOOK_ERRORS: tuple[type[PortalError], ...] = (errors.WebhookNotFound,)
+OPERATIONS += (
+    Operation("list_webhooks", "GET", "/webhooks", "webhooks", "Your webhooks, oldest first (never their secrets)",
+              lambda p, c: invoke(p.webhooks.list_webhooks, c.me), _each(WebhookView.of), list[WebhookView],
+              scope=Scope.READ),
+    Operation("create_webhook", "POST", "/webhooks", "webhooks",
+              "Create a webhook: the portal POSTs each matching event, signed (X-Playr-Signature); the secret is "
+              "shown once",
+              lambda p, c: invoke(p.webhooks.create_webhook, c.me, c.body), _one(NewWebhookView.with_secret),
+              NewWebhookView, NewWebhook, ok=201, no_store=True,
+              errors=(*BODY_ERRORS, errors.WebhookTargetRefused, errors.WebhookLimitReached,
+                      errors.KeyLimitedToAgents, errors.InsufficientScope),
+              location=lambda created: f"/webhooks/{created.webhook.id}", scope=Scope.KEYS),
+    Operation("get_webhook", "GET", "/webhooks/{webhook_id}", "webhooks", "One webhook",
+              lambda p, c: invoke(p.webhooks.get_webhook, c.me, c.webhook_id), _one(WebhookView.of), WebhookView,
+              errors=WEBHOOK_ERRORS, scope=Scope.READ),
+    Operation("update_webhook", "PATCH", "/webhooks/{webhook_id}", "webhooks",
+              "Change a webhook's URL, event types, agents or whether it is active",
+              lambda p, c: invoke(p.webhooks.update_webhook, c.me, c.webhook_id, c.body), _one(WebhookView.of),
+              WebhookView, WebhookChanges,
+              errors=(*BODY_ERRORS, *WEBHOOK_ERRORS, errors.WebhookTargetRefused, errors.KeyLimitedToAgents,
+                      errors.InsufficientScope), scope=Scope.KEYS),
+    Operation("delete_webhook", "DELETE", "/webhooks/{webhook_id}", "webhooks",
+              "Delete a webhook and its pending deliveries",
+              lambda p, c: invoke(p.webhooks.delete_webhook, c.me, c.webhook_id), ok=204,
+              errors=WEBHOOK_ERRORS, scope=Scope.KEYS),
+    Operation("rotate_webhook_secret", "POST", "/webhooks/{webhook_id}/rotate-secret", "webhooks",
+              "Give a webhook a new secret (shown once); the old one signs nothing from now on",
+              lambda p, c: invoke(p.webhooks.rotate_secret, c.me, c.webhook_id), _one(NewWebhookView.with_secret),
+              NewWebhookView, no_store=True, errors=WEBHOOK_ERRORS, scope=Scope.KEYS),
+    Operation("list_webhook_deliveries", "GET", "/webhooks/{webhook_id}/deliveries", "webhooks",
+              "The webhook's deliveries, newest first, each with its attempts: status code, answer, error, duration",
+              lambda p, c: invoke(p.webhooks.list_deliveries, c.me, c.webhook_id, limit=c.query["limit"],
+                                  before=c.query["before"]),
+              _each(DeliveryView.of), list[DeliveryView], errors=(*WEBHOOK_ERRORS, ValidationFailed),
+              query=(DELIVERIES_LIMIT, DELIVERIES_BEFORE), scope=Scope.READ),
 )
 
 OPERATIONS += PROVISIONING_OPERATIONS  # issue 16

@@ -136,6 +136,14 @@ class Settings:
     # --- web console (issue 19): a browser session's absolute lifetime and idle time-out, in seconds
     session_lifetime: float = 12 * 3600.0
     session_idle: float = 30 * 60.0
+    # --- webhooks (issue 18): where deliveries may go (the agents' policy, its own list), the time-out
+    # of one POST, how many attempts before a delivery fails and the first retry's delay (doubling),
+    # and whether this instance's workers deliver at all
+    webhook_networks: AgentNetworks = attrs.field(factory=lambda: AgentNetworks(variable="MANAGEMENT_WEBHOOK_ALLOW"))
+    webhook_timeout: float = 10.0
+    webhook_max_attempts: int = 12
+    webhook_retry_base: float = 10.0
+    webhook_deliveries: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -205,6 +213,12 @@ class Settings:
             # --- web console (issue 19)
             session_lifetime=reader.number("MANAGEMENT_SESSION_LIFETIME", 12 * 3600.0, float, 1, 30 * 86400),
             session_idle=reader.number("MANAGEMENT_SESSION_IDLE", 30 * 60.0, float, 1, 30 * 86400),
+            # --- webhooks (issue 18)
+            webhook_networks=reader.networks("MANAGEMENT_WEBHOOK_ALLOW"),
+            webhook_timeout=reader.number("MANAGEMENT_WEBHOOK_TIMEOUT", 10.0, float, 0.5, 60),
+            webhook_max_attempts=reader.number("MANAGEMENT_WEBHOOK_MAX_ATTEMPTS", 12, int, 1, 50),
+            webhook_retry_base=reader.number("MANAGEMENT_WEBHOOK_RETRY_BASE", 10.0, float, 0.01, 3600),
+            webhook_deliveries=reader.flag("MANAGEMENT_WEBHOOK_DELIVERIES", True),
         )
 
 
@@ -257,7 +271,7 @@ class _Reader:
     def networks(self, name: str) -> AgentNetworks:
         """Comma-separated networks agents may point at; unset or blank: the default policy."""
         try:
-            return AgentNetworks.parse(self.env.get(name))
+            return AgentNetworks.parse(self.env.get(name), name)
         except ValueError as error:
             raise ConfigError(name, str(error)) from None
 

@@ -18,11 +18,12 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from core.commands import BridgeRequest
 from core.consoles import IssuedTicket
 from core.errors import FieldError, ValidationFailed
-from core.live import Event
+from core.live import Event, Webhook
 from core.model import Agent, AgentCredentials, ApiKey, AuditEvent, User
 from core.ports import CommandResult
 from core.results import AgentCheck, CreatedVm, Failure, FleetEntry, HostFacts, VmInfo, WaitedAction
 from core.virsh import INT_DIGITS_MAX, GuestInterface, Network, Pool, Snapshot, VmStats, VmSummary, Volume
+from core.webhooks import DeliveryRecord, NewWebhookSecret
 
 T = TypeVar("T")
 
@@ -787,3 +788,78 @@ def _vm_row(vm: VmView) -> dict[str, Any]:
 
 
 converter.register_unstructure_hook(VmView, _vm_row)
+
+
+# --- webhooks (issue 18)
+
+
+@attrs.frozen
+class WebhookView:
+    """A webhook as its owner sees it: never its secret, which is shown on create and rotate only."""
+
+    id: int
+    url: str
+    events: list[str] = attrs.field(metadata={"doc": "Event types or families (vm.*) delivered; empty: every event."})
+    agents: list[int] | None = attrs.field(metadata={"doc": "Only events of these agents; null: every agent."})
+    active: bool
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, hook: Webhook) -> WebhookView:
+        return cls(**_webhook_fields(hook))
+
+
+@attrs.frozen
+class NewWebhookView(WebhookView):
+    """A webhook with its signing secret: shown this once (create, rotate-secret), never again."""
+
+    secret: str = attrs.field(kw_only=True, repr=False, metadata={
+        "doc": "HMAC-SHA256 key of the X-Playr-Signature header (docs/events.md shows how to verify it)."})
+
+    @classmethod
+    def with_secret(cls, created: NewWebhookSecret) -> NewWebhookView:
+        return cls(**_webhook_fields(created.webhook), secret=created.secret)
+
+
+def _webhook_fields(hook: Webhook) -> dict[str, Any]:
+    return {"id": hook.id, "url": hook.url, "events": list(hook.types),
+            "agents": None if hook.agent_ids is None else sorted(hook.agent_ids), "active": hook.active,
+            "created_at": hook.created_at, "updated_at": hook.updated_at}
+
+
+@attrs.frozen
+class DeliveryAttemptView:
+    """One POST of a delivery: the receiver's status code and the start of its answer, or the error."""
+
+    number: int
+    at: datetime
+    seconds: float
+    status_code: int | None
+    error: str | None
+    response: str | None = attrs.field(metadata={"doc": "The first characters of the receiver's answer."})
+
+
+@attrs.frozen
+class DeliveryView:
+    """One event on its way to the webhook: ``pending`` (next attempt at ``next_attempt_at``),
+    ``delivered`` (a 2xx answer) or ``failed`` (every attempt failed). ``id`` is the
+    ``X-Playr-Delivery`` header: the same on every attempt."""
+
+    id: int
+    event_id: int
+    event_type: str
+    status: str
+    next_attempt_at: datetime | None
+    created_at: datetime
+    finished_at: datetime | None
+    attempts: list[DeliveryAttemptView]
+
+    @classmethod
+    def of(cls, record: DeliveryRecord) -> DeliveryView:
+        d = record.delivery
+        return cls(id=d.id, event_id=d.event_id, event_type=d.event_type, status=d.status, next_attempt_at=d.next_at,
+                   created_at=d.created_at, finished_at=d.finished_at,
+                   attempts=[DeliveryAttemptView(number=a.number, at=a.at, seconds=a.seconds,
+                                                 status_code=a.status_code, error=a.error, response=a.response)
+                             for a in record.attempts])

@@ -284,9 +284,68 @@ def _v9_web_sessions(conn: sa.Connection) -> None:
     md.tables["web_sessions"].create(conn)
 
 
+# --- webhooks (issue 18)
+
+
+def _v10_webhooks(conn: sa.Connection) -> None:
+    """Webhooks, the outbox of their deliveries (one row per event and webhook, written with the
+    event) and every attempt of each delivery."""
+    md = sa.MetaData()
+    sa.Table("users", md, sa.Column("id", sa.Integer, primary_key=True))
+    sa.Table(
+        "webhooks", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("url", sa.Text, nullable=False),
+        sa.Column("types", sa.Text, nullable=False),
+        sa.Column("agents", sa.Text, nullable=True),
+        sa.Column("active", sa.Boolean, nullable=False),
+        sa.Column("sealed_secret", sa.Text, nullable=False),
+        sa.Column("created_at", UtcDateTime, nullable=False),
+        sa.Column("updated_at", UtcDateTime, nullable=False),
+        sa.Index("ix_webhooks_user_id", "user_id"),
+        sqlite_autoincrement=True,
+    )
+    sa.Table(
+        "webhook_deliveries", md,
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+        sa.Column("webhook_id", sa.Integer, sa.ForeignKey("webhooks.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("user_id", sa.Integer, nullable=False),
+        sa.Column("event_id", sa.BigInteger, nullable=False),
+        sa.Column("event_type", sa.String(64), nullable=False),
+        sa.Column("body", sa.Text, nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("next_at", UtcDateTime, nullable=True),
+        sa.Column("lease_holder", sa.String(128), nullable=True),
+        sa.Column("lease_until", UtcDateTime, nullable=True),
+        sa.Column("created_at", UtcDateTime, nullable=False),
+        sa.Column("finished_at", UtcDateTime, nullable=True),
+        sa.Index("ix_webhook_deliveries_status_next_at", "status", "next_at"),
+        sa.Index("ix_webhook_deliveries_webhook_id_id", "webhook_id", "id"),
+        sqlite_autoincrement=True,
+    )
+    sa.Table(
+        "webhook_attempts", md,
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+        sa.Column("delivery_id", sa.BigInteger, sa.ForeignKey("webhook_deliveries.id", ondelete="CASCADE"),
+                  nullable=False),
+        sa.Column("number", sa.Integer, nullable=False),
+        sa.Column("at", UtcDateTime, nullable=False),
+        sa.Column("seconds", sa.Float, nullable=False),
+        sa.Column("status_code", sa.Integer, nullable=True),
+        sa.Column("error", sa.Text, nullable=True),
+        sa.Column("response", sa.Text, nullable=True),
+        sa.Index("ix_webhook_attempts_delivery_id", "delivery_id"),
+    )
+    for name in ("webhooks", "webhook_deliveries", "webhook_attempts"):
+        md.tables[name].create(conn)
+
+
 STEPS: tuple[Step, ...] = (_v1_initial, _v2_agent_revision, _v3_agent_ids_never_reused,
                            _v4_keyed_api_key_digests, _v5_agent_key_generated, _v6_scoped_api_keys,
-                           _v7_console_tickets, _v8_events_and_live_mirror, _v9_web_sessions)
+                           _v7_console_tickets, _v8_events_and_live_mirror, _v9_web_sessions,
+                           _v10_webhooks)
 LATEST = len(STEPS)
 
 

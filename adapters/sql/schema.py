@@ -246,3 +246,56 @@ web_sessions = sa.Table(
     sa.Column("key_prefix", SafeString(32), nullable=False),  # the API key it was signed in with
     sa.Index("ix_web_sessions_user_id", "user_id"),
 )
+
+# --- webhooks (issue 18, migration 10): subscriptions, the outbox of deliveries, each attempt
+webhooks = sa.Table(
+    "webhooks",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("url", SafeText, nullable=False),
+    sa.Column("types", SafeText, nullable=False),  # space-separated event types or families; "" = every type
+    sa.Column("agents", SafeText, nullable=True),  # comma-separated agent ids, or NULL: every agent
+    sa.Column("active", sa.Boolean, nullable=False),
+    sa.Column("sealed_secret", SafeText, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.Index("ix_webhooks_user_id", "user_id"),
+    sqlite_autoincrement=True,
+)
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("webhook_id", sa.Integer, sa.ForeignKey("webhooks.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("user_id", sa.Integer, nullable=False),
+    sa.Column("event_id", sa.BigInteger, nullable=False),  # no foreign key: events are pruned
+    sa.Column("event_type", SafeString(64), nullable=False),
+    sa.Column("body", SafeText, nullable=False),
+    sa.Column("status", SafeString(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_at", UtcDateTime, nullable=True),
+    sa.Column("lease_holder", SafeString(128), nullable=True),
+    sa.Column("lease_until", UtcDateTime, nullable=True),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("finished_at", UtcDateTime, nullable=True),
+    sa.Index("ix_webhook_deliveries_status_next_at", "status", "next_at"),
+    sa.Index("ix_webhook_deliveries_webhook_id_id", "webhook_id", "id"),
+    sqlite_autoincrement=True,  # ids are idempotency keys: never reused
+)
+
+webhook_attempts = sa.Table(
+    "webhook_attempts",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("delivery_id", sa.BigInteger, sa.ForeignKey("webhook_deliveries.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("at", UtcDateTime, nullable=False),
+    sa.Column("seconds", sa.Float, nullable=False),
+    sa.Column("status_code", sa.Integer, nullable=True),
+    sa.Column("error", SafeText, nullable=True),
+    sa.Column("response", SafeText, nullable=True),
+    sa.Index("ix_webhook_attempts_delivery_id", "delivery_id"),
+)

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,22 @@ from adapters.sql.schema import (
     watch_demand,
     watches,
     web_sessions,
+    webhook_attempts,
+    webhook_deliveries,
+    webhooks,
 )
 from core.errors import AgentNameTaken, DatabaseBusy, DatabaseUnavailable, EmailTaken
-from core.live import Event, EventFilter, Mirror, MirroredVm, WatchStatus
+from core.live import (
+    DELIVERY_PENDING,
+    Delivery,
+    DeliveryAttempt,
+    Event,
+    EventFilter,
+    Mirror,
+    MirroredVm,
+    WatchStatus,
+    Webhook,
+)
 from core.model import (
     ALL_SCOPES,
     Agent,
@@ -101,6 +114,11 @@ _MIRRORED_VMS_OF_OWNER = (sa.select(mirrored_vms.c.agent_id, mirrored_vms.c.name
 _NEWEST_AGENT = sa.select(agents).order_by(agents.c.id.desc()).limit(1)
 _AGENT_OF_OWNER = sa.select(agents).where(agents.c.owner_id == sa.bindparam("owner_id"),
                                           agents.c.id == sa.bindparam("agent_id"))
+
+# Webhooks (issue 18): every stored event reads its owner's webhooks, and each one that wants it adds
+# an outbox row (the statements are built once, like the reads above).
+_WEBHOOKS_OF_USER = sa.select(webhooks).where(webhooks.c.user_id == sa.bindparam("user_id")).order_by(webhooks.c.id)
+_ADD_DELIVERY = webhook_deliveries.insert()
 
 # PostgreSQL: the advisory lock every write transaction of every instance takes first (the
 # counterpart of SQLite's single writer); migrations take their own as well (migrations.py).
@@ -827,6 +845,159 @@ class SqlTransaction:
     def delete_web_sessions_ended(self, expired_before: datetime, idle_since: datetime) -> int:
         return int(self._execute(web_sessions.delete().where(
             sa.or_(web_sessions.c.expires_at <= expired_before, web_sessions.c.last_seen_at <= idle_since))).rowcount)
+
+    # ------------------------------------------------------------------ webhooks (issue 18)
+
+    def add_webhook(self, hook: Webhook) -> Webhook:
+        webhook_id = _inserted_id(self._execute(webhooks.insert().values(user_id=hook.user_id,
+                                                                         **_webhook_values(hook))))
+        return attrs.evolve(hook, id=webhook_id)
+
+    def list_webhooks(self, user_id: int) -> list[Webhook]:
+        return [_webhook_from_row(row) for row in self._execute(_WEBHOOKS_OF_USER, {"user_id": user_id})]
+
+    def get_webhook(self, user_id: int, webhook_id: int) -> Webhook | None:
+        row = self._execute(sa.select(webhooks).where(webhooks.c.user_id == user_id,
+                                                      webhooks.c.id == webhook_id)).one_or_none()
+        return None if row is None else _webhook_from_row(row)
+
+    def update_webhook(self, hook: Webhook) -> None:
+        self._execute(webhooks.update().where(webhooks.c.user_id == hook.user_id, webhooks.c.id == hook.id)
+                      .values(**_webhook_values(hook)))
+
+    def delete_webhook(self, user_id: int, webhook_id: int) -> bool:
+        # explicit (not only the foreign keys' cascade): the attempts go first, then the outbox rows
+        owned = sa.select(webhooks.c.id).where(webhooks.c.user_id == user_id, webhooks.c.id == webhook_id)
+        deliveries = sa.select(webhook_deliveries.c.id).where(webhook_deliveries.c.webhook_id.in_(owned))
+        self._execute(webhook_attempts.delete().where(webhook_attempts.c.delivery_id.in_(deliveries)))
+        self._execute(webhook_deliveries.delete().where(webhook_deliveries.c.webhook_id.in_(owned)))
+        return bool(self._execute(webhooks.delete().where(webhooks.c.user_id == user_id,
+                                                          webhooks.c.id == webhook_id)).rowcount)
+
+    def add_delivery(self, delivery: Delivery) -> Delivery:
+        delivery_id = _inserted_id(self._execute(_ADD_DELIVERY, {
+            "webhook_id": delivery.webhook_id, "user_id": delivery.user_id, "event_id": delivery.event_id,
+            "event_type": delivery.event_type, "body": delivery.body, "status": delivery.status,
+            "attempts": delivery.attempts, "next_at": delivery.next_at, "created_at": delivery.created_at,
+            "finished_at": delivery.finished_at}))
+        return attrs.evolve(delivery, id=delivery_id)
+
+    def next_delivery_at(self) -> datetime | None:
+        d = webhook_deliveries
+        claimable = sa.case((d.c.lease_until > d.c.next_at, d.c.lease_until), else_=d.c.next_at)
+        query = (sa.select(sa.func.min(claimable)).select_from(d.join(webhooks, webhooks.c.id == d.c.webhook_id))
+                 .where(d.c.status == DELIVERY_PENDING, webhooks.c.active))
+        value = self._execute(query).scalar()
+        if value is None:
+            return None
+        return _utc(value)
+
+    def claim_deliveries(self, holder: str, now: datetime, until: datetime,
+                         limit: int) -> list[tuple[Delivery, Webhook]]:
+        d = webhook_deliveries
+        due = (sa.select(d.c.id).select_from(d.join(webhooks, webhooks.c.id == d.c.webhook_id))
+               .where(d.c.status == DELIVERY_PENDING, d.c.next_at <= now, webhooks.c.active,
+                      sa.or_(d.c.lease_until.is_(None), d.c.lease_until <= now))
+               .order_by(d.c.next_at, d.c.id).limit(limit))
+        if self.storage.is_postgresql:  # rows another transaction is claiming are skipped, not waited for
+            due = due.with_for_update(of=d, skip_locked=True)
+        ids = [row.id for row in self._execute(due)]
+        claimed: list[int] = []
+        for delivery_id in ids:
+            # conditional: a row someone else leased in between (no shared lock) is not taken twice
+            taken = self._execute(d.update().where(
+                d.c.id == delivery_id, d.c.status == DELIVERY_PENDING,
+                sa.or_(d.c.lease_until.is_(None), d.c.lease_until <= now)).values(lease_holder=holder,
+                                                                                   lease_until=until))
+            if taken.rowcount == 1:
+                claimed.append(delivery_id)
+        if not claimed:
+            return []
+        rows = self._execute(sa.select(d, webhooks).join(webhooks, webhooks.c.id == d.c.webhook_id)
+                             .where(d.c.id.in_(claimed)).order_by(d.c.next_at, d.c.id)).all()
+        return [(_delivery_from_row(row), _webhook_from_row(row)) for row in rows]
+
+    def record_attempt(self, holder: str, attempt: DeliveryAttempt, status: str,
+                       next_at: datetime | None) -> bool:
+        d = webhook_deliveries
+        moved = self._execute(d.update().where(d.c.id == attempt.delivery_id, d.c.lease_holder == holder,
+                                               d.c.status == DELIVERY_PENDING).values(
+            status=status, attempts=attempt.number, next_at=next_at, lease_holder=None, lease_until=None,
+            finished_at=None if status == DELIVERY_PENDING else attempt.at + timedelta(seconds=attempt.seconds)))
+        if moved.rowcount != 1:
+            return False
+        self._execute(webhook_attempts.insert().values(
+            delivery_id=attempt.delivery_id, number=attempt.number, at=attempt.at, seconds=attempt.seconds,
+            status_code=attempt.status_code, error=attempt.error, response=attempt.response))
+        return True
+
+    def postpone_deliveries(self, webhook_id: int, until: datetime, now: datetime) -> None:
+        d = webhook_deliveries
+        self._execute(d.update().where(d.c.webhook_id == webhook_id, d.c.status == DELIVERY_PENDING,
+                                       d.c.next_at < until,
+                                       sa.or_(d.c.lease_until.is_(None), d.c.lease_until <= now)).values(next_at=until))
+
+    def release_deliveries(self, holder: str) -> None:
+        d = webhook_deliveries
+        self._execute(d.update().where(d.c.lease_holder == holder, d.c.status == DELIVERY_PENDING)
+                      .values(lease_holder=None, lease_until=None))
+
+    def list_deliveries(self, user_id: int, webhook_id: int, limit: int,
+                        before: int | None) -> list[tuple[Delivery, list[DeliveryAttempt]]]:
+        d = webhook_deliveries
+        query = sa.select(d).where(d.c.user_id == user_id, d.c.webhook_id == webhook_id)
+        if before is not None:
+            query = query.where(d.c.id < before)
+        deliveries = [_delivery_from_row(row) for row in self._execute(query.order_by(d.c.id.desc()).limit(limit))]
+        attempts: dict[int, list[DeliveryAttempt]] = {delivery.id: [] for delivery in deliveries}
+        if deliveries:
+            a = webhook_attempts
+            for row in self._execute(sa.select(a).where(a.c.delivery_id.in_(list(attempts)))
+                                     .order_by(a.c.delivery_id, a.c.number, a.c.id)):
+                attempts[row.delivery_id].append(DeliveryAttempt(
+                    delivery_id=row.delivery_id, number=row.number, at=row.at, seconds=row.seconds,
+                    status_code=row.status_code, error=row.error, response=row.response))
+        return [(delivery, attempts[delivery.id]) for delivery in deliveries]
+
+    def prune_deliveries(self, finished_before: datetime) -> int:
+        d = webhook_deliveries
+        old = sa.select(d.c.id).where(d.c.status != DELIVERY_PENDING, d.c.finished_at < finished_before)
+        self._execute(webhook_attempts.delete().where(webhook_attempts.c.delivery_id.in_(old)))
+        return int(self._execute(d.delete().where(d.c.status != DELIVERY_PENDING,
+                                                  d.c.finished_at < finished_before)).rowcount)
+
+
+def _webhook_values(hook: Webhook) -> dict[str, Any]:
+    return {"url": hook.url, "types": " ".join(hook.types),
+            "agents": None if hook.agent_ids is None else ",".join(str(a) for a in sorted(hook.agent_ids)),
+            "active": hook.active, "sealed_secret": hook.sealed_secret, "created_at": hook.created_at,
+            "updated_at": hook.updated_at}
+
+
+def _webhook_from_row(row: Any) -> Webhook:
+    m = row._mapping  # keyed by column (a join with the outbox has two "id" columns)
+    agents = m[webhooks.c.agents]
+    return Webhook(id=m[webhooks.c.id], user_id=m[webhooks.c.user_id], url=m[webhooks.c.url],
+                   types=tuple(m[webhooks.c.types].split()),
+                   agent_ids=None if agents is None else frozenset(int(a) for a in agents.split(",") if a),
+                   active=bool(m[webhooks.c.active]), sealed_secret=m[webhooks.c.sealed_secret],
+                   created_at=m[webhooks.c.created_at], updated_at=m[webhooks.c.updated_at])
+
+
+def _delivery_from_row(row: Any) -> Delivery:
+    m = row._mapping
+    d = webhook_deliveries.c
+    return Delivery(id=m[d.id], webhook_id=m[d.webhook_id], user_id=m[d.user_id], event_id=m[d.event_id],
+                    event_type=m[d.event_type], body=m[d.body], status=m[d.status], attempts=m[d.attempts],
+                    next_at=m[d.next_at], created_at=m[d.created_at], finished_at=m[d.finished_at])
+
+
+def _utc(value: Any) -> datetime:
+    """A datetime from an aggregate (SQLite answers ``min()`` of a column as text, without its type)."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    assert isinstance(value, datetime)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 CONSOLE_ROWS_KEPT = timedelta(days=1)

@@ -31,7 +31,8 @@ from entrypoints.web.guard import SecurityHeaders
 
 # Falcon converters for the path parameters of the table (a bad agent id is a 404 like an unknown one).
 _CONVERTERS = {"{agent_id}": "{agent_id:int(min=1, max=2147483647)}",
-               "{key_id}": "{key_id:int(min=1, max=2147483647)}"}
+               "{key_id}": "{key_id:int(min=1, max=2147483647)}",
+               "{webhook_id}": "{webhook_id:int(min=1, max=2147483647)}"}
 
 
 def create_app(runtime: Runtime) -> falcon.asgi.App[Any, Any]:

@@ -207,18 +207,23 @@ class Lifespan:
         self.runtime = runtime
         self._stop = asyncio.Event()
         self._watchers: asyncio.Task[None] | None = None
+        self._deliveries: asyncio.Task[None] | None = None
 
     async def process_startup(self, scope: dict[str, Any], event: dict[str, Any]) -> None:
+        holder = f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         if self.runtime.settings.watchers:
-            holder = f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
             self._watchers = asyncio.create_task(self.runtime.portal.watch.run(holder, self._stop),
                                                  name="watchers")
+        if self.runtime.settings.webhook_deliveries:  # webhooks (issue 18): this worker's share of the outbox
+            self._deliveries = asyncio.create_task(self.runtime.portal.webhooks.run(holder, self._stop),
+                                                   name="webhook-deliveries")
 
     async def process_shutdown(self, scope: dict[str, Any], event: dict[str, Any]) -> None:
-        if self._watchers is not None:
-            self._stop.set()
-            with contextlib.suppress(Exception):  # the leases expire anyway
-                await asyncio.wait_for(self._watchers, timeout=5)
+        self._stop.set()
+        for task in (self._watchers, self._deliveries):
+            if task is not None:
+                with contextlib.suppress(Exception):  # the leases expire anyway
+                    await asyncio.wait_for(task, timeout=5)
         await self.runtime.close_connections()
         self.runtime.close()
 

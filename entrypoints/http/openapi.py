@@ -31,6 +31,7 @@ TAGS = (
     ("fleet", "Every VM on every agent at once"),
     ("provisioning", "Storage pools, volumes and networks; creating, cloning and deleting VMs; guest addresses"),
     ("events", "What happened on your agents and VMs: history and stream"),
+    ("webhooks", "Signed HTTP deliveries of your events to URLs of yours, retried from a durable outbox"),
     ("service", "The portal itself"),
     # consoles (issue 17)
     ("consoles", "A VM's serial or VNC console: a one-time ticket here, then a WebSocket at GET /console/{ticket}"),

@@ -85,7 +85,8 @@ def test_every_operation_refuses_a_key_without_its_scope_and_admits_a_key_with_o
         agent_id = register(api, full, keys)
         target = new_key(api, full, ["read"])
         concrete = (path.replace("{agent_id}", str(agent_id)).replace("{vm}", "web1")
-                    .replace("{snapshot}", "s1").replace("{key_id}", str(target["id"])))
+                    .replace("{snapshot}", "s1").replace("{key_id}", str(target["id"]))
+                    .replace("{webhook_id}", "1"))
         body = {} if "requestBody" in op else None
         if not needed:  # any key may call it
             assert op["operationId"] in ANY_KEY
