@@ -130,7 +130,7 @@ class HttpWebhookSender:
                         await response.aclose()
         except TimeoutError:
             return failed(f"no answer within {self.timeout:g} s")
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, httpx.InvalidURL) as error:  # (InvalidURL: e.g. an IPv6 zone, not an HTTPError)
             return failed(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
         except OSError as error:
             return failed(f"{type(error).__name__}: {error}")

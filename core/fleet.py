@@ -88,8 +88,10 @@ class FleetService:
             self.live.want(ids)
             if not fresh:
                 mirrored = self.live.fresh_mirrors(caller.user.id)  # (only ``names``' are used below)
-        to_ask = {a.id: a for a in self.remote.agents(caller, {i for i in ids if i not in mirrored})} if len(
-            mirrored) < len(ids) else {}
+        # ``mirrored`` holds every agent of the owner: which of *this view's* agents have none is
+        # what decides (a view limited to some agents, or a key limited to them, reads fewer)
+        missing = {i for i in ids if i not in mirrored}
+        to_ask = {a.id: a for a in self.remote.agents(caller, missing)} if missing else {}
         plan: list[FleetEntry | tuple[Agent, AgentCredentials | PortalError]] = []
         for agent_id, name in names:
             found = mirrored.get(agent_id)

@@ -30,6 +30,20 @@ class SnapshotService:
         target = await self.remote.target(caller, agent_id)
         return await self._snapshots(caller, target, vm)
 
+    async def get_snapshot(self, caller: Caller, agent_id: int, vm: str, snapshot: str) -> Snapshot:
+        """One snapshot as the list shows it (where the 201 of ``create_snapshot`` points)."""
+        virsh.require_vm_name(vm)
+        virsh.require_snapshot_name(snapshot)
+        target = await self.remote.target(caller, agent_id)
+        return self._named(await self._snapshots(caller, target, vm), vm, snapshot)
+
+    @staticmethod
+    def _named(snapshots: list[Snapshot], vm: str, snapshot: str) -> Snapshot:
+        for found in snapshots:
+            if found.name == snapshot:
+                return found
+        raise SnapshotNotFound(f"VM {vm!r} has no snapshot named {snapshot!r}")
+
     async def _snapshots(self, caller: Caller, target: AgentCredentials, vm: str) -> list[Snapshot]:
         uri = target.agent.libvirt_uri
         listed, current = await asyncio.gather(
@@ -48,10 +62,8 @@ class SnapshotService:
             caller, "vm.snapshot_create", agent_id, vm,
             lambda uri: virsh.snapshot_create_command(uri, vm, request.name, request.description),
             f"snapshot {request.name}", snapshot=request.name)
-        created = [s for s in await self._snapshots(caller, target, vm) if s.name == request.name]
-        if not created:  # deleted again in between by someone else
-            raise SnapshotNotFound(f"VM {vm!r} has no snapshot named {request.name!r}")
-        return created[0]
+        # (not found: deleted again in between by someone else)
+        return self._named(await self._snapshots(caller, target, vm), vm, request.name)
 
     async def revert_snapshot(self, caller: Caller, agent_id: int, vm: str, snapshot: str) -> CommandResult:
         """Revert the VM to a snapshot (``virsh snapshot-revert``); audited as ``vm.snapshot_revert``."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import urllib.parse
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import ClassVar
@@ -144,7 +145,7 @@ class WebhookService:
                                               types=tuple(dict.fromkeys(request.events)), agent_ids=agents,
                                               active=request.active, sealed_secret=sealed, created_at=now,
                                               updated_at=now))
-                change.detail = f"webhook {hook.id} {_without_query(hook.url)}"
+                change.detail = f"webhook {hook.id} {_receiver(hook.url)}"
         return NewWebhookSecret(hook, secret)
 
     def update_webhook(self, caller: Caller, webhook_id: int, changes: WebhookChanges) -> Webhook:
@@ -167,7 +168,7 @@ class WebhookService:
                     agent_ids=agents if is_set(changes.agents) else hook.agent_ids,
                     active=changes.active if is_set(changes.active) else hook.active, updated_at=self.clock.now())
                 tx.update_webhook(updated)
-                change.detail = f"webhook {hook.id} {_without_query(updated.url)}"
+                change.detail = f"webhook {hook.id} {_receiver(updated.url)}"
         return updated
 
     def delete_webhook(self, caller: Caller, webhook_id: int) -> None:
@@ -175,7 +176,7 @@ class WebhookService:
         with self.audit.audited(caller, "webhook.delete") as change, change.write() as tx:
             hook = self._owned(tx, caller, webhook_id)
             tx.delete_webhook(caller.user.id, hook.id)
-            change.detail = f"webhook {hook.id} {_without_query(hook.url)}"
+            change.detail = f"webhook {hook.id} {_receiver(hook.url)}"
 
     def rotate_secret(self, caller: Caller, webhook_id: int) -> NewWebhookSecret:
         """A new secret (shown this once); the old one signs nothing from now on, retries included."""
@@ -313,7 +314,13 @@ class WebhookService:
                                      error=f"{unreadable.code}: {unreadable.detail}", seconds=0.0)
         else:
             headers = rules.headers(secret, delivery, int(started.timestamp()))
-            answer = await self.sender.post(hook.url, headers, delivery.body.encode())
+            try:
+                answer = await self.sender.post(hook.url, headers, delivery.body.encode())
+            except Exception as fault:  # a sender's own fault is a failed attempt: back-off and the
+                # attempt limit apply, rather than the row being claimed again for ever
+                log.exception("delivery %s: the sender failed", delivery.id)
+                answer = WebhookResponse(status_code=None, response=None, seconds=0.0,
+                                         error=f"the portal could not send it ({type(fault).__name__})")
         number = delivery.attempts + 1
         reason = answer.error
         if reason is None and not rules.succeeded(answer.status_code):
@@ -358,10 +365,12 @@ class WebhookService:
             tx.prune_deliveries(self.clock.now() - DELIVERY_RETENTION)
 
 
-def _without_query(url: str) -> str:
-    """A URL for the audit: receivers often put a token in the query string, which the audit keeps
-    longer than the webhook lives."""
-    return url.split("?", 1)[0] + ("?…" if "?" in url else "")
+def _receiver(url: str) -> str:
+    """A webhook's URL for the audit, which keeps it longer than the webhook lives: its scheme, host
+    and port only, since receivers often carry a token in the query string or the path (Slack's and
+    Discord's hooks: ``/services/T…/B…/<token>``)."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/…"
 
 
 def _sees(caller: Caller, hook: Webhook) -> bool:

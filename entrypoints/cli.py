@@ -14,7 +14,7 @@
     manage-playrservers vms stats AGENT VM [--json]
     manage-playrservers vms snapshots list AGENT VM [--json]
     manage-playrservers vms snapshots create AGENT VM NAME [--description TEXT] [--json]
-    manage-playrservers vms snapshots revert|delete AGENT VM NAME [--json]
+    manage-playrservers vms snapshots show|revert|delete AGENT VM NAME [--json]
     manage-playrservers vms fleet [--agent ID]... [--state STATE]... [--json]
     manage-playrservers agents host|check AGENT [--json]   (check exits 1 when the host fails)
     manage-playrservers keys list|current [--json]
@@ -532,6 +532,8 @@ USER_COMMANDS: tuple[UserCommand, ...] = (
                 body=(("snapshot", {"help": "snapshot name"}),
                       ("--description", {"help": "free text kept with the snapshot"})),
                 make_body=lambda args: {"name": args.snapshot, "description": args.description}),
+    UserCommand(("vms", "snapshots", "show"), "get_snapshot", "one snapshot",
+                lambda snap, args: _snapshots_text([snap], args)),
     UserCommand(("vms", "snapshots", "revert"), "revert_snapshot", "revert the VM to a snapshot",
                 _printed(lambda args: f"reverted to {args.snapshot}")),
     UserCommand(("vms", "snapshots", "delete"), "delete_snapshot", "delete a snapshot",

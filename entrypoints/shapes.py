@@ -8,7 +8,7 @@ document is generated from these same classes.
 from __future__ import annotations
 
 import functools
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import attrs
@@ -54,10 +54,15 @@ def make_converter(*, forbid_extra_keys: bool = True) -> cattrs.Converter:
     return converter
 
 
-@functools.lru_cache(maxsize=1024)
 def _iso_time(value: datetime) -> str:
     # Remembered: the rows of a fleet view from the live mirror share a handful of times (one per
-    # agent's last confirmation, most of them equal), and formatting was a third of its cost.
+    # agent's last confirmation, most of them equal), and formatting was a third of its cost. Keyed
+    # with the offset too: equal instants at other offsets are equal datetimes, but print otherwise.
+    return _iso_time_at(value, value.utcoffset())
+
+
+@functools.lru_cache(maxsize=1024)
+def _iso_time_at(value: datetime, _offset: timedelta | None) -> str:
     return value.isoformat().replace("+00:00", "Z")
 
 

@@ -419,6 +419,15 @@ def _enable_wal(cursor: sqlite3.Cursor, busy_timeout: float) -> None:
             delay = min(delay * 2, 0.2)
 
 
+# Tables the watchers, the webhook worker and VM actions write all the time (leases renewed every few
+# seconds, mirrored VMs, events, deliveries, audit rows) and that no per-worker cache reads (entrypoints/http/cache.py
+# keeps users, keys and agents). On PostgreSQL a transaction that wrote only these sends no change
+# notification, so a watched fleet does not empty every worker's caches at each lease renewal.
+# (SQLite's data_version moves on any commit: there it cannot be told apart.)
+_NOT_CACHED_TABLES = frozenset({audit_events.name, events.name, watches.name, watch_demand.name, mirrored_vms.name,
+                                webhook_deliveries.name, webhook_attempts.name})
+
+
 class SqlTransaction:
     """Implements ``core.ports.Transaction`` on one connection inside one transaction."""
 
@@ -426,7 +435,7 @@ class SqlTransaction:
         self.storage = storage
         self.conn = storage.begin(write=write)
         self._may_run_again = not write  # a read transaction, until its first retry or a stray write
-        self._wrote = False  # it ran an INSERT, UPDATE or DELETE
+        self._changed_cached = False  # one of them on a table a per-worker cache reads (not _NOT_CACHED_TABLES)
         self._user_read: User | None = None  # read with a key, for the get_user that follows (until a write)
         # PostgreSQL: a BEGIN was sent (a write transaction, or a read one that came to write)
         self._open = write and storage.is_postgresql
@@ -442,8 +451,8 @@ class SqlTransaction:
                 self.conn.commit()
             elif self._open:
                 # Delivered to every listening worker when — and only if — this commits.
-                self.conn.exec_driver_sql(self.storage._notify_and_commit if self._wrote else "COMMIT")
-            return self._wrote
+                self.conn.exec_driver_sql(self.storage._notify_and_commit if self._changed_cached else "COMMIT")
+            return self._changed_cached
         finally:
             self.conn.close()
 
@@ -453,7 +462,9 @@ class SqlTransaction:
         anyway, so that answer is one this transaction could have given. Writes are never re-run."""
         if statement.is_dml:
             self._may_run_again = False
-            self._wrote = True
+            table = getattr(statement, "table", None)
+            if getattr(table, "name", None) not in _NOT_CACHED_TABLES:
+                self._changed_cached = True
             self._user_read = None
             if not self._open and self.storage.is_postgresql:  # a read transaction's writes stay together
                 self.conn.exec_driver_sql("BEGIN")

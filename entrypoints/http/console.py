@@ -35,6 +35,8 @@ def chosen_subprotocol(offered: tuple[str, ...] | list[str]) -> str | None:
     offered subprotocols and the answer names none (RFC 6455 4.1), so an offered ``binary`` is
     never ignored, whatever the console's kind."""
     return VNC_SUBPROTOCOL if VNC_SUBPROTOCOL in offered else None
+
+
 _CLOSE_REASON_MAX = 120  # a WebSocket close reason is at most 123 bytes
 
 

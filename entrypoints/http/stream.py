@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +26,7 @@ import attrs
 import falcon
 import falcon.asgi
 
-from core.errors import InsufficientScope
+from core.errors import InsufficientScope, PortalError
 from core.events import check_filter
 from core.live import EventFilter
 from core.model import Caller, Scope
@@ -33,6 +34,8 @@ from core.portal import Portal
 from entrypoints.http.resources import _until_client_leaves, caller
 from entrypoints.operations import _whole_number
 from entrypoints.shapes import EventView, dump
+
+log = logging.getLogger("manage_playrservers.events")
 
 BATCH = 100
 POLL = 0.25  # seconds between two reads of the events table while nothing happens (SQLite)
@@ -155,6 +158,8 @@ class EventStreamResource:
                 await asyncio.wait(waits, timeout=poll, return_when=asyncio.FIRST_COMPLETED)
                 for waiting in waits:
                     waiting.cancel()
+        except PortalError as error:  # the database busy or gone: end the stream, the client resumes
+            log.warning("event stream of user %s ended: %s", user_id, error.code)  # from its last id
         finally:
             self._woken.discard(woken)
             watcher.cancel()

@@ -299,8 +299,8 @@ class Fleet(Page):
                 resp.text = ""
             return
         query = fleet_filters(req)
-        after = 0 if self.rows_only else await self.pages.last_event_id(who)
         try:
+            after = 0 if self.rows_only else await self.pages.last_event_id(who)
             entries = await self.pages.run("list_fleet", who, req, query=query)
             agents = await self.pages.run("list_agents", who, req)
         except PortalError as error:
@@ -460,8 +460,8 @@ class Vm(Page):
     async def _show(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, who: SignedInUser, agent_id: int,
                     vm: str, *, status: int = 200, **extra: Any) -> None:
         path = {"agent_id": agent_id, "vm": vm}
-        after = await self.pages.last_event_id(who)
         try:
+            after = await self.pages.last_event_id(who)
             agent = await self.pages.run("get_agent", who, req, path={"agent_id": agent_id})
         except PortalError as error:
             self.pages.error_page(resp, who, error)

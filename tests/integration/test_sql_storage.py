@@ -24,6 +24,7 @@ from adapters.sql.changes import listener_name
 from adapters.sql.schema import UtcDateTime, metadata
 from adapters.sql.storage import SqlStorage, sqlite_url
 from core.errors import Conflict, Unavailable
+from core.live import Event
 from core.model import Agent, ApiKey, AuditEvent, ClientKey, HostKey, IssuedApiKey, Scope
 from entrypoints import bootstrap, cli
 from entrypoints.settings import ConfigError, Settings
@@ -617,6 +618,21 @@ def test_postgresql_round_trips_are_the_statements_alone(pg: SqlStorage, tmp_pat
             r'\tF\t\d+\t(?:Query\t "|Parse\t "[^"]*" ")([^\n]*)', trace.read_text())]
     assert sent["read"] == ["SELECT"]
     assert sent["write"] == ["BEGIN; SELECT", "SELECT", "UPDATE", "NOTIFY; COMMIT"]
+
+
+@pg_only
+def test_postgresql_writes_no_cache_reads_send_no_change_notification(pg: SqlStorage) -> None:
+    """An event (like a lease renewal, a mirrored VM, an audit row or a delivery) changes nothing a
+    per-worker cache keeps: its commit does not empty every worker's caches; a key's does."""
+    with pg.transaction(write=True) as tx:
+        user = tx.add_user("alice", None, key(1), NOW)
+    before = pg._commits
+    with pg.transaction(write=True) as tx:
+        tx.add_event(Event(id=0, user_id=user.id, at=NOW, agent_id=None, vm=None, type="vm.started", detail="x"))
+    assert pg._commits == before
+    with pg.transaction(write=True) as tx:
+        tx.touch_api_key(1, NOW)
+    assert pg._commits != before
 
 
 @pg_only

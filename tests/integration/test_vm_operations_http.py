@@ -127,6 +127,8 @@ def test_snapshot_create_is_201_with_its_location_delete_204_and_a_missing_one_4
     assert created.json == {"name": "s 1", "created_at": "2026-11-26T15:48:22Z", "state": "shutoff",
                             "parent": None, "current": True}
     assert client.call("GET", base, key).json == [created.json]
+    assert client.call("GET", created.headers["Location"], key).json == created.json
+    assert_problem(client.call("GET", f"{base}/other", key), 404, "snapshot_not_found")
     assert client.call("DELETE", f"{base}/s%201", key).status_code == 204
     script(shell, "snapshot-revert", "--domain", "lab-disk", "--snapshotname", "gone", status=1,
            stderr="error: Domain snapshot not found: no domain snapshot with matching name 'gone'")

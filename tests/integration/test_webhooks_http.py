@@ -174,9 +174,9 @@ def test_an_event_makes_a_pending_delivery_listed_with_its_webhook(api: Api, run
     assert_problem(api.call("GET", f"/webhooks/{every['id']}/deliveries?limit=0", key), 422, "validation_failed")
 
 
-def test_webhook_changes_are_audited_without_the_urls_query(api: Api) -> None:
+def test_webhook_changes_are_audited_without_the_urls_path_or_query(api: Api) -> None:
     key = api.sign_up()["api_key"]
-    hook = create(api, key, url=URL + "?token=s3cr3t-in-query")
+    hook = create(api, key, url=URL + "/s3cr3t-in-path?token=s3cr3t-in-query")
     api.call("DELETE", f"/webhooks/{hook['id']}", key)
     audited = [e for e in api.call("GET", "/users/me/audit", key).json["events"] if e["action"].startswith("webhook")]
     assert [e["action"] for e in audited] == ["webhook.delete", "webhook.create"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from core.errors import DatabaseUnavailable
 from core.live import EventFilter
 from core.model import Caller
 from entrypoints.http.stream import EventStreamResource
@@ -95,3 +96,17 @@ def test_the_pages_stream_sends_every_event_as_a_plain_message_with_its_type_in_
         whole_stream(resource, alice.user.id, named=False, still_allowed=ends), 10)))
     assert b"event:" not in got  # EventSource.onmessage sees it whatever its type
     assert b'"type": "vm.started"' in got and b"\nid: " in got
+
+
+def test_a_stream_whose_database_fails_ends_cleanly_for_the_client_to_resume(world: World, alice: Caller) -> None:
+    # the database busy or gone once the answer has started: no traceback out of the generator
+    # (the server would log it and cut the connection mid-chunk); the stream ends and the browser
+    # reconnects with its Last-Event-ID
+    seed(world, alice, 1)
+
+    async def database_gone() -> bool:
+        raise DatabaseUnavailable("the database cannot be reached")
+
+    resource = EventStreamResource(world.portal, poll=0.01, heartbeat=0.0, slow_reader=10)
+    got = asyncio.run(asyncio.wait_for(whole_stream(resource, alice.user.id, still_allowed=database_gone), 10))
+    assert got == [b": stream of events; resume with Last-Event-ID\nretry: 2000\n\n"]

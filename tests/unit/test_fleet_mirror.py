@@ -101,6 +101,20 @@ def test_only_the_agents_whose_watcher_is_not_healthy_are_asked_on_their_host(
     assert [vm.source for vm in entries[fresh.id].vms or []] == ["live"]
 
 
+def test_a_view_of_some_agents_asks_those_without_a_healthy_watcher_even_when_others_have_one(
+        world: World, alice: Caller, agents: list[Agent]) -> None:
+    """The mirrors are read for every agent of the owner; an agent of the view without one is still
+    in the view (asked on its host), however many of the owner's other agents are mirrored."""
+    watching(world)
+    unwatched, *watched = agents
+    for agent in watched:
+        healthy(world, agent, [MirroredVm("web", "running", 1)])
+    entries = asyncio.run(world.portal.fleet.fleet(alice, agent_ids=[unwatched.id]))
+    assert [(e.agent_id, [(vm.name, vm.source) for vm in e.vms or []]) for e in entries] == [
+        (unwatched.id, [("web", "host")])]
+    assert [agent_id for agent_id, _ in world.shell.calls] == [unwatched.id]
+
+
 def test_a_fresh_fleet_view_asks_every_host_even_with_healthy_watchers(
         world: World, alice: Caller, agents: list[Agent], reads: dict[str, int]) -> None:
     watching(world)

@@ -37,3 +37,12 @@ def test_a_vm_row_is_written_as_the_generic_converter_writes_it(name: str, state
                                                                  source: str, observed_at: datetime | None) -> None:
     vm = VmView(name, state, domain_id, source, observed_at)
     assert dump(vm) == make_converter().unstructure(vm)  # the fleet view's fast path (issue 22) changes nothing
+
+
+@given(st.datetimes(timezones=st.timezones()))
+def test_a_time_prints_its_own_offset_even_after_an_equal_instant_at_another(value: datetime) -> None:
+    # times are formatted once and remembered; equal instants at other offsets are equal datetimes
+    converter = make_converter()
+    as_utc = value.astimezone(UTC)
+    assert converter.unstructure(as_utc) == as_utc.isoformat().replace("+00:00", "Z")
+    assert converter.unstructure(value) == value.isoformat().replace("+00:00", "Z")

@@ -137,6 +137,25 @@ def test_a_delivery_fails_after_its_last_attempt(world: World, alice: Caller, ag
     assert asyncio.run(world.portal.webhooks.deliver_due("worker-a")) == 0 and len(sender.posted) == 4
 
 
+def test_a_sender_that_breaks_is_a_failed_attempt_retried_with_back_off(world: World, alice: Caller, agent: Agent,
+                                                                        sender: FakeWebhookSender,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault of the sender itself (a bug, an odd URL its library refuses) is recorded like any
+    failed attempt: the delivery backs off and gives up after its attempts, never claimed for ever."""
+    async def broken(url: str, headers: dict[str, str], body: bytes) -> rules.WebhookResponse:
+        raise ValueError("an odd URL")
+    monkeypatch.setattr(sender, "post", broken)
+    world.portal.webhooks.create_webhook(alice, NewWebhook(url=URL))
+    emit(world, alice, agent.id)
+    for _ in range(4):
+        world.clock.current += timedelta(hours=2)
+        asyncio.run(world.portal.webhooks.deliver_due("worker-a"))
+    [delivery] = world.storage.state.deliveries.values()
+    assert delivery.status == DELIVERY_FAILED and delivery.attempts == 4
+    [record] = world.portal.webhooks.list_deliveries(alice, delivery.webhook_id)
+    assert {attempt.error for attempt in record.attempts} == {"the portal could not send it (ValueError)"}
+
+
 def test_two_workers_never_hold_one_delivery_and_a_dead_workers_rows_return_after_its_lease(
         world: World, alice: Caller, agent: Agent) -> None:
     world.portal.webhooks.create_webhook(alice, NewWebhook(url=URL))
