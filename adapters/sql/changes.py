@@ -1,6 +1,7 @@
 """PostgreSQL: how a worker learns that another connection committed (issue 22).
 
-Every committing write transaction of every portal process sends ``NOTIFY`` on the database's
+Every committing write transaction of every portal process (but one that wrote only tables no
+cache reads: ``_NOT_CACHED_TABLES`` in ``storage.py``) sends ``NOTIFY`` on the database's
 changes channel inside the transaction, so PostgreSQL delivers it when — and only if — it commits
 (``SqlTransaction.finish``). Each worker process keeps one connection of its own that does nothing
 but ``LISTEN`` there (``ChangesListener``, a thread). Its data version is (listener generation,

@@ -10,7 +10,8 @@ request reads.
 - SQLite: ``PRAGMA data_version``, which moves on whenever any other connection, in any worker or
   process, commits (None for an instant when the file is busy).
 - PostgreSQL, where several instances share the database (issue 22): every committing write sends a
-  NOTIFY that each worker's listening connection counts, and the worker's own commits count at
+  NOTIFY (except one that wrote only tables no cache reads: leases, mirrored VMs, events, audit,
+  webhook deliveries) that each worker's listening connection counts, and the worker's own commits count at
   once (``adapters.sql.changes``). A request takes the version with ``fresh_version``: after a round
   trip on the listening connection that started after the request arrived, shared by the requests
   arriving meanwhile, so every commit that returned before the request is counted, whichever
