@@ -795,9 +795,11 @@ PROV_BRIDGE=virbr-playr
 PROV_SUBNET=192.168.123
 PROV_BASE=lab-cloud-base.qcow2
 PROV_INITRD=$CACHE_DIR/cloud-initrd.img
-PROV_IMAGE_VERSION=2  # bump when write_cloud_init or PROV_MODULES change (both are rebuilt)
+PROV_IMAGE_VERSION=4  # bump when write_cloud_init or PROV_MODULES change (both are rebuilt)
 # the portal attaches the seed CD on virtio-scsi (Debian's cloud kernel has no AHCI driver)
-PROV_MODULES=(scsi_common scsi_mod cdrom sr_mod isofs virtio virtio_ring virtio_pci_legacy_dev
+# (in dependency order: since Debian's 6.1.0-57 cloud kernel, virtio needs virtio_ring loaded first;
+# the init also loads them in three passes, so a newer kernel's new dependency cannot leave the CD out)
+PROV_MODULES=(scsi_common scsi_mod cdrom sr_mod isofs virtio_ring virtio virtio_pci_legacy_dev
               virtio_pci_modern_dev virtio_pci virtio_scsi failover net_failover virtio_net)
 
 write_cloud_init() {
@@ -811,13 +813,16 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
-for m in $(cat /lib/modules/order); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
+for pass in 1 2 3; do
+    for m in $(cat /lib/modules/order); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
+done
 insmod /lib/modules/evdev.ko 2>/dev/null
 insmod /lib/modules/button.ko 2>/dev/null
 mkdir -p /seed
 i=0
 seed=
-while [ -z "$seed" ] && [ "$i" -lt 100 ]; do
+# up to 30 s: under TCG on a loaded machine the CD-ROM can appear well after the first 10 s
+while [ -z "$seed" ] && [ "$i" -lt 300 ]; do
     for d in /dev/sr0 /dev/sr1; do
         [ -b "$d" ] || continue
         if mount -t iso9660 -o ro "$d" /seed 2>/dev/null; then
