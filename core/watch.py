@@ -289,6 +289,7 @@ class WatchService:
     async def _follow(self, agent: Agent, target: AgentCredentials, holder: str, stream: RemoteStream) -> None:
         lines = EventLines()
         resync: asyncio.Task[None] | None = None
+        again = asyncio.Event()  # events came while a resync was listing: it lists once more
         try:
             while True:
                 chunk = await stream.read()
@@ -298,17 +299,27 @@ class WatchService:
                 if not host_events:
                     continue
                 await asyncio.to_thread(self._record, agent, holder, host_events)
-                if any(e.state is not None or e.type in ("vm.defined", "vm.undefined") for e in host_events) and (
-                        resync is None or resync.done()):
-                    resync = asyncio.create_task(self._resync_later(agent, target, holder))
+                if any(e.state is not None or e.type in ("vm.defined", "vm.undefined") for e in host_events):
+                    if resync is None or resync.done():
+                        resync = asyncio.create_task(self._resync_later(agent, target, holder, again))
+                    else:
+                        again.set()
         finally:
             if resync is not None:
                 resync.cancel()
 
-    async def _resync_later(self, agent: Agent, target: AgentCredentials, holder: str) -> None:
-        await self._sleep(self.resync_delay)
-        with contextlib.suppress(PortalError):
-            await self._resync(agent, target, holder, reconnected=False, was_down=False)
+    async def _resync_later(self, agent: Agent, target: AgentCredentials, holder: str, again: asyncio.Event) -> None:
+        """A list after a burst of events (ids, transient VMs). A list taken before an event that was
+        recorded before the list is written would put the older state back (a VM being destroyed
+        lists as "in shutdown" and stays so): events that come once the list is asked for make it
+        list once more."""
+        while True:
+            await self._sleep(self.resync_delay)
+            again.clear()  # events until now are in the list below
+            with contextlib.suppress(PortalError):
+                await self._resync(agent, target, holder, reconnected=False, was_down=False)
+            if not again.is_set():
+                return
 
     async def _resync(self, agent: Agent, target: AgentCredentials, holder: str, *, reconnected: bool,
                       was_down: bool) -> None:

@@ -226,6 +226,8 @@ def test_every_vm_route_works_through_the_restricted_shell(enrolled: Enrollment,
     call("POST", "/agents/{agent_id}/vms/{vm}/snapshots", snapshots, {"name": "enrolled", "description": "--help"},
          expected=201)
     assert [s["name"] for s in call("GET", "/agents/{agent_id}/vms/{vm}/snapshots", snapshots)] == ["enrolled"]
+    one = call("GET", "/agents/{agent_id}/vms/{vm}/snapshots/{snapshot}", f"{snapshots}/enrolled")
+    assert one["name"] == "enrolled"
     call("POST", "/agents/{agent_id}/vms/{vm}/snapshots/{snapshot}/revert", f"{snapshots}/enrolled/revert")
     call("DELETE", "/agents/{agent_id}/vms/{vm}/snapshots/{snapshot}", f"{snapshots}/enrolled", expected=204)
 

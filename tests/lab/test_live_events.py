@@ -41,7 +41,7 @@ def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "c
         if value:
             return value
         time.sleep(0.05)  # polling an outside process's effect, not papering over a race
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last seen: {value!r})")
 
 
 class StreamReader:
@@ -109,26 +109,38 @@ def state_of(vms: list[dict[str, Any]], name: str) -> tuple[str, str] | None:
     return next(((vm["state"], vm["source"]) for vm in vms if vm["name"] == name), None)
 
 
+def wait_listed(server: Server, key: str, agent: dict[str, Any], vm: str, expected: tuple[str, str]) -> None:
+    """Until the agent's list says ``expected`` (state, source) for ``vm``; a time-out says what it said."""
+    said: list[tuple[str, str] | None] = []
+
+    def listed() -> bool:
+        said.append(state_of(list_vms(server, key, agent), vm))
+        return said[-1] == expected
+
+    try:
+        wait_for(listed, what=", ".join(expected))
+    except AssertionError as error:
+        raise AssertionError(f"{error}; the list said {sorted(set(map(str, said)))}") from None
+
+
 def test_a_vm_started_and_destroyed_with_virsh_on_the_host_is_streamed_and_listed_live(
         lab: Lab, live_portal: Server, own_vm: str) -> None:
     status, user, _ = live_portal.request("POST", "/users", body={"name": "ev-operator"})
     key = user["api_key"]
     agent = register(live_portal, key, lab, name="ev-lab")
     # once the watcher is up, lists come from the mirror (nothing runs on the host)
-    wait_for(lambda: state_of(list_vms(live_portal, key, agent), own_vm) == ("shut off", "live"), what="live list")
+    wait_listed(live_portal, key, agent, own_vm, ("shut off", "live"))
     stream = StreamReader(live_portal, key, f"?agent={agent['id']}")
     try:
         wait_for(lambda: stream.content_type, what="the stream to open")
         assert stream.content_type.startswith("text/event-stream")
         assert lab.virsh("start", own_vm).returncode == 0
         wait_for(lambda: stream.seen("vm.started", own_vm), what="vm.started on the stream")
-        wait_for(lambda: state_of(list_vms(live_portal, key, agent), own_vm) == ("running", "live"),
-                 what="running, live")
+        wait_listed(live_portal, key, agent, own_vm, ("running", "live"))
         assert state_of(list_vms(live_portal, key, agent, fresh=True), own_vm) == ("running", "host")
         assert lab.virsh("destroy", own_vm).returncode == 0
         wait_for(lambda: stream.seen("vm.stopped", own_vm), what="vm.stopped on the stream")
-        wait_for(lambda: state_of(list_vms(live_portal, key, agent), own_vm) == ("shut off", "live"),
-                 what="shut off, live")
+        wait_listed(live_portal, key, agent, own_vm, ("shut off", "live"))
         # the history has them too, in id order, filterable
         status, page, _ = live_portal.request("GET", f"/events?agent={agent['id']}&vm={own_vm}&type=vm.started", key)
         assert status == 200 and [e["type"] for e in page["events"]] and {e["type"] for e in page["events"]} == {
@@ -141,8 +153,7 @@ def test_a_vm_started_and_destroyed_with_virsh_on_the_host_is_streamed_and_liste
         wait_for(lambda: stream.seen("agent.unreachable"), what="agent.unreachable on the stream")
         wait_for(lambda: [e for e in stream.seen("agent.watching") if "reconnected" in e["detail"]],
                  timeout=30, what="the watcher to reconnect and resync")
-        wait_for(lambda: state_of(list_vms(live_portal, key, agent), own_vm) == ("shut off", "live"),
-                 what="live again")
+        wait_listed(live_portal, key, agent, own_vm, ("shut off", "live"))
         assert host_watchers() == 1  # two workers, one watcher
     finally:
         stream.stop()

@@ -5,8 +5,10 @@ outage reports, and lists answered from a fresh mirror without running anything 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -220,3 +222,78 @@ def test_an_agent_stops_being_watched_once_unused_for_the_idle_time(world: World
     assert agents == [] and held == set()
     with world.storage.transaction() as tx:
         assert tx.watch_status(agent.id) is None  # its lease was released: another worker need not wait
+
+
+class _FedStream:
+    """A watcher's event stream that prints what the test feeds it, when it feeds it."""
+
+    def __init__(self) -> None:
+        self.chunks: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def read(self, limit: int = 65536) -> bytes:
+        return await self.chunks.get()
+
+    async def read_stderr(self, limit: int = 65536) -> bytes:
+        return b""
+
+    async def write(self, data: bytes) -> None:
+        pass
+
+    def write_eof(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    async def wait_closed(self) -> int | None:
+        return 0
+
+
+def test_an_event_recorded_while_a_resync_lists_is_not_undone_by_that_older_list(
+        world: World, alice: Caller, agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The lab's race: a VM started, then destroyed at once. The resync after "Started" lists while
+    # the VM is being destroyed ("in shutdown"); "Stopped Destroyed" is recorded meanwhile; then
+    # the older list is written. Another list must follow, or the mirror says "in shutdown" for good.
+    listed = {"web": ["shut off", "in shutdown", "shut off"]}  # the host's answer to each list, in turn
+    lists_run: list[str] = []
+    second_list_asked, release = asyncio.Event(), asyncio.Event()
+    stream = _FedStream()
+
+    async def run(target: Any, argv: Any, **_options: Any) -> Any:
+        state = listed["web"][min(len(lists_run), 2)]
+        lists_run.append(state)
+        if len(lists_run) == 2:  # the resync after "Started": slow, overtaken by "Stopped"
+            second_list_asked.set()
+            await release.wait()
+        ident = "3" if state != "shut off" else "-"
+        return ok(tuple(argv), f" Id   Name   State\n---------------------\n {ident}    web    {state}\n\n")
+
+    @contextlib.asynccontextmanager
+    async def fed(target: Any, argv: Any, **_options: Any) -> AsyncIterator[_FedStream]:
+        yield stream
+
+    monkeypatch.setattr(world.shell, "run", run)
+    monkeypatch.setattr(world.shell, "stream", fed)
+    watch = service(world)
+
+    def mirrored() -> str | None:
+        with world.storage.transaction() as tx:
+            return next((vm.state for vm in tx.mirrored_vms(agent.id)), None)
+
+    async def scenario() -> None:
+        watch.want([agent.id])
+        await watch.tick("worker-1")
+        await until(lambda: mirrored() == "shut off")
+        stream.chunks.put_nowait(b"2026-12-01 06:16:40.000+0000: event 'lifecycle' for domain 'web': "
+                                 b"Started Booted\n")
+        await asyncio.wait_for(second_list_asked.wait(), 10)
+        stream.chunks.put_nowait(b"2026-12-01 06:16:40.100+0000: event 'lifecycle' for domain 'web': "
+                                 b"Stopped Destroyed\n")
+        await until(lambda: "vm.stopped" in types_of(world, alice))
+        release.set()  # the older list ("in shutdown") is written now
+        await until(lambda: len(lists_run) == 3 and mirrored() == "shut off")
+        for _, task in watch.tasks.values():
+            task.cancel()
+
+    asyncio.run(scenario())
+    assert lists_run == ["shut off", "in shutdown", "shut off"]
