@@ -19,30 +19,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import ipaddress
 import socket
 import time
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from adapters.ssh.addresses import addresses_of
 from core.errors import WebhookTargetRefused
 from core.networks import AgentNetworks, IPAddress, ip_literal
 from core.ports import WebhookResponse
 
 # Webhook hosts are looked up in a small pool of their own, with a time-out (getaddrinfo blocks a thread).
 _RESOLVERS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook-resolver")
-
-
-def _addresses(infos: list[tuple[object, ...]]) -> list[IPAddress]:
-    found: list[IPAddress] = []
-    for info in infos:
-        sockaddr = info[4]
-        assert isinstance(sockaddr, tuple)
-        address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
-        if address not in found:
-            found.append(address)
-    return found
 
 
 def _refusal(host: str, addresses: list[IPAddress], networks: AgentNetworks) -> WebhookTargetRefused | None:
@@ -70,7 +59,7 @@ class HttpWebhookSender:
         if literal is not None:
             return [literal]
         lookup = _RESOLVERS.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
-        return _addresses(list(lookup.result(timeout=self.resolve_timeout)))
+        return addresses_of(list(lookup.result(timeout=self.resolve_timeout)))
 
     def check(self, url: str) -> None:
         parts = urlsplit(url)
@@ -96,7 +85,7 @@ class HttpWebhookSender:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
             literal = ip_literal(host)
-            addresses = [literal] if literal is not None else _addresses(list(await asyncio.wait_for(
+            addresses = [literal] if literal is not None else addresses_of(list(await asyncio.wait_for(
                 asyncio.get_running_loop().run_in_executor(
                     _RESOLVERS, functools.partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)),
                 self.resolve_timeout)))

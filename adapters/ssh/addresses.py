@@ -24,7 +24,9 @@ from core.networks import AgentNetworks, IPAddress, ip_literal
 _RESOLVERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="agent-resolver")
 
 
-def _addresses_of(infos: list[tuple[object, ...]]) -> list[IPAddress]:
+def addresses_of(infos: list[tuple[object, ...]]) -> list[IPAddress]:
+    """The distinct addresses of a ``getaddrinfo`` answer, in its order (an IPv6 zone dropped).
+    Also used for webhook targets (``adapters/webhook_http.py``)."""
     found: list[IPAddress] = []
     for info in infos:
         sockaddr = info[4]
@@ -43,7 +45,7 @@ async def resolve(hostname: str, port: int) -> list[IPAddress]:
         return [literal]
     infos = await asyncio.get_running_loop().run_in_executor(
         _RESOLVERS, functools.partial(socket.getaddrinfo, hostname, port, type=socket.SOCK_STREAM))
-    return _addresses_of(list(infos))
+    return addresses_of(list(infos))
 
 
 def refusal(hostname: str, addresses: list[IPAddress], networks: AgentNetworks) -> AgentAddressRefused | None:
@@ -73,7 +75,7 @@ class ResolvingAgentAddresses:
         else:
             lookup = _RESOLVERS.submit(socket.getaddrinfo, hostname, port, type=socket.SOCK_STREAM)
             try:
-                addresses = _addresses_of(list(lookup.result(timeout=self.timeout)))
+                addresses = addresses_of(list(lookup.result(timeout=self.timeout)))
             except (OSError, UnicodeError, concurrent.futures.TimeoutError):
                 return  # does not resolve (yet): every connection checks again
         error = refusal(hostname, addresses, self.networks)

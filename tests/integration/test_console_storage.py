@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from adapters.sql.storage import SqlStorage
 from core.model import ConsoleKind, ConsoleTicket
-from tests.integration.test_sql_storage import NOW, key, new_url, storage, url  # noqa: F401 - fixtures
+from tests.integration.test_sql_storage import NOW, key
 
 
 def new_ticket(user_id: int, digest: str) -> ConsoleTicket:
@@ -16,7 +16,7 @@ def new_ticket(user_id: int, digest: str) -> ConsoleTicket:
                          created_at=NOW, expires_at=NOW + timedelta(seconds=30))
 
 
-def test_a_ticket_is_redeemed_once_and_never_after_it_expired(storage: SqlStorage) -> None:  # noqa: F811
+def test_a_ticket_is_redeemed_once_and_never_after_it_expired(storage: SqlStorage) -> None:
     with storage.transaction(write=True) as tx:
         user = tx.add_user("alice", None, key(1), NOW)
         tx.add_console_ticket(new_ticket(user.id, "hmac-sha256:a"))
@@ -32,7 +32,7 @@ def test_a_ticket_is_redeemed_once_and_never_after_it_expired(storage: SqlStorag
         assert tx.count_open_consoles(user.id, NOW - timedelta(hours=9)) == 0
 
 
-def test_two_workers_redeeming_one_ticket_at_once_open_one_console(storage: SqlStorage) -> None:  # noqa: F811
+def test_two_workers_redeeming_one_ticket_at_once_open_one_console(storage: SqlStorage) -> None:
     with storage.transaction(write=True) as tx:
         user = tx.add_user("alice", None, key(1), NOW)
         tx.add_console_ticket(new_ticket(user.id, "hmac-sha256:race"))

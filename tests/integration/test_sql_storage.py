@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,6 @@ from entrypoints.settings import ConfigError, Settings
 from tests.postgres import PostgresServer
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 
 def key(n: int) -> IssuedApiKey:
@@ -50,29 +48,6 @@ def agent(owner_id: int, name: str = "hv1") -> Agent:
 def event(user_id: int, action: str = "agent.create") -> AuditEvent:
     return AuditEvent(id=0, user_id=user_id, action=action, outcome="ok", agent_id=None, vm=None, detail=None,
                       request_id="r", client_address="127.0.0.1", created_at=NOW)
-
-
-@pytest.fixture(params=BACKENDS)
-def new_url(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], str]:
-    """Makes URLs of fresh, empty databases of the backend under test."""
-    if request.param == "postgresql":
-        make: Callable[[], str] = request.getfixturevalue("postgres_databases")
-        return make
-    numbers = count(1)
-    return lambda: sqlite_url(tmp_path / f"db{next(numbers)}.sqlite3")
-
-
-@pytest.fixture
-def url(new_url: Callable[[], str]) -> str:
-    return new_url()
-
-
-@pytest.fixture
-def storage(url: str) -> Iterator[SqlStorage]:
-    storage = SqlStorage(url)
-    storage.upgrade()
-    yield storage
-    storage.dispose()
 
 
 @pytest.fixture

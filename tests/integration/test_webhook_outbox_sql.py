@@ -7,36 +7,16 @@ lease is refused; on PostgreSQL a row another transaction holds is skipped, not 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from itertools import count
-from pathlib import Path
 
 import pytest
 
-from adapters.sql.storage import SqlStorage, sqlite_url
+from adapters.sql.storage import SqlStorage
 from core.live import DELIVERY_DELIVERED, DELIVERY_PENDING, Delivery, DeliveryAttempt, Webhook
 from core.model import IssuedApiKey
 from tests.postgres import PostgresServer
 
 NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
-
-
-@pytest.fixture(params=BACKENDS)
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgresql":
-        make: Callable[[], str] = request.getfixturevalue("postgres_databases")
-        return make()
-    return sqlite_url(tmp_path / f"db{next(count(1))}.sqlite3")
-
-
-@pytest.fixture
-def storage(url: str) -> Iterator[SqlStorage]:
-    storage = SqlStorage(url)
-    storage.upgrade()
-    yield storage
-    storage.dispose()
 
 
 def outbox(storage: SqlStorage, deliveries: int) -> tuple[Webhook, list[int]]:

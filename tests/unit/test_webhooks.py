@@ -15,7 +15,7 @@ from adapters.memory import FakeWebhookSender
 from core import webhook_rules as rules
 from core.commands import NewWebhook, WebhookChanges
 from core.errors import KeyLimitedToAgents, ValidationFailed, WebhookNotFound, WebhookTargetRefused
-from core.live import DELIVERY_DELIVERED, DELIVERY_FAILED, DELIVERY_PENDING, DeliveryAttempt
+from core.live import DELIVERY_DELIVERED, DELIVERY_FAILED, DELIVERY_PENDING, Delivery, DeliveryAttempt
 from core.model import Agent, ApiKey, Caller, Scope
 from core.webhooks import WebhookService
 from tests.unit.world import World, make_caller, make_world, register
@@ -123,15 +123,22 @@ def test_a_failing_receiver_is_retried_with_back_off_and_the_same_delivery_id(wo
     assert record.attempts[0].error == "the receiver answered 500"
 
 
-def test_a_delivery_fails_after_its_last_attempt(world: World, alice: Caller, agent: Agent,
-                                                 sender: FakeWebhookSender) -> None:
-    sender.answers = [500] * 10
-    world.portal.webhooks.create_webhook(alice, NewWebhook(url=URL))
-    emit(world, alice, agent.id)
+def every_attempt(world: World, caller: Caller, agent: Agent) -> Delivery:
+    """A webhook, one event for it, and the world's four attempts (``webhook_max_attempts``) at it,
+    each when due; the delivery afterwards."""
+    world.portal.webhooks.create_webhook(caller, NewWebhook(url=URL))
+    emit(world, caller, agent.id)
     for _ in range(4):
         world.clock.current += timedelta(hours=2)
         asyncio.run(world.portal.webhooks.deliver_due("worker-a"))
     [delivery] = world.storage.state.deliveries.values()
+    return delivery
+
+
+def test_a_delivery_fails_after_its_last_attempt(world: World, alice: Caller, agent: Agent,
+                                                 sender: FakeWebhookSender) -> None:
+    sender.answers = [500] * 10
+    delivery = every_attempt(world, alice, agent)
     assert delivery.status == DELIVERY_FAILED and delivery.attempts == 4 and delivery.next_at is None
     world.clock.current += timedelta(hours=2)
     assert asyncio.run(world.portal.webhooks.deliver_due("worker-a")) == 0 and len(sender.posted) == 4
@@ -145,12 +152,7 @@ def test_a_sender_that_breaks_is_a_failed_attempt_retried_with_back_off(world: W
     async def broken(url: str, headers: dict[str, str], body: bytes) -> rules.WebhookResponse:
         raise ValueError("an odd URL")
     monkeypatch.setattr(sender, "post", broken)
-    world.portal.webhooks.create_webhook(alice, NewWebhook(url=URL))
-    emit(world, alice, agent.id)
-    for _ in range(4):
-        world.clock.current += timedelta(hours=2)
-        asyncio.run(world.portal.webhooks.deliver_due("worker-a"))
-    [delivery] = world.storage.state.deliveries.values()
+    delivery = every_attempt(world, alice, agent)
     assert delivery.status == DELIVERY_FAILED and delivery.attempts == 4
     [record] = world.portal.webhooks.list_deliveries(alice, delivery.webhook_id)
     assert {attempt.error for attempt in record.attempts} == {"the portal could not send it (ValueError)"}
